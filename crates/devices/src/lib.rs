@@ -1,0 +1,12 @@
+//! Emulated devices of nfvisor and the bus that routes guest port and MMIO
+//! accesses to them.
+
+pub mod bus;
+pub mod debug_exit;
+pub mod serial;
+pub mod sink;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use debug_exit::{DebugExit, GuestExit};
+pub use serial::{ConsoleBuffer, SerialConsole};
+pub use sink::Sink;

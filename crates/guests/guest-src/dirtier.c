@@ -1,0 +1,75 @@
+/* dirtier: one 8-byte write per 4 KiB page per pass over a working set of
+ * mb MiB (default 4) starting at 4 MiB, the value derived from the pass
+ * number and the page index, then a full read-back check of the pass.
+ * passes=N (default 3; 0 = forever), tick=N prints a progress record every
+ * N pages. Ends with DIRTIER OK passes=.. digest=.. max_gap_cycles=.. and
+ * status 0, or DIRTIER CORRUPT page=.. and status 3. The digest depends
+ * only on the values, never on timing. */
+#include "runtime.h"
+
+#define BASE 0x400000UL
+#define PAGE 4096UL
+
+static u64 value_of(u64 pass, u64 page) {
+    u64 z = (pass << 32) + page + 0x9e3779b97f4a7c15UL; /* splitmix64 */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9UL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebUL;
+    return (z ^ (z >> 31)) | 1; /* never zero: a lost page reads as zero */
+}
+
+int guest_main(void) {
+    u64 mb = 4, passes = 3, tick = 0;
+    header("dirtier");
+    arg_u64("mb", &mb);
+    arg_u64("passes", &passes);
+    arg_u64("tick", &tick);
+    if (!mb) fail(STATUS_BAD_ARGS, "mb must be > 0");
+    u64 pages = mb * 256, end = ram_end_above(BASE);
+    if (end && BASE + pages * PAGE > end) fail(STATUS_BAD_ARGS, "working set larger than guest RAM above 4 MiB");
+    puts("R config");
+    put_kv("mb", mb);
+    put_kv("pages", pages);
+    put_kv("passes", passes);
+    putc('\n');
+
+    u64 max_gap = 0, last = rdtsc(), digest = 0, pass;
+    for (pass = 1; !passes || pass <= passes; pass++) {
+        for (u64 p = 0; p < pages; p++) {
+            *(volatile u64 *)(BASE + p * PAGE) = value_of(pass, p);
+            u64 now = rdtsc();
+            if (now - last > max_gap) max_gap = now - last;
+            last = now;
+            if (tick && (p + 1) % tick == 0) {
+                puts("R tick");
+                put_kv("pass", pass);
+                put_kv("page", p + 1);
+                putc('\n');
+                last = rdtsc();
+            }
+        }
+        digest = 0;
+        for (u64 p = 0; p < pages; p++) {
+            u64 want = value_of(pass, p), got = *(volatile u64 *)(BASE + p * PAGE);
+            if (got != want) {
+                puts("DIRTIER CORRUPT");
+                put_kv("page", p);
+                put_kv("pass", pass);
+                puts(" expected=");
+                put_hex(want);
+                puts(" found=");
+                put_hex(got);
+                putc('\n');
+                guest_exit(STATUS_CORRUPT);
+            }
+            digest = (digest ^ got) * 0x100000001b3UL;
+        }
+        last = rdtsc();
+    }
+    puts("DIRTIER OK");
+    put_kv("passes", pass - 1);
+    puts(" digest=");
+    put_hex(digest);
+    put_kv("max_gap_cycles", max_gap);
+    putc('\n');
+    return STATUS_OK;
+}
