@@ -26,14 +26,22 @@ const CFLAGS: &[&str] = &[
 ];
 
 fn run(cmd: &mut Command) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot start {:?}: {e} (gcc and binutils are needed to build the guests)", cmd.get_program()));
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!(
+            "cannot start {:?}: {e} (gcc and binutils are needed to build the guests)",
+            cmd.get_program()
+        )
+    });
     assert!(status.success(), "guest build step failed: {cmd:?}");
 }
 
 fn compile(src: &Path, out: &Path) {
-    run(Command::new("gcc").args(CFLAGS).arg("-c").arg(src).arg("-o").arg(out));
+    run(Command::new("gcc")
+        .args(CFLAGS)
+        .arg("-c")
+        .arg(src)
+        .arg("-o")
+        .arg(out));
 }
 
 fn main() {
@@ -53,7 +61,14 @@ fn main() {
         run(Command::new("ld")
             .arg("-T")
             .arg(src.join("guest.ld"))
-            .args(["-nostdlib", "-static", "-z", "max-page-size=0x1000", "--no-warn-rwx-segments", "-o"])
+            .args([
+                "-nostdlib",
+                "-static",
+                "-z",
+                "max-page-size=0x1000",
+                "--no-warn-rwx-segments",
+                "-o",
+            ])
             .arg(out.join(format!("{guest}.elf")))
             .args(&common)
             .arg(&obj));

@@ -56,11 +56,20 @@ impl Bus {
     }
 
     /// Adds `device` at `[base, base + len)`.
-    pub fn insert(&mut self, base: u64, len: u64, device: Arc<dyn BusDevice>) -> Result<(), BusError> {
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: Arc<dyn BusDevice>,
+    ) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::Empty(device.name().to_string()));
         }
-        if let Some(e) = self.entries.iter().find(|e| base < e.base + e.len && e.base < base + len) {
+        if let Some(e) = self
+            .entries
+            .iter()
+            .find(|e| base < e.base + e.len && e.base < base + len)
+        {
             return Err(BusError::Overlap {
                 new: device.name().to_string(),
                 existing: e.device.name().to_string(),
@@ -75,7 +84,10 @@ impl Bus {
 
     /// Finds the device serving `addr`.
     pub fn lookup(&self, addr: u64) -> Option<Hit<'_>> {
-        let i = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
+        let i = self
+            .entries
+            .partition_point(|e| e.base <= addr)
+            .checked_sub(1)?;
         let e = &self.entries[i];
         (addr - e.base < e.len).then(|| Hit {
             index: i,
@@ -86,7 +98,10 @@ impl Bus {
 
     /// Device names by bus index, for reports.
     pub fn names(&self) -> Vec<String> {
-        self.entries.iter().map(|e| e.device.name().to_string()).collect()
+        self.entries
+            .iter()
+            .map(|e| e.device.name().to_string())
+            .collect()
     }
 
     pub fn len(&self) -> usize {

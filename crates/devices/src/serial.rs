@@ -30,7 +30,8 @@ impl ConsoleBuffer {
     fn push(&self, bytes: &[u8]) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if pending.len() + bytes.len() > self.capacity {
-            self.dropped.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.dropped
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             return;
         }
         pending.extend_from_slice(bytes);
@@ -92,14 +93,23 @@ impl BusDevice for SerialConsole {
     }
 
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let v = self.uart.lock().unwrap_or_else(|e| e.into_inner()).read(offset as u8);
+        let v = self
+            .uart
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset as u8);
         data.fill(0);
         data[0] = v;
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
         if let Some(&v) = data.first() {
-            if let Err(e) = self.uart.lock().unwrap_or_else(|e| e.into_inner()).write(offset as u8, v) {
+            if let Err(e) = self
+                .uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(offset as u8, v)
+            {
                 tracing::warn!("com1: write at offset {offset}: {e}");
             }
         }

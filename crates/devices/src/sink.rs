@@ -9,7 +9,9 @@ pub struct Sink {
 
 impl Sink {
     pub fn new(name: &str) -> Self {
-        Self { name: name.to_string() }
+        Self {
+            name: name.to_string(),
+        }
     }
 }
 

@@ -16,18 +16,9 @@
     .p2align 2
     .long pvh_start32
 
-/* ---------------------------------------------------------------- BSP --- */
-    .section .text.boot32, "ax"
-    .code32
-    .globl pvh_start32
-pvh_start32:
-    cli
-    movl %ebx, start_info_ptr
-    call enter_long_mode32
-    ljmp $0x08, $bsp_long
-
-/* Shared by the BSP and the APs: GDT, identity page tables, EFER.LME, paging. */
-enter_long_mode32:
+/* Shared by the BSP and the APs (a macro: PVH gives no stack to call with):
+ * GDT, identity page tables, EFER.LME, paging. */
+    .macro ENTER_LONG_MODE32
     lgdt gdt_desc
     movl $pml4, %eax
     movl %eax, %cr3
@@ -41,7 +32,17 @@ enter_long_mode32:
     movl %cr0, %eax
     orl $0x80000001, %eax           /* PG | PE */
     movl %eax, %cr0
-    ret
+    .endm
+
+/* ---------------------------------------------------------------- BSP --- */
+    .section .text.boot32, "ax"
+    .code32
+    .globl pvh_start32
+pvh_start32:
+    cli
+    movl %ebx, start_info_ptr
+    ENTER_LONG_MODE32
+    ljmp $0x08, $bsp_long
 
     .code64
 bsp_long:
@@ -63,7 +64,7 @@ bsp_long:
     .code32
     .globl ap_start32
 ap_start32:
-    call enter_long_mode32
+    ENTER_LONG_MODE32
     ljmp $0x08, $ap_long
 
     .code64

@@ -3,6 +3,8 @@
 //! README) and ends through the debug-exit port 0xf4. They run unchanged
 //! under QEMU (`-M microvm -device isa-debug-exit,iobase=0xf4,iosize=4`).
 
+pub mod protocol;
+
 /// One bundled guest image.
 #[derive(Debug, Clone, Copy)]
 pub struct Guest {
@@ -66,7 +68,11 @@ mod tests {
         for g in ALL {
             assert_eq!(&g.image[..4], b"\x7fELF", "{} is not an ELF image", g.name);
             // the Xen note name is present in the image
-            assert!(g.image.windows(4).any(|w| w == b"Xen\0"), "{} has no Xen note", g.name);
+            assert!(
+                g.image.windows(4).any(|w| w == b"Xen\0"),
+                "{} has no Xen note",
+                g.name
+            );
         }
         assert!(find(DEFAULT).is_some());
     }

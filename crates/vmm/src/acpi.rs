@@ -1,0 +1,56 @@
+//! ACPI tables (RSDP, XSDT, MADT) describing the vCPUs and the IOAPIC.
+//! The PCI work adds MCFG here.
+
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::{ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::{Error, Result};
+
+const OEM_ID: [u8; 6] = *b"NFVSR ";
+const OEM_TABLE: [u8; 8] = *b"NFVISOR ";
+
+fn bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    table.to_aml_bytes(&mut v);
+    v
+}
+
+/// Writes the tables for `vcpus` processors; returns the RSDP address.
+pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64> {
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE,
+        1,
+        LocalInterruptController::Address(LAPIC_ADDR),
+    );
+    for id in 0..vcpus {
+        madt.add_structure(ProcessorLocalApic::new(
+            id as u8,
+            id as u8,
+            EnabledStatus::Enabled,
+        ));
+    }
+    madt.add_structure(IoApic::new(0, IOAPIC_ADDR, 0));
+    let madt = bytes(&madt);
+
+    let rsdp_addr = ACPI_START;
+    let xsdt_addr = rsdp_addr + 0x40;
+    let madt_addr = xsdt_addr + 0x40;
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, 1);
+    xsdt.add_entry(madt_addr);
+    let xsdt = bytes(&xsdt);
+    let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+    assert!(xsdt.len() <= 0x40 && rsdp.len() <= 0x40);
+
+    for (addr, data) in [(rsdp_addr, &rsdp), (xsdt_addr, &xsdt), (madt_addr, &madt)] {
+        mem.write_slice(data, GuestAddress(addr))
+            .map_err(|e| Error::Boot(format!("writing ACPI tables at {addr:#x}: {e}")))?;
+    }
+    Ok(rsdp_addr)
+}

@@ -1,0 +1,781 @@
+//! A VM from spec to report: create it, apply the real-time settings, boot,
+//! run the vCPU threads, and collect what happened.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use devices::{Bus, ConsoleBuffer, DebugExit, GuestExit, SerialConsole, Sink};
+use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_regs, kvm_sregs, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::boot::{self, BootEntry, KernelImage};
+use crate::cpuid::{self, CpuidOptions};
+use crate::exits::{ExitReport, ExitStats};
+use crate::kvm_stats::KvmStats;
+use crate::layout::*;
+use crate::memory::{self, MemoryOptions};
+use crate::vcpu::{self, Flow, IoContext, UnknownAccesses, VcpuEnd};
+use crate::{acpi, Error, Result, Setting};
+
+/// Exits that can be disabled on dedicated cores (KVM_CAP_X86_DISABLE_EXITS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DisableExits {
+    pub hlt: bool,
+    pub pause: bool,
+    pub cstate: bool,
+    pub mwait: bool,
+}
+
+impl DisableExits {
+    fn flags(&self) -> u32 {
+        use kvm_bindings::*;
+        let mut f = 0;
+        if self.mwait {
+            f |= KVM_X86_DISABLE_EXITS_MWAIT;
+        }
+        if self.hlt {
+            f |= KVM_X86_DISABLE_EXITS_HLT;
+        }
+        if self.pause {
+            f |= KVM_X86_DISABLE_EXITS_PAUSE;
+        }
+        if self.cstate {
+            f |= KVM_X86_DISABLE_EXITS_CSTATE;
+        }
+        f
+    }
+}
+
+/// Real-time placement of the VM's threads.
+#[derive(Debug, Clone, Default)]
+pub struct RtSpec {
+    /// vCPU i runs on host CPU cpus[i].
+    pub cpus: Option<Vec<usize>>,
+    /// Where the VMM's own threads (main, console) run.
+    pub housekeeping_cpus: Option<Vec<usize>>,
+    /// SCHED_FIFO priority of the vCPU threads.
+    pub priority: Option<i32>,
+    pub disable_exits: DisableExits,
+    pub halt_poll_ns: Option<u64>,
+    /// Report a setting that cannot be applied instead of failing.
+    pub best_effort: bool,
+}
+
+/// Where the guest console goes.
+#[derive(Debug, Clone)]
+pub enum ConsoleSink {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+    /// Only kept in the report's transcript.
+    None,
+}
+
+/// Everything needed to run a VM.
+pub struct VmSpec {
+    pub kernel_name: String,
+    pub kernel: Vec<u8>,
+    pub initrd: Option<(String, Vec<u8>)>,
+    pub cmdline: String,
+    /// Append `tsc_khz=` (KVM_GET_TSC_KHZ) to the command line (bundled guests).
+    pub append_tsc_khz: bool,
+    pub memory: MemoryOptions,
+    pub vcpus: u32,
+    pub rt: RtSpec,
+    pub console: ConsoleSink,
+    /// Keep at most this many console bytes in the report's transcript.
+    pub transcript_limit: usize,
+}
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum StopReason {
+    /// The guest wrote its status to the debug-exit port.
+    GuestExit {
+        status: u32,
+    },
+    /// Triple fault or shutdown request, with the vCPU's state.
+    Shutdown {
+        vcpu: u32,
+        state: String,
+    },
+    FailEntry {
+        vcpu: u32,
+        hardware_reason: u64,
+    },
+    InternalError {
+        vcpu: u32,
+        state: String,
+    },
+    SystemEvent {
+        vcpu: u32,
+        event: u32,
+    },
+    Error {
+        vcpu: u32,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VcpuReport {
+    pub id: u32,
+    /// Host thread id of the vCPU thread.
+    pub tid: i32,
+    pub host_cpu: Option<usize>,
+    pub sched: Option<rt::ThreadSched>,
+    pub exits: ExitReport,
+    /// KVM's own per-vCPU counters (exits handled in the kernel).
+    pub kvm_stats: BTreeMap<String, u64>,
+    /// From /proc: time the thread ran, and the part of it in the guest.
+    pub user_ms: u64,
+    pub system_ms: u64,
+    pub guest_ms: u64,
+    pub wall_ms: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Timings {
+    /// From `VmSpec` received to the BSP's first KVM_RUN.
+    pub setup_us: u64,
+    /// From the first KVM_RUN to the end.
+    pub run_us: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub stop: StopReason,
+    pub kernel: String,
+    pub boot: BootEntry,
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub tsc_khz: u32,
+    pub kvm_kind: rt::KvmKind,
+    pub cx16_hidden: bool,
+    pub settings: Vec<Setting>,
+    pub vcpus: Vec<VcpuReport>,
+    pub unknown_accesses: u64,
+    pub console_bytes: u64,
+    pub console_dropped: u64,
+    pub timings: Timings,
+    #[serde(skip)]
+    pub transcript: Vec<u8>,
+}
+
+/// A created VM, ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<VcpuFd>,
+    io: Arc<IoContext>,
+    console: Arc<ConsoleBuffer>,
+    boot: BootEntry,
+    cmdline: String,
+    tsc_khz: u32,
+    kvm_kind: rt::KvmKind,
+    cx16_hidden: bool,
+    settings: Vec<Setting>,
+    spec: VmSpec,
+    created: Instant,
+}
+
+fn kvm_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> Error + '_ {
+    move |e| Error::Kvm(format!("{what}: {e}"))
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn enable_cap(vm: &VmFd, cap: u32, arg: u64) -> std::result::Result<(), kvm_ioctls::Error> {
+    let mut c = kvm_enable_cap {
+        cap,
+        ..Default::default()
+    };
+    c.args[0] = arg;
+    vm.enable_cap(&c)
+}
+
+impl Vm {
+    pub fn create(spec: VmSpec) -> Result<Vm> {
+        let created = Instant::now();
+        if spec.vcpus == 0 {
+            return Err(Error::Config(
+                "--vcpus 0: a VM needs at least one vCPU".into(),
+            ));
+        }
+        if spec.vcpus > 254 {
+            return Err(Error::Config(format!(
+                "--vcpus {}: at most 254 (xAPIC IDs)",
+                spec.vcpus
+            )));
+        }
+        let mut settings = Vec::new();
+        let rt_spec = spec.rt.clone();
+        if let Some(cpus) = &rt_spec.cpus {
+            if cpus.len() < spec.vcpus as usize {
+                return Err(Error::Config(format!(
+                    "--cpus lists {} CPUs for {} vCPUs: one host CPU per vCPU is needed",
+                    cpus.len(),
+                    spec.vcpus
+                )));
+            }
+            rt::check_cpus_exist(cpus).map_err(|e| Error::Config(format!("--cpus: {e}")))?;
+            if let Some(node) = spec.memory.numa_node {
+                let node_cpus =
+                    rt::node_cpus(node).map_err(|e| Error::Config(format!("--numa-node: {e}")))?;
+                if let Some(c) = cpus.iter().find(|c| !node_cpus.contains(c)) {
+                    Setting::fail(
+                        &mut settings,
+                        "numa-node",
+                        format!(
+                            "vCPU CPU {c} is not on NUMA node {node} (its CPUs: {node_cpus:?})"
+                        ),
+                        rt_spec.best_effort,
+                    )?;
+                }
+            }
+        }
+        if let Some(hk) = &rt_spec.housekeeping_cpus {
+            rt::check_cpus_exist(hk)
+                .map_err(|e| Error::Config(format!("--housekeeping-cpus: {e}")))?;
+            match rt::pin_current_thread(hk) {
+                Ok(()) => settings.push(Setting::applied(
+                    "housekeeping-cpus",
+                    format!("VMM threads on CPUs {hk:?}"),
+                )),
+                Err(e) => Setting::fail(
+                    &mut settings,
+                    "housekeeping-cpus",
+                    e.to_string(),
+                    rt_spec.best_effort,
+                )?,
+            }
+        }
+        if let Some(p) = rt_spec.priority {
+            if !(1..=99).contains(&p) {
+                return Err(Error::Config(format!(
+                    "--rt-priority {p}: SCHED_FIFO priorities are 1 to 99"
+                )));
+            }
+        }
+
+        let kvm = Kvm::new().map_err(|e| Error::Kvm(format!("opening /dev/kvm: {e}")))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let kvm_kind = rt::KvmKind::detect();
+
+        // Before any vCPU exists: disabled exits and halt polling.
+        let flags = rt_spec.disable_exits.flags();
+        if flags != 0 {
+            let supported =
+                vm.check_extension_raw(kvm_bindings::KVM_CAP_X86_DISABLE_EXITS as _) as u32;
+            let name = "disable-exits";
+            if flags & !supported != 0 {
+                Setting::fail(
+                    &mut settings,
+                    name,
+                    format!("this host can disable exit mask {supported:#x}, asked for {flags:#x} (MWAIT=1 HLT=2 PAUSE=4 CSTATE=8)"),
+                    rt_spec.best_effort,
+                )?;
+            } else {
+                match enable_cap(&vm, kvm_bindings::KVM_CAP_X86_DISABLE_EXITS, flags as u64) {
+                    Ok(()) => settings.push(Setting::applied(
+                        name,
+                        format!("{:?}", rt_spec.disable_exits),
+                    )),
+                    Err(e) => Setting::fail(
+                        &mut settings,
+                        name,
+                        format!("KVM_CAP_X86_DISABLE_EXITS: {e}"),
+                        rt_spec.best_effort,
+                    )?,
+                }
+            }
+        }
+        if let Some(ns) = rt_spec.halt_poll_ns {
+            match enable_cap(&vm, kvm_bindings::KVM_CAP_HALT_POLL, ns) {
+                Ok(()) => settings.push(Setting::applied("halt-poll-ns", format!("{ns} ns"))),
+                Err(e) => Setting::fail(
+                    &mut settings,
+                    "halt-poll-ns",
+                    format!("KVM_CAP_HALT_POLL: {e}"),
+                    rt_spec.best_effort,
+                )?,
+            }
+        }
+
+        let mem = memory::create(&spec.memory, rt_spec.best_effort, &mut settings)?;
+        memory::register_slots(&vm, &mem, 0)?;
+        vm.set_tss_address(KVM_TSS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        // Devices.
+        let guest_exit = Arc::new(GuestExit::default());
+        let console = ConsoleBuffer::new(4 << 20);
+        let com1_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| Error::Device(format!("COM1 eventfd: {e}")))?;
+        vm.register_irqfd(&com1_irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD for COM1"))?;
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let dev_err = |e: devices::BusError| Error::Device(e.to_string());
+        pio.insert(
+            COM1_PORT,
+            8,
+            Arc::new(SerialConsole::new(com1_irq, console.clone())),
+        )
+        .map_err(dev_err)?;
+        pio.insert(
+            DEBUG_EXIT_PORT,
+            4,
+            Arc::new(DebugExit::new(guest_exit.clone())),
+        )
+        .map_err(dev_err)?;
+        pio.insert(BENCH_PORT, 4, Arc::new(Sink::new("bench-port")))
+            .map_err(dev_err)?;
+        mmio.insert(BENCH_MMIO, 0x1000, Arc::new(Sink::new("bench-mmio")))
+            .map_err(dev_err)?;
+        let io = Arc::new(IoContext {
+            pio,
+            mmio,
+            guest_exit,
+            unknown: UnknownAccesses::default(),
+        });
+
+        // vCPUs.
+        let cx16_hidden = kvm_kind.needs_cx16_hidden();
+        if cx16_hidden {
+            tracing::info!("guest code is emulated on this host ({kvm_kind:?}): CX16 hidden from the guest CPUID");
+        }
+        let base_cpuid = cpuid::supported(&kvm)?;
+        let cpuid_opts = CpuidOptions {
+            vcpus: spec.vcpus,
+            hide_cx16: cx16_hidden,
+            hlt_exits_disabled: rt_spec.disable_exits.hlt,
+            realtime_hint: rt_spec.priority.is_some() && rt_spec.cpus.is_some(),
+        };
+        let mut vcpus = Vec::new();
+        for id in 0..spec.vcpus {
+            let v = vm.create_vcpu(id as u64).map_err(|e| Error::Vcpu {
+                id,
+                why: format!("KVM_CREATE_VCPU: {e}"),
+            })?;
+            let verr = |what: &'static str| {
+                move |e: kvm_ioctls::Error| Error::Vcpu {
+                    id,
+                    why: format!("{what}: {e}"),
+                }
+            };
+            v.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, id, &cpuid_opts))
+                .map_err(verr("KVM_SET_CPUID2"))?;
+            vcpu::set_boot_msrs(&v, id);
+            v.set_fpu(&vcpu::boot_fpu()).map_err(verr("KVM_SET_FPU"))?;
+            vcpu::set_lint(&v).map_err(verr("KVM_SET_LAPIC"))?;
+            vcpus.push(v);
+        }
+        let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
+
+        // Boot.
+        let rsdp = acpi::write_tables(&mem, spec.vcpus)?;
+        let mut cmdline = spec.cmdline.clone();
+        if spec.append_tsc_khz && tsc_khz > 0 {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&format!("tsc_khz={tsc_khz}"));
+        }
+        let image = KernelImage {
+            name: spec.kernel_name.clone(),
+            bytes: &spec.kernel,
+        };
+        let initrd = spec
+            .initrd
+            .as_ref()
+            .map(|(n, b)| (n.as_str(), b.as_slice()));
+        let boot = boot::load(&mem, spec.memory.size, &image, &cmdline, initrd, rsdp)?;
+        let mut sregs: kvm_sregs = vcpus[0].get_sregs().map_err(|e| Error::Vcpu {
+            id: 0,
+            why: format!("KVM_GET_SREGS: {e}"),
+        })?;
+        let regs: kvm_regs = boot::bsp_state(&mem, &boot, &mut sregs)?;
+        vcpus[0].set_sregs(&sregs).map_err(|e| Error::Vcpu {
+            id: 0,
+            why: format!("KVM_SET_SREGS: {e}"),
+        })?;
+        vcpus[0].set_regs(&regs).map_err(|e| Error::Vcpu {
+            id: 0,
+            why: format!("KVM_SET_REGS: {e}"),
+        })?;
+
+        Ok(Vm {
+            _kvm: kvm,
+            vm,
+            mem,
+            vcpus,
+            io,
+            console,
+            boot,
+            cmdline,
+            tsc_khz,
+            kvm_kind,
+            cx16_hidden,
+            settings,
+            spec,
+            created,
+        })
+    }
+
+    /// Runs the VM to its end and reports.
+    pub fn run(self) -> Result<RunReport> {
+        let Vm {
+            _kvm,
+            vm,
+            mem,
+            vcpus,
+            io,
+            console,
+            boot,
+            cmdline,
+            tsc_khz,
+            kvm_kind,
+            cx16_hidden,
+            mut settings,
+            spec,
+            created,
+        } = self;
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| Error::Kvm(format!("installing the vCPU kick signal handler: {e}")))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let console_done = Arc::new(AtomicBool::new(false));
+        let console_thread = spawn_console(&spec, console.clone(), console_done.clone())?;
+        let first_run = Arc::new(Mutex::new(None::<Instant>));
+
+        // Each vCPU thread applies its placement, reports, then waits for go.
+        let (ready_tx, ready_rx) = mpsc::channel::<(u32, i32, Vec<Setting>, Option<String>)>();
+        let (end_tx, end_rx) = mpsc::channel::<u32>();
+        let mut go = Vec::new();
+        let mut handles = Vec::new();
+        for (id, mut vcpu) in vcpus.into_iter().enumerate() {
+            let id = id as u32;
+            let (go_tx, go_rx) = mpsc::channel::<bool>();
+            go.push(go_tx);
+            let host_cpu = spec.rt.cpus.as_ref().map(|c| c[id as usize]);
+            let priority = spec.rt.priority;
+            let (io, stop, ready_tx, end_tx) =
+                (io.clone(), stop.clone(), ready_tx.clone(), end_tx.clone());
+            let first_run = (id == 0).then(|| first_run.clone());
+            let best_effort = spec.rt.best_effort;
+            let mut stats = ExitStats::new(io.pio.names(), io.mmio.names());
+            let handle = thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let tid = rt::current_tid();
+                    let mut applied = Vec::new();
+                    let mut failure = None;
+                    if let Some(cpu) = host_cpu {
+                        match rt::pin_current_thread(&[cpu]) {
+                            Ok(()) => applied.push(Setting::applied(
+                                &format!("vcpu{id}.cpu"),
+                                format!("pinned to CPU {cpu}"),
+                            )),
+                            Err(e) => {
+                                if let Err(e) = Setting::fail(
+                                    &mut applied,
+                                    &format!("vcpu{id}.cpu"),
+                                    e.to_string(),
+                                    best_effort,
+                                ) {
+                                    failure = Some(e.to_string());
+                                }
+                            }
+                        }
+                    }
+                    if let Some(p) = priority {
+                        match rt::set_current_thread_fifo(p) {
+                            Ok(()) => applied.push(Setting::applied(
+                                &format!("vcpu{id}.rt-priority"),
+                                format!("SCHED_FIFO {p}"),
+                            )),
+                            Err(e) => {
+                                if let Err(e) = Setting::fail(
+                                    &mut applied,
+                                    &format!("vcpu{id}.rt-priority"),
+                                    e.to_string(),
+                                    best_effort,
+                                ) {
+                                    failure = Some(e.to_string());
+                                }
+                            }
+                        }
+                    }
+                    let _ = ready_tx.send((id, tid, applied, failure));
+                    if go_rx.recv() != Ok(true) {
+                        return None;
+                    }
+                    let kvm_stats = KvmStats::open(&vcpu).ok();
+                    let sched = rt::thread_sched(tid).ok();
+                    let started = Instant::now();
+                    let end =
+                        vcpu::run_loop(&mut vcpu, &io, &stop, &mut stats, first_run.as_deref());
+                    let wall_ms = started.elapsed().as_millis() as u64;
+                    let state = match &end {
+                        VcpuEnd::Flow(Flow::Shutdown) | VcpuEnd::Flow(Flow::InternalError) => {
+                            describe_state(&vcpu)
+                        }
+                        _ => String::new(),
+                    };
+                    let (user_ms, system_ms, guest_ms) = thread_times(tid);
+                    let _ = end_tx.send(id);
+                    Some((
+                        end,
+                        state,
+                        VcpuReport {
+                            id,
+                            tid,
+                            host_cpu,
+                            sched,
+                            exits: stats.report(),
+                            kvm_stats: kvm_stats.map(|s| s.read()).unwrap_or_default(),
+                            user_ms,
+                            system_ms,
+                            guest_ms,
+                            wall_ms,
+                        },
+                    ))
+                })
+                .map_err(|e| Error::Vcpu {
+                    id,
+                    why: format!("spawning its thread: {e}"),
+                })?;
+            handles.push(handle);
+        }
+        drop(ready_tx);
+        drop(end_tx);
+
+        let mut failure = None;
+        let mut tids = vec![0; handles.len()];
+        for _ in 0..handles.len() {
+            match ready_rx.recv() {
+                Ok((id, tid, applied, err)) => {
+                    tids[id as usize] = tid;
+                    settings.extend(applied);
+                    if let Some(e) = err {
+                        failure.get_or_insert(Error::Rt(e));
+                    }
+                }
+                Err(_) => {
+                    failure.get_or_insert(Error::Vcpu {
+                        id: 0,
+                        why: "a vCPU thread ended during set-up".into(),
+                    });
+                }
+            }
+        }
+        for g in &go {
+            let _ = g.send(failure.is_none());
+        }
+        if let Some(e) = failure {
+            for h in handles {
+                let _ = h.join();
+            }
+            console_done.store(true, Ordering::Release);
+            let _ = console_thread.join();
+            return Err(e);
+        }
+        for s in &settings {
+            if s.applied {
+                tracing::info!("applied {}: {}", s.name, s.detail);
+            } else {
+                tracing::warn!("NOT applied {}: {}", s.name, s.detail);
+            }
+        }
+
+        // Wait for the first vCPU to end, then stop and kick the others.
+        let _ = end_rx.recv();
+        stop.store(true, Ordering::Release);
+        let pthreads: Vec<_> = handles.iter().map(|h| h.as_pthread_t()).collect();
+        while handles.iter().any(|h| !h.is_finished()) {
+            for (h, &pt) in handles.iter().zip(&pthreads) {
+                if !h.is_finished() {
+                    // SAFETY: the thread is alive (not finished and not joined),
+                    // and SIGRTMIN has a no-op handler: the signal only makes
+                    // KVM_RUN return.
+                    unsafe { libc::pthread_kill(pt, SIGRTMIN()) };
+                }
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let ended = Instant::now();
+
+        let mut reports = Vec::new();
+        let mut stop_reason = None;
+        for h in handles {
+            let Ok(Some((end, state, report))) = h.join() else {
+                continue;
+            };
+            let id = report.id;
+            let reason = match end {
+                VcpuEnd::Stopped => None,
+                VcpuEnd::Flow(Flow::GuestExit(status)) => Some(StopReason::GuestExit { status }),
+                VcpuEnd::Flow(Flow::Shutdown) => Some(StopReason::Shutdown { vcpu: id, state }),
+                VcpuEnd::Flow(Flow::InternalError) => {
+                    Some(StopReason::InternalError { vcpu: id, state })
+                }
+                VcpuEnd::Flow(Flow::FailEntry(r)) => Some(StopReason::FailEntry {
+                    vcpu: id,
+                    hardware_reason: r,
+                }),
+                VcpuEnd::Flow(Flow::SystemEvent(event)) => {
+                    Some(StopReason::SystemEvent { vcpu: id, event })
+                }
+                VcpuEnd::Flow(Flow::Unhandled(what)) => Some(StopReason::Error {
+                    vcpu: id,
+                    message: format!("unhandled exit {what}"),
+                }),
+                VcpuEnd::Flow(Flow::Resume) => None,
+                VcpuEnd::Error(message) => Some(StopReason::Error { vcpu: id, message }),
+            };
+            if stop_reason.is_none() {
+                stop_reason = reason;
+            }
+            reports.push(report);
+        }
+        console_done.store(true, Ordering::Release);
+        let transcript = console_thread
+            .join()
+            .map_err(|_| Error::Device("the console thread panicked".into()))??;
+
+        let first = first_run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(ended);
+        drop(vm);
+        drop(mem);
+        Ok(RunReport {
+            stop: stop_reason.unwrap_or(StopReason::Error {
+                vcpu: 0,
+                message: "the VM stopped without a reason".into(),
+            }),
+            kernel: spec.kernel_name.clone(),
+            boot,
+            cmdline,
+            memory_mib: spec.memory.size >> 20,
+            tsc_khz,
+            kvm_kind,
+            cx16_hidden,
+            settings,
+            vcpus: reports,
+            unknown_accesses: io.unknown.count(),
+            console_bytes: transcript.1,
+            console_dropped: console.dropped(),
+            timings: Timings {
+                setup_us: first.duration_since(created).as_micros() as u64,
+                run_us: ended.duration_since(first).as_micros() as u64,
+            },
+            transcript: transcript.0,
+        })
+    }
+}
+
+/// The housekeeping thread that moves guest console bytes to their sink.
+fn spawn_console(
+    spec: &VmSpec,
+    buffer: Arc<ConsoleBuffer>,
+    done: Arc<AtomicBool>,
+) -> Result<thread::JoinHandle<Result<(Vec<u8>, u64)>>> {
+    let mut sink: Box<dyn Write + Send> =
+        match &spec.console {
+            ConsoleSink::Stdout => Box::new(std::io::stdout()),
+            ConsoleSink::Stderr => Box::new(std::io::stderr()),
+            ConsoleSink::File(path) => Box::new(std::fs::File::create(path).map_err(|e| {
+                Error::Device(format!("serial output file {}: {e}", path.display()))
+            })?),
+            ConsoleSink::None => Box::new(std::io::sink()),
+        };
+    let limit = spec.transcript_limit;
+    thread::Builder::new()
+        .name("console".into())
+        .spawn(move || {
+            let mut transcript = Vec::new();
+            let mut chunk = Vec::new();
+            let mut total = 0u64;
+            loop {
+                // read `done` first: a final pass after it drains everything
+                let finished = done.load(Ordering::Acquire);
+                buffer.take_into(&mut chunk);
+                if !chunk.is_empty() {
+                    total += chunk.len() as u64;
+                    let room = limit.saturating_sub(transcript.len());
+                    transcript.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if let Err(e) = sink.write_all(&chunk).and_then(|_| sink.flush()) {
+                        tracing::warn!("guest console output: {e}");
+                    }
+                }
+                if finished {
+                    return Ok((transcript, total));
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .map_err(|e| Error::Device(format!("spawning the console thread: {e}")))
+}
+
+/// utime, stime and guest time (ms) of thread `tid` of this process.
+fn thread_times(tid: i32) -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+    // fields after the parenthesised command name; utime is field 14
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ms = |i: usize| f.get(i).copied().unwrap_or(0) * 1000 / hz;
+    // rest starts at field 3 (state): field n is index n - 3
+    (ms(14 - 3), ms(15 - 3), ms(43 - 3))
+}
+
+/// Registers and segments of a stopped vCPU, for shutdown reports.
+fn describe_state(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}/{:#x}",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, s.cs.selector, s.cr0, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("state unreadable: {e}"),
+    }
+}
+
+/// Whether this host's KVM supports what `Vm` needs (for early, clear errors).
+pub fn check_kvm() -> Result<()> {
+    let kvm = Kvm::new().map_err(|e| Error::Kvm(format!("opening /dev/kvm: {e}")))?;
+    for (cap, name) in [
+        (Cap::Irqchip, "in-kernel irqchip"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Pit2, "PIT2"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::Kvm(format!("this host's KVM lacks {name}")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! What `nfvisor run` shows: plain text by default, one JSON document with --json.
+
+use anyhow::Result;
+use guests::protocol::{GuestOutput, ProtocolError};
+use vmm::{RunReport, StopReason};
+
+use crate::exit_code;
+
+/// The process exit code for how the VM ended.
+pub fn exit_code_of(stop: &StopReason) -> u8 {
+    match stop {
+        StopReason::GuestExit { status } if *status <= exit_code::GUEST_STATUS_MAX => *status as u8,
+        StopReason::GuestExit { .. } => exit_code::GUEST_STATUS_HIGH,
+        StopReason::Shutdown { .. }
+        | StopReason::InternalError { .. }
+        | StopReason::FailEntry { .. } => exit_code::GUEST_CRASH,
+        StopReason::SystemEvent { .. } => exit_code::GUEST_NO_STATUS,
+        StopReason::Error { .. } => exit_code::VMM_RUNTIME,
+    }
+}
+
+fn describe(stop: &StopReason) -> String {
+    match stop {
+        StopReason::GuestExit { status } => format!("guest exited with status {status}"),
+        StopReason::Shutdown { vcpu, state } => {
+            format!(
+                "guest CRASHED: vCPU {vcpu} shut down (triple fault or shutdown request); {state}"
+            )
+        }
+        StopReason::InternalError { vcpu, state } => {
+            format!("KVM internal error on vCPU {vcpu}; {state}")
+        }
+        StopReason::FailEntry {
+            vcpu,
+            hardware_reason,
+        } => {
+            format!("vCPU {vcpu} failed to enter the guest (hardware reason {hardware_reason:#x})")
+        }
+        StopReason::SystemEvent { vcpu, event } => {
+            format!("guest requested system event {event} on vCPU {vcpu}")
+        }
+        StopReason::Error { vcpu, message } => format!("VMM error on vCPU {vcpu}: {message}"),
+    }
+}
+
+pub fn print_text(r: &RunReport, guest: &Result<GuestOutput, ProtocolError>, exit_stats: bool) {
+    println!();
+    println!("nfvisor: {}", describe(&r.stop));
+    println!(
+        "nfvisor: {} via {:?}, {} MiB, {} vCPU(s), host KVM {:?}{}, set-up {} us, ran {} ms",
+        r.kernel,
+        r.boot.protocol,
+        r.memory_mib,
+        r.vcpus.len(),
+        r.kvm_kind,
+        if r.cx16_hidden { " (CX16 hidden)" } else { "" },
+        r.timings.setup_us,
+        r.timings.run_us / 1000
+    );
+    match guest {
+        Ok(g) => {
+            for h in g.histograms() {
+                let (div, unit) = if h.unit == "ns" {
+                    (1000.0, "us")
+                } else {
+                    (1.0, h.unit.as_str())
+                };
+                let f = |v: u64| format!("{:.1}", v as f64 / div);
+                println!(
+                    "nfvisor: {} {}: n={} min {} avg {} p50 {} p99 {} p99.9 {} max {} {unit}{}",
+                    g.guest.as_deref().unwrap_or("guest"),
+                    h.series,
+                    h.count,
+                    f(h.min),
+                    f(h.avg),
+                    f(h.p50),
+                    f(h.p99),
+                    f(h.p999),
+                    f(h.max),
+                    if h.overflow > 0 {
+                        format!(" ({} beyond the histogram)", h.overflow)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        Err(e) => println!("nfvisor: guest output not understood: {e}"),
+    }
+    if r.unknown_accesses > 0 {
+        println!(
+            "nfvisor: {} guest accesses to unknown ports/MMIO ignored",
+            r.unknown_accesses
+        );
+    }
+    if r.console_dropped > 0 {
+        println!(
+            "nfvisor: {} console bytes dropped (console thread fell behind)",
+            r.console_dropped
+        );
+    }
+    for s in r.settings.iter().filter(|s| !s.applied) {
+        println!("nfvisor: setting {} NOT applied: {}", s.name, s.detail);
+    }
+    if exit_stats {
+        for v in &r.vcpus {
+            println!(
+                "vcpu{} tid {} cpu {:?} {}: {} exits to the VMM; thread user {} ms, system {} ms, guest {} ms of {} ms",
+                v.id,
+                v.tid,
+                v.host_cpu,
+                v.sched.as_ref().map(|s| format!("{} {}", s.policy, s.priority)).unwrap_or_default(),
+                v.exits.total,
+                v.user_ms,
+                v.system_ms,
+                v.guest_ms,
+                v.wall_ms
+            );
+            for (name, t) in &v.exits.by_reason {
+                println!(
+                    "  {name:<16} {:>9}  handled in min {} avg {} p99 {} max {} ns",
+                    t.count, t.min_ns, t.avg_ns, t.p99_ns, t.max_ns
+                );
+            }
+            for (kind, map) in [
+                ("pio", &v.exits.pio_by_device),
+                ("mmio", &v.exits.mmio_by_device),
+            ] {
+                for (dev, t) in map {
+                    println!("  {kind} {dev:<14} {:>9}  avg {} ns", t.count, t.avg_ns);
+                }
+            }
+            let interesting = [
+                "exits",
+                "halt_exits",
+                "io_exits",
+                "mmio_exits",
+                "irq_exits",
+                "signal_exits",
+                "halt_successful_poll",
+                "halt_wakeup",
+                "insn_emulation",
+                "irq_injections",
+            ];
+            let kvm: Vec<String> = interesting
+                .iter()
+                .filter_map(|k| v.kvm_stats.get(*k).map(|n| format!("{k}={n}")))
+                .collect();
+            if !kvm.is_empty() {
+                println!("  kvm: {}", kvm.join(" "));
+            }
+        }
+    }
+}
+
+pub fn print_json(
+    r: &RunReport,
+    bundled: Option<&str>,
+    guest: &Result<GuestOutput, ProtocolError>,
+    code: u8,
+) -> Result<()> {
+    let guest_json = match guest {
+        Ok(g) => serde_json::json!({
+            "name": g.guest,
+            "bundled": bundled,
+            "end_status": g.end_status,
+            "header": g.header,
+            "histograms": g.histograms(),
+            "records": g.records.iter().filter(|r| r.kind != "hist").collect::<Vec<_>>(),
+            "text": g.text,
+        }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    let doc = serde_json::json!({
+        "nfvisor": env!("CARGO_PKG_VERSION"),
+        "exit_code": code,
+        "vm": r,
+        "vcpu_threads": r.vcpus.iter().map(|v| serde_json::json!({"vcpu": v.id, "tid": v.tid})).collect::<Vec<_>>(),
+        "guest": guest_json,
+    });
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
