@@ -28,7 +28,7 @@ fn describe(stop: &StopReason) -> String {
             )
         }
         StopReason::InternalError { vcpu, state } => {
-            format!("KVM internal error on vCPU {vcpu}; {state}")
+            format!("guest CRASHED: KVM cannot continue vCPU {vcpu}: {state}")
         }
         StopReason::FailEntry {
             vcpu,

@@ -537,8 +537,9 @@ impl Vm {
                         vcpu::run_loop(&mut vcpu, &io, &stop, &mut stats, first_run.as_deref());
                     let wall_ms = started.elapsed().as_millis() as u64;
                     let state = match &end {
-                        VcpuEnd::Flow(Flow::Shutdown) | VcpuEnd::Flow(Flow::InternalError) => {
-                            describe_state(&vcpu)
+                        VcpuEnd::Flow(Flow::Shutdown) => describe_state(&vcpu),
+                        VcpuEnd::Flow(Flow::InternalError) => {
+                            format!("{}; {}", internal_error(&mut vcpu), describe_state(&vcpu))
                         }
                         _ => String::new(),
                     };
@@ -599,6 +600,9 @@ impl Vm {
             console_done.store(true, Ordering::Release);
             let _ = console_thread.join();
             return Err(e);
+        }
+        for (id, tid) in tids.iter().enumerate() {
+            tracing::info!("vCPU {id} runs on host thread {tid}");
         }
         for s in &settings {
             if s.applied {
@@ -752,6 +756,27 @@ fn thread_times(tid: i32) -> (u64, u64, u64) {
     let ms = |i: usize| f.get(i).copied().unwrap_or(0) * 1000 / hz;
     // rest starts at field 3 (state): field n is index n - 3
     (ms(14 - 3), ms(15 - 3), ms(43 - 3))
+}
+
+/// KVM's reason for an internal-error exit.
+fn internal_error(vcpu: &mut VcpuFd) -> String {
+    // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is
+    // the union member KVM filled in.
+    let (sub, ndata) = unsafe {
+        let i = &vcpu.get_kvm_run().__bindgen_anon_1.internal;
+        (i.suberror, i.ndata)
+    };
+    let what = match sub {
+        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
+        kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => {
+            "exception while delivering an exception (triple-fault class)"
+        }
+        kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => {
+            "event delivery failed (broken IDT or GDT?)"
+        }
+        _ => "unexpected exit",
+    };
+    format!("KVM internal error {sub}: {what} ({ndata} data words)")
 }
 
 /// Registers and segments of a stopped vCPU, for shutdown reports.

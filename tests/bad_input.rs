@@ -1,0 +1,125 @@
+//! Bad input gets a clear error naming the culprit, a non-zero exit, no panic.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn refused(args: &[&str], code: i32, needle: &str) {
+    let r = nfvisor(args, T);
+    assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
+    assert!(
+        r.stderr.contains(needle),
+        "{args:?}: expected {needle:?} in:\n{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn missing_kernel_file() {
+    refused(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        78,
+        "/nonexistent/vmlinux",
+    );
+}
+
+#[test]
+fn a_file_that_is_no_kernel() {
+    let dir = scratch("notakernel");
+    let f = dir.join("notes.txt");
+    std::fs::write(&f, vec![b'x'; 4096]).unwrap();
+    refused(
+        &["run", "--kernel", f.to_str().unwrap()],
+        78,
+        "neither an ELF",
+    );
+    // a truncated ELF
+    let hello = guests::find("hello").unwrap().image;
+    let cut = dir.join("cut.elf");
+    std::fs::write(&cut, &hello[..200]).unwrap();
+    refused(&["run", "--kernel", cut.to_str().unwrap()], 78, "cut.elf");
+}
+
+#[test]
+fn memory_larger_than_the_host() {
+    refused(
+        &["run", "--guest", "hello", "--memory", "100000G"],
+        78,
+        "larger than this host",
+    );
+    refused(
+        &["run", "--guest", "hello", "--memory", "12X"],
+        78,
+        "memory size",
+    );
+}
+
+#[test]
+fn zero_vcpus() {
+    refused(
+        &["run", "--guest", "hello", "--vcpus", "0"],
+        78,
+        "at least one vCPU",
+    );
+}
+
+#[test]
+fn impossible_cpu_lists() {
+    refused(
+        &["run", "--guest", "hello", "--cpus", "999"],
+        78,
+        "CPU 999 does not exist",
+    );
+    refused(
+        &["run", "--guest", "hello", "--cpus", "3-1"],
+        78,
+        "bad CPU list",
+    );
+    refused(
+        &["run", "--guest", "hello", "--vcpus", "2", "--cpus", "0"],
+        78,
+        "one host CPU per vCPU",
+    );
+    refused(
+        &["run", "--guest", "hello", "--housekeeping-cpus", "x"],
+        78,
+        "housekeeping-cpus",
+    );
+}
+
+#[test]
+fn malformed_toml() {
+    let dir = scratch("toml-bad");
+    let f = dir.join("vm.toml");
+    std::fs::write(&f, "memory = [\n").unwrap();
+    refused(&["run", "--config", f.to_str().unwrap()], 78, "vm.toml");
+    std::fs::write(&f, "memroy = \"64M\"\n").unwrap();
+    refused(&["run", "--config", f.to_str().unwrap()], 78, "memroy");
+    refused(
+        &["run", "--config", "/nonexistent/vm.toml"],
+        78,
+        "/nonexistent/vm.toml",
+    );
+}
+
+#[test]
+fn unknown_guest_and_settings() {
+    refused(&["run", "--guest", "nope"], 78, "no bundled guest \"nope\"");
+    refused(
+        &["run", "--guest", "hello", "--hugepages", "3M"],
+        78,
+        "hugepage size",
+    );
+    refused(
+        &["run", "--guest", "hello", "--disable-exits", "hlt,bogus"],
+        78,
+        "bogus",
+    );
+    refused(
+        &["run", "--guest", "hello", "--rt-priority", "150"],
+        78,
+        "1 to 99",
+    );
+}
