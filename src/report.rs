@@ -87,6 +87,9 @@ pub fn print_text(r: &RunReport, guest: &Result<GuestOutput, ProtocolError>, exi
         }
         Err(e) => println!("nfvisor: guest output not understood: {e}"),
     }
+    for w in &r.warnings {
+        println!("nfvisor: warning: {w}");
+    }
     if r.unknown_accesses > 0 {
         println!(
             "nfvisor: {} guest accesses to unknown ports/MMIO ignored",

@@ -166,6 +166,9 @@ pub struct RunReport {
     pub settings: Vec<Setting>,
     pub vcpus: Vec<VcpuReport>,
     pub unknown_accesses: u64,
+    /// Things the user should know about this run (settings a host accepted
+    /// but did not honour, ...).
+    pub warnings: Vec<String>,
     pub console_bytes: u64,
     pub console_dropped: u64,
     pub timings: Timings,
@@ -667,6 +670,25 @@ impl Vm {
             .join()
             .map_err(|_| Error::Device("the console thread panicked".into()))??;
 
+        let mut warnings = Vec::new();
+        if spec.rt.disable_exits.hlt
+            && settings
+                .iter()
+                .any(|s| s.name == "disable-exits" && s.applied)
+        {
+            let halts: u64 = reports
+                .iter()
+                .filter_map(|r| r.kvm_stats.get("halt_exits"))
+                .sum();
+            if halts > 0 {
+                warnings.push(format!(
+                    "HLT exits were disabled, yet KVM counted {halts} halt exits: this host ({kvm_kind:?}) accepts the setting but it is not honoured"
+                ));
+            }
+        }
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
         let first = first_run
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -688,6 +710,7 @@ impl Vm {
             settings,
             vcpus: reports,
             unknown_accesses: io.unknown.count(),
+            warnings,
             console_bytes: transcript.1,
             console_dropped: console.dropped(),
             timings: Timings {
