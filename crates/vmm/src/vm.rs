@@ -785,9 +785,9 @@ fn thread_times(tid: i32) -> (u64, u64, u64) {
 fn internal_error(vcpu: &mut VcpuFd) -> String {
     // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is
     // the union member KVM filled in.
-    let (sub, ndata) = unsafe {
+    let (sub, ndata, data) = unsafe {
         let i = &vcpu.get_kvm_run().__bindgen_anon_1.internal;
-        (i.suberror, i.ndata)
+        (i.suberror, i.ndata, i.data)
     };
     let what = match sub {
         kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
@@ -799,7 +799,15 @@ fn internal_error(vcpu: &mut VcpuFd) -> String {
         }
         _ => "unexpected exit",
     };
-    format!("KVM internal error {sub}: {what} ({ndata} data words)")
+    let words: Vec<String> = data
+        .iter()
+        .take(ndata.min(16) as usize)
+        .map(|w| format!("{w:#x}"))
+        .collect();
+    format!(
+        "KVM internal error {sub}: {what} (data: {})",
+        words.join(" ")
+    )
 }
 
 /// Registers and segments of a stopped vCPU, for shutdown reports.
