@@ -274,6 +274,7 @@ impl RunArgs {
             },
             console,
             transcript_limit: 8 << 20,
+            process_start: None,
         };
         Ok(Resolved { spec, bundled })
     }

@@ -27,7 +27,7 @@ enum Command {
     /// Boot a VM (the bundled latency-probe guest when no kernel is given).
     Run {
         #[command(flatten)]
-        args: RunArgs,
+        args: Box<RunArgs>,
         /// Print exactly one JSON document (the run report) on stdout; the
         /// guest console goes to stderr or --serial.
         #[arg(long)]
@@ -36,10 +36,41 @@ enum Command {
         #[arg(long)]
         exit_stats: bool,
     },
+    /// The measurement suite (prints JSON with --json).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// List the bundled guests, or export their images.
     Guests {
         #[command(subcommand)]
         action: Option<GuestsAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// PIO and MMIO exit round trips: nfvisor beside the bare KVM_RUN floor
+    /// and QEMU on the same exit-bench guest, interleaved.
+    Exits {
+        /// Round trips per op in each run.
+        #[arg(long, default_value_t = 2000)]
+        n: u64,
+        /// Runs of each variant.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Leave QEMU out.
+        #[arg(long)]
+        no_qemu: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start-up time and VMM memory over repeated runs of the hello guest.
+    Startup {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -50,6 +81,8 @@ enum GuestsAction {
     /// Write each bundled guest as DIR/NAME.elf (PVH ELF, runs under QEMU too).
     Export { dir: PathBuf },
 }
+
+static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 /// Exit codes of `nfvisor run` (documented in the README).
 pub mod exit_code {
@@ -72,6 +105,8 @@ pub mod exit_code {
 }
 
 fn main() -> ExitCode {
+    let process_start = std::time::Instant::now();
+    PROCESS_START.get_or_init(|| process_start);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -116,12 +151,14 @@ fn dispatch(cli: Cli) -> Result<u8> {
             json,
             exit_stats,
         } => run(&args, json, exit_stats),
+        Command::Bench { what } => bench_cmd(what),
         Command::Guests { action } => guests_cmd(action.unwrap_or(GuestsAction::List)),
     }
 }
 
 fn run(args: &RunArgs, json: bool, exit_stats: bool) -> Result<u8> {
-    let resolved = args.resolve(json)?;
+    let mut resolved = args.resolve(json)?;
+    resolved.spec.process_start = PROCESS_START.get().copied();
     let bundled = resolved.bundled;
     let vm = vmm::Vm::create(resolved.spec)?;
     let report = vm.run()?;
@@ -134,6 +171,43 @@ fn run(args: &RunArgs, json: bool, exit_stats: bool) -> Result<u8> {
         report::print_text(&report, &guest, exit_stats);
     }
     Ok(code)
+}
+
+fn bench_cmd(what: BenchCmd) -> Result<u8> {
+    match what {
+        BenchCmd::Exits {
+            n,
+            rounds,
+            no_qemu,
+            json,
+        } => {
+            anyhow::ensure!(n > 0 && rounds > 0, "--n and --rounds must be at least 1");
+            let opts = bench::exits::ExitsOptions {
+                n,
+                rounds,
+                qemu: !no_qemu,
+            };
+            let r = bench::exits::run(&opts, |round, v| {
+                tracing::info!("round {}: {v:?} done", round + 1)
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                report::print_exits(&r);
+            }
+        }
+        BenchCmd::Startup { runs, json } => {
+            anyhow::ensure!(runs > 0, "--runs must be at least 1");
+            let exe = std::env::current_exe().context("locating the nfvisor binary")?;
+            let r = bench::startup::run(&exe, runs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                report::print_startup(&r);
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn guests_cmd(action: GuestsAction) -> Result<u8> {

@@ -184,3 +184,60 @@ pub fn print_json(
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
 }
+
+pub fn print_exits(r: &bench::exits::ExitsReport) {
+    println!(
+        "exit round trips, as the guest measures them (RDTSC), {} per op, {} interleaved runs each; TSC {} kHz; KVM {:?}",
+        r.n, r.rounds, r.tsc_khz, r.kvm_kind
+    );
+    println!(
+        "{:<8} {:<6} {:>12} {:>22} {:>10} {:>9}",
+        "variant", "op", "p50 cycles", "spread (min..max)", "p50 us", "x floor"
+    );
+    for (v, ops) in &r.results {
+        for (op, o) in ops {
+            let ratio = r.ratio_to_floor[op][v];
+            println!(
+                "{:<8} {:<6} {:>12.0} {:>22} {:>10.2} {:>9.3}",
+                format!("{v:?}").to_lowercase(),
+                op,
+                o.p50_cycles.median,
+                format!("{:.0}..{:.0}", o.p50_cycles.min, o.p50_cycles.max),
+                o.p50_ns.median / 1000.0,
+                ratio
+            );
+        }
+    }
+    if let Some(q) = &r.qemu_version {
+        println!("qemu: {q}");
+    }
+}
+
+pub fn print_startup(r: &bench::startup::StartupReport) {
+    let f = |s: &bench::Spread| {
+        format!(
+            "median {:.0} (min {:.0}, max {:.0})",
+            s.median, s.min, s.max
+        )
+    };
+    println!(
+        "{} runs of `nfvisor run --guest hello` ({} MiB guest)",
+        r.runs, r.guest_memory_mib
+    );
+    println!(
+        "  main() to first guest instruction: {} us",
+        f(&r.to_first_instruction_us)
+    );
+    println!(
+        "  spawn to hello exit:               {} us",
+        f(&r.to_hello_exit_us)
+    );
+    println!(
+        "  VMM resident memory (less guest):  {} KiB",
+        f(&r.vmm_overhead_kib)
+    );
+    println!(
+        "  guest resident memory:             {} KiB",
+        f(&r.guest_resident_kib)
+    );
+}

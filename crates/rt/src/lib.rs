@@ -103,13 +103,13 @@ pub fn pin_current_thread(cpus: &[usize]) -> Result<()> {
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &cpu in cpus {
-        // SAFETY: CPU_SET writes inside `set`; cpu is bounded by the check below.
         if cpu >= libc::CPU_SETSIZE as usize {
             return Err(RtError::NoSuchCpu {
                 cpu,
                 online: "beyond CPU_SETSIZE".into(),
             });
         }
+        // SAFETY: CPU_SET writes inside `set`; cpu < CPU_SETSIZE (checked above).
         unsafe { libc::CPU_SET(cpu, &mut set) };
     }
     // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is this thread.
@@ -198,7 +198,7 @@ pub fn node_cpus(node: u32) -> Result<Vec<usize>> {
 }
 
 /// Binds the pages of `[addr, addr + len)` to NUMA node `node` (MPOL_BIND).
-pub fn bind_memory_to_node(addr: *mut u8, len: usize, node: u32) -> Result<()> {
+pub fn bind_memory_to_node(addr: usize, len: usize, node: u32) -> Result<()> {
     node_cpus(node)?;
     const MPOL_BIND: libc::c_long = 2;
     const MPOL_MF_STRICT: libc::c_long = 1;
@@ -208,8 +208,9 @@ pub fn bind_memory_to_node(addr: *mut u8, len: usize, node: u32) -> Result<()> {
         m[(node / 64) as usize % 16] = 1 << (node % 64);
         m
     };
-    // SAFETY: mbind on a mapping this process owns; `mask` outlives the call
-    // and maxnode matches its size in bits.
+    // SAFETY: mbind only changes the memory policy of [addr, addr + len) (it
+    // fails on addresses that are not mapped); `mask` outlives the call and
+    // maxnode matches its size in bits.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_mbind,

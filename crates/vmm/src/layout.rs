@@ -34,5 +34,5 @@ pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const DEBUG_EXIT_PORT: u64 = 0xf4;
 /// Where `exit-bench` sends its PIO and MMIO round trips.
-pub const BENCH_PORT: u64 = 0x510;
+pub const BENCH_PORT: u64 = 0x9f0; // free on QEMU machines too (0x510 is fw_cfg)
 pub const BENCH_MMIO: u64 = 0xd000_0000;

@@ -133,7 +133,7 @@ pub fn create(
         let need = opts.size.div_ceil(hp.bytes());
         let free = free_hugepages(hp);
         let what = format!("hugepages {hp:?}");
-        if opts.size % hp.bytes() != 0 {
+        if !opts.size.is_multiple_of(hp.bytes()) {
             return Err(Error::Config(format!(
                 "memory {} MiB is not a multiple of the {} MiB hugepage size",
                 opts.size >> 20,
@@ -175,7 +175,7 @@ pub fn create(
     for region in mem.iter() {
         let (ptr, len) = (region.as_ptr(), region.len() as usize);
         if let Some(node) = opts.numa_node {
-            match rt::bind_memory_to_node(ptr, len, node) {
+            match rt::bind_memory_to_node(ptr as usize, len, node) {
                 Ok(()) => settings.push(Setting::applied(
                     "numa-node",
                     format!("memory bound to node {node}"),
@@ -237,6 +237,37 @@ pub fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<()
             .map_err(|e| Error::Kvm(format!("KVM_SET_USER_MEMORY_REGION slot {slot}: {e}")))?;
     }
     Ok(())
+}
+
+/// Bytes of guest memory resident in host RAM right now (mincore).
+pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+    let page = 4096usize;
+    let mut total = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: the range is a live mapping owned by `mem`; `vec` has one
+        // byte per page of it.
+        let rc =
+            unsafe { libc::mincore(region.as_ptr() as *mut libc::c_void, len, vec.as_mut_ptr()) };
+        if rc == 0 {
+            total += vec.iter().filter(|&&b| b & 1 == 1).count() as u64 * page as u64;
+        }
+    }
+    total
+}
+
+/// This process's resident set, in bytes.
+pub fn process_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
 }
 
 #[cfg(test)]

@@ -177,6 +177,36 @@ pub fn run_loop(
     }
 }
 
+/// The floor of the exit benchmark: a bare KVM_RUN loop that does nothing
+/// but return to the guest. It keeps COM1 bytes (so the guest's results can
+/// be read) and stops at the debug-exit port; no bus, no accounting, no lock.
+pub fn run_loop_floor(vcpu: &mut VcpuFd, console: &mut Vec<u8>) -> Result<u32, String> {
+    const COM1: u16 = 0x3f8;
+    const LSR: u16 = COM1 + 5;
+    const DEBUG_EXIT: u16 = 0xf4;
+    loop {
+        match vcpu.run() {
+            // the guest's UART set-up writes a divisor (0x01) to this port
+            // too: keep only text
+            Ok(VcpuExit::IoOut(COM1, data)) if data[0] >= b'\t' => console.push(data[0]),
+            Ok(VcpuExit::IoOut(DEBUG_EXIT, data)) => return Ok(data[0] as u32),
+            Ok(VcpuExit::IoIn(LSR, data)) => data[0] = 0x60,
+            Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(
+                VcpuExit::IoOut(..)
+                | VcpuExit::MmioWrite(..)
+                | VcpuExit::Hlt
+                | VcpuExit::IrqWindowOpen
+                | VcpuExit::Intr,
+            ) => {}
+            Ok(other) => return Err(format!("floor loop: guest ended with {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(format!("floor loop: KVM_RUN failed: {e}")),
+        }
+    }
+}
+
 /// MSRs every vCPU starts with (as a freshly reset CPU with fast strings
 /// and MTRRs enabled, write-back by default).
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {

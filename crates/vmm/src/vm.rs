@@ -95,6 +95,8 @@ pub struct VmSpec {
     pub console: ConsoleSink,
     /// Keep at most this many console bytes in the report's transcript.
     pub transcript_limit: usize,
+    /// When the process started (main), for the start-up figure.
+    pub process_start: Option<Instant>,
 }
 
 /// Why the VM ended.
@@ -149,6 +151,8 @@ pub struct VcpuReport {
 pub struct Timings {
     /// From `VmSpec` received to the BSP's first KVM_RUN.
     pub setup_us: u64,
+    /// From the start of main() to the BSP's first KVM_RUN.
+    pub process_to_first_run_us: Option<u64>,
     /// From the first KVM_RUN to the end.
     pub run_us: u64,
 }
@@ -172,6 +176,9 @@ pub struct RunReport {
     pub console_bytes: u64,
     pub console_dropped: u64,
     pub timings: Timings,
+    /// Resident memory at the end: the whole process, and the guest's part.
+    pub process_rss_kib: u64,
+    pub guest_resident_kib: u64,
     #[serde(skip)]
     pub transcript: Vec<u8>,
 }
@@ -445,6 +452,15 @@ impl Vm {
         })
     }
 
+    /// Runs vCPU 0 alone in the bare floor loop of the exit benchmark (no
+    /// devices, no accounting); returns the guest status and its console.
+    pub fn run_floor(mut self) -> Result<(u32, Vec<u8>)> {
+        let mut console = Vec::new();
+        let status = vcpu::run_loop_floor(&mut self.vcpus[0], &mut console)
+            .map_err(|why| Error::Vcpu { id: 0, why })?;
+        Ok((status, console))
+    }
+
     /// Runs the VM to its end and reports.
     pub fn run(self) -> Result<RunReport> {
         let Vm {
@@ -693,6 +709,8 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .unwrap_or(ended);
+        let guest_resident = memory::resident_bytes(&mem);
+        let process_rss = memory::process_rss_bytes();
         drop(vm);
         drop(mem);
         Ok(RunReport {
@@ -715,19 +733,27 @@ impl Vm {
             console_dropped: console.dropped(),
             timings: Timings {
                 setup_us: first.duration_since(created).as_micros() as u64,
+                process_to_first_run_us: spec
+                    .process_start
+                    .map(|p| first.duration_since(p).as_micros() as u64),
                 run_us: ended.duration_since(first).as_micros() as u64,
             },
             transcript: transcript.0,
+            process_rss_kib: process_rss / 1024,
+            guest_resident_kib: guest_resident / 1024,
         })
     }
 }
+
+/// What the console thread kept (up to the limit) and how many bytes it saw.
+type ConsoleTranscript = (Vec<u8>, u64);
 
 /// The housekeeping thread that moves guest console bytes to their sink.
 fn spawn_console(
     spec: &VmSpec,
     buffer: Arc<ConsoleBuffer>,
     done: Arc<AtomicBool>,
-) -> Result<thread::JoinHandle<Result<(Vec<u8>, u64)>>> {
+) -> Result<thread::JoinHandle<Result<ConsoleTranscript>>> {
     let mut sink: Box<dyn Write + Send> =
         match &spec.console {
             ConsoleSink::Stdout => Box::new(std::io::stdout()),
