@@ -123,3 +123,34 @@ fn unknown_guest_and_settings() {
         "1 to 99",
     );
 }
+
+#[test]
+fn initrd_missing_or_too_large() {
+    refused(
+        &[
+            "run",
+            "--guest",
+            "hello",
+            "--initrd",
+            "/nonexistent/initrd.img",
+        ],
+        78,
+        "/nonexistent/initrd.img",
+    );
+    let dir = scratch("bigrd");
+    let rd = dir.join("big.img");
+    std::fs::write(&rd, vec![0u8; 40 << 20]).unwrap();
+    refused(
+        &[
+            "run",
+            "--guest",
+            "hello",
+            "--memory",
+            "32M",
+            "--initrd",
+            rd.to_str().unwrap(),
+        ],
+        78,
+        "does not fit",
+    );
+}

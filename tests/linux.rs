@@ -30,6 +30,9 @@ fn kernel(file: &str) -> PathBuf {
 #[test]
 fn linux_boots_as_pvh_vmlinux_and_echoes_its_command_line() {
     let vmlinux = kernel("vmlinux");
+    let dir = scratch("initrd");
+    let initrd = dir.join("initrd.img");
+    std::fs::write(&initrd, vec![0x5a; 1 << 20]).unwrap();
     let mut vm = Running::start(&[
         "run",
         "--json",
@@ -37,6 +40,8 @@ fn linux_boots_as_pvh_vmlinux_and_echoes_its_command_line() {
         "256M",
         "--kernel",
         vmlinux.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
         "--cmdline",
         "console=ttyS0 earlyprintk=ttyS0 nfvisor_marker=pvh42",
     ]);
@@ -44,6 +49,9 @@ fn linux_boots_as_pvh_vmlinux_and_echoes_its_command_line() {
     assert!(version.contains("cloud-amd64"), "{version}");
     let cmdline = vm.wait_for_within("Command line:", Duration::from_secs(60));
     assert!(cmdline.contains("nfvisor_marker=pvh42"), "{cmdline}");
+    // the initrd, passed as the PVH module, at the top of low RAM (256 MiB - 1 MiB)
+    let ramdisk = vm.wait_for_within("RAMDISK:", Duration::from_secs(120));
+    assert!(ramdisk.contains("0x0ff00000-0x0fffffff"), "{ramdisk}");
     // our e820 (PVH memmap) and ACPI tables reach the kernel
     vm.wait_for_within("ACPI: APIC", Duration::from_secs(120));
 }
