@@ -154,3 +154,25 @@ fn initrd_missing_or_too_large() {
         "does not fit",
     );
 }
+
+#[test]
+fn a_numa_node_that_does_not_exist() {
+    refused(
+        &["run", "--guest", "hello", "--numa-node", "63"],
+        71,
+        "NUMA node 63 does not exist",
+    );
+    refused(
+        &[
+            "run",
+            "--guest",
+            "hello",
+            "--cpus",
+            "0",
+            "--numa-node",
+            "63",
+        ],
+        78,
+        "NUMA node 63 does not exist",
+    );
+}

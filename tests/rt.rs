@@ -191,3 +191,30 @@ fn hugepages_are_used_when_reserved_and_refused_with_the_fix_when_not() {
         "16 hugepages for 32 MiB: total {total} free {free} reserved {reserved}"
     );
 }
+
+#[test]
+fn memory_binds_to_a_numa_node() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let r = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "hello",
+            "--numa-node",
+            "0",
+            "--cpus",
+            "0",
+            "--json",
+        ],
+        T,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc = json(&r);
+    let settings = doc["vm"]["settings"].as_array().unwrap();
+    assert!(
+        settings
+            .iter()
+            .any(|s| s["name"] == "numa-node" && s["applied"] == true),
+        "{settings:?}"
+    );
+}
