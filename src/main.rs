@@ -1,6 +1,7 @@
 //! nfvisor: a virtual machine monitor on Linux KVM for network functions.
 
 mod config;
+mod host;
 mod report;
 
 use std::path::PathBuf;
@@ -40,6 +41,11 @@ enum Command {
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+    /// Host readiness for real-time VMs: check, and tune what can be tuned at run time.
+    Host {
+        #[command(subcommand)]
+        cmd: host::HostCmd,
     },
     /// List the bundled guests, or export their images.
     Guests {
@@ -132,6 +138,10 @@ fn main() -> ExitCode {
 }
 
 fn error_code(e: &anyhow::Error) -> u8 {
+    use rt::host::check::HostError;
+    if let Some(HostError::Refused(_) | HostError::Io { .. }) = e.downcast_ref::<HostError>() {
+        return exit_code::HOST;
+    }
     match e.downcast_ref::<vmm::Error>() {
         Some(
             vmm::Error::Kvm(_)
@@ -152,6 +162,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             exit_stats,
         } => run(&args, json, exit_stats),
         Command::Bench { what } => bench_cmd(what),
+        Command::Host { cmd } => host::run(cmd),
         Command::Guests { action } => guests_cmd(action.unwrap_or(GuestsAction::List)),
     }
 }

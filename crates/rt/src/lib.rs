@@ -1,6 +1,8 @@
 //! Host facts and real-time tuning: CPU lists, thread affinity, SCHED_FIFO,
 //! NUMA placement, and what kind of KVM this host offers.
 
+pub mod host;
+
 use std::fs;
 use std::path::Path;
 
