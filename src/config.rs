@@ -275,6 +275,7 @@ impl RunArgs {
             console,
             transcript_limit: 8 << 20,
             process_start: None,
+            latency_port: None,
         };
         Ok(Resolved { spec, bundled })
     }

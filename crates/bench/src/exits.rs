@@ -72,6 +72,7 @@ fn spec(n: u64) -> VmSpec {
         console: ConsoleSink::None,
         transcript_limit: 1 << 20,
         process_start: None,
+        latency_port: None,
     }
 }
 

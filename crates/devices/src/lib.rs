@@ -3,10 +3,12 @@
 
 pub mod bus;
 pub mod debug_exit;
+pub mod latency;
 pub mod serial;
 pub mod sink;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use debug_exit::{DebugExit, GuestExit};
+pub use latency::{Baseline, LatencyPort};
 pub use serial::{ConsoleBuffer, SerialConsole};
 pub use sink::Sink;

@@ -2,6 +2,7 @@
 //! NUMA placement, and what kind of KVM this host offers.
 
 pub mod host;
+pub mod sampler;
 
 use std::fs;
 use std::path::Path;

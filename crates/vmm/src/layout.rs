@@ -36,3 +36,5 @@ pub const DEBUG_EXIT_PORT: u64 = 0xf4;
 /// Where `exit-bench` sends its PIO and MMIO round trips.
 pub const BENCH_PORT: u64 = 0x9f0; // free on QEMU machines too (0x510 is fw_cfg)
 pub const BENCH_MMIO: u64 = 0xd000_0000;
+/// latency-probe's block port (running max at +4, block number at +0).
+pub const LATENCY_PORT: u64 = 0x9f8;

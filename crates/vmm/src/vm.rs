@@ -97,6 +97,8 @@ pub struct VmSpec {
     pub transcript_limit: usize,
     /// When the process started (main), for the start-up figure.
     pub process_start: Option<Instant>,
+    /// latency-probe's block port; a plain one (progress only) when None.
+    pub latency_port: Option<Arc<devices::LatencyPort>>,
 }
 
 /// Why the VM ended.
@@ -360,6 +362,11 @@ impl Vm {
         .map_err(dev_err)?;
         pio.insert(BENCH_PORT, 4, Arc::new(Sink::new("bench-port")))
             .map_err(dev_err)?;
+        let latency_port = spec
+            .latency_port
+            .clone()
+            .unwrap_or_else(|| Arc::new(devices::LatencyPort::new(None, 0)));
+        pio.insert(LATENCY_PORT, 8, latency_port).map_err(dev_err)?;
         mmio.insert(BENCH_MMIO, 0x1000, Arc::new(Sink::new("bench-mmio")))
             .map_err(dev_err)?;
         let io = Arc::new(IoContext {
