@@ -36,6 +36,13 @@ pub struct RunArgs {
     /// Send the guest console to FILE instead of the terminal.
     #[arg(long, value_name = "FILE")]
     pub serial: Option<PathBuf>,
+    #[command(flatten)]
+    pub rt: RtArgs,
+}
+
+/// The real-time flags, shared by `run` and the benchmarks that boot a VM.
+#[derive(Debug, Args, Default, Clone)]
+pub struct RtArgs {
     /// Host CPUs for the vCPUs: vCPU i runs on the i-th CPU listed ("2,3" or "2-5").
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<String>,
@@ -149,6 +156,71 @@ fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{what} {}: cannot read it", path.display()))
 }
 
+impl RtArgs {
+    /// The RT settings: these flags over the TOML file's [rt] table. The
+    /// memory part comes back as `MemoryOptions` without a size.
+    fn resolve(&self, rt: &FileRt) -> Result<(RtSpec, MemoryOptions)> {
+        let cpus = match self.cpus.as_ref().or(rt.cpus.as_ref()) {
+            Some(l) => Some(cpu_list("cpus", l)?),
+            None => None,
+        };
+        let housekeeping_cpus = match self
+            .housekeeping_cpus
+            .as_ref()
+            .or(rt.housekeeping_cpus.as_ref())
+        {
+            Some(l) => Some(cpu_list("housekeeping-cpus", l)?),
+            None => None,
+        };
+        let hugepages = match self.hugepages.as_ref().or(rt.hugepages.as_ref()) {
+            Some(s) => Some(
+                s.parse::<HugePageSize>()
+                    .map_err(|e| anyhow::anyhow!("--hugepages: {e}"))?,
+            ),
+            None => None,
+        };
+        let disable_exits = match (&self.disable_exits, &rt.disable_exits) {
+            (Some(s), _) => parse_exits(std::slice::from_ref(s))?,
+            (None, Some(v)) => parse_exits(v)?,
+            (None, None) => DisableExits::default(),
+        };
+        let spec = RtSpec {
+            cpus,
+            housekeeping_cpus,
+            priority: self.rt_priority.or(rt.rt_priority),
+            disable_exits,
+            halt_poll_ns: self.halt_poll_ns.or(rt.halt_poll_ns),
+            best_effort: self.rt_best_effort || rt.best_effort.unwrap_or(false),
+        };
+        let memory = MemoryOptions {
+            size: 0,
+            hugepages,
+            mlock: self.mlock || rt.mlock.unwrap_or(false),
+            prefault: self.prefault || rt.prefault.unwrap_or(false),
+            numa_node: self.numa_node.or(rt.numa_node),
+        };
+        Ok((spec, memory))
+    }
+
+    /// The RT settings from flags alone (the benchmarks).
+    pub fn to_spec(&self) -> Result<(RtSpec, MemoryOptions)> {
+        self.resolve(&FileRt::default())
+    }
+
+    /// Whether any RT flag was given.
+    pub fn any(&self) -> bool {
+        self.cpus.is_some()
+            || self.housekeeping_cpus.is_some()
+            || self.rt_priority.is_some()
+            || self.mlock
+            || self.hugepages.is_some()
+            || self.prefault
+            || self.numa_node.is_some()
+            || self.disable_exits.is_some()
+            || self.halt_poll_ns.is_some()
+    }
+}
+
 /// The resolved run: the VM spec and how to present it.
 pub struct Resolved {
     pub spec: VmSpec,
@@ -216,31 +288,7 @@ impl RunArgs {
                 }
             }
         };
-        let rt = &file.rt;
-        let cpus = match self.cpus.as_ref().or(rt.cpus.as_ref()) {
-            Some(l) => Some(cpu_list("cpus", l)?),
-            None => None,
-        };
-        let housekeeping_cpus = match self
-            .housekeeping_cpus
-            .as_ref()
-            .or(rt.housekeeping_cpus.as_ref())
-        {
-            Some(l) => Some(cpu_list("housekeeping-cpus", l)?),
-            None => None,
-        };
-        let hugepages = match self.hugepages.as_ref().or(rt.hugepages.as_ref()) {
-            Some(s) => Some(
-                s.parse::<HugePageSize>()
-                    .map_err(|e| anyhow::anyhow!("--hugepages: {e}"))?,
-            ),
-            None => None,
-        };
-        let disable_exits = match (&self.disable_exits, &rt.disable_exits) {
-            (Some(s), _) => parse_exits(std::slice::from_ref(s))?,
-            (None, Some(v)) => parse_exits(v)?,
-            (None, None) => DisableExits::default(),
-        };
+        let (rt_spec, mem_rt) = self.rt.resolve(&file.rt)?;
         let console = match self.serial.as_ref().or(file.serial.as_ref()) {
             Some(p) => ConsoleSink::File(p.clone()),
             None if json => ConsoleSink::Stderr,
@@ -258,20 +306,10 @@ impl RunArgs {
             append_tsc_khz: bundled.is_some(),
             memory: MemoryOptions {
                 size: memory,
-                hugepages,
-                mlock: self.mlock || rt.mlock.unwrap_or(false),
-                prefault: self.prefault || rt.prefault.unwrap_or(false),
-                numa_node: self.numa_node.or(rt.numa_node),
+                ..mem_rt
             },
             vcpus: self.vcpus.or(file.vcpus).unwrap_or(1),
-            rt: RtSpec {
-                cpus,
-                housekeeping_cpus,
-                priority: self.rt_priority.or(rt.rt_priority),
-                disable_exits,
-                halt_poll_ns: self.halt_poll_ns.or(rt.halt_poll_ns),
-                best_effort: self.rt_best_effort || rt.best_effort.unwrap_or(false),
-            },
+            rt: rt_spec,
             console,
             transcript_limit: 8 << 20,
             process_start: None,

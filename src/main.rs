@@ -2,6 +2,7 @@
 
 mod config;
 mod host;
+mod latency;
 mod report;
 
 use std::path::PathBuf;
@@ -70,6 +71,47 @@ enum BenchCmd {
         no_qemu: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// Latency inside the VM (timer wake-ups, vCPU preemption) beside the
+    /// same measurement on the host, against the KVM4NFV targets.
+    Latency {
+        /// timer, preempt or all (irq is not implemented yet).
+        #[arg(long, default_value = "all")]
+        metric: String,
+        #[arg(long, default_value_t = 200)]
+        period_us: u64,
+        /// Samples per metric: timer wake-ups, or 1 ms preemption windows.
+        #[arg(long, default_value_t = 2000, conflicts_with = "duration")]
+        samples: u64,
+        /// Instead of --samples: how long each metric runs (e.g. 60s, 2m).
+        #[arg(long)]
+        duration: Option<String>,
+        /// Blocks the samples are split into; the host baseline runs between them.
+        #[arg(long, default_value_t = 10)]
+        blocks: u64,
+        /// Preemption: gaps above this count (raised to 4x the loop's own cost).
+        #[arg(long, default_value_t = 1000)]
+        threshold_ns: u64,
+        /// Leave the host baseline out.
+        #[arg(long)]
+        no_host_baseline: bool,
+        /// Run a default profile and an RT profile (pinned, FIFO, mlock,
+        /// prefault, exits disabled where possible), alternating.
+        #[arg(long)]
+        compare_profiles: bool,
+        /// Runs each profile's samples are split into with --compare-profiles.
+        #[arg(long, default_value_t = 4)]
+        rounds: u64,
+        /// Write the histogram in cyclictest's -h format.
+        #[arg(long, value_name = "FILE")]
+        histogram: Option<PathBuf>,
+        /// Write the histogram chart as SVG.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        rt: config::RtArgs,
     },
     /// Start-up time and VMM memory over repeated runs of the hello guest.
     Startup {
@@ -205,6 +247,49 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 report::print_exits(&r);
+            }
+        }
+        BenchCmd::Latency {
+            metric,
+            period_us,
+            samples,
+            duration,
+            blocks,
+            threshold_ns,
+            no_host_baseline,
+            compare_profiles,
+            rounds,
+            histogram,
+            plot,
+            json,
+            rt,
+        } => {
+            let opts = latency::options(
+                &metric,
+                period_us,
+                samples,
+                duration.as_deref(),
+                blocks,
+                threshold_ns,
+                !no_host_baseline,
+                compare_profiles,
+                rounds,
+                &rt,
+            )?;
+            bench::latency::validate(&opts)?;
+            let outputs = latency::Outputs::reserve(histogram.as_deref(), plot.as_deref())?;
+            let r = match bench::latency::run(&opts) {
+                Ok(r) => r,
+                Err(e) => {
+                    outputs.discard();
+                    return Err(e.into());
+                }
+            };
+            outputs.commit(&r)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                report::print_latency(&r);
             }
         }
         BenchCmd::Startup { runs, json } => {

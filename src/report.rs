@@ -241,3 +241,76 @@ pub fn print_startup(r: &bench::startup::StartupReport) {
         f(&r.guest_resident_kib)
     );
 }
+
+pub fn print_latency(r: &bench::latency::LatencyReport) {
+    let e = &r.environment;
+    println!(
+        "host: {} | kernel {} | PREEMPT_RT {} | isolated CPUs: {}",
+        e.cpu_model,
+        e.kernel,
+        if e.preempt_rt { "yes" } else { "no" },
+        if e.isolated_cpus.is_empty() {
+            "none"
+        } else {
+            &e.isolated_cpus
+        }
+    );
+    println!("KVM: {:?}: {}", e.kvm, e.note);
+    for m in &r.results {
+        println!();
+        println!(
+            "{} latency, {} profile{}",
+            m.metric.name(),
+            m.profile,
+            match m.metric {
+                bench::latency::Metric::Timer => format!(", period {} us", r.period_us),
+                bench::latency::Metric::Preempt => format!(
+                    ", lost time per 1 ms window, gaps above {} ns",
+                    m.threshold_ns.unwrap_or(0)
+                ),
+            }
+        );
+        println!(
+            "  {:<12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "us", "samples", "min", "avg", "p50", "p99", "p99.9", "p99.99", "max"
+        );
+        let row = |name: &str, s: &bench::latency::Series| {
+            println!(
+                "  {:<12} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                name,
+                s.samples,
+                s.min_us,
+                s.avg_us,
+                s.p50_us,
+                s.p99_us,
+                s.p999_us,
+                s.p9999_us,
+                s.max_us
+            )
+        };
+        row("guest", &m.guest);
+        if let Some(h) = &m.host {
+            row("host", h);
+        }
+        if let Some(g) = &m.guest_gaps {
+            row("guest gaps", g);
+        }
+        if let Some(g) = &m.host_gaps {
+            row("host gaps", g);
+        }
+        if let Some(added) = &m.vmm_added_us {
+            println!(
+                "  VMM+KVM add: avg {:+.1} us, p99 {:+.1} us, max {:+.1} us",
+                added["avg"], added["p99"], added["max"]
+            );
+        }
+        for v in &m.verdicts {
+            println!(
+                "  {} {}: {}",
+                if v.pass { "PASS" } else { "FAIL" },
+                v.target,
+                v.figure
+            );
+        }
+    }
+}

@@ -3,6 +3,8 @@
 //! and reported as medians with their spread; nothing is asserted by a timer.
 
 pub mod exits;
+pub mod latency;
+pub mod plot;
 pub mod startup;
 
 /// Median and spread of a set of samples.

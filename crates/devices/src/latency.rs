@@ -1,6 +1,7 @@
 //! The latency-probe guest's block port. After each block of samples the
 //! guest writes its running maximum (ns) at offset 4 and the block number at
-//! offset 0. The device logs progress and, when asked, runs the host
+//! offset 0; a preemption run first writes its effective gap threshold (ns)
+//! at offset 8. The device logs progress and, when asked, runs the host
 //! baseline block right there: on the vCPU thread, so on the same CPU at the
 //! same priority, while the guest waits, never at the same time.
 
@@ -33,6 +34,9 @@ pub struct LatencyPort {
     baseline: Option<Baseline>,
     blocks: u64,
     running_max_ns: AtomicU64,
+    /// The guest's effective preemption threshold (ns), so the host counts
+    /// the same gaps.
+    guest_threshold_ns: AtomicU64,
     blocks_done: AtomicU64,
     results: Mutex<HostResults>,
 }
@@ -43,6 +47,7 @@ impl LatencyPort {
             baseline,
             blocks,
             running_max_ns: AtomicU64::new(0),
+            guest_threshold_ns: AtomicU64::new(0),
             blocks_done: AtomicU64::new(0),
             results: Mutex::new(HostResults::default()),
         }
@@ -70,7 +75,10 @@ impl LatencyPort {
             Baseline::Preempt {
                 threshold,
                 per_block,
-            } => sampler::preempt_block(per_block, threshold, &mut r.main, &mut r.gaps),
+            } => {
+                let guest = Duration::from_nanos(self.guest_threshold_ns.load(Ordering::Relaxed));
+                sampler::preempt_block(per_block, threshold.max(guest), &mut r.main, &mut r.gaps)
+            }
         }
     }
 }
@@ -91,6 +99,7 @@ impl BusDevice for LatencyPort {
         let v = u32::from_le_bytes(b) as u64;
         match offset {
             4 => self.running_max_ns.store(v, Ordering::Relaxed),
+            8 => self.guest_threshold_ns.store(v, Ordering::Relaxed),
             0 => {
                 let done = self.blocks_done.fetch_add(1, Ordering::Relaxed) + 1;
                 let of = if self.blocks > 0 {

@@ -10,7 +10,8 @@
  *
  * The samples run in `blocks` blocks (default 1). After each block the guest
  * writes the running maximum (ns) to LAT_PORT+4 and the block number to
- * LAT_PORT: nfvisor runs the host baseline there, on the same CPU at the
+ * LAT_PORT (a preemption run first writes its gap threshold to LAT_PORT+8):
+ * nfvisor runs the host baseline there, on the same CPU at the
  * same priority, while the guest waits. Elsewhere the port is ignored.
  * Histograms (1 us buckets) are kept in the guest and dumped at the end. */
 #include "runtime.h"
@@ -60,6 +61,7 @@ static void run_preempt(u64 samples, u64 blocks, u64 threshold_ns) {
     }
     u64 threshold = threshold_ns * khz / 1000000;
     if (threshold < 4 * step) threshold = 4 * step;
+    outl(LAT_PORT + 8, (u32)cycles_to_ns(threshold)); /* the host counts the same gaps */
     puts("R preempt threshold_ns=");
     put_u64(cycles_to_ns(threshold));
     put_kv("loop_ns", cycles_to_ns(step));

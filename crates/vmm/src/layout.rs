@@ -36,5 +36,6 @@ pub const DEBUG_EXIT_PORT: u64 = 0xf4;
 /// Where `exit-bench` sends its PIO and MMIO round trips.
 pub const BENCH_PORT: u64 = 0x9f0; // free on QEMU machines too (0x510 is fw_cfg)
 pub const BENCH_MMIO: u64 = 0xd000_0000;
-/// latency-probe's block port (running max at +4, block number at +0).
+/// latency-probe's block port (block number at +0, running max at +4,
+/// preemption threshold at +8).
 pub const LATENCY_PORT: u64 = 0x9f8;

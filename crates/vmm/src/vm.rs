@@ -366,7 +366,8 @@ impl Vm {
             .latency_port
             .clone()
             .unwrap_or_else(|| Arc::new(devices::LatencyPort::new(None, 0)));
-        pio.insert(LATENCY_PORT, 8, latency_port).map_err(dev_err)?;
+        pio.insert(LATENCY_PORT, 12, latency_port)
+            .map_err(dev_err)?;
         mmio.insert(BENCH_MMIO, 0x1000, Arc::new(Sink::new("bench-mmio")))
             .map_err(dev_err)?;
         let io = Arc::new(IoContext {
