@@ -95,7 +95,7 @@ impl Running {
             .args(args)
             .env("NFVISOR_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -138,6 +138,34 @@ impl Running {
                 ),
             }
         }
+    }
+
+    /// Waits for the process to end (killed after `limit`); its stdout and
+    /// the stderr lines not yet read.
+    pub fn finish(mut self, limit: Duration) -> Run {
+        let mut stdout = String::new();
+        if let Some(mut out) = self.child.stdout.take() {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = std::io::Read::read_to_string(&mut out, &mut s);
+                let _ = tx.send(s);
+            });
+            stdout = rx.recv_timeout(limit).unwrap_or_default();
+        }
+        let status = self.child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
+        let mut stderr = self.seen.join("\n");
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            stderr.push('\n');
+            stderr.push_str(&l);
+        }
+        let run = Run {
+            code: status,
+            stdout,
+            stderr,
+        };
+        run.assert_no_panic();
+        run
     }
 
     pub fn pid(&self) -> u32 {
