@@ -43,6 +43,7 @@ pub fn options(
     threshold_ns: u64,
     host_baseline: bool,
     compare_profiles: bool,
+    qemu: bool,
     rounds: u64,
     rt: &RtArgs,
 ) -> Result<LatencyOptions> {
@@ -77,6 +78,7 @@ pub fn options(
             size: GUEST_MEMORY,
             ..given_mem
         },
+        qemu: false,
     };
     let profiles = if compare_profiles {
         let default = Profile {
@@ -86,6 +88,7 @@ pub fn options(
                 size: GUEST_MEMORY,
                 ..Default::default()
             },
+            qemu: false,
         };
         let rt_profile = if rt.any() {
             Profile {
@@ -115,12 +118,23 @@ pub fn options(
                     prefault: true,
                     numa_node: None,
                 },
+                qemu: false,
             }
         };
         vec![default, rt_profile]
     } else {
         vec![given]
     };
+    let mut profiles = profiles;
+    if qemu {
+        // QEMU with the same placement as the last (most tuned) profile
+        let like = profiles.last().expect("a profile").clone();
+        profiles.push(Profile {
+            name: format!("qemu-{}", like.name),
+            qemu: true,
+            ..like
+        });
+    }
     Ok(LatencyOptions {
         metrics,
         period_us,

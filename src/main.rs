@@ -99,7 +99,11 @@ enum BenchCmd {
         /// prefault, exits disabled where possible), alternating.
         #[arg(long)]
         compare_profiles: bool,
-        /// Runs each profile's samples are split into with --compare-profiles.
+        /// Also run the same guest under QEMU (-enable-kvm), placed like the
+        /// last profile (taskset/chrt), interleaved with the others.
+        #[arg(long)]
+        qemu: bool,
+        /// Runs each profile's samples are split into with --compare-profiles or --qemu.
         #[arg(long, default_value_t = 4)]
         rounds: u64,
         /// Write the histogram in cyclictest's -h format.
@@ -111,7 +115,7 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        rt: config::RtArgs,
+        rt: Box<config::RtArgs>,
     },
     /// Start-up time and VMM memory over repeated runs of the hello guest.
     Startup {
@@ -258,6 +262,7 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
             threshold_ns,
             no_host_baseline,
             compare_profiles,
+            qemu,
             rounds,
             histogram,
             plot,
@@ -273,6 +278,7 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
                 threshold_ns,
                 !no_host_baseline,
                 compare_profiles,
+                qemu,
                 rounds,
                 &rt,
             )?;

@@ -41,6 +41,10 @@ pub struct Profile {
     pub name: String,
     pub rt: RtSpec,
     pub memory: MemoryOptions,
+    /// Run the same guest under QEMU instead (`qemu-system-x86_64
+    /// -enable-kvm`), pinned with taskset and given the priority with chrt
+    /// when `rt` names a CPU and a priority. No host baseline there.
+    pub qemu: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -283,6 +287,9 @@ fn measure(
     profile: &Profile,
     samples: u64,
 ) -> Result<Measured, BenchError> {
+    if profile.qemu {
+        return measure_qemu(opts, metric, profile, samples);
+    }
     let blocks = opts.blocks.min(samples).max(1);
     let per_block = samples / blocks;
     let baseline = opts.host_baseline.then_some(match metric {
@@ -336,6 +343,9 @@ fn measure(
         what: "latency-probe output".into(),
         why: format!("no {} histogram in:\n{text}", metric.name()),
     };
+    if let Some(khz) = out.header.get("tsc_khz").and_then(|k| k.parse().ok()) {
+        TSC_KHZ.store(khz, std::sync::atomic::Ordering::Relaxed);
+    }
     let guest = hist_from_guest(&out, metric.name()).ok_or_else(missing)?;
     let guest_gaps = hist_from_guest(&out, "gap").unwrap_or_default();
     let threshold_ns = out
@@ -348,6 +358,99 @@ fn measure(
         guest_gaps,
         host: host.main,
         host_gaps: host.gaps,
+        threshold_ns,
+    })
+}
+
+/// The guest's TSC frequency as KVM reported it in the last nfvisor run,
+/// passed to the QEMU run so both guests convert cycles the same way.
+static TSC_KHZ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn measure_qemu(
+    opts: &LatencyOptions,
+    metric: Metric,
+    profile: &Profile,
+    samples: u64,
+) -> Result<Measured, BenchError> {
+    let err = |why: String| BenchError::Run {
+        what: "qemu-system-x86_64".into(),
+        why,
+    };
+    let dir = std::env::temp_dir().join(format!("nfvisor-bench-latency-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
+    let image = dir.join("latency-probe.elf");
+    std::fs::write(
+        &image,
+        guests::find("latency-probe").expect("bundled").image,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    let khz = TSC_KHZ.load(std::sync::atomic::Ordering::Relaxed);
+    let mut cmdline = format!(
+        "metric={} period_us={} samples={samples} blocks=1 threshold_ns={}",
+        metric.name(),
+        opts.period_us,
+        opts.threshold_ns
+    );
+    if khz > 0 {
+        cmdline.push_str(&format!(" tsc_khz={khz}"));
+    }
+    let mut cmd = Vec::<String>::new();
+    if let Some(cpus) = &profile.rt.cpus {
+        cmd.extend(["taskset".into(), "-c".into(), cpus[0].to_string()]);
+    }
+    if let Some(p) = profile.rt.priority {
+        cmd.extend(["chrt".into(), "-f".into(), p.to_string()]);
+    }
+    let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    cmd.extend(words(&[
+        "qemu-system-x86_64",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        "32",
+        "-smp",
+        "1",
+    ]));
+    if profile.memory.mlock {
+        cmd.extend(words(&["-overcommit", "mem-lock=on"]));
+    }
+    cmd.extend(words(&[
+        "-M",
+        "microvm,x-option-roms=off,rtc=off",
+        "-nographic",
+        "-no-reboot",
+    ]));
+    cmd.extend(words(&[
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=4",
+        "-kernel",
+    ]));
+    cmd.push(image.display().to_string());
+    cmd.extend(["-append".into(), cmdline]);
+    let out = std::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .map_err(|e| err(format!("{e} (install qemu-system-x86)")))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let parsed = protocol::parse(&text).map_err(|e| err(e.to_string()))?;
+    let guest = hist_from_guest(&parsed, metric.name()).ok_or_else(|| {
+        err(format!(
+            "no {} histogram; stdout:\n{text}\nstderr:\n{}",
+            metric.name(),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    })?;
+    let threshold_ns = parsed
+        .records("preempt")
+        .next()
+        .and_then(|r| r.u64("threshold_ns"));
+    Ok(Measured {
+        guest,
+        guest_gaps: hist_from_guest(&parsed, "gap").unwrap_or_default(),
+        host: LatencyHist::default(),
+        host_gaps: LatencyHist::default(),
         threshold_ns,
     })
 }
