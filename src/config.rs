@@ -314,6 +314,7 @@ impl RunArgs {
             transcript_limit: 8 << 20,
             process_start: None,
             latency_port: None,
+            irq_bench: None,
         };
         Ok(Resolved { spec, bundled })
     }

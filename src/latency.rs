@@ -49,16 +49,16 @@ pub fn options(
 ) -> Result<LatencyOptions> {
     let metrics = match metric {
         "timer" => vec![Metric::Timer],
+        "irq" => vec![Metric::Irq],
         "preempt" => vec![Metric::Preempt],
-        "all" => vec![Metric::Timer, Metric::Preempt],
-        "irq" => bail!("--metric irq: external interrupt latency is not implemented yet (timer and preempt are)"),
-        other => bail!("--metric {other:?}: use timer, preempt or all"),
+        "all" => vec![Metric::Timer, Metric::Irq, Metric::Preempt],
+        other => bail!("--metric {other:?}: use timer, irq, preempt or all"),
     };
     let samples = match duration {
         Some(d) => {
             let ms = parse_duration_ms(d)?;
-            // timer: one sample per period; preempt: one per 1 ms window
-            if metrics.contains(&Metric::Timer) {
+            // timer, irq: one sample per period; preempt: one per 1 ms window
+            if metrics.contains(&Metric::Timer) || metrics.contains(&Metric::Irq) {
                 ms * 1000 / period_us.max(1)
             } else {
                 ms

@@ -75,7 +75,7 @@ enum BenchCmd {
     /// Latency inside the VM (timer wake-ups, vCPU preemption) beside the
     /// same measurement on the host, against the KVM4NFV targets.
     Latency {
-        /// timer, preempt or all (irq is not implemented yet).
+        /// timer, irq, preempt or all.
         #[arg(long, default_value = "all")]
         metric: String,
         #[arg(long, default_value_t = 200)]

@@ -264,6 +264,10 @@ pub fn print_latency(r: &bench::latency::LatencyReport) {
             m.profile,
             match m.metric {
                 bench::latency::Metric::Timer => format!(", period {} us", r.period_us),
+                bench::latency::Metric::Irq => format!(
+                    ", one interrupt every {} us through an irqfd, host injector beside the vCPU",
+                    r.period_us
+                ),
                 bench::latency::Metric::Preempt => format!(
                     ", lost time per 1 ms window, gaps above {} ns",
                     m.threshold_ns.unwrap_or(0)

@@ -73,6 +73,7 @@ fn spec(n: u64) -> VmSpec {
         transcript_limit: 1 << 20,
         process_start: None,
         latency_port: None,
+        irq_bench: None,
     }
 }
 

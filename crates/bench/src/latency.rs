@@ -23,6 +23,7 @@ use crate::BenchError;
 #[serde(rename_all = "lowercase")]
 pub enum Metric {
     Timer,
+    Irq,
     Preempt,
 }
 
@@ -30,6 +31,7 @@ impl Metric {
     pub fn name(self) -> &'static str {
         match self {
             Metric::Timer => "timer",
+            Metric::Irq => "irq",
             Metric::Preempt => "preempt",
         }
     }
@@ -145,6 +147,8 @@ pub struct MetricReport {
     pub vmm_added_us: Option<BTreeMap<String, f64>>,
     pub verdicts: Vec<Verdict>,
     pub threshold_ns: Option<u64>,
+    /// Interrupts: how the injector learned the guest's TSC offset.
+    pub tsc_offset_from: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -279,6 +283,7 @@ struct Measured {
     host: LatencyHist,
     host_gaps: LatencyHist,
     threshold_ns: Option<u64>,
+    tsc_offset_from: Option<String>,
 }
 
 fn measure(
@@ -290,17 +295,38 @@ fn measure(
     if profile.qemu {
         return measure_qemu(opts, metric, profile, samples);
     }
-    let blocks = opts.blocks.min(samples).max(1);
+    // the interrupt metric runs in one block: its host side is the injector
+    let blocks = if metric == Metric::Irq {
+        1
+    } else {
+        opts.blocks.min(samples).max(1)
+    };
     let per_block = samples / blocks;
-    let baseline = opts.host_baseline.then_some(match metric {
-        Metric::Timer => Baseline::Timer {
+    let baseline = match metric {
+        _ if !opts.host_baseline => None,
+        Metric::Timer => Some(Baseline::Timer {
             period: Duration::from_micros(opts.period_us),
             per_block,
-        },
-        Metric::Preempt => Baseline::Preempt {
+        }),
+        Metric::Preempt => Some(Baseline::Preempt {
             threshold: Duration::from_nanos(opts.threshold_ns),
             per_block,
-        },
+        }),
+        // the host side of an interrupt is the injector itself
+        Metric::Irq => None,
+    };
+    let irq_bench = (metric == Metric::Irq).then(|| {
+        let vcpu_cpus = profile.rt.cpus.clone().unwrap_or_default();
+        vmm::irq_bench::IrqBenchSpec {
+            count: samples,
+            interval: Duration::from_micros(opts.period_us),
+            // beside the vCPU, never on its CPU
+            cpu: rt::online_cpus()
+                .ok()
+                .and_then(|c| c.into_iter().find(|c| !vcpu_cpus.contains(c)))
+                .filter(|_| !vcpu_cpus.is_empty()),
+            priority: Some(profile.rt.priority.unwrap_or(50)),
+        }
     });
     let port = Arc::new(LatencyPort::new(baseline, blocks));
     let g = guests::find("latency-probe").expect("bundled latency-probe");
@@ -323,6 +349,7 @@ fn measure(
         transcript_limit: 4 << 20,
         process_start: None,
         latency_port: Some(port.clone()),
+        irq_bench,
     };
     let report = Vm::create(spec)?.run()?;
     let text = String::from_utf8_lossy(&report.transcript);
@@ -338,6 +365,19 @@ fn measure(
                 report.stop
             ),
         });
+    }
+    if let Some(irq) = &report.irq_bench {
+        if irq.error.is_some() || irq.acked != samples {
+            return Err(BenchError::Run {
+                what: "irq injector".into(),
+                why: format!(
+                    "sent {}, acknowledged {} of {samples}: {}",
+                    irq.sent,
+                    irq.acked,
+                    irq.error.as_deref().unwrap_or("")
+                ),
+            });
+        }
     }
     let missing = || BenchError::Run {
         what: "latency-probe output".into(),
@@ -359,6 +399,7 @@ fn measure(
         host: host.main,
         host_gaps: host.gaps,
         threshold_ns,
+        tsc_offset_from: report.irq_bench.as_ref().map(|i| i.tsc_offset_from.clone()),
     })
 }
 
@@ -452,6 +493,7 @@ fn measure_qemu(
         host: LatencyHist::default(),
         host_gaps: LatencyHist::default(),
         threshold_ns,
+        tsc_offset_from: None,
     })
 }
 
@@ -469,6 +511,11 @@ fn verdicts(metric: Metric, guest: &Series, gaps: Option<&Series>) -> Vec<Verdic
                 pass: guest.max_us <= 15.0,
             },
         ],
+        Metric::Irq => vec![Verdict {
+            target: "external interrupt latency max <= 20 us (KVM4NFV)".into(),
+            figure: format!("max {:.1} us", guest.max_us),
+            pass: guest.max_us <= 20.0,
+        }],
         Metric::Preempt => vec![
             Verdict {
                 target: "longest vCPU preemption <= 10 us (KVM4NFV)".into(),
@@ -499,6 +546,9 @@ pub fn run(opts: &LatencyOptions) -> Result<LatencyReport, BenchError> {
         let mut acc: Vec<Option<Measured>> = opts.profiles.iter().map(|_| None).collect();
         for round in 0..rounds {
             for (i, profile) in opts.profiles.iter().enumerate() {
+                if profile.qemu && metric == Metric::Irq {
+                    continue; // no injector beside QEMU
+                }
                 tracing::info!(
                     "{} under the {} profile: run {}/{rounds}",
                     metric.name(),
@@ -518,7 +568,7 @@ pub fn run(opts: &LatencyOptions) -> Result<LatencyReport, BenchError> {
             }
         }
         for (profile, m) in opts.profiles.iter().zip(acc) {
-            let m = m.expect("every profile ran");
+            let Some(m) = m else { continue };
             let guest = Series::from_hist(&m.guest);
             let host = (m.host.count > 0).then(|| Series::from_hist(&m.host));
             let guest_gaps = (metric == Metric::Preempt).then(|| Series::from_hist(&m.guest_gaps));
@@ -541,6 +591,7 @@ pub fn run(opts: &LatencyOptions) -> Result<LatencyReport, BenchError> {
                 host_gaps,
                 vmm_added_us,
                 threshold_ns: m.threshold_ns,
+                tsc_offset_from: m.tsc_offset_from,
             });
         }
     }

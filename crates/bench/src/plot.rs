@@ -70,6 +70,9 @@ pub fn latency_svg(r: &LatencyReport) -> Result<String, String> {
             targets.push((5u64, "timer avg target 5 us"));
             targets.push((15u64, "timer max target 15 us"));
         }
+        if r.results.iter().any(|m| m.metric == Metric::Irq) {
+            targets.push((20u64, "interrupt max target 20 us"));
+        }
         if r.results.iter().any(|m| m.metric == Metric::Preempt) {
             targets.push((20u64, "preemption per 1 ms target 20 us"));
         }

@@ -219,6 +219,10 @@ void idt_init(void) {
 }
 
 void lapic_enable(void) {
+    /* mask the legacy PICs: interrupts come through the IOAPIC and LAPIC
+     * (an unprogrammed PIC would deliver with vector base 0) */
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
     wrmsr(0x1b, (rdmsr(0x1b) & ~0xfffUL) | LAPIC_BASE | (1 << 11));
     lapic_write(0x80, 0);            /* TPR */
     lapic_write(0xf0, 0x100 | 0xff); /* SVR: enable, spurious vector 0xff */

@@ -6,6 +6,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod exits;
+pub mod irq_bench;
 pub mod kvm_stats;
 pub mod layout;
 pub mod memory;

@@ -99,6 +99,8 @@ pub struct VmSpec {
     pub process_start: Option<Instant>,
     /// latency-probe's block port; a plain one (progress only) when None.
     pub latency_port: Option<Arc<devices::LatencyPort>>,
+    /// Interrupt latency: run the injector thread beside the guest.
+    pub irq_bench: Option<crate::irq_bench::IrqBenchSpec>,
 }
 
 /// Why the VM ended.
@@ -172,6 +174,7 @@ pub struct RunReport {
     pub settings: Vec<Setting>,
     pub vcpus: Vec<VcpuReport>,
     pub unknown_accesses: u64,
+    pub irq_bench: Option<crate::irq_bench::IrqBenchResult>,
     /// Things the user should know about this run (settings a host accepted
     /// but did not honour, ...).
     pub warnings: Vec<String>,
@@ -201,6 +204,8 @@ pub struct Vm {
     settings: Vec<Setting>,
     spec: VmSpec,
     created: Instant,
+    /// The injector's irqfd and the guest TSC offset, for the irq metric.
+    irq: Option<(EventFd, u64, &'static str)>,
 }
 
 fn kvm_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> Error + '_ {
@@ -409,6 +414,17 @@ impl Vm {
             vcpus.push(v);
         }
         let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
+        let irq = match &spec.irq_bench {
+            Some(_) => {
+                let evt = EventFd::new(libc::EFD_NONBLOCK)
+                    .map_err(|e| Error::Device(format!("irq bench eventfd: {e}")))?;
+                vm.register_irqfd(&evt, crate::irq_bench::IRQ_GSI)
+                    .map_err(kvm_err("KVM_IRQFD for the irq bench"))?;
+                let (offset, from) = crate::irq_bench::tsc_offset(&vcpus[0]);
+                Some((evt, offset, from))
+            }
+            None => None,
+        };
 
         // Boot.
         let rsdp = acpi::write_tables(&mem, spec.vcpus)?;
@@ -457,6 +473,7 @@ impl Vm {
             settings,
             spec,
             created,
+            irq,
         })
     }
 
@@ -486,6 +503,7 @@ impl Vm {
             mut settings,
             spec,
             created,
+            irq,
         } = self;
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| Error::Kvm(format!("installing the vCPU kick signal handler: {e}")))?;
@@ -639,6 +657,25 @@ impl Vm {
             }
         }
 
+        let injector = match (irq, &spec.irq_bench) {
+            (Some((evt, offset, from)), Some(bench)) => {
+                let (mem, bench, stop) = (mem.clone(), bench.clone(), stop.clone());
+                let result = crate::irq_bench::IrqBenchResult {
+                    tsc_offset_from: from.to_string(),
+                    ..Default::default()
+                };
+                Some(
+                    thread::Builder::new()
+                        .name("irq-injector".into())
+                        .spawn(move || {
+                            crate::irq_bench::inject(mem, evt, offset, bench, stop, result)
+                        })
+                        .map_err(|e| Error::Device(format!("spawning the irq injector: {e}")))?,
+                )
+            }
+            _ => None,
+        };
+
         // Wait for the first vCPU to end, then stop and kick the others.
         let _ = end_rx.recv();
         stop.store(true, Ordering::Release);
@@ -689,6 +726,13 @@ impl Vm {
             }
             reports.push(report);
         }
+        let irq_bench = injector.map(|h| {
+            h.join()
+                .unwrap_or_else(|_| crate::irq_bench::IrqBenchResult {
+                    error: Some("the irq injector panicked".into()),
+                    ..Default::default()
+                })
+        });
         console_done.store(true, Ordering::Release);
         let transcript = console_thread
             .join()
@@ -736,6 +780,7 @@ impl Vm {
             settings,
             vcpus: reports,
             unknown_accesses: io.unknown.count(),
+            irq_bench,
             warnings,
             console_bytes: transcript.1,
             console_dropped: console.dropped(),
