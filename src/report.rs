@@ -256,6 +256,12 @@ pub fn print_latency(r: &bench::latency::LatencyReport) {
         }
     );
     println!("KVM: {:?}: {}", e.kvm, e.note);
+    if e.sched_rt_runtime_us != "-1" {
+        println!(
+            "RT throttling is on (sched_rt_runtime_us = {}): a busy SCHED_FIFO thread is stopped for the rest of each period; `nfvisor host tune --apply` turns it off",
+            e.sched_rt_runtime_us
+        );
+    }
     for m in &r.results {
         println!();
         println!(

@@ -157,6 +157,9 @@ pub struct Environment {
     pub kernel: String,
     pub preempt_rt: bool,
     pub isolated_cpus: String,
+    /// /proc/sys/kernel/sched_rt_runtime_us: not -1 means a busy FIFO vCPU
+    /// is stopped for the rest of each period (50 ms per second by default).
+    pub sched_rt_runtime_us: String,
     pub kvm: rt::KvmKind,
     pub note: String,
 }
@@ -200,6 +203,7 @@ pub fn environment() -> Environment {
         kernel: format!("{} {}", read("/proc/sys/kernel/osrelease"), version),
         preempt_rt: read("/sys/kernel/realtime") == "1" || version.contains("PREEMPT_RT"),
         isolated_cpus: read("/sys/devices/system/cpu/isolated"),
+        sched_rt_runtime_us: read("/proc/sys/kernel/sched_rt_runtime_us"),
         kvm,
         note: match kvm {
             rt::KvmKind::Hardware => "hardware virtualization: absolute figures are meaningful on a tuned host".into(),
