@@ -34,6 +34,15 @@
     movl %eax, %cr0
     .endm
 
+    .macro LOAD_DATA_SEGMENTS
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    .endm
+
 /* ---------------------------------------------------------------- BSP --- */
     .section .text.boot32, "ax"
     .code32
@@ -46,12 +55,7 @@ pvh_start32:
 
     .code64
 bsp_long:
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
+    LOAD_DATA_SEGMENTS
     leaq bsp_stack_top(%rip), %rsp
     movl start_info_ptr(%rip), %edi
     call guest_main
@@ -69,12 +73,7 @@ ap_start32:
 
     .code64
 ap_long:
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
+    LOAD_DATA_SEGMENTS
     /* stack indexed by the initial APIC ID (CPUID.1:EBX[31:24]) */
     movl $1, %eax
     cpuid

@@ -59,6 +59,23 @@ impl Setting {
         }
     }
 
+    /// Records the outcome of applying a setting: `Ok(detail)` as applied,
+    /// `Err(why)` through [`Setting::fail`].
+    pub fn record(
+        settings: &mut Vec<Setting>,
+        name: &str,
+        outcome: std::result::Result<String, String>,
+        best_effort: bool,
+    ) -> Result<()> {
+        match outcome {
+            Ok(detail) => {
+                settings.push(Setting::applied(name, detail));
+                Ok(())
+            }
+            Err(why) => Setting::fail(settings, name, why, best_effort),
+        }
+    }
+
     /// Records a failure: an error, unless `best_effort`, when it is only
     /// reported and the VM goes on without the setting.
     pub fn fail(

@@ -175,33 +175,23 @@ pub fn create(
     for region in mem.iter() {
         let (ptr, len) = (region.as_ptr(), region.len() as usize);
         if let Some(node) = opts.numa_node {
-            match rt::bind_memory_to_node(ptr as usize, len, node) {
-                Ok(()) => settings.push(Setting::applied(
-                    "numa-node",
-                    format!("memory bound to node {node}"),
-                )),
-                Err(e) => Setting::fail(settings, "numa-node", e.to_string(), best_effort)?,
-            }
+            let r = rt::bind_memory_to_node(ptr as usize, len, node)
+                .map(|()| format!("memory bound to node {node}"))
+                .map_err(|e| e.to_string());
+            Setting::record(settings, "numa-node", r, best_effort)?;
         }
         if opts.mlock {
             // SAFETY: the range is a live mapping owned by `mem`.
-            if unsafe { libc::mlock(ptr as *const libc::c_void, len) } != 0 {
+            let r = if unsafe { libc::mlock(ptr as *const libc::c_void, len) } != 0 {
                 let e = std::io::Error::last_os_error();
-                Setting::fail(
-                    settings,
-                    "mlock",
-                    format!(
-                        "mlock of {} MiB failed: {e} (raise RLIMIT_MEMLOCK or run as root)",
-                        len >> 20
-                    ),
-                    best_effort,
-                )?;
+                Err(format!(
+                    "mlock of {} MiB failed: {e} (raise RLIMIT_MEMLOCK or run as root)",
+                    len >> 20
+                ))
             } else {
-                settings.push(Setting::applied(
-                    "mlock",
-                    format!("{} MiB locked", len >> 20),
-                ));
-            }
+                Ok(format!("{} MiB locked", len >> 20))
+            };
+            Setting::record(settings, "mlock", r, best_effort)?;
         }
         if opts.prefault && !opts.mlock {
             // mlock already faults every page in; otherwise touch each one.

@@ -266,18 +266,10 @@ impl Vm {
         if let Some(hk) = &rt_spec.housekeeping_cpus {
             rt::check_cpus_exist(hk)
                 .map_err(|e| Error::Config(format!("--housekeeping-cpus: {e}")))?;
-            match rt::pin_current_thread(hk) {
-                Ok(()) => settings.push(Setting::applied(
-                    "housekeeping-cpus",
-                    format!("VMM threads on CPUs {hk:?}"),
-                )),
-                Err(e) => Setting::fail(
-                    &mut settings,
-                    "housekeeping-cpus",
-                    e.to_string(),
-                    rt_spec.best_effort,
-                )?,
-            }
+            let r = rt::pin_current_thread(hk)
+                .map(|()| format!("VMM threads on CPUs {hk:?}"))
+                .map_err(|e| e.to_string());
+            Setting::record(&mut settings, "housekeeping-cpus", r, rt_spec.best_effort)?;
         }
         if let Some(p) = rt_spec.priority {
             if !(1..=99).contains(&p) {
@@ -297,38 +289,20 @@ impl Vm {
             let supported =
                 vm.check_extension_raw(kvm_bindings::KVM_CAP_X86_DISABLE_EXITS as _) as u32;
             let name = "disable-exits";
-            if flags & !supported != 0 {
-                Setting::fail(
-                    &mut settings,
-                    name,
-                    format!("this host can disable exit mask {supported:#x}, asked for {flags:#x} (MWAIT=1 HLT=2 PAUSE=4 CSTATE=8)"),
-                    rt_spec.best_effort,
-                )?;
+            let r = if flags & !supported != 0 {
+                Err(format!("this host can disable exit mask {supported:#x}, asked for {flags:#x} (MWAIT=1 HLT=2 PAUSE=4 CSTATE=8)"))
             } else {
-                match enable_cap(&vm, kvm_bindings::KVM_CAP_X86_DISABLE_EXITS, flags as u64) {
-                    Ok(()) => settings.push(Setting::applied(
-                        name,
-                        format!("{:?}", rt_spec.disable_exits),
-                    )),
-                    Err(e) => Setting::fail(
-                        &mut settings,
-                        name,
-                        format!("KVM_CAP_X86_DISABLE_EXITS: {e}"),
-                        rt_spec.best_effort,
-                    )?,
-                }
-            }
+                enable_cap(&vm, kvm_bindings::KVM_CAP_X86_DISABLE_EXITS, flags as u64)
+                    .map(|()| format!("{:?}", rt_spec.disable_exits))
+                    .map_err(|e| format!("KVM_CAP_X86_DISABLE_EXITS: {e}"))
+            };
+            Setting::record(&mut settings, name, r, rt_spec.best_effort)?;
         }
         if let Some(ns) = rt_spec.halt_poll_ns {
-            match enable_cap(&vm, kvm_bindings::KVM_CAP_HALT_POLL, ns) {
-                Ok(()) => settings.push(Setting::applied("halt-poll-ns", format!("{ns} ns"))),
-                Err(e) => Setting::fail(
-                    &mut settings,
-                    "halt-poll-ns",
-                    format!("KVM_CAP_HALT_POLL: {e}"),
-                    rt_spec.best_effort,
-                )?,
-            }
+            let r = enable_cap(&vm, kvm_bindings::KVM_CAP_HALT_POLL, ns)
+                .map(|()| format!("{ns} ns"))
+                .map_err(|e| format!("KVM_CAP_HALT_POLL: {e}"));
+            Setting::record(&mut settings, "halt-poll-ns", r, rt_spec.best_effort)?;
         }
 
         let mem = memory::create(&spec.memory, rt_spec.best_effort, &mut settings)?;
@@ -534,41 +508,25 @@ impl Vm {
                 .spawn(move || {
                     let tid = rt::current_tid();
                     let mut applied = Vec::new();
-                    let mut failure = None;
+                    let mut outcomes = Vec::new();
                     if let Some(cpu) = host_cpu {
-                        match rt::pin_current_thread(&[cpu]) {
-                            Ok(()) => applied.push(Setting::applied(
-                                &format!("vcpu{id}.cpu"),
-                                format!("pinned to CPU {cpu}"),
-                            )),
-                            Err(e) => {
-                                if let Err(e) = Setting::fail(
-                                    &mut applied,
-                                    &format!("vcpu{id}.cpu"),
-                                    e.to_string(),
-                                    best_effort,
-                                ) {
-                                    failure = Some(e.to_string());
-                                }
-                            }
-                        }
+                        let r =
+                            rt::pin_current_thread(&[cpu]).map(|()| format!("pinned to CPU {cpu}"));
+                        outcomes.push((format!("vcpu{id}.cpu"), r));
                     }
                     if let Some(p) = priority {
-                        match rt::set_current_thread_fifo(p) {
-                            Ok(()) => applied.push(Setting::applied(
-                                &format!("vcpu{id}.rt-priority"),
-                                format!("SCHED_FIFO {p}"),
-                            )),
-                            Err(e) => {
-                                if let Err(e) = Setting::fail(
-                                    &mut applied,
-                                    &format!("vcpu{id}.rt-priority"),
-                                    e.to_string(),
-                                    best_effort,
-                                ) {
-                                    failure = Some(e.to_string());
-                                }
-                            }
+                        let r = rt::set_current_thread_fifo(p).map(|()| format!("SCHED_FIFO {p}"));
+                        outcomes.push((format!("vcpu{id}.rt-priority"), r));
+                    }
+                    let mut failure = None;
+                    for (name, r) in outcomes {
+                        if let Err(e) = Setting::record(
+                            &mut applied,
+                            &name,
+                            r.map_err(|e| e.to_string()),
+                            best_effort,
+                        ) {
+                            failure.get_or_insert(e.to_string());
                         }
                     }
                     let _ = ready_tx.send((id, tid, applied, failure));
