@@ -1,0 +1,384 @@
+//! The migration stream, also the snapshot file format.
+//!
+//! ```text
+//! stream  = header frame*                   ; ends with an End frame
+//! header  = "NFVMIGR\0" version:u32le
+//! frame   = kind:u8 len:u32le crc32:u32le payload[len]
+//! ```
+//! The CRC32 covers kind, len and payload, so a flipped bit anywhere in a
+//! frame is caught; the End frame carries the number of frames before it,
+//! so a stream cut at a frame boundary is caught too. Payloads:
+//! - `Config`, `DeviceState`, `VcpuState`: opaque bytes (the VMM's own
+//!   serialised state, versioned by the header);
+//! - `Pages`: a run of (gpa:u64le, 4096 bytes of data) records;
+//! - `ZeroPages`: gpa:u64le records: pages that are (now) all zero.
+//!
+//! A reader never trusts a length before checking it against the limit, and
+//! never hands out a frame whose checksum fails.
+
+use std::io::{self, Read, Write};
+
+pub const MAGIC: &[u8; 8] = b"NFVMIGR\0";
+pub const VERSION: u32 = 1;
+pub const PAGE_SIZE: usize = 4096;
+/// Largest payload a reader accepts (a frame of 1024 pages plus addresses).
+pub const MAX_PAYLOAD: usize = 1024 * (PAGE_SIZE + 8);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Config = 1,
+    Pages = 2,
+    ZeroPages = 3,
+    DeviceState = 4,
+    VcpuState = 5,
+    End = 6,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Config,
+            2 => Kind::Pages,
+            3 => Kind::ZeroPages,
+            4 => Kind::DeviceState,
+            5 => Kind::VcpuState,
+            6 => Kind::End,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("not an nfvisor migration stream (bad magic)")]
+    BadMagic,
+    #[error("stream version {0} is not supported (this nfvisor reads version {VERSION})")]
+    Version(u32),
+    #[error("frame {index} at byte {offset}: unknown kind {kind}")]
+    UnknownKind { index: u64, offset: u64, kind: u8 },
+    #[error("frame {index} at byte {offset}: length {len} exceeds the limit {MAX_PAYLOAD}")]
+    TooLong { index: u64, offset: u64, len: u32 },
+    #[error("frame {index} at byte {offset}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum {
+        index: u64,
+        offset: u64,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("the stream ends at byte {offset}, inside frame {index} (truncated)")]
+    Truncated { index: u64, offset: u64 },
+    #[error(
+        "the stream ends at byte {offset} without its End frame (truncated after {frames} frames)"
+    )]
+    NoEnd { offset: u64, frames: u64 },
+    #[error("End frame says {expected} frames, {seen} were read")]
+    FrameCount { expected: u64, seen: u64 },
+    #[error("frame {index}: malformed {what}")]
+    Malformed { index: u64, what: &'static str },
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+fn crc(kind: u8, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[kind]);
+    h.update(&(payload.len() as u32).to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+/// Writes a stream.
+pub struct Writer<W: Write> {
+    out: W,
+    frames: u64,
+    bytes: u64,
+}
+
+impl<W: Write> Writer<W> {
+    pub fn new(mut out: W) -> io::Result<Self> {
+        out.write_all(MAGIC)?;
+        out.write_all(&VERSION.to_le_bytes())?;
+        Ok(Writer {
+            out,
+            frames: 0,
+            bytes: 12,
+        })
+    }
+
+    pub fn frame(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
+        assert!(payload.len() <= MAX_PAYLOAD, "frame payload over the limit");
+        let k = kind as u8;
+        self.out.write_all(&[k])?;
+        self.out.write_all(&(payload.len() as u32).to_le_bytes())?;
+        self.out.write_all(&crc(k, payload).to_le_bytes())?;
+        self.out.write_all(payload)?;
+        self.frames += 1;
+        self.bytes += 9 + payload.len() as u64;
+        Ok(())
+    }
+
+    /// Pages as (gpa, data) records, split into frames under the limit.
+    pub fn pages<'a>(
+        &mut self,
+        pages: impl IntoIterator<Item = (u64, &'a [u8])>,
+    ) -> io::Result<u64> {
+        let mut buf = Vec::with_capacity(MAX_PAYLOAD);
+        let mut n = 0;
+        for (gpa, data) in pages {
+            debug_assert_eq!(data.len(), PAGE_SIZE);
+            buf.extend_from_slice(&gpa.to_le_bytes());
+            buf.extend_from_slice(data);
+            n += 1;
+            if buf.len() + PAGE_SIZE + 8 > MAX_PAYLOAD {
+                self.frame(Kind::Pages, &buf)?;
+                buf.clear();
+            }
+        }
+        if !buf.is_empty() {
+            self.frame(Kind::Pages, &buf)?;
+        }
+        Ok(n)
+    }
+
+    /// Pages that are zero, as addresses.
+    pub fn zero_pages(&mut self, gpas: &[u64]) -> io::Result<()> {
+        for chunk in gpas.chunks(MAX_PAYLOAD / 8) {
+            let buf: Vec<u8> = chunk.iter().flat_map(|g| g.to_le_bytes()).collect();
+            self.frame(Kind::ZeroPages, &buf)?;
+        }
+        Ok(())
+    }
+
+    /// The End frame; returns the sink and the bytes written.
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
+        let frames = self.frames;
+        self.frame(Kind::End, &frames.to_le_bytes())?;
+        self.out.flush()?;
+        Ok((self.out, self.bytes))
+    }
+}
+
+/// A frame as read: kind and verified payload.
+#[derive(Debug)]
+pub struct Frame {
+    pub index: u64,
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// (gpa, page) records of a Pages frame.
+    pub fn pages(&self) -> Result<Vec<(u64, &[u8])>, StreamError> {
+        if self.kind != Kind::Pages || self.payload.len() % (PAGE_SIZE + 8) != 0 {
+            return Err(StreamError::Malformed {
+                index: self.index,
+                what: "page records",
+            });
+        }
+        Ok(self
+            .payload
+            .chunks_exact(PAGE_SIZE + 8)
+            .map(|r| (u64::from_le_bytes(r[..8].try_into().unwrap()), &r[8..]))
+            .collect())
+    }
+
+    /// Addresses of a ZeroPages frame.
+    pub fn zero_pages(&self) -> Result<Vec<u64>, StreamError> {
+        if self.kind != Kind::ZeroPages || self.payload.len() % 8 != 0 {
+            return Err(StreamError::Malformed {
+                index: self.index,
+                what: "zero page list",
+            });
+        }
+        Ok(self
+            .payload
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+}
+
+/// Reads a stream, verifying every frame.
+pub struct Reader<R: Read> {
+    input: R,
+    offset: u64,
+    frames: u64,
+    done: bool,
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+impl<R: Read> Reader<R> {
+    pub fn new(mut input: R) -> Result<Self, StreamError> {
+        let mut head = [0u8; 12];
+        if read_full(&mut input, &mut head)? < 12 || &head[..8] != MAGIC {
+            return Err(StreamError::BadMagic);
+        }
+        let version = u32::from_le_bytes(head[8..].try_into().unwrap());
+        if version != VERSION {
+            return Err(StreamError::Version(version));
+        }
+        Ok(Reader {
+            input,
+            offset: 12,
+            frames: 0,
+            done: false,
+        })
+    }
+
+    /// The next frame before End; None after a valid End frame.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, StreamError> {
+        if self.done {
+            return Ok(None);
+        }
+        let (index, offset) = (self.frames, self.offset);
+        let mut head = [0u8; 9];
+        match read_full(&mut self.input, &mut head)? {
+            0 => {
+                return Err(StreamError::NoEnd {
+                    offset,
+                    frames: self.frames,
+                })
+            }
+            9 => {}
+            _ => return Err(StreamError::Truncated { index, offset }),
+        }
+        let kind = Kind::from_u8(head[0]).ok_or(StreamError::UnknownKind {
+            index,
+            offset,
+            kind: head[0],
+        })?;
+        let len = u32::from_le_bytes(head[1..5].try_into().unwrap());
+        if len as usize > MAX_PAYLOAD {
+            return Err(StreamError::TooLong { index, offset, len });
+        }
+        let stored = u32::from_le_bytes(head[5..9].try_into().unwrap());
+        let mut payload = vec![0u8; len as usize];
+        if read_full(&mut self.input, &mut payload)? < len as usize {
+            return Err(StreamError::Truncated { index, offset });
+        }
+        let computed = crc(head[0], &payload);
+        if computed != stored {
+            return Err(StreamError::Checksum {
+                index,
+                offset,
+                stored,
+                computed,
+            });
+        }
+        self.offset += 9 + len as u64;
+        if kind == Kind::End {
+            let expected = payload
+                .as_slice()
+                .try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| StreamError::Malformed {
+                    index,
+                    what: "End frame",
+                })?;
+            if expected != self.frames {
+                return Err(StreamError::FrameCount {
+                    expected,
+                    seen: self.frames,
+                });
+            }
+            self.done = true;
+            return Ok(None);
+        }
+        self.frames += 1;
+        Ok(Some(Frame {
+            index,
+            kind,
+            payload,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut w = Writer::new(Vec::new()).unwrap();
+        w.frame(Kind::Config, b"{\"vcpus\":1}").unwrap();
+        let page = [7u8; PAGE_SIZE];
+        let pages: Vec<(u64, &[u8])> = (0..3).map(|i| (i * 4096, &page[..])).collect();
+        w.pages(pages).unwrap();
+        w.zero_pages(&[0x5000, 0x6000]).unwrap();
+        w.frame(Kind::VcpuState, b"state").unwrap();
+        w.finish().unwrap().0
+    }
+
+    fn read_all(bytes: &[u8]) -> Result<Vec<Frame>, StreamError> {
+        let mut r = Reader::new(bytes)?;
+        let mut frames = Vec::new();
+        while let Some(f) = r.next_frame()? {
+            frames.push(f);
+        }
+        Ok(frames)
+    }
+
+    #[test]
+    fn a_stream_round_trips() {
+        let frames = read_all(&sample()).unwrap();
+        let kinds: Vec<Kind> = frames.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Config, Kind::Pages, Kind::ZeroPages, Kind::VcpuState]
+        );
+        let pages = frames[1].pages().unwrap();
+        assert_eq!(pages.len(), 3);
+        assert_eq!(pages[2].0, 8192);
+        assert!(pages[2].1.iter().all(|&b| b == 7));
+        assert_eq!(frames[2].zero_pages().unwrap(), [0x5000, 0x6000]);
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let s = sample();
+        for cut in 0..s.len() {
+            assert!(
+                read_all(&s[..cut]).is_err(),
+                "a stream cut at {cut} of {} was accepted",
+                s.len()
+            );
+        }
+    }
+
+    #[test]
+    fn every_flipped_bit_is_refused() {
+        let s = sample();
+        for i in 0..s.len() {
+            for bit in [0, 3, 7] {
+                let mut t = s.clone();
+                t[i] ^= 1 << bit;
+                assert!(
+                    read_all(&t).is_err(),
+                    "a flip of bit {bit} at byte {i} was accepted"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let mut s = sample();
+        s[8] = 9; // version
+        assert!(read_all(&s).unwrap_err().to_string().contains("version 9"));
+        let s = sample();
+        let e = read_all(&s[..s.len() - 3]).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+    }
+}
