@@ -36,6 +36,9 @@ pub struct RunArgs {
     /// Send the guest console to FILE instead of the terminal.
     #[arg(long, value_name = "FILE")]
     pub serial: Option<PathBuf>,
+    /// Serve the control socket here (pause, resume, snapshot, status).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     #[command(flatten)]
     pub rt: RtArgs,
 }
@@ -202,7 +205,7 @@ impl RtArgs {
         Ok((spec, memory))
     }
 
-    /// The RT settings from flags alone (the benchmarks).
+    /// The RT settings from flags alone (the benchmarks, restore).
     pub fn to_spec(&self) -> Result<(RtSpec, MemoryOptions)> {
         self.resolve(&FileRt::default())
     }
@@ -315,6 +318,8 @@ impl RunArgs {
             process_start: None,
             latency_port: None,
             irq_bench: None,
+            control_socket: self.control_socket.clone(),
+            restore_from: None,
         };
         Ok(Resolved { spec, bundled })
     }

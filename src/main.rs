@@ -38,6 +38,52 @@ enum Command {
         #[arg(long)]
         exit_stats: bool,
     },
+    /// Restore a snapshot and run it (where it was paused, it continues).
+    Restore {
+        /// The snapshot directory (or its snapshot.nfv).
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        serial: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        exit_stats: bool,
+        #[command(flatten)]
+        rt: Box<config::RtArgs>,
+    },
+    /// Pause, save to DIR and resume a running VM (through its control socket).
+    Snapshot {
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a running VM's vCPUs.
+    Pause {
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a paused VM.
+    Resume {
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A running VM's state.
+    Status {
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The measurement suite (prints JSON with --json).
     Bench {
         #[command(subcommand)]
@@ -208,6 +254,50 @@ fn dispatch(cli: Cli) -> Result<u8> {
             exit_stats,
         } => run(&args, json, exit_stats),
         Command::Bench { what } => bench_cmd(what),
+        Command::Restore {
+            from,
+            serial,
+            control_socket,
+            json,
+            exit_stats,
+            rt,
+        } => restore(&from, serial, control_socket, json, exit_stats, &rt),
+        Command::Snapshot {
+            control_socket,
+            to,
+            json,
+        } => {
+            let to = std::path::absolute(&to).with_context(|| format!("--to {}", to.display()))?;
+            control(
+                &control_socket,
+                serde_json::json!({"v": 1, "cmd": "snapshot", "to": to}),
+                json,
+            )
+        }
+        Command::Pause {
+            control_socket,
+            json,
+        } => control(
+            &control_socket,
+            serde_json::json!({"v": 1, "cmd": "pause"}),
+            json,
+        ),
+        Command::Resume {
+            control_socket,
+            json,
+        } => control(
+            &control_socket,
+            serde_json::json!({"v": 1, "cmd": "resume"}),
+            json,
+        ),
+        Command::Status {
+            control_socket,
+            json,
+        } => control(
+            &control_socket,
+            serde_json::json!({"v": 1, "cmd": "status"}),
+            json,
+        ),
         Command::Host { cmd } => host::run(cmd),
         Command::Guests { action } => guests_cmd(action.unwrap_or(GuestsAction::List)),
     }
@@ -310,6 +400,83 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Sends one request to a control socket and shows the reply.
+fn control(path: &std::path::Path, req: serde_json::Value, json: bool) -> Result<u8> {
+    let reply = vmm::control::request(path, req).map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{reply}");
+    } else {
+        let mut fields: Vec<String> = reply
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| *k != "v" && *k != "ok")
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        fields.sort();
+        println!("{}", fields.join("\n"));
+    }
+    if reply["ok"] == true {
+        Ok(0)
+    } else {
+        anyhow::bail!(
+            "{}",
+            reply["error"]
+                .as_str()
+                .unwrap_or("the VM refused the request")
+        )
+    }
+}
+
+fn restore(
+    from: &std::path::Path,
+    serial: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    json: bool,
+    exit_stats: bool,
+    rt: &config::RtArgs,
+) -> Result<u8> {
+    let stream = vmm::snapshot::stream_path(from);
+    let cfg = vmm::snapshot::read_config(&stream)?;
+    let (rt_spec, mem) = rt.to_spec()?;
+    let spec = vmm::VmSpec {
+        kernel_name: cfg.kernel.clone(),
+        kernel: Vec::new(),
+        initrd: None,
+        cmdline: cfg.cmdline.clone(),
+        append_tsc_khz: false,
+        memory: vmm::memory::MemoryOptions {
+            size: cfg.memory_size,
+            ..mem
+        },
+        vcpus: cfg.vcpus,
+        rt: rt_spec,
+        console: match serial {
+            Some(p) => vmm::vm::ConsoleSink::File(p),
+            None if json => vmm::vm::ConsoleSink::Stderr,
+            None => vmm::vm::ConsoleSink::Stdout,
+        },
+        transcript_limit: 8 << 20,
+        process_start: PROCESS_START.get().copied(),
+        latency_port: None,
+        irq_bench: None,
+        control_socket,
+        restore_from: Some(stream),
+    };
+    let report = vmm::Vm::create(spec)?.run()?;
+    let transcript = String::from_utf8_lossy(&report.transcript).into_owned();
+    let guest = guests::protocol::parse(&transcript);
+    let code = report::exit_code_of(&report.stop);
+    if json {
+        report::print_json(&report, None, &guest, code)?;
+    } else {
+        report::print_text(&report, &guest, exit_stats);
+    }
+    Ok(code)
 }
 
 fn guests_cmd(action: GuestsAction) -> Result<u8> {

@@ -74,6 +74,8 @@ fn spec(n: u64) -> VmSpec {
         process_start: None,
         latency_port: None,
         irq_bench: None,
+        control_socket: None,
+        restore_from: None,
     }
 }
 

@@ -354,6 +354,8 @@ fn measure(
         process_start: None,
         latency_port: Some(port.clone()),
         irq_bench,
+        control_socket: None,
+        restore_from: None,
     };
     let report = Vm::create(spec)?.run()?;
     let text = String::from_utf8_lossy(&report.transcript);

@@ -85,6 +85,21 @@ impl SerialConsole {
             uart: Mutex::new(Serial::new(IrqFdTrigger(irq), BufferWriter(buffer))),
         }
     }
+
+    /// The UART's registers, for snapshots.
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.uart.lock().unwrap_or_else(|e| e.into_inner()).state()
+    }
+
+    /// Puts the UART's registers back (same interrupt line, same output).
+    pub fn restore(&self, state: &vm_superio::serial::SerialState) -> std::io::Result<()> {
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let irq = IrqFdTrigger(uart.interrupt_evt().0.try_clone()?);
+        let out = BufferWriter(uart.writer().0.clone());
+        *uart = Serial::from_state(state, irq, vm_superio::serial::NoEvents, out)
+            .map_err(|e| std::io::Error::other(format!("COM1 state: {e:?}")))?;
+        Ok(())
+    }
 }
 
 impl BusDevice for SerialConsole {

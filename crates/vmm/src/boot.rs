@@ -34,6 +34,8 @@ pub enum BootProtocol {
     Pvh,
     /// Linux 64-bit boot protocol from a bzImage.
     Linux64,
+    /// Not booted: restored from a snapshot.
+    Restore,
 }
 
 /// What the BSP starts with.

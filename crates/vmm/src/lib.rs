@@ -4,12 +4,14 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod control;
 pub mod cpuid;
 pub mod exits;
 pub mod irq_bench;
 pub mod kvm_stats;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

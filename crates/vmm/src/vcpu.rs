@@ -138,12 +138,16 @@ pub enum VcpuEnd {
     Error(String),
 }
 
-/// Runs `vcpu` until the guest ends, an error, or `stop` is set. The first
+/// Runs `vcpu` until the guest ends, an error, or `stop` is set; while
+/// `pause` is set it calls `on_pause`, which parks the thread. The first
 /// KVM_RUN of the BSP is timed into `first_run` (start-up benchmark).
+#[allow(clippy::too_many_arguments)]
 pub fn run_loop(
     vcpu: &mut VcpuFd,
     io: &IoContext,
     stop: &AtomicBool,
+    pause: &AtomicBool,
+    on_pause: &mut dyn FnMut(&mut VcpuFd),
     stats: &mut ExitStats,
     first_run: Option<&Mutex<Option<Instant>>>,
 ) -> VcpuEnd {
@@ -153,6 +157,10 @@ pub fn run_loop(
     loop {
         if stop.load(Ordering::Acquire) {
             return VcpuEnd::Stopped;
+        }
+        if pause.load(Ordering::Acquire) {
+            on_pause(vcpu);
+            continue;
         }
         let result = vcpu.run();
         let t0 = Instant::now();

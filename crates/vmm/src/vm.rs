@@ -18,12 +18,14 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::boot::{self, BootEntry, KernelImage};
+use crate::boot::{self, BootEntry, BootProtocol, KernelImage};
+use crate::control::{RunState, VcpuCmd, VmHandle};
 use crate::cpuid::{self, CpuidOptions};
 use crate::exits::{ExitReport, ExitStats};
 use crate::kvm_stats::KvmStats;
 use crate::layout::*;
 use crate::memory::{self, MemoryOptions};
+use crate::snapshot::SnapshotConfig;
 use crate::vcpu::{self, Flow, IoContext, UnknownAccesses, VcpuEnd};
 use crate::{acpi, Error, Result, Setting};
 
@@ -101,6 +103,10 @@ pub struct VmSpec {
     pub latency_port: Option<Arc<devices::LatencyPort>>,
     /// Interrupt latency: run the injector thread beside the guest.
     pub irq_bench: Option<crate::irq_bench::IrqBenchSpec>,
+    /// Serve the control socket (pause, resume, snapshot, status) here.
+    pub control_socket: Option<PathBuf>,
+    /// Restore this snapshot stream instead of booting the kernel.
+    pub restore_from: Option<PathBuf>,
 }
 
 /// Why the VM ended.
@@ -191,7 +197,10 @@ pub struct RunReport {
 /// A created VM, ready to run.
 pub struct Vm {
     _kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
+    com1: Arc<SerialConsole>,
+    /// MSRs a snapshot saves.
+    msrs: Vec<u32>,
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     io: Arc<IoContext>,
@@ -327,12 +336,8 @@ impl Vm {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
         let dev_err = |e: devices::BusError| Error::Device(e.to_string());
-        pio.insert(
-            COM1_PORT,
-            8,
-            Arc::new(SerialConsole::new(com1_irq, console.clone())),
-        )
-        .map_err(dev_err)?;
+        let com1 = Arc::new(SerialConsole::new(com1_irq, console.clone()));
+        pio.insert(COM1_PORT, 8, com1.clone()).map_err(dev_err)?;
         pio.insert(
             DEBUG_EXIT_PORT,
             4,
@@ -400,41 +405,62 @@ impl Vm {
             None => None,
         };
 
-        // Boot.
-        let rsdp = acpi::write_tables(&mem, spec.vcpus)?;
-        let mut cmdline = spec.cmdline.clone();
-        if spec.append_tsc_khz && tsc_khz > 0 {
-            if !cmdline.is_empty() {
-                cmdline.push(' ');
+        let msrs = crate::snapshot::msr_list(&kvm, &vcpus[0]);
+        let (boot, cmdline) = match &spec.restore_from {
+            Some(path) => {
+                // the stream's memory, devices and vCPU states, all verified
+                // before the VM runs
+                let regs = crate::snapshot::apply(path, &vm, &mem, &vcpus)?;
+                com1.restore(&crate::control::serial_state(&regs))
+                    .map_err(|e| Error::Device(format!("COM1: {e}")))?;
+                let entry = BootEntry {
+                    protocol: BootProtocol::Restore,
+                    entry: 0,
+                    params: 0,
+                    kernel_end: 0,
+                };
+                (entry, spec.cmdline.clone())
             }
-            cmdline.push_str(&format!("tsc_khz={tsc_khz}"));
-        }
-        let image = KernelImage {
-            name: spec.kernel_name.clone(),
-            bytes: &spec.kernel,
+            None => {
+                let rsdp = acpi::write_tables(&mem, spec.vcpus)?;
+                let mut cmdline = spec.cmdline.clone();
+                if spec.append_tsc_khz && tsc_khz > 0 {
+                    if !cmdline.is_empty() {
+                        cmdline.push(' ');
+                    }
+                    cmdline.push_str(&format!("tsc_khz={tsc_khz}"));
+                }
+                let image = KernelImage {
+                    name: spec.kernel_name.clone(),
+                    bytes: &spec.kernel,
+                };
+                let initrd = spec
+                    .initrd
+                    .as_ref()
+                    .map(|(n, b)| (n.as_str(), b.as_slice()));
+                let boot = boot::load(&mem, spec.memory.size, &image, &cmdline, initrd, rsdp)?;
+                let mut sregs: kvm_sregs = vcpus[0].get_sregs().map_err(|e| Error::Vcpu {
+                    id: 0,
+                    why: format!("KVM_GET_SREGS: {e}"),
+                })?;
+                let regs: kvm_regs = boot::bsp_state(&mem, &boot, &mut sregs)?;
+                vcpus[0].set_sregs(&sregs).map_err(|e| Error::Vcpu {
+                    id: 0,
+                    why: format!("KVM_SET_SREGS: {e}"),
+                })?;
+                vcpus[0].set_regs(&regs).map_err(|e| Error::Vcpu {
+                    id: 0,
+                    why: format!("KVM_SET_REGS: {e}"),
+                })?;
+                (boot, cmdline)
+            }
         };
-        let initrd = spec
-            .initrd
-            .as_ref()
-            .map(|(n, b)| (n.as_str(), b.as_slice()));
-        let boot = boot::load(&mem, spec.memory.size, &image, &cmdline, initrd, rsdp)?;
-        let mut sregs: kvm_sregs = vcpus[0].get_sregs().map_err(|e| Error::Vcpu {
-            id: 0,
-            why: format!("KVM_GET_SREGS: {e}"),
-        })?;
-        let regs: kvm_regs = boot::bsp_state(&mem, &boot, &mut sregs)?;
-        vcpus[0].set_sregs(&sregs).map_err(|e| Error::Vcpu {
-            id: 0,
-            why: format!("KVM_SET_SREGS: {e}"),
-        })?;
-        vcpus[0].set_regs(&regs).map_err(|e| Error::Vcpu {
-            id: 0,
-            why: format!("KVM_SET_REGS: {e}"),
-        })?;
 
         Ok(Vm {
             _kvm: kvm,
-            vm,
+            vm: Arc::new(vm),
+            com1,
+            msrs,
             mem,
             vcpus,
             io,
@@ -465,6 +491,8 @@ impl Vm {
         let Vm {
             _kvm,
             vm,
+            com1,
+            msrs,
             mem,
             vcpus,
             io,
@@ -486,14 +514,43 @@ impl Vm {
         let console_done = Arc::new(AtomicBool::new(false));
         let console_thread = spawn_console(&spec, console.clone(), console_done.clone())?;
         let first_run = Arc::new(Mutex::new(None::<Instant>));
+        let (ack_tx, ack_rx) = mpsc::channel::<u32>();
+        let mut cmd_txs = Vec::new();
+        let mut cmd_rxs = Vec::new();
+        for _ in 0..vcpus.len() {
+            let (tx, rx) = mpsc::channel::<VcpuCmd>();
+            cmd_txs.push(tx);
+            cmd_rxs.push(rx);
+        }
+        let handle = Arc::new(VmHandle {
+            pause: AtomicBool::new(false),
+            stop: stop.clone(),
+            cmds: cmd_txs,
+            acks: Mutex::new(ack_rx),
+            pthreads: Mutex::new(Vec::new()),
+            vm: vm.clone(),
+            mem: mem.clone(),
+            com1: com1.clone(),
+            config: SnapshotConfig {
+                memory_size: spec.memory.size,
+                vcpus: spec.vcpus,
+                kernel: spec.kernel_name.clone(),
+                cmdline: cmdline.clone(),
+                tsc_khz,
+            },
+            state: Mutex::new(RunState::Running),
+            started: Instant::now(),
+        });
+        let msrs = Arc::new(msrs);
 
         // Each vCPU thread applies its placement, reports, then waits for go.
         let (ready_tx, ready_rx) = mpsc::channel::<(u32, i32, Vec<Setting>, Option<String>)>();
         let (end_tx, end_rx) = mpsc::channel::<u32>();
         let mut go = Vec::new();
         let mut handles = Vec::new();
-        for (id, mut vcpu) in vcpus.into_iter().enumerate() {
+        for ((id, mut vcpu), cmd_rx) in vcpus.into_iter().enumerate().zip(cmd_rxs) {
             let id = id as u32;
+            let (handle, ack_tx, msrs) = (handle.clone(), ack_tx.clone(), msrs.clone());
             let (go_tx, go_rx) = mpsc::channel::<bool>();
             go.push(go_tx);
             let host_cpu = spec.rt.cpus.as_ref().map(|c| c[id as usize]);
@@ -536,8 +593,28 @@ impl Vm {
                     let kvm_stats = KvmStats::open(&vcpu).ok();
                     let sched = rt::thread_sched(tid).ok();
                     let started = Instant::now();
-                    let end =
-                        vcpu::run_loop(&mut vcpu, &io, &stop, &mut stats, first_run.as_deref());
+                    // parked outside KVM_RUN until resumed; saves its state when asked
+                    let mut on_pause = |vcpu: &mut VcpuFd| {
+                        let _ = ack_tx.send(id);
+                        while handle.pause.load(Ordering::Acquire) {
+                            match cmd_rx.recv() {
+                                Ok(VcpuCmd::Save(reply)) => {
+                                    let _ = reply.send(crate::snapshot::save_vcpu(vcpu, id, &msrs));
+                                }
+                                Ok(VcpuCmd::Resume) => {}
+                                Err(_) => break,
+                            }
+                        }
+                    };
+                    let end = vcpu::run_loop(
+                        &mut vcpu,
+                        &io,
+                        &stop,
+                        &handle.pause,
+                        &mut on_pause,
+                        &mut stats,
+                        first_run.as_deref(),
+                    );
                     let wall_ms = started.elapsed().as_millis() as u64;
                     let state = match &end {
                         VcpuEnd::Flow(Flow::Shutdown) => describe_state(&vcpu),
@@ -593,6 +670,8 @@ impl Vm {
                 }
             }
         }
+        *handle.pthreads.lock().unwrap_or_else(|e| e.into_inner()) =
+            handles.iter().map(|h| h.as_pthread_t()).collect();
         for g in &go {
             let _ = g.send(failure.is_none());
         }
@@ -634,9 +713,28 @@ impl Vm {
             _ => None,
         };
 
-        // Wait for the first vCPU to end, then stop and kick the others.
+        let control = match &spec.control_socket {
+            Some(path) => match crate::control::serve(path, handle.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!("{e}; the VM runs without it");
+                    None
+                }
+            },
+            None => None,
+        };
+
+        // Wait for the first vCPU to end, then stop and kick the others
+        // (waking any that are paused).
         let _ = end_rx.recv();
         stop.store(true, Ordering::Release);
+        handle.pause.store(false, Ordering::Release);
+        for c in &handle.cmds {
+            let _ = c.send(VcpuCmd::Resume);
+        }
+        if let Some(t) = control {
+            let _ = t.join();
+        }
         let pthreads: Vec<_> = handles.iter().map(|h| h.as_pthread_t()).collect();
         while handles.iter().any(|h| !h.is_finished()) {
             for (h, &pt) in handles.iter().zip(&pthreads) {

@@ -1,0 +1,345 @@
+//! A running VM's controls: pause and resume (every vCPU parked outside
+//! KVM_RUN, acknowledged), snapshot, status; and the control socket that
+//! offers them: newline-delimited JSON requests and replies (schema version
+//! 1), created 0600, callers checked to be this user (SO_PEERCRED).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::SIGRTMIN;
+
+use crate::snapshot::{self, SerialRegs, SnapshotConfig, SnapshotReport, VcpuState};
+use crate::{Error, Result};
+
+pub const SCHEMA: u32 = 1;
+
+/// What a paused vCPU thread is asked to do.
+pub enum VcpuCmd {
+    Save(Sender<Result<VcpuState>>),
+    Resume,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// Shared between the VM's main thread, its vCPU threads and the control socket.
+pub struct VmHandle {
+    pub(crate) pause: AtomicBool,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) cmds: Vec<Sender<VcpuCmd>>,
+    pub(crate) acks: Mutex<Receiver<u32>>,
+    pub(crate) pthreads: Mutex<Vec<libc::pthread_t>>,
+    pub(crate) vm: Arc<VmFd>,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) com1: Arc<devices::SerialConsole>,
+    pub(crate) config: SnapshotConfig,
+    pub(crate) state: Mutex<RunState>,
+    pub(crate) started: Instant,
+}
+
+fn regs_of(s: &vm_superio::serial::SerialState) -> SerialRegs {
+    SerialRegs {
+        baud_divisor_low: s.baud_divisor_low,
+        baud_divisor_high: s.baud_divisor_high,
+        interrupt_enable: s.interrupt_enable,
+        interrupt_identification: s.interrupt_identification,
+        line_control: s.line_control,
+        line_status: s.line_status,
+        modem_control: s.modem_control,
+        modem_status: s.modem_status,
+        scratch: s.scratch,
+        in_buffer: s.in_buffer.clone(),
+    }
+}
+
+/// COM1's registers back into vm-superio's form.
+pub fn serial_state(r: &SerialRegs) -> vm_superio::serial::SerialState {
+    vm_superio::serial::SerialState {
+        baud_divisor_low: r.baud_divisor_low,
+        baud_divisor_high: r.baud_divisor_high,
+        interrupt_enable: r.interrupt_enable,
+        interrupt_identification: r.interrupt_identification,
+        line_control: r.line_control,
+        line_status: r.line_status,
+        modem_control: r.modem_control,
+        modem_status: r.modem_status,
+        scratch: r.scratch,
+        in_buffer: r.in_buffer.clone(),
+    }
+}
+
+impl VmHandle {
+    fn kick_all(&self) {
+        for &pt in self
+            .pthreads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            // SAFETY: the vCPU threads are joined only after the control
+            // socket and every caller of this have stopped; SIGRTMIN has a
+            // no-op handler and only makes KVM_RUN return.
+            unsafe { libc::pthread_kill(pt, SIGRTMIN()) };
+        }
+    }
+
+    pub fn state(&self) -> RunState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parks every vCPU outside KVM_RUN; returns how long that took.
+    pub fn pause(&self) -> Result<Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *state == RunState::Paused {
+            return Ok(Duration::ZERO);
+        }
+        let t0 = Instant::now();
+        let acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        while acks.try_recv().is_ok() {}
+        self.pause.store(true, Ordering::Release);
+        let mut parked = 0;
+        while parked < self.cmds.len() {
+            if self.stop.load(Ordering::Acquire) {
+                return Err(Error::Config("the VM has ended".into()));
+            }
+            self.kick_all();
+            match acks.recv_timeout(Duration::from_millis(1)) {
+                Ok(_) => parked += 1,
+                Err(_) if t0.elapsed() > Duration::from_secs(5) => {
+                    return Err(Error::Vcpu {
+                        id: parked as u32,
+                        why: "did not pause within 5 s".into(),
+                    })
+                }
+                Err(_) => {}
+            }
+        }
+        *state = RunState::Paused;
+        Ok(t0.elapsed())
+    }
+
+    pub fn resume(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.pause.store(false, Ordering::Release);
+        for c in &self.cmds {
+            let _ = c.send(VcpuCmd::Resume);
+        }
+        *state = RunState::Running;
+    }
+
+    /// Pauses, saves everything to `dir`, and resumes if it was running.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport> {
+        let was_running = self.state() == RunState::Running;
+        let t0 = Instant::now();
+        self.pause()?;
+        let result = (|| {
+            let mut states = Vec::new();
+            for (id, c) in self.cmds.iter().enumerate() {
+                let (tx, rx) = std::sync::mpsc::channel();
+                c.send(VcpuCmd::Save(tx)).map_err(|_| Error::Vcpu {
+                    id: id as u32,
+                    why: "its thread has ended".into(),
+                })?;
+                states.push(rx.recv().map_err(|_| Error::Vcpu {
+                    id: id as u32,
+                    why: "its thread has ended".into(),
+                })??);
+            }
+            let devices = snapshot::save_devices(&self.vm, regs_of(&self.com1.state()))?;
+            snapshot::write(dir, &self.config, &self.mem, &states, &devices)
+        })();
+        let paused_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        if was_running {
+            self.resume();
+        }
+        let (path, bytes, pages_written, pages_zero) = result?;
+        Ok(SnapshotReport {
+            path,
+            bytes,
+            pages_written,
+            pages_zero,
+            paused_ms,
+        })
+    }
+}
+
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the length passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+fn reply(ok: bool, body: serde_json::Value) -> String {
+    let mut v = serde_json::json!({ "v": SCHEMA, "ok": ok });
+    if let (Some(map), Some(extra)) = (v.as_object_mut(), body.as_object()) {
+        map.extend(extra.clone());
+    }
+    v.to_string()
+}
+
+fn handle_request(h: &VmHandle, line: &str) -> String {
+    let req: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return reply(
+                false,
+                serde_json::json!({ "error": format!("not a JSON request: {e}") }),
+            )
+        }
+    };
+    if req["v"].as_u64() != Some(SCHEMA as u64) {
+        return reply(
+            false,
+            serde_json::json!({ "error": format!("schema version {} is not supported (use {SCHEMA})", req["v"]) }),
+        );
+    }
+    match req["cmd"].as_str() {
+        Some("status") => reply(
+            true,
+            serde_json::json!({
+                "state": h.state(),
+                "vcpus": h.cmds.len(),
+                "memory_mib": h.config.memory_size >> 20,
+                "kernel": h.config.kernel,
+                "uptime_ms": h.started.elapsed().as_millis() as u64,
+            }),
+        ),
+        Some("pause") => match h.pause() {
+            Ok(d) => reply(
+                true,
+                serde_json::json!({ "state": "paused", "pause_us": d.as_micros() as u64 }),
+            ),
+            Err(e) => reply(false, serde_json::json!({ "error": e.to_string() })),
+        },
+        Some("resume") => {
+            h.resume();
+            reply(true, serde_json::json!({ "state": "running" }))
+        }
+        Some("snapshot") => match req["to"].as_str() {
+            None => reply(
+                false,
+                serde_json::json!({ "error": "snapshot needs \"to\": a directory" }),
+            ),
+            Some(dir) => match h.snapshot(Path::new(dir)) {
+                Ok(r) => reply(
+                    true,
+                    serde_json::json!({ "snapshot": r, "state": h.state() }),
+                ),
+                Err(e) => reply(false, serde_json::json!({ "error": e.to_string() })),
+            },
+        },
+        Some(other) => reply(
+            false,
+            serde_json::json!({ "error": format!("unknown command {other:?} (status, pause, resume, snapshot)") }),
+        ),
+        None => reply(false, serde_json::json!({ "error": "no \"cmd\"" })),
+    }
+}
+
+/// Serves the control socket at `path` until the VM stops.
+pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
+    let err = |e: std::io::Error| Error::Device(format!("control socket {}: {e}", path.display()));
+    if path.exists() {
+        // a socket nobody answers on is left over from a VM that died
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::Device(format!(
+                "control socket {}: another VM is listening there",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    let owned: PathBuf = path.to_path_buf();
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            while !h.stop.load(Ordering::Acquire) {
+                let stream = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!("control socket: {e}");
+                        continue;
+                    }
+                };
+                if peer_uid(&stream) != Some(me) {
+                    tracing::warn!("control socket: refused a caller that is not uid {me}");
+                    let _ = (&stream).write_all(
+                        (reply(false, serde_json::json!({"error": "permission denied"})) + "\n")
+                            .as_bytes(),
+                    );
+                    continue;
+                }
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut writer = match stream.try_clone() {
+                    Ok(w) => w,
+                    Err(_) => continue,
+                };
+                for line in BufReader::new(stream).lines().map_while(|l| l.ok()) {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let answer = handle_request(&h, &line);
+                    if writer.write_all((answer + "\n").as_bytes()).is_err() {
+                        break;
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&owned);
+        })
+        .map_err(|e| Error::Device(format!("spawning the control thread: {e}")))
+}
+
+/// One request to a VM's control socket; the reply as JSON.
+pub fn request(
+    path: &Path,
+    req: serde_json::Value,
+) -> std::result::Result<serde_json::Value, String> {
+    let mut s =
+        UnixStream::connect(path).map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    s.write_all((req.to_string() + "\n").as_bytes())
+        .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    serde_json::from_str(&line)
+        .map_err(|e| format!("control socket {}: bad reply {line:?}: {e}", path.display()))
+}

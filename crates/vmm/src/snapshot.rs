@@ -1,0 +1,362 @@
+//! Saving and restoring a VM: every vCPU's architectural state, the
+//! irqchip, PIT, kvmclock, COM1 and guest memory, written as a migration
+//! stream (`migration` crate). A snapshot is that stream in a file; only
+//! non-zero pages are written, so untouched and zero memory takes no space.
+
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use migration::{Kind, Reader, Writer, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::{Error, Result};
+
+/// What the destination needs before it can create the VM.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotConfig {
+    pub memory_size: u64,
+    pub vcpus: u32,
+    pub kernel: String,
+    pub cmdline: String,
+    pub tsc_khz: u32,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    pub id: u32,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub events: kvm_vcpu_events,
+    pub mp_state: kvm_mp_state,
+}
+
+/// COM1's registers (vm-superio's SerialState, which has no serde).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SerialRegs {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeviceState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+    pub com1: SerialRegs,
+}
+
+fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |e| Error::Kvm(format!("{what}: {e}"))
+}
+
+/// The MSRs worth saving: KVM's list, less those this vCPU refuses to read.
+/// IA32_TSC comes first and the TSC deadline last, as they must be restored.
+pub fn msr_list(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Vec<u32> {
+    let Ok(list) = kvm_fd.get_msr_index_list() else {
+        return Vec::new();
+    };
+    let mut ok: Vec<u32> = list
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|&index| {
+            Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }])
+            .ok()
+            .and_then(|mut m| vcpu.get_msrs(&mut m).ok())
+                == Some(1)
+        })
+        .collect();
+    const TSC: u32 = 0x10;
+    const TSC_DEADLINE: u32 = 0x6e0;
+    ok.sort_by_key(|&i| match i {
+        TSC => 0,
+        TSC_DEADLINE => 2,
+        _ => 1,
+    });
+    ok
+}
+
+pub fn save_vcpu(vcpu: &VcpuFd, id: u32, msrs: &[u32]) -> Result<VcpuState> {
+    let mut entries = Vec::new();
+    for chunk in msrs.chunks(64) {
+        let mut m = Msrs::from_entries(
+            &chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| Error::Kvm(format!("MSR list: {e:?}")))?;
+        let n = vcpu.get_msrs(&mut m).map_err(kvm("KVM_GET_MSRS"))?;
+        entries.extend_from_slice(&m.as_slice()[..n]);
+    }
+    Ok(VcpuState {
+        id,
+        regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
+        sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+        xsave: vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
+        xcrs: vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
+        debugregs: vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
+        lapic: vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
+        msrs: entries,
+        events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+        mp_state: vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
+    })
+}
+
+/// Restores a vCPU in the order KVM needs: MP state, registers, FPU/XSAVE,
+/// then the LAPIC, then the MSRs (TSC first, TSC deadline last), then events.
+pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
+    vcpu.set_mp_state(s.mp_state)
+        .map_err(kvm("KVM_SET_MP_STATE"))?;
+    vcpu.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    // SAFETY: the kvm_xsave came from KVM_GET_XSAVE of the same size; KVM
+    // reads no more than the struct holds.
+    unsafe { vcpu.set_xsave(&s.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+    vcpu.set_xcrs(&s.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+    vcpu.set_debug_regs(&s.debugregs)
+        .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+    vcpu.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+    for chunk in s.msrs.chunks(64) {
+        let m = Msrs::from_entries(chunk).map_err(|e| Error::Kvm(format!("MSR list: {e:?}")))?;
+        let n = vcpu.set_msrs(&m).map_err(kvm("KVM_SET_MSRS"))?;
+        if n != chunk.len() {
+            return Err(Error::Kvm(format!(
+                "vCPU {}: KVM_SET_MSRS refused MSR {:#x}",
+                s.id, chunk[n].index
+            )));
+        }
+    }
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
+
+fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
+    let mut c = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut c).map_err(kvm("KVM_GET_IRQCHIP"))?;
+    Ok(c)
+}
+
+pub fn save_devices(vm: &VmFd, com1: SerialRegs) -> Result<DeviceState> {
+    Ok(DeviceState {
+        pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
+        clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
+        com1,
+    })
+}
+
+pub fn restore_devices(vm: &VmFd, d: &DeviceState) -> Result<()> {
+    for chip in [&d.pic_master, &d.pic_slave, &d.ioapic] {
+        vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
+    }
+    vm.set_pit2(&d.pit).map_err(kvm("KVM_SET_PIT2"))?;
+    let mut clock = d.clock;
+    // only the clock value is restored; the flags describe the source host
+    clock.flags = 0;
+    vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+    Ok(())
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // u64 words: the compiler vectorises this loop
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotReport {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub pages_written: u64,
+    pub pages_zero: u64,
+    /// From the pause to the end of writing.
+    pub paused_ms: f64,
+}
+
+/// Writes the stream for a paused VM to `dir/snapshot.nfv` (through a
+/// temporary file: a failed snapshot leaves nothing behind).
+pub fn write(
+    dir: &Path,
+    config: &SnapshotConfig,
+    mem: &GuestMemoryMmap,
+    vcpus: &[VcpuState],
+    devices: &DeviceState,
+) -> Result<(PathBuf, u64, u64, u64)> {
+    let err = |e: std::io::Error| Error::Device(format!("snapshot {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let path = dir.join("snapshot.nfv");
+    let tmp = dir.join(".snapshot.nfv.tmp");
+    let result = (|| -> std::io::Result<(u64, u64, u64)> {
+        let file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        let mut w = Writer::new(file)?;
+        w.frame(
+            Kind::Config,
+            &serde_json::to_vec(config).expect("serialisable"),
+        )?;
+        let (mut written, mut zero) = (0u64, 0u64);
+        let mut page = vec![0u8; PAGE_SIZE];
+        for region in mem.iter() {
+            let base = region.start_addr().0;
+            let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+            for off in (0..region.len()).step_by(PAGE_SIZE) {
+                let gpa = base + off;
+                mem.read_slice(&mut page, GuestAddress(gpa))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                if is_zero(&page) {
+                    zero += 1;
+                    continue;
+                }
+                batch.push((gpa, page.clone()));
+                written += 1;
+                if batch.len() == 512 {
+                    w.pages(batch.iter().map(|(g, d)| (*g, d.as_slice())))?;
+                    batch.clear();
+                }
+            }
+            w.pages(batch.iter().map(|(g, d)| (*g, d.as_slice())))?;
+        }
+        w.frame(
+            Kind::DeviceState,
+            &serde_json::to_vec(devices).expect("serialisable"),
+        )?;
+        for v in vcpus {
+            w.frame(
+                Kind::VcpuState,
+                &serde_json::to_vec(v).expect("serialisable"),
+            )?;
+        }
+        let (file, bytes) = w.finish()?;
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok((bytes, written, zero))
+    })();
+    match result {
+        Ok((bytes, written, zero)) => {
+            std::fs::rename(&tmp, &path).map_err(err)?;
+            Ok((path, bytes, written, zero))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(err(e))
+        }
+    }
+}
+
+fn stream_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Config(format!("snapshot {}: {e}", path.display()))
+}
+
+/// The snapshot stream of `dir` (a directory, or the stream file itself).
+pub fn stream_path(from: &Path) -> PathBuf {
+    if from.is_dir() {
+        from.join("snapshot.nfv")
+    } else {
+        from.to_path_buf()
+    }
+}
+
+/// Reads the Config frame, the first of a stream.
+pub fn read_config(path: &Path) -> Result<SnapshotConfig> {
+    let file = std::fs::File::open(path).map_err(|e| stream_error(path, e))?;
+    let mut r = Reader::new(std::io::BufReader::new(file)).map_err(|e| stream_error(path, e))?;
+    match r.next_frame().map_err(|e| stream_error(path, e))? {
+        Some(f) if f.kind == Kind::Config => serde_json::from_slice(&f.payload)
+            .map_err(|e| stream_error(path, format!("config frame: {e}"))),
+        _ => Err(stream_error(
+            path,
+            "the stream does not start with its configuration",
+        )),
+    }
+}
+
+/// Applies a whole stream to a freshly created, not yet running VM. Every
+/// frame is verified before it is used and the VM runs only if the whole
+/// stream was read, so a corrupt or cut stream never runs.
+pub fn apply(
+    path: &Path,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    vcpus: &[VcpuFd],
+) -> Result<SerialRegs> {
+    let file = std::fs::File::open(path).map_err(|e| stream_error(path, e))?;
+    let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| stream_error(path, e))?;
+    let mut devices = None;
+    let mut restored = vec![false; vcpus.len()];
+    while let Some(f) = r.next_frame().map_err(|e| stream_error(path, e))? {
+        match f.kind {
+            Kind::Config => {}
+            Kind::Pages => {
+                for (gpa, data) in f.pages().map_err(|e| stream_error(path, e))? {
+                    mem.write_slice(data, GuestAddress(gpa))
+                        .map_err(|e| stream_error(path, format!("page {gpa:#x}: {e}")))?;
+                }
+            }
+            Kind::ZeroPages => {
+                let zero = [0u8; PAGE_SIZE];
+                for gpa in f.zero_pages().map_err(|e| stream_error(path, e))? {
+                    mem.write_slice(&zero, GuestAddress(gpa))
+                        .map_err(|e| stream_error(path, format!("page {gpa:#x}: {e}")))?;
+                }
+            }
+            Kind::DeviceState => {
+                devices = Some(
+                    serde_json::from_slice::<DeviceState>(&f.payload)
+                        .map_err(|e| stream_error(path, format!("device state: {e}")))?,
+                );
+            }
+            Kind::VcpuState => {
+                let s: VcpuState = serde_json::from_slice(&f.payload)
+                    .map_err(|e| stream_error(path, format!("vCPU state: {e}")))?;
+                let vcpu = vcpus.get(s.id as usize).ok_or_else(|| {
+                    stream_error(
+                        path,
+                        format!("state of vCPU {} for a VM of {}", s.id, vcpus.len()),
+                    )
+                })?;
+                restore_vcpu(vcpu, &s)?;
+                restored[s.id as usize] = true;
+            }
+            Kind::End => {}
+        }
+    }
+    let devices = devices.ok_or_else(|| stream_error(path, "no device state"))?;
+    if let Some(id) = restored.iter().position(|r| !r) {
+        return Err(stream_error(path, format!("no state for vCPU {id}")));
+    }
+    restore_devices(vm, &devices)?;
+    Ok(devices.com1)
+}
