@@ -1,0 +1,179 @@
+//! Control socket, pause/resume, snapshot and restore on the real /dev/kvm.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(120);
+const DIRTIER: &[&str] = &[
+    "--guest",
+    "dirtier",
+    "--memory",
+    "32M",
+    "--cmdline",
+    "mb=4 passes=60",
+];
+
+fn digest(out: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with("DIRTIER OK"))
+        .unwrap_or_else(|| panic!("no DIRTIER OK in:\n{out}"))
+        .split(' ')
+        .find(|w| w.starts_with("digest="))
+        .unwrap()
+        .to_string()
+}
+
+fn start_with_socket(name: &str) -> (Running, std::path::PathBuf, std::path::PathBuf) {
+    let dir = scratch(name);
+    let sock = dir.join("vm.sock");
+    let mut args = vec!["run", "--control-socket", sock.to_str().unwrap()];
+    args.extend_from_slice(DIRTIER);
+    let mut vm = Running::start(&args);
+    vm.wait_for("vCPU 0 runs on host thread");
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (vm, sock, dir)
+}
+
+#[test]
+fn snapshot_then_restore_continues_with_the_same_digest() {
+    let plain = nfvisor(&[&["run"], DIRTIER].concat(), T);
+    assert_eq!(plain.code, 0, "{}", plain.stderr);
+    let (vm, sock, dir) = start_with_socket("snap");
+    std::thread::sleep(Duration::from_millis(200));
+    let snap = dir.join("snap");
+    let r = nfvisor(
+        &[
+            "snapshot",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--to",
+            snap.to_str().unwrap(),
+            "--json",
+        ],
+        T,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let reply = json(&r);
+    assert_eq!(reply["ok"], true);
+    assert_eq!(
+        reply["state"], "running",
+        "the source resumes after the snapshot"
+    );
+    let written = reply["snapshot"]["pages_written"].as_u64().unwrap();
+    let zero = reply["snapshot"]["pages_zero"].as_u64().unwrap();
+    assert!(
+        written > 0 && zero > written,
+        "sparse: {written} written, {zero} zero"
+    );
+    // the file holds the non-zero pages only
+    let size = std::fs::metadata(snap.join("snapshot.nfv")).unwrap().len();
+    assert!(
+        size < (written + 64) * 4200,
+        "{size} bytes for {written} pages"
+    );
+    let source = vm.finish(T);
+    assert_eq!(source.code, 0, "{}", source.stderr);
+    assert_eq!(digest(&source.stdout), digest(&plain.stdout));
+
+    let restored = nfvisor(&["restore", "--from", snap.to_str().unwrap()], T);
+    assert_eq!(restored.code, 0, "{}", restored.stderr);
+    assert_eq!(digest(&restored.stdout), digest(&plain.stdout));
+    // it continued where it was: the guest's header was printed before the snapshot
+    assert!(
+        !restored.stdout.contains("#NFV v1 guest=dirtier"),
+        "{}",
+        restored.stdout
+    );
+}
+
+#[test]
+fn pause_resume_status_and_bad_requests() {
+    let (vm, sock, _dir) = start_with_socket("ctl");
+    let s = sock.to_str().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let status = json(&nfvisor(&["status", "--control-socket", s, "--json"], T));
+    assert_eq!(status["state"], "running");
+    let paused = json(&nfvisor(&["pause", "--control-socket", s, "--json"], T));
+    assert_eq!(paused["state"], "paused");
+    assert_eq!(
+        json(&nfvisor(&["status", "--control-socket", s, "--json"], T))["state"],
+        "paused"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // bad requests are refused and the VM runs on
+    for req in [
+        "not json",
+        "{\"v\":9,\"cmd\":\"status\"}",
+        "{\"v\":1,\"cmd\":\"explode\"}",
+        "{\"v\":1,\"cmd\":\"snapshot\"}",
+    ] {
+        let reply = vmm::control::request(
+            &sock,
+            serde_json::from_str(req).unwrap_or(serde_json::Value::String(req.into())),
+        )
+        .unwrap();
+        assert_eq!(reply["ok"], false, "{req}: {reply}");
+        assert!(reply["error"].as_str().unwrap().len() > 5);
+    }
+    let resumed = json(&nfvisor(&["resume", "--control-socket", s, "--json"], T));
+    assert_eq!(resumed["state"], "running");
+    let out = vm.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    digest(&out.stdout);
+    // the socket is gone with the VM
+    assert!(!sock.exists());
+    let r = nfvisor(&["status", "--control-socket", s], T);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("vm.sock"), "{}", r.stderr);
+}
+
+#[test]
+fn a_corrupt_or_cut_snapshot_is_refused_and_never_runs() {
+    let (vm, sock, dir) = start_with_socket("corrupt");
+    let snap = dir.join("snap");
+    let r = nfvisor(
+        &[
+            "snapshot",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--to",
+            snap.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    drop(vm);
+    let good = std::fs::read(snap.join("snapshot.nfv")).unwrap();
+    let bad = dir.join("bad.nfv");
+    for (what, bytes) in [
+        ("flipped byte in memory", {
+            let mut b = good.clone();
+            b[good.len() / 2] ^= 0x40;
+            b
+        }),
+        ("cut short", good[..good.len() - 100].to_vec()),
+        ("cut at the header", good[..10].to_vec()),
+        (
+            "not a snapshot",
+            b"hello world, this is not a snapshot at all".to_vec(),
+        ),
+    ] {
+        std::fs::write(&bad, &bytes).unwrap();
+        let r = nfvisor(&["restore", "--from", bad.to_str().unwrap()], T);
+        assert_eq!(r.code, 78, "{what}: {}", r.stderr);
+        assert!(r.stderr.contains("bad.nfv"), "{what}: {}", r.stderr);
+        assert!(!r.stdout.contains("DIRTIER"), "{what}: the guest ran");
+    }
+    let r = nfvisor(&["restore", "--from", "/nonexistent/snap"], T);
+    assert_eq!(r.code, 78);
+}
