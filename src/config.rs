@@ -320,6 +320,7 @@ impl RunArgs {
             irq_bench: None,
             control_socket: self.control_socket.clone(),
             restore_from: None,
+            on_start: None,
         };
         Ok(Resolved { spec, bundled })
     }

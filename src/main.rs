@@ -440,8 +440,7 @@ fn restore(
     exit_stats: bool,
     rt: &config::RtArgs,
 ) -> Result<u8> {
-    let stream = vmm::snapshot::stream_path(from);
-    let cfg = vmm::snapshot::read_config(&stream)?;
+    let (source, cfg) = vmm::snapshot::RestoreSource::open(&vmm::snapshot::stream_path(from))?;
     let (rt_spec, mem) = rt.to_spec()?;
     let spec = vmm::VmSpec {
         kernel_name: cfg.kernel.clone(),
@@ -465,7 +464,8 @@ fn restore(
         latency_port: None,
         irq_bench: None,
         control_socket,
-        restore_from: Some(stream),
+        restore_from: Some(source),
+        on_start: None,
     };
     let report = vmm::Vm::create(spec)?.run()?;
     let transcript = String::from_utf8_lossy(&report.transcript).into_owned();

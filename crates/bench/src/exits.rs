@@ -76,6 +76,7 @@ fn spec(n: u64) -> VmSpec {
         irq_bench: None,
         control_socket: None,
         restore_from: None,
+        on_start: None,
     }
 }
 

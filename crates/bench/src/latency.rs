@@ -356,6 +356,7 @@ fn measure(
         irq_bench,
         control_socket: None,
         restore_from: None,
+        on_start: None,
     };
     let report = Vm::create(spec)?.run()?;
     let text = String::from_utf8_lossy(&report.transcript);

@@ -275,8 +275,8 @@ pub fn write(
     }
 }
 
-fn stream_error(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Config(format!("snapshot {}: {e}", path.display()))
+fn stream_error(name: &str, e: impl std::fmt::Display) -> Error {
+    Error::Config(format!("snapshot {name}: {e}"))
 }
 
 /// The snapshot stream of `dir` (a directory, or the stream file itself).
@@ -288,62 +288,91 @@ pub fn stream_path(from: &Path) -> PathBuf {
     }
 }
 
-/// Reads the Config frame, the first of a stream.
-pub fn read_config(path: &Path) -> Result<SnapshotConfig> {
-    let file = std::fs::File::open(path).map_err(|e| stream_error(path, e))?;
-    let mut r = Reader::new(std::io::BufReader::new(file)).map_err(|e| stream_error(path, e))?;
-    match r.next_frame().map_err(|e| stream_error(path, e))? {
-        Some(f) if f.kind == Kind::Config => serde_json::from_slice(&f.payload)
-            .map_err(|e| stream_error(path, format!("config frame: {e}"))),
-        _ => Err(stream_error(
-            path,
-            "the stream does not start with its configuration",
-        )),
+/// A stream being restored (a snapshot file or a migration connection),
+/// positioned after its Config frame.
+pub struct RestoreSource {
+    pub name: String,
+    reader: Reader<Box<dyn std::io::Read + Send>>,
+}
+
+impl RestoreSource {
+    /// Starts reading `input`; returns the source and its configuration.
+    pub fn new(
+        name: &str,
+        input: Box<dyn std::io::Read + Send>,
+    ) -> Result<(RestoreSource, SnapshotConfig)> {
+        let mut reader = Reader::new(input).map_err(|e| stream_error(name, e))?;
+        let config = match reader.next_frame().map_err(|e| stream_error(name, e))? {
+            Some(f) if f.kind == Kind::Config => serde_json::from_slice(&f.payload)
+                .map_err(|e| stream_error(name, format!("config frame: {e}")))?,
+            _ => {
+                return Err(stream_error(
+                    name,
+                    "the stream does not start with its configuration",
+                ))
+            }
+        };
+        Ok((
+            RestoreSource {
+                name: name.to_string(),
+                reader,
+            },
+            config,
+        ))
+    }
+
+    /// Opens a snapshot file.
+    pub fn open(path: &Path) -> Result<(RestoreSource, SnapshotConfig)> {
+        let name = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|e| stream_error(&name, e))?;
+        RestoreSource::new(
+            &name,
+            Box::new(std::io::BufReader::with_capacity(1 << 20, file)),
+        )
     }
 }
 
-/// Applies a whole stream to a freshly created, not yet running VM. Every
-/// frame is verified before it is used and the VM runs only if the whole
-/// stream was read, so a corrupt or cut stream never runs.
+/// Applies the rest of a stream to a freshly created, not yet running VM.
+/// Every frame is verified before it is used and the VM runs only if the
+/// whole stream was read, so a corrupt or cut stream never runs.
 pub fn apply(
-    path: &Path,
+    src: &mut RestoreSource,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     vcpus: &[VcpuFd],
 ) -> Result<SerialRegs> {
-    let file = std::fs::File::open(path).map_err(|e| stream_error(path, e))?;
-    let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, file))
-        .map_err(|e| stream_error(path, e))?;
+    let name = src.name.clone();
+    let name = name.as_str();
     let mut devices = None;
     let mut restored = vec![false; vcpus.len()];
-    while let Some(f) = r.next_frame().map_err(|e| stream_error(path, e))? {
+    while let Some(f) = src.reader.next_frame().map_err(|e| stream_error(name, e))? {
         match f.kind {
             Kind::Config => {}
             Kind::Pages => {
-                for (gpa, data) in f.pages().map_err(|e| stream_error(path, e))? {
+                for (gpa, data) in f.pages().map_err(|e| stream_error(name, e))? {
                     mem.write_slice(data, GuestAddress(gpa))
-                        .map_err(|e| stream_error(path, format!("page {gpa:#x}: {e}")))?;
+                        .map_err(|e| stream_error(name, format!("page {gpa:#x}: {e}")))?;
                 }
             }
             Kind::ZeroPages => {
                 let zero = [0u8; PAGE_SIZE];
-                for gpa in f.zero_pages().map_err(|e| stream_error(path, e))? {
+                for gpa in f.zero_pages().map_err(|e| stream_error(name, e))? {
                     mem.write_slice(&zero, GuestAddress(gpa))
-                        .map_err(|e| stream_error(path, format!("page {gpa:#x}: {e}")))?;
+                        .map_err(|e| stream_error(name, format!("page {gpa:#x}: {e}")))?;
                 }
             }
             Kind::DeviceState => {
                 devices = Some(
                     serde_json::from_slice::<DeviceState>(&f.payload)
-                        .map_err(|e| stream_error(path, format!("device state: {e}")))?,
+                        .map_err(|e| stream_error(name, format!("device state: {e}")))?,
                 );
             }
             Kind::VcpuState => {
                 let s: VcpuState = serde_json::from_slice(&f.payload)
-                    .map_err(|e| stream_error(path, format!("vCPU state: {e}")))?;
+                    .map_err(|e| stream_error(name, format!("vCPU state: {e}")))?;
                 let vcpu = vcpus.get(s.id as usize).ok_or_else(|| {
                     stream_error(
-                        path,
+                        name,
                         format!("state of vCPU {} for a VM of {}", s.id, vcpus.len()),
                     )
                 })?;
@@ -353,9 +382,9 @@ pub fn apply(
             Kind::End => {}
         }
     }
-    let devices = devices.ok_or_else(|| stream_error(path, "no device state"))?;
+    let devices = devices.ok_or_else(|| stream_error(name, "no device state"))?;
     if let Some(id) = restored.iter().position(|r| !r) {
-        return Err(stream_error(path, format!("no state for vCPU {id}")));
+        return Err(stream_error(name, format!("no state for vCPU {id}")));
     }
     restore_devices(vm, &devices)?;
     Ok(devices.com1)

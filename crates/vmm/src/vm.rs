@@ -105,8 +105,11 @@ pub struct VmSpec {
     pub irq_bench: Option<crate::irq_bench::IrqBenchSpec>,
     /// Serve the control socket (pause, resume, snapshot, status) here.
     pub control_socket: Option<PathBuf>,
-    /// Restore this snapshot stream instead of booting the kernel.
-    pub restore_from: Option<PathBuf>,
+    /// Restore this stream (snapshot or migration) instead of booting.
+    pub restore_from: Option<crate::snapshot::RestoreSource>,
+    /// Called once the vCPUs have been released (a migration's destination
+    /// confirms it runs).
+    pub on_start: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Why the VM ended.
@@ -233,7 +236,7 @@ fn enable_cap(vm: &VmFd, cap: u32, arg: u64) -> std::result::Result<(), kvm_ioct
 }
 
 impl Vm {
-    pub fn create(spec: VmSpec) -> Result<Vm> {
+    pub fn create(mut spec: VmSpec) -> Result<Vm> {
         let created = Instant::now();
         if spec.vcpus == 0 {
             return Err(Error::Config(
@@ -406,7 +409,7 @@ impl Vm {
         };
 
         let msrs = crate::snapshot::msr_list(&kvm, &vcpus[0]);
-        let (boot, cmdline) = match &spec.restore_from {
+        let (boot, cmdline) = match spec.restore_from.as_mut() {
             Some(path) => {
                 // the stream's memory, devices and vCPU states, all verified
                 // before the VM runs
@@ -487,7 +490,8 @@ impl Vm {
     }
 
     /// Runs the VM to its end and reports.
-    pub fn run(self) -> Result<RunReport> {
+    pub fn run(mut self) -> Result<RunReport> {
+        let on_start = self.spec.on_start.take();
         let Vm {
             _kvm,
             vm,
@@ -674,6 +678,11 @@ impl Vm {
             handles.iter().map(|h| h.as_pthread_t()).collect();
         for g in &go {
             let _ = g.send(failure.is_none());
+        }
+        if failure.is_none() {
+            if let Some(f) = on_start {
+                f();
+            }
         }
         if let Some(e) = failure {
             for h in handles {
