@@ -54,6 +54,41 @@ enum Command {
         #[command(flatten)]
         rt: Box<config::RtArgs>,
     },
+    /// Wait for one incoming migration, then run the guest it brings.
+    Receive {
+        /// unix:PATH or tcp:ADDR:PORT
+        #[arg(long)]
+        listen: String,
+        #[arg(long, value_name = "FILE")]
+        serial: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        exit_stats: bool,
+        #[command(flatten)]
+        rt: Box<config::RtArgs>,
+    },
+    /// Live-migrate a running VM (through its control socket) to a receiver.
+    Migrate {
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// unix:PATH or tcp:HOST:PORT of `nfvisor receive`
+        #[arg(long)]
+        to: String,
+        /// Downtime budget: pre-copy stops when the rest fits in it.
+        #[arg(long, default_value_t = 10.0)]
+        downtime_ms: f64,
+        /// Give up pre-copy after this many seconds.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// On timeout: abort (the guest runs on here) or force (stop and complete).
+        #[arg(long, default_value = "abort", value_parser = ["abort", "force"])]
+        on_timeout: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause, save to DIR and resume a running VM (through its control socket).
     Snapshot {
         #[arg(long, value_name = "PATH")]
@@ -262,6 +297,26 @@ fn dispatch(cli: Cli) -> Result<u8> {
             exit_stats,
             rt,
         } => restore(&from, serial, control_socket, json, exit_stats, &rt),
+        Command::Receive {
+            listen,
+            serial,
+            control_socket,
+            json,
+            exit_stats,
+            rt,
+        } => receive(&listen, serial, control_socket, json, exit_stats, &rt),
+        Command::Migrate {
+            control_socket,
+            to,
+            downtime_ms,
+            timeout,
+            on_timeout,
+            json,
+        } => {
+            vmm::migrate::Endpoint::parse(&to).map_err(|e| anyhow::anyhow!("--to {e}"))?;
+            let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": to, "downtime_ms": downtime_ms, "timeout_s": timeout, "on_timeout": on_timeout});
+            control(&control_socket, req, json)
+        }
         Command::Snapshot {
             control_socket,
             to,
@@ -441,6 +496,98 @@ fn restore(
     rt: &config::RtArgs,
 ) -> Result<u8> {
     let (source, cfg) = vmm::snapshot::RestoreSource::open(&vmm::snapshot::stream_path(from))?;
+    let vm = restored_vm(source, cfg, serial, control_socket, json, rt)?;
+    run_restored(vm, json, exit_stats)
+}
+
+/// Waits for one migration on `listen`, verifies and loads it, answers
+/// READY, waits for GO, runs the guest and confirms RUNNING.
+fn receive(
+    listen: &str,
+    serial: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    json: bool,
+    exit_stats: bool,
+    rt: &config::RtArgs,
+) -> Result<u8> {
+    use std::io::{BufRead, Write};
+    use vmm::migrate::{Endpoint, Link};
+    let endpoint = Endpoint::parse(listen).map_err(|e| anyhow::anyhow!("--listen {e}"))?;
+    let link: Box<dyn Link> = match &endpoint {
+        Endpoint::Unix(p) => {
+            if p.exists() {
+                std::fs::remove_file(p).with_context(|| format!("--listen {}", p.display()))?;
+            }
+            let l = std::os::unix::net::UnixListener::bind(p)
+                .with_context(|| format!("--listen {}", p.display()))?;
+            tracing::info!("waiting for a migration on {listen}");
+            let (s, _) = l
+                .accept()
+                .with_context(|| format!("accepting on {listen}"))?;
+            let _ = std::fs::remove_file(p);
+            Box::new(s)
+        }
+        Endpoint::Tcp(a) => {
+            let l = std::net::TcpListener::bind(a).with_context(|| format!("--listen {listen}"))?;
+            tracing::info!("waiting for a migration on {listen}");
+            let (s, peer) = l
+                .accept()
+                .with_context(|| format!("accepting on {listen}"))?;
+            tracing::info!("migration from {peer}");
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+    };
+    let input = std::io::BufReader::with_capacity(4 << 20, link.split()?);
+    let mut answer = link;
+    let loaded = vmm::snapshot::RestoreSource::new(listen, Box::new(input))
+        .map_err(anyhow::Error::from)
+        .and_then(|(source, cfg)| restored_vm(source, cfg, serial, control_socket, json, rt));
+    let mut vm = match loaded {
+        Ok(vm) => vm,
+        Err(e) => {
+            let why = format!("{e:#}").replace('\n', " ");
+            let _ = answer.write_all(format!("ERROR {why}\n").as_bytes());
+            return Err(e.context("the incoming migration was refused; nothing ran"));
+        }
+    };
+    answer.write_all(b"READY\n")?;
+    answer.flush()?;
+    answer.set_timeout(Some(std::time::Duration::from_secs(60)))?;
+    let mut back = std::io::BufReader::new(answer.split()?);
+    let mut line = String::new();
+    back.read_line(&mut line)?;
+    let paused_at: u128 = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["GO", ns] => ns.parse().context("GO line")?,
+        _ => anyhow::bail!(
+            "the source did not say GO ({:?}); the guest was not started here",
+            line.trim()
+        ),
+    };
+    vm.set_on_start(Box::new(move || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let downtime = now.saturating_sub(paused_at);
+        tracing::info!(
+            "guest resumed here {:.3} ms after the source paused it",
+            downtime as f64 / 1e6
+        );
+        let _ = answer.write_all(format!("RUNNING {downtime}\n").as_bytes());
+        let _ = answer.flush();
+    }));
+    run_restored(vm, json, exit_stats)
+}
+
+fn restored_vm(
+    source: vmm::snapshot::RestoreSource,
+    cfg: vmm::snapshot::SnapshotConfig,
+    serial: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    json: bool,
+    rt: &config::RtArgs,
+) -> Result<vmm::Vm> {
     let (rt_spec, mem) = rt.to_spec()?;
     let spec = vmm::VmSpec {
         kernel_name: cfg.kernel.clone(),
@@ -467,7 +614,11 @@ fn restore(
         restore_from: Some(source),
         on_start: None,
     };
-    let report = vmm::Vm::create(spec)?.run()?;
+    Ok(vmm::Vm::create(spec)?)
+}
+
+fn run_restored(vm: vmm::Vm, json: bool, exit_stats: bool) -> Result<u8> {
+    let report = vm.run()?;
     let transcript = String::from_utf8_lossy(&report.transcript).into_owned();
     let guest = guests::protocol::parse(&transcript);
     let code = report::exit_code_of(&report.stop);

@@ -15,6 +15,7 @@ pub fn exit_code_of(stop: &StopReason) -> u8 {
         | StopReason::InternalError { .. }
         | StopReason::FailEntry { .. } => exit_code::GUEST_CRASH,
         StopReason::SystemEvent { .. } => exit_code::GUEST_NO_STATUS,
+        StopReason::Migrated { .. } => 0,
         StopReason::Error { .. } => exit_code::VMM_RUNTIME,
     }
 }
@@ -36,6 +37,7 @@ fn describe(stop: &StopReason) -> String {
         } => {
             format!("vCPU {vcpu} failed to enter the guest (hardware reason {hardware_reason:#x})")
         }
+        StopReason::Migrated { to } => format!("guest migrated to {to}; it runs there now"),
         StopReason::SystemEvent { vcpu, event } => {
             format!("guest requested system event {event} on vCPU {vcpu}")
         }

@@ -48,9 +48,11 @@ pub struct VmHandle {
     pub(crate) config: SnapshotConfig,
     pub(crate) state: Mutex<RunState>,
     pub(crate) started: Instant,
+    /// Set when the guest has moved to another host.
+    pub(crate) migrated: Mutex<Option<String>>,
 }
 
-fn regs_of(s: &vm_superio::serial::SerialState) -> SerialRegs {
+pub(crate) fn regs_of(s: &vm_superio::serial::SerialState) -> SerialRegs {
     SerialRegs {
         baud_divisor_low: s.baud_divisor_low,
         baud_divisor_high: s.baud_divisor_high,
@@ -129,6 +131,17 @@ impl VmHandle {
         }
         *state = RunState::Paused;
         Ok(t0.elapsed())
+    }
+
+    /// Ends the VM here (after a migration): every vCPU leaves.
+    pub(crate) fn stop_all(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.pause.store(false, Ordering::Release);
+        for c in &self.cmds {
+            let _ = c.send(VcpuCmd::Resume);
+        }
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = RunState::Running;
+        self.kick_all();
     }
 
     pub fn resume(&self) {
@@ -256,9 +269,34 @@ fn handle_request(h: &VmHandle, line: &str) -> String {
                 Err(e) => reply(false, serde_json::json!({ "error": e.to_string() })),
             },
         },
+        Some("migrate") => {
+            let Some(to) = req["to"].as_str() else {
+                return reply(
+                    false,
+                    serde_json::json!({ "error": "migrate needs \"to\": unix:PATH or tcp:HOST:PORT" }),
+                );
+            };
+            let opts = crate::migrate::MigrateOptions {
+                downtime: Duration::from_micros(
+                    (req["downtime_ms"].as_f64().unwrap_or(10.0) * 1000.0) as u64,
+                ),
+                timeout: Duration::from_secs_f64(req["timeout_s"].as_f64().unwrap_or(60.0)),
+                force: req["on_timeout"].as_str() == Some("force"),
+            };
+            match crate::migrate::migrate(h, to, &opts) {
+                Ok(r) => reply(
+                    true,
+                    serde_json::json!({ "migration": r, "state": "migrated" }),
+                ),
+                Err(e) => reply(
+                    false,
+                    serde_json::json!({ "error": e.to_string(), "state": h.state() }),
+                ),
+            }
+        }
         Some(other) => reply(
             false,
-            serde_json::json!({ "error": format!("unknown command {other:?} (status, pause, resume, snapshot)") }),
+            serde_json::json!({ "error": format!("unknown command {other:?} (status, pause, resume, snapshot, migrate)") }),
         ),
         None => reply(false, serde_json::json!({ "error": "no \"cmd\"" })),
     }

@@ -11,6 +11,7 @@ pub mod irq_bench;
 pub mod kvm_stats;
 pub mod layout;
 pub mod memory;
+pub mod migrate;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -137,6 +137,10 @@ pub enum StopReason {
         vcpu: u32,
         event: u32,
     },
+    /// The guest moved to another host and runs there.
+    Migrated {
+        to: String,
+    },
     Error {
         vcpu: u32,
         message: String,
@@ -480,6 +484,11 @@ impl Vm {
         })
     }
 
+    /// Sets what runs once the vCPUs are released.
+    pub fn set_on_start(&mut self, f: Box<dyn FnOnce() + Send>) {
+        self.spec.on_start = Some(f);
+    }
+
     /// Runs vCPU 0 alone in the bare floor loop of the exit benchmark (no
     /// devices, no accounting); returns the guest status and its console.
     pub fn run_floor(mut self) -> Result<(u32, Vec<u8>)> {
@@ -544,6 +553,7 @@ impl Vm {
             },
             state: Mutex::new(RunState::Running),
             started: Instant::now(),
+            migrated: Mutex::new(None),
         });
         let msrs = Arc::new(msrs);
 
@@ -803,6 +813,14 @@ impl Vm {
             .join()
             .map_err(|_| Error::Device("the console thread panicked".into()))??;
 
+        if let Some(to) = handle
+            .migrated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            stop_reason = Some(StopReason::Migrated { to });
+        }
         let mut warnings = Vec::new();
         if spec.rt.disable_exits.hlt
             && settings

@@ -1,0 +1,336 @@
+//! Live migration, the sending side: pre-copy rounds over dirty logging,
+//! stop-and-copy, and the two-phase hand-over (the destination says READY
+//! after verifying everything; the source says GO; the destination resumes
+//! and answers RUNNING; only then does the source stop).
+//!
+//! Control lines after the stream, one per line: destination -> source
+//! `READY` or `ERROR <why>`; source -> destination `GO <pause time, ns of
+//! CLOCK_REALTIME>`; destination -> source `RUNNING <downtime ns>`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+use migration::{Kind, Writer, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::control::{RunState, VcpuCmd, VmHandle};
+use crate::{memory, snapshot, Error, Result};
+
+/// A migration endpoint: `unix:PATH` or `tcp:HOST:PORT`.
+pub enum Endpoint {
+    Unix(std::path::PathBuf),
+    Tcp(String),
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> std::result::Result<Endpoint, String> {
+        match s.split_once(':') {
+            Some(("unix", p)) if !p.is_empty() => Ok(Endpoint::Unix(p.into())),
+            Some(("tcp", a)) if a.contains(':') => Ok(Endpoint::Tcp(a.to_string())),
+            _ => Err(format!("{s:?}: give unix:PATH or tcp:HOST:PORT")),
+        }
+    }
+}
+
+/// A connected stream, both directions.
+pub trait Link: Read + Write + Send {
+    fn split(&self) -> std::io::Result<Box<dyn Link>>;
+    fn set_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Link for UnixStream {
+    fn split(&self) -> std::io::Result<Box<dyn Link>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn set_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(d)
+    }
+}
+
+impl Link for TcpStream {
+    fn split(&self) -> std::io::Result<Box<dyn Link>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn set_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(d)
+    }
+}
+
+pub fn connect(to: &Endpoint) -> std::io::Result<Box<dyn Link>> {
+    Ok(match to {
+        Endpoint::Unix(p) => Box::new(UnixStream::connect(p)?),
+        Endpoint::Tcp(a) => {
+            let s = TcpStream::connect(a)?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    pub downtime: Duration,
+    pub timeout: Duration,
+    /// On timeout: stop the guest and complete (true) or abort (false).
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MigrationReport {
+    pub total_ms: f64,
+    /// Source pause to destination resume, measured by the destination.
+    pub downtime_ms: f64,
+    /// Source pause to the RUNNING answer (includes the round trip).
+    pub downtime_seen_by_source_ms: f64,
+    pub rounds: u32,
+    pub bytes: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub last_round_pages: u64,
+    pub bandwidth_mib_s: f64,
+    pub forced: bool,
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::Device(format!("migration link: {e}"))
+}
+
+/// Sends the given pages (all of guest memory when `dirty` is None):
+/// non-zero pages with their data, zero pages as markers (only when
+/// re-sent: the destination starts from zero memory).
+fn send_pages<W: Write>(
+    h: &VmHandle,
+    w: &mut Writer<W>,
+    dirty: Option<&[Vec<u64>]>,
+    report: &mut MigrationReport,
+) -> Result<u64> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut zeros = Vec::new();
+    let mut n = 0u64;
+    for (slot, region) in h.mem.iter().enumerate() {
+        let base = region.start_addr().0;
+        let pages = region.len() / PAGE_SIZE as u64;
+        for p in 0..pages {
+            if let Some(bitmaps) = dirty {
+                let bits = &bitmaps[slot];
+                if bits[(p / 64) as usize] & (1 << (p % 64)) == 0 {
+                    continue;
+                }
+            }
+            let gpa = base + p * PAGE_SIZE as u64;
+            h.mem
+                .read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|e| Error::Memory(format!("reading page {gpa:#x}: {e}")))?;
+            n += 1;
+            if is_zero(&page) {
+                report.zero_pages += 1;
+                if dirty.is_some() {
+                    zeros.push(gpa);
+                }
+                continue;
+            }
+            batch.push((gpa, page.clone()));
+            report.pages_sent += 1;
+            if batch.len() == 512 {
+                w.pages(batch.iter().map(|(g, d)| (*g, d.as_slice())))
+                    .map_err(io)?;
+                batch.clear();
+            }
+        }
+    }
+    w.pages(batch.iter().map(|(g, d)| (*g, d.as_slice())))
+        .map_err(io)?;
+    w.zero_pages(&zeros).map_err(io)?;
+    Ok(n)
+}
+
+fn dirty_bitmaps(h: &VmHandle) -> Result<Vec<Vec<u64>>> {
+    h.mem
+        .iter()
+        .enumerate()
+        .map(|(slot, r)| {
+            h.vm.get_dirty_log(slot as u32, r.len() as usize)
+                .map_err(|e| Error::Kvm(format!("KVM_GET_DIRTY_LOG slot {slot}: {e}")))
+        })
+        .collect()
+}
+
+fn count(bitmaps: &[Vec<u64>]) -> u64 {
+    bitmaps
+        .iter()
+        .flatten()
+        .map(|w| w.count_ones() as u64)
+        .sum()
+}
+
+/// Migrates the running VM to `to`. On success the source VM is stopped
+/// (reported as migrated); before GO any failure resumes the source guest;
+/// after GO without an answer the guest stays paused and the error says so.
+pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<MigrationReport> {
+    let t0 = Instant::now();
+    let endpoint = Endpoint::parse(to).map_err(Error::Config)?;
+    let link = connect(&endpoint).map_err(|e| Error::Device(format!("connecting to {to}: {e}")))?;
+    let mut back = BufReader::new(link.split().map_err(io)?);
+    let mut w = Writer::new(std::io::BufWriter::with_capacity(4 << 20, link)).map_err(io)?;
+    let mut report = MigrationReport::default();
+    w.frame(
+        Kind::Config,
+        &serde_json::to_vec(&h.config).expect("serialisable"),
+    )
+    .map_err(io)?;
+
+    memory::register_slots(&h.vm, &h.mem, KVM_MEM_LOG_DIRTY_PAGES)?;
+    let result = (|| -> Result<u128> {
+        // round 1: everything; then what was dirtied meanwhile
+        let r0 = Instant::now();
+        send_pages(h, &mut w, None, &mut report)?;
+        report.rounds = 1;
+        let mut bandwidth = (report.pages_sent.max(1) * PAGE_SIZE as u64) as f64
+            / r0.elapsed().as_secs_f64().max(1e-6);
+        loop {
+            let dirty = dirty_bitmaps(h)?;
+            let pages = count(&dirty);
+            let estimate = Duration::from_secs_f64(pages as f64 * PAGE_SIZE as f64 / bandwidth);
+            if estimate <= opts.downtime {
+                // small enough: these go in the stop-and-copy
+                return stop_and_copy(h, &mut w, Some(dirty), &mut report);
+            }
+            if t0.elapsed() > opts.timeout {
+                if !opts.force {
+                    return Err(Error::Device(format!(
+                        "did not converge in {:?} ({pages} pages dirty per round, budget {:?}); the guest keeps running here",
+                        opts.timeout, opts.downtime
+                    )));
+                }
+                report.forced = true;
+                return stop_and_copy(h, &mut w, Some(dirty), &mut report);
+            }
+            let r = Instant::now();
+            let before = report.pages_sent + report.zero_pages;
+            send_pages(h, &mut w, Some(&dirty), &mut report)?;
+            let sent = report.pages_sent + report.zero_pages - before;
+            bandwidth =
+                (sent.max(1) * PAGE_SIZE as u64) as f64 / r.elapsed().as_secs_f64().max(1e-6);
+            report.rounds += 1;
+        }
+    })();
+    let paused_at = match result {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = memory::register_slots(&h.vm, &h.mem, 0);
+            if h.state() == RunState::Paused {
+                h.resume();
+            }
+            return Err(e);
+        }
+    };
+    let (out, bytes) = w.finish().map_err(io)?;
+    report.bytes = bytes;
+    drop(out.into_inner().map_err(|e| io(e.into_error()))?);
+
+    // phase 1: the destination verifies and says READY
+    let _ = back.get_ref().set_timeout(Some(Duration::from_secs(60)));
+    let mut line = String::new();
+    let ready = back.read_line(&mut line);
+    if ready.is_err() || line.trim() != "READY" {
+        let _ = memory::register_slots(&h.vm, &h.mem, 0);
+        h.resume();
+        return Err(Error::Device(format!(
+            "the destination did not accept the VM ({}); the guest runs on here",
+            match ready {
+                Err(e) => e.to_string(),
+                Ok(_) if line.is_empty() => "connection closed".into(),
+                Ok(_) => line.trim().to_string(),
+            }
+        )));
+    }
+    // phase 2: GO; from here a lost answer leaves the guest paused
+    let mut link = back.into_inner();
+    let go = link
+        .write_all(format!("GO {paused_at}\n").as_bytes())
+        .and_then(|_| link.flush());
+    let mut back = BufReader::new(link);
+    let mut line = String::new();
+    let answer = go.and_then(|_| back.read_line(&mut line));
+    match (
+        answer,
+        line.split_whitespace().collect::<Vec<_>>().as_slice(),
+    ) {
+        (Ok(_), ["RUNNING", ns]) => {
+            report.downtime_ms = ns.parse::<f64>().unwrap_or(0.0) / 1e6;
+        }
+        _ => {
+            return Err(Error::Device(format!(
+                "OUTCOME UNKNOWN: GO was sent to {to} but no RUNNING came back ({:?}); the guest stays PAUSED here. Check whether it runs on the destination before resuming it here (nfvisor resume) — two running copies are worse than a paused one",
+                line.trim()
+            )));
+        }
+    }
+    report.downtime_seen_by_source_ms = (now_ns().saturating_sub(paused_at)) as f64 / 1e6;
+    report.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    report.bandwidth_mib_s =
+        report.bytes as f64 / (1 << 20) as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+    *h.migrated.lock().unwrap_or_else(|e| e.into_inner()) = Some(to.to_string());
+    h.stop_all();
+    Ok(report)
+}
+
+/// Pauses the guest and sends the last dirty pages and every state.
+/// Returns the pause time (CLOCK_REALTIME ns).
+fn stop_and_copy<W: Write>(
+    h: &VmHandle,
+    w: &mut Writer<W>,
+    _known: Option<Vec<Vec<u64>>>,
+    report: &mut MigrationReport,
+) -> Result<u128> {
+    let paused_at = now_ns();
+    h.pause()?;
+    // the bitmap read here covers everything since the last round
+    let dirty = dirty_bitmaps(h)?;
+    let _ = _known;
+    report.last_round_pages = count(&dirty);
+    send_pages(h, w, Some(&dirty), report)?;
+    let mut states = Vec::new();
+    for (id, c) in h.cmds.iter().enumerate() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.send(VcpuCmd::Save(tx)).map_err(|_| Error::Vcpu {
+            id: id as u32,
+            why: "its thread has ended".into(),
+        })?;
+        states.push(rx.recv().map_err(|_| Error::Vcpu {
+            id: id as u32,
+            why: "its thread has ended".into(),
+        })??);
+    }
+    let devices = snapshot::save_devices(&h.vm, crate::control::regs_of(&h.com1.state()))?;
+    w.frame(
+        Kind::DeviceState,
+        &serde_json::to_vec(&devices).expect("serialisable"),
+    )
+    .map_err(io)?;
+    for s in &states {
+        w.frame(
+            Kind::VcpuState,
+            &serde_json::to_vec(s).expect("serialisable"),
+        )
+        .map_err(io)?;
+    }
+    report.rounds += 1;
+    Ok(paused_at)
+}
