@@ -170,7 +170,7 @@ pub struct Frame {
 impl Frame {
     /// (gpa, page) records of a Pages frame.
     pub fn pages(&self) -> Result<Vec<(u64, &[u8])>, StreamError> {
-        if self.kind != Kind::Pages || self.payload.len() % (PAGE_SIZE + 8) != 0 {
+        if self.kind != Kind::Pages || !self.payload.len().is_multiple_of(PAGE_SIZE + 8) {
             return Err(StreamError::Malformed {
                 index: self.index,
                 what: "page records",
@@ -185,7 +185,7 @@ impl Frame {
 
     /// Addresses of a ZeroPages frame.
     pub fn zero_pages(&self) -> Result<Vec<u64>, StreamError> {
-        if self.kind != Kind::ZeroPages || self.payload.len() % 8 != 0 {
+        if self.kind != Kind::ZeroPages || !self.payload.len().is_multiple_of(8) {
             return Err(StreamError::Malformed {
                 index: self.index,
                 what: "zero page list",

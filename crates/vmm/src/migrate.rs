@@ -209,7 +209,7 @@ pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<Migratio
             let estimate = Duration::from_secs_f64(pages as f64 * PAGE_SIZE as f64 / bandwidth);
             if estimate <= opts.downtime {
                 // small enough: these go in the stop-and-copy
-                return stop_and_copy(h, &mut w, Some(dirty), &mut report);
+                return stop_and_copy(h, &mut w, dirty, &mut report);
             }
             if t0.elapsed() > opts.timeout {
                 if !opts.force {
@@ -219,7 +219,7 @@ pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<Migratio
                     )));
                 }
                 report.forced = true;
-                return stop_and_copy(h, &mut w, Some(dirty), &mut report);
+                return stop_and_copy(h, &mut w, dirty, &mut report);
             }
             let r = Instant::now();
             let before = report.pages_sent + report.zero_pages;
@@ -296,14 +296,19 @@ pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<Migratio
 fn stop_and_copy<W: Write>(
     h: &VmHandle,
     w: &mut Writer<W>,
-    _known: Option<Vec<Vec<u64>>>,
+    pending: Vec<Vec<u64>>,
     report: &mut MigrationReport,
 ) -> Result<u128> {
     let paused_at = now_ns();
     h.pause()?;
-    // the bitmap read here covers everything since the last round
-    let dirty = dirty_bitmaps(h)?;
-    let _ = _known;
+    // what was dirty when pre-copy stopped (read, so cleared in KVM, but not
+    // yet sent) and what was dirtied since
+    let mut dirty = dirty_bitmaps(h)?;
+    for (d, p) in dirty.iter_mut().zip(&pending) {
+        for (a, b) in d.iter_mut().zip(p) {
+            *a |= b;
+        }
+    }
     report.last_round_pages = count(&dirty);
     send_pages(h, w, Some(&dirty), report)?;
     let mut states = Vec::new();

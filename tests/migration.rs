@@ -1,0 +1,188 @@
+//! Live migration between two nfvisor processes on this host, over a unix
+//! socket and over TCP on localhost, and what happens when it goes wrong.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(120);
+const DIRTIER: &[&str] = &[
+    "--guest",
+    "dirtier",
+    "--memory",
+    "32M",
+    "--cmdline",
+    "mb=4 passes=80",
+];
+
+fn digest(out: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with("DIRTIER OK"))
+        .unwrap_or_else(|| panic!("no DIRTIER OK in:\n{out}"))
+        .split(' ')
+        .find(|w| w.starts_with("digest="))
+        .unwrap()
+        .to_string()
+}
+
+fn source(dir: &std::path::Path) -> (Running, std::path::PathBuf) {
+    let sock = dir.join("src.sock");
+    let mut args = vec!["run", "--control-socket", sock.to_str().unwrap()];
+    args.extend_from_slice(DIRTIER);
+    let mut vm = Running::start(&args);
+    vm.wait_for("vCPU 0 runs on host thread");
+    for _ in 0..400 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (vm, sock)
+}
+
+fn migrate_to(endpoint: &str, name: &str) {
+    let plain = nfvisor(&[&["run"], DIRTIER].concat(), T);
+    let dir = scratch(name);
+    let mut dst = Running::start(&["receive", "--listen", endpoint]);
+    dst.wait_for("waiting for a migration");
+    let (src, sock) = source(&dir);
+    std::thread::sleep(Duration::from_millis(150));
+    let r = nfvisor(
+        &[
+            "migrate",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--to",
+            endpoint,
+            "--json",
+        ],
+        T,
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let m = &json(&r)["migration"];
+    assert!(m["rounds"].as_u64().unwrap() >= 2, "{m}");
+    let (total, down) = (
+        m["total_ms"].as_f64().unwrap(),
+        m["downtime_ms"].as_f64().unwrap(),
+    );
+    assert!(
+        down > 0.0 && down < total,
+        "downtime {down} ms of {total} ms"
+    );
+    assert!(m["pages_sent"].as_u64().unwrap() >= 1024, "{m}");
+    let s = src.finish(T);
+    assert_eq!(s.code, 0, "{}", s.stderr);
+    assert!(s.stdout.contains("guest migrated to"), "{}", s.stdout);
+    assert!(
+        !s.stdout.contains("DIRTIER OK"),
+        "the guest must not finish on the source"
+    );
+    let d = dst.finish(T);
+    assert_eq!(d.code, 0, "{}", d.stderr);
+    assert_eq!(
+        digest(&d.stdout),
+        digest(&plain.stdout),
+        "the migrated guest computed something else"
+    );
+}
+
+#[test]
+fn a_running_dirtier_migrates_over_a_unix_socket() {
+    let dir = scratch("mig-unix-ep");
+    let ep = format!("unix:{}", dir.join("in.sock").display());
+    migrate_to(&ep, "mig-unix");
+}
+
+#[test]
+fn a_running_dirtier_migrates_over_tcp() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    migrate_to(&format!("tcp:127.0.0.1:{port}"), "mig-tcp");
+}
+
+#[test]
+fn a_destination_that_dies_before_ready_leaves_the_guest_running_here() {
+    let plain = nfvisor(&[&["run"], DIRTIER].concat(), T);
+    let dir = scratch("mig-die");
+    let fake = dir.join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
+    // a destination that reads a little of the stream and dies
+    let killer = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 100_000];
+        let _ = s.read(&mut buf);
+    });
+    let (src, sock) = source(&dir);
+    let r = nfvisor(
+        &[
+            "migrate",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--to",
+            &format!("unix:{}", fake.display()),
+        ],
+        T,
+    );
+    killer.join().unwrap();
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("runs on here") || r.stderr.contains("migration link"),
+        "{}",
+        r.stderr
+    );
+    // nobody listening at all
+    let r = nfvisor(
+        &[
+            "migrate",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--to",
+            "unix:/nonexistent/in.sock",
+        ],
+        T,
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("/nonexistent/in.sock"), "{}", r.stderr);
+    let s = src.finish(T);
+    assert_eq!(s.code, 0, "{}", s.stderr);
+    assert_eq!(digest(&s.stdout), digest(&plain.stdout));
+}
+
+#[test]
+fn a_receiver_refuses_a_corrupt_stream_and_runs_nothing() {
+    let dir = scratch("mig-corrupt");
+    let (src, sock) = source(&dir);
+    let snap = dir.join("snap");
+    let r = nfvisor(
+        &[
+            "snapshot",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--to",
+            snap.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    drop(src);
+    let mut bytes = std::fs::read(snap.join("snapshot.nfv")).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    let ep = dir.join("in.sock");
+    let mut dst = Running::start(&["receive", "--listen", &format!("unix:{}", ep.display())]);
+    dst.wait_for("waiting for a migration");
+    let mut s = std::os::unix::net::UnixStream::connect(&ep).unwrap();
+    let _ = s.write_all(&bytes);
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("ERROR"), "{answer}");
+    assert!(answer.contains("checksum"), "{answer}");
+    let d = dst.finish(T);
+    assert_eq!(d.code, 78, "{}", d.stderr);
+    assert!(d.stderr.contains("nothing ran"), "{}", d.stderr);
+    assert!(!d.stdout.contains("DIRTIER"));
+}
