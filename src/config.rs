@@ -321,6 +321,7 @@ impl RunArgs {
             control_socket: self.control_socket.clone(),
             restore_from: None,
             on_start: None,
+            on_prepared: None,
         };
         Ok(Resolved { spec, bundled })
     }

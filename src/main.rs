@@ -496,7 +496,7 @@ fn restore(
     rt: &config::RtArgs,
 ) -> Result<u8> {
     let (source, cfg) = vmm::snapshot::RestoreSource::open(&vmm::snapshot::stream_path(from))?;
-    let vm = restored_vm(source, cfg, serial, control_socket, json, rt)?;
+    let vm = restored_vm(source, cfg, serial, control_socket, json, rt, None)?;
     run_restored(vm, json, exit_stats)
 }
 
@@ -539,10 +539,26 @@ fn receive(
         }
     };
     let input = std::io::BufReader::with_capacity(4 << 20, link.split()?);
+    let mut prepared = link.split()?;
     let mut answer = link;
     let loaded = vmm::snapshot::RestoreSource::new(listen, Box::new(input))
         .map_err(anyhow::Error::from)
-        .and_then(|(source, cfg)| restored_vm(source, cfg, serial, control_socket, json, rt));
+        .and_then(|(source, cfg)| {
+            let on_prepared: Box<dyn FnOnce() + Send> = Box::new(move || {
+                let _ = prepared
+                    .write_all(b"PREPARED\n")
+                    .and_then(|_| prepared.flush());
+            });
+            restored_vm(
+                source,
+                cfg,
+                serial,
+                control_socket,
+                json,
+                rt,
+                Some(on_prepared),
+            )
+        });
     let mut vm = match loaded {
         Ok(vm) => vm,
         Err(e) => {
@@ -587,6 +603,7 @@ fn restored_vm(
     control_socket: Option<PathBuf>,
     json: bool,
     rt: &config::RtArgs,
+    on_prepared: Option<Box<dyn FnOnce() + Send>>,
 ) -> Result<vmm::Vm> {
     let (rt_spec, mem) = rt.to_spec()?;
     let spec = vmm::VmSpec {
@@ -613,6 +630,7 @@ fn restored_vm(
         control_socket,
         restore_from: Some(source),
         on_start: None,
+        on_prepared,
     };
     Ok(vmm::Vm::create(spec)?)
 }

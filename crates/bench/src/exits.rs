@@ -77,6 +77,7 @@ fn spec(n: u64) -> VmSpec {
         control_socket: None,
         restore_from: None,
         on_start: None,
+        on_prepared: None,
     }
 }
 

@@ -357,6 +357,7 @@ fn measure(
         control_socket: None,
         restore_from: None,
         on_start: None,
+        on_prepared: None,
     };
     let report = Vm::create(spec)?.run()?;
     let text = String::from_utf8_lossy(&report.transcript);

@@ -150,6 +150,11 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// Pushes what is buffered to the sink.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
     /// The End frame; returns the sink and the bytes written.
     pub fn finish(mut self) -> io::Result<(W, u64)> {
         let frames = self.frames;

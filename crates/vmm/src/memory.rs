@@ -229,22 +229,42 @@ pub fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<()
     Ok(())
 }
 
-/// Bytes of guest memory resident in host RAM right now (mincore).
+/// Per region, one byte per 4 KiB page: bit 0 set where the guest has ever
+/// touched the page, from /proc/self/pagemap (present or swapped). A page
+/// never touched reads as zero: a migration's first round skips it without
+/// reading it. (mincore alone would also call a swapped-out page untouched.)
+/// None for a region that cannot be answered for: then every page counts.
+pub fn residency(mem: &GuestMemoryMmap) -> Vec<Option<Vec<u8>>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok();
+    mem.iter()
+        .map(|region| {
+            let f = pagemap.as_ref()?;
+            let pages = region.len() as usize / 4096;
+            let mut raw = vec![0u8; pages * 8];
+            let offset = (region.as_ptr() as u64 / 4096) * 8;
+            f.read_exact_at(&mut raw, offset).ok()?;
+            Some(
+                raw.chunks_exact(8)
+                    .map(|e| {
+                        let v = u64::from_le_bytes(e.try_into().unwrap());
+                        u8::from(v & (PRESENT | SWAPPED) != 0)
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Bytes of guest memory resident in host RAM right now.
 pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
-    let page = 4096usize;
-    let mut total = 0u64;
-    for region in mem.iter() {
-        let len = region.len() as usize;
-        let mut vec = vec![0u8; len.div_ceil(page)];
-        // SAFETY: the range is a live mapping owned by `mem`; `vec` has one
-        // byte per page of it.
-        let rc =
-            unsafe { libc::mincore(region.as_ptr() as *mut libc::c_void, len, vec.as_mut_ptr()) };
-        if rc == 0 {
-            total += vec.iter().filter(|&&b| b & 1 == 1).count() as u64 * page as u64;
-        }
-    }
-    total
+    residency(mem)
+        .iter()
+        .flatten()
+        .map(|v| v.iter().filter(|&&b| b & 1 == 1).count() as u64 * 4096)
+        .sum()
 }
 
 /// This process's resident set, in bytes.

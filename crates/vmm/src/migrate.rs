@@ -3,7 +3,8 @@
 //! after verifying everything; the source says GO; the destination resumes
 //! and answers RUNNING; only then does the source stop).
 //!
-//! Control lines after the stream, one per line: destination -> source
+//! Control lines, one per line: destination -> source `PREPARED` once its
+//! VM exists (creating it stays out of the downtime), and after the stream
 //! `READY` or `ERROR <why>`; source -> destination `GO <pause time, ns of
 //! CLOCK_REALTIME>`; destination -> source `RUNNING <downtime ns>`.
 
@@ -89,6 +90,8 @@ pub struct MigrationReport {
     pub bytes: u64,
     pub pages_sent: u64,
     pub zero_pages: u64,
+    /// Pages the guest never touched: skipped in the first round unread.
+    pub untouched_pages: u64,
     pub last_round_pages: u64,
     pub bandwidth_mib_s: f64,
     pub forced: bool,
@@ -123,14 +126,40 @@ fn send_pages<W: Write>(
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut zeros = Vec::new();
     let mut n = 0u64;
+    // first round: pages never touched are not even read
+    let resident = if dirty.is_none() {
+        memory::residency(&h.mem)
+    } else {
+        Vec::new()
+    };
     for (slot, region) in h.mem.iter().enumerate() {
         let base = region.start_addr().0;
         let pages = region.len() / PAGE_SIZE as u64;
-        for p in 0..pages {
-            if let Some(bitmaps) = dirty {
-                let bits = &bitmaps[slot];
-                if bits[(p / 64) as usize] & (1 << (p % 64)) == 0 {
-                    continue;
+        // the pages to look at: the set bits of the dirty bitmap, or every
+        // page the guest ever touched
+        let selected: Box<dyn Iterator<Item = u64>> = match dirty {
+            Some(bitmaps) => Box::new(bitmaps[slot].iter().enumerate().flat_map(|(i, &word)| {
+                let mut w = word;
+                std::iter::from_fn(move || {
+                    (w != 0).then(|| {
+                        let bit = w.trailing_zeros() as u64;
+                        w &= w - 1;
+                        i as u64 * 64 + bit
+                    })
+                })
+            })),
+            None => Box::new(0..pages),
+        };
+        for p in selected {
+            if p >= pages {
+                break;
+            }
+            if dirty.is_none() {
+                if let Some(Some(map)) = resident.get(slot) {
+                    if map[p as usize] & 1 == 0 {
+                        report.untouched_pages += 1;
+                        continue;
+                    }
                 }
             }
             let gpa = base + p * PAGE_SIZE as u64;
@@ -194,6 +223,23 @@ pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<Migratio
         &serde_json::to_vec(&h.config).expect("serialisable"),
     )
     .map_err(io)?;
+    w.flush().map_err(io)?;
+    // the destination creates its VM first: that stays out of the downtime
+    let _ = back.get_ref().set_timeout(Some(Duration::from_secs(30)));
+    let mut line = String::new();
+    back.read_line(&mut line)
+        .map_err(|e| Error::Device(format!("waiting for {to} to prepare: {e}")))?;
+    if line.trim() != "PREPARED" {
+        return Err(Error::Device(format!(
+            "{to} did not prepare a VM ({}); the guest runs on here",
+            if line.is_empty() {
+                "connection closed"
+            } else {
+                line.trim()
+            }
+        )));
+    }
+    let _ = back.get_ref().set_timeout(None);
 
     memory::register_slots(&h.vm, &h.mem, KVM_MEM_LOG_DIRTY_PAGES)?;
     let result = (|| -> Result<u128> {
@@ -241,6 +287,10 @@ pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<Migratio
         }
     };
     let (out, bytes) = w.finish().map_err(io)?;
+    tracing::debug!(
+        "stream flushed {:.3} ms after the pause",
+        (now_ns().saturating_sub(paused_at)) as f64 / 1e6
+    );
     report.bytes = bytes;
     drop(out.into_inner().map_err(|e| io(e.into_error()))?);
 
@@ -260,6 +310,10 @@ pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<Migratio
             }
         )));
     }
+    tracing::debug!(
+        "READY {:.3} ms after the pause",
+        (now_ns().saturating_sub(paused_at)) as f64 / 1e6
+    );
     // phase 2: GO; from here a lost answer leaves the guest paused
     let mut link = back.into_inner();
     let go = link
@@ -300,7 +354,9 @@ fn stop_and_copy<W: Write>(
     report: &mut MigrationReport,
 ) -> Result<u128> {
     let paused_at = now_ns();
+    let t = Instant::now();
     h.pause()?;
+    tracing::debug!("stop-and-copy: paused in {:?}", t.elapsed());
     // what was dirty when pre-copy stopped (read, so cleared in KVM, but not
     // yet sent) and what was dirtied since
     let mut dirty = dirty_bitmaps(h)?;
@@ -311,6 +367,11 @@ fn stop_and_copy<W: Write>(
     }
     report.last_round_pages = count(&dirty);
     send_pages(h, w, Some(&dirty), report)?;
+    tracing::debug!(
+        "stop-and-copy: {} pages sent at {:?}",
+        report.last_round_pages,
+        t.elapsed()
+    );
     let mut states = Vec::new();
     for (id, c) in h.cmds.iter().enumerate() {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -337,5 +398,6 @@ fn stop_and_copy<W: Write>(
         .map_err(io)?;
     }
     report.rounds += 1;
+    tracing::debug!("stop-and-copy: state written at {:?}", t.elapsed());
     Ok(paused_at)
 }

@@ -343,6 +343,7 @@ pub fn apply(
 ) -> Result<SerialRegs> {
     let name = src.name.clone();
     let name = name.as_str();
+    tracing::debug!("restore: applying {name}");
     let mut devices = None;
     let mut restored = vec![false; vcpus.len()];
     while let Some(f) = src.reader.next_frame().map_err(|e| stream_error(name, e))? {
@@ -382,6 +383,7 @@ pub fn apply(
             Kind::End => {}
         }
     }
+    tracing::debug!("restore: stream {name} read to its end");
     let devices = devices.ok_or_else(|| stream_error(name, "no device state"))?;
     if let Some(id) = restored.iter().position(|r| !r) {
         return Err(stream_error(name, format!("no state for vCPU {id}")));

@@ -110,6 +110,10 @@ pub struct VmSpec {
     /// Called once the vCPUs have been released (a migration's destination
     /// confirms it runs).
     pub on_start: Option<Box<dyn FnOnce() + Send>>,
+    /// Called when the VM exists and is about to read `restore_from` (a
+    /// migration's destination tells the source to start sending, so
+    /// creating the VM stays out of the downtime).
+    pub on_prepared: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Why the VM ended.
@@ -203,11 +207,11 @@ pub struct RunReport {
 
 /// A created VM, ready to run.
 pub struct Vm {
-    _kvm: Kvm,
+    kvm: Arc<Kvm>,
     vm: Arc<VmFd>,
     com1: Arc<SerialConsole>,
     /// MSRs a snapshot saves.
-    msrs: Vec<u32>,
+    msrs: Arc<std::sync::OnceLock<Vec<u32>>>,
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     io: Arc<IoContext>,
@@ -412,11 +416,15 @@ impl Vm {
             None => None,
         };
 
-        let msrs = crate::snapshot::msr_list(&kvm, &vcpus[0]);
+        // probed on the first save, not at start (it costs an ioctl per MSR)
+        let msrs = Arc::new(std::sync::OnceLock::new());
         let (boot, cmdline) = match spec.restore_from.as_mut() {
             Some(path) => {
                 // the stream's memory, devices and vCPU states, all verified
                 // before the VM runs
+                if let Some(f) = spec.on_prepared.take() {
+                    f();
+                }
                 let regs = crate::snapshot::apply(path, &vm, &mem, &vcpus)?;
                 com1.restore(&crate::control::serial_state(&regs))
                     .map_err(|e| Error::Device(format!("COM1: {e}")))?;
@@ -464,7 +472,7 @@ impl Vm {
         };
 
         Ok(Vm {
-            _kvm: kvm,
+            kvm: Arc::new(kvm),
             vm: Arc::new(vm),
             com1,
             msrs,
@@ -502,7 +510,7 @@ impl Vm {
     pub fn run(mut self) -> Result<RunReport> {
         let on_start = self.spec.on_start.take();
         let Vm {
-            _kvm,
+            kvm,
             vm,
             com1,
             msrs,
@@ -555,7 +563,6 @@ impl Vm {
             started: Instant::now(),
             migrated: Mutex::new(None),
         });
-        let msrs = Arc::new(msrs);
 
         // Each vCPU thread applies its placement, reports, then waits for go.
         let (ready_tx, ready_rx) = mpsc::channel::<(u32, i32, Vec<Setting>, Option<String>)>();
@@ -564,7 +571,8 @@ impl Vm {
         let mut handles = Vec::new();
         for ((id, mut vcpu), cmd_rx) in vcpus.into_iter().enumerate().zip(cmd_rxs) {
             let id = id as u32;
-            let (handle, ack_tx, msrs) = (handle.clone(), ack_tx.clone(), msrs.clone());
+            let (handle, ack_tx, msrs, kvm) =
+                (handle.clone(), ack_tx.clone(), msrs.clone(), kvm.clone());
             let (go_tx, go_rx) = mpsc::channel::<bool>();
             go.push(go_tx);
             let host_cpu = spec.rt.cpus.as_ref().map(|c| c[id as usize]);
@@ -613,7 +621,9 @@ impl Vm {
                         while handle.pause.load(Ordering::Acquire) {
                             match cmd_rx.recv() {
                                 Ok(VcpuCmd::Save(reply)) => {
-                                    let _ = reply.send(crate::snapshot::save_vcpu(vcpu, id, &msrs));
+                                    let list =
+                                        msrs.get_or_init(|| crate::snapshot::msr_list(&kvm, vcpu));
+                                    let _ = reply.send(crate::snapshot::save_vcpu(vcpu, id, list));
                                 }
                                 Ok(VcpuCmd::Resume) => {}
                                 Err(_) => break,
