@@ -1,5 +1,6 @@
 //! nfvisor: a virtual machine monitor on Linux KVM for network functions.
 
+mod bench_migration;
 mod config;
 mod host;
 mod latency;
@@ -197,6 +198,24 @@ enum BenchCmd {
         json: bool,
         #[command(flatten)]
         rt: Box<config::RtArgs>,
+    },
+    /// Live migration on this host, both ends: total time, downtime, rounds.
+    Migration {
+        /// idle (a halting guest, memory mostly untouched), dirtier, or all.
+        #[arg(long, default_value = "all")]
+        scenario: String,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Memory of the idle guest.
+        #[arg(long, default_value = "8G")]
+        memory: String,
+        /// Working set the dirtier writes, MiB.
+        #[arg(long, default_value_t = 64)]
+        dirtier_mb: u64,
+        #[arg(long, default_value_t = 10.0)]
+        downtime_ms: f64,
+        #[arg(long)]
+        json: bool,
     },
     /// Start-up time and VMM memory over repeated runs of the hello guest.
     Startup {
@@ -442,6 +461,17 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
             } else {
                 report::print_latency(&r);
             }
+        }
+        BenchCmd::Migration {
+            scenario,
+            runs,
+            memory,
+            dirtier_mb,
+            downtime_ms,
+            json,
+        } => {
+            anyhow::ensure!(runs > 0, "--runs must be at least 1");
+            return bench_migration::run(&scenario, runs, &memory, dirtier_mb, downtime_ms, json);
         }
         BenchCmd::Startup { runs, json } => {
             anyhow::ensure!(runs > 0, "--runs must be at least 1");
