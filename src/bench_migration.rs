@@ -30,13 +30,32 @@ fn wait_for(path: &Path) -> Result<()> {
 }
 
 /// One migration of a guest started with `guest_args`; the migration report.
-pub fn once(exe: &Path, guest_args: &[&str], downtime_ms: f64, timeout_s: f64, warmup: Duration) -> Result<serde_json::Value> {
-    let dir = std::env::temp_dir().join(format!("nfvisor-bench-mig-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
+pub fn once(
+    exe: &Path,
+    guest_args: &[&str],
+    downtime_ms: f64,
+    timeout_s: f64,
+    warmup: Duration,
+) -> Result<serde_json::Value> {
+    let dir = std::env::temp_dir().join(format!(
+        "nfvisor-bench-mig-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
     std::fs::create_dir_all(&dir)?;
     let (inbound, control) = (dir.join("in.sock"), dir.join("src.sock"));
     let listen = format!("unix:{}", inbound.display());
-    let mut dst = spawn(exe, &["receive", "--listen", &listen, "--serial", "/dev/null"])?;
-    let mut args = vec!["run", "--serial", "/dev/null", "--control-socket", control.to_str().unwrap()];
+    let mut dst = spawn(
+        exe,
+        &["receive", "--listen", &listen, "--serial", "/dev/null"],
+    )?;
+    let mut args = vec![
+        "run",
+        "--serial",
+        "/dev/null",
+        "--control-socket",
+        control.to_str().unwrap(),
+    ];
     args.extend_from_slice(guest_args);
     let mut src = spawn(exe, &args)?;
     let result = (|| {
@@ -60,17 +79,46 @@ pub fn once(exe: &Path, guest_args: &[&str], downtime_ms: f64, timeout_s: f64, w
 
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
-    let m = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+    let m = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
     (m, v[0], v[v.len() - 1])
 }
 
-pub fn run(scenario: &str, runs: usize, memory: &str, dirtier_mb: u64, downtime_ms: f64, json: bool) -> Result<u8> {
+pub fn run(
+    scenario: &str,
+    runs: usize,
+    memory: &str,
+    dirtier_mb: u64,
+    downtime_ms: f64,
+    json: bool,
+) -> Result<u8> {
     let exe = std::env::current_exe().context("locating the nfvisor binary")?;
     let dirtier_cmdline = format!("mb={dirtier_mb} passes=0");
     let dirtier_mem = format!("{}M", dirtier_mb + 64);
     let scenarios: Vec<(&str, Vec<&str>)> = [
-        ("idle", vec!["--memory", memory, "--cmdline", "samples=10000000 period_us=1000"]),
-        ("dirtier", vec!["--guest", "dirtier", "--memory", &dirtier_mem, "--cmdline", &dirtier_cmdline]),
+        (
+            "idle",
+            vec![
+                "--memory",
+                memory,
+                "--cmdline",
+                "samples=10000000 period_us=1000",
+            ],
+        ),
+        (
+            "dirtier",
+            vec![
+                "--guest",
+                "dirtier",
+                "--memory",
+                &dirtier_mem,
+                "--cmdline",
+                &dirtier_cmdline,
+            ],
+        ),
     ]
     .into_iter()
     .filter(|(name, _)| scenario == "all" || scenario == *name)
@@ -83,9 +131,20 @@ pub fn run(scenario: &str, runs: usize, memory: &str, dirtier_mb: u64, downtime_
         let mut reports = Vec::new();
         for i in 0..runs {
             tracing::info!("{name}: run {}/{runs}", i + 1);
-            reports.push(once(&exe, &args, downtime_ms, 5.0, Duration::from_millis(300))?);
+            reports.push(once(
+                &exe,
+                &args,
+                downtime_ms,
+                5.0,
+                Duration::from_millis(300),
+            )?);
         }
-        let field = |k: &str| reports.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect::<Vec<_>>();
+        let field = |k: &str| {
+            reports
+                .iter()
+                .map(|r| r[k].as_f64().unwrap_or(0.0))
+                .collect::<Vec<_>>()
+        };
         let (total, tmin, tmax) = median(field("total_ms"));
         let (down, dmin, dmax) = median(field("downtime_ms"));
         let (rounds, _, _) = median(field("rounds"));
@@ -106,7 +165,10 @@ pub fn run(scenario: &str, runs: usize, memory: &str, dirtier_mb: u64, downtime_
         out.insert(name.to_string(), summary);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(out))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::Value::Object(out))?
+        );
     }
     Ok(0)
 }

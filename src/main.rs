@@ -573,7 +573,8 @@ fn receive(
     let mut answer = link;
     let loaded = vmm::snapshot::RestoreSource::new(listen, Box::new(input))
         .map_err(anyhow::Error::from)
-        .and_then(|(source, cfg)| {
+        .and_then(|(mut source, cfg)| {
+            source.live = true;
             let on_prepared: Box<dyn FnOnce() + Send> = Box::new(move || {
                 let _ = prepared
                     .write_all(b"PREPARED\n")

@@ -91,8 +91,13 @@ pub struct Running {
 
 impl Running {
     pub fn start(args: &[&str]) -> Running {
+        Running::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Running {
         let mut child = Command::new(NFVISOR)
             .args(args)
+            .envs(env.iter().copied())
             .env("NFVISOR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -73,9 +73,13 @@ fn fields(
 }
 
 /// Parses a console transcript. Lines before the header (firmware, kernel
-/// output) are kept as text.
+/// output) are kept as text. A guest restored from a snapshot or migrated
+/// printed its header on the first host: there, records count when the
+/// transcript ends with the protocol's `#END` line.
 pub fn parse(transcript: &str) -> Result<GuestOutput, ProtocolError> {
     let mut out = GuestOutput::default();
+    let headless = !transcript.lines().any(|l| l.starts_with("#NFV "))
+        && transcript.lines().any(|l| l.starts_with("#END"));
     for (i, raw) in transcript.lines().enumerate() {
         let line_no = i + 1;
         let line = raw.trim_end_matches('\r');
@@ -93,7 +97,10 @@ pub fn parse(transcript: &str) -> Result<GuestOutput, ProtocolError> {
         } else if let Some(rest) = line.strip_prefix("#END") {
             let f = fields(line_no, line, &mut rest.split_whitespace())?;
             out.end_status = f.get("status").and_then(|s| s.parse().ok());
-        } else if let Some(rest) = line.strip_prefix("R ").filter(|_| out.guest.is_some()) {
+        } else if let Some(rest) = line
+            .strip_prefix("R ")
+            .filter(|_| out.guest.is_some() || headless)
+        {
             let mut words = rest.split_whitespace();
             let kind = words.next().unwrap_or("").to_string();
             let fields = fields(line_no, line, &mut words)?;
@@ -185,6 +192,13 @@ mod tests {
         assert_eq!((h.count, h.min, h.avg, h.max), (100, 3100, 6000, 40500));
         assert_eq!((h.p50, h.p99, h.p999), (5000, 5000, 40000));
         assert!(h.min <= h.p50 && h.p50 <= h.p99 && h.p99 <= h.max);
+    }
+
+    #[test]
+    fn a_resumed_guest_without_its_header_still_counts() {
+        let o = parse("R histsum series=timer unit=ns width=1000 count=1 min=5 max=5 sum=5 overflow=0\n#END status=0\n").unwrap();
+        assert_eq!(o.histograms().len(), 1);
+        assert!(parse("R something\n").unwrap().records.is_empty());
     }
 
     #[test]

@@ -385,6 +385,14 @@ fn stop_and_copy<W: Write>(
         })??);
     }
     let devices = snapshot::save_devices(&h.vm, crate::control::regs_of(&h.com1.state()))?;
+    // test-only hook: a longer stop-and-copy, so a test can tell whether the
+    // guest's clocks show the stall
+    if let Some(ms) = std::env::var("NFVISOR_TEST_STOP_COPY_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     w.frame(
         Kind::DeviceState,
         &serde_json::to_vec(&devices).expect("serialisable"),

@@ -29,6 +29,10 @@ pub struct SnapshotConfig {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct VcpuState {
     pub id: u32,
+    /// When the state was read (CLOCK_REALTIME ns): a migration's
+    /// destination moves the guest's clocks on by the time until restore.
+    #[serde(default)]
+    pub saved_at_ns: u128,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
     pub xsave: kvm_xsave,
@@ -117,6 +121,7 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: u32, msrs: &[u32]) -> Result<VcpuState> {
     }
     Ok(VcpuState {
         id,
+        saved_at_ns: realtime_ns(),
         regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
         sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
         xsave: vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
@@ -187,6 +192,28 @@ pub fn restore_devices(vm: &VmFd, d: &DeviceState) -> Result<()> {
     // only the clock value is restored; the flags describe the source host
     clock.flags = 0;
     vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+    Ok(())
+}
+
+pub(crate) fn realtime_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Moves a restored vCPU's TSC on by `elapsed`.
+fn advance_tsc(vcpu: &VcpuFd, elapsed_ns: u64, tsc_khz: u64) -> Result<()> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: 0x10,
+        ..Default::default()
+    }])
+    .map_err(|e| Error::Kvm(format!("MSR list: {e:?}")))?;
+    vcpu.get_msrs(&mut msrs)
+        .map_err(kvm("KVM_GET_MSRS IA32_TSC"))?;
+    let cycles = elapsed_ns as u128 * tsc_khz as u128 / 1_000_000;
+    msrs.as_mut_slice()[0].data = msrs.as_slice()[0].data.wrapping_add(cycles as u64);
+    vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS IA32_TSC"))?;
     Ok(())
 }
 
@@ -293,6 +320,10 @@ pub fn stream_path(from: &Path) -> PathBuf {
 pub struct RestoreSource {
     pub name: String,
     reader: Reader<Box<dyn std::io::Read + Send>>,
+    /// A live migration: the guest's clocks advance by the real time that
+    /// passed between reading its state and restoring it. A snapshot
+    /// restores the clocks as they were: the guest continues exactly there.
+    pub live: bool,
 }
 
 impl RestoreSource {
@@ -316,6 +347,7 @@ impl RestoreSource {
             RestoreSource {
                 name: name.to_string(),
                 reader,
+                live: false,
             },
             config,
         ))
@@ -340,12 +372,14 @@ pub fn apply(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     vcpus: &[VcpuFd],
+    tsc_khz: u64,
 ) -> Result<SerialRegs> {
     let name = src.name.clone();
     let name = name.as_str();
     tracing::debug!("restore: applying {name}");
     let mut devices = None;
     let mut restored = vec![false; vcpus.len()];
+    let mut clock_gap = 0u64;
     while let Some(f) = src.reader.next_frame().map_err(|e| stream_error(name, e))? {
         match f.kind {
             Kind::Config => {}
@@ -378,6 +412,11 @@ pub fn apply(
                     )
                 })?;
                 restore_vcpu(vcpu, &s)?;
+                if src.live && s.saved_at_ns > 0 {
+                    let gap = realtime_ns().saturating_sub(s.saved_at_ns) as u64;
+                    advance_tsc(vcpu, gap, tsc_khz)?;
+                    clock_gap = clock_gap.max(gap);
+                }
                 restored[s.id as usize] = true;
             }
             Kind::End => {}
@@ -388,6 +427,9 @@ pub fn apply(
     if let Some(id) = restored.iter().position(|r| !r) {
         return Err(stream_error(name, format!("no state for vCPU {id}")));
     }
+    let mut devices = devices;
+    // kvmclock too, by the same stall
+    devices.clock.clock += clock_gap;
     restore_devices(vm, &devices)?;
     Ok(devices.com1)
 }

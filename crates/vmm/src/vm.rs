@@ -425,7 +425,7 @@ impl Vm {
                 if let Some(f) = spec.on_prepared.take() {
                     f();
                 }
-                let regs = crate::snapshot::apply(path, &vm, &mem, &vcpus)?;
+                let regs = crate::snapshot::apply(path, &vm, &mem, &vcpus, tsc_khz as u64)?;
                 com1.restore(&crate::control::serial_state(&regs))
                     .map_err(|e| Error::Device(format!("COM1: {e}")))?;
                 let entry = BootEntry {
