@@ -217,6 +217,36 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The inter-VM packet ring between two processes pinned to two CPUs
+    /// over shared memory: Mpps at batch 1/8/32 beside the streaming limit.
+    Ivshmem {
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        batch: Vec<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One side of `bench ivshmem` (run by it, not by hand).
+    #[command(hide = true)]
+    RingWorker {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long)]
+        cpu: usize,
+        #[arg(long)]
+        batch: usize,
+        #[arg(long)]
+        slot: usize,
+        #[arg(long)]
+        capacity: usize,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long)]
+        start_ns: u64,
+    },
     /// Start-up time and VMM memory over repeated runs of the hello guest.
     Startup {
         #[arg(long, default_value_t = 20)]
@@ -472,6 +502,62 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
         } => {
             anyhow::ensure!(runs > 0, "--runs must be at least 1");
             return bench_migration::run(&scenario, runs, &memory, dirtier_mb, downtime_ms, json);
+        }
+        BenchCmd::Ivshmem {
+            seconds,
+            batch,
+            json,
+        } => {
+            anyhow::ensure!(seconds > 0.0, "--seconds must be > 0");
+            anyhow::ensure!(batch.iter().all(|&b| b > 0), "--batch sizes must be > 0");
+            let exe = std::env::current_exe().context("locating the nfvisor binary")?;
+            let r = bench::ring_bench::run(&exe, seconds, &batch)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "ring of {} x {} B slots, producer CPU {}, consumer CPU {}, {} s per run",
+                    r.ring_slots, r.slot_bytes, r.producer_cpu, r.consumer_cpu, r.seconds_per_run
+                );
+                println!(
+                    "streaming limit between the two CPUs: {:.1} GB/s = {:.0} M cache lines/s",
+                    r.streaming_gb_s,
+                    r.streaming_lines_per_s / 1e6
+                );
+                for b in &r.results {
+                    println!(
+                        "batch {:>3}: {:>7.2} Mpps ({:.0}% of the streaming limit), one-way latency p50 {} ns p99 {} ns, payloads {}",
+                        b.batch,
+                        b.mpps,
+                        b.share_of_streaming_limit * 100.0,
+                        b.latency_p50_ns,
+                        b.latency_p99_ns,
+                        if b.verified { "verified" } else { "CORRUPT" }
+                    );
+                }
+            }
+        }
+        BenchCmd::RingWorker {
+            role,
+            path,
+            cpu,
+            batch,
+            slot,
+            capacity,
+            seconds,
+            start_ns,
+        } => {
+            let r = bench::ring_bench::worker(&bench::ring_bench::WorkerSpec {
+                role,
+                path,
+                cpu,
+                batch,
+                slot,
+                capacity,
+                seconds,
+                start_ns,
+            })?;
+            println!("{}", serde_json::to_string(&r)?);
         }
         BenchCmd::Startup { runs, json } => {
             anyhow::ensure!(runs > 0, "--runs must be at least 1");

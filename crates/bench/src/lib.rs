@@ -5,6 +5,7 @@
 pub mod exits;
 pub mod latency;
 pub mod plot;
+pub mod ring_bench;
 pub mod startup;
 
 /// Median and spread of a set of samples.

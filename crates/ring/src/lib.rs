@@ -48,8 +48,12 @@ impl core::fmt::Display for RingError {
         match self {
             RingError::SlotSize(s) => write!(f, "slot size {s} is not a non-zero multiple of 64"),
             RingError::Capacity(c) => write!(f, "capacity {c} is not a power of two (at least 2)"),
-            RingError::TooSmall { need, have } => write!(f, "the region has {have} bytes, the ring needs {need}"),
-            RingError::NotARing => write!(f, "the region holds no nfvisor ring of version {VERSION}"),
+            RingError::TooSmall { need, have } => {
+                write!(f, "the region has {have} bytes, the ring needs {need}")
+            }
+            RingError::NotARing => {
+                write!(f, "the region holds no nfvisor ring of version {VERSION}")
+            }
             RingError::Alignment => write!(f, "the region is not 64-byte aligned"),
         }
     }
@@ -100,14 +104,19 @@ impl Shared {
 /// # Safety
 /// `base` must point at `len` writable bytes that stay mapped while either
 /// end is in use, with no other user of the ring yet.
-pub unsafe fn init(base: *mut u8, len: usize, slot_size: usize, capacity: usize) -> Result<(Producer, Consumer), RingError> {
-    if slot_size == 0 || slot_size % LINE != 0 {
+pub unsafe fn init(
+    base: *mut u8,
+    len: usize,
+    slot_size: usize,
+    capacity: usize,
+) -> Result<(Producer, Consumer), RingError> {
+    if slot_size == 0 || !slot_size.is_multiple_of(LINE) {
         return Err(RingError::SlotSize(slot_size));
     }
     if capacity < 2 || !capacity.is_power_of_two() {
         return Err(RingError::Capacity(capacity));
     }
-    if (base as usize) % LINE != 0 {
+    if !(base as usize).is_multiple_of(LINE) {
         return Err(RingError::Alignment);
     }
     let need = region_size(capacity, slot_size);
@@ -125,7 +134,11 @@ pub unsafe fn init(base: *mut u8, len: usize, slot_size: usize, capacity: usize)
         core::sync::atomic::fence(Ordering::Release);
         words.write_volatile(MAGIC);
     }
-    let shared = Shared { base, slot_size, capacity };
+    let shared = Shared {
+        base,
+        slot_size,
+        capacity,
+    };
     Ok((Producer::new(shared), Consumer::new(shared)))
 }
 
@@ -134,11 +147,14 @@ pub unsafe fn init(base: *mut u8, len: usize, slot_size: usize, capacity: usize)
 /// # Safety
 /// As for [`init`], and the ring must have been initialised by `init`.
 unsafe fn attach(base: *mut u8, len: usize) -> Result<Shared, RingError> {
-    if (base as usize) % LINE != 0 {
+    if !(base as usize).is_multiple_of(LINE) {
         return Err(RingError::Alignment);
     }
     if len < HEADER {
-        return Err(RingError::TooSmall { need: HEADER, have: len });
+        return Err(RingError::TooSmall {
+            need: HEADER,
+            have: len,
+        });
     }
     let words = base as *const u32;
     // SAFETY: the caller gives `len >= HEADER` readable bytes.
@@ -151,14 +167,23 @@ unsafe fn attach(base: *mut u8, len: usize) -> Result<Shared, RingError> {
         )
     };
     core::sync::atomic::fence(Ordering::Acquire);
-    if magic != MAGIC || version != VERSION || slot_size == 0 || slot_size % LINE != 0 || !capacity.is_power_of_two() {
+    if magic != MAGIC
+        || version != VERSION
+        || slot_size == 0
+        || !slot_size.is_multiple_of(LINE)
+        || !capacity.is_power_of_two()
+    {
         return Err(RingError::NotARing);
     }
     let need = region_size(capacity, slot_size);
     if len < need {
         return Err(RingError::TooSmall { need, have: len });
     }
-    Ok(Shared { base, slot_size, capacity })
+    Ok(Shared {
+        base,
+        slot_size,
+        capacity,
+    })
 }
 
 /// The producing end.
@@ -179,7 +204,11 @@ impl Producer {
     fn new(s: Shared) -> Self {
         let head = s.head().load(Ordering::Relaxed);
         let cached_tail = s.tail().load(Ordering::Acquire);
-        Producer { s, head, cached_tail }
+        Producer {
+            s,
+            head,
+            cached_tail,
+        }
     }
 
     /// The producing end of a ring `init` wrote (in another process).
@@ -237,7 +266,9 @@ impl Producer {
         let n = self.free().min(max);
         for i in 0..n {
             // SAFETY: slot head+i is the producer's; slot_size bytes long.
-            let slot = unsafe { core::slice::from_raw_parts_mut(self.s.slot(self.head + i as u64), self.s.slot_size) };
+            let slot = unsafe {
+                core::slice::from_raw_parts_mut(self.s.slot(self.head + i as u64), self.s.slot_size)
+            };
             fill(slot);
         }
         if n > 0 {
@@ -252,7 +283,11 @@ impl Consumer {
     fn new(s: Shared) -> Self {
         let tail = s.tail().load(Ordering::Relaxed);
         let cached_head = s.head().load(Ordering::Acquire);
-        Consumer { s, tail, cached_head }
+        Consumer {
+            s,
+            tail,
+            cached_head,
+        }
     }
 
     /// The consuming end of a ring `init` wrote (in another process).
@@ -282,7 +317,9 @@ impl Consumer {
         for i in 0..n {
             // SAFETY: slot tail+i is published (tail + i < head) and the
             // consumer's until the tail moves past it.
-            let slot = unsafe { core::slice::from_raw_parts(self.s.slot(self.tail + i as u64), self.s.slot_size) };
+            let slot = unsafe {
+                core::slice::from_raw_parts(self.s.slot(self.tail + i as u64), self.s.slot_size)
+            };
             read(slot);
         }
         if n > 0 {
@@ -323,11 +360,26 @@ mod tests {
         let base = aligned(&mut v);
         // SAFETY: `v` outlives the calls and holds the region.
         unsafe {
-            assert_eq!(init(base, 1 << 20, 100, 8).err(), Some(RingError::SlotSize(100)));
-            assert_eq!(init(base, 1 << 20, 64, 6).err(), Some(RingError::Capacity(6)));
-            assert!(matches!(init(base, 300, 64, 8).err(), Some(RingError::TooSmall { .. })));
-            assert_eq!(init(base.add(8), 1 << 20, 64, 8).err(), Some(RingError::Alignment));
-            assert_eq!(Consumer::attach(base, region_size(8, 64)).err(), Some(RingError::NotARing));
+            assert_eq!(
+                init(base, 1 << 20, 100, 8).err(),
+                Some(RingError::SlotSize(100))
+            );
+            assert_eq!(
+                init(base, 1 << 20, 64, 6).err(),
+                Some(RingError::Capacity(6))
+            );
+            assert!(matches!(
+                init(base, 300, 64, 8).err(),
+                Some(RingError::TooSmall { .. })
+            ));
+            assert_eq!(
+                init(base.add(8), 1 << 20, 64, 8).err(),
+                Some(RingError::Alignment)
+            );
+            assert_eq!(
+                Consumer::attach(base, region_size(8, 64)).err(),
+                Some(RingError::NotARing)
+            );
         }
     }
 
