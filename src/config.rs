@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// Serve the control socket here (pause, resume, snapshot, status).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Shared memory with other VMs: path=/dev/shm/NAME,size=2M[,readonly]
+    /// (an ivshmem PCI device, plain mode).
+    #[arg(long, value_name = "SPEC")]
+    pub ivshmem: Option<String>,
     #[command(flatten)]
     pub rt: RtArgs,
 }
@@ -149,6 +153,28 @@ fn parse_exits(items: &[String]) -> Result<DisableExits> {
         }
     }
     Ok(d)
+}
+
+/// Parses `path=P,size=S[,readonly]`.
+fn parse_ivshmem(spec: &str) -> Result<vmm::shared_region::IvshmemSpec> {
+    let (mut path, mut size, mut readonly) = (None, None, false);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+            Some(("size", s)) => {
+                size = Some(parse_size(s).with_context(|| format!("--ivshmem {spec:?}"))?)
+            }
+            None if part == "readonly" => readonly = true,
+            _ => bail!(
+                "--ivshmem {spec:?}: unknown part {part:?} (use path=...,size=...[,readonly])"
+            ),
+        }
+    }
+    Ok(vmm::shared_region::IvshmemSpec {
+        path: path.with_context(|| format!("--ivshmem {spec:?}: no path=..."))?,
+        size: size.with_context(|| format!("--ivshmem {spec:?}: no size=..."))?,
+        readonly,
+    })
 }
 
 fn cpu_list(flag: &str, list: &str) -> Result<Vec<usize>> {
@@ -319,6 +345,7 @@ impl RunArgs {
             latency_port: None,
             irq_bench: None,
             control_socket: self.control_socket.clone(),
+            ivshmem: self.ivshmem.as_deref().map(parse_ivshmem).transpose()?,
             restore_from: None,
             on_start: None,
             on_prepared: None,

@@ -745,6 +745,7 @@ fn restored_vm(
         latency_port: None,
         irq_bench: None,
         control_socket,
+        ivshmem: None,
         restore_from: Some(source),
         on_start: None,
         on_prepared,

@@ -8,7 +8,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GUESTS: &[&str] = &["hello", "latency_probe", "exit_bench", "dirtier"];
+const GUESTS: &[&str] = &[
+    "hello",
+    "latency_probe",
+    "exit_bench",
+    "dirtier",
+    "ivshmem_probe",
+];
 const COMMON: &[&str] = &["entry.S", "runtime.c"];
 const CFLAGS: &[&str] = &[
     "-O2",

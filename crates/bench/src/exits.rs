@@ -75,6 +75,7 @@ fn spec(n: u64) -> VmSpec {
         latency_port: None,
         irq_bench: None,
         control_socket: None,
+        ivshmem: None,
         restore_from: None,
         on_start: None,
         on_prepared: None,

@@ -355,6 +355,7 @@ fn measure(
         latency_port: Some(port.clone()),
         irq_bench,
         control_socket: None,
+        ivshmem: None,
         restore_from: None,
         on_start: None,
         on_prepared: None,

@@ -3,7 +3,9 @@
 
 pub mod bus;
 pub mod debug_exit;
+pub mod ivshmem;
 pub mod latency;
+pub mod pci;
 pub mod serial;
 pub mod sink;
 

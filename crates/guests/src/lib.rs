@@ -40,6 +40,11 @@ pub const ALL: &[Guest] = &[
         image: image!("exit_bench.elf"),
     },
     Guest {
+        name: "ivshmem-probe",
+        summary: "finds the ivshmem device on PCI, writes (mode=write) or checks (mode=read) a pattern in its BAR2; seed=1 bytes=4096",
+        image: image!("ivshmem_probe.elf"),
+    },
+    Guest {
         name: "dirtier",
         summary: "dirties one word per 4 KiB page per pass and checks every pass; mb=4 passes=3 (0 = forever) tick=N",
         image: image!("dirtier.elf"),

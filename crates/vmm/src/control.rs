@@ -50,6 +50,8 @@ pub struct VmHandle {
     pub(crate) started: Instant,
     /// Set when the guest has moved to another host.
     pub(crate) migrated: Mutex<Option<String>>,
+    /// A shared ivshmem region is attached: not in a snapshot or a stream.
+    pub(crate) has_ivshmem: bool,
 }
 
 pub(crate) fn regs_of(s: &vm_superio::serial::SerialState) -> SerialRegs {
@@ -133,6 +135,17 @@ impl VmHandle {
         Ok(t0.elapsed())
     }
 
+    /// A VM with an ivshmem region shares memory a snapshot or a stream
+    /// cannot carry: refused, with the reason.
+    pub(crate) fn refuse_with_ivshmem(&self) -> Result<()> {
+        if self.has_ivshmem {
+            return Err(Error::Config(
+                "this VM has an ivshmem region: it cannot be saved or migrated yet (its peers share that memory)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Ends the VM here (after a migration): every vCPU leaves.
     pub(crate) fn stop_all(&self) {
         self.stop.store(true, Ordering::Release);
@@ -155,6 +168,7 @@ impl VmHandle {
 
     /// Pauses, saves everything to `dir`, and resumes if it was running.
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport> {
+        self.refuse_with_ivshmem()?;
         let was_running = self.state() == RunState::Running;
         let t0 = Instant::now();
         self.pause()?;

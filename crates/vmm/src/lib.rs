@@ -12,6 +12,7 @@ pub mod kvm_stats;
 pub mod layout;
 pub mod memory;
 pub mod migrate;
+pub mod shared_region;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

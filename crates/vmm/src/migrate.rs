@@ -213,6 +213,7 @@ fn count(bitmaps: &[Vec<u64>]) -> u64 {
 /// after GO without an answer the guest stays paused and the error says so.
 pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<MigrationReport> {
     let t0 = Instant::now();
+    h.refuse_with_ivshmem()?;
     let endpoint = Endpoint::parse(to).map_err(Error::Config)?;
     let link = connect(&endpoint).map_err(|e| Error::Device(format!("connecting to {to}: {e}")))?;
     let mut back = BufReader::new(link.split().map_err(io)?);

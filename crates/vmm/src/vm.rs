@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use devices::{Bus, ConsoleBuffer, DebugExit, GuestExit, SerialConsole, Sink};
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_regs, kvm_sregs, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -103,6 +103,8 @@ pub struct VmSpec {
     pub latency_port: Option<Arc<devices::LatencyPort>>,
     /// Interrupt latency: run the injector thread beside the guest.
     pub irq_bench: Option<crate::irq_bench::IrqBenchSpec>,
+    /// An ivshmem device (plain mode) over this shared region.
+    pub ivshmem: Option<crate::shared_region::IvshmemSpec>,
     /// Serve the control socket (pause, resume, snapshot, status) here.
     pub control_socket: Option<PathBuf>,
     /// Restore this stream (snapshot or migration) instead of booting.
@@ -192,6 +194,8 @@ pub struct RunReport {
     pub vcpus: Vec<VcpuReport>,
     pub unknown_accesses: u64,
     pub irq_bench: Option<crate::irq_bench::IrqBenchResult>,
+    /// Guest writes to a read-only ivshmem region, dropped.
+    pub ivshmem_dropped_writes: Option<u64>,
     /// Things the user should know about this run (settings a host accepted
     /// but did not honour, ...).
     pub warnings: Vec<String>,
@@ -210,6 +214,11 @@ pub struct Vm {
     kvm: Arc<Kvm>,
     vm: Arc<VmFd>,
     com1: Arc<SerialConsole>,
+    /// The ivshmem region, mapped while the VM lives.
+    ivshmem: Option<(
+        crate::shared_region::SharedRegion,
+        Arc<devices::ivshmem::Ivshmem>,
+    )>,
     /// MSRs a snapshot saves.
     msrs: Arc<std::sync::OnceLock<Vec<u32>>>,
     mem: GuestMemoryMmap,
@@ -357,6 +366,42 @@ impl Vm {
         .map_err(dev_err)?;
         pio.insert(BENCH_PORT, 4, Arc::new(Sink::new("bench-port")))
             .map_err(dev_err)?;
+        let ivshmem = match &spec.ivshmem {
+            Some(ispec) => {
+                use crate::shared_region::{SharedRegion, BAR0_ADDR, BAR2_ADDR};
+                let region = SharedRegion::open(ispec)?;
+                region.register(&vm, mem.num_regions() as u32)?;
+                let dev = Arc::new(devices::ivshmem::Ivshmem::new(
+                    BAR0_ADDR, BAR2_ADDR, ispec.size,
+                ));
+                mmio.insert(
+                    BAR0_ADDR,
+                    devices::ivshmem::BAR0_SIZE,
+                    Arc::new(devices::ivshmem::IvshmemRegs),
+                )
+                .map_err(dev_err)?;
+                if ispec.readonly {
+                    mmio.insert(
+                        BAR2_ADDR,
+                        ispec.size,
+                        Arc::new(devices::ivshmem::ReadOnlyWindow(dev.clone())),
+                    )
+                    .map_err(dev_err)?;
+                }
+                Some((region, dev))
+            }
+            None => None,
+        };
+        let pci_devices: Vec<Arc<dyn devices::pci::PciFunction>> = ivshmem
+            .iter()
+            .map(|(_, d)| d.clone() as Arc<dyn devices::pci::PciFunction>)
+            .collect();
+        pio.insert(
+            0xcf8,
+            8,
+            Arc::new(devices::pci::PciConfigPorts::new(pci_devices)),
+        )
+        .map_err(dev_err)?;
         let latency_port = spec
             .latency_port
             .clone()
@@ -476,6 +521,7 @@ impl Vm {
             vm: Arc::new(vm),
             com1,
             msrs,
+            ivshmem,
             mem,
             vcpus,
             io,
@@ -514,6 +560,7 @@ impl Vm {
             vm,
             com1,
             msrs,
+            ivshmem,
             mem,
             vcpus,
             io,
@@ -562,6 +609,7 @@ impl Vm {
             state: Mutex::new(RunState::Running),
             started: Instant::now(),
             migrated: Mutex::new(None),
+            has_ivshmem: ivshmem.is_some(),
         });
 
         // Each vCPU thread applies its placement, reports, then waits for go.
@@ -874,6 +922,9 @@ impl Vm {
             vcpus: reports,
             unknown_accesses: io.unknown.count(),
             irq_bench,
+            ivshmem_dropped_writes: ivshmem
+                .as_ref()
+                .map(|(_, d)| d.dropped_writes.load(Ordering::Relaxed)),
             warnings,
             console_bytes: transcript.1,
             console_dropped: console.dropped(),

@@ -1,0 +1,83 @@
+//! The ivshmem PCI device as QEMU defines it (vendor 0x1af4, device 0x1110),
+//! plain mode: BAR0 the registers (interrupt mask/status, IVPosition,
+//! Doorbell), BAR2 the shared memory. The memory itself is a KVM memory slot
+//! the VMM maps at BAR2; this device holds the configuration space and the
+//! registers. Doorbells (MSI-X, the ivshmem-server protocol) are not built
+//! yet: the registers read zero and ignore writes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::pci::{ConfigSpace, PciFunction};
+use crate::BusDevice;
+
+pub const VENDOR: u16 = 0x1af4;
+pub const DEVICE: u16 = 0x1110;
+pub const BAR0_SIZE: u64 = 256;
+
+pub struct Ivshmem {
+    config: ConfigSpace,
+    /// Guest writes to a read-only region (KVM_MEM_READONLY turns them into
+    /// MMIO exits that land here): dropped and counted.
+    pub dropped_writes: AtomicU64,
+}
+
+impl Ivshmem {
+    pub fn new(bar0: u64, bar2: u64, size: u64) -> Ivshmem {
+        let mut config = ConfigSpace::new(VENDOR, DEVICE, 0x05_00_00, 1);
+        config.set_bar(0, bar0, BAR0_SIZE, false, false);
+        config.set_bar(2, bar2, size, true, true);
+        Ivshmem {
+            config,
+            dropped_writes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn bar2(&self) -> u64 {
+        self.config.bar_addr(2)
+    }
+}
+
+impl PciFunction for Ivshmem {
+    fn name(&self) -> &str {
+        "ivshmem"
+    }
+    fn config_read(&self, reg: u8) -> u32 {
+        self.config.read(reg)
+    }
+    fn config_write(&self, reg: u8, offset: u8, data: &[u8]) {
+        self.config.write(reg, offset, data)
+    }
+}
+
+/// BAR0: the registers (all read zero in plain mode; writes ignored).
+pub struct IvshmemRegs;
+
+impl BusDevice for IvshmemRegs {
+    fn name(&self) -> &str {
+        "ivshmem-regs"
+    }
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&self, _offset: u64, _data: &[u8]) {}
+}
+
+/// BAR2 of a read-only region: only writes reach the VMM; each is dropped.
+pub struct ReadOnlyWindow(pub std::sync::Arc<Ivshmem>);
+
+impl BusDevice for ReadOnlyWindow {
+    fn name(&self) -> &str {
+        "ivshmem-readonly"
+    }
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        if self.0.dropped_writes.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                "ivshmem: the guest wrote {} bytes at offset {offset:#x} of a read-only region: dropped (logged once, counted)",
+                data.len()
+            );
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! PCI on the legacy configuration ports (0xCF8 address, 0xCFC data), bus 0:
+//! a host bridge and whatever devices are attached. The general mechanism
+//! for PCI devices (ivshmem now; virtio and VFIO later). ECAM (MCFG) is not
+//! offered yet: guests use the 0xCF8 mechanism.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::BusDevice;
+
+/// A function's configuration space as the guest sees it.
+pub trait PciFunction: Send + Sync {
+    fn name(&self) -> &str;
+    /// Reads the 32-bit register at `reg` (a multiple of 4).
+    fn config_read(&self, reg: u8) -> u32;
+    /// Writes `value` at `reg + offset` (1, 2 or 4 bytes).
+    fn config_write(&self, reg: u8, offset: u8, data: &[u8]);
+}
+
+/// A configuration space with BARs that size and move like hardware's.
+pub struct ConfigSpace {
+    regs: Mutex<[u32; 64]>,
+    /// Per BAR: size (0 = none), and the read-only low bits.
+    bars: [(u64, u32); 6],
+}
+
+impl ConfigSpace {
+    pub fn new(vendor: u16, device: u16, class: u32, revision: u8) -> Self {
+        let mut regs = [0u32; 64];
+        regs[0] = (device as u32) << 16 | vendor as u32;
+        regs[2] = (class << 8) | revision as u32;
+        regs[0x2c / 4] = (device as u32) << 16 | vendor as u32; // subsystem
+        ConfigSpace {
+            regs: Mutex::new(regs),
+            bars: [(0, 0); 6],
+        }
+    }
+
+    /// Declares BAR `index` of `size` bytes (a power of two) at `addr`;
+    /// 64-bit memory BARs take two slots.
+    pub fn set_bar(&mut self, index: usize, addr: u64, size: u64, mem64: bool, prefetch: bool) {
+        let flags = (if mem64 { 0x4 } else { 0 }) | (if prefetch { 0x8 } else { 0 });
+        let regs = self.regs.get_mut().unwrap_or_else(|e| e.into_inner());
+        regs[4 + index] = (addr as u32 & !0xf) | flags;
+        self.bars[index] = (size, flags);
+        if mem64 {
+            regs[5 + index] = (addr >> 32) as u32;
+            self.bars[index + 1] = (size, u32::MAX); // the high half
+        }
+    }
+
+    /// The address BAR `index` holds now.
+    pub fn bar_addr(&self, index: usize) -> u64 {
+        let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let low = (regs[4 + index] & !0xf) as u64;
+        if self.bars[index].1 & 0x4 != 0 {
+            low | (regs[5 + index] as u64) << 32
+        } else {
+            low
+        }
+    }
+
+    pub fn read(&self, reg: u8) -> u32 {
+        self.regs.lock().unwrap_or_else(|e| e.into_inner())[(reg as usize / 4) & 63]
+    }
+
+    pub fn write(&self, reg: u8, offset: u8, data: &[u8]) {
+        let i = (reg as usize / 4) & 63;
+        let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = regs[i].to_le_bytes();
+        for (k, b) in data.iter().enumerate() {
+            if let Some(slot) = v.get_mut(offset as usize + k) {
+                *slot = *b;
+            }
+        }
+        let mut v = u32::from_le_bytes(v);
+        match i {
+            0 | 2 | 11 => return, // ids, class, subsystem: read-only
+            4..=9 => {
+                let (size, flags) = self.bars[i - 4];
+                if size == 0 {
+                    return;
+                }
+                if flags == u32::MAX {
+                    // high half of a 64-bit BAR: sized by the upper bits
+                    v &= !((size.saturating_sub(1) >> 32) as u32);
+                } else {
+                    // sizing (all ones) reads back the size mask
+                    v = (v & !((size - 1) as u32) & !0xf) | flags;
+                }
+            }
+            _ => {}
+        }
+        regs[i] = v;
+    }
+}
+
+/// The host bridge at 00:00.0 (Intel 440FX's IDs, as QEMU uses).
+pub struct HostBridge(ConfigSpace);
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        HostBridge(ConfigSpace::new(0x8086, 0x1237, 0x06_00_00, 2))
+    }
+}
+
+impl PciFunction for HostBridge {
+    fn name(&self) -> &str {
+        "pci-host-bridge"
+    }
+    fn config_read(&self, reg: u8) -> u32 {
+        self.0.read(reg)
+    }
+    fn config_write(&self, reg: u8, offset: u8, data: &[u8]) {
+        self.0.write(reg, offset, data)
+    }
+}
+
+/// The 0xCF8/0xCFC configuration mechanism for bus 0.
+pub struct PciConfigPorts {
+    address: AtomicU32,
+    slots: Vec<Option<Arc<dyn PciFunction>>>,
+}
+
+impl PciConfigPorts {
+    /// Devices by slot number (00:00.0 is the host bridge).
+    pub fn new(devices: Vec<Arc<dyn PciFunction>>) -> Self {
+        let mut slots: Vec<Option<Arc<dyn PciFunction>>> =
+            vec![Some(Arc::new(HostBridge::default()))];
+        slots.extend(devices.into_iter().map(Some));
+        slots.resize_with(32, || None);
+        PciConfigPorts {
+            address: AtomicU32::new(0),
+            slots,
+        }
+    }
+
+    fn target(&self) -> Option<(&Arc<dyn PciFunction>, u8)> {
+        let a = self.address.load(Ordering::Relaxed);
+        let (enabled, bus, dev, func, reg) = (
+            a >> 31,
+            (a >> 16) & 0xff,
+            (a >> 11) & 0x1f,
+            (a >> 8) & 7,
+            (a & 0xfc) as u8,
+        );
+        if enabled == 0 || bus != 0 || func != 0 {
+            return None;
+        }
+        self.slots[dev as usize].as_ref().map(|d| (d, reg))
+    }
+}
+
+impl BusDevice for PciConfigPorts {
+    fn name(&self) -> &str {
+        "pci-config"
+    }
+
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset < 4 {
+            let v = self.address.load(Ordering::Relaxed).to_le_bytes();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = v.get(offset as usize + i).copied().unwrap_or(0xff);
+            }
+            return;
+        }
+        let v = self
+            .target()
+            .map(|(d, reg)| d.config_read(reg))
+            .unwrap_or(u32::MAX)
+            .to_le_bytes();
+        let at = (offset - 4) as usize;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = v.get(at + i).copied().unwrap_or(0xff);
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        if offset == 0 && data.len() == 4 {
+            self.address.store(
+                u32::from_le_bytes(data.try_into().unwrap()),
+                Ordering::Relaxed,
+            );
+            return;
+        }
+        if offset >= 4 {
+            if let Some((d, reg)) = self.target() {
+                d.config_write(reg, (offset - 4) as u8, data);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg_read(p: &PciConfigPorts, dev: u32, reg: u32) -> u32 {
+        p.write(0, &((1 << 31) | (dev << 11) | reg).to_le_bytes());
+        let mut d = [0u8; 4];
+        p.read(4, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn cfg_write(p: &PciConfigPorts, dev: u32, reg: u32, v: u32) {
+        p.write(0, &((1 << 31) | (dev << 11) | reg).to_le_bytes());
+        p.write(4, &v.to_le_bytes());
+    }
+
+    struct Dev(ConfigSpace);
+    impl PciFunction for Dev {
+        fn name(&self) -> &str {
+            "t"
+        }
+        fn config_read(&self, reg: u8) -> u32 {
+            self.0.read(reg)
+        }
+        fn config_write(&self, reg: u8, offset: u8, data: &[u8]) {
+            self.0.write(reg, offset, data)
+        }
+    }
+
+    #[test]
+    fn config_space_ids_and_bar_sizing() {
+        let mut cs = ConfigSpace::new(0x1af4, 0x1110, 0x05_00_00, 1);
+        cs.set_bar(0, 0xe000_0000, 256, false, false);
+        cs.set_bar(2, 0x1_0000_0000, 1 << 21, true, true);
+        let p = PciConfigPorts::new(vec![Arc::new(Dev(cs))]);
+        assert_eq!(cfg_read(&p, 0, 0), 0x1237_8086);
+        assert_eq!(cfg_read(&p, 1, 0), 0x1110_1af4);
+        assert_eq!(cfg_read(&p, 2, 0), u32::MAX, "an empty slot reads all-ones");
+        assert_eq!(cfg_read(&p, 1, 0x10), 0xe000_0000);
+        cfg_write(&p, 1, 0x10, u32::MAX);
+        assert_eq!(cfg_read(&p, 1, 0x10), !(256 - 1) & !0xf);
+        cfg_write(&p, 1, 0x18, u32::MAX);
+        assert_eq!(cfg_read(&p, 1, 0x18), (!((1u32 << 21) - 1) & !0xf) | 0xc);
+        cfg_write(&p, 1, 0x18, 0xc000_0000);
+        cfg_write(&p, 1, 0x1c, 0);
+        assert_eq!(cfg_read(&p, 1, 0x18) & !0xf, 0xc000_0000);
+        // ids stay
+        cfg_write(&p, 1, 0, 0);
+        assert_eq!(cfg_read(&p, 1, 0), 0x1110_1af4);
+    }
+}

@@ -1,0 +1,121 @@
+//! A shared memory region (a file in /dev/shm or any path) mapped into the
+//! guest as ivshmem's BAR2: a KVM memory slot, read-only on request.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::VmFd;
+
+use crate::{Error, Result};
+
+/// Where ivshmem's BARs live (in the MMIO hole below 4 GiB).
+pub const BAR2_ADDR: u64 = 0xc000_0000;
+pub const BAR0_ADDR: u64 = 0xe000_0000;
+/// The largest region that fits below the benchmark page at 0xd0000000.
+pub const MAX_SIZE: u64 = 256 << 20;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IvshmemSpec {
+    pub path: PathBuf,
+    pub size: u64,
+    pub readonly: bool,
+}
+
+pub struct SharedRegion {
+    pub spec: IvshmemSpec,
+    ptr: *mut u8,
+}
+
+// SAFETY: the mapping is plain shared memory; the pointer is only used to
+// register the slot and to unmap it.
+unsafe impl Send for SharedRegion {}
+// SAFETY: as above; no interior state.
+unsafe impl Sync for SharedRegion {}
+
+impl SharedRegion {
+    /// Opens (creating it if absent) and maps the region.
+    pub fn open(spec: &IvshmemSpec) -> Result<SharedRegion> {
+        let what = spec.path.display().to_string();
+        if !spec.size.is_power_of_two() || spec.size < 4096 || spec.size > MAX_SIZE {
+            return Err(Error::Config(format!(
+                "--ivshmem {what}: size {} must be a power of two between 4 KiB and {} MiB",
+                spec.size,
+                MAX_SIZE >> 20
+            )));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!spec.readonly)
+            .create(!spec.readonly)
+            .truncate(false)
+            .open(&spec.path)
+            .map_err(|e| Error::Config(format!("--ivshmem {what}: {e}")))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::Config(format!("--ivshmem {what}: {e}")))?
+            .len();
+        if len < spec.size {
+            if spec.readonly {
+                return Err(Error::Config(format!(
+                    "--ivshmem {what}: the file has {len} bytes, {} asked, and a read-only region cannot grow it",
+                    spec.size
+                )));
+            }
+            file.set_len(spec.size)
+                .map_err(|e| Error::Config(format!("--ivshmem {what}: {e}")))?;
+        }
+        let prot = if spec.readonly {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        // SAFETY: a new shared mapping of `size` bytes of an open file.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                spec.size as usize,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::Memory(format!(
+                "mapping {what}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(SharedRegion {
+            spec: spec.clone(),
+            ptr: ptr as *mut u8,
+        })
+    }
+
+    /// Registers the region as memory slot `slot` at BAR2.
+    pub fn register(&self, vm: &VmFd, slot: u32) -> Result<()> {
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: if self.spec.readonly {
+                KVM_MEM_READONLY
+            } else {
+                0
+            },
+            guest_phys_addr: BAR2_ADDR,
+            memory_size: self.spec.size,
+            userspace_addr: self.ptr as u64,
+        };
+        // SAFETY: the mapping is live for as long as the VM (the Vm owns
+        // this region) and does not overlap guest RAM (it sits in the MMIO hole).
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| Error::Kvm(format!("KVM_SET_USER_MEMORY_REGION for ivshmem: {e}")))
+    }
+}
+
+impl Drop for SharedRegion {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping this value owns.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.spec.size as usize) };
+    }
+}

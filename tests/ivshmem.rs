@@ -1,0 +1,188 @@
+//! ivshmem (plain): two VMs share a region; read-only windows; bad specs.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(120);
+
+fn region(name: &str) -> String {
+    let p = format!("/dev/shm/nfvisor-test-{name}-{}", std::process::id());
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+#[test]
+fn two_vms_share_a_region() {
+    let shm = region("share");
+    let spec = format!("path={shm},size=64K");
+    let a = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=write seed=42",
+        ],
+        T,
+    );
+    assert_eq!(a.code, 0, "{}", a.stderr);
+    let b = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=read seed=42",
+            "--json",
+        ],
+        T,
+    );
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let doc = json(&b);
+    let check = doc["guest"]["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "check")
+        .unwrap()
+        .clone();
+    assert_eq!(check["fields"]["mismatches"], "0");
+    assert_eq!(check["fields"]["words"], "512");
+    // another seed does not match: the check can fail
+    let c = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=read seed=43",
+        ],
+        T,
+    );
+    assert_eq!(c.code, 3);
+    let _ = std::fs::remove_file(&shm);
+}
+
+#[test]
+fn a_read_only_window_drops_writes_and_the_vm_runs_on() {
+    let shm = region("ro");
+    let spec = format!("path={shm},size=64K");
+    assert_eq!(
+        nfvisor(
+            &[
+                "run",
+                "--guest",
+                "ivshmem-probe",
+                "--ivshmem",
+                &spec,
+                "--cmdline",
+                "mode=write seed=5"
+            ],
+            T
+        )
+        .code,
+        0
+    );
+    let ro = format!("{spec},readonly");
+    let r = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &ro,
+            "--cmdline",
+            "mode=write seed=6",
+            "--json",
+        ],
+        T,
+    );
+    // the guest ran to its end and found its writes gone
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(json(&r)["vm"]["ivshmem_dropped_writes"], 512);
+    assert_eq!(
+        r.stderr.matches("read-only region").count(),
+        1,
+        "logged once: {}",
+        r.stderr
+    );
+    // the region still holds the first pattern
+    let ok = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=read seed=5",
+        ],
+        T,
+    );
+    assert_eq!(ok.code, 0, "{}", ok.stdout);
+    let _ = std::fs::remove_file(&shm);
+}
+
+#[test]
+fn bad_ivshmem_specs_are_refused() {
+    let shm = region("bad");
+    for (spec, needle) in [
+        (format!("path={shm},size=3M"), "power of two"),
+        (format!("path={shm}"), "no size"),
+        ("size=1M".to_string(), "no path"),
+        (format!("path={shm},size=1M,color=red"), "unknown part"),
+        (format!("path={shm}-missing,size=1M,readonly"), "-missing"),
+    ] {
+        let r = nfvisor(&["run", "--guest", "hello", "--ivshmem", &spec], T);
+        assert_eq!(r.code, 78, "{spec}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{spec}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn a_vm_with_ivshmem_refuses_snapshots_and_keeps_running() {
+    let shm = region("snap");
+    let dir = scratch("ivshmem-snap");
+    let sock = dir.join("vm.sock");
+    let spec = format!("path={shm},size=64K");
+    let mut vm = Running::start(&[
+        "run",
+        "--guest",
+        "dirtier",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "mb=2 passes=30",
+        "--ivshmem",
+        &spec,
+        "--control-socket",
+        sock.to_str().unwrap(),
+    ]);
+    vm.wait_for("vCPU 0 runs on host thread");
+    while !sock.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = nfvisor(
+        &[
+            "snapshot",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--to",
+            dir.join("s").to_str().unwrap(),
+        ],
+        T,
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("ivshmem"), "{}", r.stderr);
+    let out = vm.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("DIRTIER OK"));
+    let _ = std::fs::remove_file(&shm);
+}
