@@ -60,6 +60,9 @@ enum Command {
         /// unix:PATH or tcp:ADDR:PORT
         #[arg(long)]
         listen: String,
+        /// Only a source that proves it knows this file's token is accepted.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         #[arg(long, value_name = "FILE")]
         serial: Option<PathBuf>,
         #[arg(long, value_name = "PATH")]
@@ -84,6 +87,9 @@ enum Command {
         /// Give up pre-copy after this many seconds.
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
+        /// A file holding the receiver's token (challenge-response).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         /// On timeout: abort (the guest runs on here) or force (stop and complete).
         #[arg(long, default_value = "abort", value_parser = ["abort", "force"])]
         on_timeout: String,
@@ -353,17 +359,40 @@ fn dispatch(cli: Cli) -> Result<u8> {
             json,
             exit_stats,
             rt,
-        } => receive(&listen, serial, control_socket, json, exit_stats, &rt),
+            token_file,
+        } => {
+            let token = token_file
+                .as_deref()
+                .map(vmm::migrate::read_token)
+                .transpose()?;
+            receive(
+                &listen,
+                token,
+                serial,
+                control_socket,
+                json,
+                exit_stats,
+                &rt,
+            )
+        }
         Command::Migrate {
             control_socket,
             to,
             downtime_ms,
             timeout,
             on_timeout,
+            token_file,
             json,
         } => {
             vmm::migrate::Endpoint::parse(&to).map_err(|e| anyhow::anyhow!("--to {e}"))?;
-            let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": to, "downtime_ms": downtime_ms, "timeout_s": timeout, "on_timeout": on_timeout});
+            let token_file = match token_file {
+                Some(f) => {
+                    vmm::migrate::read_token(&f)?;
+                    Some(std::path::absolute(&f)?)
+                }
+                None => None,
+            };
+            let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": to, "downtime_ms": downtime_ms, "timeout_s": timeout, "on_timeout": on_timeout, "token_file": token_file});
             control(&control_socket, req, json)
         }
         Command::Snapshot {
@@ -620,6 +649,7 @@ fn restore(
 /// READY, waits for GO, runs the guest and confirms RUNNING.
 fn receive(
     listen: &str,
+    token: Option<Vec<u8>>,
     serial: Option<PathBuf>,
     control_socket: Option<PathBuf>,
     json: bool,
@@ -629,31 +659,54 @@ fn receive(
     use std::io::{BufRead, Write};
     use vmm::migrate::{Endpoint, Link};
     let endpoint = Endpoint::parse(listen).map_err(|e| anyhow::anyhow!("--listen {e}"))?;
-    let link: Box<dyn Link> = match &endpoint {
+    enum Listener {
+        Unix(std::os::unix::net::UnixListener, PathBuf),
+        Tcp(std::net::TcpListener),
+    }
+    let listener = match &endpoint {
         Endpoint::Unix(p) => {
             if p.exists() {
                 std::fs::remove_file(p).with_context(|| format!("--listen {}", p.display()))?;
             }
             let l = std::os::unix::net::UnixListener::bind(p)
                 .with_context(|| format!("--listen {}", p.display()))?;
-            tracing::info!("waiting for a migration on {listen}");
-            let (s, _) = l
-                .accept()
-                .with_context(|| format!("accepting on {listen}"))?;
-            let _ = std::fs::remove_file(p);
-            Box::new(s)
+            Listener::Unix(l, p.clone())
         }
-        Endpoint::Tcp(a) => {
-            let l = std::net::TcpListener::bind(a).with_context(|| format!("--listen {listen}"))?;
-            tracing::info!("waiting for a migration on {listen}");
-            let (s, peer) = l
-                .accept()
-                .with_context(|| format!("accepting on {listen}"))?;
-            tracing::info!("migration from {peer}");
-            s.set_nodelay(true)?;
-            Box::new(s)
+        Endpoint::Tcp(a) => Listener::Tcp(
+            std::net::TcpListener::bind(a).with_context(|| format!("--listen {listen}"))?,
+        ),
+    };
+    if token.is_none() && matches!(listener, Listener::Tcp(_)) {
+        tracing::warn!(
+            "listening on {listen} without --token-file: anyone who can reach it can send a VM"
+        );
+    }
+    tracing::info!("waiting for a migration on {listen}");
+    // one connection that proves it knows the token; others are refused
+    let mut link: Box<dyn Link> = loop {
+        let mut link: Box<dyn Link> = match &listener {
+            Listener::Unix(l, _) => Box::new(
+                l.accept()
+                    .with_context(|| format!("accepting on {listen}"))?
+                    .0,
+            ),
+            Listener::Tcp(l) => {
+                let (s, peer) = l
+                    .accept()
+                    .with_context(|| format!("accepting on {listen}"))?;
+                tracing::info!("connection from {peer}");
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+        };
+        match vmm::migrate::greet(link.as_mut(), token.as_deref()) {
+            Ok(()) => break link,
+            Err(e) => tracing::warn!("{e}; waiting for another connection"),
         }
     };
+    if let Listener::Unix(_, p) = &listener {
+        let _ = std::fs::remove_file(p);
+    }
     let input = std::io::BufReader::with_capacity(4 << 20, link.split()?);
     let mut prepared = link.split()?;
     let mut answer = link;

@@ -290,7 +290,15 @@ fn handle_request(h: &VmHandle, line: &str) -> String {
                     serde_json::json!({ "error": "migrate needs \"to\": unix:PATH or tcp:HOST:PORT" }),
                 );
             };
+            let token = match req["token_file"].as_str() {
+                Some(f) => match crate::migrate::read_token(Path::new(f)) {
+                    Ok(t) => Some(t),
+                    Err(e) => return reply(false, serde_json::json!({ "error": e.to_string() })),
+                },
+                None => None,
+            };
             let opts = crate::migrate::MigrateOptions {
+                token,
                 downtime: Duration::from_micros(
                     (req["downtime_ms"].as_f64().unwrap_or(10.0) * 1000.0) as u64,
                 ),

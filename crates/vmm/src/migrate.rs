@@ -73,6 +73,8 @@ pub fn connect(to: &Endpoint) -> std::io::Result<Box<dyn Link>> {
 
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
+    /// Proves to the destination that we know its token.
+    pub token: Option<Vec<u8>>,
     pub downtime: Duration,
     pub timeout: Duration,
     /// On timeout: stop the guest and complete (true) or abort (false).
@@ -215,8 +217,10 @@ pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<Migratio
     let t0 = Instant::now();
     h.refuse_with_ivshmem()?;
     let endpoint = Endpoint::parse(to).map_err(Error::Config)?;
-    let link = connect(&endpoint).map_err(|e| Error::Device(format!("connecting to {to}: {e}")))?;
+    let mut link =
+        connect(&endpoint).map_err(|e| Error::Device(format!("connecting to {to}: {e}")))?;
     let mut back = BufReader::new(link.split().map_err(io)?);
+    answer_greeting(&mut back, &mut link, opts.token.as_deref(), to)?;
     let mut w = Writer::new(std::io::BufWriter::with_capacity(4 << 20, link)).map_err(io)?;
     let mut report = MigrationReport::default();
     w.frame(
@@ -409,4 +413,122 @@ fn stop_and_copy<W: Write>(
     report.rounds += 1;
     tracing::debug!("stop-and-copy: state written at {:?}", t.elapsed());
     Ok(paused_at)
+}
+
+/// The first line a destination sends: an open door, or a challenge the
+/// source must answer with HMAC-SHA256(token, nonce).
+const GREETING: &str = "NFV-MIGRATE 1";
+
+fn mac_hex(token: &[u8], nonce: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut m =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(token).expect("HMAC takes any key length");
+    m.update(nonce.as_bytes());
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Reads a token file (its trimmed contents; at least 16 bytes).
+pub fn read_token(path: &std::path::Path) -> Result<Vec<u8>> {
+    let t = std::fs::read(path)
+        .map_err(|e| Error::Config(format!("token file {}: {e}", path.display())))?;
+    let t: Vec<u8> = t.trim_ascii().to_vec();
+    if t.len() < 16 {
+        return Err(Error::Config(format!(
+            "token file {}: the token is {} bytes; use at least 16 (e.g. head -c 32 /dev/urandom | base64)",
+            path.display(),
+            t.len()
+        )));
+    }
+    Ok(t)
+}
+
+/// Destination side: greets the connecting source and, with a token,
+/// proves it knows the token before anything else is read.
+pub fn greet(link: &mut dyn Link, token: Option<&[u8]>) -> Result<()> {
+    let Some(token) = token else {
+        link.write_all(format!("{GREETING} OPEN\n").as_bytes())
+            .map_err(io)?;
+        return link.flush().map_err(io);
+    };
+    let mut nonce = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut nonce))
+        .map_err(|e| Error::Device(format!("reading /dev/urandom: {e}")))?;
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    link.write_all(format!("{GREETING} CHALLENGE {nonce}\n").as_bytes())
+        .map_err(io)?;
+    link.flush().map_err(io)?;
+    link.set_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    // byte by byte: nothing past this line may be consumed here
+    while line.len() < 200 && link.read(&mut byte).map_err(io)? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    link.set_timeout(None).map_err(io)?;
+    let want = format!("RESPONSE {}", mac_hex(token, &nonce));
+    // constant-time comparison
+    let ok = line.len() == want.len()
+        && line
+            .iter()
+            .zip(want.bytes())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0;
+    if !ok {
+        let _ = link.write_all(b"DENIED\n");
+        return Err(Error::Config(
+            "the connecting peer does not know the token: refused".into(),
+        ));
+    }
+    link.write_all(b"OK\n").map_err(io)?;
+    link.flush().map_err(io)
+}
+
+/// Source side: reads the greeting and answers a challenge.
+fn answer_greeting(
+    back: &mut BufReader<Box<dyn Link>>,
+    out: &mut dyn Write,
+    token: Option<&[u8]>,
+    to: &str,
+) -> Result<()> {
+    let _ = back.get_ref().set_timeout(Some(Duration::from_secs(10)));
+    let mut line = String::new();
+    back.read_line(&mut line).map_err(|e| {
+        Error::Device(format!(
+            "{to} sent no greeting ({e}): not an nfvisor receiver? the guest runs on here"
+        ))
+    })?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["NFV-MIGRATE", "1", "OPEN"] => {}
+        ["NFV-MIGRATE", "1", "CHALLENGE", nonce] => {
+            let token = token.ok_or_else(|| {
+                Error::Config(format!("{to} asks for a token: pass --token-file"))
+            })?;
+            out.write_all(format!("RESPONSE {}\n", mac_hex(token, nonce)).as_bytes())
+                .map_err(io)?;
+            out.flush().map_err(io)?;
+            let mut reply = String::new();
+            back.read_line(&mut reply).map_err(io)?;
+            if reply.trim() != "OK" {
+                return Err(Error::Config(format!(
+                    "{to} refused our token ({})",
+                    reply.trim()
+                )));
+            }
+        }
+        _ => {
+            return Err(Error::Device(format!(
+                "{to} is not an nfvisor receiver (said {:?}); the guest runs on here",
+                line.trim()
+            )))
+        }
+    }
+    let _ = back.get_ref().set_timeout(None);
+    Ok(())
 }
