@@ -683,7 +683,7 @@ fn receive(
     }
     tracing::info!("waiting for a migration on {listen}");
     // one connection that proves it knows the token; others are refused
-    let mut link: Box<dyn Link> = loop {
+    let link: Box<dyn Link> = loop {
         let mut link: Box<dyn Link> = match &listener {
             Listener::Unix(l, _) => Box::new(
                 l.accept()
