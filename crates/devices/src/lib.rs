@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod debug_exit;
 pub mod ivshmem;
+pub mod ivshmem_proto;
 pub mod latency;
 pub mod pci;
 pub mod serial;

@@ -1,0 +1,251 @@
+//! The ivshmem-server protocol, as QEMU's `ivshmem-server` speaks it: over a
+//! UNIX socket, little-endian int64 messages, some carrying one file
+//! descriptor (SCM_RIGHTS). On connect the server sends: the protocol
+//! version (0); the client's ID; -1 with the shared memory fd; for every
+//! other client, its ID once per vector, each with that vector's eventfd;
+//! finally the client's own ID once per vector with its eventfds. Later, a
+//! new client's ID with its eventfds, or a departed client's ID alone.
+//!
+//! Hand-written over libc's sendmsg/recvmsg: the fd passing is a few lines
+//! and no well-kept crate in this workspace offers it already.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+pub const PROTOCOL_VERSION: i64 = 0;
+
+/// Sends one message, with an fd when given.
+pub fn send(sock: &UnixStream, value: i64, fd: Option<RawFd>) -> io::Result<()> {
+    let mut data = value.to_le_bytes();
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr() as *mut libc::c_void,
+        iov_len: 8,
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer holds one cmsg with room for one fd.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut RawFd, fd);
+        }
+    }
+    // SAFETY: `msg` points at live buffers for the duration of the call.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n != 8 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one message and its fd, if any. `Ok(None)` at end of stream.
+pub fn recv(sock: &UnixStream) -> io::Result<Option<(i64, Option<OwnedFd>)>> {
+    let mut data = [0u8; 8];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr() as *mut libc::c_void,
+        iov_len: 8,
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: as in `send`.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points at live buffers; MSG_CMSG_CLOEXEC for the fd.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    if n != 8 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a {n}-byte ivshmem message")));
+    }
+    let mut fd = None;
+    // SAFETY: walking the control messages recvmsg filled in.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if !c.is_null() && (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+            let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const RawFd);
+            fd = Some(OwnedFd::from_raw_fd(raw));
+        }
+    }
+    Ok(Some((i64::from_le_bytes(data), fd)))
+}
+
+struct Client {
+    id: i64,
+    sock: UnixStream,
+    vectors: Vec<EventFd>,
+}
+
+/// `nfvisor ivshmem-server`: hands out the shared memory and every peer's
+/// doorbell eventfds until `stop` is set.
+pub fn serve(socket: &Path, shm: &std::fs::File, vectors: u32, stop: &AtomicBool) -> io::Result<()> {
+    if socket.exists() {
+        std::fs::remove_file(socket)?;
+    }
+    let listener = UnixListener::bind(socket)?;
+    listener.set_nonblocking(true)?;
+    let mut clients: Vec<Client> = Vec::new();
+    let mut next_id = 0i64;
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((sock, _)) => {
+                let id = next_id;
+                next_id += 1;
+                let fds = (0..vectors).map(|_| EventFd::new(0)).collect::<io::Result<Vec<_>>>()?;
+                let setup = (|| -> io::Result<()> {
+                    send(&sock, PROTOCOL_VERSION, None)?;
+                    send(&sock, id, None)?;
+                    send(&sock, -1, Some(shm.as_raw_fd()))?;
+                    for other in &clients {
+                        for fd in &other.vectors {
+                            send(&sock, other.id, Some(fd.as_raw_fd()))?;
+                        }
+                    }
+                    for fd in &fds {
+                        send(&sock, id, Some(fd.as_raw_fd()))?;
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = setup {
+                    tracing::warn!("ivshmem-server: client {id}: {e}");
+                    continue;
+                }
+                for other in &clients {
+                    for fd in &fds {
+                        let _ = send(&other.sock, id, Some(fd.as_raw_fd()));
+                    }
+                }
+                tracing::info!("ivshmem-server: peer {id} joined");
+                sock.set_nonblocking(true)?;
+                clients.push(Client { id, sock, vectors: fds });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        // a client whose socket reads end-of-stream has left
+        let mut gone = Vec::new();
+        for (i, c) in clients.iter().enumerate() {
+            let mut b = [0u8; 8];
+            // SAFETY: peeking into a local buffer.
+            let n = unsafe { libc::recv(c.sock.as_raw_fd(), b.as_mut_ptr() as *mut libc::c_void, 8, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            if n == 0 {
+                gone.push(i);
+            }
+        }
+        for i in gone.into_iter().rev() {
+            let c = clients.remove(i);
+            tracing::info!("ivshmem-server: peer {} left", c.id);
+            for other in &clients {
+                let _ = send(&other.sock, c.id, None);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+/// What a client learns on connecting.
+pub struct Joined {
+    pub id: i64,
+    pub shm: OwnedFd,
+    /// Its own vectors' eventfds (the peers ring these).
+    pub own: Vec<OwnedFd>,
+    /// Other peers' vectors: (id, vector index, eventfd).
+    pub peers: Vec<(i64, u32, OwnedFd)>,
+}
+
+/// Connects and reads the set-up messages, until `vectors` own eventfds came.
+pub fn join(socket: &Path, vectors: u32) -> io::Result<(Joined, UnixStream)> {
+    let sock = UnixStream::connect(socket)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("ivshmem server: {what}"));
+    let next = || recv(&sock)?.ok_or_else(|| bad("closed the connection during set-up"));
+    let (version, _) = next()?;
+    if version != PROTOCOL_VERSION {
+        return Err(bad(&format!("protocol version {version}, this nfvisor speaks {PROTOCOL_VERSION}")));
+    }
+    let (id, _) = next()?;
+    if !(0..=0xffff).contains(&id) {
+        return Err(bad(&format!("peer id {id} out of range (0..65535)")));
+    }
+    let (minus_one, shm) = next()?;
+    let shm = shm.filter(|_| minus_one == -1).ok_or_else(|| bad("no shared memory descriptor"))?;
+    let mut own = Vec::new();
+    let mut peers: Vec<(i64, u32, OwnedFd)> = Vec::new();
+    while own.len() < vectors as usize {
+        let (who, fd) = next()?;
+        let fd = fd.ok_or_else(|| bad(&format!("message for peer {who} without a descriptor during set-up")))?;
+        if who == id {
+            own.push(fd);
+        } else {
+            let v = peers.iter().filter(|p| p.0 == who).count() as u32;
+            peers.push((who, v, fd));
+        }
+    }
+    sock.set_read_timeout(None)?;
+    Ok((Joined { id, shm, own, peers }, sock))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn two_clients_get_the_memory_and_each_others_doorbells() {
+        let dir = std::env::temp_dir().join(format!("nfv-ivsrv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s");
+        let shm = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(dir.join("m")).unwrap();
+        shm.set_len(4096).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, st2, sh) = (sock.clone(), stop.clone(), shm.try_clone().unwrap());
+        let server = std::thread::spawn(move || serve(&s2, &sh, 2, &st2).unwrap());
+        while !sock.exists() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (a, a_sock) = join(&sock, 2).unwrap();
+        assert_eq!((a.id, a.own.len(), a.peers.len()), (0, 2, 0));
+        let (b, _b_sock) = join(&sock, 2).unwrap();
+        assert_eq!((b.id, b.own.len(), b.peers.len()), (1, 2, 2));
+        // A hears of B: B's two vectors
+        let (who, fd) = recv(&a_sock).unwrap().unwrap();
+        assert_eq!(who, 1);
+        assert!(fd.is_some());
+        // a doorbell B rings on A's vector 1 is A's eventfd
+        let ring = b.peers.iter().find(|p| p.0 == 0 && p.1 == 1).unwrap();
+        // SAFETY: duplicating an fd we own into an EventFd for the test.
+        let rb = unsafe { EventFd::from_raw_fd(libc::dup(ring.2.as_raw_fd())) };
+        rb.write(1).unwrap();
+        // SAFETY: as above.
+        let ra = unsafe { EventFd::from_raw_fd(libc::dup(a.own[1].as_raw_fd())) };
+        assert_eq!(ra.read().unwrap(), 1);
+        stop.store(true, Ordering::Release);
+        server.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
