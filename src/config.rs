@@ -155,25 +155,44 @@ fn parse_exits(items: &[String]) -> Result<DisableExits> {
     Ok(d)
 }
 
-/// Parses `path=P,size=S[,readonly]`.
+/// Parses `path=P,size=S[,readonly]` or `server=SOCKET[,vectors=N]`.
 fn parse_ivshmem(spec: &str) -> Result<vmm::shared_region::IvshmemSpec> {
-    let (mut path, mut size, mut readonly) = (None, None, false);
+    let (mut path, mut size, mut readonly, mut server, mut vectors) =
+        (None, None, false, None, 1u32);
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
-            Some(("size", s)) => {
-                size = Some(parse_size(s).with_context(|| format!("--ivshmem {spec:?}"))?)
+            Some(("size", s)) => size = Some(parse_size(s).with_context(|| format!("--ivshmem {spec:?}"))?),
+            Some(("server", p)) if !p.is_empty() => server = Some(PathBuf::from(p)),
+            Some(("vectors", n)) => {
+                vectors = n
+                    .parse()
+                    .ok()
+                    .filter(|v| (1..=8).contains(v))
+                    .with_context(|| format!("--ivshmem {spec:?}: vectors must be 1 to 8"))?
             }
             None if part == "readonly" => readonly = true,
-            _ => bail!(
-                "--ivshmem {spec:?}: unknown part {part:?} (use path=...,size=...[,readonly])"
-            ),
+            _ => bail!("--ivshmem {spec:?}: unknown part {part:?} (use path=...,size=...[,readonly] or server=...[,vectors=N])"),
         }
+    }
+    if let Some(server) = server {
+        if path.is_some() || size.is_some() || readonly {
+            bail!("--ivshmem {spec:?}: with server=, the region comes from the server (no path, size or readonly)");
+        }
+        return Ok(vmm::shared_region::IvshmemSpec {
+            path: server.clone(),
+            size: 0,
+            readonly: false,
+            server: Some(server),
+            vectors,
+        });
     }
     Ok(vmm::shared_region::IvshmemSpec {
         path: path.with_context(|| format!("--ivshmem {spec:?}: no path=..."))?,
         size: size.with_context(|| format!("--ivshmem {spec:?}: no size=..."))?,
         readonly,
+        server: None,
+        vectors: 0,
     })
 }
 

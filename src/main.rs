@@ -39,6 +39,19 @@ enum Command {
         #[arg(long)]
         exit_stats: bool,
     },
+    /// Serve ivshmem peers (QEMU's ivshmem-server protocol): the shared
+    /// memory and every peer's doorbell eventfds.
+    IvshmemServer {
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The shared memory: a name in /dev/shm or a path.
+        #[arg(long)]
+        shm: String,
+        #[arg(long, default_value = "4M")]
+        size: String,
+        #[arg(long, default_value_t = 1)]
+        vectors: u32,
+    },
     /// Restore a snapshot and run it (where it was paused, it continues).
     Restore {
         /// The snapshot directory (or its snapshot.nfv).
@@ -344,6 +357,43 @@ fn dispatch(cli: Cli) -> Result<u8> {
             exit_stats,
         } => run(&args, json, exit_stats),
         Command::Bench { what } => bench_cmd(what),
+        Command::IvshmemServer {
+            socket,
+            shm,
+            size,
+            vectors,
+        } => {
+            let size = config::parse_size(&size)?;
+            anyhow::ensure!(
+                size.is_power_of_two() && size >= 4096,
+                "--size {size}: a power of two, at least 4 KiB"
+            );
+            anyhow::ensure!((1..=8).contains(&vectors), "--vectors {vectors}: 1 to 8");
+            let path = if shm.contains('/') {
+                PathBuf::from(&shm)
+            } else {
+                PathBuf::from("/dev/shm").join(&shm)
+            };
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .with_context(|| format!("--shm {}", path.display()))?;
+            file.set_len(size)
+                .with_context(|| format!("--shm {}", path.display()))?;
+            tracing::info!(
+                "ivshmem-server on {}: {} ({} KiB), {vectors} vector(s)",
+                socket.display(),
+                path.display(),
+                size >> 10
+            );
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            devices::ivshmem_proto::serve(&socket, &file, vectors, &stop)
+                .with_context(|| format!("--socket {}", socket.display()))?;
+            Ok(0)
+        }
         Command::Restore {
             from,
             serial,

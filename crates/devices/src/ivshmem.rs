@@ -26,6 +26,8 @@ impl Ivshmem {
         let mut config = ConfigSpace::new(VENDOR, DEVICE, 0x05_00_00, 1);
         config.set_bar(0, bar0, BAR0_SIZE, false, false);
         config.set_bar(2, bar2, size, true, true);
+        // interrupt line and pin INTA, for doorbell mode
+        config.write(0x3c, 0, &[IRQ_PIN as u8, 1]);
         Ivshmem {
             config,
             dropped_writes: AtomicU64::new(0),
@@ -50,17 +52,28 @@ impl PciFunction for Ivshmem {
 }
 
 /// BAR0: the registers (all read zero in plain mode; writes ignored).
-pub struct IvshmemRegs;
+/// IVPosition (offset 8) reads this VM's peer id; the doorbell (offset 12)
+/// is an ioeventfd in doorbell mode, so a write never reaches here; mask and
+/// status read zero.
+pub struct IvshmemRegs {
+    pub peer_id: u32,
+}
 
 impl BusDevice for IvshmemRegs {
     fn name(&self) -> &str {
         "ivshmem-regs"
     }
-    fn read(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let v = if offset == 8 { self.peer_id } else { 0 };
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = v.to_le_bytes().get(i).copied().unwrap_or(0);
+        }
     }
     fn write(&self, _offset: u64, _data: &[u8]) {}
 }
+
+/// The IOAPIC pin of vector 0 (vector v is on pin + v): PCI interrupt line.
+pub const IRQ_PIN: u32 = 11;
 
 /// BAR2 of a read-only region: only writes reach the VMM; each is dropped.
 pub struct ReadOnlyWindow(pub std::sync::Arc<Ivshmem>);

@@ -79,13 +79,17 @@ pub fn recv(sock: &UnixStream) -> io::Result<Option<(i64, Option<OwnedFd>)>> {
         return Ok(None);
     }
     if n != 8 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a {n}-byte ivshmem message")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a {n}-byte ivshmem message"),
+        ));
     }
     let mut fd = None;
     // SAFETY: walking the control messages recvmsg filled in.
     unsafe {
         let c = libc::CMSG_FIRSTHDR(&msg);
-        if !c.is_null() && (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+        if !c.is_null() && (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS
+        {
             let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const RawFd);
             fd = Some(OwnedFd::from_raw_fd(raw));
         }
@@ -101,7 +105,12 @@ struct Client {
 
 /// `nfvisor ivshmem-server`: hands out the shared memory and every peer's
 /// doorbell eventfds until `stop` is set.
-pub fn serve(socket: &Path, shm: &std::fs::File, vectors: u32, stop: &AtomicBool) -> io::Result<()> {
+pub fn serve(
+    socket: &Path,
+    shm: &std::fs::File,
+    vectors: u32,
+    stop: &AtomicBool,
+) -> io::Result<()> {
     if socket.exists() {
         std::fs::remove_file(socket)?;
     }
@@ -114,7 +123,9 @@ pub fn serve(socket: &Path, shm: &std::fs::File, vectors: u32, stop: &AtomicBool
             Ok((sock, _)) => {
                 let id = next_id;
                 next_id += 1;
-                let fds = (0..vectors).map(|_| EventFd::new(0)).collect::<io::Result<Vec<_>>>()?;
+                let fds = (0..vectors)
+                    .map(|_| EventFd::new(0))
+                    .collect::<io::Result<Vec<_>>>()?;
                 let setup = (|| -> io::Result<()> {
                     send(&sock, PROTOCOL_VERSION, None)?;
                     send(&sock, id, None)?;
@@ -140,7 +151,11 @@ pub fn serve(socket: &Path, shm: &std::fs::File, vectors: u32, stop: &AtomicBool
                 }
                 tracing::info!("ivshmem-server: peer {id} joined");
                 sock.set_nonblocking(true)?;
-                clients.push(Client { id, sock, vectors: fds });
+                clients.push(Client {
+                    id,
+                    sock,
+                    vectors: fds,
+                });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
@@ -150,7 +165,14 @@ pub fn serve(socket: &Path, shm: &std::fs::File, vectors: u32, stop: &AtomicBool
         for (i, c) in clients.iter().enumerate() {
             let mut b = [0u8; 8];
             // SAFETY: peeking into a local buffer.
-            let n = unsafe { libc::recv(c.sock.as_raw_fd(), b.as_mut_ptr() as *mut libc::c_void, 8, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            let n = unsafe {
+                libc::recv(
+                    c.sock.as_raw_fd(),
+                    b.as_mut_ptr() as *mut libc::c_void,
+                    8,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
             if n == 0 {
                 gone.push(i);
             }
@@ -182,23 +204,36 @@ pub struct Joined {
 pub fn join(socket: &Path, vectors: u32) -> io::Result<(Joined, UnixStream)> {
     let sock = UnixStream::connect(socket)?;
     sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("ivshmem server: {what}"));
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("ivshmem server: {what}"),
+        )
+    };
     let next = || recv(&sock)?.ok_or_else(|| bad("closed the connection during set-up"));
     let (version, _) = next()?;
     if version != PROTOCOL_VERSION {
-        return Err(bad(&format!("protocol version {version}, this nfvisor speaks {PROTOCOL_VERSION}")));
+        return Err(bad(&format!(
+            "protocol version {version}, this nfvisor speaks {PROTOCOL_VERSION}"
+        )));
     }
     let (id, _) = next()?;
     if !(0..=0xffff).contains(&id) {
         return Err(bad(&format!("peer id {id} out of range (0..65535)")));
     }
     let (minus_one, shm) = next()?;
-    let shm = shm.filter(|_| minus_one == -1).ok_or_else(|| bad("no shared memory descriptor"))?;
+    let shm = shm
+        .filter(|_| minus_one == -1)
+        .ok_or_else(|| bad("no shared memory descriptor"))?;
     let mut own = Vec::new();
     let mut peers: Vec<(i64, u32, OwnedFd)> = Vec::new();
     while own.len() < vectors as usize {
         let (who, fd) = next()?;
-        let fd = fd.ok_or_else(|| bad(&format!("message for peer {who} without a descriptor during set-up")))?;
+        let fd = fd.ok_or_else(|| {
+            bad(&format!(
+                "message for peer {who} without a descriptor during set-up"
+            ))
+        })?;
         if who == id {
             own.push(fd);
         } else {
@@ -207,7 +242,15 @@ pub fn join(socket: &Path, vectors: u32) -> io::Result<(Joined, UnixStream)> {
         }
     }
     sock.set_read_timeout(None)?;
-    Ok((Joined { id, shm, own, peers }, sock))
+    Ok((
+        Joined {
+            id,
+            shm,
+            own,
+            peers,
+        },
+        sock,
+    ))
 }
 
 #[cfg(test)]
@@ -220,7 +263,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nfv-ivsrv-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("s");
-        let shm = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(dir.join("m")).unwrap();
+        let shm = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("m"))
+            .unwrap();
         shm.set_len(4096).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2, sh) = (sock.clone(), stop.clone(), shm.try_clone().unwrap());

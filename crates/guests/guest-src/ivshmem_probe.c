@@ -3,7 +3,12 @@
  * and either writes a pattern over `bytes` of it (mode=write, then reads it
  * back) or checks a pattern another guest wrote (mode=read). The pattern is
  * derived from seed=N and the word index.
- * Status: 0 ok, 1 no device, 2 bad parameters, 3 the pattern did not match. */
+ * Doorbell mode: mode=wait count=K takes K interrupts on vector 0 (its IOAPIC
+ * pin is the PCI interrupt line), counting them in word 0 of the region and
+ * marking word 1 ready; mode=ring peer=P count=K waits for that, then rings
+ * peer P's vector 0 K times, each after the previous was counted.
+ * Status: 0 ok, 1 no device or timeout, 2 bad parameters, 3 the pattern did
+ * not match. */
 #include "runtime.h"
 
 static u32 pci_read(u32 dev, u32 reg) {
@@ -11,6 +16,77 @@ static u32 pci_read(u32 dev, u32 reg) {
     u32 v;
     __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"((u16)0xcfc));
     return v;
+}
+
+#define READY 0x726561647921UL
+#define DOORBELL_VECTOR 0x42
+void ext_stub(void);
+static volatile u64 *shared;
+static volatile u64 received;
+
+void ext_irq(void) {
+    received++;
+    shared[0] = received;
+    lapic_eoi();
+}
+
+static void ioapic_route(u32 pin, u8 vector) {
+    volatile u32 *sel = (volatile u32 *)0xfec00000UL, *win = (volatile u32 *)0xfec00010UL;
+    *sel = 0x10 + 2 * pin + 1;
+    *win = lapic_id() << 24;
+    *sel = 0x10 + 2 * pin;
+    *win = vector; /* fixed, edge, unmasked */
+}
+
+static int wait_for(volatile u64 *word, u64 value, u64 seconds) {
+    u64 limit = tsc_khz() * 1000 * seconds, t = rdtsc();
+    while (*word != value)
+        if (rdtsc() - t > limit) return 0;
+    return 1;
+}
+
+static int doorbell(const char *mode, u32 dev, u64 bar0, volatile u64 *mem) {
+    u64 count = 10, peer = 0;
+    arg_u64("count", &count);
+    arg_u64("peer", &peer);
+    shared = mem;
+    u32 id = *(volatile u32 *)(bar0 + 8);
+    puts("R doorbell");
+    put_kv("ivposition", id);
+    putc('\n');
+    if (mode[0] == 'w' && mode[1] == 'a') {
+        u32 pin = pci_read(dev, 0x3c) & 0xff;
+        idt_init();
+        idt_set(DOORBELL_VECTOR, ext_stub);
+        lapic_enable();
+        ioapic_route(pin, DOORBELL_VECTOR);
+        mem[0] = 0;
+        mem[1] = READY;
+        u64 limit = tsc_khz() * 10000, last = rdtsc(), seen = 0;
+        while (received < count) {
+            __asm__ volatile("sti; hlt; cli" ::: "memory");
+            if (received != seen) {
+                seen = received;
+                last = rdtsc();
+            } else if (rdtsc() - last > limit) {
+                fail(STATUS_FAIL, "no doorbell for 10 s");
+            }
+        }
+        mem[1] = 0;
+        puts("R doorbell");
+        put_kv("received", received);
+        putc('\n');
+        return STATUS_OK;
+    }
+    if (!wait_for(&mem[1], READY, 10)) fail(STATUS_FAIL, "the peer never became ready");
+    for (u64 i = 1; i <= count; i++) {
+        *(volatile u32 *)(bar0 + 12) = (u32)((peer << 16) | 0);
+        if (!wait_for(&mem[0], i, 5)) fail(STATUS_FAIL, "a doorbell was not counted within 5 s");
+    }
+    puts("R doorbell");
+    put_kv("rung", count);
+    putc('\n');
+    return STATUS_OK;
 }
 
 static u64 pattern(u64 seed, u64 i) {
@@ -38,8 +114,10 @@ int guest_main(void) {
     put_hex(bar2);
     putc('\n');
     volatile u64 *mem = (volatile u64 *)bar2;
+    if (mode[0] == 'r' && mode[1] == 'i') return doorbell(mode, dev, pci_read(dev, 0x10) & ~0xfUL, mem);
+    if (mode[0] == 'w' && mode[1] == 'a') return doorbell(mode, dev, pci_read(dev, 0x10) & ~0xfUL, mem);
     u64 words = bytes / 8, bad = 0;
-    if (mode[0] == 'w')
+    if (mode[0] == 'w' && mode[1] == 'r')
         for (u64 i = 0; i < words; i++) mem[i] = pattern(seed, i);
     for (u64 i = 0; i < words; i++)
         if (mem[i] != pattern(seed, i)) bad++;

@@ -20,6 +20,10 @@ pub struct IvshmemSpec {
     pub path: PathBuf,
     pub size: u64,
     pub readonly: bool,
+    /// Doorbell mode: the ivshmem-server socket (path and size then come
+    /// from the server's shared memory descriptor).
+    pub server: Option<PathBuf>,
+    pub vectors: u32,
 }
 
 pub struct SharedRegion {
@@ -34,6 +38,53 @@ unsafe impl Send for SharedRegion {}
 unsafe impl Sync for SharedRegion {}
 
 impl SharedRegion {
+    /// Maps the region a server handed out (its size is the file's).
+    pub fn from_fd(fd: &std::os::fd::OwnedFd, spec: &IvshmemSpec) -> Result<SharedRegion> {
+        let what = spec
+            .server
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let file = std::fs::File::from(
+            fd.try_clone()
+                .map_err(|e| Error::Device(format!("ivshmem server {what}: {e}")))?,
+        );
+        let size = file
+            .metadata()
+            .map_err(|e| Error::Device(format!("ivshmem server {what}: {e}")))?
+            .len();
+        if !size.is_power_of_two() || size < 4096 || size > MAX_SIZE {
+            return Err(Error::Config(format!(
+                "ivshmem server {what}: its region of {size} bytes is not a power of two between 4 KiB and {} MiB",
+                MAX_SIZE >> 20
+            )));
+        }
+        // SAFETY: a new shared mapping of `size` bytes of the server's file.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::Memory(format!(
+                "mapping the region of {what}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(SharedRegion {
+            spec: IvshmemSpec {
+                size,
+                ..spec.clone()
+            },
+            ptr: ptr as *mut u8,
+        })
+    }
+
     /// Opens (creating it if absent) and maps the region.
     pub fn open(spec: &IvshmemSpec) -> Result<SharedRegion> {
         let what = spec.path.display().to_string();

@@ -214,6 +214,8 @@ pub struct Vm {
     kvm: Arc<Kvm>,
     vm: Arc<VmFd>,
     com1: Arc<SerialConsole>,
+    /// Doorbell mode: the server link, watched while the VM runs.
+    doorbells: Option<crate::doorbell::Doorbells>,
     /// The ivshmem region, mapped while the VM lives.
     ivshmem: Option<(
         crate::shared_region::SharedRegion,
@@ -366,24 +368,41 @@ impl Vm {
         .map_err(dev_err)?;
         pio.insert(BENCH_PORT, 4, Arc::new(Sink::new("bench-port")))
             .map_err(dev_err)?;
+        let mut doorbells = None;
         let ivshmem = match &spec.ivshmem {
             Some(ispec) => {
                 use crate::shared_region::{SharedRegion, BAR0_ADDR, BAR2_ADDR};
-                let region = SharedRegion::open(ispec)?;
+                let (region, peer_id) = match &ispec.server {
+                    Some(sock) => {
+                        let (joined, stream) = devices::ivshmem_proto::join(sock, ispec.vectors)
+                            .map_err(|e| {
+                                Error::Device(format!("ivshmem server {}: {e}", sock.display()))
+                            })?;
+                        let (bells, shm, id) = crate::doorbell::Doorbells::wire(
+                            &vm,
+                            joined,
+                            stream,
+                            devices::ivshmem::IRQ_PIN,
+                        )?;
+                        doorbells = Some(bells);
+                        tracing::info!("ivshmem: peer {id} on {}", sock.display());
+                        (SharedRegion::from_fd(&shm, ispec)?, id)
+                    }
+                    None => (SharedRegion::open(ispec)?, 0),
+                };
+                let size = region.spec.size;
                 region.register(&vm, mem.num_regions() as u32)?;
-                let dev = Arc::new(devices::ivshmem::Ivshmem::new(
-                    BAR0_ADDR, BAR2_ADDR, ispec.size,
-                ));
+                let dev = Arc::new(devices::ivshmem::Ivshmem::new(BAR0_ADDR, BAR2_ADDR, size));
                 mmio.insert(
                     BAR0_ADDR,
                     devices::ivshmem::BAR0_SIZE,
-                    Arc::new(devices::ivshmem::IvshmemRegs),
+                    Arc::new(devices::ivshmem::IvshmemRegs { peer_id }),
                 )
                 .map_err(dev_err)?;
                 if ispec.readonly {
                     mmio.insert(
                         BAR2_ADDR,
-                        ispec.size,
+                        size,
                         Arc::new(devices::ivshmem::ReadOnlyWindow(dev.clone())),
                     )
                     .map_err(dev_err)?;
@@ -521,6 +540,7 @@ impl Vm {
             vm: Arc::new(vm),
             com1,
             msrs,
+            doorbells,
             ivshmem,
             mem,
             vcpus,
@@ -560,6 +580,7 @@ impl Vm {
             vm,
             com1,
             msrs,
+            doorbells,
             ivshmem,
             mem,
             vcpus,
@@ -790,6 +811,7 @@ impl Vm {
             _ => None,
         };
 
+        let doorbell_watch = doorbells.map(|d| d.watch(vm.clone(), stop.clone()));
         let control = match &spec.control_socket {
             Some(path) => match crate::control::serve(path, handle.clone()) {
                 Ok(t) => Some(t),
@@ -810,6 +832,9 @@ impl Vm {
             let _ = c.send(VcpuCmd::Resume);
         }
         if let Some(t) = control {
+            let _ = t.join();
+        }
+        if let Some(t) = doorbell_watch {
             let _ = t.join();
         }
         let pthreads: Vec<_> = handles.iter().map(|h| h.as_pthread_t()).collect();
