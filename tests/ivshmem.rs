@@ -186,3 +186,130 @@ fn a_vm_with_ivshmem_refuses_snapshots_and_keeps_running() {
     assert!(out.stdout.contains("DIRTIER OK"));
     let _ = std::fs::remove_file(&shm);
 }
+
+fn server(name: &str) -> (Running, String) {
+    let dir = scratch(name);
+    let sock = dir.join("ivs.sock");
+    let shm = format!("nfvisor-test-{name}-{}", std::process::id());
+    let mut s = Running::start(&[
+        "ivshmem-server",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--shm",
+        &shm,
+        "--size",
+        "1M",
+    ]);
+    s.wait_for("ivshmem-server on");
+    while !sock.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (s, sock.to_str().unwrap().to_string())
+}
+
+#[test]
+fn doorbells_ring_the_peer_with_no_userspace_exit() {
+    let (_server, sock) = server("bell");
+    let spec = format!("server={sock}");
+    let mut b = Running::start(&[
+        "run",
+        "--guest",
+        "ivshmem-probe",
+        "--ivshmem",
+        &spec,
+        "--cmdline",
+        "mode=wait count=25",
+        "--json",
+    ]);
+    b.wait_for("ivshmem: peer 0");
+    let a = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=ring peer=0 count=25",
+            "--json",
+        ],
+        T,
+    );
+    assert_eq!(a.code, 0, "{}", a.stderr);
+    let da = json(&a);
+    let b = b.finish(T);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let db = json(&b);
+    let field = |d: &serde_json::Value, k: &str| {
+        d["guest"]["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|r| r["fields"][k].as_str().map(str::to_string))
+    };
+    assert_eq!(field(&da, "rung").as_deref(), Some("25"));
+    assert_eq!(field(&db, "received").as_deref(), Some("25"));
+    assert_eq!(field(&da, "ivposition").as_deref(), Some("1"));
+    // the doorbell writes never reached the VMM: only the IVPosition read did
+    let exits = &da["vm"]["vcpus"][0]["exits"];
+    assert!(exits["by_reason"]["mmio_write"].is_null(), "{exits}");
+    assert_eq!(exits["mmio_by_device"]["ivshmem-regs"]["count"], 1);
+    let _ = std::fs::remove_file(format!("/dev/shm/nfvisor-test-bell-{}", std::process::id()));
+}
+
+#[test]
+fn a_missing_server_or_bad_vectors_are_refused_and_a_dying_server_leaves_the_vm_running() {
+    let r = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "hello",
+            "--ivshmem",
+            "server=/nonexistent/ivs.sock",
+        ],
+        T,
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("/nonexistent/ivs.sock"), "{}", r.stderr);
+    let r = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "hello",
+            "--ivshmem",
+            "server=/tmp/x.sock,vectors=99",
+        ],
+        T,
+    );
+    assert_eq!(r.code, 78);
+    assert!(r.stderr.contains("vectors"), "{}", r.stderr);
+    let r = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "hello",
+            "--ivshmem",
+            "server=/tmp/x.sock,size=1M",
+        ],
+        T,
+    );
+    assert_eq!(r.code, 78);
+    let (server, sock) = server("dying");
+    let mut vm = Running::start(&[
+        "run",
+        "--guest",
+        "dirtier",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "mb=2 passes=40",
+        "--ivshmem",
+        &format!("server={sock}"),
+    ]);
+    vm.wait_for("vCPU 0 runs on host thread");
+    drop(server);
+    let out = vm.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("DIRTIER OK"));
+    let _ = std::fs::remove_file(format!("/dev/shm/nfvisor-test-dying-{}", std::process::id()));
+}

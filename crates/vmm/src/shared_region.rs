@@ -26,6 +26,17 @@ pub struct IvshmemSpec {
     pub vectors: u32,
 }
 
+/// A region's size: a power of two from 4 KiB to MAX_SIZE.
+fn check_size(size: u64, what: &str) -> Result<()> {
+    if !size.is_power_of_two() || !(4096..=MAX_SIZE).contains(&size) {
+        return Err(Error::Config(format!(
+            "{what} of {size} bytes must be a power of two between 4 KiB and {} MiB",
+            MAX_SIZE >> 20
+        )));
+    }
+    Ok(())
+}
+
 pub struct SharedRegion {
     pub spec: IvshmemSpec,
     ptr: *mut u8,
@@ -53,12 +64,7 @@ impl SharedRegion {
             .metadata()
             .map_err(|e| Error::Device(format!("ivshmem server {what}: {e}")))?
             .len();
-        if !size.is_power_of_two() || size < 4096 || size > MAX_SIZE {
-            return Err(Error::Config(format!(
-                "ivshmem server {what}: its region of {size} bytes is not a power of two between 4 KiB and {} MiB",
-                MAX_SIZE >> 20
-            )));
-        }
+        check_size(size, &format!("ivshmem server {what}: its region"))?;
         // SAFETY: a new shared mapping of `size` bytes of the server's file.
         let ptr = unsafe {
             libc::mmap(
@@ -88,13 +94,7 @@ impl SharedRegion {
     /// Opens (creating it if absent) and maps the region.
     pub fn open(spec: &IvshmemSpec) -> Result<SharedRegion> {
         let what = spec.path.display().to_string();
-        if !spec.size.is_power_of_two() || spec.size < 4096 || spec.size > MAX_SIZE {
-            return Err(Error::Config(format!(
-                "--ivshmem {what}: size {} must be a power of two between 4 KiB and {} MiB",
-                spec.size,
-                MAX_SIZE >> 20
-            )));
-        }
+        check_size(spec.size, &format!("--ivshmem {what}: size"))?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!spec.readonly)
