@@ -311,5 +311,8 @@ fn a_missing_server_or_bad_vectors_are_refused_and_a_dying_server_leaves_the_vm_
     let out = vm.finish(T);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("DIRTIER OK"));
-    let _ = std::fs::remove_file(format!("/dev/shm/nfvisor-test-dying-{}", std::process::id()));
+    let _ = std::fs::remove_file(format!(
+        "/dev/shm/nfvisor-test-dying-{}",
+        std::process::id()
+    ));
 }

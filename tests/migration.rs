@@ -317,3 +317,56 @@ fn a_receiver_with_a_token_accepts_only_a_source_that_knows_it() {
     assert!(d.stderr.contains("does not know the token"), "{}", d.stderr);
     digest(&d.stdout);
 }
+
+#[test]
+fn a_destination_lost_after_go_leaves_the_guest_paused_and_says_so() {
+    use std::io::BufRead;
+    let plain = nfvisor(&[&["run"], DIRTIER].concat(), T);
+    let dir = scratch("mig-after-go");
+    let fake = dir.join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
+    // a destination that takes the whole stream, says READY, hears GO, and dies
+    let fake_dst = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"NFV-MIGRATE 1 OPEN\n").unwrap();
+        let mut r = migration::Reader::new(s.try_clone().unwrap()).unwrap();
+        let first = r.next_frame().unwrap().unwrap();
+        assert_eq!(first.kind, migration::Kind::Config);
+        s.write_all(b"PREPARED\n").unwrap();
+        while r.next_frame().unwrap().is_some() {}
+        s.write_all(b"READY\n").unwrap();
+        let mut go = String::new();
+        std::io::BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut go)
+            .unwrap();
+        assert!(go.starts_with("GO "), "{go}");
+    });
+    let (src, sock) = source(&dir);
+    let s = sock.to_str().unwrap();
+    let r = nfvisor(
+        &[
+            "migrate",
+            "--control-socket",
+            s,
+            "--to",
+            &format!("unix:{}", fake.display()),
+        ],
+        T,
+    );
+    fake_dst.join().unwrap();
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("OUTCOME UNKNOWN") && r.stderr.contains("PAUSED"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        json(&nfvisor(&["status", "--control-socket", s, "--json"], T))["state"],
+        "paused"
+    );
+    // the operator checked: the guest is not running elsewhere; resume here
+    assert_eq!(nfvisor(&["resume", "--control-socket", s], T).code, 0);
+    let out = src.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(digest(&out.stdout), digest(&plain.stdout));
+}
