@@ -177,3 +177,51 @@ fn a_corrupt_or_cut_snapshot_is_refused_and_never_runs() {
     let r = nfvisor(&["restore", "--from", "/nonexistent/snap"], T);
     assert_eq!(r.code, 78);
 }
+
+#[test]
+fn a_guest_using_cpu_features_this_host_lacks_is_refused() {
+    let (vm, sock, dir) = start_with_socket("cpuid");
+    let snap = dir.join("snap");
+    let r = nfvisor(
+        &[
+            "snapshot",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--to",
+            snap.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    drop(vm);
+    // rewrite the configuration: the guest claims CPUID.1:EDX bit 30 (IA-64), which no host offers
+    let bytes = std::fs::read(snap.join("snapshot.nfv")).unwrap();
+    let mut reader = migration::Reader::new(&bytes[..]).unwrap();
+    let mut writer = migration::Writer::new(Vec::new()).unwrap();
+    while let Some(f) = reader.next_frame().unwrap() {
+        let mut payload = f.payload.clone();
+        if f.kind == migration::Kind::Config {
+            let mut cfg: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            assert!(
+                !cfg["cpu_features"].as_array().unwrap().is_empty(),
+                "the snapshot records the guest's features"
+            );
+            cfg["cpu_features"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"leaf": 1, "index": 0, "reg": "d", "bits": 1u32 << 30}));
+            payload = serde_json::to_vec(&cfg).unwrap();
+        }
+        writer.frame(f.kind, &payload).unwrap();
+    }
+    let (out, _) = writer.finish().unwrap();
+    let forged = dir.join("forged.nfv");
+    std::fs::write(&forged, out).unwrap();
+    let r = nfvisor(&["restore", "--from", forged.to_str().unwrap()], T);
+    assert_eq!(r.code, 78, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("CPU features this host lacks") && r.stderr.contains("0x1.0 edx"),
+        "{}",
+        r.stderr
+    );
+}

@@ -31,6 +31,61 @@ pub struct CpuidOptions {
     pub realtime_hint: bool,
 }
 
+/// One CPUID feature register as a guest sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FeatureWord {
+    pub leaf: u32,
+    pub index: u32,
+    /// "eax", "ebx", "ecx" or "edx"
+    pub reg: char,
+    pub bits: u32,
+}
+
+/// The feature registers of leaves 1 and 7.0 of a vCPU's CPUID.
+pub fn feature_words(cpuid: &CpuId) -> Vec<FeatureWord> {
+    let mut out = Vec::new();
+    for e in cpuid.as_slice() {
+        let regs: &[(char, u32)] = match (e.function, e.index) {
+            (LEAF_FEATURES, 0) => &[('c', e.ecx), ('d', e.edx)],
+            (7, 0) => &[('b', e.ebx), ('c', e.ecx), ('d', e.edx)],
+            _ => continue,
+        };
+        for &(reg, bits) in regs {
+            out.push(FeatureWord {
+                leaf: e.function,
+                index: e.index,
+                reg,
+                bits,
+            });
+        }
+    }
+    out
+}
+
+/// The features `guest` uses that `host` does not offer, as readable text;
+/// empty when the host offers them all. (The hypervisor bit is ours to set.)
+pub fn missing_features(guest: &[FeatureWord], host: &[FeatureWord]) -> Vec<String> {
+    guest
+        .iter()
+        .filter_map(|g| {
+            let have = host
+                .iter()
+                .find(|h| h.leaf == g.leaf && h.index == g.index && h.reg == g.reg)
+                .map_or(0, |h| h.bits);
+            let mut lacking = g.bits & !have;
+            if g.leaf == LEAF_FEATURES && g.reg == 'c' {
+                lacking &= !ECX_HYPERVISOR;
+            }
+            (lacking != 0).then(|| {
+                format!(
+                    "CPUID {:#x}.{} e{}x bits {lacking:#010x}",
+                    g.leaf, g.index, g.reg
+                )
+            })
+        })
+        .collect()
+}
+
 /// KVM's supported CPUID, the base every vCPU's CPUID is made from.
 pub fn supported(kvm: &Kvm) -> Result<CpuId> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -111,6 +166,29 @@ mod tests {
             ecx: ECX_CX16,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn missing_features_are_named() {
+        let host = [FeatureWord {
+            leaf: 7,
+            index: 0,
+            reg: 'b',
+            bits: 0b0101,
+        }];
+        let guest = [FeatureWord {
+            leaf: 7,
+            index: 0,
+            reg: 'b',
+            bits: 0b0111,
+        }];
+        let m = missing_features(&guest, &host);
+        assert_eq!(m.len(), 1);
+        assert!(
+            m[0].contains("0x7.0 ebx") && m[0].contains("0x00000002"),
+            "{m:?}"
+        );
+        assert!(missing_features(&host, &guest).is_empty());
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub struct SnapshotConfig {
     pub kernel: String,
     pub cmdline: String,
     pub tsc_khz: u32,
+    /// The CPU feature words the guest was given (leaves 1 and 7): a
+    /// destination whose host lacks any of them refuses the guest.
+    #[serde(default)]
+    pub cpu_features: Vec<crate::cpuid::FeatureWord>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -320,6 +324,8 @@ pub fn stream_path(from: &Path) -> PathBuf {
 pub struct RestoreSource {
     pub name: String,
     reader: Reader<Box<dyn std::io::Read + Send>>,
+    /// The guest's CPU features, from the stream's configuration.
+    pub cpu_features: Vec<crate::cpuid::FeatureWord>,
     /// A live migration: the guest's clocks advance by the real time that
     /// passed between reading its state and restoring it. A snapshot
     /// restores the clocks as they were: the guest continues exactly there.
@@ -333,7 +339,7 @@ impl RestoreSource {
         input: Box<dyn std::io::Read + Send>,
     ) -> Result<(RestoreSource, SnapshotConfig)> {
         let mut reader = Reader::new(input).map_err(|e| stream_error(name, e))?;
-        let config = match reader.next_frame().map_err(|e| stream_error(name, e))? {
+        let config: SnapshotConfig = match reader.next_frame().map_err(|e| stream_error(name, e))? {
             Some(f) if f.kind == Kind::Config => serde_json::from_slice(&f.payload)
                 .map_err(|e| stream_error(name, format!("config frame: {e}")))?,
             _ => {
@@ -348,6 +354,7 @@ impl RestoreSource {
                 name: name.to_string(),
                 reader,
                 live: false,
+                cpu_features: config.cpu_features.clone(),
             },
             config,
         ))

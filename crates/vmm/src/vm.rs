@@ -221,6 +221,8 @@ pub struct Vm {
         crate::shared_region::SharedRegion,
         Arc<devices::ivshmem::Ivshmem>,
     )>,
+    /// The CPU features the guest is given (carried in snapshots/streams).
+    guest_features: Vec<cpuid::FeatureWord>,
     /// MSRs a snapshot saves.
     msrs: Arc<std::sync::OnceLock<Vec<u32>>>,
     mem: GuestMemoryMmap,
@@ -448,6 +450,17 @@ impl Vm {
             hlt_exits_disabled: rt_spec.disable_exits.hlt,
             realtime_hint: rt_spec.priority.is_some() && rt_spec.cpus.is_some(),
         };
+        let guest_features = cpuid::feature_words(&cpuid::for_vcpu(&base_cpuid, 0, &cpuid_opts));
+        if let Some(src) = &spec.restore_from {
+            let missing = cpuid::missing_features(&src.cpu_features, &guest_features);
+            if !missing.is_empty() {
+                return Err(Error::Config(format!(
+                    "the guest of {} uses CPU features this host lacks: {}",
+                    src.name,
+                    missing.join(", ")
+                )));
+            }
+        }
         let mut vcpus = Vec::new();
         for id in 0..spec.vcpus {
             let v = vm.create_vcpu(id as u64).map_err(|e| Error::Vcpu {
@@ -540,6 +553,7 @@ impl Vm {
             vm: Arc::new(vm),
             com1,
             msrs,
+            guest_features,
             doorbells,
             ivshmem,
             mem,
@@ -580,6 +594,7 @@ impl Vm {
             vm,
             com1,
             msrs,
+            guest_features,
             doorbells,
             ivshmem,
             mem,
@@ -626,6 +641,7 @@ impl Vm {
                 kernel: spec.kernel_name.clone(),
                 cmdline: cmdline.clone(),
                 tsc_khz,
+                cpu_features: guest_features.clone(),
             },
             state: Mutex::new(RunState::Running),
             started: Instant::now(),
