@@ -100,6 +100,9 @@ enum Command {
         /// Give up pre-copy after this many seconds.
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
+        /// Hold pre-copy to this many bytes per second (e.g. 500M, 5G).
+        #[arg(long, value_name = "RATE")]
+        bandwidth_limit: Option<String>,
         /// A file holding the receiver's token (challenge-response).
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
@@ -432,8 +435,18 @@ fn dispatch(cli: Cli) -> Result<u8> {
             timeout,
             on_timeout,
             token_file,
+            bandwidth_limit,
             json,
         } => {
+            let bandwidth_limit = match bandwidth_limit {
+                Some(b) => {
+                    let bytes = config::parse_size(&b)
+                        .map_err(|e| anyhow::anyhow!("--bandwidth-limit: {e:#}"))?;
+                    anyhow::ensure!(bytes > 0, "--bandwidth-limit must be > 0");
+                    Some(bytes)
+                }
+                None => None,
+            };
             vmm::migrate::Endpoint::parse(&to).map_err(|e| anyhow::anyhow!("--to {e}"))?;
             let token_file = match token_file {
                 Some(f) => {
@@ -442,8 +455,8 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 }
                 None => None,
             };
-            let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": to, "downtime_ms": downtime_ms, "timeout_s": timeout, "on_timeout": on_timeout, "token_file": token_file});
-            control(&control_socket, req, json)
+            let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": to, "downtime_ms": downtime_ms, "timeout_s": timeout, "on_timeout": on_timeout, "token_file": token_file, "bandwidth_limit": bandwidth_limit});
+            migrate_with_progress(&control_socket, req, json)
         }
         Command::Snapshot {
             control_socket,
@@ -650,6 +663,61 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// `nfvisor migrate`: the request, a progress line per pre-copy round (a
+/// spinner on a terminal), then the outcome.
+fn migrate_with_progress(path: &std::path::Path, req: serde_json::Value, json: bool) -> Result<u8> {
+    use std::io::IsTerminal;
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(std::time::Duration::from_millis(100));
+        b
+    });
+    let mut show = |p: &serde_json::Value| {
+        let msg = format!(
+            "round {}: {:.1} MiB sent, {} pages dirty, estimated downtime {:.2} ms",
+            p["round"],
+            p["bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+            p["dirty_pages"],
+            p["estimated_downtime_ms"].as_f64().unwrap_or(0.0)
+        );
+        match &bar {
+            Some(b) => b.set_message(msg),
+            None => tracing::info!("migration: {msg}"),
+        }
+    };
+    let reply =
+        vmm::control::request_with_progress(path, req, &mut show).map_err(anyhow::Error::msg);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let reply = reply?;
+    if json {
+        println!("{reply}");
+    } else if reply["ok"] == true {
+        let m = &reply["migration"];
+        println!(
+            "migrated: total {:.1} ms, downtime {:.2} ms, {} rounds, {:.1} MiB sent ({} pages, {} zero, {} never touched)",
+            m["total_ms"].as_f64().unwrap_or(0.0),
+            m["downtime_ms"].as_f64().unwrap_or(0.0),
+            m["rounds"],
+            m["bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+            m["pages_sent"],
+            m["zero_pages"],
+            m["untouched_pages"]
+        );
+    }
+    if reply["ok"] == true {
+        Ok(0)
+    } else {
+        anyhow::bail!(
+            "{}",
+            reply["error"]
+                .as_str()
+                .unwrap_or("the VM refused the request")
+        )
+    }
 }
 
 /// Sends one request to a control socket and shows the reply.

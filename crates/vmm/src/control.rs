@@ -232,7 +232,7 @@ fn reply(ok: bool, body: serde_json::Value) -> String {
     v.to_string()
 }
 
-fn handle_request(h: &VmHandle, line: &str) -> String {
+fn handle_request(h: &VmHandle, line: &str, emit: &mut dyn FnMut(String)) -> String {
     let req: serde_json::Value = match serde_json::from_str(line) {
         Ok(v) => v,
         Err(e) => {
@@ -304,8 +304,12 @@ fn handle_request(h: &VmHandle, line: &str) -> String {
                 ),
                 timeout: Duration::from_secs_f64(req["timeout_s"].as_f64().unwrap_or(60.0)),
                 force: req["on_timeout"].as_str() == Some("force"),
+                bandwidth_limit: req["bandwidth_limit"].as_u64().filter(|&b| b > 0),
             };
-            match crate::migrate::migrate(h, to, &opts) {
+            let mut progress = |p: &crate::migrate::Progress| {
+                emit(serde_json::json!({ "v": SCHEMA, "progress": p }).to_string());
+            };
+            match crate::migrate::migrate(h, to, &opts, &mut progress) {
                 Ok(r) => reply(
                     true,
                     serde_json::json!({ "migration": r, "state": "migrated" }),
@@ -376,7 +380,13 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    let answer = handle_request(&h, &line);
+                    let mut progress_out = writer.try_clone().ok();
+                    let mut emit = |l: String| {
+                        if let Some(w) = progress_out.as_mut() {
+                            let _ = w.write_all((l + "\n").as_bytes());
+                        }
+                    };
+                    let answer = handle_request(&h, &line, &mut emit);
                     if writer.write_all((answer + "\n").as_bytes()).is_err() {
                         break;
                     }
@@ -392,14 +402,32 @@ pub fn request(
     path: &Path,
     req: serde_json::Value,
 ) -> std::result::Result<serde_json::Value, String> {
-    let mut s =
-        UnixStream::connect(path).map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    request_with_progress(path, req, &mut |_| {})
+}
+
+/// A request whose reply may be preceded by `{"progress": ...}` lines
+/// (migrate): each goes to `progress`; the final reply is returned.
+pub fn request_with_progress(
+    path: &Path,
+    req: serde_json::Value,
+    progress: &mut dyn FnMut(&serde_json::Value),
+) -> std::result::Result<serde_json::Value, String> {
+    let err = |e: &dyn std::fmt::Display| format!("control socket {}: {e}", path.display());
+    let mut s = UnixStream::connect(path).map_err(|e| err(&e))?;
     s.write_all((req.to_string() + "\n").as_bytes())
-        .map_err(|e| format!("control socket {}: {e}", path.display()))?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| format!("control socket {}: {e}", path.display()))?;
-    serde_json::from_str(&line)
-        .map_err(|e| format!("control socket {}: bad reply {line:?}: {e}", path.display()))
+        .map_err(|e| err(&e))?;
+    let mut lines = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        if lines.read_line(&mut line).map_err(|e| err(&e))? == 0 {
+            return Err(err(&"the VM closed the connection without a reply"));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| err(&format!("bad reply {line:?}: {e}")))?;
+        if v.get("progress").is_some() {
+            progress(&v["progress"]);
+            continue;
+        }
+        return Ok(v);
+    }
 }

@@ -79,6 +79,37 @@ pub struct MigrateOptions {
     pub timeout: Duration,
     /// On timeout: stop the guest and complete (true) or abort (false).
     pub force: bool,
+    /// Pre-copy sends at most this many bytes per second (stop-and-copy is
+    /// never held back: that is downtime).
+    pub bandwidth_limit: Option<u64>,
+}
+
+/// Where a migration stands, after each pre-copy round.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Progress {
+    pub round: u32,
+    pub bytes: u64,
+    pub dirty_pages: u64,
+    pub estimated_downtime_ms: f64,
+    pub elapsed_ms: f64,
+}
+
+/// Holds pre-copy to a byte rate: sleeps while ahead of it.
+struct Limiter {
+    start: Instant,
+    rate: Option<u64>,
+}
+
+impl Limiter {
+    fn account(&self, bytes_so_far: u64) {
+        if let Some(rate) = self.rate {
+            let due = Duration::from_secs_f64(bytes_so_far as f64 / rate as f64);
+            let elapsed = self.start.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -123,6 +154,7 @@ fn send_pages<W: Write>(
     w: &mut Writer<W>,
     dirty: Option<&[Vec<u64>]>,
     report: &mut MigrationReport,
+    limiter: Option<&Limiter>,
 ) -> Result<u64> {
     let mut page = vec![0u8; PAGE_SIZE];
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -182,6 +214,9 @@ fn send_pages<W: Write>(
                 w.pages(batch.iter().map(|(g, d)| (*g, d.as_slice())))
                     .map_err(io)?;
                 batch.clear();
+                if let Some(l) = limiter {
+                    l.account(report.pages_sent * PAGE_SIZE as u64);
+                }
             }
         }
     }
@@ -213,7 +248,12 @@ fn count(bitmaps: &[Vec<u64>]) -> u64 {
 /// Migrates the running VM to `to`. On success the source VM is stopped
 /// (reported as migrated); before GO any failure resumes the source guest;
 /// after GO without an answer the guest stays paused and the error says so.
-pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<MigrationReport> {
+pub fn migrate(
+    h: &VmHandle,
+    to: &str,
+    opts: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport> {
     let t0 = Instant::now();
     h.refuse_with_ivshmem()?;
     let endpoint = Endpoint::parse(to).map_err(Error::Config)?;
@@ -250,7 +290,11 @@ pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<Migratio
     let result = (|| -> Result<u128> {
         // round 1: everything; then what was dirtied meanwhile
         let r0 = Instant::now();
-        send_pages(h, &mut w, None, &mut report)?;
+        let limiter = Limiter {
+            start: r0,
+            rate: opts.bandwidth_limit,
+        };
+        send_pages(h, &mut w, None, &mut report, Some(&limiter))?;
         report.rounds = 1;
         let mut bandwidth = (report.pages_sent.max(1) * PAGE_SIZE as u64) as f64
             / r0.elapsed().as_secs_f64().max(1e-6);
@@ -258,6 +302,13 @@ pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<Migratio
             let dirty = dirty_bitmaps(h)?;
             let pages = count(&dirty);
             let estimate = Duration::from_secs_f64(pages as f64 * PAGE_SIZE as f64 / bandwidth);
+            progress(&Progress {
+                round: report.rounds,
+                bytes: (report.pages_sent + report.zero_pages) * PAGE_SIZE as u64,
+                dirty_pages: pages,
+                estimated_downtime_ms: estimate.as_secs_f64() * 1000.0,
+                elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            });
             if estimate <= opts.downtime {
                 // small enough: these go in the stop-and-copy
                 return stop_and_copy(h, &mut w, dirty, &mut report);
@@ -274,7 +325,7 @@ pub fn migrate(h: &VmHandle, to: &str, opts: &MigrateOptions) -> Result<Migratio
             }
             let r = Instant::now();
             let before = report.pages_sent + report.zero_pages;
-            send_pages(h, &mut w, Some(&dirty), &mut report)?;
+            send_pages(h, &mut w, Some(&dirty), &mut report, Some(&limiter))?;
             let sent = report.pages_sent + report.zero_pages - before;
             bandwidth =
                 (sent.max(1) * PAGE_SIZE as u64) as f64 / r.elapsed().as_secs_f64().max(1e-6);
@@ -371,7 +422,7 @@ fn stop_and_copy<W: Write>(
         }
     }
     report.last_round_pages = count(&dirty);
-    send_pages(h, w, Some(&dirty), report)?;
+    send_pages(h, w, Some(&dirty), report, None)?;
     tracing::debug!(
         "stop-and-copy: {} pages sent at {:?}",
         report.last_round_pages,
