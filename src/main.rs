@@ -121,6 +121,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open (map) or close (unmap) a running VM's ivshmem window.
+    IvshmemWindow {
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(value_parser = ["map", "unmap"])]
+        action: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause a running VM's vCPUs.
     Pause {
         #[arg(long, value_name = "PATH")]
@@ -470,6 +479,15 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 json,
             )
         }
+        Command::IvshmemWindow {
+            control_socket,
+            action,
+            json,
+        } => control(
+            &control_socket,
+            serde_json::json!({"v": 1, "cmd": "ivshmem", "window": action}),
+            json,
+        ),
         Command::Pause {
             control_socket,
             json,

@@ -108,7 +108,7 @@ fn a_read_only_window_drops_writes_and_the_vm_runs_on() {
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert_eq!(json(&r)["vm"]["ivshmem_dropped_writes"], 512);
     assert_eq!(
-        r.stderr.matches("read-only region").count(),
+        r.stderr.matches("read-only or unmapped region").count(),
         1,
         "logged once: {}",
         r.stderr
@@ -315,4 +315,79 @@ fn a_missing_server_or_bad_vectors_are_refused_and_a_dying_server_leaves_the_vm_
         "/dev/shm/nfvisor-test-dying-{}",
         std::process::id()
     ));
+}
+
+#[test]
+fn the_window_closes_and_opens_while_the_guest_runs() {
+    let shm = region("window");
+    let dir = scratch("ivshmem-window");
+    let sock = dir.join("vm.sock");
+    let spec = format!("path={shm},size=64K");
+    assert_eq!(
+        nfvisor(
+            &[
+                "run",
+                "--guest",
+                "ivshmem-probe",
+                "--ivshmem",
+                &spec,
+                "--cmdline",
+                "mode=write seed=3"
+            ],
+            T
+        )
+        .code,
+        0
+    );
+    let mut vm = Running::start(&[
+        "run",
+        "--guest",
+        "ivshmem-probe",
+        "--ivshmem",
+        &spec,
+        "--cmdline",
+        "mode=read seed=3 repeat=300",
+        "--control-socket",
+        sock.to_str().unwrap(),
+        "--json",
+    ]);
+    vm.wait_for("vCPU 0 runs on host thread");
+    while !sock.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let s = sock.to_str().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let closed = json(&nfvisor(
+        &["ivshmem-window", "--control-socket", s, "unmap", "--json"],
+        T,
+    ));
+    assert_eq!(closed["window"], "unmapped");
+    std::thread::sleep(Duration::from_millis(200));
+    let opened = json(&nfvisor(
+        &["ivshmem-window", "--control-socket", s, "map", "--json"],
+        T,
+    ));
+    assert_eq!(opened["window"], "mapped");
+    let out = vm.finish(T);
+    // while closed, the guest read all-ones: the pattern check saw it
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    let doc = json(&out);
+    let check = doc["guest"]["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "check")
+        .unwrap()
+        .clone();
+    let bad: u64 = check["fields"]["mismatches"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let words: u64 = check["fields"]["words"].as_str().unwrap().parse().unwrap();
+    assert!(
+        bad > 0 && bad < words,
+        "{bad} of {words} reads saw the closed window"
+    );
+    let _ = std::fs::remove_file(&shm);
 }

@@ -75,7 +75,9 @@ impl BusDevice for IvshmemRegs {
 /// The IOAPIC pin of vector 0 (vector v is on pin + v): PCI interrupt line.
 pub const IRQ_PIN: u32 = 11;
 
-/// BAR2 of a read-only region: only writes reach the VMM; each is dropped.
+/// BAR2 as the VMM sees it: writes to a read-only region, and any access
+/// while the window is unmapped, exit to here: reads return all-ones,
+/// writes are dropped and counted (logged once).
 pub struct ReadOnlyWindow(pub std::sync::Arc<Ivshmem>);
 
 impl BusDevice for ReadOnlyWindow {
@@ -88,7 +90,7 @@ impl BusDevice for ReadOnlyWindow {
     fn write(&self, offset: u64, data: &[u8]) {
         if self.0.dropped_writes.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
-                "ivshmem: the guest wrote {} bytes at offset {offset:#x} of a read-only region: dropped (logged once, counted)",
+                "ivshmem: the guest wrote {} bytes at offset {offset:#x} of a read-only or unmapped region: dropped (logged once, counted)",
                 data.len()
             );
         }

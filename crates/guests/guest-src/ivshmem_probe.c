@@ -119,10 +119,13 @@ int guest_main(void) {
     u64 words = bytes / 8, bad = 0;
     if (mode[0] == 'w' && mode[1] == 'r')
         for (u64 i = 0; i < words; i++) mem[i] = pattern(seed, i);
-    for (u64 i = 0; i < words; i++)
-        if (mem[i] != pattern(seed, i)) bad++;
+    u64 repeat = 1;
+    arg_u64("repeat", &repeat); /* read passes, to watch the window open and close */
+    for (u64 r = 0; r < repeat; r++)
+        for (u64 i = 0; i < words; i++)
+            if (mem[i] != pattern(seed, i)) bad++;
     puts("R check");
-    put_kv("words", words);
+    put_kv("words", words * repeat);
     put_kv("mismatches", bad);
     putc('\n');
     puts(bad ? "ivshmem-probe: pattern MISMATCH\n" : "ivshmem-probe: pattern OK\n");

@@ -52,6 +52,9 @@ pub struct VmHandle {
     pub(crate) migrated: Mutex<Option<String>>,
     /// A shared ivshmem region is attached: not in a snapshot or a stream.
     pub(crate) has_ivshmem: bool,
+    /// The ivshmem region and its slot, for opening and closing the window.
+    pub(crate) ivshmem_window: Option<(Arc<crate::shared_region::SharedRegion>, u32)>,
+    pub(crate) window_mapped: Mutex<bool>,
 }
 
 pub(crate) fn regs_of(s: &vm_superio::serial::SerialState) -> SerialRegs {
@@ -144,6 +147,23 @@ impl VmHandle {
             ));
         }
         Ok(())
+    }
+
+    /// Opens (maps) or closes (unmaps) the ivshmem window while the guest
+    /// runs: KVM4NFV's "open the window when needed, close it immediately".
+    pub fn ivshmem_window(&self, map: bool) -> Result<&'static str> {
+        let (region, slot) = self
+            .ivshmem_window
+            .as_ref()
+            .ok_or_else(|| Error::Config("this VM has no ivshmem region".into()))?;
+        let mut mapped = self.window_mapped.lock().unwrap_or_else(|e| e.into_inner());
+        if map && !*mapped {
+            region.register(&self.vm, *slot)?;
+        } else if !map && *mapped {
+            region.unregister(&self.vm, *slot)?;
+        }
+        *mapped = map;
+        Ok(if map { "mapped" } else { "unmapped" })
     }
 
     /// Ends the VM here (after a migration): every vCPU leaves.
@@ -282,6 +302,16 @@ fn handle_request(h: &VmHandle, line: &str, emit: &mut dyn FnMut(String)) -> Str
                 ),
                 Err(e) => reply(false, serde_json::json!({ "error": e.to_string() })),
             },
+        },
+        Some("ivshmem") => match req["window"].as_str() {
+            Some(w @ ("map" | "unmap")) => match h.ivshmem_window(w == "map") {
+                Ok(state) => reply(true, serde_json::json!({ "window": state })),
+                Err(e) => reply(false, serde_json::json!({ "error": e.to_string() })),
+            },
+            _ => reply(
+                false,
+                serde_json::json!({ "error": "ivshmem needs \"window\": \"map\" or \"unmap\"" }),
+            ),
         },
         Some("migrate") => {
             let Some(to) = req["to"].as_str() else {

@@ -144,6 +144,21 @@ impl SharedRegion {
         })
     }
 
+    /// Takes the region out of the guest (KVM deletes a slot of size 0):
+    /// its accesses then exit to the VMM, which drops them.
+    pub fn unregister(&self, vm: &VmFd, slot: u32) -> Result<()> {
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: BAR2_ADDR,
+            memory_size: 0,
+            userspace_addr: self.ptr as u64,
+        };
+        // SAFETY: deleting a slot this VM registered; no memory is handed to KVM.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| Error::Kvm(format!("removing the ivshmem slot: {e}")))
+    }
+
     /// Registers the region as memory slot `slot` at BAR2.
     pub fn register(&self, vm: &VmFd, slot: u32) -> Result<()> {
         let r = kvm_userspace_memory_region {

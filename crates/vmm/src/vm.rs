@@ -218,8 +218,9 @@ pub struct Vm {
     doorbells: Option<crate::doorbell::Doorbells>,
     /// The ivshmem region, mapped while the VM lives.
     ivshmem: Option<(
-        crate::shared_region::SharedRegion,
+        Arc<crate::shared_region::SharedRegion>,
         Arc<devices::ivshmem::Ivshmem>,
+        u32,
     )>,
     /// The CPU features the guest is given (carried in snapshots/streams).
     guest_features: Vec<cpuid::FeatureWord>,
@@ -401,21 +402,21 @@ impl Vm {
                     Arc::new(devices::ivshmem::IvshmemRegs { peer_id }),
                 )
                 .map_err(dev_err)?;
-                if ispec.readonly {
-                    mmio.insert(
-                        BAR2_ADDR,
-                        size,
-                        Arc::new(devices::ivshmem::ReadOnlyWindow(dev.clone())),
-                    )
-                    .map_err(dev_err)?;
-                }
-                Some((region, dev))
+                // catches BAR2 accesses that exit: read-only writes, and all
+                // of them while the window is unmapped
+                mmio.insert(
+                    BAR2_ADDR,
+                    size,
+                    Arc::new(devices::ivshmem::ReadOnlyWindow(dev.clone())),
+                )
+                .map_err(dev_err)?;
+                Some((Arc::new(region), dev, mem.num_regions() as u32))
             }
             None => None,
         };
         let pci_devices: Vec<Arc<dyn devices::pci::PciFunction>> = ivshmem
             .iter()
-            .map(|(_, d)| d.clone() as Arc<dyn devices::pci::PciFunction>)
+            .map(|(_, d, _)| d.clone() as Arc<dyn devices::pci::PciFunction>)
             .collect();
         pio.insert(
             0xcf8,
@@ -647,6 +648,8 @@ impl Vm {
             started: Instant::now(),
             migrated: Mutex::new(None),
             has_ivshmem: ivshmem.is_some(),
+            ivshmem_window: ivshmem.as_ref().map(|(r, _, slot)| (r.clone(), *slot)),
+            window_mapped: Mutex::new(true),
         });
 
         // Each vCPU thread applies its placement, reports, then waits for go.
@@ -965,7 +968,7 @@ impl Vm {
             irq_bench,
             ivshmem_dropped_writes: ivshmem
                 .as_ref()
-                .map(|(_, d)| d.dropped_writes.load(Ordering::Relaxed)),
+                .map(|(_, d, _)| d.dropped_writes.load(Ordering::Relaxed)),
             warnings,
             console_bytes: transcript.1,
             console_dropped: console.dropped(),
