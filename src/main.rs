@@ -521,7 +521,11 @@ fn run(args: &RunArgs, json: bool, exit_stats: bool) -> Result<u8> {
     let mut resolved = args.resolve(json)?;
     resolved.spec.process_start = PROCESS_START.get().copied();
     let bundled = resolved.bundled;
-    let vm = vmm::Vm::create(resolved.spec)?;
+    run_and_report(vmm::Vm::create(resolved.spec)?, bundled, json, exit_stats)
+}
+
+/// Runs a created VM to its end, shows the report, returns the exit code.
+fn run_and_report(vm: vmm::Vm, bundled: Option<&str>, json: bool, exit_stats: bool) -> Result<u8> {
     let report = vm.run()?;
     let transcript = String::from_utf8_lossy(&report.transcript).into_owned();
     let guest = guests::protocol::parse(&transcript);
@@ -778,7 +782,7 @@ fn restore(
 ) -> Result<u8> {
     let (source, cfg) = vmm::snapshot::RestoreSource::open(&vmm::snapshot::stream_path(from))?;
     let vm = restored_vm(source, cfg, serial, control_socket, json, rt, None)?;
-    run_restored(vm, json, exit_stats)
+    run_and_report(vm, None, json, exit_stats)
 }
 
 /// Waits for one migration on `listen`, verifies and loads it, answers
@@ -899,7 +903,7 @@ fn receive(
         let _ = answer.write_all(format!("RUNNING {downtime}\n").as_bytes());
         let _ = answer.flush();
     }));
-    run_restored(vm, json, exit_stats)
+    run_and_report(vm, None, json, exit_stats)
 }
 
 fn restored_vm(
@@ -940,19 +944,6 @@ fn restored_vm(
         on_prepared,
     };
     Ok(vmm::Vm::create(spec)?)
-}
-
-fn run_restored(vm: vmm::Vm, json: bool, exit_stats: bool) -> Result<u8> {
-    let report = vm.run()?;
-    let transcript = String::from_utf8_lossy(&report.transcript).into_owned();
-    let guest = guests::protocol::parse(&transcript);
-    let code = report::exit_code_of(&report.stop);
-    if json {
-        report::print_json(&report, None, &guest, code)?;
-    } else {
-        report::print_text(&report, &guest, exit_stats);
-    }
-    Ok(code)
 }
 
 fn guests_cmd(action: GuestsAction) -> Result<u8> {

@@ -186,6 +186,23 @@ impl VmHandle {
         *state = RunState::Running;
     }
 
+    /// Every vCPU's state (each thread reads its own) and the devices'; the
+    /// VM must be paused.
+    pub(crate) fn save_state(&self) -> Result<(Vec<VcpuState>, snapshot::DeviceState)> {
+        let mut states = Vec::new();
+        for (id, c) in self.cmds.iter().enumerate() {
+            let gone = || Error::Vcpu {
+                id: id as u32,
+                why: "its thread has ended".into(),
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            c.send(VcpuCmd::Save(tx)).map_err(|_| gone())?;
+            states.push(rx.recv().map_err(|_| gone())??);
+        }
+        let devices = snapshot::save_devices(&self.vm, regs_of(&self.com1.state()))?;
+        Ok((states, devices))
+    }
+
     /// Pauses, saves everything to `dir`, and resumes if it was running.
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport> {
         self.refuse_with_ivshmem()?;
@@ -193,19 +210,7 @@ impl VmHandle {
         let t0 = Instant::now();
         self.pause()?;
         let result = (|| {
-            let mut states = Vec::new();
-            for (id, c) in self.cmds.iter().enumerate() {
-                let (tx, rx) = std::sync::mpsc::channel();
-                c.send(VcpuCmd::Save(tx)).map_err(|_| Error::Vcpu {
-                    id: id as u32,
-                    why: "its thread has ended".into(),
-                })?;
-                states.push(rx.recv().map_err(|_| Error::Vcpu {
-                    id: id as u32,
-                    why: "its thread has ended".into(),
-                })??);
-            }
-            let devices = snapshot::save_devices(&self.vm, regs_of(&self.com1.state()))?;
+            let (states, devices) = self.save_state()?;
             snapshot::write(dir, &self.config, &self.mem, &states, &devices)
         })();
         let paused_ms = t0.elapsed().as_secs_f64() * 1000.0;

@@ -17,8 +17,8 @@ use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use migration::{Kind, Writer, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::control::{RunState, VcpuCmd, VmHandle};
-use crate::{memory, snapshot, Error, Result};
+use crate::control::{RunState, VmHandle};
+use crate::{memory, Error, Result};
 
 /// A migration endpoint: `unix:PATH` or `tcp:HOST:PORT`.
 pub enum Endpoint {
@@ -428,19 +428,7 @@ fn stop_and_copy<W: Write>(
         report.last_round_pages,
         t.elapsed()
     );
-    let mut states = Vec::new();
-    for (id, c) in h.cmds.iter().enumerate() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        c.send(VcpuCmd::Save(tx)).map_err(|_| Error::Vcpu {
-            id: id as u32,
-            why: "its thread has ended".into(),
-        })?;
-        states.push(rx.recv().map_err(|_| Error::Vcpu {
-            id: id as u32,
-            why: "its thread has ended".into(),
-        })??);
-    }
-    let devices = snapshot::save_devices(&h.vm, crate::control::regs_of(&h.com1.state()))?;
+    let (states, devices) = h.save_state()?;
     // test-only hook: a longer stop-and-copy, so a test can tell whether the
     // guest's clocks show the stall
     if let Some(ms) = std::env::var("NFVISOR_TEST_STOP_COPY_DELAY_MS")
