@@ -1,5 +1,6 @@
 //! nfvisor: a virtual machine monitor on Linux KVM for network functions.
 
+mod bench_doorbell;
 mod bench_migration;
 mod config;
 mod host;
@@ -255,6 +256,13 @@ enum BenchCmd {
         seconds: f64,
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         batch: Vec<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// ivshmem doorbell round trip between two VMs on one ivshmem server.
+    Doorbell {
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
         #[arg(long)]
         json: bool,
     },
@@ -650,6 +658,10 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
                     );
                 }
             }
+        }
+        BenchCmd::Doorbell { count, json } => {
+            anyhow::ensure!(count > 0, "--count must be at least 1");
+            return bench_doorbell::run(count, json);
         }
         BenchCmd::RingWorker {
             role,

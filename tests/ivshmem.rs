@@ -391,3 +391,18 @@ fn the_window_closes_and_opens_while_the_guest_runs() {
     );
     let _ = std::fs::remove_file(&shm);
 }
+
+#[test]
+fn the_doorbell_round_trip_benchmark_measures_every_ping() {
+    let r = nfvisor(&["bench", "doorbell", "--count", "100", "--json"], T);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc = json(&r);
+    assert_eq!(doc["round_trips"], 100);
+    let (min, p50, max) = (
+        doc["min_us"].as_f64().unwrap(),
+        doc["p50_us"].as_f64().unwrap(),
+        doc["max_us"].as_f64().unwrap(),
+    );
+    assert!(min > 0.0 && min <= p50 && p50 <= max, "{doc}");
+    assert_eq!(doc["doorbell_writes_seen_by_the_vmm"], 0);
+}

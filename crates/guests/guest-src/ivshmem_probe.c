@@ -7,6 +7,9 @@
  * pin is the PCI interrupt line), counting them in word 0 of the region and
  * marking word 1 ready; mode=ring peer=P count=K waits for that, then rings
  * peer P's vector 0 K times, each after the previous was counted.
+ * Round trip: mode=echo peer=P rings P back from its interrupt handler;
+ * mode=ping peer=P count=K rings P and times (RDTSC) until P's ring comes
+ * back, K times, and dumps the round trips as the "rtt" histogram (ns).
  * Status: 0 ok, 1 no device or timeout, 2 bad parameters, 3 the pattern did
  * not match. */
 #include "runtime.h"
@@ -23,10 +26,15 @@ static u32 pci_read(u32 dev, u32 reg) {
 void ext_stub(void);
 static volatile u64 *shared;
 static volatile u64 received;
+static volatile u32 *echo_bell; /* echo mode: ring back from the handler */
+static u32 echo_value;
+static int count_in_region;
+static struct hist rtt;
 
 void ext_irq(void) {
     received++;
-    shared[0] = received;
+    if (count_in_region) shared[0] = received;
+    if (echo_bell) *echo_bell = echo_value;
     lapic_eoi();
 }
 
@@ -54,12 +62,57 @@ static int doorbell(const char *mode, u32 dev, u64 bar0, volatile u64 *mem) {
     puts("R doorbell");
     put_kv("ivposition", id);
     putc('\n');
-    if (mode[0] == 'w' && mode[1] == 'a') {
+    int takes_interrupts = (mode[0] == 'w' && mode[1] == 'a') || mode[0] == 'e' || mode[0] == 'p';
+    if (takes_interrupts) {
         u32 pin = pci_read(dev, 0x3c) & 0xff;
         idt_init();
         idt_set(DOORBELL_VECTOR, ext_stub);
         lapic_enable();
         ioapic_route(pin, DOORBELL_VECTOR);
+    }
+    if (mode[0] == 'p') {
+        /* ping: the echo side marks word 1 ready */
+        if (!wait_for(&mem[1], READY, 10)) fail(STATUS_FAIL, "the echo peer never became ready");
+        hist_init(&rtt, 1000); /* 1 us buckets */
+        u64 limit = tsc_khz() * 5000;
+        for (u64 i = 1; i <= count; i++) {
+            u64 t0 = rdtsc();
+            *(volatile u32 *)(bar0 + 12) = (u32)((peer << 16) | 0);
+            __asm__ volatile("sti" ::: "memory");
+            while (received < i)
+                if (rdtsc() - t0 > limit) fail(STATUS_FAIL, "no ring back within 5 s");
+            u64 t1 = rdtsc();
+            __asm__ volatile("cli" ::: "memory");
+            hist_add(&rtt, cycles_to_ns(t1 - t0));
+        }
+        mem[1] = 0;
+        hist_dump(&rtt, "rtt", "ns");
+        puts("R doorbell");
+        put_kv("pings", count);
+        putc('\n');
+        return STATUS_OK;
+    }
+    if (mode[0] == 'e') {
+        echo_bell = (volatile u32 *)(bar0 + 12);
+        echo_value = (u32)((peer << 16) | 0);
+        mem[1] = READY;
+        u64 limit = tsc_khz() * 10000, last = rdtsc(), seen = 0;
+        while (received < count) {
+            __asm__ volatile("sti; hlt; cli" ::: "memory");
+            if (received != seen) {
+                seen = received;
+                last = rdtsc();
+            } else if (rdtsc() - last > limit) {
+                fail(STATUS_FAIL, "no ping for 10 s");
+            }
+        }
+        puts("R doorbell");
+        put_kv("echoed", received);
+        putc('\n');
+        return STATUS_OK;
+    }
+    if (mode[0] == 'w' && mode[1] == 'a') {
+        count_in_region = 1;
         mem[0] = 0;
         mem[1] = READY;
         u64 limit = tsc_khz() * 10000, last = rdtsc(), seen = 0;
@@ -116,6 +169,7 @@ int guest_main(void) {
     volatile u64 *mem = (volatile u64 *)bar2;
     if (mode[0] == 'r' && mode[1] == 'i') return doorbell(mode, dev, pci_read(dev, 0x10) & ~0xfUL, mem);
     if (mode[0] == 'w' && mode[1] == 'a') return doorbell(mode, dev, pci_read(dev, 0x10) & ~0xfUL, mem);
+    if (mode[0] == 'e' || mode[0] == 'p') return doorbell(mode, dev, pci_read(dev, 0x10) & ~0xfUL, mem);
     u64 words = bytes / 8, bad = 0;
     if (mode[0] == 'w' && mode[1] == 'r')
         for (u64 i = 0; i < words; i++) mem[i] = pattern(seed, i);
