@@ -93,6 +93,7 @@ pub fn run(
     memory: &str,
     dirtier_mb: u64,
     downtime_ms: f64,
+    dirty_bitmap: bool,
     json: bool,
 ) -> Result<u8> {
     let exe = std::env::current_exe().context("locating the nfvisor binary")?;
@@ -127,7 +128,10 @@ pub fn run(
         bail!("--scenario {scenario:?}: use idle, dirtier or all");
     }
     let mut out = serde_json::Map::new();
-    for (name, args) in scenarios {
+    for (name, mut args) in scenarios {
+        if dirty_bitmap {
+            args.push("--dirty-bitmap");
+        }
         let mut reports = Vec::new();
         for i in 0..runs {
             tracing::info!("{name}: run {}/{runs}", i + 1);

@@ -39,6 +39,13 @@ pub struct RunArgs {
     /// Serve the control socket here (pause, resume, snapshot, status).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Size of the KVM dirty ring per vCPU (dirty-page tracking for
+    /// migration; the default, 64 KiB, measured better than the bitmap).
+    #[arg(long, value_name = "BYTES", conflicts_with = "dirty_bitmap")]
+    pub dirty_ring: Option<u32>,
+    /// Track dirty pages with KVM's per-slot bitmap instead of the ring.
+    #[arg(long)]
+    pub dirty_bitmap: bool,
     /// Shared memory with other VMs: path=/dev/shm/NAME,size=2M[,readonly]
     /// (an ivshmem PCI device, plain mode).
     #[arg(long, value_name = "SPEC")]
@@ -154,6 +161,9 @@ fn parse_exits(items: &[String]) -> Result<DisableExits> {
     }
     Ok(d)
 }
+
+/// Bytes of dirty ring per vCPU unless told otherwise (4096 entries).
+pub const DEFAULT_DIRTY_RING: u32 = 64 << 10;
 
 /// Parses `path=P,size=S[,readonly]` or `server=SOCKET[,vectors=N]`.
 fn parse_ivshmem(spec: &str) -> Result<vmm::shared_region::IvshmemSpec> {
@@ -365,6 +375,7 @@ impl RunArgs {
             irq_bench: None,
             control_socket: self.control_socket.clone(),
             ivshmem: self.ivshmem.as_deref().map(parse_ivshmem).transpose()?,
+            dirty_ring: (!self.dirty_bitmap).then(|| self.dirty_ring.unwrap_or(DEFAULT_DIRTY_RING)),
             restore_from: None,
             on_start: None,
             on_prepared: None,

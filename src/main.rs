@@ -246,6 +246,9 @@ enum BenchCmd {
         dirtier_mb: u64,
         #[arg(long, default_value_t = 10.0)]
         downtime_ms: f64,
+        /// Track dirty pages with KVM's bitmap instead of the dirty ring.
+        #[arg(long)]
+        dirty_bitmap: bool,
         #[arg(long)]
         json: bool,
     },
@@ -620,10 +623,19 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
             memory,
             dirtier_mb,
             downtime_ms,
+            dirty_bitmap,
             json,
         } => {
             anyhow::ensure!(runs > 0, "--runs must be at least 1");
-            return bench_migration::run(&scenario, runs, &memory, dirtier_mb, downtime_ms, json);
+            return bench_migration::run(
+                &scenario,
+                runs,
+                &memory,
+                dirtier_mb,
+                downtime_ms,
+                dirty_bitmap,
+                json,
+            );
         }
         BenchCmd::Ivshmem {
             seconds,
@@ -951,6 +963,8 @@ fn restored_vm(
         irq_bench: None,
         control_socket,
         ivshmem: None,
+        // a received or restored guest can migrate on
+        dirty_ring: Some(config::DEFAULT_DIRTY_RING),
         restore_from: Some(source),
         on_start: None,
         on_prepared,

@@ -27,9 +27,14 @@ fn digest(out: &str) -> String {
 }
 
 fn source(dir: &std::path::Path) -> (Running, std::path::PathBuf) {
+    source_with(dir, &[])
+}
+
+fn source_with(dir: &std::path::Path, extra: &[&str]) -> (Running, std::path::PathBuf) {
     let sock = dir.join("src.sock");
     let mut args = vec!["run", "--control-socket", sock.to_str().unwrap()];
     args.extend_from_slice(DIRTIER);
+    args.extend_from_slice(extra);
     let mut vm = Running::start(&args);
     vm.wait_for("vCPU 0 runs on host thread");
     for _ in 0..400 {
@@ -42,11 +47,15 @@ fn source(dir: &std::path::Path) -> (Running, std::path::PathBuf) {
 }
 
 fn migrate_to(endpoint: &str, name: &str) {
+    migrate_to_with(endpoint, name, &[], "ring");
+}
+
+fn migrate_to_with(endpoint: &str, name: &str, extra: &[&str], tracking: &str) {
     let plain = nfvisor(&[&["run"], DIRTIER].concat(), T);
     let dir = scratch(name);
     let mut dst = Running::start(&["receive", "--listen", endpoint]);
     dst.wait_for("waiting for a migration");
-    let (src, sock) = source(&dir);
+    let (src, sock) = source_with(&dir, extra);
     std::thread::sleep(Duration::from_millis(150));
     let r = nfvisor(
         &[
@@ -71,6 +80,7 @@ fn migrate_to(endpoint: &str, name: &str) {
         "downtime {down} ms of {total} ms"
     );
     assert!(m["pages_sent"].as_u64().unwrap() >= 1024, "{m}");
+    assert_eq!(m["dirty_tracking"], tracking);
     let s = src.finish(T);
     assert_eq!(s.code, 0, "{}", s.stderr);
     assert!(s.stdout.contains("guest migrated to"), "{}", s.stdout);
@@ -92,6 +102,13 @@ fn a_running_dirtier_migrates_over_a_unix_socket() {
     let dir = scratch("mig-unix-ep");
     let ep = format!("unix:{}", dir.join("in.sock").display());
     migrate_to(&ep, "mig-unix");
+}
+
+#[test]
+fn the_dirty_bitmap_serves_as_well_as_the_ring() {
+    let dir = scratch("mig-bitmap-ep");
+    let ep = format!("unix:{}", dir.join("in.sock").display());
+    migrate_to_with(&ep, "mig-bitmap", &["--dirty-bitmap"], "bitmap");
 }
 
 #[test]

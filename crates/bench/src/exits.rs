@@ -76,6 +76,7 @@ fn spec(n: u64) -> VmSpec {
         irq_bench: None,
         control_socket: None,
         ivshmem: None,
+        dirty_ring: None,
         restore_from: None,
         on_start: None,
         on_prepared: None,

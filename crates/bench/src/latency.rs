@@ -356,6 +356,7 @@ fn measure(
         irq_bench,
         control_socket: None,
         ivshmem: None,
+        dirty_ring: None,
         restore_from: None,
         on_start: None,
         on_prepared: None,

@@ -52,6 +52,8 @@ pub struct VmHandle {
     pub(crate) migrated: Mutex<Option<String>>,
     /// A shared ivshmem region is attached: not in a snapshot or a stream.
     pub(crate) has_ivshmem: bool,
+    /// Dirty rings (empty: the per-slot dirty bitmap is used).
+    pub(crate) rings: Vec<crate::dirty_ring::DirtyRing>,
     /// The ivshmem region and its slot, for opening and closing the window.
     pub(crate) ivshmem_window: Option<(Arc<crate::shared_region::SharedRegion>, u32)>,
     pub(crate) window_mapped: Mutex<bool>,

@@ -6,6 +6,7 @@ pub mod acpi;
 pub mod boot;
 pub mod control;
 pub mod cpuid;
+pub mod dirty_ring;
 pub mod doorbell;
 pub mod exits;
 pub mod irq_bench;

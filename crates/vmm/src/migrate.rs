@@ -126,6 +126,8 @@ pub struct MigrationReport {
     /// Pages the guest never touched: skipped in the first round unread.
     pub untouched_pages: u64,
     pub last_round_pages: u64,
+    /// "bitmap" (KVM_GET_DIRTY_LOG) or "ring" (the KVM dirty ring).
+    pub dirty_tracking: String,
     pub bandwidth_mib_s: f64,
     pub forced: bool,
 }
@@ -227,6 +229,19 @@ fn send_pages<W: Write>(
 }
 
 fn dirty_bitmaps(h: &VmHandle) -> Result<Vec<Vec<u64>>> {
+    if !h.rings.is_empty() {
+        // the rings' entries, as bitmaps of the same shape
+        let mut maps: Vec<Vec<u64>> = h
+            .mem
+            .iter()
+            .map(|r| vec![0u64; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize])
+            .collect();
+        for ring in &h.rings {
+            ring.harvest(&mut maps);
+        }
+        crate::dirty_ring::reset(&h.vm)?;
+        return Ok(maps);
+    }
     h.mem
         .iter()
         .enumerate()
@@ -235,6 +250,15 @@ fn dirty_bitmaps(h: &VmHandle) -> Result<Vec<Vec<u64>>> {
                 .map_err(|e| Error::Kvm(format!("KVM_GET_DIRTY_LOG slot {slot}: {e}")))
         })
         .collect()
+}
+
+/// After a migration that did not complete: dirty logging off, and the
+/// rings emptied, so a guest resumed here never waits on a full ring.
+fn stop_dirty_tracking(h: &VmHandle) {
+    let _ = memory::register_slots(&h.vm, &h.mem, 0);
+    if !h.rings.is_empty() {
+        let _ = dirty_bitmaps(h);
+    }
 }
 
 fn count(bitmaps: &[Vec<u64>]) -> u64 {
@@ -262,7 +286,10 @@ pub fn migrate(
     let mut back = BufReader::new(link.split().map_err(io)?);
     answer_greeting(&mut back, &mut link, opts.token.as_deref(), to)?;
     let mut w = Writer::new(std::io::BufWriter::with_capacity(4 << 20, link)).map_err(io)?;
-    let mut report = MigrationReport::default();
+    let mut report = MigrationReport {
+        dirty_tracking: if h.rings.is_empty() { "bitmap" } else { "ring" }.into(),
+        ..Default::default()
+    };
     w.frame(
         Kind::Config,
         &serde_json::to_vec(&h.config).expect("serialisable"),
@@ -335,7 +362,7 @@ pub fn migrate(
     let paused_at = match result {
         Ok(t) => t,
         Err(e) => {
-            let _ = memory::register_slots(&h.vm, &h.mem, 0);
+            stop_dirty_tracking(h);
             if h.state() == RunState::Paused {
                 h.resume();
             }
@@ -355,7 +382,7 @@ pub fn migrate(
     let mut line = String::new();
     let ready = back.read_line(&mut line);
     if ready.is_err() || line.trim() != "READY" {
-        let _ = memory::register_slots(&h.vm, &h.mem, 0);
+        stop_dirty_tracking(h);
         h.resume();
         return Err(Error::Device(format!(
             "the destination did not accept the VM ({}); the guest runs on here",
@@ -386,6 +413,8 @@ pub fn migrate(
             report.downtime_ms = ns.parse::<f64>().unwrap_or(0.0) / 1e6;
         }
         _ => {
+            // the guest may be resumed here by the operator: stop tracking
+            stop_dirty_tracking(h);
             return Err(Error::Device(format!(
                 "OUTCOME UNKNOWN: GO was sent to {to} but no RUNNING came back ({:?}); the guest stays PAUSED here. Check whether it runs on the destination before resuming it here (nfvisor resume) — two running copies are worse than a paused one",
                 line.trim()

@@ -93,6 +93,11 @@ pub fn handle_exit(io: &IoContext, exit: VcpuExit) -> (ExitReason, Option<usize>
         VcpuExit::FailEntry(reason, _cpu) => (ExitReason::FailEntry, None, Flow::FailEntry(reason)),
         VcpuExit::InternalError => (ExitReason::InternalError, None, Flow::InternalError),
         VcpuExit::SystemEvent(kind, _) => (ExitReason::SystemEvent, None, Flow::SystemEvent(kind)),
+        VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
+            // the migration thread harvests the ring each round: give it a moment
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            (ExitReason::Other, None, Flow::Resume)
+        }
         other => (
             ExitReason::Other,
             None,

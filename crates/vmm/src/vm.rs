@@ -103,6 +103,9 @@ pub struct VmSpec {
     pub latency_port: Option<Arc<devices::LatencyPort>>,
     /// Interrupt latency: run the injector thread beside the guest.
     pub irq_bench: Option<crate::irq_bench::IrqBenchSpec>,
+    /// Track dirty pages with the KVM dirty ring (this many bytes per vCPU)
+    /// instead of the per-slot bitmap.
+    pub dirty_ring: Option<u32>,
     /// An ivshmem device (plain mode) over this shared region.
     pub ivshmem: Option<crate::shared_region::IvshmemSpec>,
     /// Serve the control socket (pause, resume, snapshot, status) here.
@@ -222,6 +225,8 @@ pub struct Vm {
         Arc<devices::ivshmem::Ivshmem>,
         u32,
     )>,
+    /// Per-vCPU dirty rings, when the VM tracks dirty pages with them.
+    rings: Vec<crate::dirty_ring::DirtyRing>,
     /// The CPU features the guest is given (carried in snapshots/streams).
     guest_features: Vec<cpuid::FeatureWord>,
     /// MSRs a snapshot saves.
@@ -338,6 +343,29 @@ impl Vm {
                 .map_err(|e| format!("KVM_CAP_HALT_POLL: {e}"));
             Setting::record(&mut settings, "halt-poll-ns", r, rt_spec.best_effort)?;
         }
+
+        // the dirty ring is an optimisation: without it, the bitmap serves
+        let dirty_ring = match spec.dirty_ring {
+            Some(bytes) => match crate::dirty_ring::enable(&vm, bytes) {
+                Ok(()) => {
+                    settings.push(Setting::applied(
+                        "dirty-ring",
+                        format!("{bytes} bytes per vCPU"),
+                    ));
+                    Some(bytes)
+                }
+                Err(e) => {
+                    Setting::fail(
+                        &mut settings,
+                        "dirty-ring",
+                        format!("{e}; the dirty bitmap is used"),
+                        true,
+                    )?;
+                    None
+                }
+            },
+            None => None,
+        };
 
         let mem = memory::create(&spec.memory, rt_spec.best_effort, &mut settings)?;
         memory::register_slots(&vm, &mem, 0)?;
@@ -463,6 +491,7 @@ impl Vm {
             }
         }
         let mut vcpus = Vec::new();
+        let mut rings = Vec::new();
         for id in 0..spec.vcpus {
             let v = vm.create_vcpu(id as u64).map_err(|e| Error::Vcpu {
                 id,
@@ -479,6 +508,9 @@ impl Vm {
             vcpu::set_boot_msrs(&v, id);
             v.set_fpu(&vcpu::boot_fpu()).map_err(verr("KVM_SET_FPU"))?;
             vcpu::set_lint(&v).map_err(verr("KVM_SET_LAPIC"))?;
+            if let Some(bytes) = dirty_ring {
+                rings.push(crate::dirty_ring::DirtyRing::map(&v, bytes)?);
+            }
             vcpus.push(v);
         }
         let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
@@ -554,6 +586,7 @@ impl Vm {
             vm: Arc::new(vm),
             com1,
             msrs,
+            rings,
             guest_features,
             doorbells,
             ivshmem,
@@ -595,6 +628,7 @@ impl Vm {
             vm,
             com1,
             msrs,
+            rings,
             guest_features,
             doorbells,
             ivshmem,
@@ -648,6 +682,7 @@ impl Vm {
             started: Instant::now(),
             migrated: Mutex::new(None),
             has_ivshmem: ivshmem.is_some(),
+            rings,
             ivshmem_window: ivshmem.as_ref().map(|(r, _, slot)| (r.clone(), *slot)),
             window_mapped: Mutex::new(true),
         });
