@@ -169,15 +169,6 @@ fn dirtier_checks_every_pass() {
         ],
         T,
     );
-    let digest = |s: &str| {
-        s.lines()
-            .find(|l| l.starts_with("DIRTIER OK"))
-            .unwrap()
-            .split(' ')
-            .find(|w| w.starts_with("digest="))
-            .unwrap()
-            .to_string()
-    };
     assert_eq!(digest(&r.stdout), digest(&again.stdout));
     // a working set larger than RAM is refused by the guest (status 2)
     let r = nfvisor(

@@ -16,16 +16,6 @@ const DIRTIER: &[&str] = &[
     "mb=4 passes=80",
 ];
 
-fn digest(out: &str) -> String {
-    out.lines()
-        .find(|l| l.starts_with("DIRTIER OK"))
-        .unwrap_or_else(|| panic!("no DIRTIER OK in:\n{out}"))
-        .split(' ')
-        .find(|w| w.starts_with("digest="))
-        .unwrap()
-        .to_string()
-}
-
 fn source(dir: &std::path::Path) -> (Running, std::path::PathBuf) {
     source_with(dir, &[])
 }

@@ -14,16 +14,6 @@ const DIRTIER: &[&str] = &[
     "mb=4 passes=60",
 ];
 
-fn digest(out: &str) -> String {
-    out.lines()
-        .find(|l| l.starts_with("DIRTIER OK"))
-        .unwrap_or_else(|| panic!("no DIRTIER OK in:\n{out}"))
-        .split(' ')
-        .find(|w| w.starts_with("digest="))
-        .unwrap()
-        .to_string()
-}
-
 fn start_with_socket(name: &str) -> (Running, std::path::PathBuf, std::path::PathBuf) {
     let dir = scratch(name);
     let sock = dir.join("vm.sock");

@@ -184,3 +184,15 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// The digest of the dirtier's `DIRTIER OK` line (it depends only on the
+/// values the guest wrote, never on timing).
+pub fn digest(out: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with("DIRTIER OK"))
+        .unwrap_or_else(|| panic!("no DIRTIER OK in:\n{out}"))
+        .split(' ')
+        .find(|w| w.starts_with("digest="))
+        .unwrap()
+        .to_string()
+}
