@@ -166,9 +166,7 @@ fn a_vm_with_ivshmem_refuses_snapshots_and_keeps_running() {
         sock.to_str().unwrap(),
     ]);
     vm.wait_for("vCPU 0 runs on host thread");
-    while !sock.exists() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_path(&sock);
     let r = nfvisor(
         &[
             "snapshot",
@@ -201,9 +199,7 @@ fn server(name: &str) -> (Running, String) {
         "1M",
     ]);
     s.wait_for("ivshmem-server on");
-    while !sock.exists() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_path(&sock);
     (s, sock.to_str().unwrap().to_string())
 }
 
@@ -352,9 +348,7 @@ fn the_window_closes_and_opens_while_the_guest_runs() {
         "--json",
     ]);
     vm.wait_for("vCPU 0 runs on host thread");
-    while !sock.exists() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_path(&sock);
     let s = sock.to_str().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let closed = json(&nfvisor(

@@ -27,12 +27,7 @@ fn source_with(dir: &std::path::Path, extra: &[&str]) -> (Running, std::path::Pa
     args.extend_from_slice(extra);
     let mut vm = Running::start(&args);
     vm.wait_for("vCPU 0 runs on host thread");
-    for _ in 0..400 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_path(&sock);
     (vm, sock)
 }
 
@@ -223,9 +218,7 @@ fn a_guest_timer_sees_the_stall_of_the_hand_over() {
         &[("NFVISOR_TEST_STOP_COPY_DELAY_MS", "300")],
     );
     src.wait_for("vCPU 0 runs on host thread");
-    while !sock.exists() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_path(&sock);
     std::thread::sleep(Duration::from_millis(300));
     let r = nfvisor(
         &[

@@ -21,12 +21,7 @@ fn start_with_socket(name: &str) -> (Running, std::path::PathBuf, std::path::Pat
     args.extend_from_slice(DIRTIER);
     let mut vm = Running::start(&args);
     vm.wait_for("vCPU 0 runs on host thread");
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_path(&sock);
     (vm, sock, dir)
 }
 

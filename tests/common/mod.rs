@@ -196,3 +196,16 @@ pub fn digest(out: &str) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Waits (at most 30 s) for a socket or file a child process creates.
+pub fn wait_for_path(path: &Path) {
+    let t = std::time::Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
