@@ -78,13 +78,10 @@ pub fn run(count: u64, json: bool) -> Result<u8> {
                     String::from_utf8_lossy(&ping.stderr)
                 )
             })?;
-        let exits = &doc["vm"]["vcpus"][0]["exits"];
-        Ok((
-            h,
-            exits["by_reason"]["mmio_write"]["count"]
-                .as_u64()
-                .unwrap_or(0),
-        ))
+        let vmm_writes = doc["vm"]["ivshmem_doorbell_writes"]
+            .as_u64()
+            .context("the ping VM's report has no ivshmem_doorbell_writes")?;
+        Ok((h, vmm_writes))
     })();
     let _ = server.kill();
     let _ = server.wait();

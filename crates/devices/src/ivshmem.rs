@@ -1,11 +1,14 @@
-//! The ivshmem PCI device as QEMU defines it (vendor 0x1af4, device 0x1110),
-//! plain mode: BAR0 the registers (interrupt mask/status, IVPosition,
-//! Doorbell), BAR2 the shared memory. The memory itself is a KVM memory slot
-//! the VMM maps at BAR2; this device holds the configuration space and the
-//! registers. Doorbells (MSI-X, the ivshmem-server protocol) are not built
-//! yet: the registers read zero and ignore writes.
+//! The ivshmem PCI device as QEMU defines it (vendor 0x1af4, device 0x1110):
+//! BAR0 the registers (interrupt mask/status, IVPosition, Doorbell), BAR1
+//! MSI-X (doorbell mode only, as in QEMU's ivshmem-doorbell), BAR2 the
+//! shared memory. The memory itself is a KVM memory slot the VMM maps at
+//! BAR2, and doorbells are ioeventfds and irqfds the VMM wires; this device
+//! holds the configuration space, the registers and the MSI-X table.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::msix::Msix;
 
 use crate::pci::{ConfigSpace, PciFunction};
 use crate::BusDevice;
@@ -16,21 +19,35 @@ pub const BAR0_SIZE: u64 = 256;
 
 pub struct Ivshmem {
     config: ConfigSpace,
+    /// Doorbell mode: the MSI-X table (BAR1) and its capability's offset.
+    msix: Option<(Arc<Msix>, u8)>,
     /// Guest writes to a read-only region (KVM_MEM_READONLY turns them into
     /// MMIO exits that land here): dropped and counted.
     pub dropped_writes: AtomicU64,
+    /// Doorbell writes that reached the VMM: no ioeventfd matched them (a
+    /// peer or vector that is not there). Ignored, as QEMU does; counted.
+    pub doorbell_writes: AtomicU64,
 }
 
 impl Ivshmem {
-    pub fn new(bar0: u64, bar2: u64, size: u64) -> Ivshmem {
+    /// `msix`: doorbell mode's table and the address of BAR1, which holds it.
+    pub fn new(bar0: u64, msix: Option<(Arc<Msix>, u64)>, bar2: u64, size: u64) -> Ivshmem {
         let mut config = ConfigSpace::new(VENDOR, DEVICE, 0x05_00_00, 1);
         config.set_bar(0, bar0, BAR0_SIZE, false, false);
         config.set_bar(2, bar2, size, true, true);
-        // interrupt line and pin INTA, for doorbell mode
-        config.write(0x3c, 0, &[IRQ_PIN as u8, 1]);
+        // interrupt line and pin INTA (the legacy interrupt while MSI-X is off)
+        config.set_register(0x3c, (1 << 8) | IRQ_PIN);
+        let msix = msix.map(|(table, bar1)| {
+            config.set_bar(1, bar1, crate::msix::BAR_SIZE, false, false);
+            let (body, writable) = table.capability(1);
+            let at = config.add_capability(crate::msix::CAP_ID, &body, &writable);
+            (table, at)
+        });
         Ivshmem {
             config,
+            msix,
             dropped_writes: AtomicU64::new(0),
+            doorbell_writes: AtomicU64::new(0),
         }
     }
 
@@ -47,16 +64,22 @@ impl PciFunction for Ivshmem {
         self.config.read(reg)
     }
     fn config_write(&self, reg: u8, offset: u8, data: &[u8]) {
-        self.config.write(reg, offset, data)
+        self.config.write(reg, offset, data);
+        if let Some((table, at)) = &self.msix {
+            if reg & !3 == *at {
+                table.control_written((self.config.read(*at) >> 16) as u16);
+            }
+        }
     }
 }
 
-/// BAR0: the registers (all read zero in plain mode; writes ignored).
-/// IVPosition (offset 8) reads this VM's peer id; the doorbell (offset 12)
-/// is an ioeventfd in doorbell mode, so a write never reaches here; mask and
-/// status read zero.
+/// BAR0: the registers. IVPosition (offset 8) reads this VM's peer id; the
+/// doorbell (offset 12) is an ioeventfd per peer and vector in doorbell
+/// mode, so a doorbell to a peer that is there never reaches here; mask and
+/// status read zero (MSI-X carries the interrupts).
 pub struct IvshmemRegs {
     pub peer_id: u32,
+    pub device: Arc<Ivshmem>,
 }
 
 impl BusDevice for IvshmemRegs {
@@ -69,7 +92,20 @@ impl BusDevice for IvshmemRegs {
             *b = v.to_le_bytes().get(i).copied().unwrap_or(0);
         }
     }
-    fn write(&self, _offset: u64, _data: &[u8]) {}
+    fn write(&self, offset: u64, data: &[u8]) {
+        if offset == 12 && self.device.doorbell_writes.fetch_add(1, Ordering::Relaxed) == 0 {
+            let mut v = [0u8; 4];
+            for (d, s) in v.iter_mut().zip(data) {
+                *d = *s;
+            }
+            let v = u32::from_le_bytes(v);
+            tracing::warn!(
+                "ivshmem: the guest rang peer {} vector {}, which is not there: ignored (logged once, counted)",
+                v >> 16,
+                v & 0xffff
+            );
+        }
+    }
 }
 
 /// The IOAPIC pin of vector 0 (vector v is on pin + v): PCI interrupt line.

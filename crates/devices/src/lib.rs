@@ -6,6 +6,7 @@ pub mod debug_exit;
 pub mod ivshmem;
 pub mod ivshmem_proto;
 pub mod latency;
+pub mod msix;
 pub mod pci;
 pub mod serial;
 pub mod sink;

@@ -20,9 +20,20 @@ pub trait PciFunction: Send + Sync {
 /// A configuration space with BARs that size and move like hardware's.
 pub struct ConfigSpace {
     regs: Mutex<[u32; 64]>,
+    /// Per register: the bits a guest may write (the rest are read-only).
+    writable: [u32; 64],
     /// Per BAR: size (0 = none), and the read-only low bits.
     bars: [(u64, u32); 6],
+    /// Where the next capability goes (0x40 up), and the last one's offset.
+    next_cap: u8,
+    last_cap: u8,
 }
+
+/// Command register bits the VMM, acting as firmware, sets at start: memory
+/// decoding and bus mastering (the BARs are assigned before the guest runs).
+pub const COMMAND_MEMORY: u32 = 1 << 1;
+pub const COMMAND_MASTER: u32 = 1 << 2;
+const STATUS_CAPABILITIES: u32 = 1 << 20;
 
 impl ConfigSpace {
     pub fn new(vendor: u16, device: u16, class: u32, revision: u8) -> Self {
@@ -30,10 +41,48 @@ impl ConfigSpace {
         regs[0] = (device as u32) << 16 | vendor as u32;
         regs[2] = (class << 8) | revision as u32;
         regs[0x2c / 4] = (device as u32) << 16 | vendor as u32; // subsystem
+        regs[1] = COMMAND_MEMORY | COMMAND_MASTER;
+        let mut writable = [0u32; 64];
+        writable[1] = 0x0000_ffff; // command (status is read-only here)
+        writable[3] = 0x0000_ffff; // cache line size, latency timer
+        writable[15] = 0x0000_00ff; // interrupt line
         ConfigSpace {
             regs: Mutex::new(regs),
+            writable,
             bars: [(0, 0); 6],
+            next_cap: 0x40,
+            last_cap: 0,
         }
+    }
+
+    /// Sets a register as the VMM (firmware) does, read-only bits included.
+    pub fn set_register(&mut self, reg: u8, value: u32) {
+        self.regs.get_mut().unwrap_or_else(|e| e.into_inner())[(reg as usize / 4) & 63] = value;
+    }
+
+    /// Appends a capability: `body` is its registers from the ID byte on
+    /// (the ID and next-pointer bytes are filled in), `writable` the bits a
+    /// guest may change, per dword of the body. Returns its offset.
+    pub fn add_capability(&mut self, id: u8, body: &[u32], writable: &[u32]) -> u8 {
+        let at = self.next_cap;
+        let regs = self.regs.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in body.iter().enumerate() {
+            let i = at as usize / 4 + k;
+            regs[i] = *v;
+            let mask = writable.get(k).copied().unwrap_or(0);
+            // the ID and next-pointer bytes are never writable
+            self.writable[i] = if k == 0 { mask & !0xffff } else { mask };
+        }
+        regs[at as usize / 4] = (regs[at as usize / 4] & !0xffff) | id as u32;
+        if self.last_cap == 0 {
+            regs[0x34 / 4] = at as u32;
+            regs[1] |= STATUS_CAPABILITIES;
+        } else {
+            regs[self.last_cap as usize / 4] |= (at as u32) << 8;
+        }
+        self.last_cap = at;
+        self.next_cap = at + 4 * body.len() as u8;
+        at
     }
 
     /// Declares BAR `index` of `size` bytes (a power of two) at `addr`;
@@ -75,7 +124,6 @@ impl ConfigSpace {
         }
         let mut v = u32::from_le_bytes(v);
         match i {
-            0 | 2 | 11 => return, // ids, class, subsystem: read-only
             4..=9 => {
                 let (size, flags) = self.bars[i - 4];
                 if size == 0 {
@@ -89,7 +137,7 @@ impl ConfigSpace {
                     v = (v & !((size - 1) as u32) & !0xf) | flags;
                 }
             }
-            _ => {}
+            _ => v = (regs[i] & !self.writable[i]) | (v & self.writable[i]),
         }
         regs[i] = v;
     }

@@ -3,8 +3,9 @@
  * and either writes a pattern over `bytes` of it (mode=write, then reads it
  * back) or checks a pattern another guest wrote (mode=read). The pattern is
  * derived from seed=N and the word index.
- * Doorbell mode: mode=wait count=K takes K interrupts on vector 0 (its IOAPIC
- * pin is the PCI interrupt line), counting them in word 0 of the region and
+ * Doorbell mode: mode=wait count=K takes K interrupts on vector 0 (by MSI-X
+ * when the device has it, as QEMU's ivshmem-doorbell and nfvisor's do, else
+ * or with irq=intx on the IOAPIC pin of the PCI interrupt line), counting them in word 0 of the region and
  * marking word 1 ready; mode=ring peer=P count=K waits for that, then rings
  * peer P's vector 0 K times, each after the previous was counted.
  * Round trip: mode=echo peer=P rings P back from its interrupt handler;
@@ -19,6 +20,36 @@ static u32 pci_read(u32 dev, u32 reg) {
     u32 v;
     __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"((u16)0xcfc));
     return v;
+}
+
+static void pci_write(u32 dev, u32 reg, u32 v) {
+    outl(0xcf8, 0x80000000u | (dev << 11) | (reg & 0xfc));
+    outl(0xcfc, v);
+}
+
+/* Points every MSI-X vector of `dev` at this CPU's LAPIC with `vector`,
+ * unmasked, and enables MSI-X (and memory decoding and bus mastering, which
+ * QEMU needs to deliver a message). Returns 0 if there is no MSI-X. */
+static int msix_setup(u32 dev, u8 vector) {
+    u32 cmd = pci_read(dev, 4);
+    if (!(cmd & (1u << 20))) return 0; /* no capability list */
+    u32 at = pci_read(dev, 0x34) & 0xfc;
+    while (at && (pci_read(dev, at) & 0xff) != 0x11) at = (pci_read(dev, at) >> 8) & 0xfc;
+    if (!at) return 0;
+    u32 head = pci_read(dev, at), table = pci_read(dev, at + 4);
+    u32 bar = pci_read(dev, 0x10 + 4 * (table & 7));
+    if (bar & 1) fail(STATUS_FAIL, "the MSI-X table is in an I/O BAR");
+    volatile u32 *t = (volatile u32 *)(u64)((bar & ~0xfu) + (table & ~7u));
+    u32 n = ((head >> 16) & 0x7ff) + 1;
+    for (u32 v = 0; v < n; v++) {
+        t[4 * v + 0] = 0xfee00000u | (lapic_id() << 12);
+        t[4 * v + 1] = 0;
+        t[4 * v + 2] = vector; /* fixed, edge */
+        t[4 * v + 3] = 0;      /* unmasked */
+    }
+    pci_write(dev, 4, (cmd & 0xffff) | 6);
+    pci_write(dev, at, (head & ~(1u << 30)) | (1u << 31)); /* enable, function unmasked */
+    return 1;
 }
 
 #define READY 0x726561647921UL
@@ -64,11 +95,16 @@ static int doorbell(const char *mode, u32 dev, u64 bar0, volatile u64 *mem) {
     putc('\n');
     int takes_interrupts = (mode[0] == 'w' && mode[1] == 'a') || mode[0] == 'e' || mode[0] == 'p';
     if (takes_interrupts) {
-        u32 pin = pci_read(dev, 0x3c) & 0xff;
+        char irq[8] = "msix";
+        arg_str("irq", irq, sizeof(irq));
         idt_init();
         idt_set(DOORBELL_VECTOR, ext_stub);
         lapic_enable();
-        ioapic_route(pin, DOORBELL_VECTOR);
+        int msix = irq[0] == 'm' && msix_setup(dev, DOORBELL_VECTOR);
+        if (!msix) ioapic_route(pci_read(dev, 0x3c) & 0xff, DOORBELL_VECTOR);
+        puts("R interrupts");
+        put_kv("msix", msix);
+        putc('\n');
     }
     if (mode[0] == 'p') {
         /* ping: the echo side marks word 1 ready */
@@ -166,6 +202,7 @@ int guest_main(void) {
     puts(" bar2=");
     put_hex(bar2);
     putc('\n');
+    if (bar2 >> 32) fail(STATUS_FAIL, "BAR2 is above 4 GiB, which this guest does not map");
     volatile u64 *mem = (volatile u64 *)bar2;
     if (mode[0] == 'r' && mode[1] == 'i') return doorbell(mode, dev, pci_read(dev, 0x10) & ~0xfUL, mem);
     if (mode[0] == 'w' && mode[1] == 'a') return doorbell(mode, dev, pci_read(dev, 0x10) & ~0xfUL, mem);

@@ -1,18 +1,23 @@
-//! ivshmem doorbell mode: this VM's vectors are irqfds (IOAPIC pins from
-//! `IRQ_PIN`), every peer's vectors are ioeventfds on the Doorbell register
-//! with datamatch (peer << 16 | vector): a doorbell goes guest -> ioeventfd
-//! -> the peer's irqfd -> the peer guest's interrupt, with no VMM userspace
-//! on the path. A watcher thread follows peers joining and leaving.
+//! ivshmem doorbell mode: this VM's vectors are irqfds, each on a GSI of its
+//! own that is routed as the device's MSI-X state says (the legacy IOAPIC
+//! pin `IRQ_PIN + vector` while MSI-X is off, the guest's message when on,
+//! detached while masked); every peer's vectors are ioeventfds on the
+//! Doorbell register with datamatch (peer << 16 | vector): a doorbell goes
+//! guest -> ioeventfd -> the peer's irqfd -> the peer guest's interrupt, with
+//! no VMM userspace on the path. A watcher thread follows peers joining and
+//! leaving.
 
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use devices::msix::{MsiRouter, VectorRoute};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::irq_routes::{GsiRoutes, Route, FIRST_DEVICE_GSI};
 use crate::shared_region::BAR0_ADDR;
 use crate::{Error, Result};
 
@@ -25,8 +30,67 @@ fn eventfd(fd: OwnedFd) -> EventFd {
 
 pub struct Doorbells {
     stream: UnixStream,
-    own: Vec<EventFd>,
+    own: Arc<OwnVectors>,
     peers: Vec<(i64, u32, EventFd)>,
+}
+
+/// This VM's vectors: the server's eventfds as irqfds on GSIs
+/// FIRST_DEVICE_GSI + vector, routed by the device's MSI-X state.
+pub struct OwnVectors {
+    vm: Arc<VmFd>,
+    routes: Arc<GsiRoutes>,
+    evts: Vec<EventFd>,
+    attached: Mutex<Vec<bool>>,
+    legacy_pin: u32,
+}
+
+impl OwnVectors {
+    pub fn count(&self) -> usize {
+        self.evts.len()
+    }
+
+    /// Routes vector `v` as `route` says, attaching or detaching its irqfd.
+    /// A masked vector's irqfd is detached: a doorbell then stays counted in
+    /// the eventfd, and KVM injects it when the irqfd is attached again.
+    pub fn apply(&self, v: u16, route: VectorRoute) -> Result<()> {
+        let gsi = FIRST_DEVICE_GSI + v as u32;
+        let evt = self
+            .evts
+            .get(v as usize)
+            .ok_or_else(|| Error::Device(format!("ivshmem has no vector {v}")))?;
+        let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        let to = match route {
+            VectorRoute::Masked => {
+                if attached[v as usize] {
+                    self.vm.unregister_irqfd(evt, gsi).map_err(|e| {
+                        Error::Kvm(format!("detaching the irqfd of ivshmem vector {v}: {e}"))
+                    })?;
+                    attached[v as usize] = false;
+                }
+                return Ok(());
+            }
+            VectorRoute::Intx => Route::Ioapic(self.legacy_pin + v as u32),
+            VectorRoute::Msi { address, data } => Route::Msi { address, data },
+        };
+        self.routes.set(&self.vm, gsi, Some(to))?;
+        if !attached[v as usize] {
+            self.vm
+                .register_irqfd(evt, gsi)
+                .map_err(|e| Error::Kvm(format!("irqfd for ivshmem vector {v}: {e}")))?;
+            attached[v as usize] = true;
+        }
+        Ok(())
+    }
+}
+
+impl MsiRouter for OwnVectors {
+    fn route(&self, vector: u16, route: VectorRoute) {
+        // a guest's MSI-X write cannot fail back to the guest: say it here
+        match self.apply(vector, route) {
+            Ok(()) => tracing::debug!("ivshmem vector {vector}: {route:?}"),
+            Err(e) => tracing::warn!("ivshmem vector {vector} to {route:?}: {e}"),
+        }
+    }
 }
 
 fn datamatch(peer: i64, vector: u32) -> u32 {
@@ -47,19 +111,24 @@ fn ring_to(vm: &VmFd, peer: i64, vector: u32, evt: &EventFd) -> Result<()> {
 }
 
 impl Doorbells {
-    /// Wires what `join` brought: own vectors to pins, peers to doorbells.
+    /// Wires what `join` brought: own vectors to the legacy pins from
+    /// `pin` (MSI-X starts off), peers to doorbells.
     pub fn wire(
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
+        routes: Arc<GsiRoutes>,
         joined: devices::ivshmem_proto::Joined,
         stream: UnixStream,
         pin: u32,
-    ) -> Result<(Doorbells, OwnedFd, u32)> {
-        let mut own = Vec::new();
-        for (v, fd) in joined.own.into_iter().enumerate() {
-            let evt = eventfd(fd);
-            vm.register_irqfd(&evt, pin + v as u32)
-                .map_err(|e| Error::Kvm(format!("irqfd for ivshmem vector {v}: {e}")))?;
-            own.push(evt);
+    ) -> Result<(Doorbells, Arc<OwnVectors>, OwnedFd, u32)> {
+        let own = Arc::new(OwnVectors {
+            vm: vm.clone(),
+            routes,
+            attached: Mutex::new(vec![false; joined.own.len()]),
+            evts: joined.own.into_iter().map(eventfd).collect(),
+            legacy_pin: pin,
+        });
+        for v in 0..own.count() {
+            own.apply(v as u16, VectorRoute::Intx)?;
         }
         let mut peers = Vec::new();
         for (peer, v, fd) in joined.peers {
@@ -68,7 +137,12 @@ impl Doorbells {
             peers.push((peer, v, evt));
         }
         Ok((
-            Doorbells { stream, own, peers },
+            Doorbells {
+                stream,
+                own: own.clone(),
+                peers,
+            },
+            own,
             joined.shm,
             joined.id as u32,
         ))

@@ -10,6 +10,7 @@ pub mod dirty_ring;
 pub mod doorbell;
 pub mod exits;
 pub mod irq_bench;
+pub mod irq_routes;
 pub mod kvm_stats;
 pub mod layout;
 pub mod memory;

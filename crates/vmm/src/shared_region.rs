@@ -12,6 +12,8 @@ use crate::{Error, Result};
 /// Where ivshmem's BARs live (in the MMIO hole below 4 GiB).
 pub const BAR2_ADDR: u64 = 0xc000_0000;
 pub const BAR0_ADDR: u64 = 0xe000_0000;
+/// MSI-X (doorbell mode).
+pub const BAR1_ADDR: u64 = 0xe000_1000;
 /// The largest region that fits below the benchmark page at 0xd0000000.
 pub const MAX_SIZE: u64 = 256 << 20;
 

@@ -199,6 +199,8 @@ pub struct RunReport {
     pub irq_bench: Option<crate::irq_bench::IrqBenchResult>,
     /// Guest writes to a read-only ivshmem region, dropped.
     pub ivshmem_dropped_writes: Option<u64>,
+    /// Doorbells that reached the VMM (rung to an absent peer or vector).
+    pub ivshmem_doorbell_writes: Option<u64>,
     /// Things the user should know about this run (settings a host accepted
     /// but did not honour, ...).
     pub warnings: Vec<String>,
@@ -319,7 +321,7 @@ impl Vm {
         }
 
         let kvm = Kvm::new().map_err(|e| Error::Kvm(format!("opening /dev/kvm: {e}")))?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         let kvm_kind = rt::KvmKind::detect();
 
         // Before any vCPU exists: disabled exits and halt polling.
@@ -400,21 +402,30 @@ impl Vm {
         pio.insert(BENCH_PORT, 4, Arc::new(Sink::new("bench-port")))
             .map_err(dev_err)?;
         let mut doorbells = None;
+        // the VM's one routing table (KVM replaces it whole on each change)
+        let gsi_routes = Arc::new(crate::irq_routes::GsiRoutes::default());
         let ivshmem = match &spec.ivshmem {
             Some(ispec) => {
-                use crate::shared_region::{SharedRegion, BAR0_ADDR, BAR2_ADDR};
+                use crate::shared_region::{SharedRegion, BAR0_ADDR, BAR1_ADDR, BAR2_ADDR};
+                let mut msix = None;
                 let (region, peer_id) = match &ispec.server {
                     Some(sock) => {
                         let (joined, stream) = devices::ivshmem_proto::join(sock, ispec.vectors)
                             .map_err(|e| {
                                 Error::Device(format!("ivshmem server {}: {e}", sock.display()))
                             })?;
-                        let (bells, shm, id) = crate::doorbell::Doorbells::wire(
+                        let (bells, own, shm, id) = crate::doorbell::Doorbells::wire(
                             &vm,
+                            gsi_routes.clone(),
                             joined,
                             stream,
                             devices::ivshmem::IRQ_PIN,
                         )?;
+                        let table = Arc::new(devices::msix::Msix::new(own.count() as u16));
+                        table.set_router(own);
+                        mmio.insert(BAR1_ADDR, devices::msix::BAR_SIZE, table.clone())
+                            .map_err(dev_err)?;
+                        msix = Some((table, BAR1_ADDR));
                         doorbells = Some(bells);
                         tracing::info!("ivshmem: peer {id} on {}", sock.display());
                         (SharedRegion::from_fd(&shm, ispec)?, id)
@@ -423,11 +434,16 @@ impl Vm {
                 };
                 let size = region.spec.size;
                 region.register(&vm, mem.num_regions() as u32)?;
-                let dev = Arc::new(devices::ivshmem::Ivshmem::new(BAR0_ADDR, BAR2_ADDR, size));
+                let dev = Arc::new(devices::ivshmem::Ivshmem::new(
+                    BAR0_ADDR, msix, BAR2_ADDR, size,
+                ));
                 mmio.insert(
                     BAR0_ADDR,
                     devices::ivshmem::BAR0_SIZE,
-                    Arc::new(devices::ivshmem::IvshmemRegs { peer_id }),
+                    Arc::new(devices::ivshmem::IvshmemRegs {
+                        peer_id,
+                        device: dev.clone(),
+                    }),
                 )
                 .map_err(dev_err)?;
                 // catches BAR2 accesses that exit: read-only writes, and all
@@ -583,7 +599,7 @@ impl Vm {
 
         Ok(Vm {
             kvm: Arc::new(kvm),
-            vm: Arc::new(vm),
+            vm,
             com1,
             msrs,
             rings,
@@ -1004,6 +1020,9 @@ impl Vm {
             ivshmem_dropped_writes: ivshmem
                 .as_ref()
                 .map(|(_, d, _)| d.dropped_writes.load(Ordering::Relaxed)),
+            ivshmem_doorbell_writes: ivshmem
+                .as_ref()
+                .map(|(_, d, _)| d.doorbell_writes.load(Ordering::Relaxed)),
             warnings,
             console_bytes: transcript.1,
             console_dropped: console.dropped(),
