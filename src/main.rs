@@ -262,10 +262,19 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
-    /// ivshmem doorbell round trip between two VMs on one ivshmem server.
+    /// ivshmem doorbell round trip between two VMs on one ivshmem server:
+    /// nfvisor pair, QEMU pair (baseline), nfvisor pinging a QEMU VM.
     Doorbell {
         #[arg(long, default_value_t = 2000)]
         count: u64,
+        /// Which pairs to measure, in this order.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "nfvisor,qemu,mixed"
+        )]
+        pairs: Vec<bench_doorbell::Pair>,
         #[arg(long)]
         json: bool,
     },
@@ -671,9 +680,9 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
                 }
             }
         }
-        BenchCmd::Doorbell { count, json } => {
+        BenchCmd::Doorbell { count, pairs, json } => {
             anyhow::ensure!(count > 0, "--count must be at least 1");
-            return bench_doorbell::run(count, json);
+            return bench_doorbell::run(count, &pairs, json);
         }
         BenchCmd::RingWorker {
             role,

@@ -30,6 +30,8 @@ static void pci_write(u32 dev, u32 reg, u32 v) {
 /* Points every MSI-X vector of `dev` at this CPU's LAPIC with `vector`,
  * unmasked, and enables MSI-X (and memory decoding and bus mastering, which
  * QEMU needs to deliver a message). Returns 0 if there is no MSI-X. */
+static volatile u32 *msix_table;
+
 static int msix_setup(u32 dev, u8 vector) {
     u32 cmd = pci_read(dev, 4);
     if (!(cmd & (1u << 20))) return 0; /* no capability list */
@@ -40,6 +42,7 @@ static int msix_setup(u32 dev, u8 vector) {
     u32 bar = pci_read(dev, 0x10 + 4 * (table & 7));
     if (bar & 1) fail(STATUS_FAIL, "the MSI-X table is in an I/O BAR");
     volatile u32 *t = (volatile u32 *)(u64)((bar & ~0xfu) + (table & ~7u));
+    msix_table = t;
     u32 n = ((head >> 16) & 0x7ff) + 1;
     for (u32 v = 0; v < n; v++) {
         t[4 * v + 0] = 0xfee00000u | (lapic_id() << 12);
@@ -148,9 +151,26 @@ static int doorbell(const char *mode, u32 dev, u64 bar0, volatile u64 *mem) {
         return STATUS_OK;
     }
     if (mode[0] == 'w' && mode[1] == 'a') {
+        /* hold_ms=N: vector 0 masked for N ms after ready; a doorbell rung
+         * meanwhile must wait, then arrive on unmask */
+        u64 hold_ms = 0;
+        arg_u64("hold_ms", &hold_ms);
+        if (hold_ms && !msix_table) fail(STATUS_BAD_ARGS, "hold_ms needs MSI-X");
+        if (hold_ms) msix_table[3] = 1;
         count_in_region = 1;
         mem[0] = 0;
         mem[1] = READY;
+        if (hold_ms) {
+            u64 t0 = rdtsc();
+            __asm__ volatile("sti" ::: "memory");
+            while (rdtsc() - t0 < tsc_khz() * hold_ms) cpu_relax();
+            __asm__ volatile("cli" ::: "memory");
+            if (received) fail(STATUS_FAIL, "an interrupt arrived while its vector was masked");
+            msix_table[3] = 0;
+            puts("R held");
+            put_kv("ms", hold_ms);
+            putc('\n');
+        }
         u64 limit = tsc_khz() * 10000, last = rdtsc(), seen = 0;
         while (received < count) {
             __asm__ volatile("sti; hlt; cli" ::: "memory");
