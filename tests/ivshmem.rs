@@ -1,4 +1,6 @@
-//! ivshmem (plain): two VMs share a region; read-only windows; bad specs.
+//! ivshmem: two VMs share a region (nfvisor and QEMU alike); read-only
+//! windows; doorbells (MSI-X and the legacy pin) between nfvisor VMs and
+//! with QEMU; bad specs.
 
 mod common;
 use common::*;
@@ -53,6 +55,17 @@ fn two_vms_share_a_region() {
         .clone();
     assert_eq!(check["fields"]["mismatches"], "0");
     assert_eq!(check["fields"]["words"], "512");
+    // the guest found ECAM through the MCFG table and read the same
+    // configuration space there as through the 0xCF8 ports
+    let ecam = doc["guest"]["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "ecam")
+        .cloned();
+    let ecam = ecam.expect("an ecam record: MCFG found");
+    assert_eq!(ecam["fields"]["base"], "0xe8000000");
+    assert_eq!(ecam["fields"]["match"], "1");
     // another seed does not match: the check can fail
     let c = nfvisor(
         &[
@@ -406,6 +419,87 @@ fn the_doorbell_round_trip_benchmark_measures_every_ping() {
     );
     assert!(min > 0.0 && min <= p50 && p50 <= max, "{doc}");
     assert_eq!(pair["doorbell_writes_seen_by_the_vmm"], 0);
+}
+
+/// A pattern an nfvisor VM writes, a QEMU VM (`-device ivshmem-plain` on
+/// the same file) reads back, and the other way round.
+#[test]
+fn a_qemu_vm_shares_a_region_with_an_nfvisor_vm() {
+    let qemu = require_program("qemu-system-x86_64", "qemu-system-x86");
+    let shm = region("qemu");
+    let dir = scratch("qemu-plain");
+    let r = nfvisor(&["guests", "export", dir.to_str().unwrap()], T);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let run_qemu = |mode: &str| {
+        let out = std::process::Command::new(&qemu)
+            .args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
+            .args(["-M", "q35", "-nodefaults", "-nographic", "-no-reboot"])
+            .args(["-serial", "stdio"])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-file,id=m,size=64K,share=on,mem-path={shm}"
+            ))
+            .args(["-device", "ivshmem-plain,memdev=m"])
+            .arg("-kernel")
+            .arg(dir.join("ivshmem-probe.elf"))
+            .args(["-append", mode])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let spec = format!("path={shm},size=64K");
+    let a = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=write seed=7",
+        ],
+        T,
+    );
+    assert_eq!(a.code, 0, "{}", a.stderr);
+    let q = run_qemu("mode=read seed=7");
+    assert!(
+        q.contains("pattern OK") && q.contains("#END status=0"),
+        "{q}"
+    );
+    assert!(
+        q.contains("R ecam base=0xb0000000 match=1"),
+        "q35's MCFG: {q}"
+    );
+    let q = run_qemu("mode=write seed=8");
+    assert!(q.contains("#END status=0"), "{q}");
+    let b = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=read seed=8",
+        ],
+        T,
+    );
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let c = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=read seed=7",
+        ],
+        T,
+    );
+    assert_eq!(c.code, 3, "QEMU's write replaced the pattern");
+    let _ = std::fs::remove_file(&shm);
 }
 
 /// QEMU's ivshmem-doorbell (q35, MSI-X) and nfvisor's ring each other

@@ -1,7 +1,7 @@
-//! PCI on the legacy configuration ports (0xCF8 address, 0xCFC data), bus 0:
-//! a host bridge and whatever devices are attached. The general mechanism
-//! for PCI devices (ivshmem now; virtio and VFIO later). ECAM (MCFG) is not
-//! offered yet: guests use the 0xCF8 mechanism.
+//! PCI bus 0: a host bridge and whatever devices are attached, reached
+//! through the legacy configuration ports (0xCF8 address, 0xCFC data) and
+//! through ECAM (memory-mapped, announced by an ACPI MCFG table). The
+//! general mechanism for PCI devices (ivshmem now; virtio and VFIO later).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -164,38 +164,74 @@ impl PciFunction for HostBridge {
     }
 }
 
-/// The 0xCF8/0xCFC configuration mechanism for bus 0.
-pub struct PciConfigPorts {
-    address: AtomicU32,
+/// Bus 0 as both configuration mechanisms see it: the host bridge at
+/// 00:00.0, then the attached devices, one function each.
+pub struct PciRoot {
     slots: Vec<Option<Arc<dyn PciFunction>>>,
 }
 
-impl PciConfigPorts {
+impl PciRoot {
     /// Devices by slot number (00:00.0 is the host bridge).
-    pub fn new(devices: Vec<Arc<dyn PciFunction>>) -> Self {
+    pub fn new(devices: Vec<Arc<dyn PciFunction>>) -> Arc<PciRoot> {
         let mut slots: Vec<Option<Arc<dyn PciFunction>>> =
             vec![Some(Arc::new(HostBridge::default()))];
         slots.extend(devices.into_iter().map(Some));
         slots.resize_with(32, || None);
-        PciConfigPorts {
-            address: AtomicU32::new(0),
-            slots,
+        Arc::new(PciRoot { slots })
+    }
+
+    fn function(&self, bus: u32, dev: u32, func: u32) -> Option<&Arc<dyn PciFunction>> {
+        if bus != 0 || func != 0 {
+            return None;
+        }
+        self.slots.get(dev as usize)?.as_ref()
+    }
+
+    /// Reads `data.len()` bytes at byte `reg` of a function's space; an
+    /// absent function reads all-ones, the extended space (0x100 up, PCIe
+    /// only) zero.
+    pub fn read(&self, bus: u32, dev: u32, func: u32, reg: u32, data: &mut [u8]) {
+        let Some(f) = self.function(bus, dev, func) else {
+            data.fill(0xff);
+            return;
+        };
+        if reg >= 0x100 {
+            data.fill(0);
+            return;
+        }
+        let v = f.config_read((reg & 0xfc) as u8).to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = v.get((reg & 3) as usize + i).copied().unwrap_or(0xff);
         }
     }
 
-    fn target(&self) -> Option<(&Arc<dyn PciFunction>, u8)> {
-        let a = self.address.load(Ordering::Relaxed);
-        let (enabled, bus, dev, func, reg) = (
-            a >> 31,
-            (a >> 16) & 0xff,
-            (a >> 11) & 0x1f,
-            (a >> 8) & 7,
-            (a & 0xfc) as u8,
-        );
-        if enabled == 0 || bus != 0 || func != 0 {
-            return None;
+    pub fn write(&self, bus: u32, dev: u32, func: u32, reg: u32, data: &[u8]) {
+        if let Some(f) = self.function(bus, dev, func) {
+            if reg < 0x100 {
+                f.config_write((reg & 0xfc) as u8, (reg & 3) as u8, data);
+            }
         }
-        self.slots[dev as usize].as_ref().map(|d| (d, reg))
+    }
+}
+
+/// The 0xCF8/0xCFC configuration mechanism.
+pub struct PciConfigPorts {
+    address: AtomicU32,
+    root: Arc<PciRoot>,
+}
+
+impl PciConfigPorts {
+    pub fn new(root: Arc<PciRoot>) -> Self {
+        PciConfigPorts {
+            address: AtomicU32::new(0),
+            root,
+        }
+    }
+
+    /// (bus, device, function, register) the address register selects.
+    fn target(&self) -> Option<(u32, u32, u32, u32)> {
+        let a = self.address.load(Ordering::Relaxed);
+        (a >> 31 == 1).then_some(((a >> 16) & 0xff, (a >> 11) & 0x1f, (a >> 8) & 7, a & 0xfc))
     }
 }
 
@@ -212,14 +248,12 @@ impl BusDevice for PciConfigPorts {
             }
             return;
         }
-        let v = self
-            .target()
-            .map(|(d, reg)| d.config_read(reg))
-            .unwrap_or(u32::MAX)
-            .to_le_bytes();
-        let at = (offset - 4) as usize;
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = v.get(at + i).copied().unwrap_or(0xff);
+        match self.target() {
+            Some((bus, dev, func, reg)) => {
+                self.root
+                    .read(bus, dev, func, reg + (offset as u32 - 4), data)
+            }
+            None => data.fill(0xff),
         }
     }
 
@@ -232,10 +266,40 @@ impl BusDevice for PciConfigPorts {
             return;
         }
         if offset >= 4 {
-            if let Some((d, reg)) = self.target() {
-                d.config_write(reg, (offset - 4) as u8, data);
+            if let Some((bus, dev, func, reg)) = self.target() {
+                self.root
+                    .write(bus, dev, func, reg + (offset as u32 - 4), data);
             }
         }
+    }
+}
+
+/// ECAM: each function's configuration space memory-mapped, 4 KiB apiece
+/// (bus << 20 | device << 15 | function << 12), as an ACPI MCFG table
+/// announces it. Only bus 0 is decoded.
+pub struct PciEcam(pub Arc<PciRoot>);
+
+/// ECAM's size for bus 0.
+pub const ECAM_BUS_SIZE: u64 = 1 << 20;
+
+impl PciEcam {
+    fn split(offset: u64) -> (u32, u32, u32, u32) {
+        let o = offset as u32;
+        (o >> 20, (o >> 15) & 0x1f, (o >> 12) & 7, o & 0xfff)
+    }
+}
+
+impl BusDevice for PciEcam {
+    fn name(&self) -> &str {
+        "pci-ecam"
+    }
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let (bus, dev, func, reg) = Self::split(offset);
+        self.0.read(bus, dev, func, reg, data)
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        let (bus, dev, func, reg) = Self::split(offset);
+        self.0.write(bus, dev, func, reg, data)
     }
 }
 
@@ -273,7 +337,9 @@ mod tests {
         let mut cs = ConfigSpace::new(0x1af4, 0x1110, 0x05_00_00, 1);
         cs.set_bar(0, 0xe000_0000, 256, false, false);
         cs.set_bar(2, 0x1_0000_0000, 1 << 21, true, true);
-        let p = PciConfigPorts::new(vec![Arc::new(Dev(cs))]);
+        let root = PciRoot::new(vec![Arc::new(Dev(cs))]);
+        let p = PciConfigPorts::new(root.clone());
+        let ecam = PciEcam(root);
         assert_eq!(cfg_read(&p, 0, 0), 0x1237_8086);
         assert_eq!(cfg_read(&p, 1, 0), 0x1110_1af4);
         assert_eq!(cfg_read(&p, 2, 0), u32::MAX, "an empty slot reads all-ones");
@@ -288,5 +354,22 @@ mod tests {
         // ids stay
         cfg_write(&p, 1, 0, 0);
         assert_eq!(cfg_read(&p, 1, 0), 0x1110_1af4);
+        // ECAM sees the same space, at any access size
+        let mut d = [0u8; 4];
+        ecam.read(1 << 15, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1110_1af4);
+        let mut w = [0u8; 2];
+        ecam.read((1 << 15) + 2, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x1110);
+        ecam.read((1 << 15) + 0x18, &mut d);
+        assert_eq!(u32::from_le_bytes(d) & !0xf, 0xc000_0000);
+        ecam.read(2 << 15, &mut d);
+        assert_eq!(d, [0xff; 4], "an empty slot");
+        ecam.read((1 << 15) + 0x100, &mut d);
+        assert_eq!(d, [0; 4], "no extended space");
+        // the command register is writable, the status register is not
+        ecam.write((1 << 15) + 4, &0xffff_ffffu32.to_le_bytes());
+        ecam.read((1 << 15) + 4, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0xffff);
     }
 }

@@ -216,6 +216,20 @@ int guest_main(void) {
     for (dev = 0; dev < 32; dev++)
         if (pci_read(dev, 0) == 0x11101af4) break;
     if (dev == 32) fail(STATUS_FAIL, "no ivshmem device on PCI bus 0");
+    /* ECAM, where an ACPI MCFG table announces it: the same space as the ports */
+    u64 mcfg = acpi_table("MCFG");
+    if (mcfg) {
+        u64 ecam = *(volatile u64 *)(mcfg + 44); /* first allocation: base, segment, buses */
+        u8 first_bus = *(volatile u8 *)(mcfg + 54);
+        volatile u32 *cfg = (volatile u32 *)(ecam - ((u64)first_bus << 20) + ((u64)dev << 15));
+        int same = cfg[0] == pci_read(dev, 0) && cfg[0x18 / 4] == pci_read(dev, 0x18) &&
+                   cfg[0x10 / 4] == pci_read(dev, 0x10);
+        puts("R ecam base=");
+        put_hex(ecam);
+        put_kv("match", same);
+        putc('\n');
+        if (!same) fail(STATUS_CORRUPT, "ECAM and the 0xCF8 ports disagree");
+    }
     u64 bar2 = (pci_read(dev, 0x18) & ~0xfUL) | ((u64)pci_read(dev, 0x1c) << 32);
     puts("R ivshmem");
     put_kv("slot", dev);

@@ -294,7 +294,7 @@ static u64 find_rsdp(void) {
     return 0;
 }
 
-int madt_apic_ids(u32 *ids, int max) {
+u64 acpi_table(const char *sig) {
     u64 rsdp = find_rsdp();
     if (!rsdp) return 0;
     const u8 *r = (const u8 *)rsdp;
@@ -304,19 +304,24 @@ int madt_apic_ids(u32 *ids, int max) {
     u32 esz = xsdt ? 8 : 4;
     for (u32 off = 36; off + esz <= len; off += esz) {
         u64 t = xsdt ? *(const u64 *)(sdt + off) : *(const u32 *)(sdt + off);
-        if (!sig_eq((const u8 *)t, "APIC", 4)) continue;
-        u32 tlen = *(const u32 *)(t + 4);
-        int n = 0;
-        for (u32 p = 44; p + 2 <= tlen;) {
-            const u8 *e = (const u8 *)(t + p);
-            if (e[1] == 0) break;
-            if (e[0] == 0 && (e[4] & 1) && n < max) ids[n++] = e[3]; /* local APIC, enabled */
-            if (e[0] == 9 && (e[8] & 1) && n < max) ids[n++] = *(const u32 *)(e + 4); /* x2APIC */
-            p += e[1];
-        }
-        return n;
+        if (sig_eq((const u8 *)t, sig, 4)) return t;
     }
     return 0;
+}
+
+int madt_apic_ids(u32 *ids, int max) {
+    u64 t = acpi_table("APIC");
+    if (!t) return 0;
+    u32 tlen = *(const u32 *)(t + 4);
+    int n = 0;
+    for (u32 p = 44; p + 2 <= tlen;) {
+        const u8 *e = (const u8 *)(t + p);
+        if (e[1] == 0) break;
+        if (e[0] == 0 && (e[4] & 1) && n < max) ids[n++] = e[3]; /* local APIC, enabled */
+        if (e[0] == 9 && (e[8] & 1) && n < max) ids[n++] = *(const u32 *)(e + 4); /* x2APIC */
+        p += e[1];
+    }
+    return n;
 }
 
 /* Defaults for guests that take no interrupts or start no APs. */

@@ -88,7 +88,9 @@ void hist_init(struct hist *h, u64 bucket_width);
 void hist_add(struct hist *h, u64 v);
 void hist_dump(struct hist *h, const char *series, const char *unit);
 
-/* ACPI: APIC IDs of the enabled processors, from the MADT */
+/* ACPI: a table by signature (0 if absent); APIC IDs of the enabled
+ * processors, from the MADT */
+u64 acpi_table(const char *sig);
 int madt_apic_ids(u32 *ids, int max);
 
 #endif

@@ -25,6 +25,8 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
 pub const HIGH_MEMORY: u64 = 0x100000;
 
+/// PCI ECAM for bus 0 (1 MiB), announced by the MCFG table.
+pub const ECAM_ADDR: u64 = 0xe800_0000;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// KVM's TSS and identity-map pages, just below the IOAPIC.

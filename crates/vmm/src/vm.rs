@@ -462,10 +462,17 @@ impl Vm {
             .iter()
             .map(|(_, d, _)| d.clone() as Arc<dyn devices::pci::PciFunction>)
             .collect();
+        let pci = devices::pci::PciRoot::new(pci_devices);
         pio.insert(
             0xcf8,
             8,
-            Arc::new(devices::pci::PciConfigPorts::new(pci_devices)),
+            Arc::new(devices::pci::PciConfigPorts::new(pci.clone())),
+        )
+        .map_err(dev_err)?;
+        mmio.insert(
+            crate::layout::ECAM_ADDR,
+            devices::pci::ECAM_BUS_SIZE,
+            Arc::new(devices::pci::PciEcam(pci)),
         )
         .map_err(dev_err)?;
         let latency_port = spec
