@@ -216,46 +216,63 @@ fn server(name: &str) -> (Running, String) {
     (s, sock.to_str().unwrap().to_string())
 }
 
-#[test]
-fn doorbells_ring_the_peer_with_no_userspace_exit() {
-    let (_server, sock) = server("bell");
+/// On a fresh server: a VM running ivshmem-probe with `wait` (peer 0), then
+/// one with `ring` (peer 1); both must succeed. Their JSON reports.
+fn wait_and_ring(tag: &str, wait: &str, ring: &str) -> (serde_json::Value, serde_json::Value) {
+    let (_server, sock) = server(tag);
     let spec = format!("server={sock}");
-    let mut b = Running::start(&[
-        "run",
-        "--guest",
-        "ivshmem-probe",
-        "--ivshmem",
-        &spec,
-        "--cmdline",
-        "mode=wait count=25",
-        "--json",
-    ]);
-    b.wait_for("ivshmem: peer 0");
-    let a = nfvisor(
-        &[
+    let vm = |cmdline: &str| -> Vec<String> {
+        [
             "run",
             "--guest",
             "ivshmem-probe",
             "--ivshmem",
             &spec,
             "--cmdline",
-            "mode=ring peer=0 count=25",
+            cmdline,
             "--json",
-        ],
-        T,
-    );
-    assert_eq!(a.code, 0, "{}", a.stderr);
-    let da = json(&a);
-    let b = b.finish(T);
-    assert_eq!(b.code, 0, "{}", b.stderr);
-    let db = json(&b);
-    let field = |d: &serde_json::Value, k: &str| {
-        d["guest"]["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find_map(|r| r["fields"][k].as_str().map(str::to_string))
+        ]
+        .map(String::from)
+        .to_vec()
     };
+    let wait_args = vm(wait);
+    let mut waiting = Running::start(&wait_args.iter().map(String::as_str).collect::<Vec<_>>());
+    waiting.wait_for("ivshmem: peer 0");
+    let ring_args = vm(ring);
+    let ringing = nfvisor(&ring_args.iter().map(String::as_str).collect::<Vec<_>>(), T);
+    assert_eq!(ringing.code, 0, "{}", ringing.stderr);
+    let waited = waiting.finish(T);
+    assert_eq!(waited.code, 0, "{}", waited.stderr);
+    let _ = std::fs::remove_file(format!(
+        "/dev/shm/nfvisor-test-{tag}-{}",
+        std::process::id()
+    ));
+    (json(&waited), json(&ringing))
+}
+
+/// The fields of the guest's first record of `kind`.
+fn record(d: &serde_json::Value, kind: &str) -> serde_json::Value {
+    d["guest"]["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == kind)
+        .map(|r| r["fields"].clone())
+        .unwrap_or_else(|| panic!("no {kind} record: {d}"))
+}
+
+/// A field of whichever record has it.
+fn field(d: &serde_json::Value, k: &str) -> Option<String> {
+    d["guest"]["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|r| r["fields"][k].as_str().map(str::to_string))
+}
+
+#[test]
+fn doorbells_ring_the_peer_with_no_userspace_exit() {
+    let (db, da) = wait_and_ring("bell", "mode=wait count=25", "mode=ring peer=0 count=25");
     assert_eq!(field(&da, "rung").as_deref(), Some("25"));
     assert_eq!(field(&db, "received").as_deref(), Some("25"));
     assert_eq!(field(&da, "ivposition").as_deref(), Some("1"));
@@ -263,7 +280,6 @@ fn doorbells_ring_the_peer_with_no_userspace_exit() {
     let exits = &da["vm"]["vcpus"][0]["exits"];
     assert!(exits["by_reason"]["mmio_write"].is_null(), "{exits}");
     assert_eq!(exits["mmio_by_device"]["ivshmem-regs"]["count"], 1);
-    let _ = std::fs::remove_file(format!("/dev/shm/nfvisor-test-bell-{}", std::process::id()));
 }
 
 #[test]
@@ -527,54 +543,49 @@ fn a_qemu_vm_and_an_nfvisor_vm_ring_each_other() {
 /// for 300 ms (hold), the first doorbell waits and arrives on unmask.
 #[test]
 fn doorbells_arrive_by_msix_or_by_the_legacy_pin() {
-    for irq in ["msix", "intx", "msix hold_ms=300"] {
-        let tag = irq.len();
-        let (_server, sock) = server(&format!("irq{tag}"));
-        let spec = format!("server={sock}");
-        let mut b = Running::start(&[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
+    for (tag, irq) in [
+        ("msix", "msix"),
+        ("intx", "intx"),
+        ("hold", "msix hold_ms=300"),
+    ] {
+        let (db, _) = wait_and_ring(
+            &format!("irq-{tag}"),
             &format!("mode=wait count=5 irq={irq}"),
-            "--json",
-        ]);
-        b.wait_for("ivshmem: peer 0");
-        let a = nfvisor(
-            &[
-                "run",
-                "--guest",
-                "ivshmem-probe",
-                "--ivshmem",
-                &spec,
-                "--cmdline",
-                "mode=ring peer=0 count=5",
-            ],
-            T,
+            "mode=ring peer=0 count=5",
         );
-        assert_eq!(a.code, 0, "{}", a.stderr);
-        let b = b.finish(T);
-        assert_eq!(b.code, 0, "{}", b.stderr);
-        let records = json(&b)["guest"]["records"].clone();
-        let msix = records
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["kind"] == "interrupts")
-            .map(|r| r["fields"]["msix"].clone());
         let want = if irq.starts_with("msix") { "1" } else { "0" };
-        assert_eq!(msix, Some(serde_json::json!(want)), "{records}");
-        let held = records
+        assert_eq!(record(&db, "interrupts")["msix"], want, "{db}");
+        let held = db["guest"]["records"]
             .as_array()
             .unwrap()
             .iter()
             .any(|r| r["kind"] == "held");
-        assert_eq!(held, irq.contains("hold"), "{records}");
-        let _ = std::fs::remove_file(format!(
-            "/dev/shm/nfvisor-test-irq{tag}-{}",
-            std::process::id()
-        ));
+        assert_eq!(held, tag == "hold", "{db}");
+        assert_eq!(field(&db, "received").as_deref(), Some("5"));
     }
+}
+
+/// The guest sizes BAR2 and moves all three BARs (decoding off meanwhile):
+/// the MSI-X table (BAR1), the doorbell ioeventfds (BAR0) and the shared
+/// memory slot (BAR2) follow, and the old BAR2 address no longer decodes.
+#[test]
+fn bars_the_guest_moves_take_what_backs_them_along() {
+    let (db, da) = wait_and_ring(
+        "bars",
+        "mode=wait count=10 bar1=0xe0200000 bar2=0xc8000000",
+        "mode=ring peer=0 count=10 bar0=0xe0300000 bar2=0xc4000000",
+    );
+    for d in [&da, &db] {
+        let bars = record(d, "bars");
+        assert_eq!(bars["size2"], "1048576", "BAR2 sizes as the region");
+        assert_eq!(bars["old2"], "0xffffffffffffffff", "the old BAR2 is gone");
+    }
+    assert_eq!(record(&da, "ivshmem")["bar2"], "0xc4000000");
+    assert_eq!(record(&db, "ivshmem")["bar2"], "0xc8000000");
+    assert_eq!(record(&db, "interrupts")["msix"], "1");
+    assert_eq!(field(&db, "received").as_deref(), Some("10"));
+    assert_eq!(
+        da["vm"]["ivshmem_doorbell_writes"], 0,
+        "the doorbell ioeventfds moved with BAR0"
+    );
 }

@@ -5,6 +5,7 @@
 //! device), and a lookup that neither allocates nor locks, since it sits on
 //! every vCPU exit. Devices use interior mutability where they keep state.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A device on the bus. `offset` is relative to the start of its range.
@@ -37,10 +38,26 @@ struct Entry {
     device: Arc<dyn BusDevice>,
 }
 
-/// A sorted set of non-overlapping ranges.
+/// A range whose base the guest may move (a PCI BAR): looked up after the
+/// fixed ranges, which therefore win where the two overlap.
+struct Movable {
+    /// u64::MAX while unmapped (BAR decoding off, or being sized).
+    base: AtomicU64,
+    len: u64,
+    device: Arc<dyn BusDevice>,
+}
+
+/// A movable range's handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MovableId(usize);
+
+const UNMAPPED: u64 = u64::MAX;
+
+/// A sorted set of non-overlapping fixed ranges, and a few movable ones.
 #[derive(Default)]
 pub struct Bus {
     entries: Vec<Entry>,
+    movable: Vec<Movable>,
 }
 
 /// What a lookup found: the device, its index on the bus and the offset.
@@ -82,17 +99,55 @@ impl Bus {
         Ok(())
     }
 
+    /// Adds a movable range of `len` bytes at `base` (None: unmapped).
+    pub fn insert_movable(
+        &mut self,
+        base: Option<u64>,
+        len: u64,
+        device: Arc<dyn BusDevice>,
+    ) -> Result<MovableId, BusError> {
+        if len == 0 {
+            return Err(BusError::Empty(device.name().to_string()));
+        }
+        self.movable.push(Movable {
+            base: AtomicU64::new(base.unwrap_or(UNMAPPED)),
+            len,
+            device,
+        });
+        Ok(MovableId(self.movable.len() - 1))
+    }
+
+    /// Moves a movable range (None: unmaps it). Lock-free: vCPUs looking
+    /// up at the same time see the old or the new base.
+    pub fn move_to(&self, id: MovableId, base: Option<u64>) {
+        if let Some(m) = self.movable.get(id.0) {
+            m.base.store(base.unwrap_or(UNMAPPED), Ordering::Release);
+        }
+    }
+
     /// Finds the device serving `addr`.
     pub fn lookup(&self, addr: u64) -> Option<Hit<'_>> {
-        let i = self
+        let fixed = self
             .entries
             .partition_point(|e| e.base <= addr)
-            .checked_sub(1)?;
-        let e = &self.entries[i];
-        (addr - e.base < e.len).then(|| Hit {
-            index: i,
-            offset: addr - e.base,
-            device: e.device.as_ref(),
+            .checked_sub(1)
+            .and_then(|i| {
+                let e = &self.entries[i];
+                (addr - e.base < e.len).then(|| Hit {
+                    index: i,
+                    offset: addr - e.base,
+                    device: e.device.as_ref(),
+                })
+            });
+        fixed.or_else(|| {
+            self.movable.iter().enumerate().find_map(|(i, m)| {
+                let base = m.base.load(Ordering::Acquire);
+                (base != UNMAPPED && addr >= base && addr - base < m.len).then(|| Hit {
+                    index: self.entries.len() + i,
+                    offset: addr - base,
+                    device: m.device.as_ref(),
+                })
+            })
         })
     }
 
@@ -101,15 +156,16 @@ impl Bus {
         self.entries
             .iter()
             .map(|e| e.device.name().to_string())
+            .chain(self.movable.iter().map(|m| m.device.name().to_string()))
             .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.movable.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 }
 
@@ -131,5 +187,19 @@ mod tests {
         assert!(bus.lookup(0x400).is_none());
         assert!(bus.lookup(0xf3).is_none());
         assert!(bus.lookup(0).is_none());
+        // a movable range: found where it is, gone when unmapped, and never
+        // in front of a fixed one
+        let m = bus
+            .insert_movable(Some(0x1000), 0x100, Arc::new(Sink::new("m")))
+            .unwrap();
+        let hit = bus.lookup(0x1010).unwrap();
+        assert_eq!((hit.device.name(), hit.offset, hit.index), ("m", 0x10, 2));
+        bus.move_to(m, Some(0x3f0));
+        assert!(bus.lookup(0x1010).is_none());
+        assert_eq!(bus.lookup(0x3f0).unwrap().device.name(), "m");
+        assert_eq!(bus.lookup(0x3f8).unwrap().device.name(), "a");
+        bus.move_to(m, None);
+        assert!(bus.lookup(0x3f0).is_none());
+        assert_eq!(bus.names(), ["b", "a", "m"]);
     }
 }

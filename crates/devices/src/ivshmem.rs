@@ -6,11 +6,11 @@
 //! holds the configuration space, the registers and the MSI-X table.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::msix::Msix;
 
-use crate::pci::{ConfigSpace, PciFunction};
+use crate::pci::{BarObserver, ConfigSpace, PciFunction};
 use crate::BusDevice;
 
 pub const VENDOR: u16 = 0x1af4;
@@ -24,6 +24,8 @@ pub struct Ivshmem {
     /// Guest writes to a read-only region (KVM_MEM_READONLY turns them into
     /// MMIO exits that land here): dropped and counted.
     pub dropped_writes: AtomicU64,
+    /// Told when the guest moves a BAR or turns decoding off and on.
+    bar_observer: OnceLock<Arc<dyn BarObserver>>,
     /// Doorbell writes that reached the VMM: no ioeventfd matched them (a
     /// peer or vector that is not there). Ignored, as QEMU does; counted.
     pub doorbell_writes: AtomicU64,
@@ -47,12 +49,22 @@ impl Ivshmem {
             config,
             msix,
             dropped_writes: AtomicU64::new(0),
+            bar_observer: OnceLock::new(),
             doorbell_writes: AtomicU64::new(0),
         }
     }
 
     pub fn bar2(&self) -> u64 {
         self.config.bar_addr(2)
+    }
+
+    /// Where BAR `index` decodes now.
+    pub fn decoded_bar(&self, index: usize) -> Option<u64> {
+        self.config.decoded_bar(index)
+    }
+
+    pub fn set_bar_observer(&self, observer: Arc<dyn BarObserver>) {
+        let _ = self.bar_observer.set(observer);
     }
 }
 
@@ -64,7 +76,19 @@ impl PciFunction for Ivshmem {
         self.config.read(reg)
     }
     fn config_write(&self, reg: u8, offset: u8, data: &[u8]) {
+        let before = self.config.decoded_bars();
         self.config.write(reg, offset, data);
+        if let Some(observer) = self.bar_observer.get() {
+            for (bar, (from, to)) in before
+                .into_iter()
+                .zip(self.config.decoded_bars())
+                .enumerate()
+            {
+                if from != to {
+                    observer.bar_moved(bar, from, to);
+                }
+            }
+        }
         if let Some((table, at)) = &self.msix {
             if reg & !3 == *at {
                 table.control_written((self.config.read(*at) >> 16) as u16);

@@ -11,7 +11,7 @@ pub mod pci;
 pub mod serial;
 pub mod sink;
 
-pub use bus::{Bus, BusDevice, BusError};
+pub use bus::{Bus, BusDevice, BusError, MovableId};
 pub use debug_exit::{DebugExit, GuestExit};
 pub use latency::{Baseline, LatencyPort};
 pub use serial::{ConsoleBuffer, SerialConsole};

@@ -98,6 +98,31 @@ impl ConfigSpace {
         }
     }
 
+    /// Where BAR `index` decodes now: None while memory decoding is off in
+    /// the command register or the BAR holds the sizing pattern (all ones
+    /// written, the size mask read back), as when a guest sizes BARs.
+    pub fn decoded_bar(&self, index: usize) -> Option<u64> {
+        let (size, flags) = *self.bars.get(index)?;
+        if size == 0 || flags == u32::MAX {
+            return None;
+        }
+        let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        if regs[1] & COMMAND_MEMORY == 0 {
+            return None;
+        }
+        let low = regs[4 + index];
+        if low == (!((size - 1) as u32) & !0xf) | flags {
+            return None;
+        }
+        drop(regs);
+        Some(self.bar_addr(index))
+    }
+
+    /// Every BAR's decoded address (see `decoded_bar`).
+    pub fn decoded_bars(&self) -> [Option<u64>; 6] {
+        std::array::from_fn(|i| self.decoded_bar(i))
+    }
+
     /// The address BAR `index` holds now.
     pub fn bar_addr(&self, index: usize) -> u64 {
         let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,6 +166,12 @@ impl ConfigSpace {
         }
         regs[i] = v;
     }
+}
+
+/// Told when a BAR starts decoding at another address or stops decoding:
+/// the VMM moves what backs it (a memory slot, a bus range, ioeventfds).
+pub trait BarObserver: Send + Sync {
+    fn bar_moved(&self, bar: usize, from: Option<u64>, to: Option<u64>);
 }
 
 /// The host bridge at 00:00.0 (Intel 440FX's IDs, as QEMU uses).

@@ -11,6 +11,9 @@
  * Round trip: mode=echo peer=P rings P back from its interrupt handler;
  * mode=ping peer=P count=K rings P and times (RDTSC) until P's ring comes
  * back, K times, and dumps the round trips as the "rtt" histogram (ns).
+ * BARs: bar0=A bar1=A bar2=A move them first (with memory decoding off, as
+ * an OS does; BAR2 is sized on the way), then everything runs at the new
+ * addresses; the old BAR2 address is read once to show it no longer decodes.
  * Status: 0 ok, 1 no device or timeout, 2 bad parameters, 3 the pattern did
  * not match. */
 #include "runtime.h"
@@ -30,6 +33,37 @@ static void pci_write(u32 dev, u32 reg, u32 v) {
 /* Points every MSI-X vector of `dev` at this CPU's LAPIC with `vector`,
  * unmasked, and enables MSI-X (and memory decoding and bus mastering, which
  * QEMU needs to deliver a message). Returns 0 if there is no MSI-X. */
+/* Sizes BAR2 and moves the BARs the command line names (decoding off
+ * meanwhile). */
+static void move_bars(u32 dev) {
+    u64 to[3] = {0, 0, 0};
+    int moves = arg_u64("bar0", &to[0]) | arg_u64("bar1", &to[1]) | arg_u64("bar2", &to[2]);
+    u32 cmd = pci_read(dev, 4) & 0xffff;
+    pci_write(dev, 4, cmd & ~2u);
+    u32 lo = pci_read(dev, 0x18), hi = pci_read(dev, 0x1c);
+    pci_write(dev, 0x18, ~0u);
+    pci_write(dev, 0x1c, ~0u);
+    u64 mask = (pci_read(dev, 0x18) & ~0xfUL) | ((u64)pci_read(dev, 0x1c) << 32);
+    pci_write(dev, 0x18, lo);
+    pci_write(dev, 0x1c, hi);
+    u64 old2 = (lo & ~0xfUL) | ((u64)hi << 32);
+    if (to[0]) pci_write(dev, 0x10, (u32)to[0]);
+    if (to[1]) pci_write(dev, 0x14, (u32)to[1]);
+    if (to[2]) {
+        pci_write(dev, 0x18, (u32)to[2] | (lo & 0xf));
+        pci_write(dev, 0x1c, (u32)(to[2] >> 32));
+    }
+    pci_write(dev, 4, cmd | 2);
+    puts("R bars");
+    put_kv("size2", ~mask + 1);
+    put_kv("moved", moves);
+    if (to[2] && to[2] != old2) {
+        puts(" old2=");
+        put_hex(*(volatile u64 *)old2);
+    }
+    putc('\n');
+}
+
 static volatile u32 *msix_table;
 
 static int msix_setup(u32 dev, u8 vector) {
@@ -230,6 +264,7 @@ int guest_main(void) {
         putc('\n');
         if (!same) fail(STATUS_CORRUPT, "ECAM and the 0xCF8 ports disagree");
     }
+    move_bars(dev);
     u64 bar2 = (pci_read(dev, 0x18) & ~0xfUL) | ((u64)pci_read(dev, 0x1c) << 32);
     puts("R ivshmem");
     put_kv("slot", dev);

@@ -124,7 +124,16 @@ int arg_u64(const char *key, u64 *out) {
     if (!v) return 0;
     u64 n = 0;
     int digits = 0;
-    while (*v >= '0' && *v <= '9') { n = n * 10 + (u64)(*v++ - '0'); digits++; }
+    if (v[0] == '0' && v[1] == 'x') { /* hexadecimal, for addresses */
+        v += 2;
+        for (;; v++, digits++) {
+            if (*v >= '0' && *v <= '9') n = n * 16 + (u64)(*v - '0');
+            else if (*v >= 'a' && *v <= 'f') n = n * 16 + (u64)(*v - 'a' + 10);
+            else break;
+        }
+    }
+    else
+        while (*v >= '0' && *v <= '9') { n = n * 10 + (u64)(*v++ - '0'); digits++; }
     if (!digits || (*v && *v != ' ')) {
         puts("ERROR bad number for ");
         puts(key);

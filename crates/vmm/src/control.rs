@@ -55,8 +55,7 @@ pub struct VmHandle {
     /// Dirty rings (empty: the per-slot dirty bitmap is used).
     pub(crate) rings: Vec<crate::dirty_ring::DirtyRing>,
     /// The ivshmem region and its slot, for opening and closing the window.
-    pub(crate) ivshmem_window: Option<(Arc<crate::shared_region::SharedRegion>, u32)>,
-    pub(crate) window_mapped: Mutex<bool>,
+    pub(crate) ivshmem_window: Option<Arc<crate::shared_region::SharedRegion>>,
 }
 
 pub(crate) fn regs_of(s: &vm_superio::serial::SerialState) -> SerialRegs {
@@ -154,17 +153,11 @@ impl VmHandle {
     /// Opens (maps) or closes (unmaps) the ivshmem window while the guest
     /// runs: KVM4NFV's "open the window when needed, close it immediately".
     pub fn ivshmem_window(&self, map: bool) -> Result<&'static str> {
-        let (region, slot) = self
+        let region = self
             .ivshmem_window
             .as_ref()
             .ok_or_else(|| Error::Config("this VM has no ivshmem region".into()))?;
-        let mut mapped = self.window_mapped.lock().unwrap_or_else(|e| e.into_inner());
-        if map && !*mapped {
-            region.register(&self.vm, *slot)?;
-        } else if !map && *mapped {
-            region.unregister(&self.vm, *slot)?;
-        }
-        *mapped = map;
+        region.set_window(&self.vm, map)?;
         Ok(if map { "mapped" } else { "unmapped" })
     }
 

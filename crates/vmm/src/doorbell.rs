@@ -18,10 +18,10 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq_routes::{GsiRoutes, Route, FIRST_DEVICE_GSI};
-use crate::shared_region::BAR0_ADDR;
 use crate::{Error, Result};
 
-const DOORBELL: u64 = BAR0_ADDR + 12;
+/// The Doorbell register's offset in BAR0.
+const DOORBELL: u64 = 12;
 
 fn eventfd(fd: OwnedFd) -> EventFd {
     // SAFETY: the descriptor is an eventfd the server created, now owned here.
@@ -31,7 +31,90 @@ fn eventfd(fd: OwnedFd) -> EventFd {
 pub struct Doorbells {
     stream: UnixStream,
     own: Arc<OwnVectors>,
-    peers: Vec<(i64, u32, EventFd)>,
+    peers: Arc<PeerBells>,
+}
+
+/// Every peer's vectors as ioeventfds on the Doorbell register, wherever
+/// BAR0 decodes now (none while it does not).
+pub struct PeerBells {
+    vm: Arc<VmFd>,
+    state: Mutex<PeerState>,
+}
+
+/// Where BAR0 decodes, and (peer, vector, eventfd) for each peer vector.
+type PeerState = (Option<u64>, Vec<(i64, u32, EventFd)>);
+
+/// What `Doorbells::wire` makes: the server link, this VM's vectors, the
+/// peers' doorbells, the region's descriptor and this VM's peer id.
+pub struct Wired {
+    pub doorbells: Doorbells,
+    pub own: Arc<OwnVectors>,
+    pub peers: Arc<PeerBells>,
+    pub shm: OwnedFd,
+    pub id: u32,
+}
+
+impl PeerBells {
+    fn add(&self, peer: i64, v: u32, evt: EventFd) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let r = match st.0 {
+            Some(bar0) => ring_to(&self.vm, bar0, peer, v, &evt),
+            None => Ok(()),
+        };
+        st.1.push((peer, v, evt));
+        r
+    }
+
+    /// The vectors peer `peer` has now (the next one it sends is this).
+    fn vectors_of(&self, peer: i64) -> u32 {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1.iter().filter(|p| p.0 == peer).count() as u32
+    }
+
+    fn remove(&self, peer: i64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let bar0 = st.0;
+        st.1.retain(|(p, v, evt)| {
+            if *p != peer {
+                return true;
+            }
+            if let Some(bar0) = bar0 {
+                let _ = self.vm.unregister_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(bar0 + DOORBELL),
+                    datamatch(*p, *v),
+                );
+            }
+            false
+        });
+    }
+
+    /// BAR0 now decodes at `bar0` (None: not at all): every ioeventfd moves.
+    pub fn move_to(&self, bar0: Option<u64>) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.0 == bar0 {
+            return Ok(());
+        }
+        if let Some(old) = st.0 {
+            for (p, v, evt) in &st.1 {
+                self.vm
+                    .unregister_ioevent(
+                        evt,
+                        &IoEventAddress::Mmio(old + DOORBELL),
+                        datamatch(*p, *v),
+                    )
+                    .map_err(|e| Error::Kvm(format!("moving the doorbell of peer {p}: {e}")))?;
+            }
+        }
+        st.0 = None;
+        if let Some(new) = bar0 {
+            for (p, v, evt) in &st.1 {
+                ring_to(&self.vm, new, *p, *v, evt)?;
+            }
+            st.0 = Some(new);
+        }
+        Ok(())
+    }
 }
 
 /// This VM's vectors: the server's eventfds as irqfds on GSIs
@@ -97,10 +180,10 @@ fn datamatch(peer: i64, vector: u32) -> u32 {
     ((peer as u32) << 16) | (vector & 0xffff)
 }
 
-fn ring_to(vm: &VmFd, peer: i64, vector: u32, evt: &EventFd) -> Result<()> {
+fn ring_to(vm: &VmFd, bar0: u64, peer: i64, vector: u32, evt: &EventFd) -> Result<()> {
     vm.register_ioevent(
         evt,
-        &IoEventAddress::Mmio(DOORBELL),
+        &IoEventAddress::Mmio(bar0 + DOORBELL),
         datamatch(peer, vector),
     )
     .map_err(|e| {
@@ -112,14 +195,15 @@ fn ring_to(vm: &VmFd, peer: i64, vector: u32, evt: &EventFd) -> Result<()> {
 
 impl Doorbells {
     /// Wires what `join` brought: own vectors to the legacy pins from
-    /// `pin` (MSI-X starts off), peers to doorbells.
+    /// `pin` (MSI-X starts off), peers to doorbells in BAR0 at `bar0`.
     pub fn wire(
         vm: &Arc<VmFd>,
         routes: Arc<GsiRoutes>,
         joined: devices::ivshmem_proto::Joined,
         stream: UnixStream,
         pin: u32,
-    ) -> Result<(Doorbells, Arc<OwnVectors>, OwnedFd, u32)> {
+        bar0: u64,
+    ) -> Result<Wired> {
         let own = Arc::new(OwnVectors {
             vm: vm.clone(),
             routes,
@@ -130,59 +214,44 @@ impl Doorbells {
         for v in 0..own.count() {
             own.apply(v as u16, VectorRoute::Intx)?;
         }
-        let mut peers = Vec::new();
+        let peers = Arc::new(PeerBells {
+            vm: vm.clone(),
+            state: Mutex::new((Some(bar0), Vec::new())),
+        });
         for (peer, v, fd) in joined.peers {
-            let evt = eventfd(fd);
-            ring_to(vm, peer, v, &evt)?;
-            peers.push((peer, v, evt));
+            peers.add(peer, v, eventfd(fd))?;
         }
-        Ok((
-            Doorbells {
+        Ok(Wired {
+            doorbells: Doorbells {
                 stream,
                 own: own.clone(),
-                peers,
+                peers: peers.clone(),
             },
             own,
-            joined.shm,
-            joined.id as u32,
-        ))
+            peers,
+            shm: joined.shm,
+            id: joined.id as u32,
+        })
     }
 
     /// Follows the server: new peers' doorbells registered, departed
     /// peers' removed, until `stop`.
-    pub fn watch(self, vm: Arc<VmFd>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    pub fn watch(self, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
-            let Doorbells {
-                stream,
-                own,
-                mut peers,
-            } = self;
+            let Doorbells { stream, own, peers } = self;
             let _own = own; // kept alive with the VM
             let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
             while !stop.load(Ordering::Acquire) {
                 match devices::ivshmem_proto::recv(&stream) {
                     Ok(Some((peer, Some(fd)))) => {
-                        let v = peers.iter().filter(|p| p.0 == peer).count() as u32;
-                        let evt = eventfd(fd);
-                        match ring_to(&vm, peer, v, &evt) {
+                        let v = peers.vectors_of(peer);
+                        match peers.add(peer, v, eventfd(fd)) {
                             Ok(()) => tracing::info!("ivshmem: peer {peer} vector {v} can be rung"),
                             Err(e) => tracing::warn!("{e}"),
                         }
-                        peers.push((peer, v, evt));
                     }
                     Ok(Some((peer, None))) => {
-                        peers.retain(|(p, v, evt)| {
-                            if *p == peer {
-                                let _ = vm.unregister_ioevent(
-                                    evt,
-                                    &IoEventAddress::Mmio(DOORBELL),
-                                    datamatch(*p, *v),
-                                );
-                                false
-                            } else {
-                                true
-                            }
-                        });
+                        peers.remove(peer);
                         tracing::info!("ivshmem: peer {peer} left");
                     }
                     Ok(None) => {

@@ -11,6 +11,7 @@ pub mod doorbell;
 pub mod exits;
 pub mod irq_bench;
 pub mod irq_routes;
+pub mod ivshmem_bars;
 pub mod kvm_stats;
 pub mod layout;
 pub mod memory;

@@ -1,8 +1,11 @@
 //! A shared memory region (a file in /dev/shm or any path) mapped into the
-//! guest as ivshmem's BAR2: a KVM memory slot, read-only on request.
+//! guest as ivshmem's BAR2: a KVM memory slot, read-only on request. The
+//! slot is present while the window is open (the control socket closes and
+//! opens it) and BAR2 decodes (the guest may move it or turn decoding off).
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
@@ -42,6 +45,19 @@ fn check_size(size: u64, what: &str) -> Result<()> {
 pub struct SharedRegion {
     pub spec: IvshmemSpec,
     ptr: *mut u8,
+    slot: u32,
+    mapping: Mutex<Mapping>,
+}
+
+/// What decides where (and whether) the slot is in the guest.
+#[derive(Clone, Copy)]
+struct Mapping {
+    /// Where BAR2 decodes (None: decoding off, or being sized).
+    bar: Option<u64>,
+    /// The window is open (the control socket's map/unmap).
+    open: bool,
+    /// Where the slot is registered now.
+    registered: Option<u64>,
 }
 
 // SAFETY: the mapping is plain shared memory; the pointer is only used to
@@ -51,8 +67,13 @@ unsafe impl Send for SharedRegion {}
 unsafe impl Sync for SharedRegion {}
 
 impl SharedRegion {
-    /// Maps the region a server handed out (its size is the file's).
-    pub fn from_fd(fd: &std::os::fd::OwnedFd, spec: &IvshmemSpec) -> Result<SharedRegion> {
+    /// Maps the region a server handed out (its size is the file's), to
+    /// become memory slot `slot`.
+    pub fn from_fd(
+        fd: &std::os::fd::OwnedFd,
+        spec: &IvshmemSpec,
+        slot: u32,
+    ) -> Result<SharedRegion> {
         let what = spec
             .server
             .as_ref()
@@ -90,11 +111,18 @@ impl SharedRegion {
                 ..spec.clone()
             },
             ptr: ptr as *mut u8,
+            slot,
+            mapping: Mutex::new(Mapping {
+                bar: Some(BAR2_ADDR),
+                open: true,
+                registered: None,
+            }),
         })
     }
 
-    /// Opens (creating it if absent) and maps the region.
-    pub fn open(spec: &IvshmemSpec) -> Result<SharedRegion> {
+    /// Opens (creating it if absent) and maps the region, to become memory
+    /// slot `slot`.
+    pub fn open(spec: &IvshmemSpec, slot: u32) -> Result<SharedRegion> {
         let what = spec.path.display().to_string();
         check_size(spec.size, &format!("--ivshmem {what}: size"))?;
         let file = std::fs::OpenOptions::new()
@@ -143,41 +171,79 @@ impl SharedRegion {
         Ok(SharedRegion {
             spec: spec.clone(),
             ptr: ptr as *mut u8,
+            slot,
+            mapping: Mutex::new(Mapping {
+                bar: Some(BAR2_ADDR),
+                open: true,
+                registered: None,
+            }),
         })
     }
 
-    /// Takes the region out of the guest (KVM deletes a slot of size 0):
-    /// its accesses then exit to the VMM, which drops them.
-    pub fn unregister(&self, vm: &VmFd, slot: u32) -> Result<()> {
-        let r = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: BAR2_ADDR,
-            memory_size: 0,
-            userspace_addr: self.ptr as u64,
-        };
-        // SAFETY: deleting a slot this VM registered; no memory is handed to KVM.
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(|e| Error::Kvm(format!("removing the ivshmem slot: {e}")))
+    /// Opens or closes the window (the slot leaves the guest while closed:
+    /// its accesses then exit to the VMM, which drops them).
+    pub fn set_window(&self, vm: &VmFd, open: bool) -> Result<()> {
+        self.update(vm, |m| m.open = open)
     }
 
-    /// Registers the region as memory slot `slot` at BAR2.
-    pub fn register(&self, vm: &VmFd, slot: u32) -> Result<()> {
+    /// BAR2 now decodes at `bar` (None: not at all).
+    pub fn set_bar(&self, vm: &VmFd, bar: Option<u64>) -> Result<()> {
+        self.update(vm, |m| m.bar = bar)
+    }
+
+    /// Where the slot is in the guest now.
+    pub fn registered_at(&self) -> Option<u64> {
+        self.mapping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .registered
+    }
+
+    /// Registers the slot where the BAR decodes, at creation.
+    pub fn register(&self, vm: &VmFd) -> Result<()> {
+        self.update(vm, |_| ())
+    }
+
+    fn update(&self, vm: &VmFd, change: impl FnOnce(&mut Mapping)) -> Result<()> {
+        let mut m = self.mapping.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut m);
+        let want = if m.open { m.bar } else { None };
+        if want == m.registered {
+            return Ok(());
+        }
+        // KVM cannot move a slot: delete it (size 0), then add it anew
+        if let Some(at) = m.registered {
+            self.set_slot(vm, at, 0)?;
+            m.registered = None;
+        }
+        if let Some(at) = want {
+            self.set_slot(vm, at, self.spec.size)?;
+            m.registered = Some(at);
+        }
+        Ok(())
+    }
+
+    fn set_slot(&self, vm: &VmFd, at: u64, size: u64) -> Result<()> {
         let r = kvm_userspace_memory_region {
-            slot,
-            flags: if self.spec.readonly {
+            slot: self.slot,
+            flags: if self.spec.readonly && size != 0 {
                 KVM_MEM_READONLY
             } else {
                 0
             },
-            guest_phys_addr: BAR2_ADDR,
-            memory_size: self.spec.size,
+            guest_phys_addr: at,
+            memory_size: size,
             userspace_addr: self.ptr as u64,
         };
         // SAFETY: the mapping is live for as long as the VM (the Vm owns
-        // this region) and does not overlap guest RAM (it sits in the MMIO hole).
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(|e| Error::Kvm(format!("KVM_SET_USER_MEMORY_REGION for ivshmem: {e}")))
+        // this region); size 0 deletes the slot. KVM refuses a slot that
+        // overlaps another (guest RAM), which surfaces as the error below.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|e| {
+            Error::Kvm(format!(
+                "KVM_SET_USER_MEMORY_REGION for ivshmem ({} bytes at {at:#x}): {e}",
+                size
+            ))
+        })
     }
 }
 

@@ -225,7 +225,6 @@ pub struct Vm {
     ivshmem: Option<(
         Arc<crate::shared_region::SharedRegion>,
         Arc<devices::ivshmem::Ivshmem>,
-        u32,
     )>,
     /// Per-vCPU dirty rings, when the VM tracks dirty pages with them.
     rings: Vec<crate::dirty_ring::DirtyRing>,
@@ -402,65 +401,95 @@ impl Vm {
         pio.insert(BENCH_PORT, 4, Arc::new(Sink::new("bench-port")))
             .map_err(dev_err)?;
         let mut doorbells = None;
+        let mut ivshmem_bars = None;
         // the VM's one routing table (KVM replaces it whole on each change)
         let gsi_routes = Arc::new(crate::irq_routes::GsiRoutes::default());
         let ivshmem = match &spec.ivshmem {
             Some(ispec) => {
                 use crate::shared_region::{SharedRegion, BAR0_ADDR, BAR1_ADDR, BAR2_ADDR};
                 let mut msix = None;
+                let mut msix_range = None;
+                let mut peer_bells = None;
+                let slot = mem.num_regions() as u32;
                 let (region, peer_id) = match &ispec.server {
                     Some(sock) => {
                         let (joined, stream) = devices::ivshmem_proto::join(sock, ispec.vectors)
                             .map_err(|e| {
                                 Error::Device(format!("ivshmem server {}: {e}", sock.display()))
                             })?;
-                        let (bells, own, shm, id) = crate::doorbell::Doorbells::wire(
+                        let crate::doorbell::Wired {
+                            doorbells: bells,
+                            own,
+                            peers,
+                            shm,
+                            id,
+                        } = crate::doorbell::Doorbells::wire(
                             &vm,
                             gsi_routes.clone(),
                             joined,
                             stream,
                             devices::ivshmem::IRQ_PIN,
+                            BAR0_ADDR,
                         )?;
                         let table = Arc::new(devices::msix::Msix::new(own.count() as u16));
                         table.set_router(own);
-                        mmio.insert(BAR1_ADDR, devices::msix::BAR_SIZE, table.clone())
-                            .map_err(dev_err)?;
+                        msix_range = Some(
+                            mmio.insert_movable(
+                                Some(BAR1_ADDR),
+                                devices::msix::BAR_SIZE,
+                                table.clone(),
+                            )
+                            .map_err(dev_err)?,
+                        );
                         msix = Some((table, BAR1_ADDR));
                         doorbells = Some(bells);
+                        peer_bells = Some(peers);
                         tracing::info!("ivshmem: peer {id} on {}", sock.display());
-                        (SharedRegion::from_fd(&shm, ispec)?, id)
+                        (SharedRegion::from_fd(&shm, ispec, slot)?, id)
                     }
-                    None => (SharedRegion::open(ispec)?, 0),
+                    None => (SharedRegion::open(ispec, slot)?, 0),
                 };
                 let size = region.spec.size;
-                region.register(&vm, mem.num_regions() as u32)?;
+                region.register(&vm)?;
                 let dev = Arc::new(devices::ivshmem::Ivshmem::new(
                     BAR0_ADDR, msix, BAR2_ADDR, size,
                 ));
-                mmio.insert(
-                    BAR0_ADDR,
-                    devices::ivshmem::BAR0_SIZE,
-                    Arc::new(devices::ivshmem::IvshmemRegs {
-                        peer_id,
-                        device: dev.clone(),
-                    }),
-                )
-                .map_err(dev_err)?;
+                let regs_range = mmio
+                    .insert_movable(
+                        Some(BAR0_ADDR),
+                        devices::ivshmem::BAR0_SIZE,
+                        Arc::new(devices::ivshmem::IvshmemRegs {
+                            peer_id,
+                            device: dev.clone(),
+                        }),
+                    )
+                    .map_err(dev_err)?;
                 // catches BAR2 accesses that exit: read-only writes, and all
                 // of them while the window is unmapped
-                mmio.insert(
-                    BAR2_ADDR,
-                    size,
-                    Arc::new(devices::ivshmem::ReadOnlyWindow(dev.clone())),
-                )
-                .map_err(dev_err)?;
-                Some((Arc::new(region), dev, mem.num_regions() as u32))
+                let window_range = mmio
+                    .insert_movable(
+                        Some(BAR2_ADDR),
+                        size,
+                        Arc::new(devices::ivshmem::ReadOnlyWindow(dev.clone())),
+                    )
+                    .map_err(dev_err)?;
+                let region = Arc::new(region);
+                let bars = Arc::new(crate::ivshmem_bars::IvshmemBars {
+                    vm: vm.clone(),
+                    region: region.clone(),
+                    peers: peer_bells,
+                    ranges: [Some(regs_range), msix_range, Some(window_range)],
+                    io: std::sync::OnceLock::new(),
+                });
+                dev.set_bar_observer(bars.clone());
+                ivshmem_bars = Some(bars);
+                Some((region, dev))
             }
             None => None,
         };
         let pci_devices: Vec<Arc<dyn devices::pci::PciFunction>> = ivshmem
             .iter()
-            .map(|(_, d, _)| d.clone() as Arc<dyn devices::pci::PciFunction>)
+            .map(|(_, d)| d.clone() as Arc<dyn devices::pci::PciFunction>)
             .collect();
         let pci = devices::pci::PciRoot::new(pci_devices);
         pio.insert(
@@ -489,6 +518,9 @@ impl Vm {
             guest_exit,
             unknown: UnknownAccesses::default(),
         });
+        if let Some(bars) = ivshmem_bars {
+            let _ = bars.io.set(Arc::downgrade(&io));
+        }
 
         // vCPUs.
         let cx16_hidden = kvm_kind.needs_cx16_hidden();
@@ -706,8 +738,7 @@ impl Vm {
             migrated: Mutex::new(None),
             has_ivshmem: ivshmem.is_some(),
             rings,
-            ivshmem_window: ivshmem.as_ref().map(|(r, _, slot)| (r.clone(), *slot)),
-            window_mapped: Mutex::new(true),
+            ivshmem_window: ivshmem.as_ref().map(|(r, _)| r.clone()),
         });
 
         // Each vCPU thread applies its placement, reports, then waits for go.
@@ -888,7 +919,7 @@ impl Vm {
             _ => None,
         };
 
-        let doorbell_watch = doorbells.map(|d| d.watch(vm.clone(), stop.clone()));
+        let doorbell_watch = doorbells.map(|d| d.watch(stop.clone()));
         let control = match &spec.control_socket {
             Some(path) => match crate::control::serve(path, handle.clone()) {
                 Ok(t) => Some(t),
@@ -1026,10 +1057,10 @@ impl Vm {
             irq_bench,
             ivshmem_dropped_writes: ivshmem
                 .as_ref()
-                .map(|(_, d, _)| d.dropped_writes.load(Ordering::Relaxed)),
+                .map(|(_, d)| d.dropped_writes.load(Ordering::Relaxed)),
             ivshmem_doorbell_writes: ivshmem
                 .as_ref()
-                .map(|(_, d, _)| d.doorbell_writes.load(Ordering::Relaxed)),
+                .map(|(_, d)| d.doorbell_writes.load(Ordering::Relaxed)),
             warnings,
             console_bytes: transcript.1,
             console_dropped: console.dropped(),
