@@ -873,7 +873,11 @@ fn receive(
             }
         };
         match vmm::migrate::greet(link.as_mut(), token.as_deref()) {
-            Ok(()) => break link,
+            Ok(()) => {
+                vmm::fault::set_link(link.raw_fd());
+                vmm::fault::at(vmm::fault::Phase::Connect);
+                break link;
+            }
             Err(e) => tracing::warn!("{e}; waiting for another connection"),
         }
     };
@@ -912,6 +916,7 @@ fn receive(
     };
     answer.write_all(b"READY\n")?;
     answer.flush()?;
+    vmm::fault::at(vmm::fault::Phase::AfterReady);
     answer.set_timeout(Some(std::time::Duration::from_secs(60)))?;
     let mut back = std::io::BufReader::new(answer.split()?);
     let mut line = String::new();
@@ -923,6 +928,7 @@ fn receive(
             line.trim()
         ),
     };
+    vmm::fault::at(vmm::fault::Phase::AfterGo);
     vm.set_on_start(Box::new(move || {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -422,3 +422,142 @@ fn a_bandwidth_limit_holds_pre_copy_back_and_progress_is_shown() {
     assert_eq!(d.code, 0, "{}", d.stderr);
     digest(&d.stdout);
 }
+
+/// The dirtier's digest without migration (computed once per binary).
+fn plain_digest() -> String {
+    static PLAIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PLAIN
+        .get_or_init(|| digest(&nfvisor(&[&["run"], DIRTIER].concat(), T).stdout))
+        .clone()
+}
+
+/// One migration into a destination told to fail (`NFVISOR_TEST_FAULT`).
+/// Returns the migrate run, the destination's run and the source VM.
+fn migrate_into_fault(fault: &str) -> (Run, Run, Running, std::path::PathBuf) {
+    let dir = scratch(&format!("fault-{}", fault.replace(':', "-")));
+    let inbound = dir.join("in.sock");
+    let endpoint = format!("unix:{}", inbound.display());
+    let mut dst = Running::start_with_env(
+        &["receive", "--listen", &endpoint],
+        &[("NFVISOR_TEST_FAULT", fault)],
+    );
+    dst.wait_for("waiting for a migration");
+    let (src, sock) = source(&dir);
+    std::thread::sleep(Duration::from_millis(150));
+    let r = nfvisor(
+        &[
+            "migrate",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--to",
+            &endpoint,
+        ],
+        T,
+    );
+    let dst = dst.finish(T);
+    let (phase, action) = fault.split_once(':').unwrap_or((fault, "kill"));
+    assert!(
+        dst.stderr
+            .contains(&format!("NFVISOR_TEST_FAULT: {action} at {phase}")),
+        "the fault was not hit at {phase}: {}",
+        dst.stderr
+    );
+    assert_ne!(
+        r.code, 0,
+        "a migration into a failing destination succeeded"
+    );
+    (r, dst, src, sock)
+}
+
+/// The guest is paused here and the migration said why; `resume` (the
+/// operator's call) lets it finish.
+fn resume_paused(r: &Run, sock: &std::path::Path) {
+    assert!(
+        r.stderr.contains("OUTCOME UNKNOWN") && r.stderr.contains("PAUSED"),
+        "{}",
+        r.stderr
+    );
+    let s = sock.to_str().unwrap();
+    assert_eq!(
+        json(&nfvisor(&["status", "--control-socket", s, "--json"], T))["state"],
+        "paused"
+    );
+    assert_eq!(nfvisor(&["resume", "--control-socket", s], T).code, 0);
+}
+
+#[test]
+fn a_destination_failing_before_ready_leaves_the_guest_running_here() {
+    for phase in ["connect", "first-round", "stop-and-copy"] {
+        for action in ["kill", "cut"] {
+            let (r, dst, src, _) = migrate_into_fault(&format!("{phase}:{action}"));
+            assert!(
+                r.stderr.contains("runs on here")
+                    || r.stderr.contains("migration link")
+                    || r.stderr.contains("to prepare"),
+                "{phase}:{action}: {}",
+                r.stderr
+            );
+            assert!(
+                !dst.stdout.contains("DIRTIER"),
+                "the destination ran the guest"
+            );
+            let out = src.finish(T);
+            assert_eq!(out.code, 0, "{phase}:{action}: {}", out.stderr);
+            assert_eq!(digest(&out.stdout), plain_digest(), "{phase}:{action}");
+        }
+    }
+}
+
+/// After READY, before GO: the source resumes by itself when GO cannot be
+/// sent; when GO went out and nothing came back it cannot know, stays
+/// paused and says so. Either way the destination never runs the guest and
+/// the guest finishes here.
+#[test]
+fn a_destination_failing_after_ready_never_runs_the_guest() {
+    for action in ["kill", "cut"] {
+        let (r, dst, src, sock) = migrate_into_fault(&format!("after-ready:{action}"));
+        if !r.stderr.contains("runs on here") {
+            resume_paused(&r, &sock);
+        }
+        assert!(
+            !dst.stdout.contains("DIRTIER"),
+            "the destination ran the guest"
+        );
+        let out = src.finish(T);
+        assert_eq!(out.code, 0, "{action}: {}", out.stderr);
+        assert_eq!(digest(&out.stdout), plain_digest(), "{action}");
+    }
+}
+
+/// After GO the source cannot tell: it stays paused and says so. Killed,
+/// the destination ran nothing and the operator resumes the source; cut
+/// off, the destination runs the guest to the end and the source must not
+/// be resumed (here it is just stopped).
+#[test]
+fn a_destination_failing_after_go_leaves_the_source_paused() {
+    let (r, dst, src, sock) = migrate_into_fault("after-go:kill");
+    assert!(
+        !dst.stdout.contains("DIRTIER"),
+        "the destination ran the guest"
+    );
+    resume_paused(&r, &sock);
+    let out = src.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(digest(&out.stdout), plain_digest());
+
+    let (r, dst, src, sock) = migrate_into_fault("after-go:cut");
+    assert_eq!(dst.code, 0, "{}", dst.stderr);
+    assert_eq!(
+        digest(&dst.stdout),
+        plain_digest(),
+        "it ran on the destination"
+    );
+    assert!(r.stderr.contains("OUTCOME UNKNOWN"), "{}", r.stderr);
+    let s = sock.to_str().unwrap();
+    assert_eq!(
+        json(&nfvisor(&["status", "--control-socket", s, "--json"], T))["state"],
+        "paused",
+        "two running copies must not happen"
+    );
+    drop(src);
+}

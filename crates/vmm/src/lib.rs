@@ -9,6 +9,7 @@ pub mod cpuid;
 pub mod dirty_ring;
 pub mod doorbell;
 pub mod exits;
+pub mod fault;
 pub mod irq_bench;
 pub mod irq_routes;
 pub mod ivshmem_bars;

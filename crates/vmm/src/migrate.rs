@@ -40,6 +40,8 @@ impl Endpoint {
 pub trait Link: Read + Write + Send {
     fn split(&self) -> std::io::Result<Box<dyn Link>>;
     fn set_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+    /// The socket's descriptor (for the test-only fault hook).
+    fn raw_fd(&self) -> i32;
 }
 
 impl Link for UnixStream {
@@ -49,6 +51,9 @@ impl Link for UnixStream {
     fn set_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(d)
     }
+    fn raw_fd(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
 }
 
 impl Link for TcpStream {
@@ -57,6 +62,9 @@ impl Link for TcpStream {
     }
     fn set_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(d)
+    }
+    fn raw_fd(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self)
     }
 }
 
@@ -369,13 +377,26 @@ pub fn migrate(
             return Err(e);
         }
     };
-    let (out, bytes) = w.finish().map_err(io)?;
+    // the last of the stream may still sit in the buffers: a link that
+    // breaks here is a destination that has not said READY, so the guest
+    // resumes here as it does for any failure before GO
+    let flushed = w
+        .finish()
+        .and_then(|(out, bytes)| out.into_inner().map(|_| bytes).map_err(|e| e.into_error()));
+    match flushed {
+        Ok(bytes) => report.bytes = bytes,
+        Err(e) => {
+            stop_dirty_tracking(h);
+            h.resume();
+            return Err(Error::Device(format!(
+                "migration link: {e}; the guest runs on here"
+            )));
+        }
+    }
     tracing::debug!(
         "stream flushed {:.3} ms after the pause",
         (now_ns().saturating_sub(paused_at)) as f64 / 1e6
     );
-    report.bytes = bytes;
-    drop(out.into_inner().map_err(|e| io(e.into_error()))?);
 
     // phase 1: the destination verifies and says READY
     let _ = back.get_ref().set_timeout(Some(Duration::from_secs(60)));
@@ -399,12 +420,21 @@ pub fn migrate(
     );
     // phase 2: GO; from here a lost answer leaves the guest paused
     let mut link = back.into_inner();
-    let go = link
+    if let Err(e) = link
         .write_all(format!("GO {paused_at}\n").as_bytes())
-        .and_then(|_| link.flush());
+        .and_then(|_| link.flush())
+    {
+        // the kernel did not take GO: the destination cannot have it, and
+        // it starts nothing without it, so the guest is safe to resume here
+        stop_dirty_tracking(h);
+        h.resume();
+        return Err(Error::Device(format!(
+            "the destination went away before GO could be sent ({e}); the guest runs on here"
+        )));
+    }
     let mut back = BufReader::new(link);
     let mut line = String::new();
-    let answer = go.and_then(|_| back.read_line(&mut line));
+    let answer = back.read_line(&mut line);
     match (
         answer,
         line.split_whitespace().collect::<Vec<_>>().as_slice(),

@@ -391,6 +391,9 @@ pub fn apply(
         match f.kind {
             Kind::Config => {}
             Kind::Pages => {
+                if src.live {
+                    crate::fault::at(crate::fault::Phase::FirstRound);
+                }
                 for (gpa, data) in f.pages().map_err(|e| stream_error(name, e))? {
                     mem.write_slice(data, GuestAddress(gpa))
                         .map_err(|e| stream_error(name, format!("page {gpa:#x}: {e}")))?;
@@ -404,6 +407,9 @@ pub fn apply(
                 }
             }
             Kind::DeviceState => {
+                if src.live {
+                    crate::fault::at(crate::fault::Phase::StopAndCopy);
+                }
                 devices = Some(
                     serde_json::from_slice::<DeviceState>(&f.payload)
                         .map_err(|e| stream_error(name, format!("device state: {e}")))?,

@@ -1,0 +1,82 @@
+//! Test-only fault injection on the receiving side of a migration, so the
+//! tests can make a destination fail at each named phase of the protocol.
+//! `NFVISOR_TEST_FAULT=PHASE[:kill|:cut]` makes `nfvisor receive`, on
+//! reaching PHASE, either die at once without any clean-up (`kill`, the
+//! default: `_exit`, as SIGKILL would) or cut its migration link in both
+//! directions and carry on failing as it would with a broken network
+//! (`cut`). It says which phase it hit on stderr first. Unset, nothing
+//! happens beyond one environment lookup per phase.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+pub const VARIABLE: &str = "NFVISOR_TEST_FAULT";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The source connected and proved the token.
+    Connect,
+    /// The first memory frame arrived.
+    FirstRound,
+    /// The stop-and-copy state (devices, vCPUs) arrived.
+    StopAndCopy,
+    /// READY was sent; GO has not come.
+    AfterReady,
+    /// GO came; the guest has not started here.
+    AfterGo,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Connect,
+        Phase::FirstRound,
+        Phase::StopAndCopy,
+        Phase::AfterReady,
+        Phase::AfterGo,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connect => "connect",
+            Phase::FirstRound => "first-round",
+            Phase::StopAndCopy => "stop-and-copy",
+            Phase::AfterReady => "after-ready",
+            Phase::AfterGo => "after-go",
+        }
+    }
+}
+
+static LINK: AtomicI32 = AtomicI32::new(-1);
+static FIRED: AtomicBool = AtomicBool::new(false);
+
+/// The migration link's descriptor, which `cut` shuts down.
+pub fn set_link(fd: i32) {
+    LINK.store(fd, Ordering::Relaxed);
+}
+
+/// Injects the configured fault if this is its phase (once per process).
+pub fn at(phase: Phase) {
+    let Ok(spec) = std::env::var(VARIABLE) else {
+        return;
+    };
+    let (name, action) = spec.split_once(':').unwrap_or((spec.as_str(), "kill"));
+    if name != phase.name() || FIRED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    eprintln!("nfvisor: {VARIABLE}: {action} at {name}");
+    if action == "cut" {
+        let fd = LINK.load(Ordering::Relaxed);
+        // SAFETY: shutdown(2) on a descriptor number; at worst EBADF.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        // nothing more can arrive now, but what the kernel queued before the
+        // cut would still be read: drop it, as a broken link would have
+        let mut buf = [0u8; 4096];
+        // SAFETY: recv(2) into a local buffer of the length given.
+        while unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) } > 0
+        {
+        }
+    } else {
+        // SAFETY: ends the process at once, as a kill would: no destructors,
+        // no flushing; the kernel closes the descriptors.
+        unsafe { libc::_exit(86) };
+    }
+}
