@@ -469,6 +469,18 @@ fn migrate_into_fault(fault: &str) -> (Run, Run, Running, std::path::PathBuf) {
     (r, dst, src, sock)
 }
 
+/// The destination never ran the guest; the source finishes it, exactly as
+/// without a migration.
+fn ran_here_only(dst: &Run, src: Running, what: &str) {
+    assert!(
+        !dst.stdout.contains("DIRTIER"),
+        "{what}: the destination ran the guest"
+    );
+    let out = src.finish(T);
+    assert_eq!(out.code, 0, "{what}: {}", out.stderr);
+    assert_eq!(digest(&out.stdout), plain_digest(), "{what}");
+}
+
 /// The guest is paused here and the migration said why; `resume` (the
 /// operator's call) lets it finish.
 fn resume_paused(r: &Run, sock: &std::path::Path) {
@@ -497,13 +509,7 @@ fn a_destination_failing_before_ready_leaves_the_guest_running_here() {
                 "{phase}:{action}: {}",
                 r.stderr
             );
-            assert!(
-                !dst.stdout.contains("DIRTIER"),
-                "the destination ran the guest"
-            );
-            let out = src.finish(T);
-            assert_eq!(out.code, 0, "{phase}:{action}: {}", out.stderr);
-            assert_eq!(digest(&out.stdout), plain_digest(), "{phase}:{action}");
+            ran_here_only(&dst, src, &format!("{phase}:{action}"));
         }
     }
 }
@@ -519,13 +525,7 @@ fn a_destination_failing_after_ready_never_runs_the_guest() {
         if !r.stderr.contains("runs on here") {
             resume_paused(&r, &sock);
         }
-        assert!(
-            !dst.stdout.contains("DIRTIER"),
-            "the destination ran the guest"
-        );
-        let out = src.finish(T);
-        assert_eq!(out.code, 0, "{action}: {}", out.stderr);
-        assert_eq!(digest(&out.stdout), plain_digest(), "{action}");
+        ran_here_only(&dst, src, action);
     }
 }
 
@@ -536,14 +536,8 @@ fn a_destination_failing_after_ready_never_runs_the_guest() {
 #[test]
 fn a_destination_failing_after_go_leaves_the_source_paused() {
     let (r, dst, src, sock) = migrate_into_fault("after-go:kill");
-    assert!(
-        !dst.stdout.contains("DIRTIER"),
-        "the destination ran the guest"
-    );
     resume_paused(&r, &sock);
-    let out = src.finish(T);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(digest(&out.stdout), plain_digest());
+    ran_here_only(&dst, src, "after-go:kill");
 
     let (r, dst, src, sock) = migrate_into_fault("after-go:cut");
     assert_eq!(dst.code, 0, "{}", dst.stderr);
