@@ -781,16 +781,46 @@ fn control(path: &std::path::Path, req: serde_json::Value, json: bool) -> Result
     if json {
         println!("{reply}");
     } else {
+        let plain = |v: &serde_json::Value| match v.as_str() {
+            Some(s) => s.to_string(),
+            None => v.to_string(),
+        };
         let mut fields: Vec<String> = reply
             .as_object()
             .map(|m| {
                 m.iter()
-                    .filter(|(k, _)| *k != "v" && *k != "ok")
-                    .map(|(k, v)| format!("{k}: {v}"))
+                    .filter(|(k, _)| !matches!(k.as_str(), "v" | "ok" | "exits" | "migration"))
+                    .map(|(k, v)| format!("{k}: {}", plain(v)))
                     .collect()
             })
             .unwrap_or_default();
         fields.sort();
+        // per-vCPU exit counts, one line each
+        for e in reply["exits"].as_array().into_iter().flatten() {
+            let reasons: Vec<String> = e["by_reason"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect();
+            fields.push(format!(
+                "vcpu {} exits: {} ({})",
+                e["vcpu"],
+                e["total"],
+                reasons.join(", ")
+            ));
+        }
+        if let Some(m) = reply.get("migration") {
+            let p = &m["progress"];
+            fields.push(format!(
+                "migration to {}: round {}, {:.1} MiB sent, {} pages dirty, estimated downtime {:.2} ms",
+                plain(&m["to"]),
+                p["round"],
+                p["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                p["dirty_pages"],
+                p["estimated_downtime_ms"].as_f64().unwrap_or(0.0)
+            ));
+        }
         println!("{}", fields.join("\n"));
     }
     if reply["ok"] == true {

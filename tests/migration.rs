@@ -379,25 +379,64 @@ fn a_bandwidth_limit_holds_pre_copy_back_and_progress_is_shown() {
     dst.wait_for("waiting for a migration");
     let (src, sock) = source(&dir);
     std::thread::sleep(Duration::from_millis(150));
-    let r = nfvisor(
+    let s = sock.to_str().unwrap().to_string();
+    let migrating = {
+        let (s, ep) = (s.clone(), ep.clone());
+        std::thread::spawn(move || {
+            nfvisor(
+                &[
+                    "migrate",
+                    "--control-socket",
+                    &s,
+                    "--to",
+                    &ep,
+                    "--bandwidth-limit",
+                    "16M",
+                    // at 16 MiB/s a guest dirtying 4 MiB per pass never
+                    // converges: give up waiting after a second and complete
+                    "--timeout",
+                    "1",
+                    "--on-timeout",
+                    "force",
+                    "--json",
+                ],
+                T,
+            )
+        })
+    };
+    // meanwhile status answers, says so and shows the progress; pause and a
+    // second migration are refused
+    let mut seen = None;
+    for _ in 0..100 {
+        let st = json(&nfvisor(&["status", "--control-socket", &s, "--json"], T));
+        if st["state"] == "migrating" && st["migration"]["progress"]["round"].as_u64() >= Some(1) {
+            seen = Some(st);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = seen.expect("status never showed the migration's progress");
+    assert_eq!(st["migration"]["to"], ep.as_str());
+    assert!(
+        st["migration"]["progress"]["bytes"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    let refused = nfvisor(&["pause", "--control-socket", &s], T);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("in flight"), "{}", refused.stderr);
+    let refused = nfvisor(
         &[
             "migrate",
             "--control-socket",
-            sock.to_str().unwrap(),
+            &s,
             "--to",
-            &ep,
-            "--bandwidth-limit",
-            "16M",
-            // at 16 MiB/s a guest dirtying 4 MiB per pass never converges:
-            // give up waiting after half a second and complete
-            "--timeout",
-            "0.5",
-            "--on-timeout",
-            "force",
-            "--json",
+            "unix:/nonexistent",
         ],
         T,
     );
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("in flight"), "{}", refused.stderr);
+    let r = migrating.join().unwrap();
     assert_eq!(r.code, 0, "{}", r.stderr);
     let m = &json(&r)["migration"];
     let (bytes, total_ms) = (

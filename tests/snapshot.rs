@@ -210,3 +210,45 @@ fn a_guest_using_cpu_features_this_host_lacks_is_refused() {
         r.stderr
     );
 }
+
+/// `status` shows each vCPU's exits as they happen: exit-bench's bench-port
+/// writes keep them climbing, and the final report counts at least as many.
+#[test]
+fn status_shows_live_exit_counters() {
+    let dir = scratch("live-exits");
+    let sock = dir.join("vm.sock");
+    let s = sock.to_str().unwrap();
+    let mut vm = Running::start(&[
+        "run",
+        "--control-socket",
+        s,
+        "--guest",
+        "exit-bench",
+        "--cmdline",
+        "n=100000 ops=pio",
+        "--json",
+    ]);
+    vm.wait_for("vCPU 0 runs on host thread");
+    wait_for_path(&sock);
+    let pio = |st: &serde_json::Value| st["exits"][0]["by_reason"]["pio_out"].as_u64().unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(100));
+    let first = json(&nfvisor(&["status", "--control-socket", s, "--json"], T));
+    std::thread::sleep(Duration::from_millis(200));
+    let second = json(&nfvisor(&["status", "--control-socket", s, "--json"], T));
+    assert_eq!(second["exits"][0]["vcpu"], 0);
+    assert!(pio(&second) > pio(&first), "{first} then {second}");
+    assert!(
+        second["exits"][0]["total"].as_u64() >= Some(pio(&second)),
+        "{second}"
+    );
+    let out = vm.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let report = json(&out);
+    let final_pio = report["vm"]["vcpus"][0]["exits"]["by_reason"]["pio_out"]["count"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        final_pio >= pio(&second) && final_pio > 100_000,
+        "{final_pio}"
+    );
+}

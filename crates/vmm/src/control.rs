@@ -56,6 +56,10 @@ pub struct VmHandle {
     pub(crate) rings: Vec<crate::dirty_ring::DirtyRing>,
     /// The ivshmem region and its slot, for opening and closing the window.
     pub(crate) ivshmem_window: Option<Arc<crate::shared_region::SharedRegion>>,
+    /// Each vCPU's exit counts, live.
+    pub(crate) live_exits: Vec<Arc<crate::exits::LiveExits>>,
+    /// The migration in flight: its destination and last progress.
+    pub(crate) migration: Mutex<Option<(String, Option<crate::migrate::Progress>)>>,
 }
 
 pub(crate) fn regs_of(s: &vm_superio::serial::SerialState) -> SerialRegs {
@@ -106,6 +110,77 @@ impl VmHandle {
 
     pub fn state(&self) -> RunState {
         *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What `status` reports: running, paused, migrating (pre-copy or
+    /// stop-and-copy in flight) or migrated (handed over, ending here).
+    pub fn status(&self) -> serde_json::Value {
+        let migrating = self
+            .migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let migrated = self
+            .migrated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let state = if migrated.is_some() {
+            "migrated"
+        } else if migrating.is_some() {
+            "migrating"
+        } else {
+            match self.state() {
+                RunState::Running => "running",
+                RunState::Paused => "paused",
+            }
+        };
+        let exits: Vec<_> = self
+            .live_exits
+            .iter()
+            .enumerate()
+            .map(|(id, l)| {
+                let (by_reason, total) = l.read();
+                serde_json::json!({ "vcpu": id, "total": total, "by_reason": by_reason })
+            })
+            .collect();
+        let mut v = serde_json::json!({
+            "state": state,
+            "vcpus": self.cmds.len(),
+            "memory_mib": self.config.memory_size >> 20,
+            "kernel": self.config.kernel,
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "exits": exits,
+        });
+        if let Some((to, progress)) = migrating {
+            v["migration"] = serde_json::json!({ "to": to, "progress": progress });
+        }
+        if let Some(to) = migrated {
+            v["migrated_to"] = serde_json::json!(to);
+        }
+        v
+    }
+
+    /// Refuses what must not run beside a migration in flight.
+    fn refuse_while_migrating(&self, what: &str) -> Result<()> {
+        match &*self.migration.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((to, _)) => Err(Error::Config(format!(
+                "{what}: a migration to {to} is in flight; wait for its outcome"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks a migration to `to` in flight, unless one already is.
+    fn begin_migration(&self, to: &str) -> Result<()> {
+        let mut m = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((other, _)) = &*m {
+            return Err(Error::Config(format!(
+                "migrate: a migration to {other} is in flight; wait for its outcome"
+            )));
+        }
+        *m = Some((to.to_string(), None));
+        Ok(())
     }
 
     /// Parks every vCPU outside KVM_RUN; returns how long that took.
@@ -268,17 +343,13 @@ fn handle_request(h: &VmHandle, line: &str, emit: &mut dyn FnMut(String)) -> Str
             serde_json::json!({ "error": format!("schema version {} is not supported (use {SCHEMA})", req["v"]) }),
         );
     }
+    if let Some(cmd @ ("pause" | "resume" | "snapshot")) = req["cmd"].as_str() {
+        if let Err(e) = h.refuse_while_migrating(cmd) {
+            return reply(false, serde_json::json!({ "error": e.to_string() }));
+        }
+    }
     match req["cmd"].as_str() {
-        Some("status") => reply(
-            true,
-            serde_json::json!({
-                "state": h.state(),
-                "vcpus": h.cmds.len(),
-                "memory_mib": h.config.memory_size >> 20,
-                "kernel": h.config.kernel,
-                "uptime_ms": h.started.elapsed().as_millis() as u64,
-            }),
-        ),
+        Some("status") => reply(true, h.status()),
         Some("pause") => match h.pause() {
             Ok(d) => reply(
                 true,
@@ -336,10 +407,23 @@ fn handle_request(h: &VmHandle, line: &str, emit: &mut dyn FnMut(String)) -> Str
                 force: req["on_timeout"].as_str() == Some("force"),
                 bandwidth_limit: req["bandwidth_limit"].as_u64().filter(|&b| b > 0),
             };
+            if let Err(e) = h.begin_migration(to) {
+                return reply(false, serde_json::json!({ "error": e.to_string() }));
+            }
             let mut progress = |p: &crate::migrate::Progress| {
                 emit(serde_json::json!({ "v": SCHEMA, "progress": p }).to_string());
+                if let Some(m) = h
+                    .migration
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    m.1 = Some(p.clone());
+                }
             };
-            match crate::migrate::migrate(h, to, &opts, &mut progress) {
+            let outcome = crate::migrate::migrate(h, to, &opts, &mut progress);
+            *h.migration.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            match outcome {
                 Ok(r) => reply(
                     true,
                     serde_json::json!({ "migration": r, "state": "migrated" }),
@@ -406,20 +490,30 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
                     Ok(w) => w,
                     Err(_) => continue,
                 };
-                for line in BufReader::new(stream).lines().map_while(|l| l.ok()) {
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    let mut progress_out = writer.try_clone().ok();
-                    let mut emit = |l: String| {
-                        if let Some(w) = progress_out.as_mut() {
-                            let _ = w.write_all((l + "\n").as_bytes());
+                // one thread per caller: a status must answer while a
+                // migration blocks another connection
+                let h = h.clone();
+                let spawned = thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        for line in BufReader::new(stream).lines().map_while(|l| l.ok()) {
+                            if line.trim().is_empty() {
+                                continue;
+                            }
+                            let mut progress_out = writer.try_clone().ok();
+                            let mut emit = |l: String| {
+                                if let Some(w) = progress_out.as_mut() {
+                                    let _ = w.write_all((l + "\n").as_bytes());
+                                }
+                            };
+                            let answer = handle_request(&h, &line, &mut emit);
+                            if writer.write_all((answer + "\n").as_bytes()).is_err() {
+                                break;
+                            }
                         }
-                    };
-                    let answer = handle_request(&h, &line, &mut emit);
-                    if writer.write_all((answer + "\n").as_bytes()).is_err() {
-                        break;
-                    }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!("control socket: no thread for a caller: {e}");
                 }
             }
             let _ = std::fs::remove_file(&owned);

@@ -4,6 +4,8 @@
 //! allocation on the exit path (histograms are sized up front).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use hdrhistogram::Histogram;
 
@@ -119,8 +121,33 @@ pub struct TimingReport {
     pub max_ns: u64,
 }
 
+/// One vCPU's exit counts by reason, readable while it runs (the control
+/// socket's `status`). A relaxed atomic add per exit: noise next to the
+/// exit itself.
+#[derive(Default)]
+pub struct LiveExits {
+    by_reason: [AtomicU64; ExitReason::ALL.len()],
+}
+
+impl LiveExits {
+    /// Counts by reason name (reasons never seen left out) and the total.
+    pub fn read(&self) -> (BTreeMap<&'static str, u64>, u64) {
+        let mut out = BTreeMap::new();
+        let mut total = 0;
+        for (r, c) in ExitReason::ALL.iter().zip(&self.by_reason) {
+            let n = c.load(Ordering::Relaxed);
+            if n > 0 {
+                out.insert(r.name(), n);
+                total += n;
+            }
+        }
+        (out, total)
+    }
+}
+
 /// One vCPU's exits.
 pub struct ExitStats {
+    live: Arc<LiveExits>,
     by_reason: Vec<Timing>,
     pio_by_device: Vec<Timing>,
     mmio_by_device: Vec<Timing>,
@@ -135,6 +162,7 @@ impl ExitStats {
         let mut device_names = pio_devices.clone();
         device_names.extend(mmio_devices.iter().cloned());
         ExitStats {
+            live: Arc::default(),
             by_reason: ExitReason::ALL.iter().map(|_| Timing::new()).collect(),
             pio_by_device: slots(pio_devices.len()),
             mmio_by_device: slots(mmio_devices.len()),
@@ -148,8 +176,14 @@ impl ExitStats {
         }
     }
 
+    /// The counts others may read while this vCPU runs.
+    pub fn live(&self) -> Arc<LiveExits> {
+        self.live.clone()
+    }
+
     #[inline]
     pub fn record(&mut self, reason: ExitReason, device: Option<usize>, ns: u64) {
+        self.live.by_reason[reason as usize].fetch_add(1, Ordering::Relaxed);
         self.by_reason[reason as usize].record(ns);
         let per_device = match reason {
             ExitReason::PioIn | ExitReason::PioOut => &mut self.pio_by_device,

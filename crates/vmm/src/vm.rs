@@ -716,7 +716,14 @@ impl Vm {
             cmd_txs.push(tx);
             cmd_rxs.push(rx);
         }
+        let mut exit_stats: Vec<ExitStats> = (0..spec.vcpus)
+            .map(|_| ExitStats::new(io.pio.names(), io.mmio.names()))
+            .collect();
+        let live_exits = exit_stats.iter().map(ExitStats::live).collect();
+        exit_stats.reverse(); // popped in vCPU order below
         let handle = Arc::new(VmHandle {
+            live_exits,
+            migration: Mutex::new(None),
             pause: AtomicBool::new(false),
             stop: stop.clone(),
             cmds: cmd_txs,
@@ -758,7 +765,7 @@ impl Vm {
                 (io.clone(), stop.clone(), ready_tx.clone(), end_tx.clone());
             let first_run = (id == 0).then(|| first_run.clone());
             let best_effort = spec.rt.best_effort;
-            let mut stats = ExitStats::new(io.pio.names(), io.mmio.names());
+            let mut stats = exit_stats.pop().expect("one ExitStats per vCPU");
             let handle = thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
