@@ -455,8 +455,23 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    // bound under a temporary name, made 0600, then renamed into place: the
+    // socket never exists at `path` with wider permissions
+    let staging = path.with_file_name(format!(
+        ".{}.{}",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("control"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(err)?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .and_then(|_| std::fs::rename(&staging, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&staging);
+        })
+        .map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     let owned: PathBuf = path.to_path_buf();
     // SAFETY: getuid cannot fail.

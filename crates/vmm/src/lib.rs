@@ -21,6 +21,7 @@ pub mod shared_region;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod zero_page;
 
 pub use boot::BootProtocol;
 pub use memory::HugePageSize;

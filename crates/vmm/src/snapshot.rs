@@ -221,12 +221,6 @@ fn advance_tsc(vcpu: &VcpuFd, elapsed_ns: u64, tsc_khz: u64) -> Result<()> {
     Ok(())
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    // u64 words: the compiler vectorises this loop
-    page.chunks_exact(8)
-        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
-}
-
 /// What a snapshot wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SnapshotReport {
@@ -267,7 +261,7 @@ pub fn write(
                 let gpa = base + off;
                 mem.read_slice(&mut page, GuestAddress(gpa))
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
-                if is_zero(&page) {
+                if crate::zero_page::is_zero(&page) {
                     zero += 1;
                     continue;
                 }
