@@ -166,7 +166,7 @@ fn parse_exits(items: &[String]) -> Result<DisableExits> {
 pub const DEFAULT_DIRTY_RING: u32 = 64 << 10;
 
 /// Parses `path=P,size=S[,readonly]` or `server=SOCKET[,vectors=N]`.
-fn parse_ivshmem(spec: &str) -> Result<vmm::shared_region::IvshmemSpec> {
+pub fn parse_ivshmem(spec: &str) -> Result<vmm::shared_region::IvshmemSpec> {
     let (mut path, mut size, mut readonly, mut server, mut vectors) =
         (None, None, false, None, 1u32);
     for part in spec.split(',') {

@@ -58,16 +58,8 @@ enum Command {
         /// The snapshot directory (or its snapshot.nfv).
         #[arg(long, value_name = "DIR")]
         from: PathBuf,
-        #[arg(long, value_name = "FILE")]
-        serial: Option<PathBuf>,
-        #[arg(long, value_name = "PATH")]
-        control_socket: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-        #[arg(long)]
-        exit_stats: bool,
         #[command(flatten)]
-        rt: Box<config::RtArgs>,
+        local: LocalFlags,
     },
     /// Wait for one incoming migration, then run the guest it brings.
     Receive {
@@ -77,16 +69,8 @@ enum Command {
         /// Only a source that proves it knows this file's token is accepted.
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
-        #[arg(long, value_name = "FILE")]
-        serial: Option<PathBuf>,
-        #[arg(long, value_name = "PATH")]
-        control_socket: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-        #[arg(long)]
-        exit_stats: bool,
         #[command(flatten)]
-        rt: Box<config::RtArgs>,
+        local: LocalFlags,
     },
     /// Live-migrate a running VM (through its control socket) to a receiver.
     Migrate {
@@ -418,36 +402,17 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 .with_context(|| format!("--socket {}", socket.display()))?;
             Ok(0)
         }
-        Command::Restore {
-            from,
-            serial,
-            control_socket,
-            json,
-            exit_stats,
-            rt,
-        } => restore(&from, serial, control_socket, json, exit_stats, &rt),
+        Command::Restore { from, local } => restore(&from, local),
         Command::Receive {
             listen,
-            serial,
-            control_socket,
-            json,
-            exit_stats,
-            rt,
+            local,
             token_file,
         } => {
             let token = token_file
                 .as_deref()
                 .map(vmm::migrate::read_token)
                 .transpose()?;
-            receive(
-                &listen,
-                token,
-                serial,
-                control_socket,
-                json,
-                exit_stats,
-                &rt,
-            )
+            receive(&listen, token, local)
         }
         Command::Migrate {
             control_socket,
@@ -840,30 +805,42 @@ fn control(path: &std::path::Path, req: serde_json::Value, json: bool) -> Result
     }
 }
 
-fn restore(
-    from: &std::path::Path,
+/// What a restored or received guest takes from this side's flags (the
+/// rest comes from the stream).
+#[derive(clap::Args)]
+struct LocalFlags {
+    /// Write the guest's console to this file.
+    #[arg(long, value_name = "FILE")]
     serial: Option<PathBuf>,
+    /// Serve a control socket here (status, pause, resume, snapshot, migrate).
+    #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// One JSON report on stdout (the console goes to stderr or --serial).
+    #[arg(long)]
     json: bool,
+    /// Show per-vCPU exit statistics in the report.
+    #[arg(long)]
     exit_stats: bool,
-    rt: &config::RtArgs,
-) -> Result<u8> {
+    /// The shared ivshmem region the guest was attached to (plain mode:
+    /// path=...,size=...): the stream names it, and this must be the same
+    /// region.
+    #[arg(long, value_name = "SPEC")]
+    ivshmem: Option<String>,
+    #[command(flatten)]
+    rt: Box<config::RtArgs>,
+}
+
+fn restore(from: &std::path::Path, local: LocalFlags) -> Result<u8> {
     let (source, cfg) = vmm::snapshot::RestoreSource::open(&vmm::snapshot::stream_path(from))?;
-    let vm = restored_vm(source, cfg, serial, control_socket, json, rt, None)?;
+    let (json, exit_stats) = (local.json, local.exit_stats);
+    let vm = restored_vm(source, cfg, local, None)?;
     run_and_report(vm, None, json, exit_stats)
 }
 
 /// Waits for one migration on `listen`, verifies and loads it, answers
 /// READY, waits for GO, runs the guest and confirms RUNNING.
-fn receive(
-    listen: &str,
-    token: Option<Vec<u8>>,
-    serial: Option<PathBuf>,
-    control_socket: Option<PathBuf>,
-    json: bool,
-    exit_stats: bool,
-    rt: &config::RtArgs,
-) -> Result<u8> {
+fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8> {
+    let (json, exit_stats) = (local.json, local.exit_stats);
     use std::io::{BufRead, Write};
     use vmm::migrate::{Endpoint, Link};
     let endpoint = Endpoint::parse(listen).map_err(|e| anyhow::anyhow!("--listen {e}"))?;
@@ -931,15 +908,7 @@ fn receive(
                     .write_all(b"PREPARED\n")
                     .and_then(|_| prepared.flush());
             });
-            restored_vm(
-                source,
-                cfg,
-                serial,
-                control_socket,
-                json,
-                rt,
-                Some(on_prepared),
-            )
+            restored_vm(source, cfg, local, Some(on_prepared))
         });
     let mut vm = match loaded {
         Ok(vm) => vm,
@@ -983,13 +952,22 @@ fn receive(
 fn restored_vm(
     source: vmm::snapshot::RestoreSource,
     cfg: vmm::snapshot::SnapshotConfig,
-    serial: Option<PathBuf>,
-    control_socket: Option<PathBuf>,
-    json: bool,
-    rt: &config::RtArgs,
+    local: LocalFlags,
     on_prepared: Option<Box<dyn FnOnce() + Send>>,
 ) -> Result<vmm::Vm> {
+    let LocalFlags {
+        serial,
+        control_socket,
+        json,
+        rt,
+        ivshmem,
+        ..
+    } = local;
     let (rt_spec, mem) = rt.to_spec()?;
+    let ivshmem = ivshmem.as_deref().map(config::parse_ivshmem).transpose()?;
+    if ivshmem.as_ref().is_some_and(|i| i.server.is_some()) {
+        anyhow::bail!("--ivshmem server=...: doorbell mode cannot be restored or received (peer ids belong to the server connection); use a plain region");
+    }
     let spec = vmm::VmSpec {
         kernel_name: cfg.kernel.clone(),
         kernel: Vec::new(),
@@ -1012,7 +990,7 @@ fn restored_vm(
         latency_port: None,
         irq_bench: None,
         control_socket,
-        ivshmem: None,
+        ivshmem,
         // a received or restored guest can migrate on
         dirty_ring: Some(config::DEFAULT_DIRTY_RING),
         restore_from: Some(source),

@@ -160,11 +160,11 @@ fn bad_ivshmem_specs_are_refused() {
 }
 
 #[test]
-fn a_vm_with_ivshmem_refuses_snapshots_and_keeps_running() {
-    let shm = region("snap");
+fn a_vm_in_doorbell_mode_refuses_snapshots_and_keeps_running() {
+    let (_server, ivs) = server("snapdb");
     let dir = scratch("ivshmem-snap");
     let sock = dir.join("vm.sock");
-    let spec = format!("path={shm},size=64K");
+    let spec = format!("server={ivs}");
     let mut vm = Running::start(&[
         "run",
         "--guest",
@@ -191,11 +191,91 @@ fn a_vm_with_ivshmem_refuses_snapshots_and_keeps_running() {
         T,
     );
     assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("ivshmem"), "{}", r.stderr);
+    assert!(r.stderr.contains("doorbell mode"), "{}", r.stderr);
     let out = vm.finish(T);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("DIRTIER OK"));
+    let _ = std::fs::remove_file(format!(
+        "/dev/shm/nfvisor-test-snapdb-{}",
+        std::process::id()
+    ));
+}
+
+/// A guest reading a plain shared region (with its BAR2 moved) migrates
+/// only to a VM attached to that same region: another region is refused
+/// with both named and the guest runs on; the same region takes it, and it
+/// finishes there with every word matching.
+#[test]
+fn a_plain_region_guest_migrates_only_to_the_same_region() {
+    let shm = region("migrate");
+    let other = region("migrate-other");
+    let spec = format!("path={shm},size=64K");
+    let write = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=write seed=5",
+        ],
+        T,
+    );
+    assert_eq!(write.code, 0, "{}", write.stderr);
+    let dir = scratch("ivshmem-migrate");
+    let control = dir.join("src.sock");
+    let mut src = Running::start(&[
+        "run",
+        "--guest",
+        "ivshmem-probe",
+        "--ivshmem",
+        &spec,
+        "--control-socket",
+        control.to_str().unwrap(),
+        "--cmdline",
+        "mode=read seed=5 bytes=4096 repeat=1500 bar2=0xc8000000",
+    ]);
+    src.wait_for("vCPU 0 runs on host thread");
+    wait_for_path(&control);
+    let migrate_to = |region: &str, name: &str| {
+        let inbound = dir.join(format!("{name}.sock"));
+        let ep = format!("unix:{}", inbound.display());
+        let region = format!("path={region},size=64K");
+        let mut dst = Running::start(&["receive", "--listen", &ep, "--ivshmem", &region]);
+        dst.wait_for("waiting for a migration");
+        let r = nfvisor(
+            &[
+                "migrate",
+                "--control-socket",
+                control.to_str().unwrap(),
+                "--to",
+                &ep,
+            ],
+            T,
+        );
+        (r, dst.finish(T))
+    };
+    let (r, dst) = migrate_to(&other, "other");
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("another region") && r.stderr.contains(&shm) && r.stderr.contains(&other),
+        "{}",
+        r.stderr
+    );
+    assert_ne!(dst.code, 0);
+    let (r, dst) = migrate_to(&shm, "same");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(dst.code, 0, "{}", dst.stderr);
+    assert!(
+        dst.stdout.contains("R check words=768000 mismatches=0"),
+        "{}",
+        dst.stdout
+    );
+    let out = src.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
     let _ = std::fs::remove_file(&shm);
+    let _ = std::fs::remove_file(&other);
 }
 
 fn server(name: &str) -> (Running, String) {

@@ -63,6 +63,23 @@ impl Ivshmem {
         self.config.decoded_bar(index)
     }
 
+    /// The configuration space, for a snapshot or a migration.
+    pub fn config_registers(&self) -> Vec<u32> {
+        self.config.registers()
+    }
+
+    /// Puts back what `config_registers` saved, as the guest's own writes
+    /// would (BARs first, then the command register and the rest): only
+    /// writable bits change, and the BARs' backing moves with them.
+    pub fn restore_config(&self, regs: &[u32]) {
+        let order = (4..10).chain(1..4).chain(10..regs.len().min(64));
+        for i in order {
+            if let Some(v) = regs.get(i) {
+                self.config_write((i * 4) as u8, 0, &v.to_le_bytes());
+            }
+        }
+    }
+
     pub fn set_bar_observer(&self, observer: Arc<dyn BarObserver>) {
         let _ = self.bar_observer.set(observer);
     }

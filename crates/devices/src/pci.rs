@@ -118,6 +118,11 @@ impl ConfigSpace {
         Some(self.bar_addr(index))
     }
 
+    /// Every register, for a snapshot.
+    pub fn registers(&self) -> Vec<u32> {
+        self.regs.lock().unwrap_or_else(|e| e.into_inner()).to_vec()
+    }
+
     /// Every BAR's decoded address (see `decoded_bar`).
     pub fn decoded_bars(&self) -> [Option<u64>; 6] {
         std::array::from_fn(|i| self.decoded_bar(i))

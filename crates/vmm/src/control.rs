@@ -50,8 +50,10 @@ pub struct VmHandle {
     pub(crate) started: Instant,
     /// Set when the guest has moved to another host.
     pub(crate) migrated: Mutex<Option<String>>,
-    /// A shared ivshmem region is attached: not in a snapshot or a stream.
-    pub(crate) has_ivshmem: bool,
+    /// ivshmem in doorbell mode: not carried by a snapshot or a stream.
+    pub(crate) ivshmem_doorbells: bool,
+    /// The ivshmem device, whose configuration a snapshot carries.
+    pub(crate) ivshmem_device: Option<Arc<devices::ivshmem::Ivshmem>>,
     /// Dirty rings (empty: the per-slot dirty bitmap is used).
     pub(crate) rings: Vec<crate::dirty_ring::DirtyRing>,
     /// The ivshmem region and its slot, for opening and closing the window.
@@ -214,12 +216,14 @@ impl VmHandle {
         Ok(t0.elapsed())
     }
 
-    /// A VM with an ivshmem region shares memory a snapshot or a stream
-    /// cannot carry: refused, with the reason.
+    /// ivshmem in doorbell mode cannot move: peer ids belong to the
+    /// server connection, so the guest would lose its IVPosition and its
+    /// peers' doorbells. Refused, with the reason. (A plain region moves to
+    /// a destination attached to the same region; the stream names it.)
     pub(crate) fn refuse_with_ivshmem(&self) -> Result<()> {
-        if self.has_ivshmem {
+        if self.ivshmem_doorbells {
             return Err(Error::Config(
-                "this VM has an ivshmem region: it cannot be saved or migrated yet (its peers share that memory)".into(),
+                "this VM's ivshmem is in doorbell mode: its peer id belongs to its connection to the ivshmem server, so it cannot be saved or migrated (plain-mode regions can)".into(),
             ));
         }
         Ok(())
@@ -269,7 +273,14 @@ impl VmHandle {
             c.send(VcpuCmd::Save(tx)).map_err(|_| gone())?;
             states.push(rx.recv().map_err(|_| gone())??);
         }
-        let devices = snapshot::save_devices(&self.vm, regs_of(&self.com1.state()))?;
+        let ivshmem = self
+            .ivshmem_device
+            .as_ref()
+            .map(|d| snapshot::IvshmemState {
+                config: d.config_registers(),
+                window_open: self.ivshmem_window.as_ref().is_none_or(|r| r.window_open()),
+            });
+        let devices = snapshot::save_devices(&self.vm, regs_of(&self.com1.state()), ivshmem)?;
         Ok((states, devices))
     }
 

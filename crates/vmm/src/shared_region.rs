@@ -46,7 +46,16 @@ pub struct SharedRegion {
     pub spec: IvshmemSpec,
     ptr: *mut u8,
     slot: u32,
+    /// The backing file's (device, inode): the same pair is the same region.
+    identity: (u64, u64),
     mapping: Mutex<Mapping>,
+}
+
+fn identity(file: &std::fs::File) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata()
+        .map(|m| (m.dev(), m.ino()))
+        .unwrap_or((0, 0))
 }
 
 /// What decides where (and whether) the slot is in the guest.
@@ -112,6 +121,7 @@ impl SharedRegion {
             },
             ptr: ptr as *mut u8,
             slot,
+            identity: identity(&file),
             mapping: Mutex::new(Mapping {
                 bar: Some(BAR2_ADDR),
                 open: true,
@@ -172,6 +182,7 @@ impl SharedRegion {
             spec: spec.clone(),
             ptr: ptr as *mut u8,
             slot,
+            identity: identity(&file),
             mapping: Mutex::new(Mapping {
                 bar: Some(BAR2_ADDR),
                 open: true,
@@ -189,6 +200,21 @@ impl SharedRegion {
     /// BAR2 now decodes at `bar` (None: not at all).
     pub fn set_bar(&self, vm: &VmFd, bar: Option<u64>) -> Result<()> {
         self.update(vm, |m| m.bar = bar)
+    }
+
+    /// The region as a stream names it.
+    pub fn identity(&self) -> crate::snapshot::IvshmemIdentity {
+        crate::snapshot::IvshmemIdentity {
+            path: self.spec.path.display().to_string(),
+            size: self.spec.size,
+            dev: self.identity.0,
+            ino: self.identity.1,
+        }
+    }
+
+    /// Whether the window is open (the control socket's map/unmap).
+    pub fn window_open(&self) -> bool {
+        self.mapping.lock().unwrap_or_else(|e| e.into_inner()).open
     }
 
     /// Where the slot is in the guest now.

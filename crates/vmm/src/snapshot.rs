@@ -28,6 +28,28 @@ pub struct SnapshotConfig {
     /// destination whose host lacks any of them refuses the guest.
     #[serde(default)]
     pub cpu_features: Vec<crate::cpuid::FeatureWord>,
+    /// The shared ivshmem region the guest is attached to (plain mode): not
+    /// carried (its peers share it), so the destination must be attached to
+    /// this same region.
+    #[serde(default)]
+    pub ivshmem: Option<IvshmemIdentity>,
+}
+
+/// A shared region, as the host knows it: the same file is the same region.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IvshmemIdentity {
+    pub path: String,
+    pub size: u64,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// The ivshmem device as the guest left it: its configuration space (BARs,
+/// command register) and whether the window was open.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct IvshmemState {
+    pub config: Vec<u32>,
+    pub window_open: bool,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -71,6 +93,8 @@ pub struct DeviceState {
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
     pub com1: SerialRegs,
+    #[serde(default)]
+    pub ivshmem: Option<IvshmemState>,
 }
 
 fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
@@ -176,7 +200,11 @@ fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
     Ok(c)
 }
 
-pub fn save_devices(vm: &VmFd, com1: SerialRegs) -> Result<DeviceState> {
+pub fn save_devices(
+    vm: &VmFd,
+    com1: SerialRegs,
+    ivshmem: Option<IvshmemState>,
+) -> Result<DeviceState> {
     Ok(DeviceState {
         pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
         pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
@@ -184,6 +212,7 @@ pub fn save_devices(vm: &VmFd, com1: SerialRegs) -> Result<DeviceState> {
         pit: vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
         clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
         com1,
+        ivshmem,
     })
 }
 
@@ -320,6 +349,8 @@ pub struct RestoreSource {
     reader: Reader<Box<dyn std::io::Read + Send>>,
     /// The guest's CPU features, from the stream's configuration.
     pub cpu_features: Vec<crate::cpuid::FeatureWord>,
+    /// The ivshmem region the guest is attached to, from the configuration.
+    pub ivshmem: Option<IvshmemIdentity>,
     /// A live migration: the guest's clocks advance by the real time that
     /// passed between reading its state and restoring it. A snapshot
     /// restores the clocks as they were: the guest continues exactly there.
@@ -349,6 +380,7 @@ impl RestoreSource {
                 reader,
                 live: false,
                 cpu_features: config.cpu_features.clone(),
+                ivshmem: config.ivshmem.clone(),
             },
             config,
         ))
@@ -374,7 +406,7 @@ pub fn apply(
     mem: &GuestMemoryMmap,
     vcpus: &[VcpuFd],
     tsc_khz: u64,
-) -> Result<SerialRegs> {
+) -> Result<(SerialRegs, Option<IvshmemState>)> {
     let name = src.name.clone();
     let name = name.as_str();
     tracing::debug!("restore: applying {name}");
@@ -438,5 +470,5 @@ pub fn apply(
     // kvmclock too, by the same stall
     devices.clock.clock += clock_gap;
     restore_devices(vm, &devices)?;
-    Ok(devices.com1)
+    Ok((devices.com1, devices.ivshmem))
 }

@@ -248,6 +248,33 @@ pub struct Vm {
     irq: Option<(EventFd, u64, &'static str)>,
 }
 
+/// A guest attached to a shared region resumes only attached to that same
+/// region (its peers share it, so it is never in the stream); one without
+/// ivshmem only where there is none.
+fn check_same_region(
+    source: &str,
+    wanted: Option<&crate::snapshot::IvshmemIdentity>,
+    here: Option<&Arc<crate::shared_region::SharedRegion>>,
+) -> Result<()> {
+    let here = here.map(|r| r.identity());
+    match (wanted, here) {
+        (None, None) => Ok(()),
+        (Some(w), Some(h)) if (w.dev, w.ino, w.size) == (h.dev, h.ino, h.size) => Ok(()),
+        (Some(w), None) => Err(Error::Config(format!(
+            "the guest of {source} is attached to the ivshmem region {} ({} bytes): attach this VM to that same region (--ivshmem path={},size={})",
+            w.path, w.size, w.path, w.size
+        ))),
+        (Some(w), Some(h)) => Err(Error::Config(format!(
+            "the guest of {source} is attached to the ivshmem region {} ({} bytes, inode {}), but this VM's --ivshmem is {} ({} bytes, inode {}): another region",
+            w.path, w.size, w.ino, h.path, h.size, h.ino
+        ))),
+        (None, Some(h)) => Err(Error::Config(format!(
+            "the guest of {source} has no ivshmem device, but this VM has --ivshmem {}: drop it",
+            h.path
+        ))),
+    }
+}
+
 fn kvm_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> Error + '_ {
     move |e| Error::Kvm(format!("{what}: {e}"))
 }
@@ -544,6 +571,11 @@ impl Vm {
                     missing.join(", ")
                 )));
             }
+            check_same_region(
+                &src.name,
+                src.ivshmem.as_ref(),
+                ivshmem.as_ref().map(|(r, _)| r),
+            )?;
         }
         let mut vcpus = Vec::new();
         let mut rings = Vec::new();
@@ -590,9 +622,14 @@ impl Vm {
                 if let Some(f) = spec.on_prepared.take() {
                     f();
                 }
-                let regs = crate::snapshot::apply(path, &vm, &mem, &vcpus, tsc_khz as u64)?;
+                let (regs, ivshmem_state) =
+                    crate::snapshot::apply(path, &vm, &mem, &vcpus, tsc_khz as u64)?;
                 com1.restore(&crate::control::serial_state(&regs))
                     .map_err(|e| Error::Device(format!("COM1: {e}")))?;
+                if let (Some(state), Some((region, dev))) = (ivshmem_state, &ivshmem) {
+                    dev.restore_config(&state.config);
+                    region.set_window(&vm, state.window_open)?;
+                }
                 let entry = BootEntry {
                     protocol: BootProtocol::Restore,
                     entry: 0,
@@ -739,11 +776,13 @@ impl Vm {
                 cmdline: cmdline.clone(),
                 tsc_khz,
                 cpu_features: guest_features.clone(),
+                ivshmem: ivshmem.as_ref().map(|(r, _)| r.identity()),
             },
             state: Mutex::new(RunState::Running),
             started: Instant::now(),
             migrated: Mutex::new(None),
-            has_ivshmem: ivshmem.is_some(),
+            ivshmem_doorbells: spec.ivshmem.as_ref().is_some_and(|i| i.server.is_some()),
+            ivshmem_device: ivshmem.as_ref().map(|(_, d)| d.clone()),
             rings,
             ivshmem_window: ivshmem.as_ref().map(|(r, _)| r.clone()),
         });
