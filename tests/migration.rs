@@ -594,3 +594,44 @@ fn a_destination_failing_after_go_leaves_the_source_paused() {
     );
     drop(src);
 }
+
+/// `bench migration` measures nfvisor and QEMU on the same guest in one
+/// run, with the stall both ways: the dirtier's ticks keep arriving around
+/// the hand-over, and its TSC gap shows the stall it felt.
+#[test]
+fn the_migration_benchmark_measures_nfvisor_and_qemu_with_the_stall() {
+    require_program("qemu-system-x86_64", "qemu-system-x86");
+    let r = nfvisor(
+        &[
+            "bench",
+            "migration",
+            "--scenario",
+            "dirtier",
+            "--dirtier-mb",
+            "16",
+            "--runs",
+            "1",
+            "--json",
+        ],
+        T,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let d = &json(&r)["dirtier"];
+    for vmm in ["nfvisor", "qemu"] {
+        let each = &d[vmm]["each"][0];
+        let (total, down) = (
+            each["total_ms"].as_f64().unwrap(),
+            each["downtime_ms"].as_f64().unwrap(),
+        );
+        assert!(total > 0.0 && down >= 0.0 && down <= total, "{vmm}: {each}");
+        let stall = &each["stall"];
+        assert!(stall["ticks"].as_u64().unwrap() > 10, "{vmm}: {stall}");
+        let silence = stall["tick_silence_ms"].as_f64().unwrap();
+        assert!(silence > 0.0 && silence < 10_000.0, "{vmm}: {stall}");
+        assert!(
+            stall["tsc_gap_ms"].as_f64().unwrap() > 0.0,
+            "{vmm}: {stall}"
+        );
+    }
+    assert!(d["qemu_over_nfvisor"]["total"].as_f64().unwrap() > 0.0);
+}

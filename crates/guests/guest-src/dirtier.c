@@ -43,6 +43,7 @@ int guest_main(void) {
                 puts("R tick");
                 put_kv("pass", pass);
                 put_kv("page", p + 1);
+                put_kv("max_gap_cycles", max_gap);
                 putc('\n');
                 last = rdtsc();
             }

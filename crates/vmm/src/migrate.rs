@@ -336,6 +336,11 @@ pub fn migrate(
             rate: opts.bandwidth_limit,
         };
         send_pages(h, &mut w, None, &mut report, Some(&limiter))?;
+        // each round ends delivered, not buffered: the bandwidth is then
+        // what reached the destination, and when the guest is paused no
+        // earlier round is still in flight to hold the stop-and-copy up
+        // (unflushed, a few MiB of backlog cost ~2.5 ms of downtime here)
+        w.flush().map_err(io)?;
         report.rounds = 1;
         let mut bandwidth = (report.pages_sent.max(1) * PAGE_SIZE as u64) as f64
             / r0.elapsed().as_secs_f64().max(1e-6);
@@ -367,6 +372,7 @@ pub fn migrate(
             let r = Instant::now();
             let before = report.pages_sent + report.zero_pages;
             send_pages(h, &mut w, Some(&dirty), &mut report, Some(&limiter))?;
+            w.flush().map_err(io)?;
             let sent = report.pages_sent + report.zero_pages - before;
             bandwidth =
                 (sent.max(1) * PAGE_SIZE as u64) as f64 / r.elapsed().as_secs_f64().max(1e-6);
