@@ -24,6 +24,35 @@ pub const PAGE_SIZE: usize = 4096;
 /// Largest payload a reader accepts (a frame of 1024 pages plus addresses).
 pub const MAX_PAYLOAD: usize = 1024 * (PAGE_SIZE + 8);
 
+/// A Pages frame built in place: the caller reads each page straight into
+/// its slot, saving the copies `Writer::pages` makes of pages it is given.
+pub struct PageBatch {
+    buf: Vec<u8>,
+}
+
+impl Default for PageBatch {
+    fn default() -> Self {
+        PageBatch {
+            buf: Vec::with_capacity(MAX_PAYLOAD),
+        }
+    }
+}
+
+impl PageBatch {
+    /// The 4 KiB to fill with the page at `gpa` (the record is added now).
+    pub fn slot(&mut self, gpa: u64) -> &mut [u8] {
+        self.buf.extend_from_slice(&gpa.to_le_bytes());
+        let at = self.buf.len();
+        self.buf.resize(at + PAGE_SIZE, 0);
+        &mut self.buf[at..]
+    }
+
+    /// No room for another page: write it (`Writer::page_batch`).
+    pub fn is_full(&self) -> bool {
+        self.buf.len() + PAGE_SIZE + 8 > MAX_PAYLOAD
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
@@ -118,26 +147,36 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// Writes the Pages frame `batch` holds (if any) and empties it.
+    pub fn page_batch(&mut self, batch: &mut PageBatch) -> io::Result<()> {
+        if !batch.buf.is_empty() {
+            self.frame(Kind::Pages, &batch.buf)?;
+            batch.buf.clear();
+        }
+        Ok(())
+    }
+
     /// Pages as (gpa, data) records, split into frames under the limit.
     pub fn pages<'a>(
         &mut self,
         pages: impl IntoIterator<Item = (u64, &'a [u8])>,
     ) -> io::Result<u64> {
-        let mut buf = Vec::with_capacity(MAX_PAYLOAD);
+        let mut batch = PageBatch::default();
         let mut n = 0;
         for (gpa, data) in pages {
-            debug_assert_eq!(data.len(), PAGE_SIZE);
-            buf.extend_from_slice(&gpa.to_le_bytes());
-            buf.extend_from_slice(data);
+            if data.len() != PAGE_SIZE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("page {gpa:#x}: {} bytes, not {PAGE_SIZE}", data.len()),
+                ));
+            }
+            batch.slot(gpa).copy_from_slice(data);
             n += 1;
-            if buf.len() + PAGE_SIZE + 8 > MAX_PAYLOAD {
-                self.frame(Kind::Pages, &buf)?;
-                buf.clear();
+            if batch.is_full() {
+                self.page_batch(&mut batch)?;
             }
         }
-        if !buf.is_empty() {
-            self.frame(Kind::Pages, &buf)?;
-        }
+        self.page_batch(&mut batch)?;
         Ok(n)
     }
 

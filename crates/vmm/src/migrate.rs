@@ -161,8 +161,7 @@ fn send_pages<W: Write>(
     report: &mut MigrationReport,
     limiter: Option<&Limiter>,
 ) -> Result<u64> {
-    let mut page = vec![0u8; PAGE_SIZE];
-    let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut batch = migration::PageBatch::default();
     let mut zeros = Vec::new();
     let mut n = 0u64;
     // first round: pages never touched are not even read
@@ -221,23 +220,22 @@ fn send_pages<W: Write>(
                 }
                 continue;
             }
+            // copied (volatile reads) into the frame: a page the guest writes
+            // meanwhile is dirty and goes again, and the frame's checksum
+            // covers exactly what was copied
             h.mem
-                .read_slice(&mut page, GuestAddress(gpa))
+                .read_slice(batch.slot(gpa), GuestAddress(gpa))
                 .map_err(|e| Error::Memory(format!("reading page {gpa:#x}: {e}")))?;
-            batch.push((gpa, page.clone()));
             report.pages_sent += 1;
-            if batch.len() == 512 {
-                w.pages(batch.iter().map(|(g, d)| (*g, d.as_slice())))
-                    .map_err(io)?;
-                batch.clear();
+            if batch.is_full() {
+                w.page_batch(&mut batch).map_err(io)?;
                 if let Some(l) = limiter {
                     l.account(report.pages_sent * PAGE_SIZE as u64);
                 }
             }
         }
     }
-    w.pages(batch.iter().map(|(g, d)| (*g, d.as_slice())))
-        .map_err(io)?;
+    w.page_batch(&mut batch).map_err(io)?;
     w.zero_pages(&zeros).map_err(io)?;
     Ok(n)
 }

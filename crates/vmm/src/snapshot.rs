@@ -282,27 +282,30 @@ pub fn write(
             &serde_json::to_vec(config).expect("serialisable"),
         )?;
         let (mut written, mut zero) = (0u64, 0u64);
-        let mut page = vec![0u8; PAGE_SIZE];
+        let mut batch = migration::PageBatch::default();
+        let other = |e: vm_memory::GuestMemoryError| std::io::Error::other(e.to_string());
         for region in mem.iter() {
             let base = region.start_addr().0;
-            let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
             for off in (0..region.len()).step_by(PAGE_SIZE) {
                 let gpa = base + off;
-                mem.read_slice(&mut page, GuestAddress(gpa))
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                if crate::zero_page::is_zero(&page) {
+                // zero pages found in place (the guest is paused), others
+                // read straight into the frame
+                let in_place = mem.get_slice(GuestAddress(gpa), PAGE_SIZE).map_err(other)?;
+                let guard = in_place.ptr_guard();
+                // SAFETY: a mapped guest page, PAGE_SIZE bytes.
+                if unsafe { crate::zero_page::is_zero_at(guard.as_ptr(), PAGE_SIZE) } {
                     zero += 1;
                     continue;
                 }
-                batch.push((gpa, page.clone()));
+                mem.read_slice(batch.slot(gpa), GuestAddress(gpa))
+                    .map_err(other)?;
                 written += 1;
-                if batch.len() == 512 {
-                    w.pages(batch.iter().map(|(g, d)| (*g, d.as_slice())))?;
-                    batch.clear();
+                if batch.is_full() {
+                    w.page_batch(&mut batch)?;
                 }
             }
-            w.pages(batch.iter().map(|(g, d)| (*g, d.as_slice())))?;
         }
+        w.page_batch(&mut batch)?;
         w.frame(
             Kind::DeviceState,
             &serde_json::to_vec(devices).expect("serialisable"),
