@@ -669,3 +669,58 @@ fn bars_the_guest_moves_take_what_backs_them_along() {
         "the doorbell ioeventfds moved with BAR0"
     );
 }
+
+/// A doorbell rung to a peer id nobody has is ignored (as QEMU does),
+/// counted and logged; the guest that rang it sees no answer and says so,
+/// and the peer that is there still takes the next doorbell.
+#[test]
+fn a_doorbell_to_a_peer_that_is_not_there_is_counted_and_ignored() {
+    let (_server, sock) = server("nopeer");
+    let spec = format!("server={sock}");
+    let mut waiting = Running::start(&[
+        "run",
+        "--guest",
+        "ivshmem-probe",
+        "--ivshmem",
+        &spec,
+        "--cmdline",
+        "mode=wait count=1",
+        "--json",
+    ]);
+    waiting.wait_for("ivshmem: peer 0");
+    let stray = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=ring peer=9 count=1 answer_s=1",
+            "--json",
+        ],
+        T,
+    );
+    assert_eq!(stray.code, 1, "no answer from peer 9: {}", stray.stderr);
+    assert!(stray.stderr.contains("peer 9"), "{}", stray.stderr);
+    assert_eq!(json(&stray)["vm"]["ivshmem_doorbell_writes"], 1);
+    let ok = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "ivshmem-probe",
+            "--ivshmem",
+            &spec,
+            "--cmdline",
+            "mode=ring peer=0 count=1",
+        ],
+        T,
+    );
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    let w = waiting.finish(T);
+    assert_eq!(w.code, 0, "{}", w.stderr);
+    let _ = std::fs::remove_file(format!(
+        "/dev/shm/nfvisor-test-nopeer-{}",
+        std::process::id()
+    ));
+}
