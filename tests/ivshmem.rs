@@ -18,32 +18,9 @@ fn region(name: &str) -> String {
 fn two_vms_share_a_region() {
     let shm = region("share");
     let spec = format!("path={shm},size=64K");
-    let a = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
-            "mode=write seed=42",
-        ],
-        T,
-    );
+    let a = probe(&spec, "mode=write seed=42", false);
     assert_eq!(a.code, 0, "{}", a.stderr);
-    let b = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
-            "mode=read seed=42",
-            "--json",
-        ],
-        T,
-    );
+    let b = probe(&spec, "mode=read seed=42", true);
     assert_eq!(b.code, 0, "{}", b.stderr);
     let doc = json(&b);
     let check = doc["guest"]["records"]
@@ -67,18 +44,7 @@ fn two_vms_share_a_region() {
     assert_eq!(ecam["fields"]["base"], "0xe8000000");
     assert_eq!(ecam["fields"]["match"], "1");
     // another seed does not match: the check can fail
-    let c = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
-            "mode=read seed=43",
-        ],
-        T,
-    );
+    let c = probe(&spec, "mode=read seed=43", false);
     assert_eq!(c.code, 3);
     let _ = std::fs::remove_file(&shm);
 }
@@ -104,19 +70,7 @@ fn a_read_only_window_drops_writes_and_the_vm_runs_on() {
         0
     );
     let ro = format!("{spec},readonly");
-    let r = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &ro,
-            "--cmdline",
-            "mode=write seed=6",
-            "--json",
-        ],
-        T,
-    );
+    let r = probe(&ro, "mode=write seed=6", true);
     // the guest ran to its end and found its writes gone
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert_eq!(json(&r)["vm"]["ivshmem_dropped_writes"], 512);
@@ -127,18 +81,7 @@ fn a_read_only_window_drops_writes_and_the_vm_runs_on() {
         r.stderr
     );
     // the region still holds the first pattern
-    let ok = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
-            "mode=read seed=5",
-        ],
-        T,
-    );
+    let ok = probe(&spec, "mode=read seed=5", false);
     assert_eq!(ok.code, 0, "{}", ok.stdout);
     let _ = std::fs::remove_file(&shm);
 }
@@ -210,18 +153,7 @@ fn a_plain_region_guest_migrates_only_to_the_same_region() {
     let shm = region("migrate");
     let other = region("migrate-other");
     let spec = format!("path={shm},size=64K");
-    let write = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
-            "mode=write seed=5",
-        ],
-        T,
-    );
+    let write = probe(&spec, "mode=write seed=5", false);
     assert_eq!(write.code, 0, "{}", write.stderr);
     let dir = scratch("ivshmem-migrate");
     let control = dir.join("src.sock");
@@ -276,6 +208,24 @@ fn a_plain_region_guest_migrates_only_to_the_same_region() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     let _ = std::fs::remove_file(&shm);
     let _ = std::fs::remove_file(&other);
+}
+
+/// `nfvisor run --guest ivshmem-probe --ivshmem SPEC --cmdline CMDLINE`,
+/// with `--json` when asked.
+fn probe(spec: &str, cmdline: &str, json: bool) -> Run {
+    let mut args = vec![
+        "run",
+        "--guest",
+        "ivshmem-probe",
+        "--ivshmem",
+        spec,
+        "--cmdline",
+        cmdline,
+    ];
+    if json {
+        args.push("--json");
+    }
+    nfvisor(&args, T)
 }
 
 fn server(name: &str) -> (Running, String) {
@@ -545,18 +495,7 @@ fn a_qemu_vm_shares_a_region_with_an_nfvisor_vm() {
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     let spec = format!("path={shm},size=64K");
-    let a = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
-            "mode=write seed=7",
-        ],
-        T,
-    );
+    let a = probe(&spec, "mode=write seed=7", false);
     assert_eq!(a.code, 0, "{}", a.stderr);
     let q = run_qemu("mode=read seed=7");
     assert!(
@@ -569,31 +508,9 @@ fn a_qemu_vm_shares_a_region_with_an_nfvisor_vm() {
     );
     let q = run_qemu("mode=write seed=8");
     assert!(q.contains("#END status=0"), "{q}");
-    let b = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
-            "mode=read seed=8",
-        ],
-        T,
-    );
+    let b = probe(&spec, "mode=read seed=8", false);
     assert_eq!(b.code, 0, "{}", b.stderr);
-    let c = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
-            "mode=read seed=7",
-        ],
-        T,
-    );
+    let c = probe(&spec, "mode=read seed=7", false);
     assert_eq!(c.code, 3, "QEMU's write replaced the pattern");
     let _ = std::fs::remove_file(&shm);
 }
@@ -688,34 +605,11 @@ fn a_doorbell_to_a_peer_that_is_not_there_is_counted_and_ignored() {
         "--json",
     ]);
     waiting.wait_for("ivshmem: peer 0");
-    let stray = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
-            "mode=ring peer=9 count=1 answer_s=1",
-            "--json",
-        ],
-        T,
-    );
+    let stray = probe(&spec, "mode=ring peer=9 count=1 answer_s=1", true);
     assert_eq!(stray.code, 1, "no answer from peer 9: {}", stray.stderr);
     assert!(stray.stderr.contains("peer 9"), "{}", stray.stderr);
     assert_eq!(json(&stray)["vm"]["ivshmem_doorbell_writes"], 1);
-    let ok = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "ivshmem-probe",
-            "--ivshmem",
-            &spec,
-            "--cmdline",
-            "mode=ring peer=0 count=1",
-        ],
-        T,
-    );
+    let ok = probe(&spec, "mode=ring peer=0 count=1", false);
     assert_eq!(ok.code, 0, "{}", ok.stderr);
     let w = waiting.finish(T);
     assert_eq!(w.code, 0, "{}", w.stderr);
