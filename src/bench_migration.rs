@@ -205,7 +205,7 @@ fn nfvisor_once(
         wait_for(&inbound, &mut dst)?;
         wait_for(&control, &mut src)?;
         std::thread::sleep(WARMUP);
-        let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": listen, "downtime_ms": o.downtime_ms, "timeout_s": 5.0, "on_timeout": "force"});
+        let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": listen, "downtime_ms": o.downtime_ms, "timeout_s": 5.0, "on_timeout": "force", "connections": o.connections});
         let from = Instant::now();
         let reply = vmm::control::request(&control, req).map_err(anyhow::Error::msg)?;
         let to = Instant::now();
@@ -409,6 +409,9 @@ pub struct Options {
     /// Track dirty pages with KVM's bitmap instead of the dirty ring.
     #[arg(long)]
     pub dirty_bitmap: bool,
+    /// nfvisor's streams per migration (`migrate --connections`).
+    #[arg(long, default_value_t = 1)]
+    pub connections: u64,
     /// Leave out the QEMU baseline.
     #[arg(long)]
     pub no_qemu: bool,

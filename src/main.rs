@@ -88,6 +88,10 @@ enum Command {
         /// Hold pre-copy to this many bytes per second (e.g. 500M, 5G).
         #[arg(long, value_name = "RATE")]
         bandwidth_limit: Option<String>,
+        /// Streams in parallel (1-16): each carries its share of memory,
+        /// read and written by a thread of its own.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+        connections: u64,
         /// A file holding the receiver's token (challenge-response).
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
@@ -422,6 +426,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             on_timeout,
             token_file,
             bandwidth_limit,
+            connections,
             json,
         } => {
             let bandwidth_limit = match bandwidth_limit {
@@ -441,7 +446,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 }
                 None => None,
             };
-            let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": to, "downtime_ms": downtime_ms, "timeout_s": timeout, "on_timeout": on_timeout, "token_file": token_file, "bandwidth_limit": bandwidth_limit});
+            let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": to, "downtime_ms": downtime_ms, "timeout_s": timeout, "on_timeout": on_timeout, "token_file": token_file, "bandwidth_limit": bandwidth_limit, "connections": connections});
             migrate_with_progress(&control_socket, req, json)
         }
         Command::Snapshot {
@@ -868,40 +873,58 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
     }
     tracing::info!("waiting for a migration on {listen}");
     // one connection that proves it knows the token; others are refused
-    let link: Box<dyn Link> = loop {
-        let mut link: Box<dyn Link> = match &listener {
-            Listener::Unix(l, _) => Box::new(
-                l.accept()
-                    .with_context(|| format!("accepting on {listen}"))?
-                    .0,
-            ),
-            Listener::Tcp(l) => {
-                let (s, peer) = l
-                    .accept()
-                    .with_context(|| format!("accepting on {listen}"))?;
-                tracing::info!("connection from {peer}");
-                s.set_nodelay(true)?;
-                Box::new(s)
+    // one connection that proves it knows the token (others are refused);
+    // with a deadline, give up when none came by then
+    let accept = |deadline: Option<std::time::Instant>| -> Result<Box<dyn Link>> {
+        loop {
+            let accepted: std::io::Result<Box<dyn Link>> = match &listener {
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Box::new(s) as Box<dyn Link>),
+                Listener::Tcp(l) => l.accept().and_then(|(s, peer)| {
+                    tracing::info!("connection from {peer}");
+                    s.set_nodelay(true)?;
+                    Ok(Box::new(s) as Box<dyn Link>)
+                }),
+            };
+            let mut link = match accepted {
+                Ok(link) => link,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+                        anyhow::bail!("the source opened too few connections on {listen}");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("accepting on {listen}")),
+            };
+            match vmm::migrate::greet(link.as_mut(), token.as_deref()) {
+                Ok(()) => return Ok(link),
+                Err(e) => tracing::warn!("{e}; waiting for another connection"),
             }
-        };
-        match vmm::migrate::greet(link.as_mut(), token.as_deref()) {
-            Ok(()) => {
-                vmm::fault::set_link(link.raw_fd());
-                vmm::fault::at(vmm::fault::Phase::Connect);
-                break link;
-            }
-            Err(e) => tracing::warn!("{e}; waiting for another connection"),
         }
     };
-    if let Listener::Unix(_, p) = &listener {
-        let _ = std::fs::remove_file(p);
-    }
+    let link = accept(None)?;
+    vmm::fault::set_link(link.raw_fd());
+    vmm::fault::at(vmm::fault::Phase::Connect);
     let input = std::io::BufReader::with_capacity(4 << 20, link.split()?);
     let mut prepared = link.split()?;
     let mut answer = link;
     let loaded = vmm::snapshot::RestoreSource::new(listen, Box::new(input))
         .map_err(anyhow::Error::from)
         .and_then(|(mut source, cfg)| {
+            // the migration's other streams, which the source opens at once
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            match &listener {
+                Listener::Unix(l, _) => l.set_nonblocking(true)?,
+                Listener::Tcp(l) => l.set_nonblocking(true)?,
+            }
+            for _ in 1..cfg.connections.clamp(1, 16) {
+                // (an accepted socket does not inherit O_NONBLOCK on Linux)
+                let extra = accept(Some(deadline))?;
+                source.add_stream(Box::new(std::io::BufReader::with_capacity(4 << 20, extra)))?;
+            }
+            if let Listener::Unix(_, p) = &listener {
+                let _ = std::fs::remove_file(p);
+            }
             source.live = true;
             let on_prepared: Box<dyn FnOnce() + Send> = Box::new(move || {
                 let _ = prepared
@@ -910,6 +933,9 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
             });
             restored_vm(source, cfg, local, Some(on_prepared))
         });
+    if let Listener::Unix(_, p) = &listener {
+        let _ = std::fs::remove_file(p);
+    }
     let mut vm = match loaded {
         Ok(vm) => vm,
         Err(e) => {

@@ -295,7 +295,8 @@ fn a_receiver_with_a_token_accepts_only_a_source_that_knows_it() {
         T,
     );
     assert_eq!(r.code, 78, "{}", r.stderr);
-    // the receiver is still waiting, and the right token gets through
+    // the receiver is still waiting, and the right token gets through, on
+    // three connections (each proves it), the pages split among them
     let r = nfvisor(
         &[
             "migrate",
@@ -305,17 +306,20 @@ fn a_receiver_with_a_token_accepts_only_a_source_that_knows_it() {
             &ep,
             "--token-file",
             good.to_str().unwrap(),
+            "--connections",
+            "3",
             "--json",
         ],
         T,
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(json(&r)["migration"]["connections"], 3);
     let out = src.finish(T);
     assert!(out.stdout.contains("guest migrated to"), "{}", out.stdout);
     let d = dst.finish(T);
     assert_eq!(d.code, 0, "{}", d.stderr);
     assert!(d.stderr.contains("does not know the token"), "{}", d.stderr);
-    digest(&d.stdout);
+    assert_eq!(digest(&d.stdout), plain_digest());
 }
 
 #[test]

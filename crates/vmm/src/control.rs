@@ -417,6 +417,7 @@ fn handle_request(h: &VmHandle, line: &str, emit: &mut dyn FnMut(String)) -> Str
                 timeout: Duration::from_secs_f64(req["timeout_s"].as_f64().unwrap_or(60.0)),
                 force: req["on_timeout"].as_str() == Some("force"),
                 bandwidth_limit: req["bandwidth_limit"].as_u64().filter(|&b| b > 0),
+                connections: req["connections"].as_u64().unwrap_or(1).clamp(1, 16) as usize,
             };
             if let Err(e) = h.begin_migration(to) {
                 return reply(false, serde_json::json!({ "error": e.to_string() }));

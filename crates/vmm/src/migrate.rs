@@ -11,11 +11,12 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use migration::{Kind, Writer, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::control::{RunState, VmHandle};
 use crate::{memory, Error, Result};
@@ -90,6 +91,11 @@ pub struct MigrateOptions {
     /// Pre-copy sends at most this many bytes per second (stop-and-copy is
     /// never held back: that is downtime).
     pub bandwidth_limit: Option<u64>,
+    /// Streams in parallel: each carries the pages of its share of guest
+    /// memory (2 MiB chunks, dealt round-robin, so a page always travels on
+    /// the same one and its versions arrive in order), read and written by a
+    /// thread of its own; the first also carries the state.
+    pub connections: usize,
 }
 
 /// Where a migration stands, after each pre-copy round.
@@ -140,6 +146,8 @@ pub struct MigrationReport {
     pub forced: bool,
     /// Threads that scanned memory for the first round.
     pub scan_threads: u32,
+    /// Streams the pages went on.
+    pub connections: u32,
 }
 
 fn now_ns() -> u128 {
@@ -155,54 +163,125 @@ fn io(e: std::io::Error) -> Error {
 
 /// Sends the given pages (all of guest memory when `dirty` is None):
 /// non-zero pages with their data, zero pages as markers (only when
-/// re-sent: the destination starts from zero memory).
-fn send_pages<W: Write>(
+/// re-sent: the destination starts from zero memory). With several
+/// writers, each sends its share of memory from a thread of its own.
+fn send_pages<W: Write + Send>(
     h: &VmHandle,
-    w: &mut Writer<W>,
+    ws: &mut [Writer<W>],
     dirty: Option<&[Vec<u64>]>,
     report: &mut MigrationReport,
     limiter: Option<&Limiter>,
 ) -> Result<u64> {
-    let mut batch = migration::PageBatch::default();
-    let mut zeros = Vec::new();
-    let mut n = 0u64;
     // first round: the pages worth sending (touched and not zero), found by
     // scanning memory on several threads; later rounds: the dirty ones
     let first;
-    let dirty = match dirty {
-        Some(d) => Some(d),
+    let selection = match dirty {
+        Some(d) => d,
         None => {
             first = first_round_pages(h, report);
-            Some(first.as_slice())
+            first.as_slice()
         }
     };
-    for (slot, region) in h.mem.iter().enumerate() {
-        let base = region.start_addr().0;
-        let pages = region.len() / PAGE_SIZE as u64;
-        // the pages to look at: the set bits of the bitmap
-        let selected: Box<dyn Iterator<Item = u64>> = match dirty {
-            Some(bitmaps) => Box::new(bitmaps[slot].iter().enumerate().flat_map(|(i, &word)| {
-                let mut w = word;
-                std::iter::from_fn(move || {
-                    (w != 0).then(|| {
-                        let bit = w.trailing_zeros() as u64;
-                        w &= w - 1;
-                        i as u64 * 64 + bit
+    let later = report.rounds > 0;
+    let parts = ws.len();
+    let sent_so_far = AtomicU64::new(report.pages_sent);
+    let mem = &h.mem;
+    let results: Vec<Result<PartCount>> = if parts == 1 {
+        vec![send_part(
+            mem,
+            &mut ws[0],
+            selection,
+            (0, 1),
+            later,
+            limiter,
+            &sent_so_far,
+        )]
+    } else {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = ws
+                .iter_mut()
+                .enumerate()
+                .map(|(i, w)| {
+                    let sent_so_far = &sent_so_far;
+                    scope.spawn(move || {
+                        send_part(mem, w, selection, (i, parts), later, limiter, sent_so_far)
                     })
                 })
-            })),
-            None => Box::new(0..pages),
+                .collect();
+            workers
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(Error::Device("a migration sender thread panicked".into()))
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut looked = 0;
+    for r in results {
+        let c = r?;
+        report.pages_sent += c.sent;
+        report.zero_pages += c.zero;
+        looked += c.looked;
+    }
+    Ok(looked)
+}
+
+#[derive(Default)]
+struct PartCount {
+    sent: u64,
+    zero: u64,
+    looked: u64,
+}
+
+/// Which of `parts` streams carries the page at `gpa` (2 MiB chunks, dealt
+/// round-robin).
+fn part_of(gpa: u64, parts: usize) -> usize {
+    ((gpa >> 21) % parts as u64) as usize
+}
+
+/// One stream's share of `selection` (bitmaps per slot): sent on `w`.
+fn send_part<W: Write>(
+    mem: &GuestMemoryMmap,
+    w: &mut Writer<W>,
+    selection: &[Vec<u64>],
+    (part, parts): (usize, usize),
+    later: bool,
+    limiter: Option<&Limiter>,
+    sent_so_far: &AtomicU64,
+) -> Result<PartCount> {
+    let mut batch = migration::PageBatch::default();
+    let mut zeros = Vec::new();
+    let mut c = PartCount::default();
+    for (slot, region) in mem.iter().enumerate() {
+        let base = region.start_addr().0;
+        let pages = region.len() / PAGE_SIZE as u64;
+        let Some(bitmap) = selection.get(slot) else {
+            continue;
         };
+        let selected = bitmap.iter().enumerate().flat_map(|(i, &word)| {
+            let mut w = word;
+            std::iter::from_fn(move || {
+                (w != 0).then(|| {
+                    let bit = w.trailing_zeros() as u64;
+                    w &= w - 1;
+                    i as u64 * 64 + bit
+                })
+            })
+        });
         for p in selected {
             if p >= pages {
                 break;
             }
             let gpa = base + p * PAGE_SIZE as u64;
-            n += 1;
+            if parts > 1 && part_of(gpa, parts) != part {
+                continue;
+            }
+            c.looked += 1;
             // zero pages are found in place (no copy): the scan then runs at
-            // memory speed, which is what an idle prefaulted guest costs
-            let in_place = h
-                .mem
+            // memory speed
+            let in_place = mem
                 .get_slice(GuestAddress(gpa), PAGE_SIZE)
                 .map_err(|e| Error::Memory(format!("page {gpa:#x}: {e}")))?;
             let guard = in_place.ptr_guard();
@@ -213,8 +292,8 @@ fn send_pages<W: Write>(
             if zero {
                 // (in the first round, a page that became zero since the
                 // scan: the destination's is zero already)
-                report.zero_pages += 1;
-                if report.rounds > 0 {
+                c.zero += 1;
+                if later {
                     zeros.push(gpa);
                 }
                 continue;
@@ -222,21 +301,21 @@ fn send_pages<W: Write>(
             // copied (volatile reads) into the frame: a page the guest writes
             // meanwhile is dirty and goes again, and the frame's checksum
             // covers exactly what was copied
-            h.mem
-                .read_slice(batch.slot(gpa), GuestAddress(gpa))
+            mem.read_slice(batch.slot(gpa), GuestAddress(gpa))
                 .map_err(|e| Error::Memory(format!("reading page {gpa:#x}: {e}")))?;
-            report.pages_sent += 1;
+            c.sent += 1;
             if batch.is_full() {
                 w.page_batch(&mut batch).map_err(io)?;
+                let total = sent_so_far.fetch_add(1024, Ordering::Relaxed) + 1024;
                 if let Some(l) = limiter {
-                    l.account(report.pages_sent * PAGE_SIZE as u64);
+                    l.account(total * PAGE_SIZE as u64);
                 }
             }
         }
     }
     w.page_batch(&mut batch).map_err(io)?;
     w.zero_pages(&zeros).map_err(io)?;
-    Ok(n)
+    Ok(c)
 }
 
 /// The first round's pages, as one bitmap per slot: every page the guest
@@ -307,6 +386,13 @@ fn first_round_pages(h: &VmHandle, report: &mut MigrationReport) -> Vec<Vec<u64>
     out
 }
 
+fn flush_all<W: Write>(ws: &mut [Writer<W>]) -> Result<()> {
+    for w in ws {
+        w.flush().map_err(io)?;
+    }
+    Ok(())
+}
+
 fn dirty_bitmaps(h: &VmHandle) -> Result<Vec<Vec<u64>>> {
     if !h.rings.is_empty() {
         // the rings' entries, as bitmaps of the same shape
@@ -369,12 +455,32 @@ pub fn migrate(
         dirty_tracking: if h.rings.is_empty() { "bitmap" } else { "ring" }.into(),
         ..Default::default()
     };
+    let connections = opts.connections.clamp(1, 16);
+    report.connections = connections as u32;
+    let config = crate::snapshot::SnapshotConfig {
+        connections: connections as u32,
+        ..h.config.clone()
+    };
     w.frame(
         Kind::Config,
-        &serde_json::to_vec(&h.config).expect("serialisable"),
+        &serde_json::to_vec(&config).expect("serialisable"),
     )
     .map_err(io)?;
     w.flush().map_err(io)?;
+    // the other streams: each proves the token too, then carries pages only
+    let mut ws = vec![w];
+    for i in 1..connections {
+        let mut extra = connect(&endpoint)
+            .map_err(|e| Error::Device(format!("connection {i} to {to}: {e}")))?;
+        let mut extra_back = BufReader::new(extra.split().map_err(io)?);
+        answer_greeting(&mut extra_back, &mut extra, opts.token.as_deref(), to)?;
+        let mut extra =
+            Writer::new(std::io::BufWriter::with_capacity(4 << 20, extra)).map_err(io)?;
+        // the stream's header now: the destination reads it before it
+        // prepares its VM
+        extra.flush().map_err(io)?;
+        ws.push(extra);
+    }
     // the destination creates its VM first: that stays out of the downtime
     let _ = back.get_ref().set_timeout(Some(Duration::from_secs(30)));
     let mut line = String::new();
@@ -400,12 +506,12 @@ pub fn migrate(
             start: r0,
             rate: opts.bandwidth_limit,
         };
-        send_pages(h, &mut w, None, &mut report, Some(&limiter))?;
+        send_pages(h, &mut ws, None, &mut report, Some(&limiter))?;
         // each round ends delivered, not buffered: the bandwidth is then
         // what reached the destination, and when the guest is paused no
         // earlier round is still in flight to hold the stop-and-copy up
         // (unflushed, a few MiB of backlog cost ~2.5 ms of downtime here)
-        w.flush().map_err(io)?;
+        flush_all(&mut ws)?;
         report.rounds = 1;
         let mut bandwidth = (report.pages_sent.max(1) * PAGE_SIZE as u64) as f64
             / r0.elapsed().as_secs_f64().max(1e-6);
@@ -422,7 +528,7 @@ pub fn migrate(
             });
             if estimate <= opts.downtime {
                 // small enough: these go in the stop-and-copy
-                return stop_and_copy(h, &mut w, dirty, &mut report);
+                return stop_and_copy(h, &mut ws, dirty, &mut report);
             }
             if t0.elapsed() > opts.timeout {
                 if !opts.force {
@@ -432,12 +538,12 @@ pub fn migrate(
                     )));
                 }
                 report.forced = true;
-                return stop_and_copy(h, &mut w, dirty, &mut report);
+                return stop_and_copy(h, &mut ws, dirty, &mut report);
             }
             let r = Instant::now();
             let before = report.pages_sent + report.zero_pages;
-            send_pages(h, &mut w, Some(&dirty), &mut report, Some(&limiter))?;
-            w.flush().map_err(io)?;
+            send_pages(h, &mut ws, Some(&dirty), &mut report, Some(&limiter))?;
+            flush_all(&mut ws)?;
             let sent = report.pages_sent + report.zero_pages - before;
             bandwidth =
                 (sent.max(1) * PAGE_SIZE as u64) as f64 / r.elapsed().as_secs_f64().max(1e-6);
@@ -457,7 +563,8 @@ pub fn migrate(
     // the last of the stream may still sit in the buffers: a link that
     // breaks here is a destination that has not said READY, so the guest
     // resumes here as it does for any failure before GO
-    let flushed = w
+    let flushed = ws
+        .swap_remove(0)
         .finish()
         .and_then(|(out, bytes)| out.into_inner().map(|_| bytes).map_err(|e| e.into_error()));
     match flushed {
@@ -539,9 +646,9 @@ pub fn migrate(
 
 /// Pauses the guest and sends the last dirty pages and every state.
 /// Returns the pause time (CLOCK_REALTIME ns).
-fn stop_and_copy<W: Write>(
+fn stop_and_copy<W: Write + Send>(
     h: &VmHandle,
-    w: &mut Writer<W>,
+    ws: &mut Vec<Writer<W>>,
     pending: Vec<Vec<u64>>,
     report: &mut MigrationReport,
 ) -> Result<u128> {
@@ -558,7 +665,13 @@ fn stop_and_copy<W: Write>(
         }
     }
     report.last_round_pages = count(&dirty);
-    send_pages(h, w, Some(&dirty), report, None)?;
+    send_pages(h, ws, Some(&dirty), report, None)?;
+    // the other streams end here (flushed, with their End frame): the
+    // destination has all pages before the state arrives
+    for extra in ws.drain(1..) {
+        extra.finish().map_err(io)?;
+    }
+    let w = &mut ws[0];
     tracing::debug!(
         "stop-and-copy: {} pages sent at {:?}",
         report.last_round_pages,

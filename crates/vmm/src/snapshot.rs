@@ -33,6 +33,14 @@ pub struct SnapshotConfig {
     /// this same region.
     #[serde(default)]
     pub ivshmem: Option<IvshmemIdentity>,
+    /// Streams a migration uses (the pages of the others are applied in
+    /// parallel); 1 for a snapshot.
+    #[serde(default = "one")]
+    pub connections: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A shared region, as the host knows it: the same file is the same region.
@@ -350,6 +358,8 @@ pub fn stream_path(from: &Path) -> PathBuf {
 pub struct RestoreSource {
     pub name: String,
     reader: Reader<Box<dyn std::io::Read + Send>>,
+    /// A migration's other streams: pages only, applied in parallel.
+    extra: Vec<Reader<Box<dyn std::io::Read + Send>>>,
     /// The guest's CPU features, from the stream's configuration.
     pub cpu_features: Vec<crate::cpuid::FeatureWord>,
     /// The ivshmem region the guest is attached to, from the configuration.
@@ -381,12 +391,22 @@ impl RestoreSource {
             RestoreSource {
                 name: name.to_string(),
                 reader,
+                extra: Vec::new(),
                 live: false,
                 cpu_features: config.cpu_features.clone(),
                 ivshmem: config.ivshmem.clone(),
             },
             config,
         ))
+    }
+
+    /// Adds one of a migration's other streams (pages only).
+    pub fn add_stream(&mut self, input: Box<dyn std::io::Read + Send>) -> Result<()> {
+        let n = self.extra.len() + 1;
+        let reader = Reader::new(input)
+            .map_err(|e| stream_error(&format!("{} stream {n}", self.name), e))?;
+        self.extra.push(reader);
+        Ok(())
     }
 
     /// Opens a snapshot file.
@@ -401,6 +421,23 @@ impl RestoreSource {
 }
 
 /// Applies the rest of a stream to a freshly created, not yet running VM.
+/// Writes a Pages or ZeroPages frame's pages into guest memory.
+fn apply_pages(f: &migration::Frame, mem: &GuestMemoryMmap, name: &str) -> Result<()> {
+    if f.kind == Kind::Pages {
+        for (gpa, data) in f.pages().map_err(|e| stream_error(name, e))? {
+            mem.write_slice(data, GuestAddress(gpa))
+                .map_err(|e| stream_error(name, format!("page {gpa:#x}: {e}")))?;
+        }
+    } else {
+        let zero = [0u8; PAGE_SIZE];
+        for gpa in f.zero_pages().map_err(|e| stream_error(name, e))? {
+            mem.write_slice(&zero, GuestAddress(gpa))
+                .map_err(|e| stream_error(name, format!("page {gpa:#x}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
 /// Every frame is verified before it is used and the VM runs only if the
 /// whole stream was read, so a corrupt or cut stream never runs.
 pub fn apply(
@@ -416,54 +453,86 @@ pub fn apply(
     let mut devices = None;
     let mut restored = vec![false; vcpus.len()];
     let mut clock_gap = 0u64;
-    while let Some(f) = src.reader.next_frame().map_err(|e| stream_error(name, e))? {
-        match f.kind {
-            Kind::Config => {}
-            Kind::Pages => {
-                if src.live {
-                    crate::fault::at(crate::fault::Phase::FirstRound);
-                }
-                for (gpa, data) in f.pages().map_err(|e| stream_error(name, e))? {
-                    mem.write_slice(data, GuestAddress(gpa))
-                        .map_err(|e| stream_error(name, format!("page {gpa:#x}: {e}")))?;
+    let extra = std::mem::take(&mut src.extra);
+    let live = src.live;
+    std::thread::scope(|scope| -> Result<()> {
+        // the other streams' pages, each on a thread of its own (they hold
+        // disjoint pages, so the order between streams does not matter)
+        let workers: Vec<_> = extra
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut reader)| {
+                let what = format!("{name} stream {}", i + 1);
+                scope.spawn(move || -> Result<()> {
+                    while let Some(f) = reader.next_frame().map_err(|e| stream_error(&what, e))? {
+                        match f.kind {
+                            Kind::Pages | Kind::ZeroPages => apply_pages(&f, mem, &what)?,
+                            Kind::End => {}
+                            other => {
+                                return Err(stream_error(
+                                    &what,
+                                    format!("a {other:?} frame in a pages-only stream"),
+                                ))
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let main = (|| -> Result<()> {
+            while let Some(f) = src.reader.next_frame().map_err(|e| stream_error(name, e))? {
+                match f.kind {
+                    Kind::Config => {}
+                    Kind::Pages | Kind::ZeroPages => {
+                        if live && f.kind == Kind::Pages {
+                            crate::fault::at(crate::fault::Phase::FirstRound);
+                        }
+                        apply_pages(&f, mem, name)?;
+                    }
+                    Kind::DeviceState => {
+                        if src.live {
+                            crate::fault::at(crate::fault::Phase::StopAndCopy);
+                        }
+                        devices = Some(
+                            serde_json::from_slice::<DeviceState>(&f.payload)
+                                .map_err(|e| stream_error(name, format!("device state: {e}")))?,
+                        );
+                    }
+                    Kind::VcpuState => {
+                        let s: VcpuState = serde_json::from_slice(&f.payload)
+                            .map_err(|e| stream_error(name, format!("vCPU state: {e}")))?;
+                        let vcpu = vcpus.get(s.id as usize).ok_or_else(|| {
+                            stream_error(
+                                name,
+                                format!("state of vCPU {} for a VM of {}", s.id, vcpus.len()),
+                            )
+                        })?;
+                        restore_vcpu(vcpu, &s)?;
+                        if src.live && s.saved_at_ns > 0 {
+                            let gap = realtime_ns().saturating_sub(s.saved_at_ns) as u64;
+                            advance_tsc(vcpu, gap, tsc_khz)?;
+                            clock_gap = clock_gap.max(gap);
+                        }
+                        restored[s.id as usize] = true;
+                    }
+                    Kind::End => {}
                 }
             }
-            Kind::ZeroPages => {
-                let zero = [0u8; PAGE_SIZE];
-                for gpa in f.zero_pages().map_err(|e| stream_error(name, e))? {
-                    mem.write_slice(&zero, GuestAddress(gpa))
-                        .map_err(|e| stream_error(name, format!("page {gpa:#x}: {e}")))?;
-                }
+            Ok(())
+        })();
+        // every stream read to its end, or the first failure
+        let mut outcome = main;
+        for w in workers {
+            let r = w
+                .join()
+                .unwrap_or_else(|_| Err(stream_error(name, "a stream thread panicked")));
+            if outcome.is_ok() {
+                outcome = r;
             }
-            Kind::DeviceState => {
-                if src.live {
-                    crate::fault::at(crate::fault::Phase::StopAndCopy);
-                }
-                devices = Some(
-                    serde_json::from_slice::<DeviceState>(&f.payload)
-                        .map_err(|e| stream_error(name, format!("device state: {e}")))?,
-                );
-            }
-            Kind::VcpuState => {
-                let s: VcpuState = serde_json::from_slice(&f.payload)
-                    .map_err(|e| stream_error(name, format!("vCPU state: {e}")))?;
-                let vcpu = vcpus.get(s.id as usize).ok_or_else(|| {
-                    stream_error(
-                        name,
-                        format!("state of vCPU {} for a VM of {}", s.id, vcpus.len()),
-                    )
-                })?;
-                restore_vcpu(vcpu, &s)?;
-                if src.live && s.saved_at_ns > 0 {
-                    let gap = realtime_ns().saturating_sub(s.saved_at_ns) as u64;
-                    advance_tsc(vcpu, gap, tsc_khz)?;
-                    clock_gap = clock_gap.max(gap);
-                }
-                restored[s.id as usize] = true;
-            }
-            Kind::End => {}
         }
-    }
+        outcome
+    })?;
     tracing::debug!("restore: stream {name} read to its end");
     let devices = devices.ok_or_else(|| stream_error(name, "no device state"))?;
     if let Some(id) = restored.iter().position(|r| !r) {

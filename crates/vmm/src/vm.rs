@@ -777,6 +777,7 @@ impl Vm {
                 tsc_khz,
                 cpu_features: guest_features.clone(),
                 ivshmem: ivshmem.as_ref().map(|(r, _)| r.identity()),
+                connections: 1,
             },
             state: Mutex::new(RunState::Running),
             started: Instant::now(),
