@@ -568,7 +568,7 @@ pub fn migrate(
         .finish()
         .and_then(|(out, bytes)| out.into_inner().map(|_| bytes).map_err(|e| e.into_error()));
     match flushed {
-        Ok(bytes) => report.bytes = bytes,
+        Ok(bytes) => report.bytes += bytes,
         Err(e) => {
             stop_dirty_tracking(h);
             h.resume();
@@ -669,7 +669,8 @@ fn stop_and_copy<W: Write + Send>(
     // the other streams end here (flushed, with their End frame): the
     // destination has all pages before the state arrives
     for extra in ws.drain(1..) {
-        extra.finish().map_err(io)?;
+        let (_, bytes) = extra.finish().map_err(io)?;
+        report.bytes += bytes;
     }
     let w = &mut ws[0];
     tracing::debug!(
