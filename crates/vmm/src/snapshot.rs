@@ -476,6 +476,7 @@ pub fn apply(
                             }
                         }
                     }
+                    tracing::debug!("restore: {what} read to its end");
                     Ok(())
                 })
             })
