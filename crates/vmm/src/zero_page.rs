@@ -109,6 +109,9 @@ mod x86 {
 
     /// 256 bytes per step (four 64-byte loads OR-ed), stopping at the first
     /// step with a set bit.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, and `ptr..ptr + len` is readable.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn zero_avx512(ptr: *const u8, len: usize) -> bool {
         let steps = len / 256;
@@ -131,6 +134,9 @@ mod x86 {
     }
 
     /// 128 bytes per step (four 32-byte loads OR-ed).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, and `ptr..ptr + len` is readable.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn zero_avx2(ptr: *const u8, len: usize) -> bool {
         let steps = len / 128;
