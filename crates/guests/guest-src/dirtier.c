@@ -2,7 +2,9 @@
  * mb MiB (default 4) starting at 4 MiB, the value derived from the pass
  * number and the page index, then a full read-back check of the pass.
  * passes=N (default 3; 0 = forever), tick=N prints a progress record every
- * N pages. Ends with DIRTIER OK passes=.. digest=.. max_gap_cycles=.. and
+ * N pages. zero_every=K: on even passes every K-th page is written 0, which
+ * leaves the whole page zero (a migration must send it as a zero marker:
+ * a stale copy would fail the read-back). Ends with DIRTIER OK passes=.. digest=.. max_gap_cycles=.. and
  * status 0, or DIRTIER CORRUPT page=.. and status 3. The digest depends
  * only on the values, never on timing. */
 #include "runtime.h"
@@ -17,12 +19,20 @@ static u64 value_of(u64 pass, u64 page) {
     return (z ^ (z >> 31)) | 1; /* never zero: a lost page reads as zero */
 }
 
+static u64 zero_every;
+
+static u64 expected(u64 pass, u64 page) {
+    if (zero_every && pass % 2 == 0 && page % zero_every == 0) return 0;
+    return value_of(pass, page);
+}
+
 int guest_main(void) {
     u64 mb = 4, passes = 3, tick = 0;
     header("dirtier");
     arg_u64("mb", &mb);
     arg_u64("passes", &passes);
     arg_u64("tick", &tick);
+    arg_u64("zero_every", &zero_every);
     if (!mb) fail(STATUS_BAD_ARGS, "mb must be > 0");
     u64 pages = mb * 256, end = ram_end_above(BASE);
     if (end && BASE + pages * PAGE > end) fail(STATUS_BAD_ARGS, "working set larger than guest RAM above 4 MiB");
@@ -35,7 +45,7 @@ int guest_main(void) {
     u64 max_gap = 0, last = rdtsc(), digest = 0, pass;
     for (pass = 1; !passes || pass <= passes; pass++) {
         for (u64 p = 0; p < pages; p++) {
-            *(volatile u64 *)(BASE + p * PAGE) = value_of(pass, p);
+            *(volatile u64 *)(BASE + p * PAGE) = expected(pass, p);
             u64 now = rdtsc();
             if (now - last > max_gap) max_gap = now - last;
             last = now;
@@ -50,7 +60,7 @@ int guest_main(void) {
         }
         digest = 0;
         for (u64 p = 0; p < pages; p++) {
-            u64 want = value_of(pass, p), got = *(volatile u64 *)(BASE + p * PAGE);
+            u64 want = expected(pass, p), got = *(volatile u64 *)(BASE + p * PAGE);
             if (got != want) {
                 puts("DIRTIER CORRUPT");
                 put_kv("page", p);
