@@ -21,10 +21,14 @@ fn source(dir: &std::path::Path) -> (Running, std::path::PathBuf) {
 }
 
 fn source_with(dir: &std::path::Path, extra: &[&str]) -> (Running, std::path::PathBuf) {
+    source_running(dir, &[DIRTIER, extra].concat())
+}
+
+/// `run --control-socket DIR/src.sock GUEST_ARGS`, started and controllable.
+fn source_running(dir: &std::path::Path, guest_args: &[&str]) -> (Running, std::path::PathBuf) {
     let sock = dir.join("src.sock");
     let mut args = vec!["run", "--control-socket", sock.to_str().unwrap()];
-    args.extend_from_slice(DIRTIER);
-    args.extend_from_slice(extra);
+    args.extend_from_slice(guest_args);
     let mut vm = Running::start(&args);
     vm.wait_for("vCPU 0 runs on host thread");
     wait_for_path(&sock);
@@ -659,12 +663,7 @@ fn a_page_zeroed_after_it_was_sent_arrives_as_zero() {
     let ep = format!("unix:{}", dir.join("in.sock").display());
     let mut dst = Running::start(&["receive", "--listen", &ep]);
     dst.wait_for("waiting for a migration");
-    let sock = dir.join("src.sock");
-    let mut args = vec!["run", "--control-socket", sock.to_str().unwrap()];
-    args.extend_from_slice(ZEROING);
-    let mut src = Running::start(&args);
-    src.wait_for("vCPU 0 runs on host thread");
-    wait_for_path(&sock);
+    let (src, sock) = source_running(&dir, ZEROING);
     std::thread::sleep(Duration::from_millis(300));
     let r = nfvisor(
         &[
