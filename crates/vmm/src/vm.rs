@@ -613,8 +613,16 @@ impl Vm {
             None => None,
         };
 
-        // probed on the first save, not at start (it costs an ioctl per MSR)
+        // The MSRs a save reads, probed with an ioctl per MSR (0.7 ms here):
+        // before the guest runs when it can be saved or migrated (it has a
+        // control socket), so the probe never lands in a migration's
+        // downtime; otherwise on the first save, keeping start-up short.
         let msrs = Arc::new(std::sync::OnceLock::new());
+        if spec.control_socket.is_some() {
+            if let Some(v) = vcpus.first() {
+                let _ = msrs.set(crate::snapshot::msr_list(&kvm, v));
+            }
+        }
         let (boot, cmdline) = match spec.restore_from.as_mut() {
             Some(path) => {
                 // the stream's memory, devices and vCPU states, all verified
