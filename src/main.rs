@@ -944,22 +944,43 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
             return Err(e.context("the incoming migration was refused; nothing ran"));
         }
     };
-    answer.write_all(b"READY\n")?;
-    answer.flush()?;
-    vmm::fault::at(vmm::fault::Phase::AfterReady);
-    answer.set_timeout(Some(std::time::Duration::from_secs(60)))?;
-    let mut back = std::io::BufReader::new(answer.split()?);
-    let mut line = String::new();
-    back.read_line(&mut line)?;
-    let paused_at: u128 = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-        ["GO", ns] => ns.parse().context("GO line")?,
-        _ => anyhow::bail!(
-            "the source did not say GO ({:?}); the guest was not started here",
-            line.trim()
-        ),
-    };
-    vmm::fault::at(vmm::fault::Phase::AfterGo);
+    // READY once the vCPU threads are set up and waiting (so their set-up
+    // stays out of the downtime); GO releases them; RUNNING confirms
+    let handed_over = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let for_start = handed_over.clone();
+    vm.set_gate(Box::new(move || {
+        let device = |what: String| vmm::Error::Device(what);
+        answer
+            .write_all(b"READY\n")
+            .and_then(|_| answer.flush())
+            .map_err(|e| device(format!("saying READY: {e}")))?;
+        vmm::fault::at(vmm::fault::Phase::AfterReady);
+        let mut line = String::new();
+        answer
+            .set_timeout(Some(std::time::Duration::from_secs(60)))
+            .and_then(|_| answer.split())
+            .and_then(|back| std::io::BufReader::new(back).read_line(&mut line))
+            .map_err(|e| device(format!("waiting for GO: {e}; the guest was not started here")))?;
+        let paused_at: u128 = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["GO", ns] => ns
+                .parse()
+                .map_err(|_| device(format!("a GO line with no time: {:?}", line.trim())))?,
+            _ => {
+                return Err(device(format!(
+                    "the source did not say GO ({:?}); the guest was not started here",
+                    line.trim()
+                )))
+            }
+        };
+        vmm::fault::at(vmm::fault::Phase::AfterGo);
+        *handed_over.lock().unwrap_or_else(|e| e.into_inner()) = Some((answer, paused_at));
+        Ok(())
+    }));
     vm.set_on_start(Box::new(move || {
+        let Some((mut answer, paused_at)) = for_start.lock().unwrap_or_else(|e| e.into_inner()).take()
+        else {
+            return;
+        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())

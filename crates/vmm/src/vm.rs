@@ -246,7 +246,14 @@ pub struct Vm {
     created: Instant,
     /// The injector's irqfd and the guest TSC offset, for the irq metric.
     irq: Option<(EventFd, u64, &'static str)>,
+    /// Decides, once every vCPU thread is set up and waiting, whether they
+    /// start (a migration's destination says READY and waits for GO here,
+    /// so setting the threads up stays out of the downtime).
+    gate: Option<Gate>,
 }
+
+/// See `Vm::set_gate`.
+pub type Gate = Box<dyn FnOnce() -> Result<()> + Send>;
 
 /// A guest attached to a shared region resumes only attached to that same
 /// region (its peers share it, so it is never in the stream); one without
@@ -703,12 +710,19 @@ impl Vm {
             spec,
             created,
             irq,
+            gate: None,
         })
     }
 
     /// Sets what runs once the vCPUs are released.
     pub fn set_on_start(&mut self, f: Box<dyn FnOnce() + Send>) {
         self.spec.on_start = Some(f);
+    }
+
+    /// Sets what decides, once every vCPU thread is set up and waiting,
+    /// whether the guest starts: an error ends the VM before it runs.
+    pub fn set_gate(&mut self, gate: Gate) {
+        self.gate = Some(gate);
     }
 
     /// Runs vCPU 0 alone in the bare floor loop of the exit benchmark (no
@@ -745,6 +759,7 @@ impl Vm {
             spec,
             created,
             irq,
+            gate,
         } = self;
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| Error::Kvm(format!("installing the vCPU kick signal handler: {e}")))?;
@@ -928,6 +943,13 @@ impl Vm {
         }
         *handle.pthreads.lock().unwrap_or_else(|e| e.into_inner()) =
             handles.iter().map(|h| h.as_pthread_t()).collect();
+        if failure.is_none() {
+            if let Some(gate) = gate {
+                if let Err(e) = gate() {
+                    failure = Some(e);
+                }
+            }
+        }
         for g in &go {
             let _ = g.send(failure.is_none());
         }
