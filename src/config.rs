@@ -39,13 +39,8 @@ pub struct RunArgs {
     /// Serve the control socket here (pause, resume, snapshot, status).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
-    /// Size of the KVM dirty ring per vCPU (dirty-page tracking for
-    /// migration; the default, 64 KiB, measured better than the bitmap).
-    #[arg(long, value_name = "BYTES", conflicts_with = "dirty_bitmap")]
-    pub dirty_ring: Option<u32>,
-    /// Track dirty pages with KVM's per-slot bitmap instead of the ring.
-    #[arg(long)]
-    pub dirty_bitmap: bool,
+    #[command(flatten)]
+    pub dirty: DirtyTracking,
     /// Shared memory with other VMs: path=/dev/shm/NAME,size=2M[,readonly]
     /// (an ivshmem PCI device, plain mode).
     #[arg(long, value_name = "SPEC")]
@@ -160,6 +155,26 @@ fn parse_exits(items: &[String]) -> Result<DisableExits> {
         }
     }
     Ok(d)
+}
+
+/// How a VM tracks the pages its guest dirties (for migrating it on): chosen
+/// when the VM is created, on `run` and on `receive`/`restore` alike.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct DirtyTracking {
+    /// Size of the KVM dirty ring per vCPU (dirty-page tracking for
+    /// migration; the default, 64 KiB, measured better than the bitmap).
+    #[arg(long, value_name = "BYTES", conflicts_with = "dirty_bitmap")]
+    pub dirty_ring: Option<u32>,
+    /// Track dirty pages with KVM's per-slot bitmap instead of the ring.
+    #[arg(long)]
+    pub dirty_bitmap: bool,
+}
+
+impl DirtyTracking {
+    /// The ring size per vCPU, or None for the bitmap.
+    pub fn ring_bytes(&self) -> Option<u32> {
+        (!self.dirty_bitmap).then(|| self.dirty_ring.unwrap_or(DEFAULT_DIRTY_RING))
+    }
 }
 
 /// Bytes of dirty ring per vCPU unless told otherwise (4096 entries).
@@ -375,7 +390,7 @@ impl RunArgs {
             irq_bench: None,
             control_socket: self.control_socket.clone(),
             ivshmem: self.ivshmem.as_deref().map(parse_ivshmem).transpose()?,
-            dirty_ring: (!self.dirty_bitmap).then(|| self.dirty_ring.unwrap_or(DEFAULT_DIRTY_RING)),
+            dirty_ring: self.dirty.ring_bytes(),
             restore_from: None,
             on_start: None,
             on_prepared: None,

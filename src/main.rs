@@ -832,6 +832,8 @@ struct LocalFlags {
     #[arg(long, value_name = "SPEC")]
     ivshmem: Option<String>,
     #[command(flatten)]
+    dirty: config::DirtyTracking,
+    #[command(flatten)]
     rt: Box<config::RtArgs>,
 }
 
@@ -960,7 +962,11 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
             .set_timeout(Some(std::time::Duration::from_secs(60)))
             .and_then(|_| answer.split())
             .and_then(|back| std::io::BufReader::new(back).read_line(&mut line))
-            .map_err(|e| device(format!("waiting for GO: {e}; the guest was not started here")))?;
+            .map_err(|e| {
+                device(format!(
+                    "waiting for GO: {e}; the guest was not started here"
+                ))
+            })?;
         let paused_at: u128 = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
             ["GO", ns] => ns
                 .parse()
@@ -977,7 +983,8 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
         Ok(())
     }));
     vm.set_on_start(Box::new(move || {
-        let Some((mut answer, paused_at)) = for_start.lock().unwrap_or_else(|e| e.into_inner()).take()
+        let Some((mut answer, paused_at)) =
+            for_start.lock().unwrap_or_else(|e| e.into_inner()).take()
         else {
             return;
         };
@@ -1008,6 +1015,7 @@ fn restored_vm(
         json,
         rt,
         ivshmem,
+        dirty,
         ..
     } = local;
     let (rt_spec, mem) = rt.to_spec()?;
@@ -1039,7 +1047,7 @@ fn restored_vm(
         control_socket,
         ivshmem,
         // a received or restored guest can migrate on
-        dirty_ring: Some(config::DEFAULT_DIRTY_RING),
+        dirty_ring: dirty.ring_bytes(),
         restore_from: Some(source),
         on_start: None,
         on_prepared,

@@ -684,3 +684,51 @@ fn a_page_zeroed_after_it_was_sent_arrives_as_zero() {
     assert_eq!(digest(&d.stdout), digest(&plain.stdout));
     drop(src);
 }
+
+/// A received guest migrates on: the middle host chose the dirty bitmap on
+/// `receive`, and the guest finishes on the third with the digest of an
+/// unmigrated run.
+#[test]
+fn a_received_guest_migrates_on_with_the_tracking_its_receiver_chose() {
+    let dir = scratch("mig-chain");
+    let (b_in, c_in) = (
+        format!("unix:{}", dir.join("b.sock").display()),
+        format!("unix:{}", dir.join("c.sock").display()),
+    );
+    let b_ctl = dir.join("b-ctl.sock");
+    let mut b = Running::start(&[
+        "receive",
+        "--listen",
+        &b_in,
+        "--dirty-bitmap",
+        "--control-socket",
+        b_ctl.to_str().unwrap(),
+    ]);
+    b.wait_for("waiting for a migration");
+    let mut c = Running::start(&["receive", "--listen", &c_in]);
+    c.wait_for("waiting for a migration");
+    let (a, a_ctl) = source(&dir);
+    std::thread::sleep(Duration::from_millis(150));
+    let hop = |ctl: &std::path::Path, to: &str| {
+        let r = nfvisor(
+            &[
+                "migrate",
+                "--control-socket",
+                ctl.to_str().unwrap(),
+                "--to",
+                to,
+                "--json",
+            ],
+            T,
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        json(&r)["migration"]["dirty_tracking"].clone()
+    };
+    assert_eq!(hop(&a_ctl, &b_in), "ring");
+    wait_for_path(&b_ctl);
+    assert_eq!(hop(&b_ctl, &c_in), "bitmap");
+    let out = c.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(digest(&out.stdout), plain_digest());
+    drop((a, b));
+}
