@@ -102,20 +102,20 @@ impl ConfigSpace {
     /// the command register or the BAR holds the sizing pattern (all ones
     /// written, the size mask read back), as when a guest sizes BARs.
     pub fn decoded_bar(&self, index: usize) -> Option<u64> {
-        let (size, flags) = *self.bars.get(index)?;
-        if size == 0 || flags == u32::MAX {
-            return None;
-        }
         let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-        if regs[1] & COMMAND_MEMORY == 0 {
+        self.decoded_in(&regs, index)
+    }
+
+    fn decoded_in(&self, regs: &[u32; 64], index: usize) -> Option<u64> {
+        let (size, flags) = *self.bars.get(index)?;
+        if size == 0 || flags == u32::MAX || regs[1] & COMMAND_MEMORY == 0 {
             return None;
         }
         let low = regs[4 + index];
         if low == (!((size - 1) as u32) & !0xf) | flags {
             return None;
         }
-        drop(regs);
-        Some(self.bar_addr(index))
+        Some(self.addr_in(regs, index))
     }
 
     /// Every register, for a snapshot.
@@ -123,14 +123,19 @@ impl ConfigSpace {
         self.regs.lock().unwrap_or_else(|e| e.into_inner()).to_vec()
     }
 
-    /// Every BAR's decoded address (see `decoded_bar`).
+    /// Every BAR's decoded address (see `decoded_bar`), read under one lock.
     pub fn decoded_bars(&self) -> [Option<u64>; 6] {
-        std::array::from_fn(|i| self.decoded_bar(i))
+        let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        std::array::from_fn(|i| self.decoded_in(&regs, i))
     }
 
     /// The address BAR `index` holds now.
     pub fn bar_addr(&self, index: usize) -> u64 {
         let regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        self.addr_in(&regs, index)
+    }
+
+    fn addr_in(&self, regs: &[u32; 64], index: usize) -> u64 {
         let low = (regs[4 + index] & !0xf) as u64;
         if self.bars[index].1 & 0x4 != 0 {
             low | (regs[5 + index] as u64) << 32

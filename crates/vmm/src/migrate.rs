@@ -109,7 +109,7 @@ pub struct Progress {
 }
 
 /// Holds pre-copy to a byte rate: sleeps while ahead of it.
-struct Limiter {
+pub(crate) struct Limiter {
     start: Instant,
     rate: Option<u64>,
 }
@@ -229,9 +229,9 @@ fn send_pages<W: Write + Send>(
 }
 
 #[derive(Default)]
-struct PartCount {
-    sent: u64,
-    zero: u64,
+pub(crate) struct PartCount {
+    pub(crate) sent: u64,
+    pub(crate) zero: u64,
     looked: u64,
 }
 
@@ -241,8 +241,9 @@ fn part_of(gpa: u64, parts: usize) -> usize {
     ((gpa >> 21) % parts as u64) as usize
 }
 
-/// One stream's share of `selection` (bitmaps per slot): sent on `w`.
-fn send_part<W: Write>(
+/// One stream's share of `selection` (bitmaps per slot): sent on `w`
+/// (a snapshot sends all of memory this way too).
+pub(crate) fn send_part<W: Write>(
     mem: &GuestMemoryMmap,
     w: &mut Writer<W>,
     selection: &[Vec<u64>],

@@ -59,7 +59,6 @@ fn identity(file: &std::fs::File) -> (u64, u64) {
 }
 
 /// What decides where (and whether) the slot is in the guest.
-#[derive(Clone, Copy)]
 struct Mapping {
     /// Where BAR2 decodes (None: decoding off, or being sized).
     bar: Option<u64>,
@@ -97,12 +96,31 @@ impl SharedRegion {
             .map_err(|e| Error::Device(format!("ivshmem server {what}: {e}")))?
             .len();
         check_size(size, &format!("ivshmem server {what}: its region"))?;
-        // SAFETY: a new shared mapping of `size` bytes of the server's file.
+        Self::map(
+            &file,
+            IvshmemSpec {
+                size,
+                ..spec.clone()
+            },
+            slot,
+            &format!("the region of {what}"),
+        )
+    }
+
+    /// Maps `spec.size` bytes of `file` shared (read-only for a read-only
+    /// region), to become memory slot `slot` at BAR2.
+    fn map(file: &std::fs::File, spec: IvshmemSpec, slot: u32, what: &str) -> Result<SharedRegion> {
+        let prot = if spec.readonly {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        // SAFETY: a new shared mapping of `size` bytes of an open file.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
+                spec.size as usize,
+                prot,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
@@ -110,18 +128,15 @@ impl SharedRegion {
         };
         if ptr == libc::MAP_FAILED {
             return Err(Error::Memory(format!(
-                "mapping the region of {what}: {}",
+                "mapping {what}: {}",
                 std::io::Error::last_os_error()
             )));
         }
         Ok(SharedRegion {
-            spec: IvshmemSpec {
-                size,
-                ..spec.clone()
-            },
+            spec,
             ptr: ptr as *mut u8,
             slot,
-            identity: identity(&file),
+            identity: identity(file),
             mapping: Mutex::new(Mapping {
                 bar: Some(BAR2_ADDR),
                 open: true,
@@ -156,39 +171,7 @@ impl SharedRegion {
             file.set_len(spec.size)
                 .map_err(|e| Error::Config(format!("--ivshmem {what}: {e}")))?;
         }
-        let prot = if spec.readonly {
-            libc::PROT_READ
-        } else {
-            libc::PROT_READ | libc::PROT_WRITE
-        };
-        // SAFETY: a new shared mapping of `size` bytes of an open file.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                spec.size as usize,
-                prot,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::Memory(format!(
-                "mapping {what}: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(SharedRegion {
-            spec: spec.clone(),
-            ptr: ptr as *mut u8,
-            slot,
-            identity: identity(&file),
-            mapping: Mutex::new(Mapping {
-                bar: Some(BAR2_ADDR),
-                open: true,
-                registered: None,
-            }),
-        })
+        Self::map(&file, spec.clone(), slot, &what)
     }
 
     /// Opens or closes the window (the slot leaves the guest while closed:

@@ -296,31 +296,23 @@ pub fn write(
             Kind::Config,
             &serde_json::to_vec(config).expect("serialisable"),
         )?;
-        let (mut written, mut zero) = (0u64, 0u64);
-        let mut batch = migration::PageBatch::default();
-        let other = |e: vm_memory::GuestMemoryError| std::io::Error::other(e.to_string());
-        for region in mem.iter() {
-            let base = region.start_addr().0;
-            for off in (0..region.len()).step_by(PAGE_SIZE) {
-                let gpa = base + off;
-                // zero pages found in place (the guest is paused), others
-                // read straight into the frame
-                let in_place = mem.get_slice(GuestAddress(gpa), PAGE_SIZE).map_err(other)?;
-                let guard = in_place.ptr_guard();
-                // SAFETY: a mapped guest page, PAGE_SIZE bytes.
-                if unsafe { crate::zero_page::is_zero_at(guard.as_ptr(), PAGE_SIZE) } {
-                    zero += 1;
-                    continue;
-                }
-                mem.read_slice(batch.slot(gpa), GuestAddress(gpa))
-                    .map_err(other)?;
-                written += 1;
-                if batch.is_full() {
-                    w.page_batch(&mut batch)?;
-                }
-            }
-        }
-        w.page_batch(&mut batch)?;
+        // every page (the guest is paused), as a migration's first round
+        // sends them: zero pages found in place and left out
+        let all: Vec<Vec<u64>> = mem
+            .iter()
+            .map(|r| vec![u64::MAX; (r.len() as usize / PAGE_SIZE).div_ceil(64)])
+            .collect();
+        let pages = crate::migrate::send_part(
+            mem,
+            &mut w,
+            &all,
+            (0, 1),
+            false,
+            None,
+            &std::sync::atomic::AtomicU64::new(0),
+        )
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let (written, zero) = (pages.sent, pages.zero);
         w.frame(
             Kind::DeviceState,
             &serde_json::to_vec(devices).expect("serialisable"),
