@@ -6,50 +6,33 @@
 //! finally the client's own ID once per vector with its eventfds. Later, a
 //! new client's ID with its eventfds, or a departed client's ID alone.
 //!
-//! Hand-written over libc's sendmsg/recvmsg: the fd passing is a few lines
-//! and no well-kept crate in this workspace offers it already.
+//! The descriptors travel with vmm-sys-util's `ScmSocket`.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 pub const PROTOCOL_VERSION: i64 = 0;
 
 /// Sends one message, with an fd when given.
 pub fn send(sock: &UnixStream, value: i64, fd: Option<RawFd>) -> io::Result<()> {
-    let mut data = value.to_le_bytes();
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr() as *mut libc::c_void,
-        iov_len: 8,
+    let data = value.to_le_bytes();
+    let fds: &[RawFd] = match &fd {
+        Some(fd) => std::slice::from_ref(fd),
+        None => &[],
     };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer holds one cmsg with room for one fd.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut RawFd, fd);
-        }
-    }
-    // SAFETY: `msg` points at live buffers for the duration of the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n != 8 {
-        return Err(io::Error::last_os_error());
+    let n = sock.send_with_fds(&[&data[..]], fds)?;
+    if n != data.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("{n} of 8 bytes of an ivshmem message sent"),
+        ));
     }
     Ok(())
 }
@@ -57,44 +40,15 @@ pub fn send(sock: &UnixStream, value: i64, fd: Option<RawFd>) -> io::Result<()> 
 /// Receives one message and its fd, if any. `Ok(None)` at end of stream.
 pub fn recv(sock: &UnixStream) -> io::Result<Option<(i64, Option<OwnedFd>)>> {
     let mut data = [0u8; 8];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr() as *mut libc::c_void,
-        iov_len: 8,
-    };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: as in `send`.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = space as _;
-    // SAFETY: `msg` points at live buffers; MSG_CMSG_CLOEXEC for the fd.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n == 0 {
-        return Ok(None);
-    }
-    if n != 8 {
-        return Err(io::Error::new(
+    let (n, file) = sock.recv_with_fd(&mut data)?;
+    match n {
+        0 => Ok(None),
+        8 => Ok(Some((i64::from_le_bytes(data), file.map(OwnedFd::from)))),
+        _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("a {n}-byte ivshmem message"),
-        ));
+        )),
     }
-    let mut fd = None;
-    // SAFETY: walking the control messages recvmsg filled in.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        if !c.is_null() && (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS
-        {
-            let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const RawFd);
-            fd = Some(OwnedFd::from_raw_fd(raw));
-        }
-    }
-    Ok(Some((i64::from_le_bytes(data), fd)))
 }
 
 struct Client {
@@ -256,6 +210,7 @@ pub fn join(socket: &Path, vectors: u32) -> io::Result<(Joined, UnixStream)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
     use std::sync::Arc;
 
     #[test]
