@@ -123,16 +123,7 @@ fn a_vm_in_doorbell_mode_refuses_snapshots_and_keeps_running() {
     ]);
     vm.wait_for("vCPU 0 runs on host thread");
     wait_for_path(&sock);
-    let r = nfvisor(
-        &[
-            "snapshot",
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--to",
-            dir.join("s").to_str().unwrap(),
-        ],
-        T,
-    );
+    let r = snapshot(sock.to_str().unwrap(), dir.join("s").to_str().unwrap());
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("doorbell mode"), "{}", r.stderr);
     let out = vm.finish(T);
@@ -176,16 +167,7 @@ fn a_plain_region_guest_migrates_only_to_the_same_region() {
         let region = format!("path={region},size=64K");
         let mut dst = Running::start(&["receive", "--listen", &ep, "--ivshmem", &region]);
         dst.wait_for("waiting for a migration");
-        let r = nfvisor(
-            &[
-                "migrate",
-                "--control-socket",
-                control.to_str().unwrap(),
-                "--to",
-                &ep,
-            ],
-            T,
-        );
+        let r = migrate(control.to_str().unwrap(), &ep, &[]);
         (r, dst.finish(T))
     };
     let (r, dst) = migrate_to(&other, "other");

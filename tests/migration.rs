@@ -46,17 +46,7 @@ fn migrate_to_with(endpoint: &str, name: &str, extra: &[&str], tracking: &str) {
     dst.wait_for("waiting for a migration");
     let (src, sock) = source_with(&dir, extra);
     std::thread::sleep(Duration::from_millis(150));
-    let r = nfvisor(
-        &[
-            "migrate",
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--to",
-            endpoint,
-            "--json",
-        ],
-        T,
-    );
+    let r = migrate(sock.to_str().unwrap(), endpoint, &["--json"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     let m = &json(&r)["migration"];
     assert!(m["rounds"].as_u64().unwrap() >= 2, "{m}");
@@ -124,15 +114,10 @@ fn a_destination_that_dies_before_ready_leaves_the_guest_running_here() {
         let _ = s.read(&mut buf);
     });
     let (src, sock) = source(&dir);
-    let r = nfvisor(
-        &[
-            "migrate",
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--to",
-            &format!("unix:{}", fake.display()),
-        ],
-        T,
+    let r = migrate(
+        sock.to_str().unwrap(),
+        &format!("unix:{}", fake.display()),
+        &[],
     );
     killer.join().unwrap();
     assert_ne!(r.code, 0);
@@ -142,16 +127,7 @@ fn a_destination_that_dies_before_ready_leaves_the_guest_running_here() {
         r.stderr
     );
     // nobody listening at all
-    let r = nfvisor(
-        &[
-            "migrate",
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--to",
-            "unix:/nonexistent/in.sock",
-        ],
-        T,
-    );
+    let r = migrate(sock.to_str().unwrap(), "unix:/nonexistent/in.sock", &[]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("/nonexistent/in.sock"), "{}", r.stderr);
     let s = src.finish(T);
@@ -164,16 +140,7 @@ fn a_receiver_refuses_a_corrupt_stream_and_runs_nothing() {
     let dir = scratch("mig-corrupt");
     let (src, sock) = source(&dir);
     let snap = dir.join("snap");
-    let r = nfvisor(
-        &[
-            "snapshot",
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--to",
-            snap.to_str().unwrap(),
-        ],
-        T,
-    );
+    let r = snapshot(sock.to_str().unwrap(), snap.to_str().unwrap());
     assert_eq!(r.code, 0, "{}", r.stderr);
     drop(src);
     let mut bytes = std::fs::read(snap.join("snapshot.nfv")).unwrap();
@@ -224,17 +191,7 @@ fn a_guest_timer_sees_the_stall_of_the_hand_over() {
     src.wait_for("vCPU 0 runs on host thread");
     wait_for_path(&sock);
     std::thread::sleep(Duration::from_millis(300));
-    let r = nfvisor(
-        &[
-            "migrate",
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--to",
-            &ep,
-            "--json",
-        ],
-        T,
-    );
+    let r = migrate(sock.to_str().unwrap(), &ep, &["--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let downtime_us = json(&r)["migration"]["downtime_ms"].as_f64().unwrap() * 1000.0;
     drop(src);
@@ -269,52 +226,26 @@ fn a_receiver_with_a_token_accepts_only_a_source_that_knows_it() {
     let r = nfvisor(&["migrate", "--control-socket", s, "--to", &ep], T);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("--token-file"), "{}", r.stderr);
-    let r = nfvisor(
-        &[
-            "migrate",
-            "--control-socket",
-            s,
-            "--to",
-            &ep,
-            "--token-file",
-            bad.to_str().unwrap(),
-        ],
-        T,
-    );
+    let r = migrate(s, &ep, &["--token-file", bad.to_str().unwrap()]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("refused our token"), "{}", r.stderr);
     // a short token is refused before anything is sent
     let short = dir.join("short");
     std::fs::write(&short, "abc").unwrap();
-    let r = nfvisor(
-        &[
-            "migrate",
-            "--control-socket",
-            s,
-            "--to",
-            &ep,
-            "--token-file",
-            short.to_str().unwrap(),
-        ],
-        T,
-    );
+    let r = migrate(s, &ep, &["--token-file", short.to_str().unwrap()]);
     assert_eq!(r.code, 78, "{}", r.stderr);
     // the receiver is still waiting, and the right token gets through, on
     // three connections (each proves it), the pages split among them
-    let r = nfvisor(
+    let r = migrate(
+        s,
+        &ep,
         &[
-            "migrate",
-            "--control-socket",
-            s,
-            "--to",
-            &ep,
             "--token-file",
             good.to_str().unwrap(),
             "--connections",
             "3",
             "--json",
         ],
-        T,
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(json(&r)["migration"]["connections"], 3);
@@ -351,16 +282,7 @@ fn a_destination_lost_after_go_leaves_the_guest_paused_and_says_so() {
     });
     let (src, sock) = source(&dir);
     let s = sock.to_str().unwrap();
-    let r = nfvisor(
-        &[
-            "migrate",
-            "--control-socket",
-            s,
-            "--to",
-            &format!("unix:{}", fake.display()),
-        ],
-        T,
-    );
+    let r = migrate(s, &format!("unix:{}", fake.display()), &[]);
     fake_dst.join().unwrap();
     assert_ne!(r.code, 0);
     assert!(
@@ -432,16 +354,7 @@ fn a_bandwidth_limit_holds_pre_copy_back_and_progress_is_shown() {
     let refused = nfvisor(&["pause", "--control-socket", &s], T);
     assert_ne!(refused.code, 0);
     assert!(refused.stderr.contains("in flight"), "{}", refused.stderr);
-    let refused = nfvisor(
-        &[
-            "migrate",
-            "--control-socket",
-            &s,
-            "--to",
-            "unix:/nonexistent",
-        ],
-        T,
-    );
+    let refused = migrate(&s, "unix:/nonexistent", &[]);
     assert_ne!(refused.code, 0);
     assert!(refused.stderr.contains("in flight"), "{}", refused.stderr);
     let r = migrating.join().unwrap();
@@ -491,16 +404,7 @@ fn migrate_into_fault(fault: &str) -> (Run, Run, Running, std::path::PathBuf) {
     dst.wait_for("waiting for a migration");
     let (src, sock) = source(&dir);
     std::thread::sleep(Duration::from_millis(150));
-    let r = nfvisor(
-        &[
-            "migrate",
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--to",
-            &endpoint,
-        ],
-        T,
-    );
+    let r = migrate(sock.to_str().unwrap(), &endpoint, &[]);
     let dst = dst.finish(T);
     let (phase, action) = fault.split_once(':').unwrap_or((fault, "kill"));
     assert!(
@@ -665,17 +569,7 @@ fn a_page_zeroed_after_it_was_sent_arrives_as_zero() {
     dst.wait_for("waiting for a migration");
     let (src, sock) = source_running(&dir, ZEROING);
     std::thread::sleep(Duration::from_millis(300));
-    let r = nfvisor(
-        &[
-            "migrate",
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--to",
-            &ep,
-            "--json",
-        ],
-        T,
-    );
+    let r = migrate(sock.to_str().unwrap(), &ep, &["--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let m = &json(&r)["migration"];
     assert!(m["rounds"].as_u64().unwrap() >= 2, "{m}");
@@ -710,17 +604,7 @@ fn a_received_guest_migrates_on_with_the_tracking_its_receiver_chose() {
     let (a, a_ctl) = source(&dir);
     std::thread::sleep(Duration::from_millis(150));
     let hop = |ctl: &std::path::Path, to: &str| {
-        let r = nfvisor(
-            &[
-                "migrate",
-                "--control-socket",
-                ctl.to_str().unwrap(),
-                "--to",
-                to,
-                "--json",
-            ],
-            T,
-        );
+        let r = migrate(ctl.to_str().unwrap(), to, &["--json"]);
         assert_eq!(r.code, 0, "{}", r.stderr);
         json(&r)["migration"]["dirty_tracking"].clone()
     };

@@ -126,16 +126,7 @@ fn pause_resume_status_and_bad_requests() {
 fn a_corrupt_or_cut_snapshot_is_refused_and_never_runs() {
     let (vm, sock, dir) = start_with_socket("corrupt");
     let snap = dir.join("snap");
-    let r = nfvisor(
-        &[
-            "snapshot",
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--to",
-            snap.to_str().unwrap(),
-        ],
-        T,
-    );
+    let r = snapshot(sock.to_str().unwrap(), snap.to_str().unwrap());
     assert_eq!(r.code, 0, "{}", r.stderr);
     drop(vm);
     let good = std::fs::read(snap.join("snapshot.nfv")).unwrap();
@@ -167,16 +158,7 @@ fn a_corrupt_or_cut_snapshot_is_refused_and_never_runs() {
 fn a_guest_using_cpu_features_this_host_lacks_is_refused() {
     let (vm, sock, dir) = start_with_socket("cpuid");
     let snap = dir.join("snap");
-    let r = nfvisor(
-        &[
-            "snapshot",
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--to",
-            snap.to_str().unwrap(),
-        ],
-        T,
-    );
+    let r = snapshot(sock.to_str().unwrap(), snap.to_str().unwrap());
     assert_eq!(r.code, 0, "{}", r.stderr);
     drop(vm);
     // rewrite the configuration: the guest claims CPUID.1:EDX bit 30 (IA-64), which no host offers

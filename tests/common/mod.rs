@@ -209,3 +209,18 @@ pub fn wait_for_path(path: &Path) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// `nfvisor migrate --control-socket CTL --to TO EXTRA...` (two minutes at most).
+pub fn migrate(ctl: &str, to: &str, extra: &[&str]) -> Run {
+    let mut args = vec!["migrate", "--control-socket", ctl, "--to", to];
+    args.extend_from_slice(extra);
+    nfvisor(&args, Duration::from_secs(120))
+}
+
+/// `nfvisor snapshot --control-socket CTL --to DIR`.
+pub fn snapshot(ctl: &str, dir: &str) -> Run {
+    nfvisor(
+        &["snapshot", "--control-socket", ctl, "--to", dir],
+        Duration::from_secs(120),
+    )
+}
