@@ -810,6 +810,17 @@ fn control(path: &std::path::Path, req: serde_json::Value, json: bool) -> Result
     }
 }
 
+/// `--ivshmem` on `receive`/`restore`: a plain region only, refused before
+/// anything listens or loads.
+fn plain_ivshmem(spec: &str) -> Result<vmm::shared_region::IvshmemSpec> {
+    let parsed = config::parse_ivshmem(spec)?;
+    anyhow::ensure!(
+        parsed.server.is_none(),
+        "doorbell mode cannot be restored or received (peer ids belong to the server connection); use a plain region"
+    );
+    Ok(parsed)
+}
+
 /// What a restored or received guest takes from this side's flags (the
 /// rest comes from the stream).
 #[derive(clap::Args)]
@@ -829,8 +840,8 @@ struct LocalFlags {
     /// The shared ivshmem region the guest was attached to (plain mode:
     /// path=...,size=...): the stream names it, and this must be the same
     /// region.
-    #[arg(long, value_name = "SPEC")]
-    ivshmem: Option<String>,
+    #[arg(long, value_name = "SPEC", value_parser = plain_ivshmem)]
+    ivshmem: Option<vmm::shared_region::IvshmemSpec>,
     #[command(flatten)]
     dirty: config::DirtyTracking,
     #[command(flatten)]
@@ -1019,10 +1030,6 @@ fn restored_vm(
         ..
     } = local;
     let (rt_spec, mem) = rt.to_spec()?;
-    let ivshmem = ivshmem.as_deref().map(config::parse_ivshmem).transpose()?;
-    if ivshmem.as_ref().is_some_and(|i| i.server.is_some()) {
-        anyhow::bail!("--ivshmem server=...: doorbell mode cannot be restored or received (peer ids belong to the server connection); use a plain region");
-    }
     let spec = vmm::VmSpec {
         kernel_name: cfg.kernel.clone(),
         kernel: Vec::new(),

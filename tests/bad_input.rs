@@ -176,3 +176,57 @@ fn a_numa_node_that_does_not_exist() {
         "NUMA node 63 does not exist",
     );
 }
+
+#[test]
+fn migration_flags_out_of_range_are_refused_before_anything_starts() {
+    refused(
+        &[
+            "migrate",
+            "--control-socket",
+            "/nonexistent/vm.sock",
+            "--to",
+            "unix:/x",
+            "--connections",
+            "0",
+        ],
+        2,
+        "--connections",
+    );
+    refused(
+        &[
+            "migrate",
+            "--control-socket",
+            "/nonexistent/vm.sock",
+            "--to",
+            "unix:/x",
+            "--connections",
+            "17",
+        ],
+        2,
+        "--connections",
+    );
+    // a receiver never listens with a doorbell-mode region it could not use
+    refused(
+        &[
+            "receive",
+            "--listen",
+            "unix:/nonexistent/in.sock",
+            "--ivshmem",
+            "server=/nonexistent/ivs.sock",
+        ],
+        2,
+        "doorbell mode",
+    );
+    refused(
+        &[
+            "receive",
+            "--listen",
+            "unix:/nonexistent/in.sock",
+            "--dirty-ring",
+            "4096",
+            "--dirty-bitmap",
+        ],
+        2,
+        "--dirty-bitmap",
+    );
+}
