@@ -323,9 +323,11 @@ fn a_bandwidth_limit_holds_pre_copy_back_and_progress_is_shown() {
                     "--bandwidth-limit",
                     "16M",
                     // at 16 MiB/s a guest dirtying 4 MiB per pass never
-                    // converges: give up waiting after a second and complete
+                    // converges: give up waiting after two seconds (time
+                    // for the status checks below, even on a loaded host)
+                    // and complete
                     "--timeout",
-                    "1",
+                    "2",
                     "--on-timeout",
                     "force",
                     "--json",
@@ -338,7 +340,11 @@ fn a_bandwidth_limit_holds_pre_copy_back_and_progress_is_shown() {
     // second migration are refused
     let mut seen = None;
     for _ in 0..100 {
-        let st = json(&nfvisor(&["status", "--control-socket", &s, "--json"], T));
+        let r = nfvisor(&["status", "--control-socket", &s, "--json"], T);
+        if r.code != 0 {
+            break; // the VM has gone (migrated): too late to look
+        }
+        let st = json(&r);
         if st["state"] == "migrating" && st["migration"]["progress"]["round"].as_u64() >= Some(1) {
             seen = Some(st);
             break;
