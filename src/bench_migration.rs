@@ -424,12 +424,27 @@ fn summary(reports: &[serde_json::Value]) -> serde_json::Value {
         let (m, lo, hi) = median(reports.iter().filter_map(f).collect());
         serde_json::json!({"median": m, "min": lo, "max": hi})
     };
+    // nfvisor's downtime, step by step (ms after the pause), median of each
+    let phases: serde_json::Map<String, serde_json::Value> = reports
+        .first()
+        .and_then(|r| r["report"]["downtime_phases"].as_object())
+        .map(|first| {
+            first
+                .keys()
+                .map(|k| {
+                    let at = |r: &serde_json::Value| r["report"]["downtime_phases"][k].as_f64();
+                    (k.clone(), serde_json::json!(median(reports.iter().filter_map(at).collect()).0))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     serde_json::json!({
         "total_ms": field(&|r| r["total_ms"].as_f64()),
         "downtime_ms": field(&|r| r["downtime_ms"].as_f64()),
         "rounds": field(&|r| r["rounds"].as_f64()),
         "tick_silence_ms": field(&|r| r["stall"]["tick_silence_ms"].as_f64()),
         "tsc_gap_ms": field(&|r| r["stall"]["tsc_gap_ms"].as_f64()),
+        "downtime_phases_median": phases,
         "each": reports,
     })
 }
@@ -529,6 +544,18 @@ pub fn run(o: &Options) -> Result<u8> {
                 );
             };
             line("nfvisor", &ours);
+            let step = |k: &str| ours["downtime_phases_median"][k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{:<13} nfvisor  downtime steps, ms after the pause: paused {:.2}, last pages {:.2}, state {:.2}, stream read there {:.2}, READY {:.2}, GO there {:.2}, resumed {:.2}",
+                s.name,
+                step("paused_ms"),
+                step("last_pages_ms"),
+                step("state_ms"),
+                step("dest_stream_end_ms"),
+                step("ready_ms"),
+                step("dest_go_ms"),
+                step("dest_resumed_ms"),
+            );
             if let Some(q) = &qemu {
                 line("qemu", q);
                 println!(

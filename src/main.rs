@@ -957,12 +957,29 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
             return Err(e.context("the incoming migration was refused; nothing ran"));
         }
     };
-    // READY once the vCPU threads are set up and waiting (so their set-up
-    // stays out of the downtime); GO releases them; RUNNING confirms
+    // The vCPU threads are set up first, then the stream is read to its
+    // end and applied (so only its last part lies in the downtime); READY
+    // once all is verified, or ERROR with the reason; GO releases the
+    // vCPUs; RUNNING confirms, with when each step happened here.
     let handed_over = std::sync::Arc::new(std::sync::Mutex::new(None));
     let for_start = handed_over.clone();
-    vm.set_gate(Box::new(move || {
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started_here = started.clone();
+    vm.set_gate(Box::new(move |restored| {
         let device = |what: String| vmm::Error::Device(what);
+        let restored = match restored {
+            Ok(r) => *r,
+            Err(e) => {
+                let why = e.to_string().replace('\n', " ");
+                let _ = answer
+                    .write_all(format!("ERROR {why}\n").as_bytes())
+                    .and_then(|_| answer.flush());
+                return Ok(());
+            }
+        };
+        // (time-stamped as it is sent: the source may read it before the
+        // write returns here)
+        let ready_ns = vmm::migrate::now_ns();
         answer
             .write_all(b"READY\n")
             .and_then(|_| answer.flush())
@@ -989,29 +1006,39 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
                 )))
             }
         };
+        let marks = [
+            ("stream_end", restored.stream_end_ns),
+            ("applied", restored.applied_ns),
+            ("ready", ready_ns),
+            ("go", vmm::migrate::now_ns()),
+        ];
         vmm::fault::at(vmm::fault::Phase::AfterGo);
-        *handed_over.lock().unwrap_or_else(|e| e.into_inner()) = Some((answer, paused_at));
+        *handed_over.lock().unwrap_or_else(|e| e.into_inner()) = Some((answer, paused_at, marks));
         Ok(())
     }));
-    vm.set_on_start(Box::new(move || {
-        let Some((mut answer, paused_at)) =
+    vm.set_on_start(Box::new(move |resumed_at| {
+        started_here.store(true, std::sync::atomic::Ordering::Release);
+        let Some((mut answer, paused_at, marks)) =
             for_start.lock().unwrap_or_else(|e| e.into_inner()).take()
         else {
             return;
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let downtime = now.saturating_sub(paused_at);
+        let downtime = resumed_at.saturating_sub(paused_at);
         tracing::info!(
             "guest resumed here {:.3} ms after the source paused it",
             downtime as f64 / 1e6
         );
-        let _ = answer.write_all(format!("RUNNING {downtime}\n").as_bytes());
+        let _ =
+            answer.write_all(vmm::migrate::running_line(downtime, paused_at, &marks).as_bytes());
         let _ = answer.flush();
     }));
-    run_and_report(vm, None, json, exit_stats)
+    run_and_report(vm, None, json, exit_stats).map_err(|e| {
+        if started.load(std::sync::atomic::Ordering::Acquire) {
+            e
+        } else {
+            e.context("the incoming migration was refused; nothing ran")
+        }
+    })
 }
 
 fn restored_vm(

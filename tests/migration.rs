@@ -60,6 +60,26 @@ fn migrate_to_with(endpoint: &str, name: &str, extra: &[&str], tracking: &str) {
     );
     assert!(m["pages_sent"].as_u64().unwrap() >= 1024, "{m}");
     assert_eq!(m["dirty_tracking"], tracking);
+    // where the downtime went, in the order it happens (one host, one clock)
+    let p = &m["downtime_phases"];
+    let steps: Vec<f64> = [
+        "paused_ms",
+        "last_pages_ms",
+        "state_ms",
+        "dest_stream_end_ms",
+        "dest_applied_ms",
+        "dest_ready_ms",
+        "ready_ms",
+        "go_ms",
+        "dest_go_ms",
+        "dest_resumed_ms",
+    ]
+    .iter()
+    .map(|k| p[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {p}")))
+    .collect();
+    assert!(steps[0] > 0.0, "{p}");
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "out of order: {p}");
+    assert_eq!(steps[9], down, "{p}");
     let s = src.finish(T);
     assert_eq!(s.code, 0, "{}", s.stderr);
     assert!(s.stdout.contains("guest migrated to"), "{}", s.stdout);

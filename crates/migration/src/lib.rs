@@ -19,7 +19,8 @@
 use std::io::{self, Read, Write};
 
 pub const MAGIC: &[u8; 8] = b"NFVMIGR\0";
-pub const VERSION: u32 = 1;
+/// 2: state frames in postcard instead of JSON.
+pub const VERSION: u32 = 2;
 pub const PAGE_SIZE: usize = 4096;
 /// Largest payload a reader accepts (a frame of 1024 pages plus addresses).
 pub const MAX_PAYLOAD: usize = 1024 * (PAGE_SIZE + 8);

@@ -22,6 +22,16 @@ use crate::{Error, Result};
 
 pub const SCHEMA: u32 = 1;
 
+/// A vCPU state being read by its thread.
+pub(crate) type PendingSave = std::sync::mpsc::Receiver<Result<VcpuState>>;
+
+fn vcpu_gone(id: usize) -> Error {
+    Error::Vcpu {
+        id: id as u32,
+        why: "its thread has ended".into(),
+    }
+}
+
 /// What a paused vCPU thread is asked to do.
 pub enum VcpuCmd {
     Save(Sender<Result<VcpuState>>),
@@ -263,16 +273,30 @@ impl VmHandle {
     /// Every vCPU's state (each thread reads its own) and the devices'; the
     /// VM must be paused.
     pub(crate) fn save_state(&self) -> Result<(Vec<VcpuState>, snapshot::DeviceState)> {
-        let mut states = Vec::new();
-        for (id, c) in self.cmds.iter().enumerate() {
-            let gone = || Error::Vcpu {
-                id: id as u32,
-                why: "its thread has ended".into(),
-            };
-            let (tx, rx) = std::sync::mpsc::channel();
-            c.send(VcpuCmd::Save(tx)).map_err(|_| gone())?;
-            states.push(rx.recv().map_err(|_| gone())??);
-        }
+        let saving = self.request_vcpu_saves()?;
+        self.collect_saves(saving)
+    }
+
+    /// Asks every (paused) vCPU thread to read its state: they do so at
+    /// once and in parallel; `collect_saves` gathers the answers.
+    pub(crate) fn request_vcpu_saves(&self) -> Result<Vec<PendingSave>> {
+        self.cmds
+            .iter()
+            .enumerate()
+            .map(|(id, c)| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                c.send(VcpuCmd::Save(tx))
+                    .map_err(|_| vcpu_gone(id))
+                    .map(|()| rx)
+            })
+            .collect()
+    }
+
+    /// The vCPU states asked for, and the devices' state read meanwhile.
+    pub(crate) fn collect_saves(
+        &self,
+        saving: Vec<PendingSave>,
+    ) -> Result<(Vec<VcpuState>, snapshot::DeviceState)> {
         let ivshmem = self
             .ivshmem_device
             .as_ref()
@@ -281,6 +305,11 @@ impl VmHandle {
                 window_open: self.ivshmem_window.as_ref().is_none_or(|r| r.window_open()),
             });
         let devices = snapshot::save_devices(&self.vm, regs_of(&self.com1.state()), ivshmem)?;
+        let states = saving
+            .into_iter()
+            .enumerate()
+            .map(|(id, rx)| rx.recv().map_err(|_| vcpu_gone(id))?)
+            .collect::<Result<Vec<_>>>()?;
         Ok((states, devices))
     }
 

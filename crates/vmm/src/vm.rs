@@ -112,9 +112,10 @@ pub struct VmSpec {
     pub control_socket: Option<PathBuf>,
     /// Restore this stream (snapshot or migration) instead of booting.
     pub restore_from: Option<crate::snapshot::RestoreSource>,
-    /// Called once the vCPUs have been released (a migration's destination
-    /// confirms it runs).
-    pub on_start: Option<Box<dyn FnOnce() + Send>>,
+    /// Called once the vCPUs have been released, with when the BSP entered
+    /// its run loop (CLOCK_REALTIME ns): a migration's destination confirms
+    /// it runs, and that is where its downtime ends.
+    pub on_start: Option<Box<dyn FnOnce(u128) + Send>>,
     /// Called when the VM exists and is about to read `restore_from` (a
     /// migration's destination tells the source to start sending, so
     /// creating the VM stays out of the downtime).
@@ -252,8 +253,60 @@ pub struct Vm {
     gate: Option<Gate>,
 }
 
-/// See `Vm::set_gate`.
-pub type Gate = Box<dyn FnOnce() -> Result<()> + Send>;
+/// When the BSP entered its run loop (CLOCK_REALTIME ns), waiting up to a
+/// second for it to get there once released.
+fn entered_run_loop(first_run: &Mutex<Option<Instant>>) -> u128 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(at) = *first_run.lock().unwrap_or_else(|e| e.into_inner()) {
+            return crate::snapshot::realtime_ns().saturating_sub(at.elapsed().as_nanos());
+        }
+        if t0.elapsed() > Duration::from_secs(1) {
+            return crate::snapshot::realtime_ns();
+        }
+        thread::sleep(Duration::from_micros(20));
+    }
+}
+
+/// See `Vm::set_gate`: told the restore's outcome (or why the VM cannot
+/// start), it says READY or refuses, and returns whether the guest starts.
+pub type Gate = Box<dyn FnOnce(std::result::Result<&Restored, &Error>) -> Result<()> + Send>;
+
+/// When a restored VM's stream ended and its state was in KVM
+/// (CLOCK_REALTIME ns): the destination's side of a migration's downtime.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Restored {
+    pub stream_end_ns: u128,
+    pub applied_ns: u128,
+}
+
+/// Reads the rest of `src` into the VM: memory, the vCPUs' and the devices'
+/// state, all verified before anything runs.
+fn apply_restore(
+    src: &mut crate::snapshot::RestoreSource,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    vcpus: &[VcpuFd],
+    tsc_khz: u32,
+    com1: &SerialConsole,
+    ivshmem: Option<&(
+        Arc<crate::shared_region::SharedRegion>,
+        Arc<devices::ivshmem::Ivshmem>,
+    )>,
+) -> Result<Restored> {
+    let (regs, ivshmem_state, stream_end_ns) =
+        crate::snapshot::apply(src, vm, mem, vcpus, tsc_khz as u64)?;
+    com1.restore(&crate::control::serial_state(&regs))
+        .map_err(|e| Error::Device(format!("COM1: {e}")))?;
+    if let (Some(state), Some((region, dev))) = (ivshmem_state, ivshmem) {
+        dev.restore_config(&state.config);
+        region.set_window(vm, state.window_open)?;
+    }
+    Ok(Restored {
+        stream_end_ns,
+        applied_ns: crate::snapshot::realtime_ns(),
+    })
+}
 
 /// A guest attached to a shared region resumes only attached to that same
 /// region (its peers share it, so it is never in the stream); one without
@@ -631,19 +684,12 @@ impl Vm {
             }
         }
         let (boot, cmdline) = match spec.restore_from.as_mut() {
-            Some(path) => {
-                // the stream's memory, devices and vCPU states, all verified
-                // before the VM runs
+            Some(_) => {
+                // the stream is read in `run`, once the vCPU threads are set
+                // up: whatever the last of it brings is then all that stands
+                // between the source's pause and the resume here
                 if let Some(f) = spec.on_prepared.take() {
                     f();
-                }
-                let (regs, ivshmem_state) =
-                    crate::snapshot::apply(path, &vm, &mem, &vcpus, tsc_khz as u64)?;
-                com1.restore(&crate::control::serial_state(&regs))
-                    .map_err(|e| Error::Device(format!("COM1: {e}")))?;
-                if let (Some(state), Some((region, dev))) = (ivshmem_state, &ivshmem) {
-                    dev.restore_config(&state.config);
-                    region.set_window(&vm, state.window_open)?;
                 }
                 let entry = BootEntry {
                     protocol: BootProtocol::Restore,
@@ -715,7 +761,7 @@ impl Vm {
     }
 
     /// Sets what runs once the vCPUs are released.
-    pub fn set_on_start(&mut self, f: Box<dyn FnOnce() + Send>) {
+    pub fn set_on_start(&mut self, f: Box<dyn FnOnce(u128) + Send>) {
         self.spec.on_start = Some(f);
     }
 
@@ -756,7 +802,7 @@ impl Vm {
             kvm_kind,
             cx16_hidden,
             mut settings,
-            spec,
+            mut spec,
             created,
             irq,
             gate,
@@ -816,11 +862,13 @@ impl Vm {
         let (end_tx, end_rx) = mpsc::channel::<u32>();
         let mut go = Vec::new();
         let mut handles = Vec::new();
-        for ((id, mut vcpu), cmd_rx) in vcpus.into_iter().enumerate().zip(cmd_rxs) {
+        for (id, cmd_rx) in cmd_rxs.into_iter().enumerate() {
             let id = id as u32;
             let (handle, ack_tx, msrs, kvm) =
                 (handle.clone(), ack_tx.clone(), msrs.clone(), kvm.clone());
-            let (go_tx, go_rx) = mpsc::channel::<bool>();
+            // the vCPU itself comes with the go: a restore writes its state
+            // while the thread is set up and waiting
+            let (go_tx, go_rx) = mpsc::channel::<Option<VcpuFd>>();
             go.push(go_tx);
             let host_cpu = spec.rt.cpus.as_ref().map(|c| c[id as usize]);
             let priority = spec.rt.priority;
@@ -856,9 +904,9 @@ impl Vm {
                         }
                     }
                     let _ = ready_tx.send((id, tid, applied, failure));
-                    if go_rx.recv() != Ok(true) {
+                    let Ok(Some(mut vcpu)) = go_rx.recv() else {
                         return None;
-                    }
+                    };
                     let kvm_stats = KvmStats::open(&vcpu).ok();
                     let sched = rt::thread_sched(tid).ok();
                     let started = Instant::now();
@@ -943,19 +991,43 @@ impl Vm {
         }
         *handle.pthreads.lock().unwrap_or_else(|e| e.into_inner()) =
             handles.iter().map(|h| h.as_pthread_t()).collect();
+        let mut restored = Restored::default();
         if failure.is_none() {
-            if let Some(gate) = gate {
-                if let Err(e) = gate() {
-                    failure = Some(e);
+            if let Some(mut src) = spec.restore_from.take() {
+                match apply_restore(
+                    &mut src,
+                    &vm,
+                    &mem,
+                    &vcpus,
+                    tsc_khz,
+                    &com1,
+                    ivshmem.as_ref(),
+                ) {
+                    Ok(r) => restored = r,
+                    Err(e) => failure = Some(e),
                 }
             }
         }
+        if let Some(gate) = gate {
+            let opened = gate(match &failure {
+                None => Ok(&restored),
+                Some(e) => Err(e),
+            });
+            if let (None, Err(e)) = (&failure, opened) {
+                failure = Some(e);
+            }
+        }
+        let mut vcpus = vcpus.into_iter();
         for g in &go {
-            let _ = g.send(failure.is_none());
+            let _ = g.send(if failure.is_none() {
+                vcpus.next()
+            } else {
+                None
+            });
         }
         if failure.is_none() {
             if let Some(f) = on_start {
-                f();
+                f(entered_run_loop(&first_run));
             }
         }
         if let Some(e) = failure {
