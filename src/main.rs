@@ -939,6 +939,15 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
                 let _ = std::fs::remove_file(p);
             }
             source.live = true;
+            // SYNCED answers on the control channel (extra streams answer
+            // from their own threads, hence the lock)
+            let synced = std::sync::Mutex::new(answer.split()?);
+            source.on_sync = Some(std::sync::Arc::new(move |stream, seq| {
+                let mut out = synced.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = out
+                    .write_all(format!("SYNCED {stream} {seq}\n").as_bytes())
+                    .and_then(|_| out.flush());
+            }));
             let on_prepared: Box<dyn FnOnce() + Send> = Box::new(move || {
                 let _ = prepared
                     .write_all(b"PREPARED\n")

@@ -63,6 +63,9 @@ pub enum Kind {
     DeviceState = 4,
     VcpuState = 5,
     End = 6,
+    /// A live migration's checkpoint (a u64 sequence number): the
+    /// destination answers once it has applied everything before it.
+    Sync = 7,
 }
 
 impl Kind {
@@ -74,6 +77,7 @@ impl Kind {
             4 => Kind::DeviceState,
             5 => Kind::VcpuState,
             6 => Kind::End,
+            7 => Kind::Sync,
             _ => return None,
         })
     }

@@ -461,6 +461,47 @@ fn first_round_pages(h: &VmHandle, report: &mut MigrationReport) -> Vec<Vec<u64>
     out
 }
 
+/// A Sync frame on every stream, then the destination's SYNCED answer for
+/// each: it has applied everything sent so far.
+fn sync<W: Write>(
+    ws: &mut [Writer<W>],
+    back: &mut BufReader<Box<dyn Link>>,
+    seq: u32,
+    to: &str,
+) -> Result<()> {
+    for w in ws.iter_mut() {
+        w.frame(Kind::Sync, &(seq as u64).to_le_bytes())
+            .map_err(io)?;
+    }
+    flush_all(ws)?;
+    let _ = back.get_ref().set_timeout(Some(Duration::from_secs(60)));
+    let mut answered = vec![false; ws.len()];
+    while answered.contains(&false) {
+        let mut line = String::new();
+        let got = back.read_line(&mut line);
+        match (got, line.split_whitespace().collect::<Vec<_>>().as_slice()) {
+            (Ok(_), ["SYNCED", stream, n]) if n.parse() == Ok(seq) => {
+                if let Some(a) = stream.parse::<usize>().ok().and_then(|s| answered.get_mut(s)) {
+                    *a = true;
+                }
+            }
+            (Ok(_), ["SYNCED", ..]) => {}
+            (got, _) => {
+                return Err(Error::Device(format!(
+                    "waiting for {to} to catch up: {}; the guest runs on here",
+                    match got {
+                        Err(e) => e.to_string(),
+                        Ok(0) => "connection closed".into(),
+                        Ok(_) => line.trim().to_string(),
+                    }
+                )))
+            }
+        }
+    }
+    let _ = back.get_ref().set_timeout(None);
+    Ok(())
+}
+
 fn flush_all<W: Write>(ws: &mut [Writer<W>]) -> Result<()> {
     for w in ws {
         w.flush().map_err(io)?;
@@ -598,8 +639,9 @@ pub fn migrate(
         report.rounds = 1;
         let mut bandwidth = (report.pages_sent.max(1) * PAGE_SIZE as u64) as f64
             / r0.elapsed().as_secs_f64().max(1e-6);
+        let mut synced = false;
+        let mut dirty = dirty_bitmaps(h)?;
         loop {
-            let dirty = dirty_bitmaps(h)?;
             let pages = count(&dirty);
             let estimate = Duration::from_secs_f64(pages as f64 * PAGE_SIZE as f64 / bandwidth);
             progress(&Progress {
@@ -610,6 +652,17 @@ pub fn migrate(
                 elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
             });
             if estimate <= opts.downtime {
+                if !synced {
+                    // a flushed round may still be in the socket and the
+                    // destination's buffers, waiting to be applied: that
+                    // backlog (MiBs) would be downtime. Wait until the
+                    // destination has applied everything, add what was
+                    // dirtied meanwhile, and look again.
+                    sync(&mut ws, &mut back, report.rounds, to)?;
+                    synced = true;
+                    add_dirty(h, &mut dirty)?;
+                    continue;
+                }
                 // small enough: these go in the stop-and-copy
                 return stop_and_copy(h, &mut ws, dirty, &mut report);
             }
@@ -631,6 +684,8 @@ pub fn migrate(
             bandwidth =
                 (sent.max(1) * PAGE_SIZE as u64) as f64 / r.elapsed().as_secs_f64().max(1e-6);
             report.rounds += 1;
+            synced = false;
+            dirty = dirty_bitmaps(h)?;
         }
     })();
     let paused_at = match result {

@@ -397,6 +397,22 @@ pub struct RestoreSource {
     /// passed between reading its state and restoring it. A snapshot
     /// restores the clocks as they were: the guest continues exactly there.
     pub live: bool,
+    /// A migration's destination answers each Sync frame through this
+    /// (stream index, sequence number) once it has applied what came
+    /// before it; without one (a file) Sync frames are skipped.
+    pub on_sync: Option<SyncAnswer>,
+}
+
+/// See `RestoreSource::on_sync`.
+pub type SyncAnswer = std::sync::Arc<dyn Fn(usize, u64) + Send + Sync>;
+
+/// A Sync frame's sequence number.
+fn sync_seq(f: &migration::Frame, name: &str) -> Result<u64> {
+    f.payload
+        .as_slice()
+        .try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| stream_error(name, format!("frame {}: malformed Sync frame", f.index)))
 }
 
 impl RestoreSource {
@@ -422,6 +438,7 @@ impl RestoreSource {
                 reader,
                 extra: Vec::new(),
                 live: false,
+                on_sync: None,
                 cpu_features: config.cpu_features.clone(),
                 ivshmem: config.ivshmem.clone(),
             },
@@ -486,6 +503,8 @@ pub fn apply(
     let mut clock_gap = 0u64;
     let extra = std::mem::take(&mut src.extra);
     let live = src.live;
+    let on_sync = src.on_sync.clone();
+    let on_sync = on_sync.as_deref();
     std::thread::scope(|scope| -> Result<()> {
         // the other streams' pages, each on a thread of its own (they hold
         // disjoint pages, so the order between streams does not matter)
@@ -498,6 +517,12 @@ pub fn apply(
                     while let Some(f) = reader.next_frame().map_err(|e| stream_error(&what, e))? {
                         match f.kind {
                             Kind::Pages | Kind::ZeroPages => apply_pages(&f, mem, &what)?,
+                            Kind::Sync => {
+                                let seq = sync_seq(&f, &what)?;
+                                if let Some(answer) = on_sync {
+                                    answer(i + 1, seq);
+                                }
+                            }
                             Kind::End => {}
                             other => {
                                 return Err(stream_error(
@@ -539,6 +564,12 @@ pub fn apply(
                         let gap = restore_vcpu(vcpu, &s, live.then_some(tsc_khz))?;
                         clock_gap = clock_gap.max(gap);
                         restored[s.id as usize] = true;
+                    }
+                    Kind::Sync => {
+                        let seq = sync_seq(&f, name)?;
+                        if let Some(answer) = on_sync {
+                            answer(0, seq);
+                        }
                     }
                     Kind::End => {}
                 }
