@@ -433,7 +433,10 @@ fn summary(reports: &[serde_json::Value]) -> serde_json::Value {
                 .keys()
                 .map(|k| {
                     let at = |r: &serde_json::Value| r["report"]["downtime_phases"][k].as_f64();
-                    (k.clone(), serde_json::json!(median(reports.iter().filter_map(at).collect()).0))
+                    (
+                        k.clone(),
+                        serde_json::json!(median(reports.iter().filter_map(at).collect()).0),
+                    )
                 })
                 .collect()
         })
@@ -544,7 +547,11 @@ pub fn run(o: &Options) -> Result<u8> {
                 );
             };
             line("nfvisor", &ours);
-            let step = |k: &str| ours["downtime_phases_median"][k].as_f64().unwrap_or(f64::NAN);
+            let step = |k: &str| {
+                ours["downtime_phases_median"][k]
+                    .as_f64()
+                    .unwrap_or(f64::NAN)
+            };
             println!(
                 "{:<13} nfvisor  downtime steps, ms after the pause: paused {:.2}, last pages {:.2}, state {:.2}, stream read there {:.2}, READY {:.2}, GO there {:.2}, resumed {:.2}",
                 s.name,

@@ -292,7 +292,14 @@ fn a_destination_lost_after_go_leaves_the_guest_paused_and_says_so() {
         let first = r.next_frame().unwrap().unwrap();
         assert_eq!(first.kind, migration::Kind::Config);
         s.write_all(b"PREPARED\n").unwrap();
-        while r.next_frame().unwrap().is_some() {}
+        while let Some(f) = r.next_frame().unwrap() {
+            // (it has applied everything when it reads a Sync frame)
+            if f.kind == migration::Kind::Sync {
+                let seq = u64::from_le_bytes(f.payload[..8].try_into().unwrap());
+                s.write_all(format!("SYNCED 0 {seq}\n").as_bytes())
+                    .unwrap();
+            }
+        }
         s.write_all(b"READY\n").unwrap();
         let mut go = String::new();
         std::io::BufReader::new(s.try_clone().unwrap())
