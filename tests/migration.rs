@@ -296,8 +296,7 @@ fn a_destination_lost_after_go_leaves_the_guest_paused_and_says_so() {
             // (it has applied everything when it reads a Sync frame)
             if f.kind == migration::Kind::Sync {
                 let seq = u64::from_le_bytes(f.payload[..8].try_into().unwrap());
-                s.write_all(format!("SYNCED 0 {seq}\n").as_bytes())
-                    .unwrap();
+                s.write_all(format!("SYNCED 0 {seq}\n").as_bytes()).unwrap();
             }
         }
         s.write_all(b"READY\n").unwrap();
