@@ -60,6 +60,7 @@ fn migrate_to_with(endpoint: &str, name: &str, extra: &[&str], tracking: &str) {
     );
     assert!(m["pages_sent"].as_u64().unwrap() >= 1024, "{m}");
     assert_eq!(m["dirty_tracking"], tracking);
+    assert!(m["dirty_log_manual_protect"].is_boolean(), "{m}");
     // where the downtime went, in the order it happens (one host, one clock)
     let p = &m["downtime_phases"];
     let steps: Vec<f64> = [

@@ -66,6 +66,8 @@ pub struct VmHandle {
     pub(crate) ivshmem_device: Option<Arc<devices::ivshmem::Ivshmem>>,
     /// Dirty rings (empty: the per-slot dirty bitmap is used).
     pub(crate) rings: Vec<crate::dirty_ring::DirtyRing>,
+    /// Without rings: how the dirty bitmap is protected.
+    pub(crate) dirty_manual: crate::dirty_log::ManualProtect,
     /// The ivshmem region and its slot, for opening and closing the window.
     pub(crate) ivshmem_window: Option<Arc<crate::shared_region::SharedRegion>>,
     /// Each vCPU's exit counts, live.

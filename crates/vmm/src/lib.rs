@@ -6,6 +6,7 @@ pub mod acpi;
 pub mod boot;
 pub mod control;
 pub mod cpuid;
+pub mod dirty_log;
 pub mod dirty_ring;
 pub mod doorbell;
 pub mod exits;

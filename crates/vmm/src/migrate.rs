@@ -142,6 +142,8 @@ pub struct MigrationReport {
     pub last_round_pages: u64,
     /// "bitmap" (KVM_GET_DIRTY_LOG) or "ring" (the KVM dirty ring).
     pub dirty_tracking: String,
+    /// The bitmap is protected again by KVM_CLEAR_DIRTY_LOG, in chunks.
+    pub dirty_log_manual_protect: bool,
     pub bandwidth_mib_s: f64,
     pub forced: bool,
     /// Threads that scanned memory for the first round.
@@ -538,6 +540,11 @@ fn add_dirty(h: &VmHandle, maps: &mut [Vec<u64>]) -> Result<()> {
         let log =
             h.vm.get_dirty_log(slot as u32, r.len() as usize)
                 .map_err(|e| Error::Kvm(format!("KVM_GET_DIRTY_LOG slot {slot}: {e}")))?;
+        if h.dirty_manual.enabled {
+            // protected again before they are read for sending: a write
+            // after this is logged for the next round
+            crate::dirty_log::clear(&h.vm, slot as u32, r.len() / PAGE_SIZE as u64, &log)?;
+        }
         for (a, b) in map.iter_mut().zip(log) {
             *a |= b;
         }
@@ -627,7 +634,16 @@ pub fn migrate(
     let _ = back.get_ref().set_timeout(None);
 
     memory::register_slots(&h.vm, &h.mem, KVM_MEM_LOG_DIRTY_PAGES)?;
+    report.dirty_log_manual_protect = h.dirty_manual.enabled;
     let result = (|| -> Result<u128> {
+        if h.dirty_manual.initially_set {
+            // logging started with every page dirty and none protected: the
+            // first round reads every page after this, so protect all now,
+            // a chunk at a time
+            for (slot, r) in h.mem.iter().enumerate() {
+                crate::dirty_log::clear_all(&h.vm, slot as u32, r.len() / PAGE_SIZE as u64)?;
+            }
+        }
         // round 1: everything; then what was dirtied meanwhile
         let r0 = Instant::now();
         let limiter = Limiter {

@@ -229,6 +229,8 @@ pub struct Vm {
     )>,
     /// Per-vCPU dirty rings, when the VM tracks dirty pages with them.
     rings: Vec<crate::dirty_ring::DirtyRing>,
+    /// Without rings: how the dirty bitmap is protected.
+    dirty_manual: crate::dirty_log::ManualProtect,
     /// The CPU features the guest is given (carried in snapshots/streams).
     guest_features: Vec<cpuid::FeatureWord>,
     /// MSRs a snapshot saves.
@@ -453,6 +455,11 @@ impl Vm {
                 }
             },
             None => None,
+        };
+        // without the ring, the bitmap: manually protected where KVM can
+        let dirty_manual = match dirty_ring {
+            Some(_) => Default::default(),
+            None => crate::dirty_log::enable(&vm),
         };
 
         let mem = memory::create(&spec.memory, rt_spec.best_effort, &mut settings)?;
@@ -740,6 +747,7 @@ impl Vm {
             com1,
             msrs,
             rings,
+            dirty_manual,
             guest_features,
             doorbells,
             ivshmem,
@@ -789,6 +797,7 @@ impl Vm {
             com1,
             msrs,
             rings,
+            dirty_manual,
             guest_features,
             doorbells,
             ivshmem,
@@ -854,6 +863,7 @@ impl Vm {
             ivshmem_doorbells: spec.ivshmem.as_ref().is_some_and(|i| i.server.is_some()),
             ivshmem_device: ivshmem.as_ref().map(|(_, d)| d.clone()),
             rings,
+            dirty_manual,
             ivshmem_window: ivshmem.as_ref().map(|(r, _)| r.clone()),
         });
 
