@@ -95,7 +95,7 @@ pub fn clear(vm: &VmFd, slot: u32, pages: u64, bitmap: &[u64]) -> Result<()> {
 /// Clears every page of a slot (a migration's start, with INITIALLY_SET).
 pub fn clear_all(vm: &VmFd, slot: u32, pages: u64) -> Result<()> {
     let mut all = vec![u64::MAX; pages.div_ceil(64) as usize];
-    if pages % 64 != 0 {
+    if !pages.is_multiple_of(64) {
         if let Some(last) = all.last_mut() {
             *last = (1u64 << (pages % 64)) - 1;
         }
