@@ -200,6 +200,9 @@ fn nfvisor_once(
     if o.dirty_bitmap {
         args.push("--dirty-bitmap".into());
     }
+    if let Some(bytes) = o.dirty_ring {
+        args.extend(["--dirty-ring".into(), bytes.to_string()]);
+    }
     let mut src = spawn(exe, &args)?;
     let result = (|| {
         wait_for(&inbound, &mut dst)?;
@@ -407,8 +410,11 @@ pub struct Options {
     #[arg(long, default_value_t = 10.0)]
     pub downtime_ms: f64,
     /// Track dirty pages with KVM's bitmap instead of the dirty ring.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dirty_ring")]
     pub dirty_bitmap: bool,
+    /// The source's dirty ring, bytes per vCPU (`run --dirty-ring`).
+    #[arg(long, value_name = "BYTES")]
+    pub dirty_ring: Option<u32>,
     /// nfvisor's streams per migration (`migrate --connections`).
     #[arg(long, default_value_t = 1)]
     pub connections: u64,

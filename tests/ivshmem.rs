@@ -141,26 +141,7 @@ fn a_vm_in_doorbell_mode_refuses_snapshots_and_keeps_running() {
 /// finishes there with every word matching.
 #[test]
 fn a_plain_region_guest_migrates_only_to_the_same_region() {
-    let shm = region("migrate");
-    let other = region("migrate-other");
-    let spec = format!("path={shm},size=64K");
-    let write = probe(&spec, "mode=write seed=5", false);
-    assert_eq!(write.code, 0, "{}", write.stderr);
-    let dir = scratch("ivshmem-migrate");
-    let control = dir.join("src.sock");
-    let mut src = Running::start(&[
-        "run",
-        "--guest",
-        "ivshmem-probe",
-        "--ivshmem",
-        &spec,
-        "--control-socket",
-        control.to_str().unwrap(),
-        "--cmdline",
-        "mode=read seed=5 bytes=4096 repeat=1500 bar2=0xc8000000",
-    ]);
-    src.wait_for("vCPU 0 runs on host thread");
-    wait_for_path(&control);
+    let (shm, other, dir, control, src) = slow_reader("migrate");
     let migrate_to = |region: &str, name: &str| {
         let inbound = dir.join(format!("{name}.sock"));
         let ep = format!("unix:{}", inbound.display());
@@ -188,6 +169,84 @@ fn a_plain_region_guest_migrates_only_to_the_same_region() {
     );
     let out = src.finish(T);
     assert_eq!(out.code, 0, "{}", out.stderr);
+    let _ = std::fs::remove_file(&shm);
+    let _ = std::fs::remove_file(&other);
+}
+
+/// A region written with seed 5 (and the name of another), and a guest
+/// that reads it for a while, its BAR2 moved, with a control socket in a
+/// scratch directory: it ends with `R check words=768000 mismatches=0`.
+/// Returns the region, the other, the directory, the socket and the guest.
+fn slow_reader(
+    name: &str,
+) -> (
+    String,
+    String,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Running,
+) {
+    let shm = region(name);
+    let other = region(&format!("{name}-other"));
+    let spec = format!("path={shm},size=64K");
+    let write = probe(&spec, "mode=write seed=5", false);
+    assert_eq!(write.code, 0, "{}", write.stderr);
+    let dir = scratch(&format!("ivshmem-{name}"));
+    let control = dir.join("src.sock");
+    let mut vm = Running::start(&[
+        "run",
+        "--guest",
+        "ivshmem-probe",
+        "--ivshmem",
+        &spec,
+        "--control-socket",
+        control.to_str().unwrap(),
+        "--cmdline",
+        "mode=read seed=5 bytes=4096 repeat=1500 bar2=0xc8000000",
+    ]);
+    vm.wait_for("vCPU 0 runs on host thread");
+    wait_for_path(&control);
+    (shm, other, dir, control, vm)
+}
+
+/// The same guest snapshotted: restored only attached to the same region
+/// (another is refused, naming both), and there it finishes reading it.
+#[test]
+fn a_plain_region_guest_restores_only_on_the_same_region() {
+    let (shm, other, dir, control, src) = slow_reader("snapshot");
+    let snap = dir.join("snap");
+    let r = snapshot(control.to_str().unwrap(), snap.to_str().unwrap());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    drop(src);
+    let restore = |region: &str| {
+        let region = format!("path={region},size=64K");
+        nfvisor(
+            &[
+                "restore",
+                "--from",
+                snap.to_str().unwrap(),
+                "--ivshmem",
+                &region,
+            ],
+            T,
+        )
+    };
+    let refused = restore(&other);
+    assert_eq!(refused.code, 78, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains(&shm) && refused.stderr.contains(&other),
+        "{}",
+        refused.stderr
+    );
+    let restored = restore(&shm);
+    assert_eq!(restored.code, 0, "{}", restored.stderr);
+    assert!(
+        restored
+            .stdout
+            .contains("R check words=768000 mismatches=0"),
+        "{}",
+        restored.stdout
+    );
     let _ = std::fs::remove_file(&shm);
     let _ = std::fs::remove_file(&other);
 }

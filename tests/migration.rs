@@ -36,19 +36,32 @@ fn source_running(dir: &std::path::Path, guest_args: &[&str]) -> (Running, std::
 }
 
 fn migrate_to(endpoint: &str, name: &str) {
-    migrate_to_with(endpoint, name, &[], "ring");
+    migrate_to_with(endpoint, name, &[], &[], "ring");
 }
 
-fn migrate_to_with(endpoint: &str, name: &str, extra: &[&str], tracking: &str) {
+/// Migrates a running dirtier (source flags `extra`, `migrate` flags
+/// `migrate_flags`) and checks the outcome; returns the migration's report.
+fn migrate_to_with(
+    endpoint: &str,
+    name: &str,
+    extra: &[&str],
+    migrate_flags: &[&str],
+    tracking: &str,
+) -> serde_json::Value {
     let plain = nfvisor(&[&["run"], DIRTIER].concat(), T);
     let dir = scratch(name);
     let mut dst = Running::start(&["receive", "--listen", endpoint]);
     dst.wait_for("waiting for a migration");
     let (src, sock) = source_with(&dir, extra);
     std::thread::sleep(Duration::from_millis(150));
-    let r = migrate(sock.to_str().unwrap(), endpoint, &["--json"]);
+    let r = migrate(
+        sock.to_str().unwrap(),
+        endpoint,
+        &[&["--json"], migrate_flags].concat(),
+    );
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    let m = &json(&r)["migration"];
+    let report = json(&r);
+    let m = &report["migration"];
     assert!(m["rounds"].as_u64().unwrap() >= 2, "{m}");
     let (total, down) = (
         m["total_ms"].as_f64().unwrap(),
@@ -95,6 +108,7 @@ fn migrate_to_with(endpoint: &str, name: &str, extra: &[&str], tracking: &str) {
         digest(&plain.stdout),
         "the migrated guest computed something else"
     );
+    m.clone()
 }
 
 #[test]
@@ -108,7 +122,25 @@ fn a_running_dirtier_migrates_over_a_unix_socket() {
 fn the_dirty_bitmap_serves_as_well_as_the_ring() {
     let dir = scratch("mig-bitmap-ep");
     let ep = format!("unix:{}", dir.join("in.sock").display());
-    migrate_to_with(&ep, "mig-bitmap", &["--dirty-bitmap"], "bitmap");
+    migrate_to_with(&ep, "mig-bitmap", &["--dirty-bitmap"], &[], "bitmap");
+}
+
+/// A dirty ring far too small for the dirtier (256 entries, its working
+/// set is 1024 pages, and pre-copy is held to 100 MB/s so each round lasts
+/// long enough to dirty all of them) fills during a round: the vCPU empties
+/// it itself and runs on, and no page it harvested that way is lost.
+#[test]
+fn a_vcpu_empties_its_full_dirty_ring_and_nothing_is_lost() {
+    let dir = scratch("mig-ring-full-ep");
+    let ep = format!("unix:{}", dir.join("in.sock").display());
+    let m = migrate_to_with(
+        &ep,
+        "mig-ring-full",
+        &["--dirty-ring", "4096"],
+        &["--bandwidth-limit", "100M"],
+        "ring",
+    );
+    assert!(m["ring_full_exits"].as_u64().unwrap() > 0, "{m}");
 }
 
 #[test]

@@ -65,7 +65,7 @@ pub struct VmHandle {
     /// The ivshmem device, whose configuration a snapshot carries.
     pub(crate) ivshmem_device: Option<Arc<devices::ivshmem::Ivshmem>>,
     /// Dirty rings (empty: the per-slot dirty bitmap is used).
-    pub(crate) rings: Vec<crate::dirty_ring::DirtyRing>,
+    pub(crate) rings: Arc<crate::dirty_ring::DirtyRings>,
     /// Without rings: how the dirty bitmap is protected.
     pub(crate) dirty_manual: crate::dirty_log::ManualProtect,
     /// The ivshmem region and its slot, for opening and closing the window.

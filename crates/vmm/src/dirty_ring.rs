@@ -5,8 +5,8 @@
 //! wraps only the capability, not the ring.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
@@ -50,7 +50,7 @@ pub fn enable(vm: &VmFd, bytes: u32) -> Result<()> {
 pub struct DirtyRing {
     ptr: *mut kvm_dirty_gfn,
     entries: u32,
-    /// The next entry to harvest (only the migration thread harvests).
+    /// The next entry to harvest (harvesters take turns).
     next: Mutex<u32>,
 }
 
@@ -88,9 +88,9 @@ impl DirtyRing {
         })
     }
 
-    /// Moves every published entry into `bitmaps` (one per slot, one bit
-    /// per page) and marks it for reset; returns how many.
-    pub fn harvest(&self, bitmaps: &mut [Vec<u64>]) -> u64 {
+    /// Hands every published entry to `mark` (slot, page in slot) and
+    /// marks it for reset; returns how many.
+    pub fn harvest(&self, mut mark: impl FnMut(usize, u64)) -> u64 {
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
         loop {
@@ -104,11 +104,7 @@ impl DirtyRing {
             }
             // SAFETY: the entry is published (DIRTY) and ours until reset.
             let (slot, offset) = unsafe { ((*e).slot & 0xffff, (*e).offset) };
-            if let Some(bits) = bitmaps.get_mut(slot as usize) {
-                if let Some(word) = bits.get_mut((offset / 64) as usize) {
-                    *word |= 1 << (offset % 64);
-                }
-            }
+            mark(slot as usize, offset);
             flags.store(RESET, Ordering::Release);
             *next = next.wrapping_add(1);
             n += 1;
@@ -126,6 +122,91 @@ impl Drop for DirtyRing {
                 self.entries as usize * std::mem::size_of::<kvm_dirty_gfn>(),
             )
         };
+    }
+}
+
+/// Every vCPU's ring, and what was harvested from them since the last
+/// collection. A vCPU whose ring fills (KVM_EXIT_DIRTY_RING_FULL) empties
+/// all of them here itself and goes straight back to its guest: waiting
+/// for the migration's next harvest instead stalled it for up to a whole
+/// round, which is vCPU throttling by another name.
+pub struct DirtyRings {
+    rings: Vec<DirtyRing>,
+    /// Per slot, a bit per page, set by whichever thread harvested it.
+    harvested: Vec<Vec<AtomicU64>>,
+    /// A bit was set since the last collection.
+    pending: AtomicBool,
+    /// Harvests made by vCPUs on a full ring.
+    full_exits: AtomicU64,
+    vm: Arc<VmFd>,
+}
+
+impl DirtyRings {
+    /// `slot_pages`: the pages in each memory slot.
+    pub fn new(rings: Vec<DirtyRing>, slot_pages: &[u64], vm: Arc<VmFd>) -> DirtyRings {
+        DirtyRings {
+            rings,
+            harvested: slot_pages
+                .iter()
+                .map(|&p| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            pending: AtomicBool::new(false),
+            full_exits: AtomicU64::new(0),
+            vm,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rings.is_empty()
+    }
+
+    /// Harvests every ring and lets KVM reuse (and write-protect again)
+    /// the entries.
+    fn absorb(&self) -> Result<()> {
+        let mut n = 0;
+        for ring in &self.rings {
+            n += ring.harvest(|slot, page| {
+                if let Some(word) = self
+                    .harvested
+                    .get(slot)
+                    .and_then(|bits| bits.get((page / 64) as usize))
+                {
+                    word.fetch_or(1 << (page % 64), Ordering::Relaxed);
+                }
+            });
+        }
+        if n > 0 {
+            // after the bits: whoever sees the flag sees them
+            self.pending.store(true, Ordering::Release);
+        }
+        reset(&self.vm)
+    }
+
+    /// A vCPU's ring is full: empty them all now, from that vCPU's thread.
+    pub fn on_full(&self) -> Result<()> {
+        self.full_exits.fetch_add(1, Ordering::Relaxed);
+        self.absorb()
+    }
+
+    /// How many times vCPUs emptied full rings themselves.
+    pub fn full_exits(&self) -> u64 {
+        self.full_exits.load(Ordering::Relaxed)
+    }
+
+    /// Adds every page dirtied since the last collection to `maps` (a
+    /// bitmap per slot).
+    pub fn collect(&self, maps: &mut [Vec<u64>]) -> Result<()> {
+        self.absorb()?;
+        if self.pending.swap(false, Ordering::AcqRel) {
+            for (map, bits) in maps.iter_mut().zip(&self.harvested) {
+                for (m, b) in map.iter_mut().zip(bits) {
+                    if b.load(Ordering::Relaxed) != 0 {
+                        *m |= b.swap(0, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

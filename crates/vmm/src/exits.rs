@@ -23,11 +23,13 @@ pub enum ExitReason {
     SystemEvent,
     FailEntry,
     InternalError,
+    /// The dirty ring filled during a migration (the vCPU emptied it).
+    DirtyRingFull,
     Other,
 }
 
 impl ExitReason {
-    pub const ALL: [ExitReason; 12] = [
+    pub const ALL: [ExitReason; 13] = [
         ExitReason::PioIn,
         ExitReason::PioOut,
         ExitReason::MmioRead,
@@ -39,6 +41,7 @@ impl ExitReason {
         ExitReason::SystemEvent,
         ExitReason::FailEntry,
         ExitReason::InternalError,
+        ExitReason::DirtyRingFull,
         ExitReason::Other,
     ];
 
@@ -55,6 +58,7 @@ impl ExitReason {
             ExitReason::SystemEvent => "system_event",
             ExitReason::FailEntry => "fail_entry",
             ExitReason::InternalError => "internal_error",
+            ExitReason::DirtyRingFull => "dirty_ring_full",
             ExitReason::Other => "other",
         }
     }

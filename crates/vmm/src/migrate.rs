@@ -144,6 +144,8 @@ pub struct MigrationReport {
     pub dirty_tracking: String,
     /// The bitmap is protected again by KVM_CLEAR_DIRTY_LOG, in chunks.
     pub dirty_log_manual_protect: bool,
+    /// Times a vCPU found its dirty ring full and emptied it itself.
+    pub ring_full_exits: u64,
     pub bandwidth_mib_s: f64,
     pub forced: bool,
     /// Threads that scanned memory for the first round.
@@ -531,10 +533,7 @@ fn dirty_bitmaps(h: &VmHandle) -> Result<Vec<Vec<u64>>> {
 /// faults cost ~0.2 ms inside the downtime on a nested host.
 fn add_dirty(h: &VmHandle, maps: &mut [Vec<u64>]) -> Result<()> {
     if !h.rings.is_empty() {
-        for ring in &h.rings {
-            ring.harvest(maps);
-        }
-        return crate::dirty_ring::reset(&h.vm);
+        return h.rings.collect(maps);
     }
     for (slot, (r, map)) in h.mem.iter().zip(maps.iter_mut()).enumerate() {
         let log =
@@ -635,6 +634,7 @@ pub fn migrate(
 
     memory::register_slots(&h.vm, &h.mem, KVM_MEM_LOG_DIRTY_PAGES)?;
     report.dirty_log_manual_protect = h.dirty_manual.enabled;
+    let full_before = h.rings.full_exits();
     let result = (|| -> Result<u128> {
         if h.dirty_manual.initially_set {
             // logging started with every page dirty and none protected: the
@@ -792,6 +792,7 @@ pub fn migrate(
         }
     }
     report.downtime_seen_by_source_ms = (now_ns().saturating_sub(paused_at)) as f64 / 1e6;
+    report.ring_full_exits = h.rings.full_exits() - full_before;
     report.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
     report.bandwidth_mib_s =
         report.bytes as f64 / (1 << 20) as f64 / t0.elapsed().as_secs_f64().max(1e-6);

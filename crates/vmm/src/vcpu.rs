@@ -47,6 +47,9 @@ pub struct IoContext {
     pub mmio: Bus,
     pub guest_exit: Arc<GuestExit>,
     pub unknown: UnknownAccesses,
+    /// The VM's dirty rings (when it has them): a vCPU whose ring is full
+    /// empties them itself.
+    pub dirty_rings: std::sync::OnceLock<Arc<crate::dirty_ring::DirtyRings>>,
 }
 
 /// What to do after an exit.
@@ -94,9 +97,16 @@ pub fn handle_exit(io: &IoContext, exit: VcpuExit) -> (ExitReason, Option<usize>
         VcpuExit::InternalError => (ExitReason::InternalError, None, Flow::InternalError),
         VcpuExit::SystemEvent(kind, _) => (ExitReason::SystemEvent, None, Flow::SystemEvent(kind)),
         VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
-            // the migration thread harvests the ring each round: give it a moment
-            std::thread::sleep(std::time::Duration::from_micros(50));
-            (ExitReason::Other, None, Flow::Resume)
+            // emptied here and now, so the guest runs on (the migration
+            // collects what was harvested at its next round)
+            let emptied = io.dirty_rings.get().map(|r| r.on_full());
+            if !matches!(emptied, Some(Ok(()))) {
+                if let Some(Err(e)) = emptied {
+                    tracing::warn!("emptying a full dirty ring: {e}");
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+            (ExitReason::DirtyRingFull, None, Flow::Resume)
         }
         other => (
             ExitReason::Other,
@@ -314,6 +324,7 @@ mod tests {
             mmio: Bus::new(),
             guest_exit: exit,
             unknown: UnknownAccesses::default(),
+            dirty_rings: Default::default(),
         }
     }
 

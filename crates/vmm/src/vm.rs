@@ -228,7 +228,7 @@ pub struct Vm {
         Arc<devices::ivshmem::Ivshmem>,
     )>,
     /// Per-vCPU dirty rings, when the VM tracks dirty pages with them.
-    rings: Vec<crate::dirty_ring::DirtyRing>,
+    rings: Arc<crate::dirty_ring::DirtyRings>,
     /// Without rings: how the dirty bitmap is protected.
     dirty_manual: crate::dirty_log::ManualProtect,
     /// The CPU features the guest is given (carried in snapshots/streams).
@@ -611,6 +611,7 @@ impl Vm {
             mmio,
             guest_exit,
             unknown: UnknownAccesses::default(),
+            dirty_rings: Default::default(),
         });
         if let Some(bars) = ivshmem_bars {
             let _ = bars.io.set(Arc::downgrade(&io));
@@ -666,6 +667,18 @@ impl Vm {
                 rings.push(crate::dirty_ring::DirtyRing::map(&v, bytes)?);
             }
             vcpus.push(v);
+        }
+        let slot_pages: Vec<u64> = mem
+            .iter()
+            .map(|r| vm_memory::GuestMemoryRegion::len(r) / 4096)
+            .collect();
+        let rings = Arc::new(crate::dirty_ring::DirtyRings::new(
+            rings,
+            &slot_pages,
+            vm.clone(),
+        ));
+        if !rings.is_empty() {
+            let _ = io.dirty_rings.set(rings.clone());
         }
         let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
         let irq = match &spec.irq_bench {
