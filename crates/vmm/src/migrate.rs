@@ -146,6 +146,12 @@ pub struct MigrationReport {
     pub dirty_log_manual_protect: bool,
     /// Times a vCPU found its dirty ring full and emptied it itself.
     pub ring_full_exits: u64,
+    /// Where the total went: until the destination had its VM (PREPARED),
+    pub prepared_ms: f64,
+    /// each pre-copy round (sent and flushed),
+    pub round_ms: Vec<f64>,
+    /// and waiting for the destination to apply what it was sent (Sync).
+    pub sync_ms: f64,
     pub bandwidth_mib_s: f64,
     pub forced: bool,
     /// Threads that scanned memory for the first round.
@@ -631,6 +637,7 @@ pub fn migrate(
         )));
     }
     let _ = back.get_ref().set_timeout(None);
+    report.prepared_ms = t0.elapsed().as_secs_f64() * 1000.0;
 
     memory::register_slots(&h.vm, &h.mem, KVM_MEM_LOG_DIRTY_PAGES)?;
     report.dirty_log_manual_protect = h.dirty_manual.enabled;
@@ -657,6 +664,7 @@ pub fn migrate(
         // (unflushed, a few MiB of backlog cost ~2.5 ms of downtime here)
         flush_all(&mut ws)?;
         report.rounds = 1;
+        report.round_ms.push(r0.elapsed().as_secs_f64() * 1000.0);
         let mut bandwidth = (report.pages_sent.max(1) * PAGE_SIZE as u64) as f64
             / r0.elapsed().as_secs_f64().max(1e-6);
         let mut synced = false;
@@ -678,7 +686,9 @@ pub fn migrate(
                     // backlog (MiBs) would be downtime. Wait until the
                     // destination has applied everything, add what was
                     // dirtied meanwhile, and look again.
+                    let waited = Instant::now();
                     sync(&mut ws, &mut back, report.rounds, to)?;
+                    report.sync_ms += waited.elapsed().as_secs_f64() * 1000.0;
                     synced = true;
                     add_dirty(h, &mut dirty)?;
                     continue;
@@ -704,6 +714,7 @@ pub fn migrate(
             bandwidth =
                 (sent.max(1) * PAGE_SIZE as u64) as f64 / r.elapsed().as_secs_f64().max(1e-6);
             report.rounds += 1;
+            report.round_ms.push(r.elapsed().as_secs_f64() * 1000.0);
             synced = false;
             dirty = dirty_bitmaps(h)?;
         }
