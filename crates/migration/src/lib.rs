@@ -254,6 +254,10 @@ pub struct Reader<R: Read> {
     offset: u64,
     frames: u64,
     done: bool,
+    /// A payload buffer handed back (`recycle`): the next frame is read
+    /// into it, so a stream of 4 MiB frames is not allocated and zeroed
+    /// again for each.
+    spare: Vec<u8>,
 }
 
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
@@ -284,7 +288,15 @@ impl<R: Read> Reader<R> {
             offset: 12,
             frames: 0,
             done: false,
+            spare: Vec::new(),
         })
+    }
+
+    /// Hands a frame's payload back once used: the next frame reuses it.
+    pub fn recycle(&mut self, payload: Vec<u8>) {
+        if payload.capacity() > self.spare.capacity() {
+            self.spare = payload;
+        }
     }
 
     /// The next frame before End; None after a valid End frame.
@@ -314,7 +326,9 @@ impl<R: Read> Reader<R> {
             return Err(StreamError::TooLong { index, offset, len });
         }
         let stored = u32::from_le_bytes(head[5..9].try_into().unwrap());
-        let mut payload = vec![0u8; len as usize];
+        let mut payload = std::mem::take(&mut self.spare);
+        // (a recycled buffer at least this long is only truncated)
+        payload.resize(len as usize, 0);
         if read_full(&mut self.input, &mut payload)? < len as usize {
             return Err(StreamError::Truncated { index, offset });
         }

@@ -667,6 +667,8 @@ pub fn migrate(
         report.round_ms.push(r0.elapsed().as_secs_f64() * 1000.0);
         let mut bandwidth = (report.pages_sent.max(1) * PAGE_SIZE as u64) as f64
             / r0.elapsed().as_secs_f64().max(1e-6);
+        // the last round: when it started and what it sent
+        let (mut round_start, mut round_pages) = (r0, report.pages_sent + report.zero_pages);
         let mut synced = false;
         let mut dirty = dirty_bitmaps(h)?;
         loop {
@@ -690,6 +692,11 @@ pub fn migrate(
                     sync(&mut ws, &mut back, report.rounds, to)?;
                     report.sync_ms += waited.elapsed().as_secs_f64() * 1000.0;
                     synced = true;
+                    // the rate the last round was applied at, end to end
+                    // (the rate it left at ignores the destination's work,
+                    // and the stop-and-copy pays for that too)
+                    bandwidth = (round_pages.max(1) * PAGE_SIZE as u64) as f64
+                        / round_start.elapsed().as_secs_f64().max(1e-6);
                     add_dirty(h, &mut dirty)?;
                     continue;
                 }
@@ -711,6 +718,7 @@ pub fn migrate(
             send_pages(h, &mut ws, Some(&dirty), &mut report, Some(&limiter))?;
             flush_all(&mut ws)?;
             let sent = report.pages_sent + report.zero_pages - before;
+            (round_start, round_pages) = (r, sent);
             bandwidth =
                 (sent.max(1) * PAGE_SIZE as u64) as f64 / r.elapsed().as_secs_f64().max(1e-6);
             report.rounds += 1;

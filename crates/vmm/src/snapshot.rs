@@ -516,7 +516,10 @@ pub fn apply(
                 scope.spawn(move || -> Result<()> {
                     while let Some(f) = reader.next_frame().map_err(|e| stream_error(&what, e))? {
                         match f.kind {
-                            Kind::Pages | Kind::ZeroPages => apply_pages(&f, mem, &what)?,
+                            Kind::Pages | Kind::ZeroPages => {
+                                apply_pages(&f, mem, &what)?;
+                                reader.recycle(f.payload);
+                            }
                             Kind::Sync => {
                                 let seq = sync_seq(&f, &what)?;
                                 if let Some(answer) = on_sync {
@@ -546,6 +549,7 @@ pub fn apply(
                             crate::fault::at(crate::fault::Phase::FirstRound);
                         }
                         apply_pages(&f, mem, name)?;
+                        src.reader.recycle(f.payload);
                     }
                     Kind::DeviceState => {
                         if src.live {
