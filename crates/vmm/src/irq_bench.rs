@@ -8,21 +8,15 @@ use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_device_attr;
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iow_nr;
 
 /// IOAPIC pin the guest routes to its vector.
 pub const IRQ_GSI: u32 = 10;
 /// The shared ring: seq, ack, send_tsc, ready (u64 each).
 pub const RING_GPA: u64 = 0x30_0000;
 const READY: u64 = 0x6e66_7672;
-
-const KVMIO: u32 = 0xAE;
-ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
 
 #[derive(Debug, Clone)]
 pub struct IrqBenchSpec {
@@ -51,15 +45,7 @@ fn host_tsc() -> u64 {
 /// attribute where the host has it, else from reading the guest's TSC MSR
 /// beside the host's (off by the ioctl's duration).
 pub fn tsc_offset(vcpu: &VcpuFd) -> (u64, &'static str) {
-    let mut offset = 0u64;
-    let attr = kvm_device_attr {
-        flags: 0,
-        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
-        attr: kvm_bindings::KVM_VCPU_TSC_OFFSET as u64,
-        addr: &mut offset as *mut u64 as u64,
-    };
-    // SAFETY: KVM writes one u64 to `addr`, which points at `offset`.
-    if unsafe { ioctl_with_ref(vcpu, KVM_GET_DEVICE_ATTR(), &attr) } == 0 {
+    if let Some(offset) = crate::snapshot::tsc_offset(vcpu) {
         return (offset, "KVM_VCPU_TSC_OFFSET");
     }
     let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {

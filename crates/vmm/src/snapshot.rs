@@ -76,6 +76,11 @@ pub struct VcpuState {
     pub msrs: Vec<kvm_msr_entry>,
     pub events: kvm_vcpu_events,
     pub mp_state: kvm_mp_state,
+    /// The guest TSC's offset from the host's (KVM_VCPU_TSC_OFFSET), where
+    /// KVM has the attribute: a migration's destination then moves the
+    /// clocks on as the kernel's KVM documentation describes.
+    #[serde(default)]
+    pub tsc_offset: Option<u64>,
 }
 
 /// COM1's registers (vm-superio's SerialState, which has no serde).
@@ -174,7 +179,121 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: u32, msrs: &[u32]) -> Result<VcpuState> {
         msrs: entries,
         events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
         mp_state: vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
+        tsc_offset: tsc_offset(vcpu),
     })
+}
+
+const KVMIO: u32 = 0xAE;
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_DEVICE_ATTR,
+    KVMIO,
+    0xe1,
+    kvm_bindings::kvm_device_attr
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_GET_DEVICE_ATTR,
+    KVMIO,
+    0xe2,
+    kvm_bindings::kvm_device_attr
+);
+
+/// The vCPU's KVM_VCPU_TSC_OFFSET, or None where KVM lacks it. (kvm-ioctls
+/// wraps vCPU device attributes on aarch64 only: hand-written.)
+pub(crate) fn tsc_offset(vcpu: &VcpuFd) -> Option<u64> {
+    let mut offset = 0u64;
+    let attr = kvm_bindings::kvm_device_attr {
+        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+        attr: kvm_bindings::KVM_VCPU_TSC_OFFSET as u64,
+        addr: &mut offset as *mut u64 as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr.addr` points at a u64 that outlives the call, the size
+    // KVM writes for this attribute.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_GET_DEVICE_ATTR(), &attr) };
+    (rc == 0).then_some(offset)
+}
+
+fn set_tsc_offset(vcpu: &VcpuFd, id: u32, offset: u64) -> Result<()> {
+    let attr = kvm_bindings::kvm_device_attr {
+        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+        attr: kvm_bindings::KVM_VCPU_TSC_OFFSET as u64,
+        addr: &offset as *const u64 as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr.addr` points at a u64 that outlives the call; KVM only
+    // reads it.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_SET_DEVICE_ATTR(), &attr) };
+    if rc != 0 {
+        return Err(Error::Kvm(format!(
+            "vCPU {id}: setting KVM_VCPU_TSC_OFFSET: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// How far vCPU 0's TSC now is from where it should be (its saved value
+/// plus the real time since, at the guest's rate), for the log: a wrong
+/// offset shows as an error the size of the stall.
+fn tsc_continuity(vcpu: &VcpuFd, saved: &Option<(u64, u128)>, tsc_khz: u64) -> String {
+    let Some((tsc, at)) = *saved else {
+        return String::new();
+    };
+    let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
+        index: IA32_TSC,
+        ..Default::default()
+    }]) else {
+        return String::new();
+    };
+    if vcpu.get_msrs(&mut msrs) != Ok(1) || tsc_khz == 0 {
+        return String::new();
+    }
+    let now = msrs.as_slice()[0].data;
+    let elapsed_ns = realtime_ns().saturating_sub(at) as f64;
+    let expected = tsc as f64 + elapsed_ns * tsc_khz as f64 / 1e6;
+    let error_us = (now as f64 - expected) / tsc_khz as f64 * 1e3;
+    format!("; vCPU 0 TSC continuity error {error_us:.0} us")
+}
+
+/// Both clocks KVM_GET_CLOCK must have read for the documented migration
+/// of the TSC: host CLOCK_REALTIME and host TSC, paired with kvmclock.
+const CLOCK_PAIRS: u32 = kvm_bindings::KVM_CLOCK_REALTIME | kvm_bindings::KVM_CLOCK_HOST_TSC;
+
+/// Moves kvmclock and every vCPU's TSC on by the real time since the
+/// source read them, as the kernel's KVM documentation (vcpu attribute
+/// KVM_VCPU_TSC_OFFSET) describes: KVM_SET_CLOCK with KVM_CLOCK_REALTIME
+/// advances kvmclock by the CLOCK_REALTIME that passed; then each offset
+/// becomes ofs_src - (guest_src - guest_dst) * freq + (tsc_src - tsc_dst), so
+/// the guest TSC keeps its relation to kvmclock. Returns the time moved on
+/// (ns).
+fn move_clocks_on(
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    offsets: &[u64],
+    src: &kvm_clock_data,
+    tsc_khz: u64,
+) -> Result<u64> {
+    let mut clock = kvm_clock_data {
+        clock: src.clock,
+        realtime: src.realtime,
+        flags: kvm_bindings::KVM_CLOCK_REALTIME,
+        ..Default::default()
+    };
+    vm.set_clock(&clock)
+        .map_err(kvm("KVM_SET_CLOCK (realtime)"))?;
+    clock = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
+    if clock.flags & kvm_bindings::KVM_CLOCK_HOST_TSC == 0 {
+        return Err(Error::Kvm("KVM_GET_CLOCK gave no host TSC".into()));
+    }
+    let advanced_ns = clock.clock.wrapping_sub(src.clock);
+    let advanced_cycles = (advanced_ns as u128 * tsc_khz as u128 / 1_000_000) as u64;
+    for (id, (vcpu, &ofs)) in vcpus.iter().zip(offsets).enumerate() {
+        let moved = ofs
+            .wrapping_add(advanced_cycles)
+            .wrapping_add(src.host_tsc.wrapping_sub(clock.host_tsc));
+        set_tsc_offset(vcpu, id as u32, moved)?;
+    }
+    Ok(advanced_ns)
 }
 
 /// Restores a vCPU in the order KVM needs: MP state, registers, FPU/XSAVE,
@@ -500,6 +619,9 @@ pub fn apply(
     tracing::debug!("restore: applying {name}");
     let mut devices = None;
     let mut restored = vec![false; vcpus.len()];
+    let mut offsets: Vec<Option<u64>> = vec![None; vcpus.len()];
+    // vCPU 0's TSC as saved, and when: the continuity check after
+    let mut saved_tsc = None;
     let mut clock_gap = 0u64;
     let extra = std::mem::take(&mut src.extra);
     let live = src.live;
@@ -565,8 +687,27 @@ pub fn apply(
                                 format!("state of vCPU {} for a VM of {}", s.id, vcpus.len()),
                             )
                         })?;
-                        let gap = restore_vcpu(vcpu, &s, live.then_some(tsc_khz))?;
+                        // the documented way when both hosts can (the
+                        // clocks move on once all is restored), else the
+                        // TSC moves on in its own MSR write
+                        let by_offset = live
+                            && s.tsc_offset.is_some()
+                            && devices
+                                .as_ref()
+                                .is_some_and(|d| d.clock.flags & CLOCK_PAIRS == CLOCK_PAIRS)
+                            && tsc_offset(vcpu).is_some();
+                        let gap = restore_vcpu(vcpu, &s, (live && !by_offset).then_some(tsc_khz))?;
                         clock_gap = clock_gap.max(gap);
+                        if let (true, Some(ofs)) = (by_offset, s.tsc_offset) {
+                            offsets[s.id as usize] = Some(ofs);
+                        }
+                        if s.id == 0 {
+                            saved_tsc = s
+                                .msrs
+                                .iter()
+                                .find(|m| m.index == IA32_TSC)
+                                .map(|m| (m.data, s.saved_at_ns));
+                        }
                         restored[s.id as usize] = true;
                     }
                     Kind::Sync => {
@@ -599,8 +740,29 @@ pub fn apply(
         return Err(stream_error(name, format!("no state for vCPU {id}")));
     }
     let mut devices = devices;
-    // kvmclock too, by the same stall
-    devices.clock.clock += clock_gap;
-    restore_devices(vm, &devices)?;
+    let offsets: Option<Vec<u64>> = offsets.into_iter().collect();
+    match offsets {
+        Some(offsets) if live => {
+            restore_devices(vm, &devices)?;
+            let moved = move_clocks_on(vm, vcpus, &offsets, &devices.clock, tsc_khz)?;
+            tracing::info!(
+                "guest clocks moved on by {:.3} ms across the hand-over (KVM_CLOCK_REALTIME, KVM_VCPU_TSC_OFFSET){}",
+                moved as f64 / 1e6,
+                tsc_continuity(&vcpus[0], &saved_tsc, tsc_khz)
+            );
+        }
+        _ => {
+            // kvmclock too, by the same stall
+            devices.clock.clock += clock_gap;
+            restore_devices(vm, &devices)?;
+            if live {
+                tracing::info!(
+                    "guest clocks moved on by {:.3} ms across the hand-over (TSC by KVM_SET_MSRS, kvmclock by KVM_SET_CLOCK){}",
+                    clock_gap as f64 / 1e6,
+                    tsc_continuity(&vcpus[0], &saved_tsc, tsc_khz)
+                );
+            }
+        }
+    }
     Ok((devices.com1, devices.ivshmem, stream_end_ns))
 }
