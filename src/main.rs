@@ -949,9 +949,9 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
                     .write_all(format!("SYNCED {stream} {seq}\n").as_bytes())
                     .and_then(|_| out.flush());
             }));
-            let on_prepared: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let on_prepared: Box<dyn FnOnce(u64) + Send> = Box::new(move |state_ns| {
                 let _ = prepared
-                    .write_all(b"PREPARED\n")
+                    .write_all(format!("PREPARED {state_ns}\n").as_bytes())
                     .and_then(|_| prepared.flush());
             });
             restored_vm(source, cfg, local, Some(on_prepared))
@@ -1055,7 +1055,7 @@ fn restored_vm(
     source: vmm::snapshot::RestoreSource,
     cfg: vmm::snapshot::SnapshotConfig,
     local: LocalFlags,
-    on_prepared: Option<Box<dyn FnOnce() + Send>>,
+    on_prepared: Option<Box<dyn FnOnce(u64) + Send>>,
 ) -> Result<vmm::Vm> {
     let LocalFlags {
         serial,

@@ -74,6 +74,12 @@ fn migrate_to_with(
     assert!(m["pages_sent"].as_u64().unwrap() >= 1024, "{m}");
     assert_eq!(m["dirty_tracking"], tracking);
     assert!(m["dirty_log_manual_protect"].is_boolean(), "{m}");
+    // the state's cost, measured by the destination, and the link's
+    // round trip went into the stop rule
+    assert!(
+        m["fixed_downtime_estimate_ms"].as_f64().unwrap() > 0.0,
+        "{m}"
+    );
     // where the downtime went, in the order it happens (one host, one clock)
     let p = &m["downtime_phases"];
     let steps: Vec<f64> = [

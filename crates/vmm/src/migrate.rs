@@ -152,6 +152,10 @@ pub struct MigrationReport {
     pub round_ms: Vec<f64>,
     /// and waiting for the destination to apply what it was sent (Sync).
     pub sync_ms: f64,
+    /// The downtime expected with no page left to send (the destination's
+    /// state save-and-restore, three link crossings), added to the pages'
+    /// share when the budget is checked.
+    pub fixed_downtime_estimate_ms: f64,
     pub bandwidth_mib_s: f64,
     pub forced: bool,
     /// Threads that scanned memory for the first round.
@@ -626,7 +630,8 @@ pub fn migrate(
     let mut line = String::new();
     back.read_line(&mut line)
         .map_err(|e| Error::Device(format!("waiting for {to} to prepare: {e}")))?;
-    if line.trim() != "PREPARED" {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    if words.first() != Some(&"PREPARED") {
         return Err(Error::Device(format!(
             "{to} did not prepare a VM ({}); the guest runs on here",
             if line.is_empty() {
@@ -636,6 +641,10 @@ pub fn migrate(
             }
         )));
     }
+    // what saving and restoring the state cost on the destination's fresh
+    // VM (older destinations do not say)
+    let state_round_trip =
+        Duration::from_nanos(words.get(1).and_then(|n| n.parse().ok()).unwrap_or(0));
     let _ = back.get_ref().set_timeout(None);
     report.prepared_ms = t0.elapsed().as_secs_f64() * 1000.0;
 
@@ -670,10 +679,15 @@ pub fn migrate(
         // the last round: when it started and what it sent
         let (mut round_start, mut round_pages) = (r0, report.pages_sent + report.zero_pages);
         let mut synced = false;
+        // the downtime's part that no page causes: the state's save and
+        // restore (measured by the destination) and three crossings of
+        // the link (pause, READY, GO; measured by an idle Sync)
+        let mut fixed = None;
         let mut dirty = dirty_bitmaps(h)?;
         loop {
             let pages = count(&dirty);
-            let estimate = Duration::from_secs_f64(pages as f64 * PAGE_SIZE as f64 / bandwidth);
+            let estimate = Duration::from_secs_f64(pages as f64 * PAGE_SIZE as f64 / bandwidth)
+                + fixed.unwrap_or(Duration::ZERO);
             progress(&Progress {
                 round: report.rounds,
                 bytes: (report.pages_sent + report.zero_pages) * PAGE_SIZE as u64,
@@ -681,7 +695,8 @@ pub fn migrate(
                 estimated_downtime_ms: estimate.as_secs_f64() * 1000.0,
                 elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
             });
-            if estimate <= opts.downtime {
+            // (with nothing dirty, more rounds cannot help)
+            if estimate <= opts.downtime || (synced && pages == 0) {
                 if !synced {
                     // a flushed round may still be in the socket and the
                     // destination's buffers, waiting to be applied: that
@@ -697,6 +712,26 @@ pub fn migrate(
                     // and the stop-and-copy pays for that too)
                     bandwidth = (round_pages.max(1) * PAGE_SIZE as u64) as f64
                         / round_start.elapsed().as_secs_f64().max(1e-6);
+                    if fixed.is_none() {
+                        // the destination is idle now: a Sync is a round
+                        // trip (the shortest of three: one preempted end
+                        // would count for the whole)
+                        let mut rtt = Duration::MAX;
+                        for _ in 0..3 {
+                            let t = Instant::now();
+                            sync(&mut ws, &mut back, report.rounds, to)?;
+                            rtt = rtt.min(t.elapsed());
+                        }
+                        let f = state_round_trip + rtt * 3;
+                        tracing::info!(
+                            "downtime without pages estimated at {:.2} ms: state {:.2} ms (measured at {to}), link round trip {:.2} ms",
+                            f.as_secs_f64() * 1e3,
+                            state_round_trip.as_secs_f64() * 1e3,
+                            rtt.as_secs_f64() * 1e3
+                        );
+                        report.fixed_downtime_estimate_ms = f.as_secs_f64() * 1000.0;
+                        fixed = Some(f);
+                    }
                     add_dirty(h, &mut dirty)?;
                     continue;
                 }
@@ -706,8 +741,8 @@ pub fn migrate(
             if t0.elapsed() > opts.timeout {
                 if !opts.force {
                     return Err(Error::Device(format!(
-                        "did not converge in {:?} ({pages} pages dirty per round, budget {:?}); the guest keeps running here",
-                        opts.timeout, opts.downtime
+                        "did not converge in {:?} ({pages} pages dirty per round, budget {:?}, {:.2} ms of it taken by the state and the hand-over); the guest keeps running here",
+                        opts.timeout, opts.downtime, report.fixed_downtime_estimate_ms
                     )));
                 }
                 report.forced = true;
