@@ -189,6 +189,8 @@ fn a_destination_that_dies_before_ready_leaves_the_guest_running_here() {
     let r = migrate(sock.to_str().unwrap(), "unix:/nonexistent/in.sock", &[]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("/nonexistent/in.sock"), "{}", r.stderr);
+    // status: running, and what the last attempt ran into
+    assert_last_failure(sock.to_str().unwrap(), "running", "/nonexistent/in.sock");
     let s = src.finish(T);
     assert_eq!(s.code, 0, "{}", s.stderr);
     assert_eq!(digest(&s.stdout), digest(&plain.stdout));
@@ -380,12 +382,12 @@ fn a_destination_lost_after_go_leaves_the_guest_paused_and_says_so() {
         "{}",
         r.stderr
     );
-    assert_eq!(
-        json(&nfvisor(&["status", "--control-socket", s, "--json"], T))["state"],
-        "paused"
-    );
+    assert_failed_paused(s);
     // the operator checked: the guest is not running elsewhere; resume here
     assert_eq!(nfvisor(&["resume", "--control-socket", s], T).code, 0);
+    let st = json(&nfvisor(&["status", "--control-socket", s, "--json"], T));
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["last_failed_migration"]["left_paused"], false, "{st}");
     let out = src.finish(T);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(digest(&out.stdout), digest(&plain.stdout));
@@ -528,6 +530,25 @@ fn ran_here_only(dst: &Run, src: Running, what: &str) {
     assert_eq!(digest(&out.stdout), plain_digest(), "{what}");
 }
 
+/// `status`: the migration failed and left the guest paused here, and says
+/// why, until the operator resumes it.
+fn assert_failed_paused(sock: &str) {
+    assert_last_failure(sock, "failed", "OUTCOME UNKNOWN");
+}
+
+/// `status` says `state`, and its last failed migration names `needle` and
+/// whether it left the guest paused (state "failed").
+fn assert_last_failure(sock: &str, state: &str, needle: &str) {
+    let st = json(&nfvisor(&["status", "--control-socket", sock, "--json"], T));
+    assert_eq!(st["state"], state, "{st}");
+    let last = &st["last_failed_migration"];
+    assert_eq!(last["left_paused"], state == "failed", "{st}");
+    assert!(
+        last["error"].as_str().unwrap_or("").contains(needle),
+        "{st}"
+    );
+}
+
 /// The guest is paused here and the migration said why; `resume` (the
 /// operator's call) lets it finish.
 fn resume_paused(r: &Run, sock: &std::path::Path) {
@@ -537,10 +558,7 @@ fn resume_paused(r: &Run, sock: &std::path::Path) {
         r.stderr
     );
     let s = sock.to_str().unwrap();
-    assert_eq!(
-        json(&nfvisor(&["status", "--control-socket", s, "--json"], T))["state"],
-        "paused"
-    );
+    assert_failed_paused(s);
     assert_eq!(nfvisor(&["resume", "--control-socket", s], T).code, 0);
 }
 
@@ -595,11 +613,8 @@ fn a_destination_failing_after_go_leaves_the_source_paused() {
     );
     assert!(r.stderr.contains("OUTCOME UNKNOWN"), "{}", r.stderr);
     let s = sock.to_str().unwrap();
-    assert_eq!(
-        json(&nfvisor(&["status", "--control-socket", s, "--json"], T))["state"],
-        "paused",
-        "two running copies must not happen"
-    );
+    // two running copies must not happen
+    assert_failed_paused(s);
     drop(src);
 }
 

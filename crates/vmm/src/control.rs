@@ -22,6 +22,15 @@ use crate::{Error, Result};
 
 pub const SCHEMA: u32 = 1;
 
+/// A migration that did not complete.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailedMigration {
+    pub to: String,
+    pub error: String,
+    /// The guest was left paused: the operator decides (`resume`).
+    pub left_paused: bool,
+}
+
 /// A vCPU state being read by its thread.
 pub(crate) type PendingSave = std::sync::mpsc::Receiver<Result<VcpuState>>;
 
@@ -60,6 +69,9 @@ pub struct VmHandle {
     pub(crate) started: Instant,
     /// Set when the guest has moved to another host.
     pub(crate) migrated: Mutex<Option<String>>,
+    /// The last migration that failed: where to, why, and whether it left
+    /// the guest paused for the operator (its outcome unknown).
+    pub(crate) failed_migration: Mutex<Option<FailedMigration>>,
     /// ivshmem in doorbell mode: not carried by a snapshot or a stream.
     pub(crate) ivshmem_doorbells: bool,
     /// The ivshmem device, whose configuration a snapshot carries.
@@ -127,7 +139,9 @@ impl VmHandle {
     }
 
     /// What `status` reports: running, paused, migrating (pre-copy or
-    /// stop-and-copy in flight) or migrated (handed over, ending here).
+    /// stop-and-copy in flight), migrated (handed over, ending here) or
+    /// failed (a migration left the guest paused, its outcome unknown,
+    /// until the operator resumes it); the last failed migration's reason.
     pub fn status(&self) -> serde_json::Value {
         let migrating = self
             .migration
@@ -139,6 +153,11 @@ impl VmHandle {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let failed = self
+            .failed_migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let state = if migrated.is_some() {
             "migrated"
         } else if migrating.is_some() {
@@ -146,6 +165,7 @@ impl VmHandle {
         } else {
             match self.state() {
                 RunState::Running => "running",
+                RunState::Paused if failed.as_ref().is_some_and(|f| f.left_paused) => "failed",
                 RunState::Paused => "paused",
             }
         };
@@ -171,6 +191,9 @@ impl VmHandle {
         }
         if let Some(to) = migrated {
             v["migrated_to"] = serde_json::json!(to);
+        }
+        if let Some(f) = failed {
+            v["last_failed_migration"] = serde_json::json!(f);
         }
         v
     }
@@ -264,6 +287,15 @@ impl VmHandle {
     }
 
     pub fn resume(&self) {
+        // the operator has decided: a failed migration no longer holds it
+        if let Some(f) = self
+            .failed_migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            f.left_paused = false;
+        }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.pause.store(false, Ordering::Release);
         for c in &self.cmds {
@@ -465,6 +497,14 @@ fn handle_request(h: &VmHandle, line: &str, emit: &mut dyn FnMut(String)) -> Str
                 }
             };
             let outcome = crate::migrate::migrate(h, to, &opts, &mut progress);
+            if let Err(e) = &outcome {
+                *h.failed_migration.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(FailedMigration {
+                        to: to.to_string(),
+                        error: e.to_string(),
+                        left_paused: h.state() == RunState::Paused,
+                    });
+            }
             *h.migration.lock().unwrap_or_else(|e| e.into_inner()) = None;
             match outcome {
                 Ok(r) => reply(
@@ -473,7 +513,7 @@ fn handle_request(h: &VmHandle, line: &str, emit: &mut dyn FnMut(String)) -> Str
                 ),
                 Err(e) => reply(
                     false,
-                    serde_json::json!({ "error": e.to_string(), "state": h.state() }),
+                    serde_json::json!({ "error": e.to_string(), "state": h.status()["state"] }),
                 ),
             }
         }

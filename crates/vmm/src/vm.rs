@@ -877,6 +877,7 @@ impl Vm {
             state: Mutex::new(RunState::Running),
             started: Instant::now(),
             migrated: Mutex::new(None),
+            failed_migration: Mutex::new(None),
             ivshmem_doorbells: spec.ivshmem.as_ref().is_some_and(|i| i.server.is_some()),
             ivshmem_device: ivshmem.as_ref().map(|(_, d)| d.clone()),
             rings,
