@@ -945,8 +945,10 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
             let synced = std::sync::Mutex::new(answer.split()?);
             source.on_sync = Some(std::sync::Arc::new(move |stream, seq| {
                 let mut out = synced.lock().unwrap_or_else(|e| e.into_inner());
+                // with this host's clock: the source estimates the offset
+                let now = vmm::migrate::reported_ns(vmm::migrate::now_ns());
                 let _ = out
-                    .write_all(format!("SYNCED {stream} {seq}\n").as_bytes())
+                    .write_all(format!("SYNCED {stream} {seq} {now}\n").as_bytes())
                     .and_then(|_| out.flush());
             }));
             let on_prepared: Box<dyn FnOnce(u64) + Send> = Box::new(move |state_ns| {
@@ -1021,7 +1023,8 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
             ("applied", restored.applied_ns),
             ("ready", ready_ns),
             ("go", vmm::migrate::now_ns()),
-        ];
+        ]
+        .map(|(name, at)| (name, vmm::migrate::reported_ns(at)));
         vmm::fault::at(vmm::fault::Phase::AfterGo);
         *handed_over.lock().unwrap_or_else(|e| e.into_inner()) = Some((answer, paused_at, marks));
         Ok(())
@@ -1033,7 +1036,9 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
         else {
             return;
         };
-        let downtime = resumed_at.saturating_sub(paused_at);
+        // (this host's clock against the source's pause: the source takes
+        // the offset between them out)
+        let downtime = vmm::migrate::reported_ns(resumed_at) as i128 - paused_at as i128;
         tracing::info!(
             "guest resumed here {:.3} ms after the source paused it",
             downtime as f64 / 1e6

@@ -149,6 +149,38 @@ fn a_vcpu_empties_its_full_dirty_ring_and_nothing_is_lost() {
     assert!(m["ring_full_exits"].as_u64().unwrap() > 0, "{m}");
 }
 
+/// A destination whose clock is 5 s ahead of the source's: the source
+/// estimates the offset on the Sync round trips and takes it out of the
+/// downtime and the destination's steps.
+#[test]
+fn the_downtime_is_measured_across_hosts_whose_clocks_differ() {
+    let dir = scratch("mig-skew");
+    let ep = format!("unix:{}", dir.join("in.sock").display());
+    let mut dst = Running::start_with_env(
+        &["receive", "--listen", &ep],
+        &[("NFVISOR_TEST_CLOCK_SKEW_MS", "5000")],
+    );
+    dst.wait_for("waiting for a migration");
+    let (src, sock) = source(&dir);
+    std::thread::sleep(Duration::from_millis(150));
+    let r = migrate(sock.to_str().unwrap(), &ep, &["--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = json(&r);
+    let m = &report["migration"];
+    let offset = m["clock_offset_ms"].as_f64().unwrap();
+    assert!((offset - 5000.0).abs() < 50.0, "{m}");
+    let (down, total) = (
+        m["downtime_ms"].as_f64().unwrap(),
+        m["total_ms"].as_f64().unwrap(),
+    );
+    // uncorrected, the downtime would be 5 s: far beyond the total
+    assert!(down > 0.0 && down < total, "{m}");
+    let p = &m["downtime_phases"];
+    assert!(p["dest_stream_end_ms"].as_f64().unwrap() < total, "{m}");
+    drop(src);
+    assert_eq!(dst.finish(T).code, 0);
+}
+
 #[test]
 fn a_running_dirtier_migrates_over_tcp() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

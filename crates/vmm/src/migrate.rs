@@ -152,6 +152,12 @@ pub struct MigrationReport {
     pub round_ms: Vec<f64>,
     /// and waiting for the destination to apply what it was sent (Sync).
     pub sync_ms: f64,
+    /// The destination's CLOCK_REALTIME minus the source's, estimated from
+    /// the Sync round trips (the destination's times here are corrected by
+    /// it); null when not measured. Off by at most
+    pub clock_offset_ms: Option<f64>,
+    /// this: half the shortest round trip.
+    pub clock_offset_uncertainty_ms: Option<f64>,
     /// The downtime expected with no page left to send (the destination's
     /// state save-and-restore, three link crossings), added to the pages'
     /// share when the budget is checked.
@@ -200,7 +206,7 @@ pub struct DowntimePhases {
 impl DowntimePhases {
     /// Reads the destination's steps from its RUNNING line's `name=ns`
     /// fields (unknown names are ignored: a newer destination may say more).
-    fn read_destination(&mut self, fields: &[&str]) {
+    fn read_destination(&mut self, fields: &[&str], offset_ms: f64) {
         for f in fields {
             let Some((name, ns)) = f.split_once('=') else {
                 continue;
@@ -208,7 +214,7 @@ impl DowntimePhases {
             let Ok(ns) = ns.parse::<i128>() else {
                 continue;
             };
-            let ms = ns as f64 / 1e6;
+            let ms = ns as f64 / 1e6 - offset_ms;
             match name {
                 "stream_end" => self.dest_stream_end_ms = ms,
                 "applied" => self.dest_applied_ms = ms,
@@ -222,7 +228,8 @@ impl DowntimePhases {
 
 /// The destination's confirmation: `RUNNING <downtime ns>` and, for each of
 /// its steps, `name=<ns after the source's pause>`.
-pub fn running_line(downtime_ns: u128, paused_at: u128, marks: &[(&str, u128)]) -> String {
+/// (Signed: the destination's clock may be behind the source's.)
+pub fn running_line(downtime_ns: i128, paused_at: u128, marks: &[(&str, u128)]) -> String {
     let mut line = format!("RUNNING {downtime_ns}");
     for (name, at) in marks {
         if *at > 0 {
@@ -475,14 +482,26 @@ fn first_round_pages(h: &VmHandle, report: &mut MigrationReport) -> Vec<Vec<u64>
     out
 }
 
+/// The destination's clock against ours, from one Sync round trip.
+#[derive(Debug, Clone, Copy)]
+struct ClockSample {
+    rtt: Duration,
+    /// Destination CLOCK_REALTIME minus ours, ns (NTP's estimate: its
+    /// answer's time against the middle of the round trip; off by at most
+    /// half the round trip).
+    offset_ns: i128,
+}
+
 /// A Sync frame on every stream, then the destination's SYNCED answer for
-/// each: it has applied everything sent so far.
+/// each: it has applied everything sent so far. The first stream's answer
+/// carries the destination's clock: a sample of the offset between hosts.
 fn sync<W: Write>(
     ws: &mut [Writer<W>],
     back: &mut BufReader<Box<dyn Link>>,
     seq: u32,
     to: &str,
-) -> Result<()> {
+) -> Result<Option<ClockSample>> {
+    let (sent, sent_ns) = (Instant::now(), now_ns());
     for w in ws.iter_mut() {
         w.frame(Kind::Sync, &(seq as u64).to_le_bytes())
             .map_err(io)?;
@@ -490,11 +509,22 @@ fn sync<W: Write>(
     flush_all(ws)?;
     let _ = back.get_ref().set_timeout(Some(Duration::from_secs(60)));
     let mut answered = vec![false; ws.len()];
+    let mut sample = None;
     while answered.contains(&false) {
         let mut line = String::new();
         let got = back.read_line(&mut line);
         match (got, line.split_whitespace().collect::<Vec<_>>().as_slice()) {
-            (Ok(_), ["SYNCED", stream, n]) if n.parse() == Ok(seq) => {
+            (Ok(_), ["SYNCED", stream, n, clock @ ..]) if n.parse() == Ok(seq) => {
+                let (rtt, back_ns) = (sent.elapsed(), now_ns());
+                if let (&"0", [dest_ns]) = (stream, clock) {
+                    if let Ok(dest_ns) = dest_ns.parse::<i128>() {
+                        let middle = (sent_ns as i128 + back_ns as i128) / 2;
+                        sample = Some(ClockSample {
+                            rtt,
+                            offset_ns: dest_ns - middle,
+                        });
+                    }
+                }
                 if let Some(a) = stream
                     .parse::<usize>()
                     .ok()
@@ -517,7 +547,21 @@ fn sync<W: Write>(
         }
     }
     let _ = back.get_ref().set_timeout(None);
-    Ok(())
+    Ok(sample)
+}
+
+/// This host's CLOCK_REALTIME as a destination reports it to its source.
+/// Test-only: `NFVISOR_TEST_CLOCK_SKEW_MS` shifts it, standing for a
+/// destination host whose clock is that far ahead.
+pub fn reported_ns(real_ns: u128) -> u128 {
+    static SKEW_NS: std::sync::OnceLock<i128> = std::sync::OnceLock::new();
+    let skew = *SKEW_NS.get_or_init(|| {
+        std::env::var("NFVISOR_TEST_CLOCK_SKEW_MS")
+            .ok()
+            .and_then(|v| v.parse::<i128>().ok())
+            .map_or(0, |ms| ms * 1_000_000)
+    });
+    (real_ns as i128 + skew).max(0) as u128
 }
 
 fn flush_all<W: Write>(ws: &mut [Writer<W>]) -> Result<()> {
@@ -651,6 +695,8 @@ pub fn migrate(
     memory::register_slots(&h.vm, &h.mem, KVM_MEM_LOG_DIRTY_PAGES)?;
     report.dirty_log_manual_protect = h.dirty_manual.enabled;
     let full_before = h.rings.full_exits();
+    // the destination's clock against ours (set by the idle Syncs)
+    let mut clock: Option<ClockSample> = None;
     let result = (|| -> Result<u128> {
         if h.dirty_manual.initially_set {
             // logging started with every page dirty and none protected: the
@@ -704,7 +750,7 @@ pub fn migrate(
                     // destination has applied everything, add what was
                     // dirtied meanwhile, and look again.
                     let waited = Instant::now();
-                    sync(&mut ws, &mut back, report.rounds, to)?;
+                    let _ = sync(&mut ws, &mut back, report.rounds, to)?;
                     report.sync_ms += waited.elapsed().as_secs_f64() * 1000.0;
                     synced = true;
                     // the rate the last round was applied at, end to end
@@ -719,8 +765,14 @@ pub fn migrate(
                         let mut rtt = Duration::MAX;
                         for _ in 0..3 {
                             let t = Instant::now();
-                            sync(&mut ws, &mut back, report.rounds, to)?;
+                            let sample = sync(&mut ws, &mut back, report.rounds, to)?;
                             rtt = rtt.min(t.elapsed());
+                            // the shortest round trip bounds the offset best
+                            if let Some(s) = sample {
+                                if clock.is_none_or(|c: ClockSample| s.rtt < c.rtt) {
+                                    clock = Some(s);
+                                }
+                            }
                         }
                         let f = state_round_trip + rtt * 3;
                         tracing::info!(
@@ -831,9 +883,14 @@ pub fn migrate(
         line.split_whitespace().collect::<Vec<_>>().as_slice(),
     ) {
         (Ok(_), ["RUNNING", ns, steps @ ..]) => {
-            report.downtime_ms = ns.parse::<f64>().unwrap_or(0.0) / 1e6;
+            // the destination measured against our pause time with its own
+            // clock: take the offset between the clocks out
+            let offset_ms = clock.map_or(0.0, |c| c.offset_ns as f64 / 1e6);
+            report.clock_offset_ms = clock.map(|c| c.offset_ns as f64 / 1e6);
+            report.clock_offset_uncertainty_ms = clock.map(|c| c.rtt.as_secs_f64() * 1e3 / 2.0);
+            report.downtime_ms = ns.parse::<f64>().unwrap_or(0.0) / 1e6 - offset_ms;
             let phases = &mut report.downtime_phases;
-            phases.read_destination(steps);
+            phases.read_destination(steps, offset_ms);
             phases.dest_resumed_ms = report.downtime_ms;
         }
         _ => {
