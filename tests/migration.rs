@@ -131,6 +131,15 @@ fn the_dirty_bitmap_serves_as_well_as_the_ring() {
     migrate_to_with(&ep, "mig-bitmap", &["--dirty-bitmap"], &[], "bitmap");
 }
 
+/// Four vCPUs (the application processors parked, as the guest left them):
+/// every one's state crosses and the guest finishes the same.
+#[test]
+fn a_guest_with_four_vcpus_migrates() {
+    let dir = scratch("mig-4vcpu-ep");
+    let ep = format!("unix:{}", dir.join("in.sock").display());
+    migrate_to_with(&ep, "mig-4vcpu", &["--vcpus", "4"], &[], "ring");
+}
+
 /// A dirty ring far too small for the dirtier (256 entries, its working
 /// set is 1024 pages, and pre-copy is held to 100 MB/s so each round lasts
 /// long enough to dirty all of them) fills during a round: the vCPU empties
