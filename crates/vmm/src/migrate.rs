@@ -722,8 +722,9 @@ pub fn migrate(
         report.round_ms.push(r0.elapsed().as_secs_f64() * 1000.0);
         let mut bandwidth = (report.pages_sent.max(1) * PAGE_SIZE as u64) as f64
             / r0.elapsed().as_secs_f64().max(1e-6);
-        // the last round: when it started and what it sent
-        let (mut round_start, mut round_pages) = (r0, report.pages_sent + report.zero_pages);
+        // the last round: when it started and what it sent (round 1's zero
+        // pages are found, not sent)
+        let (mut round_start, mut round_pages) = (r0, report.pages_sent);
         let mut synced = false;
         // the downtime's part that no page causes: the state's save and
         // restore (measured by the destination) and three crossings of
