@@ -3,10 +3,13 @@
 //! after verifying everything; the source says GO; the destination resumes
 //! and answers RUNNING; only then does the source stop).
 //!
-//! Control lines, one per line: destination -> source `PREPARED` once its
-//! VM exists (creating it stays out of the downtime), and after the stream
-//! `READY` or `ERROR <why>`; source -> destination `GO <pause time, ns of
-//! CLOCK_REALTIME>`; destination -> source `RUNNING <downtime ns>`.
+//! Control lines, one per line: destination -> source `PREPARED <ns>` once
+//! its VM exists (creating it stays out of the downtime; ns: what a state
+//! save-and-restore took there), `SYNCED <stream> <seq> <clock ns>` for each
+//! Sync frame once all before it is applied, and after the stream `READY`
+//! or `ERROR <why>`; source -> destination `GO <pause time, ns of
+//! CLOCK_REALTIME>`; destination -> source `RUNNING <downtime ns>
+//! name=<ns>...` (its steps, after the source's pause, on its clock).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
