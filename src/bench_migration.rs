@@ -407,6 +407,7 @@ pub struct Options {
     /// Working set the dirtier writes, MiB.
     #[arg(long, default_value_t = 64)]
     pub dirtier_mb: u64,
+    /// The downtime budget given to both VMMs (QEMU's downtime-limit).
     #[arg(long, default_value_t = 10.0)]
     pub downtime_ms: f64,
     /// Track dirty pages with KVM's bitmap instead of the dirty ring.
@@ -421,6 +422,8 @@ pub struct Options {
     /// Leave out the QEMU baseline.
     #[arg(long)]
     pub no_qemu: bool,
+    /// One JSON document (every run's report, medians, ratios, the
+    /// downtime's steps) instead of the text summary.
     #[arg(long)]
     pub json: bool,
 }
