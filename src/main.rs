@@ -885,7 +885,6 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
         );
     }
     tracing::info!("waiting for a migration on {listen}");
-    // one connection that proves it knows the token; others are refused
     // one connection that proves it knows the token (others are refused);
     // with a deadline, give up when none came by then
     let accept = |deadline: Option<std::time::Instant>| -> Result<Box<dyn Link>> {
@@ -902,7 +901,9 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
                 Ok(link) => link,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| std::time::Instant::now() > d) {
-                        anyhow::bail!("the source opened too few connections on {listen}");
+                        anyhow::bail!(
+                            "the source opened too few connections on {listen} within 5 s"
+                        );
                     }
                     std::thread::sleep(std::time::Duration::from_millis(1));
                     continue;
@@ -926,14 +927,17 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
         .map_err(anyhow::Error::from)
         .and_then(|(mut source, cfg)| {
             // the migration's other streams, which the source opens at once
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            // (a source opens them right after the first, before it sends
+            // anything else: seconds are plenty, even across a WAN)
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             match &listener {
                 Listener::Unix(l, _) => l.set_nonblocking(true)?,
                 Listener::Tcp(l) => l.set_nonblocking(true)?,
             }
             for _ in 1..cfg.connections.clamp(1, 16) {
                 // (an accepted socket does not inherit O_NONBLOCK on Linux)
-                let extra = accept(Some(deadline))?;
+                let extra = accept(Some(deadline))
+                    .with_context(|| format!("it announced {} connections", cfg.connections))?;
                 source.add_stream(Box::new(std::io::BufReader::with_capacity(64 << 10, extra)))?;
             }
             if let Listener::Unix(_, p) = &listener {

@@ -190,6 +190,41 @@ fn the_downtime_is_measured_across_hosts_whose_clocks_differ() {
     assert_eq!(dst.finish(T).code, 0);
 }
 
+/// A source that announces two connections and opens one: the receiver
+/// gives up within seconds, says why, and runs nothing.
+#[test]
+fn a_receiver_gives_up_on_a_source_that_opens_too_few_connections() {
+    use std::io::BufRead;
+    let dir = scratch("mig-few");
+    let ep = dir.join("in.sock");
+    let mut dst = Running::start(&["receive", "--listen", &format!("unix:{}", ep.display())]);
+    dst.wait_for("waiting for a migration");
+    let s = std::os::unix::net::UnixStream::connect(&ep).unwrap();
+    let mut greeting = String::new();
+    std::io::BufReader::new(s.try_clone().unwrap())
+        .read_line(&mut greeting)
+        .unwrap();
+    assert!(greeting.contains("OPEN"), "{greeting}");
+    let config = serde_json::json!({
+        "memory_size": 32u64 << 20, "vcpus": 1, "kernel": "dirtier", "cmdline": "",
+        "tsc_khz": 0, "connections": 2
+    });
+    let mut w = migration::Writer::new(s.try_clone().unwrap()).unwrap();
+    w.frame(migration::Kind::Config, config.to_string().as_bytes())
+        .unwrap();
+    w.flush().unwrap();
+    // (it gives up by itself: the message says so)
+    let d = dst.finish(T);
+    assert_ne!(d.code, 0);
+    assert!(
+        d.stderr.contains("too few connections") && d.stderr.contains("announced 2"),
+        "{}",
+        d.stderr
+    );
+    assert!(d.stderr.contains("nothing ran"), "{}", d.stderr);
+    drop(s);
+}
+
 #[test]
 fn a_running_dirtier_migrates_over_tcp() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
