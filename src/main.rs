@@ -249,24 +249,7 @@ enum BenchCmd {
     },
     /// One side of `bench ivshmem` (run by it, not by hand).
     #[command(hide = true)]
-    RingWorker {
-        #[arg(long)]
-        role: String,
-        #[arg(long)]
-        path: PathBuf,
-        #[arg(long)]
-        cpu: usize,
-        #[arg(long)]
-        batch: usize,
-        #[arg(long)]
-        slot: usize,
-        #[arg(long)]
-        capacity: usize,
-        #[arg(long)]
-        seconds: f64,
-        #[arg(long)]
-        start_ns: u64,
-    },
+    RingWorker(bench::ring_bench::WorkerSpec),
     /// The zero-page scan of snapshots and migration: GB/s per
     /// implementation (scalar, AVX2, AVX-512 where the CPU has them).
     ZeroScan {
@@ -630,26 +613,8 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
             anyhow::ensure!(count > 0, "--count must be at least 1");
             return bench_doorbell::run(count, &pairs, json);
         }
-        BenchCmd::RingWorker {
-            role,
-            path,
-            cpu,
-            batch,
-            slot,
-            capacity,
-            seconds,
-            start_ns,
-        } => {
-            let r = bench::ring_bench::worker(&bench::ring_bench::WorkerSpec {
-                role,
-                path,
-                cpu,
-                batch,
-                slot,
-                capacity,
-                seconds,
-                start_ns,
-            })?;
+        BenchCmd::RingWorker(spec) => {
+            let r = bench::ring_bench::worker(&spec)?;
             println!("{}", serde_json::to_string(&r)?);
         }
         BenchCmd::ZeroScan { mib, rounds, json } => {

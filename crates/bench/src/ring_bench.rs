@@ -106,18 +106,27 @@ pub struct WorkerReport {
     pub latency_p99_ns: u64,
 }
 
-/// Runs one side (the hidden `bench ring-worker` subcommand).
-/// One side's parameters (the hidden `bench ring-worker` flags).
-#[derive(Debug, Clone)]
+/// One side's parameters: the hidden `bench ring-worker` subcommand's flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct WorkerSpec {
+    /// producer or consumer.
+    #[arg(long)]
     pub role: String,
+    /// The shared file holding the ring.
+    #[arg(long)]
     pub path: PathBuf,
+    #[arg(long)]
     pub cpu: usize,
+    #[arg(long)]
     pub batch: usize,
+    #[arg(long)]
     pub slot: usize,
+    #[arg(long)]
     pub capacity: usize,
+    #[arg(long)]
     pub seconds: f64,
     /// CLOCK_MONOTONIC ns at which both sides start.
+    #[arg(long)]
     pub start_ns: u64,
 }
 
