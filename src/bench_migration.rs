@@ -556,21 +556,10 @@ pub fn run(o: &Options) -> Result<u8> {
                 );
             };
             line("nfvisor", &ours);
-            let step = |k: &str| {
-                ours["downtime_phases_median"][k]
-                    .as_f64()
-                    .unwrap_or(f64::NAN)
-            };
             println!(
-                "{:<13} nfvisor  downtime steps, ms after the pause: paused {:.2}, last pages {:.2}, state {:.2}, stream read there {:.2}, READY {:.2}, GO there {:.2}, resumed {:.2}",
+                "{:<13} nfvisor  downtime steps, ms after the pause: {}",
                 s.name,
-                step("paused_ms"),
-                step("last_pages_ms"),
-                step("state_ms"),
-                step("dest_stream_end_ms"),
-                step("ready_ms"),
-                step("dest_go_ms"),
-                step("dest_resumed_ms"),
+                crate::report::downtime_steps(&ours["downtime_phases_median"])
             );
             if let Some(q) = &qemu {
                 line("qemu", q);

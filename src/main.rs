@@ -671,11 +671,16 @@ fn migrate_with_progress(path: &std::path::Path, req: serde_json::Value, json: b
     });
     let mut show = |p: &serde_json::Value| {
         let msg = format!(
-            "round {}: {:.1} MiB sent, {} pages dirty, estimated downtime {:.2} ms",
+            "round {}: {:.1} MiB sent, {} pages dirty, estimated downtime {:.2} ms{}",
             p["round"],
             p["bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
             p["dirty_pages"],
-            p["estimated_downtime_ms"].as_f64().unwrap_or(0.0)
+            p["estimated_downtime_ms"].as_f64().unwrap_or(0.0),
+            if p["synced"] == true {
+                " (the destination has caught up)"
+            } else {
+                ""
+            }
         );
         match &bar {
             Some(b) => b.set_message(msg),
@@ -701,6 +706,10 @@ fn migrate_with_progress(path: &std::path::Path, req: serde_json::Value, json: b
             m["pages_sent"],
             m["zero_pages"],
             m["untouched_pages"]
+        );
+        println!(
+            "downtime, ms after the pause: {}",
+            report::downtime_steps(&m["downtime_phases"])
         );
     }
     if reply["ok"] == true {

@@ -326,3 +326,19 @@ pub fn print_latency(r: &bench::latency::LatencyReport) {
         }
     }
 }
+
+/// A migration's downtime steps (`downtime_phases`, ms after the pause) in
+/// one line.
+pub fn downtime_steps(phases: &serde_json::Value) -> String {
+    let step = |k: &str| phases[k].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "vCPUs parked {:.2}, last pages {:.2}, state {:.2}, stream read there {:.2}, READY {:.2}, GO there {:.2}, running {:.2}",
+        step("paused_ms"),
+        step("last_pages_ms"),
+        step("state_ms"),
+        step("dest_stream_end_ms"),
+        step("ready_ms"),
+        step("dest_go_ms"),
+        step("dest_resumed_ms"),
+    )
+}

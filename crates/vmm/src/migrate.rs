@@ -109,6 +109,9 @@ pub struct Progress {
     pub dirty_pages: u64,
     pub estimated_downtime_ms: f64,
     pub elapsed_ms: f64,
+    /// The destination has applied everything sent (it answered a Sync):
+    /// the last look before the stop-and-copy.
+    pub synced: bool,
 }
 
 /// Holds pre-copy to a byte rate: sleeps while ahead of it.
@@ -744,6 +747,7 @@ pub fn migrate(
                 dirty_pages: pages,
                 estimated_downtime_ms: estimate.as_secs_f64() * 1000.0,
                 elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                synced,
             });
             // (with nothing dirty, more rounds cannot help)
             if estimate <= opts.downtime || (synced && pages == 0) {
