@@ -193,20 +193,31 @@ fn slow_reader(
     assert_eq!(write.code, 0, "{}", write.stderr);
     let dir = scratch(&format!("ivshmem-{name}"));
     let control = dir.join("src.sock");
-    let mut vm = Running::start(&[
-        "run",
-        "--guest",
-        "ivshmem-probe",
-        "--ivshmem",
+    let vm = controlled_probe(
         &spec,
-        "--control-socket",
-        control.to_str().unwrap(),
-        "--cmdline",
+        &control,
         "mode=read seed=5 bytes=4096 repeat=1500 bar2=0xc8000000",
-    ]);
-    vm.wait_for("vCPU 0 runs on host thread");
-    wait_for_path(&control);
+        &[],
+    );
     (shm, other, dir, control, vm)
+}
+
+/// `nfvisor run --guest ivshmem-probe --ivshmem SPEC --cmdline CMDLINE`
+/// (and `extra`) with a control socket at `control`, started and
+/// answering.
+fn controlled_probe(
+    spec: &str,
+    control: &std::path::Path,
+    cmdline: &str,
+    extra: &[&str],
+) -> Running {
+    let mut args = probe_args(spec, cmdline);
+    args.extend_from_slice(&["--control-socket", control.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    let mut vm = Running::start(&args);
+    vm.wait_for("vCPU 0 runs on host thread");
+    wait_for_path(control);
+    vm
 }
 
 /// The same guest snapshotted: restored only attached to the same region
@@ -251,10 +262,10 @@ fn a_plain_region_guest_restores_only_on_the_same_region() {
     let _ = std::fs::remove_file(&other);
 }
 
-/// `nfvisor run --guest ivshmem-probe --ivshmem SPEC --cmdline CMDLINE`,
-/// with `--json` when asked.
-fn probe(spec: &str, cmdline: &str, json: bool) -> Run {
-    let mut args = vec![
+/// The arguments of `nfvisor run --guest ivshmem-probe --ivshmem SPEC
+/// --cmdline CMDLINE`.
+fn probe_args<'a>(spec: &'a str, cmdline: &'a str) -> Vec<&'a str> {
+    vec![
         "run",
         "--guest",
         "ivshmem-probe",
@@ -262,7 +273,13 @@ fn probe(spec: &str, cmdline: &str, json: bool) -> Run {
         spec,
         "--cmdline",
         cmdline,
-    ];
+    ]
+}
+
+/// `nfvisor run --guest ivshmem-probe --ivshmem SPEC --cmdline CMDLINE`,
+/// with `--json` when asked.
+fn probe(spec: &str, cmdline: &str, json: bool) -> Run {
+    let mut args = probe_args(spec, cmdline);
     if json {
         args.push("--json");
     }
@@ -419,36 +436,8 @@ fn the_window_closes_and_opens_while_the_guest_runs() {
     let dir = scratch("ivshmem-window");
     let sock = dir.join("vm.sock");
     let spec = format!("path={shm},size=64K");
-    assert_eq!(
-        nfvisor(
-            &[
-                "run",
-                "--guest",
-                "ivshmem-probe",
-                "--ivshmem",
-                &spec,
-                "--cmdline",
-                "mode=write seed=3"
-            ],
-            T
-        )
-        .code,
-        0
-    );
-    let mut vm = Running::start(&[
-        "run",
-        "--guest",
-        "ivshmem-probe",
-        "--ivshmem",
-        &spec,
-        "--cmdline",
-        "mode=read seed=3 repeat=300",
-        "--control-socket",
-        sock.to_str().unwrap(),
-        "--json",
-    ]);
-    vm.wait_for("vCPU 0 runs on host thread");
-    wait_for_path(&sock);
+    assert_eq!(probe(&spec, "mode=write seed=3", false).code, 0);
+    let vm = controlled_probe(&spec, &sock, "mode=read seed=3 repeat=300", &["--json"]);
     let s = sock.to_str().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let closed = json(&nfvisor(
@@ -635,16 +624,9 @@ fn bars_the_guest_moves_take_what_backs_them_along() {
 fn a_doorbell_to_a_peer_that_is_not_there_is_counted_and_ignored() {
     let (_server, sock) = server("nopeer");
     let spec = format!("server={sock}");
-    let mut waiting = Running::start(&[
-        "run",
-        "--guest",
-        "ivshmem-probe",
-        "--ivshmem",
-        &spec,
-        "--cmdline",
-        "mode=wait count=1",
-        "--json",
-    ]);
+    let mut args = probe_args(&spec, "mode=wait count=1");
+    args.push("--json");
+    let mut waiting = Running::start(&args);
     waiting.wait_for("ivshmem: peer 0");
     let stray = probe(&spec, "mode=ring peer=9 count=1 answer_s=1", true);
     assert_eq!(stray.code, 1, "no answer from peer 9: {}", stray.stderr);

@@ -132,8 +132,10 @@ impl Drop for DirtyRing {
 /// round, which is vCPU throttling by another name.
 pub struct DirtyRings {
     rings: Vec<DirtyRing>,
-    /// Per slot, a bit per page, set by whichever thread harvested it.
-    harvested: Vec<Vec<AtomicU64>>,
+    /// Per slot, a bit per page, set by whichever thread harvested it;
+    /// made when a migration starts (`prepare`), not with every VM.
+    harvested: std::sync::OnceLock<Vec<Vec<AtomicU64>>>,
+    slot_pages: Vec<u64>,
     /// A bit was set since the last collection.
     pending: AtomicBool,
     /// Harvests made by vCPUs on a full ring.
@@ -146,10 +148,8 @@ impl DirtyRings {
     pub fn new(rings: Vec<DirtyRing>, slot_pages: &[u64], vm: Arc<VmFd>) -> DirtyRings {
         DirtyRings {
             rings,
-            harvested: slot_pages
-                .iter()
-                .map(|&p| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-                .collect(),
+            harvested: std::sync::OnceLock::new(),
+            slot_pages: slot_pages.to_vec(),
             pending: AtomicBool::new(false),
             full_exits: AtomicU64::new(0),
             vm,
@@ -160,14 +160,28 @@ impl DirtyRings {
         self.rings.is_empty()
     }
 
+    /// Makes the harvest bitmaps (before dirty logging starts, so a vCPU
+    /// with a full ring never allocates them on its exit path).
+    pub fn prepare(&self) {
+        self.harvested();
+    }
+
+    fn harvested(&self) -> &[Vec<AtomicU64>] {
+        self.harvested.get_or_init(|| {
+            self.slot_pages
+                .iter()
+                .map(|&p| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+                .collect()
+        })
+    }
+
     /// Harvests every ring and lets KVM reuse (and write-protect again)
     /// the entries.
     fn absorb(&self) -> Result<()> {
-        let mut n = 0;
+        let (mut n, harvested) = (0, self.harvested());
         for ring in &self.rings {
             n += ring.harvest(|slot, page| {
-                if let Some(word) = self
-                    .harvested
+                if let Some(word) = harvested
                     .get(slot)
                     .and_then(|bits| bits.get((page / 64) as usize))
                 {
@@ -198,7 +212,7 @@ impl DirtyRings {
     pub fn collect(&self, maps: &mut [Vec<u64>]) -> Result<()> {
         self.absorb()?;
         if self.pending.swap(false, Ordering::AcqRel) {
-            for (map, bits) in maps.iter_mut().zip(&self.harvested) {
+            for (map, bits) in maps.iter_mut().zip(self.harvested()) {
                 for (m, b) in map.iter_mut().zip(bits) {
                     if b.load(Ordering::Relaxed) != 0 {
                         *m |= b.swap(0, Ordering::Relaxed);

@@ -48,19 +48,11 @@ pub fn tsc_offset(vcpu: &VcpuFd) -> (u64, &'static str) {
     if let Some(offset) = crate::snapshot::tsc_offset(vcpu) {
         return (offset, "KVM_VCPU_TSC_OFFSET");
     }
-    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index: 0x10,
-        ..Default::default()
-    }])
-    .expect("one entry");
     let before = host_tsc();
-    if vcpu.get_msrs(&mut msrs) == Ok(1) {
+    if let Ok(tsc) = crate::snapshot::guest_tsc(vcpu) {
         let after = host_tsc();
         let mid = before + (after - before) / 2;
-        return (
-            msrs.as_slice()[0].data.wrapping_sub(mid),
-            "IA32_TSC read beside the host TSC",
-        );
+        return (tsc.wrapping_sub(mid), "IA32_TSC read beside the host TSC");
     }
     (0, "unknown (assumed 0)")
 }

@@ -698,6 +698,7 @@ pub fn migrate(
     let _ = back.get_ref().set_timeout(None);
     report.prepared_ms = t0.elapsed().as_secs_f64() * 1000.0;
 
+    h.rings.prepare();
     memory::register_slots(&h.vm, &h.mem, KVM_MEM_LOG_DIRTY_PAGES)?;
     report.dirty_log_manual_protect = h.dirty_manual.enabled;
     let full_before = h.rings.full_exits();

@@ -169,7 +169,7 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: u32, msrs: &[u32]) -> Result<VcpuState> {
     }
     Ok(VcpuState {
         id,
-        saved_at_ns: realtime_ns(),
+        saved_at_ns: crate::migrate::now_ns(),
         regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
         sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
         xsave: vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
@@ -258,17 +258,13 @@ fn tsc_continuity(vcpu: &VcpuFd, saved: &Option<(u64, u128)>, tsc_khz: u64) -> S
     let Some((tsc, at)) = *saved else {
         return String::new();
     };
-    let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
-        index: IA32_TSC,
-        ..Default::default()
-    }]) else {
+    let Ok(now) = guest_tsc(vcpu) else {
         return String::new();
     };
-    if vcpu.get_msrs(&mut msrs) != Ok(1) || tsc_khz == 0 {
+    if tsc_khz == 0 {
         return String::new();
     }
-    let now = msrs.as_slice()[0].data;
-    let elapsed_ns = realtime_ns().saturating_sub(at) as f64;
+    let elapsed_ns = crate::migrate::now_ns().saturating_sub(at) as f64;
     let expected = tsc as f64 + elapsed_ns * tsc_khz as f64 / 1e6;
     let error_us = (now as f64 - expected) / tsc_khz as f64 * 1e3;
     format!("; vCPU 0 TSC continuity error {error_us:.0} us")
@@ -305,7 +301,7 @@ fn move_clocks_on(
         return Err(Error::Kvm("KVM_GET_CLOCK gave no host TSC".into()));
     }
     let advanced_ns = clock.clock.wrapping_sub(src.clock);
-    let advanced_cycles = (advanced_ns as u128 * tsc_khz as u128 / 1_000_000) as u64;
+    let advanced_cycles = ns_to_cycles(advanced_ns, tsc_khz);
     for (id, (vcpu, &ofs)) in vcpus.iter().zip(offsets).enumerate() {
         let moved = ofs
             .wrapping_add(advanced_cycles)
@@ -335,8 +331,8 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState, live: Option<u64>) -> Result<u
     let mut gap = 0;
     let mut msrs = std::borrow::Cow::Borrowed(&s.msrs);
     if let Some(tsc_khz) = live.filter(|_| s.saved_at_ns > 0) {
-        gap = realtime_ns().saturating_sub(s.saved_at_ns) as u64;
-        let cycles = (gap as u128 * tsc_khz as u128 / 1_000_000) as u64;
+        gap = crate::migrate::now_ns().saturating_sub(s.saved_at_ns) as u64;
+        let cycles = ns_to_cycles(gap, tsc_khz);
         match msrs.to_mut().iter_mut().find(|m| m.index == IA32_TSC) {
             Some(tsc) => tsc.data = tsc.data.wrapping_add(cycles),
             // a list without the TSC (not KVM's): moved on once restored
@@ -356,7 +352,7 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState, live: Option<u64>) -> Result<u
     vcpu.set_vcpu_events(&s.events)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
     if gap == 0 && live.is_some() && s.saved_at_ns > 0 {
-        gap = realtime_ns().saturating_sub(s.saved_at_ns) as u64;
+        gap = crate::migrate::now_ns().saturating_sub(s.saved_at_ns) as u64;
         advance_tsc(vcpu, gap, live.unwrap_or(0))?;
     }
     Ok(gap)
@@ -401,26 +397,36 @@ pub fn restore_devices(vm: &VmFd, d: &DeviceState) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn realtime_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
 /// Moves a restored vCPU's TSC on by `elapsed`.
 fn advance_tsc(vcpu: &VcpuFd, elapsed_ns: u64, tsc_khz: u64) -> Result<()> {
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: IA32_TSC,
-        ..Default::default()
-    }])
-    .map_err(|e| Error::Kvm(format!("MSR list: {e:?}")))?;
-    vcpu.get_msrs(&mut msrs)
-        .map_err(kvm("KVM_GET_MSRS IA32_TSC"))?;
-    let cycles = elapsed_ns as u128 * tsc_khz as u128 / 1_000_000;
-    msrs.as_mut_slice()[0].data = msrs.as_slice()[0].data.wrapping_add(cycles as u64);
+    let msrs = tsc_msr(guest_tsc(vcpu)?.wrapping_add(ns_to_cycles(elapsed_ns, tsc_khz)))?;
     vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS IA32_TSC"))?;
     Ok(())
+}
+
+/// IA32_TSC alone, holding `data`.
+fn tsc_msr(data: u64) -> Result<Msrs> {
+    Msrs::from_entries(&[kvm_msr_entry {
+        index: IA32_TSC,
+        data,
+        ..Default::default()
+    }])
+    .map_err(|e| Error::Kvm(format!("MSR list: {e:?}")))
+}
+
+/// The guest's TSC as KVM has it (IA32_TSC).
+pub(crate) fn guest_tsc(vcpu: &VcpuFd) -> Result<u64> {
+    let mut msrs = tsc_msr(0)?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Ok(msrs.as_slice()[0].data),
+        Ok(_) => Err(Error::Kvm("KVM_GET_MSRS: IA32_TSC not read".into())),
+        Err(e) => Err(kvm("KVM_GET_MSRS IA32_TSC")(e)),
+    }
+}
+
+/// Nanoseconds as cycles of a TSC running at `tsc_khz`.
+fn ns_to_cycles(ns: u64, tsc_khz: u64) -> u64 {
+    (ns as u128 * tsc_khz as u128 / 1_000_000) as u64
 }
 
 /// What a snapshot wrote.
@@ -752,7 +758,7 @@ pub fn apply(
         }
         outcome
     })?;
-    let stream_end_ns = realtime_ns();
+    let stream_end_ns = crate::migrate::now_ns();
     tracing::debug!("restore: stream {name} read to its end");
     let devices = devices.ok_or_else(|| stream_error(name, "no device state"))?;
     if let Some(id) = restored.iter().position(|r| !r) {

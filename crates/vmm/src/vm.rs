@@ -264,10 +264,10 @@ fn entered_run_loop(first_run: &Mutex<Option<Instant>>) -> u128 {
     let t0 = Instant::now();
     loop {
         if let Some(at) = *first_run.lock().unwrap_or_else(|e| e.into_inner()) {
-            return crate::snapshot::realtime_ns().saturating_sub(at.elapsed().as_nanos());
+            return crate::migrate::now_ns().saturating_sub(at.elapsed().as_nanos());
         }
         if t0.elapsed() > Duration::from_secs(1) {
-            return crate::snapshot::realtime_ns();
+            return crate::migrate::now_ns();
         }
         thread::sleep(Duration::from_micros(20));
     }
@@ -309,7 +309,7 @@ fn apply_restore(
     }
     Ok(Restored {
         stream_end_ns,
-        applied_ns: crate::snapshot::realtime_ns(),
+        applied_ns: crate::migrate::now_ns(),
     })
 }
 
