@@ -193,6 +193,61 @@ fn a_guest_using_cpu_features_this_host_lacks_is_refused() {
     );
 }
 
+/// Frames whose checksums hold but whose contents do not (a Sync frame
+/// without its sequence number, a vCPU state that is not one): refused,
+/// named, and nothing runs.
+#[test]
+fn well_checksummed_nonsense_is_refused_and_never_runs() {
+    let (vm, sock, dir) = start_with_socket("nonsense");
+    let snap = dir.join("snap");
+    let r = snapshot(sock.to_str().unwrap(), snap.to_str().unwrap());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    drop(vm);
+    let bytes = std::fs::read(snap.join("snapshot.nfv")).unwrap();
+    // the stream again, each frame replaced by what `edit` makes of it
+    type Frames = Vec<(migration::Kind, Vec<u8>)>;
+    type Edit<'a> = &'a dyn Fn(&migration::Frame) -> Frames;
+    let forge = |name: &str, edit: Edit| {
+        let mut reader = migration::Reader::new(&bytes[..]).unwrap();
+        let mut writer = migration::Writer::new(Vec::new()).unwrap();
+        while let Some(f) = reader.next_frame().unwrap() {
+            for (kind, payload) in edit(&f) {
+                writer.frame(kind, &payload).unwrap();
+            }
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, writer.finish().unwrap().0).unwrap();
+        nfvisor(&["restore", "--from", path.to_str().unwrap()], T)
+    };
+    let cases: [(&str, Edit, &str); 2] = [
+        (
+            "sync.nfv",
+            &|f| {
+                let mut out = vec![(f.kind, f.payload.clone())];
+                if f.kind == migration::Kind::Config {
+                    out.push((migration::Kind::Sync, vec![1, 2, 3]));
+                }
+                out
+            },
+            "malformed Sync frame",
+        ),
+        (
+            "garbage.nfv",
+            &|f| match f.kind {
+                migration::Kind::VcpuState => vec![(f.kind, vec![0xff; 40])],
+                _ => vec![(f.kind, f.payload.clone())],
+            },
+            "vCPU state",
+        ),
+    ];
+    for (name, edit, needle) in cases {
+        let r = forge(name, edit);
+        assert_eq!(r.code, 78, "{name}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{name}: {}", r.stderr);
+        assert!(!r.stdout.contains("DIRTIER"), "{name}: the guest ran");
+    }
+}
+
 /// `status` shows each vCPU's exits as they happen: exit-bench's bench-port
 /// writes keep them climbing, and the final report counts at least as many.
 #[test]

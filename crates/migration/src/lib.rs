@@ -409,6 +409,18 @@ mod tests {
     }
 
     #[test]
+    fn another_version_is_refused_by_name() {
+        let mut old = sample();
+        old[8..12].copy_from_slice(&1u32.to_le_bytes());
+        match read_all(&old) {
+            Err(e @ StreamError::Version(1)) => {
+                assert!(e.to_string().contains("version 1"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn every_truncation_is_refused() {
         let s = sample();
         for cut in 0..s.len() {
