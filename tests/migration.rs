@@ -766,6 +766,39 @@ fn a_page_zeroed_after_it_was_sent_arrives_as_zero() {
     drop(src);
 }
 
+/// Pages that only the VMM writes (the DMA probe, on the guest's request,
+/// as a device's DMA would) are not in KVM's dirty log: migration merges
+/// the VMM's own dirty bitmap into every round, or the destination would
+/// read stale values there and the guest would report CORRUPT.
+#[test]
+fn pages_only_the_vmm_writes_reach_the_destination() {
+    const DMA: &[&str] = &[
+        "--guest",
+        "dirtier",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "mb=1 dma_mb=1 passes=200",
+    ];
+    let plain = nfvisor(&[&["run"], DMA].concat(), T);
+    assert_eq!(plain.code, 0, "{}", plain.stderr);
+    let dir = scratch("mig-vmm-writes");
+    let ep = format!("unix:{}", dir.join("in.sock").display());
+    let mut dst = Running::start(&["receive", "--listen", &ep]);
+    dst.wait_for("waiting for a migration");
+    let (src, sock) = source_running(&dir, DMA);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = migrate(sock.to_str().unwrap(), &ep, &["--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m = &json(&r)["migration"];
+    assert!(m["rounds"].as_u64().unwrap() >= 2, "{m}");
+    let d = dst.finish(T);
+    assert!(!d.stdout.contains("CORRUPT"), "{}", d.stdout);
+    assert_eq!(d.code, 0, "{}\n{}", d.stdout, d.stderr);
+    assert_eq!(digest(&d.stdout), digest(&plain.stdout));
+    drop(src);
+}
+
 /// A received guest migrates on: the middle host chose the dirty bitmap on
 /// `receive`, and the guest finishes on the third with the digest of an
 /// unmigrated run.

@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod debug_exit;
+pub mod dma_probe;
 pub mod ivshmem;
 pub mod ivshmem_proto;
 pub mod latency;

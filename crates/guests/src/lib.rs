@@ -46,7 +46,7 @@ pub const ALL: &[Guest] = &[
     },
     Guest {
         name: "dirtier",
-        summary: "dirties one word per 4 KiB page per pass and checks every pass; mb=4 passes=3 (0 = forever) tick=N",
+        summary: "dirties one word per 4 KiB page per pass and checks every pass; mb=4 passes=3 (0 = forever) tick=N zero_every=K dma_mb=N (pages written by the VMM on request)",
         image: image!("dirtier.elf"),
     },
 ];

@@ -8,7 +8,8 @@ use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestRam;
 
 use crate::layout::{ACPI_START, ECAM_ADDR, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::{Error, Result};
@@ -23,7 +24,7 @@ fn bytes(table: &dyn Aml) -> Vec<u8> {
 }
 
 /// Writes the tables for `vcpus` processors; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64> {
+pub fn write_tables(mem: &GuestRam, vcpus: u32) -> Result<u64> {
     let mut madt = MADT::new(
         OEM_ID,
         OEM_TABLE,

@@ -17,7 +17,8 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestRam;
 
 use crate::layout::*;
 use crate::memory::ram_ranges;
@@ -82,7 +83,7 @@ fn memory_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
-fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<()> {
+fn write_cmdline(mem: &GuestRam, cmdline: &str) -> Result<()> {
     let mut c = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Boot(format!("command line: {e}")))?;
     if !cmdline.is_empty() {
         c.insert_str(cmdline)
@@ -94,7 +95,7 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<()> {
 
 /// Places the initrd at the top of low RAM, page aligned; returns (addr, size).
 fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_size: u64,
     initrd: &[u8],
     kernel_end: u64,
@@ -124,7 +125,7 @@ fn load_initrd(
 /// Loads `image` and writes the boot parameters for a machine with
 /// `mem_size` bytes of RAM; returns where the BSP starts.
 pub fn load(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_size: u64,
     image: &KernelImage,
     cmdline: &str,
@@ -259,7 +260,7 @@ pub fn load(
 
 /// Identity map of the first GiB with 2 MiB pages (1 GiB pages are not
 /// offered everywhere) for the 64-bit Linux entry.
-fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
+fn write_identity_page_tables(mem: &GuestRam) -> Result<()> {
     let w = |addr: u64, v: u64| {
         mem.write_obj(v, GuestAddress(addr))
             .map_err(|e| Error::Boot(format!("writing page tables at {addr:#x}: {e}")))
@@ -316,7 +317,7 @@ fn gdt_entry(seg: &kvm_segment) -> u64 {
 /// Registers and segments for the BSP at `entry`, and writes the boot GDT
 /// (interrupt delivery on some hosts reads the GDT, so it must be real).
 pub fn bsp_state(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     entry: &BootEntry,
     sregs: &mut kvm_sregs,
 ) -> Result<kvm_regs> {
@@ -378,8 +379,8 @@ pub fn bsp_state(
 mod tests {
     use super::*;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap()
+    fn mem() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap()
     }
 
     #[test]

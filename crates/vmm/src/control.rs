@@ -14,7 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestRam;
 use vmm_sys_util::signal::SIGRTMIN;
 
 use crate::snapshot::{self, SerialRegs, SnapshotConfig, SnapshotReport, VcpuState};
@@ -62,7 +62,7 @@ pub struct VmHandle {
     pub(crate) acks: Mutex<Receiver<u32>>,
     pub(crate) pthreads: Mutex<Vec<libc::pthread_t>>,
     pub(crate) vm: Arc<VmFd>,
-    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem: GuestRam,
     pub(crate) com1: Arc<devices::SerialConsole>,
     pub(crate) config: SnapshotConfig,
     pub(crate) state: Mutex<RunState>,

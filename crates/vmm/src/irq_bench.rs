@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 /// IOAPIC pin the guest routes to its vector.
@@ -57,14 +58,14 @@ pub fn tsc_offset(vcpu: &VcpuFd) -> (u64, &'static str) {
     (0, "unknown (assumed 0)")
 }
 
-fn read(mem: &GuestMemoryMmap, off: u64) -> u64 {
+fn read(mem: &GuestRam, off: u64) -> u64 {
     mem.read_obj(GuestAddress(RING_GPA + off)).unwrap_or(0)
 }
 
 /// Runs the injector until `count` interrupts are acknowledged, the VM
 /// stops, or the guest stops answering.
 pub fn inject(
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     evt: EventFd,
     offset: u64,
     spec: IrqBenchSpec,

@@ -41,3 +41,5 @@ pub const BENCH_MMIO: u64 = 0xd000_0000;
 /// latency-probe's block port (block number at +0, running max at +4,
 /// preemption threshold at +8).
 pub const LATENCY_PORT: u64 = 0x9f8;
+/// The DMA probe (devices::dma_probe): guest-requested writes by the VMM.
+pub const DMA_PROBE_PORT: u64 = 0x9e8;

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use migration::{Kind, Writer, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use crate::memory::GuestRam;
 
 use crate::control::{RunState, VmHandle};
 use crate::{memory, Error, Result};
@@ -345,7 +346,7 @@ fn part_of(gpa: u64, parts: usize) -> usize {
 /// One stream's share of `selection` (bitmaps per slot): sent on `w`
 /// (a snapshot sends all of memory this way too).
 pub(crate) fn send_part<W: Write>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     w: &mut Writer<W>,
     selection: &[Vec<u64>],
     (part, parts): (usize, usize),
@@ -592,6 +593,10 @@ fn dirty_bitmaps(h: &VmHandle) -> Result<Vec<Vec<u64>>> {
 /// fresh 256 KiB bitmap (8 GiB guest) is fresh memory, and its page
 /// faults cost ~0.2 ms inside the downtime on a nested host.
 fn add_dirty(h: &VmHandle, maps: &mut [Vec<u64>]) -> Result<()> {
+    // the pages the VMM wrote itself (devices): KVM logs only the guest's
+    for (r, map) in h.mem.iter().zip(maps.iter_mut()) {
+        memory::vmm_dirty(r).drain_into(map);
+    }
     if !h.rings.is_empty() {
         return h.rings.collect(maps);
     }
@@ -700,6 +705,11 @@ pub fn migrate(
 
     h.rings.prepare();
     memory::register_slots(&h.vm, &h.mem, KVM_MEM_LOG_DIRTY_PAGES)?;
+    // the first round reads every touched page: what the VMM wrote before
+    // it is in there, what it writes from now on goes in the next rounds
+    for r in h.mem.iter() {
+        memory::vmm_dirty(r).clear();
+    }
     report.dirty_log_manual_protect = h.dirty_manual.enabled;
     let full_before = h.rings.full_exits();
     // the destination's clock against ours (set by the idle Syncs)

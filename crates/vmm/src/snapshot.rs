@@ -12,7 +12,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migration::{Kind, Reader, Writer, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use crate::memory::GuestRam;
 
 use crate::{Error, Result};
 
@@ -445,7 +446,7 @@ pub struct SnapshotReport {
 pub fn write(
     dir: &Path,
     config: &SnapshotConfig,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     vcpus: &[VcpuState],
     devices: &DeviceState,
 ) -> Result<(PathBuf, u64, u64, u64)> {
@@ -612,7 +613,7 @@ impl RestoreSource {
 
 /// Applies the rest of a stream to a freshly created, not yet running VM.
 /// Writes a Pages or ZeroPages frame's pages into guest memory.
-fn apply_pages(f: &migration::Frame, mem: &GuestMemoryMmap, name: &str) -> Result<()> {
+fn apply_pages(f: &migration::Frame, mem: &GuestRam, name: &str) -> Result<()> {
     if f.kind == Kind::Pages {
         for (gpa, data) in f.pages().map_err(|e| stream_error(name, e))? {
             mem.write_slice(data, GuestAddress(gpa))
@@ -635,7 +636,7 @@ fn apply_pages(f: &migration::Frame, mem: &GuestMemoryMmap, name: &str) -> Resul
 pub fn apply(
     src: &mut RestoreSource,
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     vcpus: &[VcpuFd],
     tsc_khz: u64,
 ) -> Result<(SerialRegs, Option<IvshmemState>, u128)> {

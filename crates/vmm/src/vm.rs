@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use devices::{Bus, ConsoleBuffer, DebugExit, GuestExit, SerialConsole, Sink};
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_regs, kvm_sregs, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend};
+use crate::memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -238,7 +239,7 @@ pub struct Vm {
     guest_features: Vec<cpuid::FeatureWord>,
     /// MSRs a snapshot saves.
     msrs: Arc<std::sync::OnceLock<Vec<u32>>>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     vcpus: Vec<VcpuFd>,
     io: Arc<IoContext>,
     console: Arc<ConsoleBuffer>,
@@ -290,7 +291,7 @@ pub struct Restored {
 fn apply_restore(
     src: &mut crate::snapshot::RestoreSource,
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     vcpus: &[VcpuFd],
     tsc_khz: u32,
     com1: &SerialConsole,
@@ -497,6 +498,12 @@ impl Vm {
         .map_err(dev_err)?;
         pio.insert(BENCH_PORT, 4, Arc::new(Sink::new("bench-port")))
             .map_err(dev_err)?;
+        pio.insert(
+            DMA_PROBE_PORT,
+            devices::dma_probe::PORT_LEN,
+            Arc::new(devices::dma_probe::DmaProbe::new(mem.clone())),
+        )
+        .map_err(dev_err)?;
         let mut doorbells = None;
         let mut ivshmem_bars = None;
         // the VM's one routing table (KVM replaces it whole on each change)
