@@ -164,9 +164,9 @@ fn measure(pair: Pair, count: u64, image: &Path, dir: &Path) -> Result<PairResul
                 .and_then(|a| a.iter().find(|h| h["series"] == "rtt"))
                 .cloned()
                 .with_context(failure)?;
-            let vmm_writes = doc["vm"]["ivshmem_doorbell_writes"]
+            let vmm_writes = doc["vm"]["devices"]["ivshmem0"]["doorbell_writes"]
                 .as_u64()
-                .context("the ping VM's report has no ivshmem_doorbell_writes")?;
+                .context("the ping VM's report has no ivshmem0 doorbell_writes")?;
             Ok(PairResult {
                 rtt,
                 vmm_writes: Some(vmm_writes),

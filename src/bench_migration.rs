@@ -208,9 +208,15 @@ fn nfvisor_once(
         wait_for(&inbound, &mut dst)?;
         wait_for(&control, &mut src)?;
         std::thread::sleep(WARMUP);
-        let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": listen, "downtime_ms": o.downtime_ms, "timeout_s": 5.0, "on_timeout": "force", "connections": o.connections});
+        let req = vmm::api::Request::Migrate(vmm::api::MigrateRequest {
+            downtime_ms: o.downtime_ms,
+            timeout_s: 5.0,
+            on_timeout: vmm::api::OnTimeout::Force,
+            connections: o.connections as u32,
+            ..vmm::api::MigrateRequest::to(listen.clone())
+        });
         let from = Instant::now();
-        let reply = vmm::control::request(&control, req).map_err(anyhow::Error::msg)?;
+        let reply = vmm::control::send(&control, &req, &mut |_| {}).map_err(anyhow::Error::msg)?;
         let to = Instant::now();
         if reply["ok"] != true {
             bail!("migration failed: {}", reply["error"]);

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use config::RunArgs;
+use vmm::api::Request;
 
 #[derive(Parser)]
 #[command(
@@ -429,8 +430,20 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 }
                 None => None,
             };
-            let req = serde_json::json!({"v": 1, "cmd": "migrate", "to": to, "downtime_ms": downtime_ms, "timeout_s": timeout, "on_timeout": on_timeout, "token_file": token_file, "bandwidth_limit": bandwidth_limit, "connections": connections});
-            migrate_with_progress(&control_socket, req, json)
+            let req = Request::Migrate(vmm::api::MigrateRequest {
+                to,
+                downtime_ms,
+                timeout_s: timeout,
+                on_timeout: if on_timeout == "force" {
+                    vmm::api::OnTimeout::Force
+                } else {
+                    vmm::api::OnTimeout::Abort
+                },
+                token_file,
+                bandwidth_limit,
+                connections: connections as u32,
+            });
+            migrate_with_progress(&control_socket, &req, json)
         }
         Command::Snapshot {
             control_socket,
@@ -438,11 +451,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             json,
         } => {
             let to = std::path::absolute(&to).with_context(|| format!("--to {}", to.display()))?;
-            control(
-                &control_socket,
-                serde_json::json!({"v": 1, "cmd": "snapshot", "to": to}),
-                json,
-            )
+            control(&control_socket, &Request::Snapshot { to }, json)
         }
         Command::IvshmemWindow {
             control_socket,
@@ -450,33 +459,28 @@ fn dispatch(cli: Cli) -> Result<u8> {
             json,
         } => control(
             &control_socket,
-            serde_json::json!({"v": 1, "cmd": "ivshmem", "window": action}),
+            &Request::Ivshmem {
+                window: if action == "map" {
+                    vmm::api::WindowAction::Map
+                } else {
+                    vmm::api::WindowAction::Unmap
+                },
+                id: None,
+            },
             json,
         ),
         Command::Pause {
             control_socket,
             json,
-        } => control(
-            &control_socket,
-            serde_json::json!({"v": 1, "cmd": "pause"}),
-            json,
-        ),
+        } => control(&control_socket, &Request::Pause, json),
         Command::Resume {
             control_socket,
             json,
-        } => control(
-            &control_socket,
-            serde_json::json!({"v": 1, "cmd": "resume"}),
-            json,
-        ),
+        } => control(&control_socket, &Request::Resume, json),
         Command::Status {
             control_socket,
             json,
-        } => control(
-            &control_socket,
-            serde_json::json!({"v": 1, "cmd": "status"}),
-            json,
-        ),
+        } => control(&control_socket, &Request::Status, json),
         Command::Host { cmd } => host::run(cmd),
         Command::Guests { action } => guests_cmd(action.unwrap_or(GuestsAction::List)),
     }
@@ -662,7 +666,7 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
 
 /// `nfvisor migrate`: the request, a progress line per pre-copy round (a
 /// spinner on a terminal), then the outcome.
-fn migrate_with_progress(path: &std::path::Path, req: serde_json::Value, json: bool) -> Result<u8> {
+fn migrate_with_progress(path: &std::path::Path, req: &Request, json: bool) -> Result<u8> {
     use std::io::IsTerminal;
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new_spinner();
@@ -687,8 +691,7 @@ fn migrate_with_progress(path: &std::path::Path, req: serde_json::Value, json: b
             None => tracing::info!("migration: {msg}"),
         }
     };
-    let reply =
-        vmm::control::request_with_progress(path, req, &mut show).map_err(anyhow::Error::msg);
+    let reply = vmm::control::send(path, req, &mut show).map_err(anyhow::Error::msg);
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -725,8 +728,8 @@ fn migrate_with_progress(path: &std::path::Path, req: serde_json::Value, json: b
 }
 
 /// Sends one request to a control socket and shows the reply.
-fn control(path: &std::path::Path, req: serde_json::Value, json: bool) -> Result<u8> {
-    let reply = vmm::control::request(path, req).map_err(anyhow::Error::msg)?;
+fn control(path: &std::path::Path, req: &Request, json: bool) -> Result<u8> {
+    let reply = vmm::control::send(path, req, &mut |_| {}).map_err(anyhow::Error::msg)?;
     if json {
         println!("{reply}");
     } else {
@@ -738,7 +741,9 @@ fn control(path: &std::path::Path, req: serde_json::Value, json: bool) -> Result
             .as_object()
             .map(|m| {
                 m.iter()
-                    .filter(|(k, _)| !matches!(k.as_str(), "v" | "ok" | "exits" | "migration"))
+                    .filter(|(k, _)| {
+                        !matches!(k.as_str(), "v" | "ok" | "exits" | "migration" | "devices")
+                    })
                     .map(|(k, v)| format!("{k}: {}", plain(v)))
                     .collect()
             })
@@ -759,7 +764,20 @@ fn control(path: &std::path::Path, req: serde_json::Value, json: bool) -> Result
                 reasons.join(", ")
             ));
         }
-        if let Some(m) = reply.get("migration") {
+        // each device's counters, one line each
+        for (id, counters) in reply["devices"].as_object().into_iter().flatten() {
+            let c: Vec<String> = counters
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            fields.push(format!("device {id}: {}", c.join(", ")));
+        }
+        if let Some(m) = reply
+            .get("migration")
+            .filter(|m| m.get("progress").is_some())
+        {
             let p = &m["progress"];
             fields.push(format!(
                 "migration to {}: round {}, {:.1} MiB sent, {} pages dirty, estimated downtime {:.2} ms",
@@ -829,203 +847,20 @@ fn restore(from: &std::path::Path, local: LocalFlags) -> Result<u8> {
     run_and_report(vm, None, json, exit_stats)
 }
 
-/// Waits for one migration on `listen`, verifies and loads it, answers
-/// READY, waits for GO, runs the guest and confirms RUNNING.
+/// Waits for one migration on `listen` (vmm::receive does the protocol),
+/// runs the guest it brings and reports.
 fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8> {
     let (json, exit_stats) = (local.json, local.exit_stats);
-    use std::io::{BufRead, Write};
-    use vmm::migrate::{Endpoint, Link};
-    let endpoint = Endpoint::parse(listen).map_err(|e| anyhow::anyhow!("--listen {e}"))?;
-    enum Listener {
-        Unix(std::os::unix::net::UnixListener, PathBuf),
-        Tcp(std::net::TcpListener),
-    }
-    let listener = match &endpoint {
-        Endpoint::Unix(p) => {
-            if p.exists() {
-                std::fs::remove_file(p).with_context(|| format!("--listen {}", p.display()))?;
-            }
-            let l = std::os::unix::net::UnixListener::bind(p)
-                .with_context(|| format!("--listen {}", p.display()))?;
-            Listener::Unix(l, p.clone())
-        }
-        Endpoint::Tcp(a) => Listener::Tcp(
-            std::net::TcpListener::bind(a).with_context(|| format!("--listen {listen}"))?,
-        ),
-    };
-    if token.is_none() && matches!(listener, Listener::Tcp(_)) {
-        tracing::warn!(
-            "listening on {listen} without --token-file: anyone who can reach it can send a VM"
-        );
-    }
-    tracing::info!("waiting for a migration on {listen}");
-    // one connection that proves it knows the token (others are refused);
-    // with a deadline, give up when none came by then
-    let accept = |deadline: Option<std::time::Instant>| -> Result<Box<dyn Link>> {
-        loop {
-            let accepted: std::io::Result<Box<dyn Link>> = match &listener {
-                Listener::Unix(l, _) => l.accept().map(|(s, _)| Box::new(s) as Box<dyn Link>),
-                Listener::Tcp(l) => l.accept().and_then(|(s, peer)| {
-                    tracing::info!("connection from {peer}");
-                    s.set_nodelay(true)?;
-                    Ok(Box::new(s) as Box<dyn Link>)
-                }),
-            };
-            let mut link = match accepted {
-                Ok(link) => link,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if deadline.is_some_and(|d| std::time::Instant::now() > d) {
-                        anyhow::bail!(
-                            "the source opened too few connections on {listen} within 5 s"
-                        );
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                    continue;
-                }
-                Err(e) => return Err(e).with_context(|| format!("accepting on {listen}")),
-            };
-            match vmm::migrate::greet(link.as_mut(), token.as_deref()) {
-                Ok(()) => return Ok(link),
-                Err(e) => tracing::warn!("{e}; waiting for another connection"),
-            }
-        }
-    };
-    let link = accept(None)?;
-    vmm::fault::set_link(link.raw_fd());
-    vmm::fault::at(vmm::fault::Phase::Connect);
-    // small: a payload read then bypasses the buffer (one copy less)
-    let input = std::io::BufReader::with_capacity(64 << 10, link.split()?);
-    let mut prepared = link.split()?;
-    let mut answer = link;
-    let loaded = vmm::snapshot::RestoreSource::new(listen, Box::new(input))
-        .map_err(anyhow::Error::from)
-        .and_then(|(mut source, cfg)| {
-            // the migration's other streams, which the source opens at once
-            // (a source opens them right after the first, before it sends
-            // anything else: seconds are plenty, even across a WAN)
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            match &listener {
-                Listener::Unix(l, _) => l.set_nonblocking(true)?,
-                Listener::Tcp(l) => l.set_nonblocking(true)?,
-            }
-            for _ in 1..cfg.connections.clamp(1, 16) {
-                // (an accepted socket does not inherit O_NONBLOCK on Linux)
-                let extra = accept(Some(deadline))
-                    .with_context(|| format!("it announced {} connections", cfg.connections))?;
-                source.add_stream(Box::new(std::io::BufReader::with_capacity(64 << 10, extra)))?;
-            }
-            if let Listener::Unix(_, p) = &listener {
-                let _ = std::fs::remove_file(p);
-            }
-            source.live = true;
-            // SYNCED answers on the control channel (extra streams answer
-            // from their own threads, hence the lock)
-            let synced = std::sync::Mutex::new(answer.split()?);
-            source.on_sync = Some(std::sync::Arc::new(move |stream, seq| {
-                let mut out = synced.lock().unwrap_or_else(|e| e.into_inner());
-                // with this host's clock: the source estimates the offset
-                let now = vmm::migrate::reported_ns(vmm::migrate::now_ns());
-                let _ = out
-                    .write_all(format!("SYNCED {stream} {seq} {now}\n").as_bytes())
-                    .and_then(|_| out.flush());
-            }));
-            let on_prepared: Box<dyn FnOnce(u64) + Send> = Box::new(move |state_ns| {
-                let _ = prepared
-                    .write_all(format!("PREPARED {state_ns}\n").as_bytes())
-                    .and_then(|_| prepared.flush());
-            });
-            restored_vm(source, cfg, local, Some(on_prepared))
-        });
-    if let Listener::Unix(_, p) = &listener {
-        let _ = std::fs::remove_file(p);
-    }
-    let mut vm = match loaded {
-        Ok(vm) => vm,
-        Err(e) => {
-            let why = format!("{e:#}").replace('\n', " ");
-            let _ = answer.write_all(format!("ERROR {why}\n").as_bytes());
-            return Err(e.context("the incoming migration was refused; nothing ran"));
-        }
-    };
-    // The vCPU threads are set up first, then the stream is read to its
-    // end and applied (so only its last part lies in the downtime); READY
-    // once all is verified, or ERROR with the reason; GO releases the
-    // vCPUs; RUNNING confirms, with when each step happened here.
-    let handed_over = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let for_start = handed_over.clone();
-    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let started_here = started.clone();
-    vm.set_gate(Box::new(move |restored| {
-        let device = |what: String| vmm::Error::Device(what);
-        let restored = match restored {
-            Ok(r) => *r,
-            Err(e) => {
-                let why = e.to_string().replace('\n', " ");
-                let _ = answer
-                    .write_all(format!("ERROR {why}\n").as_bytes())
-                    .and_then(|_| answer.flush());
-                return Ok(());
-            }
-        };
-        // (time-stamped as it is sent: the source may read it before the
-        // write returns here)
-        let ready_ns = vmm::migrate::now_ns();
-        answer
-            .write_all(b"READY\n")
-            .and_then(|_| answer.flush())
-            .map_err(|e| device(format!("saying READY: {e}")))?;
-        vmm::fault::at(vmm::fault::Phase::AfterReady);
-        let mut line = String::new();
-        answer
-            .set_timeout(Some(std::time::Duration::from_secs(60)))
-            .and_then(|_| answer.split())
-            .and_then(|back| std::io::BufReader::new(back).read_line(&mut line))
-            .map_err(|e| {
-                device(format!(
-                    "waiting for GO: {e}; the guest was not started here"
-                ))
-            })?;
-        let paused_at: u128 = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["GO", ns] => ns
-                .parse()
-                .map_err(|_| device(format!("a GO line with no time: {:?}", line.trim())))?,
-            _ => {
-                return Err(device(format!(
-                    "the source did not say GO ({:?}); the guest was not started here",
-                    line.trim()
-                )))
-            }
-        };
-        let marks = [
-            ("stream_end", restored.stream_end_ns),
-            ("applied", restored.applied_ns),
-            ("ready", ready_ns),
-            ("go", vmm::migrate::now_ns()),
-        ]
-        .map(|(name, at)| (name, vmm::migrate::reported_ns(at)));
-        vmm::fault::at(vmm::fault::Phase::AfterGo);
-        *handed_over.lock().unwrap_or_else(|e| e.into_inner()) = Some((answer, paused_at, marks));
-        Ok(())
-    }));
-    vm.set_on_start(Box::new(move |resumed_at| {
-        started_here.store(true, std::sync::atomic::Ordering::Release);
-        let Some((mut answer, paused_at, marks)) =
-            for_start.lock().unwrap_or_else(|e| e.into_inner()).take()
-        else {
-            return;
-        };
-        // (this host's clock against the source's pause: the source takes
-        // the offset between them out)
-        let downtime = vmm::migrate::reported_ns(resumed_at) as i128 - paused_at as i128;
-        tracing::info!(
-            "guest resumed here {:.3} ms after the source paused it",
-            downtime as f64 / 1e6
-        );
-        let _ =
-            answer.write_all(vmm::migrate::running_line(downtime, paused_at, &marks).as_bytes());
-        let _ = answer.flush();
-    }));
-    run_and_report(vm, None, json, exit_stats).map_err(|e| {
+    vmm::migrate::Endpoint::parse(listen).map_err(|e| anyhow::anyhow!("--listen {e}"))?;
+    let incoming = vmm::receive::receive(listen, token.as_deref(), |source, cfg, on_prepared| {
+        restored_vm(source, cfg, local, Some(on_prepared))
+            .map_err(|e| vmm::Error::Config(format!("{e:#}")))
+    })
+    .map_err(|e| {
+        anyhow::Error::from(e).context("the incoming migration was refused; nothing ran")
+    })?;
+    let started = incoming.started.clone();
+    run_and_report(incoming.vm, None, json, exit_stats).map_err(|e| {
         if started.load(std::sync::atomic::Ordering::Acquire) {
             e
         } else {

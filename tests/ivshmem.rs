@@ -73,7 +73,7 @@ fn a_read_only_window_drops_writes_and_the_vm_runs_on() {
     let r = probe(&ro, "mode=write seed=6", true);
     // the guest ran to its end and found its writes gone
     assert_eq!(r.code, 3, "{}", r.stderr);
-    assert_eq!(json(&r)["vm"]["ivshmem_dropped_writes"], 512);
+    assert_eq!(json(&r)["vm"]["devices"]["ivshmem0"]["dropped_writes"], 512);
     assert_eq!(
         r.stderr.matches("read-only or unmapped region").count(),
         1,
@@ -612,7 +612,7 @@ fn bars_the_guest_moves_take_what_backs_them_along() {
     assert_eq!(record(&db, "interrupts")["msix"], "1");
     assert_eq!(field(&db, "received").as_deref(), Some("10"));
     assert_eq!(
-        da["vm"]["ivshmem_doorbell_writes"], 0,
+        da["vm"]["devices"]["ivshmem0"]["doorbell_writes"], 0,
         "the doorbell ioeventfds moved with BAR0"
     );
 }
@@ -631,7 +631,10 @@ fn a_doorbell_to_a_peer_that_is_not_there_is_counted_and_ignored() {
     let stray = probe(&spec, "mode=ring peer=9 count=1 answer_s=1", true);
     assert_eq!(stray.code, 1, "no answer from peer 9: {}", stray.stderr);
     assert!(stray.stderr.contains("peer 9"), "{}", stray.stderr);
-    assert_eq!(json(&stray)["vm"]["ivshmem_doorbell_writes"], 1);
+    assert_eq!(
+        json(&stray)["vm"]["devices"]["ivshmem0"]["doorbell_writes"],
+        1
+    );
     let ok = probe(&spec, "mode=ring peer=0 count=1", false);
     assert_eq!(ok.code, 0, "{}", ok.stderr);
     let w = waiting.finish(T);

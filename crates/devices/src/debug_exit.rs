@@ -27,6 +27,13 @@ impl GuestExit {
     }
 }
 
+/// The debug-exit port's state: the status the guest wrote, if it did
+/// (a VM saved between that write and its end ends the same way restored).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DebugExitState {
+    pub status: Option<u32>,
+}
+
 pub struct DebugExit {
     exit: Arc<GuestExit>,
 }
@@ -34,6 +41,29 @@ pub struct DebugExit {
 impl DebugExit {
     pub fn new(exit: Arc<GuestExit>) -> Self {
         Self { exit }
+    }
+}
+
+impl crate::Persist for DebugExit {
+    const KIND: &'static str = "isa-debug-exit";
+    const VERSION: u16 = 1;
+    type State = DebugExitState;
+
+    fn save(&self) -> DebugExitState {
+        DebugExitState {
+            status: self.exit.status(),
+        }
+    }
+
+    fn validate(_: &DebugExitState) -> Result<(), crate::state::BadField> {
+        Ok(())
+    }
+
+    fn restore(&self, s: DebugExitState) -> Result<(), String> {
+        if let Some(status) = s.status {
+            self.exit.request(status);
+        }
+        Ok(())
     }
 }
 
@@ -67,5 +97,14 @@ mod tests {
         assert_eq!(exit.status(), Some(7));
         dev.write(0, &[3]);
         assert_eq!(exit.status(), Some(3));
+    }
+
+    #[test]
+    fn its_state_round_trips() {
+        let dev = DebugExit::new(Arc::new(GuestExit::default()));
+        dev.write(0, &[9]);
+        let fresh_exit = Arc::new(GuestExit::default());
+        crate::state::suite::check(&dev, &DebugExit::new(fresh_exit.clone()));
+        assert_eq!(fresh_exit.status(), Some(9));
     }
 }

@@ -53,6 +53,48 @@ impl<M: Bytes<GuestAddress> + Send + Sync> DmaProbe<M> {
     }
 }
 
+/// The probe's state: the address latched for the next write (a VM saved
+/// between the guest's two port writes must write where it was told).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DmaProbeState {
+    pub addr: u64,
+}
+
+impl<M: Bytes<GuestAddress> + Send + Sync> crate::Persist for DmaProbe<M> {
+    const KIND: &'static str = "dma-probe";
+    const VERSION: u16 = 1;
+    type State = DmaProbeState;
+
+    fn save(&self) -> DmaProbeState {
+        DmaProbeState {
+            addr: self.addr.load(Ordering::Acquire),
+        }
+    }
+
+    fn validate(s: &DmaProbeState) -> Result<(), crate::state::BadField> {
+        if s.addr > u32::MAX as u64 {
+            return Err(crate::state::BadField::new(
+                "addr",
+                format!("{:#x}", s.addr),
+                "the guest latches 32-bit addresses",
+            ));
+        }
+        Ok(())
+    }
+
+    fn restore(&self, s: DmaProbeState) -> Result<(), String> {
+        self.addr.store(s.addr, Ordering::Release);
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("writes", self.done.load(Ordering::Relaxed)),
+            ("refused_writes", self.refused.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
 fn u32_of(data: &[u8]) -> u32 {
     let mut b = [0u8; 4];
     let n = data.len().min(4);
@@ -93,11 +135,15 @@ mod tests {
 
     #[test]
     fn writes_land_in_guest_memory_and_bad_addresses_are_refused() {
-        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
         let dev = DmaProbe::new(mem.clone());
         dev.write(0, &0x1000u32.to_le_bytes());
         dev.write(4, &0xdead_beefu32.to_le_bytes());
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         for bad in [0x2000u32, 0x1ffe, 0x1001, u32::MAX] {
             dev.write(0, &bad.to_le_bytes());
             dev.write(4, &1u32.to_le_bytes());
@@ -107,5 +153,17 @@ mod tests {
         assert_eq!(u32::from_le_bytes(r), 1);
         dev.read(4, &mut r);
         assert_eq!(u32::from_le_bytes(r), 4);
+    }
+
+    #[test]
+    fn the_latched_address_is_its_state() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let dev = DmaProbe::new(mem.clone());
+        dev.write(0, &0x1800u32.to_le_bytes());
+        let fresh = DmaProbe::new(mem.clone());
+        crate::state::suite::check(&dev, &fresh);
+        fresh.write(4, &7u32.to_le_bytes());
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1800)).unwrap(), 7);
     }
 }

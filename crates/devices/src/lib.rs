@@ -11,9 +11,11 @@ pub mod msix;
 pub mod pci;
 pub mod serial;
 pub mod sink;
+pub mod state;
 
 pub use bus::{Bus, BusDevice, BusError, MovableId};
 pub use debug_exit::{DebugExit, GuestExit};
 pub use latency::{Baseline, LatencyPort};
 pub use serial::{ConsoleBuffer, SerialConsole};
 pub use sink::Sink;
+pub use state::{DeviceBlob, DeviceStates, Persist, StateError, Stateful};

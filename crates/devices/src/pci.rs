@@ -214,9 +214,14 @@ pub struct PciRoot {
 impl PciRoot {
     /// Devices by slot number (00:00.0 is the host bridge).
     pub fn new(devices: Vec<Arc<dyn PciFunction>>) -> Arc<PciRoot> {
+        PciRoot::with_slots(devices.into_iter().map(Some).collect())
+    }
+
+    /// Devices in slots 1 up (None: an empty slot).
+    pub fn with_slots(devices: Vec<Option<Arc<dyn PciFunction>>>) -> Arc<PciRoot> {
         let mut slots: Vec<Option<Arc<dyn PciFunction>>> =
             vec![Some(Arc::new(HostBridge::default()))];
-        slots.extend(devices.into_iter().map(Some));
+        slots.extend(devices);
         slots.resize_with(32, || None);
         Arc::new(PciRoot { slots })
     }

@@ -75,6 +75,25 @@ impl Trigger for IrqFdTrigger {
     }
 }
 
+/// COM1's registers and receive FIFO: vm-superio's `SerialState`, which has
+/// no serde, field for field.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SerialConsoleState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// The 16550's receive FIFO.
+const FIFO_SIZE: usize = 64;
+
 pub struct SerialConsole {
     uart: Mutex<Serial<IrqFdTrigger, vm_superio::serial::NoEvents, BufferWriter>>,
 }
@@ -85,19 +104,64 @@ impl SerialConsole {
             uart: Mutex::new(Serial::new(IrqFdTrigger(irq), BufferWriter(buffer))),
         }
     }
+}
 
-    /// The UART's registers, for snapshots.
-    pub fn state(&self) -> vm_superio::serial::SerialState {
-        self.uart.lock().unwrap_or_else(|e| e.into_inner()).state()
+impl crate::Persist for SerialConsole {
+    const KIND: &'static str = "uart-16550";
+    const VERSION: u16 = 1;
+    type State = SerialConsoleState;
+
+    fn save(&self) -> SerialConsoleState {
+        let s = self.uart.lock().unwrap_or_else(|e| e.into_inner()).state();
+        SerialConsoleState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
     }
 
-    /// Puts the UART's registers back (same interrupt line, same output).
-    pub fn restore(&self, state: &vm_superio::serial::SerialState) -> std::io::Result<()> {
+    fn validate(s: &SerialConsoleState) -> Result<(), crate::state::BadField> {
+        if s.in_buffer.len() > FIFO_SIZE {
+            return Err(crate::state::BadField::new(
+                "in_buffer",
+                format!("{} bytes", s.in_buffer.len()),
+                format!("the receive FIFO holds {FIFO_SIZE}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Same interrupt line, same output; the registers from `s`.
+    fn restore(&self, s: SerialConsoleState) -> Result<(), String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
         let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
-        let irq = IrqFdTrigger(uart.interrupt_evt().0.try_clone()?);
+        let irq = IrqFdTrigger(
+            uart.interrupt_evt()
+                .0
+                .try_clone()
+                .map_err(|e| format!("its interrupt eventfd: {e}"))?,
+        );
         let out = BufferWriter(uart.writer().0.clone());
-        *uart = Serial::from_state(state, irq, vm_superio::serial::NoEvents, out)
-            .map_err(|e| std::io::Error::other(format!("COM1 state: {e:?}")))?;
+        *uart = Serial::from_state(&state, irq, vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("{e:?}"))?;
         Ok(())
     }
 }
@@ -150,5 +214,32 @@ mod tests {
         let mut lsr = [0u8];
         com1.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn its_state_round_trips_and_bad_state_is_refused_by_name() {
+        use crate::{Persist, Stateful};
+        let com1 = SerialConsole::new(EventFd::new(0).unwrap(), ConsoleBuffer::new(64));
+        com1.write(7, &[0x5a]); // scratch
+        com1.write(3, &[0x03]); // 8N1
+        let fresh = SerialConsole::new(EventFd::new(0).unwrap(), ConsoleBuffer::new(64));
+        crate::state::suite::check(&com1, &fresh);
+        assert_eq!(fresh.save().scratch, 0x5a);
+        let mut full = com1.save();
+        full.in_buffer = vec![0; 65];
+        let blob = crate::DeviceBlob {
+            data: postcard::to_stdvec(&full).unwrap(),
+            ..com1.save_blob()
+        };
+        let e = fresh.restore_blob("com1", &blob).unwrap_err().to_string();
+        assert!(
+            e.contains("device com1: in_buffer = 65 bytes is out of range"),
+            "{e}"
+        );
+        assert_eq!(
+            fresh.save().scratch,
+            0x5a,
+            "a refused state changes nothing"
+        );
     }
 }

@@ -18,9 +18,13 @@
 
 use std::io::{self, Read, Write};
 
+pub mod control;
+pub mod report;
+
 pub const MAGIC: &[u8; 8] = b"NFVMIGR\0";
-/// 2: state frames in postcard instead of JSON.
-pub const VERSION: u32 = 2;
+/// 2: state frames in postcard instead of JSON. 3: the state frame holds
+/// the VM's KVM state and each device's state keyed by device id.
+pub const VERSION: u32 = 3;
 pub const PAGE_SIZE: usize = 4096;
 /// Largest payload a reader accepts (a frame of 1024 pages plus addresses).
 pub const MAX_PAYLOAD: usize = 1024 * (PAGE_SIZE + 8);

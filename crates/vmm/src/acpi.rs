@@ -1,6 +1,7 @@
 //! ACPI tables: RSDP, XSDT, MADT (the vCPUs and the IOAPIC) and MCFG (PCI
 //! ECAM for bus 0).
 
+use crate::memory::GuestRam;
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
@@ -9,7 +10,6 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
-use crate::memory::GuestRam;
 
 use crate::layout::{ACPI_START, ECAM_ADDR, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::{Error, Result};

@@ -5,6 +5,7 @@
 
 use std::io::Cursor;
 
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -18,7 +19,6 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
-use crate::memory::GuestRam;
 
 use crate::layout::*;
 use crate::memory::ram_ranges;
@@ -316,11 +316,7 @@ fn gdt_entry(seg: &kvm_segment) -> u64 {
 
 /// Registers and segments for the BSP at `entry`, and writes the boot GDT
 /// (interrupt delivery on some hosts reads the GDT, so it must be real).
-pub fn bsp_state(
-    mem: &GuestRam,
-    entry: &BootEntry,
-    sregs: &mut kvm_sregs,
-) -> Result<kvm_regs> {
+pub fn bsp_state(mem: &GuestRam, entry: &BootEntry, sregs: &mut kvm_sregs) -> Result<kvm_regs> {
     let long = entry.protocol == BootProtocol::Linux64;
     let code = segment(0x08, 0xb, long);
     let data = segment(0x10, 0x3, false);

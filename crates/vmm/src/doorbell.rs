@@ -17,7 +17,7 @@ use devices::msix::{MsiRouter, VectorRoute};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::irq_routes::{GsiRoutes, Route, FIRST_DEVICE_GSI};
+use crate::irq_routes::{GsiRoutes, Route};
 use crate::{Error, Result};
 
 /// The Doorbell register's offset in BAR0.
@@ -118,9 +118,11 @@ impl PeerBells {
 }
 
 /// This VM's vectors: the server's eventfds as irqfds on GSIs
-/// FIRST_DEVICE_GSI + vector, routed by the device's MSI-X state.
+/// `first_gsi` + vector (the device manager's), routed by the device's
+/// MSI-X state.
 pub struct OwnVectors {
     vm: Arc<VmFd>,
+    first_gsi: u32,
     routes: Arc<GsiRoutes>,
     evts: Vec<EventFd>,
     attached: Mutex<Vec<bool>>,
@@ -136,7 +138,7 @@ impl OwnVectors {
     /// A masked vector's irqfd is detached: a doorbell then stays counted in
     /// the eventfd, and KVM injects it when the irqfd is attached again.
     pub fn apply(&self, v: u16, route: VectorRoute) -> Result<()> {
-        let gsi = FIRST_DEVICE_GSI + v as u32;
+        let gsi = self.first_gsi + v as u32;
         let evt = self
             .evts
             .get(v as usize)
@@ -203,9 +205,11 @@ impl Doorbells {
         stream: UnixStream,
         pin: u32,
         bar0: u64,
+        first_gsi: u32,
     ) -> Result<Wired> {
         let own = Arc::new(OwnVectors {
             vm: vm.clone(),
+            first_gsi,
             routes,
             attached: Mutex::new(vec![false; joined.own.len()]),
             evts: joined.own.into_iter().map(eventfd).collect(),

@@ -8,9 +8,9 @@ use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::memory::GuestRam;
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
-use crate::memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 /// IOAPIC pin the guest routes to its vector.
@@ -50,7 +50,7 @@ pub fn tsc_offset(vcpu: &VcpuFd) -> (u64, &'static str) {
         return (offset, "KVM_VCPU_TSC_OFFSET");
     }
     let before = host_tsc();
-    if let Ok(tsc) = crate::snapshot::guest_tsc(vcpu) {
+    if let Ok(tsc) = crate::clock::guest_tsc(vcpu) {
         let after = host_tsc();
         let mid = before + (after - before) / 2;
         return (tsc.wrapping_sub(mid), "IA32_TSC read beside the host TSC");

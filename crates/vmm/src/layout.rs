@@ -43,3 +43,8 @@ pub const BENCH_MMIO: u64 = 0xd000_0000;
 pub const LATENCY_PORT: u64 = 0x9f8;
 /// The DMA probe (devices::dma_probe): guest-requested writes by the VMM.
 pub const DMA_PROBE_PORT: u64 = 0x9e8;
+/// Where PCI BARs go (the device manager hands them out, each aligned to
+/// its size): memory windows, then register BARs and MSI-X tables. The
+/// benchmark page (BENCH_MMIO) lies between the two.
+pub const PCI_LARGE_BARS: (u64, u64) = (0xc000_0000, 0xd000_0000);
+pub const PCI_SMALL_BARS: (u64, u64) = (0xe000_0000, 0xe800_0000);

@@ -3,9 +3,12 @@
 //! legacy devices on the I/O bus.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
+pub mod clock;
 pub mod control;
 pub mod cpuid;
+pub mod device_manager;
 pub mod dirty_log;
 pub mod dirty_ring;
 pub mod doorbell;
@@ -13,15 +16,18 @@ pub mod exits;
 pub mod fault;
 pub mod irq_bench;
 pub mod irq_routes;
-pub mod ivshmem_bars;
+pub mod ivshmem;
 pub mod kvm_stats;
 pub mod layout;
 pub mod memory;
 pub mod migrate;
+pub mod page_walk;
+pub mod receive;
 pub mod shared_region;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod vm_handle;
 pub mod zero_page;
 
 pub use boot::BootProtocol;
@@ -47,6 +53,8 @@ pub enum Error {
     Rt(String),
     #[error("device: {0}")]
     Device(String),
+    #[error(transparent)]
+    DeviceState(#[from] devices::StateError),
     #[error("vCPU {id}: {why}")]
     Vcpu { id: u32, why: String },
 }

@@ -20,9 +20,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::{Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::{Error, Result, Setting};
 
@@ -288,19 +286,20 @@ pub fn create(
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
     for (base, len) in ram_ranges(opts.size) {
-        let region = MmapRegionBuilder::new_with_bitmap(len as usize, VmmDirty::with_len(len as usize))
-            .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
-            .with_hugetlbfs(memfd_flags & libc::MFD_HUGETLB != 0)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags)
-            .build()
-            .map_err(|e| {
-                Error::Memory(format!(
-                    "mapping {} MiB of guest memory at {:#x}: {e}",
-                    len >> 20,
-                    base.0
-                ))
-            })?;
+        let region =
+            MmapRegionBuilder::new_with_bitmap(len as usize, VmmDirty::with_len(len as usize))
+                .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
+                .with_hugetlbfs(memfd_flags & libc::MFD_HUGETLB != 0)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .build()
+                .map_err(|e| {
+                    Error::Memory(format!(
+                        "mapping {} MiB of guest memory at {:#x}: {e}",
+                        len >> 20,
+                        base.0
+                    ))
+                })?;
         regions.push(
             GuestRegionMmap::new(region, base)
                 .ok_or_else(|| Error::Memory("guest memory region overflows".into()))?,
@@ -435,7 +434,10 @@ fn file_data_pages(file: &std::fs::File, start: u64, pages: usize) -> Option<Vec
             return None;
         }
         let hole = (hole as u64).min(end);
-        let (first, last) = ((data - start) as usize / PAGE, (hole - start).div_ceil(PAGE as u64) as usize);
+        let (first, last) = (
+            (data - start) as usize / PAGE,
+            (hole - start).div_ceil(PAGE as u64) as usize,
+        );
         map[first..last.min(pages)].fill(1);
         at = hole.max(data + 1);
     }

@@ -14,15 +14,18 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use migration::{Kind, Writer, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use crate::memory::GuestRam;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::control::{RunState, VmHandle};
+pub use migration::control::Line;
+pub use migration::report::{DowntimePhases, MigrationReport, Progress};
+
+use crate::page_walk::{send_part, Limiter, PartCount};
+use crate::vm_handle::{RunState, VmHandle};
 use crate::{memory, Error, Result};
 
 /// A migration endpoint: `unix:PATH` or `tcp:HOST:PORT`.
@@ -102,161 +105,33 @@ pub struct MigrateOptions {
     pub connections: usize,
 }
 
-/// Where a migration stands, after each pre-copy round.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Progress {
-    pub round: u32,
-    pub bytes: u64,
-    pub dirty_pages: u64,
-    pub estimated_downtime_ms: f64,
-    pub elapsed_ms: f64,
-    /// The destination has applied everything sent (it answered a Sync):
-    /// the last look before the stop-and-copy.
-    pub synced: bool,
-}
-
-/// Holds pre-copy to a byte rate: sleeps while ahead of it.
-pub(crate) struct Limiter {
-    start: Instant,
-    rate: Option<u64>,
-}
-
-impl Limiter {
-    fn account(&self, bytes_so_far: u64) {
-        if let Some(rate) = self.rate {
-            let due = Duration::from_secs_f64(bytes_so_far as f64 / rate as f64);
-            let elapsed = self.start.elapsed();
-            if due > elapsed {
-                std::thread::sleep(due - elapsed);
-            }
-        }
+/// The destination's confirmation: the downtime and, for each of its
+/// steps, when it happened after the source's pause (signed: the
+/// destination's clock may be behind the source's).
+pub fn running_line(downtime_ns: i128, paused_at: u128, marks: &[(&str, u128)]) -> Line {
+    Line::Running {
+        downtime_ns,
+        steps: marks
+            .iter()
+            .filter(|(_, at)| *at > 0)
+            .map(|(name, at)| (name.to_string(), *at as i128 - paused_at as i128))
+            .collect(),
     }
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct MigrationReport {
-    pub total_ms: f64,
-    /// Source pause to destination resume, measured by the destination.
-    pub downtime_ms: f64,
-    /// Source pause to the RUNNING answer (includes the round trip).
-    pub downtime_seen_by_source_ms: f64,
-    pub rounds: u32,
-    pub bytes: u64,
-    pub pages_sent: u64,
-    pub zero_pages: u64,
-    /// Pages the guest never touched: skipped in the first round unread.
-    pub untouched_pages: u64,
-    pub last_round_pages: u64,
-    /// "bitmap" (KVM_GET_DIRTY_LOG) or "ring" (the KVM dirty ring).
-    pub dirty_tracking: String,
-    /// The bitmap is protected again by KVM_CLEAR_DIRTY_LOG, in chunks.
-    pub dirty_log_manual_protect: bool,
-    /// Times a vCPU found its dirty ring full and emptied it itself.
-    pub ring_full_exits: u64,
-    /// Where the total went: until the destination had its VM (PREPARED),
-    pub prepared_ms: f64,
-    /// each pre-copy round (sent and flushed),
-    pub round_ms: Vec<f64>,
-    /// and waiting for the destination to apply what it was sent (Sync).
-    pub sync_ms: f64,
-    /// The destination's CLOCK_REALTIME minus the source's, estimated from
-    /// the Sync round trips (the destination's times here are corrected by
-    /// it); null when not measured. Off by at most
-    pub clock_offset_ms: Option<f64>,
-    /// this: half the shortest round trip.
-    pub clock_offset_uncertainty_ms: Option<f64>,
-    /// The downtime expected with no page left to send (the destination's
-    /// state save-and-restore, three link crossings), added to the pages'
-    /// share when the budget is checked.
-    pub fixed_downtime_estimate_ms: f64,
-    pub bandwidth_mib_s: f64,
-    pub forced: bool,
-    /// Threads that scanned memory for the first round.
-    pub scan_threads: u32,
-    /// Streams the pages went on.
-    pub connections: u32,
-    /// Where the downtime went.
-    pub downtime_phases: DowntimePhases,
-}
-
-/// Where a migration's downtime went: ms from the source's pause to the end
-/// of each step, the source's on its clock, the destination's (`dest_`) on
-/// its own (the same clock on one host; across hosts, as far apart as the
-/// two clocks are).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct DowntimePhases {
-    /// The vCPUs out of KVM_RUN and parked.
-    pub paused_ms: f64,
-    /// The last dirty pages harvested and written to the stream.
-    pub last_pages_ms: f64,
-    /// Every vCPU's and device's state read and written.
-    pub state_ms: f64,
-    /// The stream handed to the kernel to its end.
-    pub flushed_ms: f64,
-    /// The destination read the stream to its end (applying vCPU state as
-    /// it came).
-    pub dest_stream_end_ms: f64,
-    /// The destination restored devices and clocks: all verified.
-    pub dest_applied_ms: f64,
-    /// The destination said READY.
-    pub dest_ready_ms: f64,
-    /// READY arrived here.
-    pub ready_ms: f64,
-    /// GO sent.
-    pub go_ms: f64,
-    /// GO arrived at the destination.
-    pub dest_go_ms: f64,
-    /// The destination released its vCPUs: the downtime.
-    pub dest_resumed_ms: f64,
-}
-
-impl DowntimePhases {
-    /// Reads the destination's steps from its RUNNING line's `name=ns`
-    /// fields (unknown names are ignored: a newer destination may say more).
-    fn read_destination(&mut self, fields: &[&str], offset_ms: f64) {
-        for f in fields {
-            let Some((name, ns)) = f.split_once('=') else {
-                continue;
-            };
-            let Ok(ns) = ns.parse::<i128>() else {
-                continue;
-            };
-            let ms = ns as f64 / 1e6 - offset_ms;
-            match name {
-                "stream_end" => self.dest_stream_end_ms = ms,
-                "applied" => self.dest_applied_ms = ms,
-                "ready" => self.dest_ready_ms = ms,
-                "go" => self.dest_go_ms = ms,
-                _ => {}
-            }
-        }
+/// Reads the peer's next control line: the line, or what came instead
+/// (an I/O error, the connection closed, a line that is not one of ours).
+fn next_line(back: &mut BufReader<Box<dyn Link>>) -> std::result::Result<Line, String> {
+    let mut line = String::new();
+    match back.read_line(&mut line) {
+        Err(e) => Err(e.to_string()),
+        Ok(0) => Err("connection closed".into()),
+        Ok(_) => Line::parse(&line).map_err(|e| e.to_string()),
     }
-}
-
-/// The destination's confirmation: `RUNNING <downtime ns>` and, for each of
-/// its steps, `name=<ns after the source's pause>`.
-/// (Signed: the destination's clock may be behind the source's.)
-pub fn running_line(downtime_ns: i128, paused_at: u128, marks: &[(&str, u128)]) -> String {
-    let mut line = format!("RUNNING {downtime_ns}");
-    for (name, at) in marks {
-        if *at > 0 {
-            line.push_str(&format!(" {name}={}", *at as i128 - paused_at as i128));
-        }
-    }
-    line.push('\n');
-    line
 }
 
 fn ms_since(at: u128) -> f64 {
-    now_ns().saturating_sub(at) as f64 / 1e6
-}
-
-/// CLOCK_REALTIME in ns: both ends of a migration time-stamp with it.
-pub fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
+    crate::clock::now_ns().saturating_sub(at) as f64 / 1e6
 }
 
 fn io(e: std::io::Error) -> Error {
@@ -280,7 +155,11 @@ fn send_pages<W: Write + Send>(
     let selection = match dirty {
         Some(d) => d,
         None => {
-            first = first_round_pages(h, report);
+            let scan = crate::page_walk::first_round_pages(&h.mem);
+            report.scan_threads = scan.scan_threads;
+            report.untouched_pages += scan.untouched_pages;
+            report.zero_pages += scan.zero_pages;
+            first = scan.bitmaps;
             first.as_slice()
         }
     };
@@ -330,165 +209,6 @@ fn send_pages<W: Write + Send>(
     Ok(looked)
 }
 
-#[derive(Default)]
-pub(crate) struct PartCount {
-    pub(crate) sent: u64,
-    pub(crate) zero: u64,
-    looked: u64,
-}
-
-/// Which of `parts` streams carries the page at `gpa` (2 MiB chunks, dealt
-/// round-robin).
-fn part_of(gpa: u64, parts: usize) -> usize {
-    ((gpa >> 21) % parts as u64) as usize
-}
-
-/// One stream's share of `selection` (bitmaps per slot): sent on `w`
-/// (a snapshot sends all of memory this way too).
-pub(crate) fn send_part<W: Write>(
-    mem: &GuestRam,
-    w: &mut Writer<W>,
-    selection: &[Vec<u64>],
-    (part, parts): (usize, usize),
-    later: bool,
-    limiter: Option<&Limiter>,
-    sent_so_far: &AtomicU64,
-) -> Result<PartCount> {
-    let mut batch = migration::PageBatch::default();
-    let mut zeros = Vec::new();
-    let mut c = PartCount::default();
-    for (slot, region) in mem.iter().enumerate() {
-        let base = region.start_addr().0;
-        let pages = region.len() / PAGE_SIZE as u64;
-        let Some(bitmap) = selection.get(slot) else {
-            continue;
-        };
-        let selected = bitmap.iter().enumerate().flat_map(|(i, &word)| {
-            let mut w = word;
-            std::iter::from_fn(move || {
-                (w != 0).then(|| {
-                    let bit = w.trailing_zeros() as u64;
-                    w &= w - 1;
-                    i as u64 * 64 + bit
-                })
-            })
-        });
-        for p in selected {
-            if p >= pages {
-                break;
-            }
-            let gpa = base + p * PAGE_SIZE as u64;
-            if parts > 1 && part_of(gpa, parts) != part {
-                continue;
-            }
-            c.looked += 1;
-            // zero pages are found in place (no copy): the scan then runs at
-            // memory speed
-            let in_place = mem
-                .get_slice(GuestAddress(gpa), PAGE_SIZE)
-                .map_err(|e| Error::Memory(format!("page {gpa:#x}: {e}")))?;
-            let guard = in_place.ptr_guard();
-            // SAFETY: the page is mapped for the VM's life; the guest may
-            // write it meanwhile, which is_zero_at allows (dirty tracking
-            // sends a page written during the scan again).
-            let zero = unsafe { crate::zero_page::is_zero_at(guard.as_ptr(), PAGE_SIZE) };
-            if zero {
-                // (in the first round, a page that became zero since the
-                // scan: the destination's is zero already)
-                c.zero += 1;
-                if later {
-                    zeros.push(gpa);
-                }
-                continue;
-            }
-            // copied (volatile reads) into the frame: a page the guest writes
-            // meanwhile is dirty and goes again, and the frame's checksum
-            // covers exactly what was copied
-            mem.read_slice(batch.slot(gpa), GuestAddress(gpa))
-                .map_err(|e| Error::Memory(format!("reading page {gpa:#x}: {e}")))?;
-            c.sent += 1;
-            if batch.is_full() {
-                w.page_batch(&mut batch).map_err(io)?;
-                let total = sent_so_far.fetch_add(1024, Ordering::Relaxed) + 1024;
-                if let Some(l) = limiter {
-                    l.account(total * PAGE_SIZE as u64);
-                }
-            }
-        }
-    }
-    w.page_batch(&mut batch).map_err(io)?;
-    w.zero_pages(&zeros).map_err(io)?;
-    Ok(c)
-}
-
-/// The first round's pages, as one bitmap per slot: every page the guest
-/// ever touched (`/proc/self/pagemap`; untouched ones are not even read)
-/// that is not zero. The zero scan runs in place on up to 8 threads (as
-/// many as this thread may use), so memory bandwidth, not one core, bounds
-/// an idle prefaulted guest. Counts untouched and zero pages in `report`.
-fn first_round_pages(h: &VmHandle, report: &mut MigrationReport) -> Vec<Vec<u64>> {
-    let resident = memory::residency(&h.mem);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8);
-    report.scan_threads = threads as u32;
-    let mut out = Vec::new();
-    for (slot, region) in h.mem.iter().enumerate() {
-        let pages = (region.len() / PAGE_SIZE as u64) as usize;
-        let words = pages.div_ceil(64);
-        let mut bitmap = vec![0u64; words];
-        // the host address as an integer, so the scoped threads may share it
-        let host = region.as_ptr() as usize;
-        let map = resident.get(slot).and_then(|m| m.as_deref());
-        let per_thread = words.div_ceil(threads).max(1);
-        let counts: Vec<(u64, u64)> = std::thread::scope(|scope| {
-            let workers: Vec<_> = bitmap
-                .chunks_mut(per_thread)
-                .enumerate()
-                .map(|(t, chunk)| {
-                    scope.spawn(move || {
-                        let (mut untouched, mut zero) = (0u64, 0u64);
-                        for (w, word) in chunk.iter_mut().enumerate() {
-                            for bit in 0..64 {
-                                let p = (t * per_thread + w) * 64 + bit;
-                                if p >= pages {
-                                    break;
-                                }
-                                if map.is_some_and(|m| m[p] & 1 == 0) {
-                                    untouched += 1;
-                                    continue;
-                                }
-                                let at = (host + p * PAGE_SIZE) as *const u8;
-                                // SAFETY: a page of this region's mapping,
-                                // live for the VM's life; the guest may write
-                                // it meanwhile (dirty tracking, on since
-                                // before this scan, sends it again then).
-                                if unsafe { crate::zero_page::is_zero_at(at, PAGE_SIZE) } {
-                                    zero += 1;
-                                } else {
-                                    *word |= 1 << bit;
-                                }
-                            }
-                        }
-                        (untouched, zero)
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().unwrap_or((0, 0)))
-                .collect()
-        });
-        for (untouched, zero) in counts {
-            report.untouched_pages += untouched;
-            report.zero_pages += zero;
-        }
-        out.push(bitmap);
-    }
-    out
-}
-
 /// The destination's clock against ours, from one Sync round trip.
 #[derive(Debug, Clone, Copy)]
 struct ClockSample {
@@ -508,7 +228,7 @@ fn sync<W: Write>(
     seq: u32,
     to: &str,
 ) -> Result<Option<ClockSample>> {
-    let (sent, sent_ns) = (Instant::now(), now_ns());
+    let (sent, sent_ns) = (Instant::now(), crate::clock::now_ns());
     for w in ws.iter_mut() {
         w.frame(Kind::Sync, &(seq as u64).to_le_bytes())
             .map_err(io)?;
@@ -518,36 +238,32 @@ fn sync<W: Write>(
     let mut answered = vec![false; ws.len()];
     let mut sample = None;
     while answered.contains(&false) {
-        let mut line = String::new();
-        let got = back.read_line(&mut line);
-        match (got, line.split_whitespace().collect::<Vec<_>>().as_slice()) {
-            (Ok(_), ["SYNCED", stream, n, clock @ ..]) if n.parse() == Ok(seq) => {
-                let (rtt, back_ns) = (sent.elapsed(), now_ns());
-                if let (&"0", [dest_ns]) = (stream, clock) {
-                    if let Ok(dest_ns) = dest_ns.parse::<i128>() {
-                        let middle = (sent_ns as i128 + back_ns as i128) / 2;
-                        sample = Some(ClockSample {
-                            rtt,
-                            offset_ns: dest_ns - middle,
-                        });
-                    }
+        match next_line(back) {
+            Ok(Line::Synced {
+                stream,
+                seq: n,
+                clock_ns,
+            }) if n == seq as u64 => {
+                let (rtt, back_ns) = (sent.elapsed(), crate::clock::now_ns());
+                if let (0, Some(dest_ns)) = (stream, clock_ns) {
+                    let middle = (sent_ns as i128 + back_ns as i128) / 2;
+                    sample = Some(ClockSample {
+                        rtt,
+                        offset_ns: dest_ns - middle,
+                    });
                 }
-                if let Some(a) = stream
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|s| answered.get_mut(s))
-                {
+                if let Some(a) = answered.get_mut(stream) {
                     *a = true;
                 }
             }
-            (Ok(_), ["SYNCED", ..]) => {}
-            (got, _) => {
+            // (an answer to an earlier Sync)
+            Ok(Line::Synced { .. }) => {}
+            other => {
                 return Err(Error::Device(format!(
                     "waiting for {to} to catch up: {}; the guest runs on here",
-                    match got {
-                        Err(e) => e.to_string(),
-                        Ok(0) => "connection closed".into(),
-                        Ok(_) => line.trim().to_string(),
+                    match other {
+                        Ok(l) => l.to_string(),
+                        Err(e) => e,
                     }
                 )))
             }
@@ -555,20 +271,6 @@ fn sync<W: Write>(
     }
     let _ = back.get_ref().set_timeout(None);
     Ok(sample)
-}
-
-/// This host's CLOCK_REALTIME as a destination reports it to its source.
-/// Test-only: `NFVISOR_TEST_CLOCK_SKEW_MS` shifts it, standing for a
-/// destination host whose clock is that far ahead.
-pub fn reported_ns(real_ns: u128) -> u128 {
-    static SKEW_NS: std::sync::OnceLock<i128> = std::sync::OnceLock::new();
-    let skew = *SKEW_NS.get_or_init(|| {
-        std::env::var("NFVISOR_TEST_CLOCK_SKEW_MS")
-            .ok()
-            .and_then(|v| v.parse::<i128>().ok())
-            .map_or(0, |ms| ms * 1_000_000)
-    });
-    (real_ns as i128 + skew).max(0) as u128
 }
 
 fn flush_all<W: Write>(ws: &mut [Writer<W>]) -> Result<()> {
@@ -643,7 +345,7 @@ pub fn migrate(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport> {
     let t0 = Instant::now();
-    h.refuse_with_ivshmem()?;
+    h.refuse_unmovable()?;
     let endpoint = Endpoint::parse(to).map_err(Error::Config)?;
     let mut link =
         connect(&endpoint).map_err(|e| Error::Device(format!("connecting to {to}: {e}")))?;
@@ -682,24 +384,20 @@ pub fn migrate(
     }
     // the destination creates its VM first: that stays out of the downtime
     let _ = back.get_ref().set_timeout(Some(Duration::from_secs(30)));
-    let mut line = String::new();
-    back.read_line(&mut line)
-        .map_err(|e| Error::Device(format!("waiting for {to} to prepare: {e}")))?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    if words.first() != Some(&"PREPARED") {
-        return Err(Error::Device(format!(
-            "{to} did not prepare a VM ({}); the guest runs on here",
-            if line.is_empty() {
-                "connection closed"
-            } else {
-                line.trim()
-            }
-        )));
-    }
     // what saving and restoring the state cost on the destination's fresh
     // VM (older destinations do not say)
-    let state_round_trip =
-        Duration::from_nanos(words.get(1).and_then(|n| n.parse().ok()).unwrap_or(0));
+    let state_round_trip = match next_line(&mut back) {
+        Ok(Line::Prepared { state_ns }) => Duration::from_nanos(state_ns),
+        other => {
+            return Err(Error::Device(format!(
+                "{to} did not prepare a VM ({}); the guest runs on here",
+                match other {
+                    Ok(l) => l.to_string(),
+                    Err(e) => e,
+                }
+            )))
+        }
+    };
     let _ = back.get_ref().set_timeout(None);
     report.prepared_ms = t0.elapsed().as_secs_f64() * 1000.0;
 
@@ -864,26 +562,32 @@ pub fn migrate(
 
     // phase 1: the destination verifies and says READY
     let _ = back.get_ref().set_timeout(Some(Duration::from_secs(60)));
-    let mut line = String::new();
-    let ready = back.read_line(&mut line);
-    if ready.is_err() || line.trim() != "READY" {
-        stop_dirty_tracking(h);
-        h.resume();
-        return Err(Error::Device(format!(
-            "the destination did not accept the VM ({}); the guest runs on here",
-            match ready {
-                Err(e) => e.to_string(),
-                Ok(_) if line.is_empty() => "connection closed".into(),
-                Ok(_) => line.trim().to_string(),
-            }
-        )));
+    match next_line(&mut back) {
+        Ok(Line::Ready) => {}
+        other => {
+            stop_dirty_tracking(h);
+            h.resume();
+            return Err(Error::Device(format!(
+                "the destination did not accept the VM ({}); the guest runs on here",
+                match other {
+                    Ok(l) => l.to_string(),
+                    Err(e) => e,
+                }
+            )));
+        }
     }
     report.downtime_phases.ready_ms = ms_since(paused_at);
     // phase 2: GO; from here a lost answer leaves the guest paused
     let mut link = back.into_inner();
     report.downtime_phases.go_ms = ms_since(paused_at);
     if let Err(e) = link
-        .write_all(format!("GO {paused_at}\n").as_bytes())
+        .write_all(
+            Line::Go {
+                paused_at_ns: paused_at,
+            }
+            .to_wire()
+            .as_bytes(),
+        )
         .and_then(|_| link.flush())
     {
         // the kernel did not take GO: the destination cannot have it, and
@@ -895,33 +599,32 @@ pub fn migrate(
         )));
     }
     let mut back = BufReader::new(link);
-    let mut line = String::new();
-    let answer = back.read_line(&mut line);
-    match (
-        answer,
-        line.split_whitespace().collect::<Vec<_>>().as_slice(),
-    ) {
-        (Ok(_), ["RUNNING", ns, steps @ ..]) => {
+    match next_line(&mut back) {
+        Ok(Line::Running { downtime_ns, steps }) => {
             // the destination measured against our pause time with its own
             // clock: take the offset between the clocks out
             let offset_ms = clock.map_or(0.0, |c| c.offset_ns as f64 / 1e6);
             report.clock_offset_ms = clock.map(|c| c.offset_ns as f64 / 1e6);
             report.clock_offset_uncertainty_ms = clock.map(|c| c.rtt.as_secs_f64() * 1e3 / 2.0);
-            report.downtime_ms = ns.parse::<f64>().unwrap_or(0.0) / 1e6 - offset_ms;
+            report.downtime_ms = downtime_ns as f64 / 1e6 - offset_ms;
             let phases = &mut report.downtime_phases;
-            phases.read_destination(steps, offset_ms);
+            phases.read_destination(&steps, offset_ms);
             phases.dest_resumed_ms = report.downtime_ms;
         }
-        _ => {
+        other => {
             // the guest may be resumed here by the operator: stop tracking
             stop_dirty_tracking(h);
             return Err(Error::Device(format!(
-                "OUTCOME UNKNOWN: GO was sent to {to} but no RUNNING came back ({:?}); the guest stays PAUSED here. Check whether it runs on the destination before resuming it here (nfvisor resume) — two running copies are worse than a paused one",
-                line.trim()
+                "OUTCOME UNKNOWN: GO was sent to {to} but no RUNNING came back ({}); the guest stays PAUSED here. Check whether it runs on the destination before resuming it here (nfvisor resume) — two running copies are worse than a paused one",
+                match other {
+                    Ok(l) => l.to_string(),
+                    Err(e) => e,
+                }
             )));
         }
     }
-    report.downtime_seen_by_source_ms = (now_ns().saturating_sub(paused_at)) as f64 / 1e6;
+    report.downtime_seen_by_source_ms =
+        (crate::clock::now_ns().saturating_sub(paused_at)) as f64 / 1e6;
     report.ring_full_exits = h.rings.full_exits() - full_before;
     report.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
     report.bandwidth_mib_s =
@@ -949,7 +652,7 @@ fn stop_and_copy<W: Write + Send>(
         // streams' downtime 2-3x one stream's here
         end_extra_streams(ws, report)?;
     }
-    let paused_at = now_ns();
+    let paused_at = crate::clock::now_ns();
     h.pause()?;
     report.downtime_phases.paused_ms = ms_since(paused_at);
     // each vCPU thread reads its own state while this one sends the last
@@ -999,10 +702,6 @@ fn end_extra_streams<W: Write>(
     Ok(())
 }
 
-/// The first line a destination sends: an open door, or a challenge the
-/// source must answer with HMAC-SHA256(token, nonce).
-const GREETING: &str = "NFV-MIGRATE 1";
-
 fn mac_hex(token: &[u8], nonce: &str) -> String {
     use hmac::{Hmac, Mac};
     let mut m =
@@ -1034,7 +733,7 @@ pub fn read_token(path: &std::path::Path) -> Result<Vec<u8>> {
 /// proves it knows the token before anything else is read.
 pub fn greet(link: &mut dyn Link, token: Option<&[u8]>) -> Result<()> {
     let Some(token) = token else {
-        link.write_all(format!("{GREETING} OPEN\n").as_bytes())
+        link.write_all(Line::Open.to_wire().as_bytes())
             .map_err(io)?;
         return link.flush().map_err(io);
     };
@@ -1043,8 +742,14 @@ pub fn greet(link: &mut dyn Link, token: Option<&[u8]>) -> Result<()> {
         .and_then(|mut f| f.read_exact(&mut nonce))
         .map_err(|e| Error::Device(format!("reading /dev/urandom: {e}")))?;
     let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    link.write_all(format!("{GREETING} CHALLENGE {nonce}\n").as_bytes())
-        .map_err(io)?;
+    link.write_all(
+        Line::Challenge {
+            nonce: nonce.clone(),
+        }
+        .to_wire()
+        .as_bytes(),
+    )
+    .map_err(io)?;
     link.flush().map_err(io)?;
     link.set_timeout(Some(Duration::from_secs(10)))
         .map_err(io)?;
@@ -1055,7 +760,10 @@ pub fn greet(link: &mut dyn Link, token: Option<&[u8]>) -> Result<()> {
         line.push(byte[0]);
     }
     link.set_timeout(None).map_err(io)?;
-    let want = format!("RESPONSE {}", mac_hex(token, &nonce));
+    let want = Line::Response {
+        mac: mac_hex(token, &nonce),
+    }
+    .to_string();
     // constant-time comparison
     let ok = line.len() == want.len()
         && line
@@ -1064,12 +772,12 @@ pub fn greet(link: &mut dyn Link, token: Option<&[u8]>) -> Result<()> {
             .fold(0u8, |a, (x, y)| a | (x ^ y))
             == 0;
     if !ok {
-        let _ = link.write_all(b"DENIED\n");
+        let _ = link.write_all(Line::Denied.to_wire().as_bytes());
         return Err(Error::Config(
             "the connecting peer does not know the token: refused".into(),
         ));
     }
-    link.write_all(b"OK\n").map_err(io)?;
+    link.write_all(Line::Ok.to_wire().as_bytes()).map_err(io)?;
     link.flush().map_err(io)
 }
 
@@ -1081,35 +789,37 @@ fn answer_greeting(
     to: &str,
 ) -> Result<()> {
     let _ = back.get_ref().set_timeout(Some(Duration::from_secs(10)));
-    let mut line = String::new();
-    back.read_line(&mut line).map_err(|e| {
-        Error::Device(format!(
-            "{to} sent no greeting ({e}): not an nfvisor receiver? the guest runs on here"
-        ))
-    })?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    match words.as_slice() {
-        ["NFV-MIGRATE", "1", "OPEN"] => {}
-        ["NFV-MIGRATE", "1", "CHALLENGE", nonce] => {
+    match next_line(back) {
+        Ok(Line::Open) => {}
+        Ok(Line::Challenge { nonce }) => {
             let token = token.ok_or_else(|| {
                 Error::Config(format!("{to} asks for a token: pass --token-file"))
             })?;
-            out.write_all(format!("RESPONSE {}\n", mac_hex(token, nonce)).as_bytes())
-                .map_err(io)?;
+            let response = Line::Response {
+                mac: mac_hex(token, &nonce),
+            };
+            out.write_all(response.to_wire().as_bytes()).map_err(io)?;
             out.flush().map_err(io)?;
-            let mut reply = String::new();
-            back.read_line(&mut reply).map_err(io)?;
-            if reply.trim() != "OK" {
-                return Err(Error::Config(format!(
-                    "{to} refused our token ({})",
-                    reply.trim()
-                )));
+            match next_line(back) {
+                Ok(Line::Ok) => {}
+                other => {
+                    return Err(Error::Config(format!(
+                        "{to} refused our token ({})",
+                        match other {
+                            Ok(l) => l.to_string(),
+                            Err(e) => e,
+                        }
+                    )))
+                }
             }
         }
-        _ => {
+        other => {
             return Err(Error::Device(format!(
-                "{to} is not an nfvisor receiver (said {:?}); the guest runs on here",
-                line.trim()
+                "{to} is not an nfvisor receiver ({}); the guest runs on here",
+                match other {
+                    Ok(l) => format!("said {l}"),
+                    Err(e) => e,
+                }
             )))
         }
     }

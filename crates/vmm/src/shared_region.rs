@@ -12,13 +12,8 @@ use kvm_ioctls::VmFd;
 
 use crate::{Error, Result};
 
-/// Where ivshmem's BARs live (in the MMIO hole below 4 GiB).
-pub const BAR2_ADDR: u64 = 0xc000_0000;
-pub const BAR0_ADDR: u64 = 0xe000_0000;
-/// MSI-X (doorbell mode).
-pub const BAR1_ADDR: u64 = 0xe000_1000;
-/// The largest region that fits below the benchmark page at 0xd0000000.
-pub const MAX_SIZE: u64 = 256 << 20;
+/// The largest region: the device manager's large-BAR window.
+pub const MAX_SIZE: u64 = crate::layout::PCI_LARGE_BARS.1 - crate::layout::PCI_LARGE_BARS.0;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct IvshmemSpec {
@@ -138,7 +133,7 @@ impl SharedRegion {
             slot,
             identity: identity(file),
             mapping: Mutex::new(Mapping {
-                bar: Some(BAR2_ADDR),
+                bar: None,
                 open: true,
                 registered: None,
             }),
@@ -208,9 +203,9 @@ impl SharedRegion {
             .registered
     }
 
-    /// Registers the slot where the BAR decodes, at creation.
-    pub fn register(&self, vm: &VmFd) -> Result<()> {
-        self.update(vm, |_| ())
+    /// Registers the slot at `bar` (BAR2's address), at creation.
+    pub fn register_at(&self, vm: &VmFd, bar: u64) -> Result<()> {
+        self.update(vm, |m| m.bar = Some(bar))
     }
 
     fn update(&self, vm: &VmFd, change: impl FnOnce(&mut Mapping)) -> Result<()> {

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::memory::GuestRam;
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
@@ -13,8 +14,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migration::{Kind, Reader, Writer, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use crate::memory::GuestRam;
 
+use crate::clock::{guest_tsc, ns_to_cycles, tsc_msr, IA32_TSC};
 use crate::{Error, Result};
 
 /// What the destination needs before it can create the VM.
@@ -53,14 +54,6 @@ pub struct IvshmemIdentity {
     pub ino: u64,
 }
 
-/// The ivshmem device as the guest left it: its configuration space (BARs,
-/// command register) and whether the window was open.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct IvshmemState {
-    pub config: Vec<u32>,
-    pub window_open: bool,
-}
-
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct VcpuState {
     pub id: u32,
@@ -84,31 +77,23 @@ pub struct VcpuState {
     pub tsc_offset: Option<u64>,
 }
 
-/// COM1's registers (vm-superio's SerialState, which has no serde).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SerialRegs {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
+/// The VM's own KVM state: the in-kernel irqchip, the PIT and kvmclock.
+/// It stands beside the devices' states, which the devices own.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct DeviceState {
+pub struct VmState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
-    pub com1: SerialRegs,
-    #[serde(default)]
-    pub ivshmem: Option<IvshmemState>,
+}
+
+/// What the state frame carries: the VM's own state and every device's,
+/// keyed by device id (the stream never names a device type).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    pub vm: VmState,
+    pub devices: devices::DeviceStates,
 }
 
 fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
@@ -170,7 +155,7 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: u32, msrs: &[u32]) -> Result<VcpuState> {
     }
     Ok(VcpuState {
         id,
-        saved_at_ns: crate::migrate::now_ns(),
+        saved_at_ns: crate::clock::now_ns(),
         regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
         sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
         xsave: vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
@@ -212,8 +197,8 @@ pub fn time_state_round_trip(vm: &VmFd, vcpus: &[VcpuFd], msrs: &[u32]) -> Resul
         s.msrs.retain(|m| m.index != IA32_TSC);
         restore_vcpu(vcpu, &s, None)?;
     }
-    let d = save_devices(vm, SerialRegs::default(), None)?;
-    restore_devices(vm, &d)?;
+    let d = save_vm_state(vm)?;
+    restore_vm_state(vm, &d)?;
     Ok(t.elapsed().as_nanos() as u64)
 }
 
@@ -265,7 +250,7 @@ fn tsc_continuity(vcpu: &VcpuFd, saved: &Option<(u64, u128)>, tsc_khz: u64) -> S
     if tsc_khz == 0 {
         return String::new();
     }
-    let elapsed_ns = crate::migrate::now_ns().saturating_sub(at) as f64;
+    let elapsed_ns = crate::clock::now_ns().saturating_sub(at) as f64;
     let expected = tsc as f64 + elapsed_ns * tsc_khz as f64 / 1e6;
     let error_us = (now as f64 - expected) / tsc_khz as f64 * 1e3;
     format!("; vCPU 0 TSC continuity error {error_us:.0} us")
@@ -332,7 +317,7 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState, live: Option<u64>) -> Result<u
     let mut gap = 0;
     let mut msrs = std::borrow::Cow::Borrowed(&s.msrs);
     if let Some(tsc_khz) = live.filter(|_| s.saved_at_ns > 0) {
-        gap = crate::migrate::now_ns().saturating_sub(s.saved_at_ns) as u64;
+        gap = crate::clock::now_ns().saturating_sub(s.saved_at_ns) as u64;
         let cycles = ns_to_cycles(gap, tsc_khz);
         match msrs.to_mut().iter_mut().find(|m| m.index == IA32_TSC) {
             Some(tsc) => tsc.data = tsc.data.wrapping_add(cycles),
@@ -353,13 +338,11 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState, live: Option<u64>) -> Result<u
     vcpu.set_vcpu_events(&s.events)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
     if gap == 0 && live.is_some() && s.saved_at_ns > 0 {
-        gap = crate::migrate::now_ns().saturating_sub(s.saved_at_ns) as u64;
+        gap = crate::clock::now_ns().saturating_sub(s.saved_at_ns) as u64;
         advance_tsc(vcpu, gap, live.unwrap_or(0))?;
     }
     Ok(gap)
 }
-
-const IA32_TSC: u32 = 0x10;
 
 fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
     let mut c = kvm_irqchip {
@@ -370,23 +353,17 @@ fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
     Ok(c)
 }
 
-pub fn save_devices(
-    vm: &VmFd,
-    com1: SerialRegs,
-    ivshmem: Option<IvshmemState>,
-) -> Result<DeviceState> {
-    Ok(DeviceState {
+pub fn save_vm_state(vm: &VmFd) -> Result<VmState> {
+    Ok(VmState {
         pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
         pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
         ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
         pit: vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
         clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
-        com1,
-        ivshmem,
     })
 }
 
-pub fn restore_devices(vm: &VmFd, d: &DeviceState) -> Result<()> {
+pub fn restore_vm_state(vm: &VmFd, d: &VmState) -> Result<()> {
     for chip in [&d.pic_master, &d.pic_slave, &d.ioapic] {
         vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
     }
@@ -405,33 +382,8 @@ fn advance_tsc(vcpu: &VcpuFd, elapsed_ns: u64, tsc_khz: u64) -> Result<()> {
     Ok(())
 }
 
-/// IA32_TSC alone, holding `data`.
-fn tsc_msr(data: u64) -> Result<Msrs> {
-    Msrs::from_entries(&[kvm_msr_entry {
-        index: IA32_TSC,
-        data,
-        ..Default::default()
-    }])
-    .map_err(|e| Error::Kvm(format!("MSR list: {e:?}")))
-}
-
-/// The guest's TSC as KVM has it (IA32_TSC).
-pub(crate) fn guest_tsc(vcpu: &VcpuFd) -> Result<u64> {
-    let mut msrs = tsc_msr(0)?;
-    match vcpu.get_msrs(&mut msrs) {
-        Ok(1) => Ok(msrs.as_slice()[0].data),
-        Ok(_) => Err(Error::Kvm("KVM_GET_MSRS: IA32_TSC not read".into())),
-        Err(e) => Err(kvm("KVM_GET_MSRS IA32_TSC")(e)),
-    }
-}
-
-/// Nanoseconds as cycles of a TSC running at `tsc_khz`.
-fn ns_to_cycles(ns: u64, tsc_khz: u64) -> u64 {
-    (ns as u128 * tsc_khz as u128 / 1_000_000) as u64
-}
-
 /// What a snapshot wrote.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotReport {
     pub path: PathBuf,
     pub bytes: u64,
@@ -448,7 +400,7 @@ pub fn write(
     config: &SnapshotConfig,
     mem: &GuestRam,
     vcpus: &[VcpuState],
-    devices: &DeviceState,
+    machine: &MachineState,
 ) -> Result<(PathBuf, u64, u64, u64)> {
     let err = |e: std::io::Error| Error::Device(format!("snapshot {}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(err)?;
@@ -467,7 +419,7 @@ pub fn write(
             .iter()
             .map(|r| vec![u64::MAX; (r.len() as usize / PAGE_SIZE).div_ceil(64)])
             .collect();
-        let pages = crate::migrate::send_part(
+        let pages = crate::page_walk::send_part(
             mem,
             &mut w,
             &all,
@@ -478,7 +430,7 @@ pub fn write(
         )
         .map_err(|e| std::io::Error::other(e.to_string()))?;
         let (written, zero) = (pages.sent, pages.zero);
-        w.frame(Kind::DeviceState, &encode_state(devices))?;
+        w.frame(Kind::DeviceState, &encode_state(machine))?;
         for v in vcpus {
             w.frame(Kind::VcpuState, &encode_state(v))?;
         }
@@ -631,15 +583,15 @@ fn apply_pages(f: &migration::Frame, mem: &GuestRam, name: &str) -> Result<()> {
 
 /// Every frame is verified before it is used and the VM runs only if the
 /// whole stream was read, so a corrupt or cut stream never runs. Returns
-/// COM1's and ivshmem's state and when the stream's end was read
-/// (CLOCK_REALTIME ns).
+/// the devices' states (for the devices to check and take) and when the
+/// stream's end was read (CLOCK_REALTIME ns).
 pub fn apply(
     src: &mut RestoreSource,
     vm: &VmFd,
     mem: &GuestRam,
     vcpus: &[VcpuFd],
     tsc_khz: u64,
-) -> Result<(SerialRegs, Option<IvshmemState>, u128)> {
+) -> Result<(devices::DeviceStates, u128)> {
     let name = src.name.clone();
     let name = name.as_str();
     tracing::debug!("restore: applying {name}");
@@ -703,7 +655,7 @@ pub fn apply(
                         if src.live {
                             crate::fault::at(crate::fault::Phase::StopAndCopy);
                         }
-                        devices = Some(decode_state::<DeviceState>(&f.payload, name, "device")?);
+                        devices = Some(decode_state::<MachineState>(&f.payload, name, "machine")?);
                     }
                     Kind::VcpuState => {
                         let s: VcpuState = decode_state(&f.payload, name, "vCPU")?;
@@ -720,7 +672,7 @@ pub fn apply(
                             && s.tsc_offset.is_some()
                             && devices
                                 .as_ref()
-                                .is_some_and(|d| d.clock.flags & CLOCK_PAIRS == CLOCK_PAIRS)
+                                .is_some_and(|d| d.vm.clock.flags & CLOCK_PAIRS == CLOCK_PAIRS)
                             && tsc_offset(vcpu).is_some();
                         let gap = restore_vcpu(vcpu, &s, (live && !by_offset).then_some(tsc_khz))?;
                         clock_gap = clock_gap.max(gap);
@@ -759,18 +711,20 @@ pub fn apply(
         }
         outcome
     })?;
-    let stream_end_ns = crate::migrate::now_ns();
+    let stream_end_ns = crate::clock::now_ns();
     tracing::debug!("restore: stream {name} read to its end");
-    let devices = devices.ok_or_else(|| stream_error(name, "no device state"))?;
+    let MachineState {
+        vm: mut vm_state,
+        devices,
+    } = devices.ok_or_else(|| stream_error(name, "no device state"))?;
     if let Some(id) = restored.iter().position(|r| !r) {
         return Err(stream_error(name, format!("no state for vCPU {id}")));
     }
-    let mut devices = devices;
     let offsets: Option<Vec<u64>> = offsets.into_iter().collect();
     match offsets {
         Some(offsets) if live => {
-            restore_devices(vm, &devices)?;
-            let moved = move_clocks_on(vm, vcpus, &offsets, &devices.clock, tsc_khz)?;
+            restore_vm_state(vm, &vm_state)?;
+            let moved = move_clocks_on(vm, vcpus, &offsets, &vm_state.clock, tsc_khz)?;
             tracing::info!(
                 "guest clocks moved on by {:.3} ms across the hand-over (KVM_CLOCK_REALTIME, KVM_VCPU_TSC_OFFSET){}",
                 moved as f64 / 1e6,
@@ -779,8 +733,8 @@ pub fn apply(
         }
         _ => {
             // kvmclock too, by the same stall
-            devices.clock.clock += clock_gap;
-            restore_devices(vm, &devices)?;
+            vm_state.clock.clock += clock_gap;
+            restore_vm_state(vm, &vm_state)?;
             if live {
                 tracing::info!(
                     "guest clocks moved on by {:.3} ms across the hand-over (TSC by KVM_SET_MSRS, kvmclock by KVM_SET_CLOCK){}",
@@ -790,43 +744,46 @@ pub fn apply(
             }
         }
     }
-    Ok((devices.com1, devices.ivshmem, stream_end_ns))
+    Ok((devices, stream_end_ns))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn devices() -> DeviceState {
-        DeviceState {
-            pic_master: Default::default(),
-            pic_slave: Default::default(),
-            ioapic: Default::default(),
-            pit: Default::default(),
-            clock: kvm_clock_data {
-                clock: 123_456_789,
-                ..Default::default()
+    fn machine() -> MachineState {
+        let mut devices = devices::DeviceStates::new();
+        devices.insert(
+            "com1".into(),
+            devices::DeviceBlob {
+                kind: "uart-16550".into(),
+                version: 1,
+                data: b"queued".to_vec(),
             },
-            com1: SerialRegs {
-                in_buffer: b"queued".to_vec(),
-                ..Default::default()
+        );
+        MachineState {
+            vm: VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: kvm_clock_data {
+                    clock: 123_456_789,
+                    ..Default::default()
+                },
             },
-            ivshmem: Some(IvshmemState {
-                config: vec![1, 2, 3],
-                window_open: true,
-            }),
+            devices,
         }
     }
 
     #[test]
     fn state_frames_round_trip_and_every_truncation_is_refused() {
-        let bytes = encode_state(&devices());
-        let back: DeviceState = decode_state(&bytes, "test", "device").unwrap();
-        assert_eq!(back.clock.clock, 123_456_789);
-        assert_eq!(back.com1.in_buffer, b"queued");
-        assert_eq!(back.ivshmem.unwrap().config, vec![1, 2, 3]);
+        let bytes = encode_state(&machine());
+        let back: MachineState = decode_state(&bytes, "test", "machine").unwrap();
+        assert_eq!(back.vm.clock.clock, 123_456_789);
+        assert_eq!(back.devices["com1"].data, b"queued");
         for cut in 0..bytes.len() {
-            let e = decode_state::<DeviceState>(&bytes[..cut], "test", "device");
+            let e = decode_state::<MachineState>(&bytes[..cut], "test", "machine");
             assert!(e.is_err(), "cut at {cut} of {}", bytes.len());
         }
     }
@@ -847,7 +804,7 @@ mod tests {
                     })
                     .collect();
                 let _ = decode_state::<VcpuState>(&bytes, "test", "vCPU");
-                let _ = decode_state::<DeviceState>(&bytes, "test", "device");
+                let _ = decode_state::<MachineState>(&bytes, "test", "machine");
             }
         }
     }

@@ -169,18 +169,40 @@ pub fn run_loop(
     if let Some(slot) = first_run {
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
+    // the last exit was handed to a device: KVM completes it (the port
+    // read's value into a register, the instruction pointer past the
+    // access) only on the next KVM_RUN
+    let mut access_pending = false;
     loop {
         if stop.load(Ordering::Acquire) {
             return VcpuEnd::Stopped;
         }
         if pause.load(Ordering::Acquire) {
+            if access_pending {
+                // complete it before the state can be saved: a state saved
+                // in the middle would repeat the access where it is
+                // restored (the KVM API documentation's advice: re-enter
+                // with immediate_exit set, which runs no guest code)
+                vcpu.set_kvm_immediate_exit(1);
+                let _ = vcpu.run();
+                vcpu.set_kvm_immediate_exit(0);
+                access_pending = false;
+            }
             on_pause(vcpu);
             continue;
         }
         let result = vcpu.run();
         let t0 = Instant::now();
+        access_pending = false;
         match result {
             Ok(exit) => {
+                access_pending = matches!(
+                    exit,
+                    VcpuExit::IoIn(..)
+                        | VcpuExit::IoOut(..)
+                        | VcpuExit::MmioRead(..)
+                        | VcpuExit::MmioWrite(..)
+                );
                 let (reason, device, flow) = handle_exit(io, exit);
                 stats.record(reason, device, t0.elapsed().as_nanos() as u64);
                 if flow != Flow::Resume {

@@ -11,23 +11,24 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use devices::{Bus, ConsoleBuffer, DebugExit, GuestExit, SerialConsole, Sink};
+use crate::memory::GuestRam;
+use devices::{ConsoleBuffer, DebugExit, GuestExit, SerialConsole, Sink};
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_regs, kvm_sregs, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend};
-use crate::memory::GuestRam;
+use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot::{self, BootEntry, BootProtocol, KernelImage};
-use crate::control::{RunState, VcpuCmd, VmHandle};
 use crate::cpuid::{self, CpuidOptions};
+use crate::device_manager::{DeviceManager, Devices};
 use crate::exits::{ExitReport, ExitStats};
 use crate::kvm_stats::KvmStats;
 use crate::layout::*;
 use crate::memory::{self, MemoryOptions};
 use crate::snapshot::SnapshotConfig;
 use crate::vcpu::{self, Flow, IoContext, UnknownAccesses, VcpuEnd};
+use crate::vm_handle::{RunState, VcpuCmd, VmHandle};
 use crate::{acpi, Error, Result, Setting};
 
 /// Exits that can be disabled on dedicated cores (KVM_CAP_X86_DISABLE_EXITS).
@@ -202,10 +203,8 @@ pub struct RunReport {
     pub vcpus: Vec<VcpuReport>,
     pub unknown_accesses: u64,
     pub irq_bench: Option<crate::irq_bench::IrqBenchResult>,
-    /// Guest writes to a read-only ivshmem region, dropped.
-    pub ivshmem_dropped_writes: Option<u64>,
-    /// Doorbells that reached the VMM (rung to an absent peer or vector).
-    pub ivshmem_doorbell_writes: Option<u64>,
+    /// Each device's counters, by device id.
+    pub devices: BTreeMap<String, BTreeMap<String, u64>>,
     /// Things the user should know about this run (settings a host accepted
     /// but did not honour, ...).
     pub warnings: Vec<String>,
@@ -223,14 +222,12 @@ pub struct RunReport {
 pub struct Vm {
     kvm: Arc<Kvm>,
     vm: Arc<VmFd>,
-    com1: Arc<SerialConsole>,
+    /// Every device, by id.
+    devices: Arc<Devices>,
     /// Doorbell mode: the server link, watched while the VM runs.
     doorbells: Option<crate::doorbell::Doorbells>,
-    /// The ivshmem region, mapped while the VM lives.
-    ivshmem: Option<(
-        Arc<crate::shared_region::SharedRegion>,
-        Arc<devices::ivshmem::Ivshmem>,
-    )>,
+    /// The ivshmem device, whose region the stream names.
+    ivshmem: Option<Arc<crate::ivshmem::IvshmemDevice>>,
     /// Per-vCPU dirty rings, when the VM tracks dirty pages with them.
     rings: Arc<crate::dirty_ring::DirtyRings>,
     /// Without rings: how the dirty bitmap is protected.
@@ -265,10 +262,10 @@ fn entered_run_loop(first_run: &Mutex<Option<Instant>>) -> u128 {
     let t0 = Instant::now();
     loop {
         if let Some(at) = *first_run.lock().unwrap_or_else(|e| e.into_inner()) {
-            return crate::migrate::now_ns().saturating_sub(at.elapsed().as_nanos());
+            return crate::clock::now_ns().saturating_sub(at.elapsed().as_nanos());
         }
         if t0.elapsed() > Duration::from_secs(1) {
-            return crate::migrate::now_ns();
+            return crate::clock::now_ns();
         }
         thread::sleep(Duration::from_micros(20));
     }
@@ -286,31 +283,22 @@ pub struct Restored {
     pub applied_ns: u128,
 }
 
-/// Reads the rest of `src` into the VM: memory, the vCPUs' and the devices'
-/// state, all verified before anything runs.
+/// Reads the rest of `src` into the VM: memory, the vCPUs' and the VM's
+/// state, then every device's (each checks its own before any is taken),
+/// all verified before anything runs.
 fn apply_restore(
     src: &mut crate::snapshot::RestoreSource,
     vm: &VmFd,
     mem: &GuestRam,
     vcpus: &[VcpuFd],
     tsc_khz: u32,
-    com1: &SerialConsole,
-    ivshmem: Option<&(
-        Arc<crate::shared_region::SharedRegion>,
-        Arc<devices::ivshmem::Ivshmem>,
-    )>,
+    devices: &Devices,
 ) -> Result<Restored> {
-    let (regs, ivshmem_state, stream_end_ns) =
-        crate::snapshot::apply(src, vm, mem, vcpus, tsc_khz as u64)?;
-    com1.restore(&crate::control::serial_state(&regs))
-        .map_err(|e| Error::Device(format!("COM1: {e}")))?;
-    if let (Some(state), Some((region, dev))) = (ivshmem_state, ivshmem) {
-        dev.restore_config(&state.config);
-        region.set_window(vm, state.window_open)?;
-    }
+    let (states, stream_end_ns) = crate::snapshot::apply(src, vm, mem, vcpus, tsc_khz as u64)?;
+    devices.restore(&states)?;
     Ok(Restored {
         stream_end_ns,
-        applied_ns: crate::migrate::now_ns(),
+        applied_ns: crate::clock::now_ns(),
     })
 }
 
@@ -478,144 +466,52 @@ impl Vm {
         })
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        // Devices.
+        // Devices, each through the device manager.
         let guest_exit = Arc::new(GuestExit::default());
         let console = ConsoleBuffer::new(4 << 20);
         let com1_irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| Error::Device(format!("COM1 eventfd: {e}")))?;
         vm.register_irqfd(&com1_irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD for COM1"))?;
-        let mut pio = Bus::new();
-        let mut mmio = Bus::new();
-        let dev_err = |e: devices::BusError| Error::Device(e.to_string());
-        let com1 = Arc::new(SerialConsole::new(com1_irq, console.clone()));
-        pio.insert(COM1_PORT, 8, com1.clone()).map_err(dev_err)?;
-        pio.insert(
+        let mut dm = DeviceManager::default();
+        dm.attach_port_device(
+            "com1",
+            COM1_PORT,
+            8,
+            Arc::new(SerialConsole::new(com1_irq, console.clone())),
+        )?;
+        dm.attach_port_device(
+            "debug-exit",
             DEBUG_EXIT_PORT,
             4,
             Arc::new(DebugExit::new(guest_exit.clone())),
-        )
-        .map_err(dev_err)?;
-        pio.insert(BENCH_PORT, 4, Arc::new(Sink::new("bench-port")))
-            .map_err(dev_err)?;
-        pio.insert(
+        )?;
+        dm.attach_port_device(
+            "dma-probe",
             DMA_PROBE_PORT,
             devices::dma_probe::PORT_LEN,
             Arc::new(devices::dma_probe::DmaProbe::new(mem.clone())),
-        )
-        .map_err(dev_err)?;
-        let mut doorbells = None;
-        let mut ivshmem_bars = None;
-        // the VM's one routing table (KVM replaces it whole on each change)
-        let gsi_routes = Arc::new(crate::irq_routes::GsiRoutes::default());
-        let ivshmem = match &spec.ivshmem {
-            Some(ispec) => {
-                use crate::shared_region::{SharedRegion, BAR0_ADDR, BAR1_ADDR, BAR2_ADDR};
-                let mut msix = None;
-                let mut msix_range = None;
-                let mut peer_bells = None;
-                let slot = mem.num_regions() as u32;
-                let (region, peer_id) = match &ispec.server {
-                    Some(sock) => {
-                        let (joined, stream) = devices::ivshmem_proto::join(sock, ispec.vectors)
-                            .map_err(|e| {
-                                Error::Device(format!("ivshmem server {}: {e}", sock.display()))
-                            })?;
-                        let crate::doorbell::Wired {
-                            doorbells: bells,
-                            own,
-                            peers,
-                            shm,
-                            id,
-                        } = crate::doorbell::Doorbells::wire(
-                            &vm,
-                            gsi_routes.clone(),
-                            joined,
-                            stream,
-                            devices::ivshmem::IRQ_PIN,
-                            BAR0_ADDR,
-                        )?;
-                        let table = Arc::new(devices::msix::Msix::new(own.count() as u16));
-                        table.set_router(own);
-                        msix_range = Some(
-                            mmio.insert_movable(
-                                Some(BAR1_ADDR),
-                                devices::msix::BAR_SIZE,
-                                table.clone(),
-                            )
-                            .map_err(dev_err)?,
-                        );
-                        msix = Some((table, BAR1_ADDR));
-                        doorbells = Some(bells);
-                        peer_bells = Some(peers);
-                        tracing::info!("ivshmem: peer {id} on {}", sock.display());
-                        (SharedRegion::from_fd(&shm, ispec, slot)?, id)
-                    }
-                    None => (SharedRegion::open(ispec, slot)?, 0),
-                };
-                let size = region.spec.size;
-                region.register(&vm)?;
-                let dev = Arc::new(devices::ivshmem::Ivshmem::new(
-                    BAR0_ADDR, msix, BAR2_ADDR, size,
-                ));
-                let regs_range = mmio
-                    .insert_movable(
-                        Some(BAR0_ADDR),
-                        devices::ivshmem::BAR0_SIZE,
-                        Arc::new(devices::ivshmem::IvshmemRegs {
-                            peer_id,
-                            device: dev.clone(),
-                        }),
-                    )
-                    .map_err(dev_err)?;
-                // catches BAR2 accesses that exit: read-only writes, and all
-                // of them while the window is unmapped
-                let window_range = mmio
-                    .insert_movable(
-                        Some(BAR2_ADDR),
-                        size,
-                        Arc::new(devices::ivshmem::ReadOnlyWindow(dev.clone())),
-                    )
-                    .map_err(dev_err)?;
-                let region = Arc::new(region);
-                let bars = Arc::new(crate::ivshmem_bars::IvshmemBars {
-                    vm: vm.clone(),
-                    region: region.clone(),
-                    peers: peer_bells,
-                    ranges: [Some(regs_range), msix_range, Some(window_range)],
-                    io: std::sync::OnceLock::new(),
-                });
-                dev.set_bar_observer(bars.clone());
-                ivshmem_bars = Some(bars);
-                Some((region, dev))
-            }
-            None => None,
-        };
-        let pci_devices: Vec<Arc<dyn devices::pci::PciFunction>> = ivshmem
-            .iter()
-            .map(|(_, d)| d.clone() as Arc<dyn devices::pci::PciFunction>)
-            .collect();
-        let pci = devices::pci::PciRoot::new(pci_devices);
-        pio.insert(
-            0xcf8,
-            8,
-            Arc::new(devices::pci::PciConfigPorts::new(pci.clone())),
-        )
-        .map_err(dev_err)?;
-        mmio.insert(
-            crate::layout::ECAM_ADDR,
-            devices::pci::ECAM_BUS_SIZE,
-            Arc::new(devices::pci::PciEcam(pci)),
-        )
-        .map_err(dev_err)?;
+        )?;
+        dm.attach_port(BENCH_PORT, 4, Arc::new(Sink::new("bench-port")))?;
         let latency_port = spec
             .latency_port
             .clone()
             .unwrap_or_else(|| Arc::new(devices::LatencyPort::new(None, 0)));
-        pio.insert(LATENCY_PORT, 12, latency_port)
-            .map_err(dev_err)?;
-        mmio.insert(BENCH_MMIO, 0x1000, Arc::new(Sink::new("bench-mmio")))
-            .map_err(dev_err)?;
+        dm.attach_port(LATENCY_PORT, 12, latency_port)?;
+        dm.attach_mmio(BENCH_MMIO, 0x1000, Arc::new(Sink::new("bench-mmio")))?;
+        // the VM's one routing table (KVM replaces it whole on each change)
+        let gsi_routes = Arc::new(crate::irq_routes::GsiRoutes::default());
+        let ivshmem = match &spec.ivshmem {
+            Some(ispec) => Some(crate::ivshmem::attach(
+                &mut dm,
+                &vm,
+                gsi_routes.clone(),
+                ispec,
+                mem.num_regions() as u32,
+            )?),
+            None => None,
+        };
+        let (pio, mmio, devices) = dm.finish()?;
         let io = Arc::new(IoContext {
             pio,
             mmio,
@@ -623,9 +519,14 @@ impl Vm {
             unknown: UnknownAccesses::default(),
             dirty_rings: Default::default(),
         });
-        if let Some(bars) = ivshmem_bars {
-            let _ = bars.io.set(Arc::downgrade(&io));
-        }
+        let (doorbells, ivshmem) = match ivshmem {
+            Some(a) => {
+                let _ = a.bars.io.set(Arc::downgrade(&io));
+                (a.doorbells, Some(a.device))
+            }
+            None => (None, None),
+        };
+        let devices = Arc::new(devices);
 
         // vCPUs.
         let cx16_hidden = kvm_kind.needs_cx16_hidden();
@@ -652,7 +553,7 @@ impl Vm {
             check_same_region(
                 &src.name,
                 src.ivshmem.as_ref(),
-                ivshmem.as_ref().map(|(r, _)| r),
+                ivshmem.as_ref().map(|d| &d.region),
             )?;
         }
         let mut vcpus = Vec::new();
@@ -775,7 +676,7 @@ impl Vm {
         Ok(Vm {
             kvm: Arc::new(kvm),
             vm,
-            com1,
+            devices,
             msrs,
             rings,
             dirty_manual,
@@ -825,7 +726,7 @@ impl Vm {
         let Vm {
             kvm,
             vm,
-            com1,
+            devices,
             msrs,
             rings,
             dirty_manual,
@@ -877,7 +778,7 @@ impl Vm {
             pthreads: Mutex::new(Vec::new()),
             vm: vm.clone(),
             mem: mem.clone(),
-            com1: com1.clone(),
+            devices: devices.clone(),
             config: SnapshotConfig {
                 memory_size: spec.memory.size,
                 vcpus: spec.vcpus,
@@ -885,18 +786,15 @@ impl Vm {
                 cmdline: cmdline.clone(),
                 tsc_khz,
                 cpu_features: guest_features.clone(),
-                ivshmem: ivshmem.as_ref().map(|(r, _)| r.identity()),
+                ivshmem: ivshmem.as_ref().map(|d| d.region.identity()),
                 connections: 1,
             },
             state: Mutex::new(RunState::Running),
             started: Instant::now(),
             migrated: Mutex::new(None),
             failed_migration: Mutex::new(None),
-            ivshmem_doorbells: spec.ivshmem.as_ref().is_some_and(|i| i.server.is_some()),
-            ivshmem_device: ivshmem.as_ref().map(|(_, d)| d.clone()),
             rings,
             dirty_manual,
-            ivshmem_window: ivshmem.as_ref().map(|(r, _)| r.clone()),
         });
 
         // Each vCPU thread applies its placement, reports, then waits for go.
@@ -1036,15 +934,7 @@ impl Vm {
         let mut restored = Restored::default();
         if failure.is_none() {
             if let Some(mut src) = spec.restore_from.take() {
-                match apply_restore(
-                    &mut src,
-                    &vm,
-                    &mem,
-                    &vcpus,
-                    tsc_khz,
-                    &com1,
-                    ivshmem.as_ref(),
-                ) {
+                match apply_restore(&mut src, &vm, &mem, &vcpus, tsc_khz, &devices) {
                     Ok(r) => restored = r,
                     Err(e) => failure = Some(e),
                 }
@@ -1246,12 +1136,7 @@ impl Vm {
             vcpus: reports,
             unknown_accesses: io.unknown.count(),
             irq_bench,
-            ivshmem_dropped_writes: ivshmem
-                .as_ref()
-                .map(|(_, d)| d.dropped_writes.load(Ordering::Relaxed)),
-            ivshmem_doorbell_writes: ivshmem
-                .as_ref()
-                .map(|(_, d)| d.doorbell_writes.load(Ordering::Relaxed)),
+            devices: devices.counters(),
             warnings,
             console_bytes: transcript.1,
             console_dropped: console.dropped(),

@@ -1,0 +1,248 @@
+//! The control lines beside the stream, one per line, typed: what each end
+//! of a migration says to the other, and its parsing (which never trusts a
+//! line: a wrong word or number is an error that quotes it).
+//!
+//! Destination to source: the greeting (`NFV-MIGRATE 1 OPEN`, or
+//! `NFV-MIGRATE 1 CHALLENGE <nonce>` answered by the source's `RESPONSE
+//! <mac>` and then `OK` or `DENIED`); `PREPARED <ns>` once its VM exists
+//! (ns: what a state save-and-restore took there); `SYNCED <stream> <seq>
+//! <clock ns>` for each Sync frame once all before it is applied; after the
+//! stream `READY` or `ERROR <why>`; after GO, `RUNNING <downtime ns>
+//! name=<ns>...` (its steps, after the source's pause, on its clock).
+//! Source to destination: `GO <pause time, CLOCK_REALTIME ns>`.
+
+use std::fmt;
+
+/// The protocol's version, in the greeting.
+pub const PROTOCOL: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// The destination takes any source.
+    Open,
+    /// The destination asks for HMAC-SHA256(token, nonce).
+    Challenge {
+        nonce: String,
+    },
+    Response {
+        mac: String,
+    },
+    Ok,
+    Denied,
+    /// The destination's VM exists; a state round trip took this long.
+    Prepared {
+        state_ns: u64,
+    },
+    /// Everything before Sync `seq` on `stream` is applied; the
+    /// destination's clock then (stream 0 only).
+    Synced {
+        stream: usize,
+        seq: u64,
+        clock_ns: Option<i128>,
+    },
+    Ready,
+    Error {
+        why: String,
+    },
+    Go {
+        paused_at_ns: u128,
+    },
+    /// The guest runs on the destination: the downtime it measured and
+    /// when each of its steps happened (ns after the source's pause; signed,
+    /// as the clocks of two hosts differ).
+    Running {
+        downtime_ns: i128,
+        steps: Vec<(String, i128)>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("control line {line:?}: {why}")]
+pub struct LineError {
+    pub line: String,
+    pub why: String,
+}
+
+impl fmt::Display for Line {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Line::Open => write!(f, "NFV-MIGRATE {PROTOCOL} OPEN"),
+            Line::Challenge { nonce } => write!(f, "NFV-MIGRATE {PROTOCOL} CHALLENGE {nonce}"),
+            Line::Response { mac } => write!(f, "RESPONSE {mac}"),
+            Line::Ok => write!(f, "OK"),
+            Line::Denied => write!(f, "DENIED"),
+            Line::Prepared { state_ns } => write!(f, "PREPARED {state_ns}"),
+            Line::Synced {
+                stream,
+                seq,
+                clock_ns,
+            } => {
+                write!(f, "SYNCED {stream} {seq}")?;
+                match clock_ns {
+                    Some(ns) => write!(f, " {ns}"),
+                    None => Ok(()),
+                }
+            }
+            Line::Ready => write!(f, "READY"),
+            // one line: the reason's own line breaks become spaces
+            Line::Error { why } => write!(f, "ERROR {}", why.replace(['\n', '\r'], " ")),
+            Line::Go { paused_at_ns } => write!(f, "GO {paused_at_ns}"),
+            Line::Running { downtime_ns, steps } => {
+                write!(f, "RUNNING {downtime_ns}")?;
+                for (name, ns) in steps {
+                    write!(f, " {name}={ns}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Line {
+    /// The line with its newline, ready to write.
+    pub fn to_wire(&self) -> String {
+        format!("{self}\n")
+    }
+
+    /// Reads one line (with or without its newline).
+    pub fn parse(line: &str) -> Result<Line, LineError> {
+        let bad = |why: &str| LineError {
+            line: line.trim_end().chars().take(200).collect(),
+            why: why.to_string(),
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = |w: &str, what: &str| -> Result<i128, LineError> {
+            w.parse::<i128>()
+                .map_err(|_| bad(&format!("{what} {w:?} is not a number")))
+        };
+        let unsigned = |w: &str, what: &str| -> Result<u128, LineError> {
+            w.parse::<u128>()
+                .map_err(|_| bad(&format!("{what} {w:?} is not a non-negative number")))
+        };
+        Ok(match words.as_slice() {
+            ["NFV-MIGRATE", v, rest @ ..] => {
+                if *v != PROTOCOL.to_string() {
+                    return Err(bad(&format!(
+                        "protocol version {v} (this nfvisor speaks {PROTOCOL})"
+                    )));
+                }
+                match rest {
+                    ["OPEN"] => Line::Open,
+                    ["CHALLENGE", nonce] => Line::Challenge {
+                        nonce: nonce.to_string(),
+                    },
+                    _ => return Err(bad("a greeting is OPEN or CHALLENGE <nonce>")),
+                }
+            }
+            ["RESPONSE", mac] => Line::Response {
+                mac: mac.to_string(),
+            },
+            ["OK"] => Line::Ok,
+            ["DENIED"] => Line::Denied,
+            ["PREPARED", ns] => Line::Prepared {
+                state_ns: unsigned(ns, "state time")? as u64,
+            },
+            // (older destinations did not say how long the state took)
+            ["PREPARED"] => Line::Prepared { state_ns: 0 },
+            ["SYNCED", stream, seq, clock @ ..] => Line::Synced {
+                stream: unsigned(stream, "stream")? as usize,
+                seq: unsigned(seq, "sequence number")? as u64,
+                clock_ns: match clock {
+                    [] => None,
+                    [ns] => Some(num(ns, "clock")?),
+                    _ => return Err(bad("SYNCED <stream> <seq> [<clock ns>]")),
+                },
+            },
+            ["READY"] => Line::Ready,
+            ["ERROR", ..] => Line::Error {
+                why: line.trim().trim_start_matches("ERROR").trim().to_string(),
+            },
+            ["GO", ns] => Line::Go {
+                paused_at_ns: unsigned(ns, "pause time")?,
+            },
+            ["RUNNING", ns, steps @ ..] => Line::Running {
+                downtime_ns: num(ns, "downtime")?,
+                // a newer destination may say more: unknown names are kept,
+                // malformed steps refused
+                steps: steps
+                    .iter()
+                    .map(|s| {
+                        let (name, ns) = s
+                            .split_once('=')
+                            .ok_or_else(|| bad(&format!("step {s:?} is not name=ns")))?;
+                        Ok((name.to_string(), num(ns, "step time")?))
+                    })
+                    .collect::<Result<_, LineError>>()?,
+            },
+            [] => return Err(bad("an empty line (the peer closed the connection?)")),
+            [word, ..] => return Err(bad(&format!("unknown control word {word:?}"))),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_round_trips() {
+        for l in [
+            Line::Open,
+            Line::Challenge {
+                nonce: "ab12".into(),
+            },
+            Line::Response { mac: "ff00".into() },
+            Line::Ok,
+            Line::Denied,
+            Line::Prepared { state_ns: 812_000 },
+            Line::Synced {
+                stream: 2,
+                seq: 7,
+                clock_ns: None,
+            },
+            Line::Synced {
+                stream: 0,
+                seq: 7,
+                clock_ns: Some(1_764_000_000_000_000_000),
+            },
+            Line::Ready,
+            Line::Error {
+                why: "device com1: in_buffer = 65 bytes is out of range".into(),
+            },
+            Line::Go {
+                paused_at_ns: 1_764_000_000_123_456_789,
+            },
+            Line::Running {
+                downtime_ns: -1_500_000,
+                steps: vec![("stream_end".into(), 300_000), ("go".into(), -20)],
+            },
+        ] {
+            assert_eq!(Line::parse(&l.to_wire()).unwrap(), l, "{l}");
+        }
+    }
+
+    #[test]
+    fn bad_lines_are_refused_quoting_them() {
+        for (line, why) in [
+            ("", "empty line"),
+            ("HELLO", "unknown control word"),
+            ("NFV-MIGRATE 2 OPEN", "protocol version 2"),
+            ("GO soon", "pause time"),
+            ("GO -5", "pause time"),
+            ("SYNCED 0 x", "sequence number"),
+            ("RUNNING 12 go", "not name=ns"),
+            ("RUNNING 12 go=x", "step time"),
+        ] {
+            let e = Line::parse(line).unwrap_err();
+            assert!(e.to_string().contains(why), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_error_stays_on_one_line() {
+        let l = Line::Error {
+            why: "two\nlines".into(),
+        };
+        assert_eq!(l.to_wire(), "ERROR two lines\n");
+    }
+}

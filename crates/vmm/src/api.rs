@@ -1,0 +1,474 @@
+//! The one typed request set of a running VM. Every frontend (the CLI, the
+//! JSON-lines control socket, a REST API) builds a [`Request`], hands it to
+//! [`execute`] and shows the [`Response`] or the error; none of them knows
+//! how a pause or a migration is done.
+//!
+//! On the control socket a request is its JSON form with the schema
+//! version beside it: `{"v":1,"cmd":"snapshot","to":"/dir"}`; a reply is
+//! `{"v":1,"ok":true,...the response's fields}` or
+//! `{"v":1,"ok":false,"error":"..."}`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::migrate::{MigrateOptions, MigrationReport, Progress};
+use crate::snapshot::SnapshotReport;
+use crate::vm_handle::{FailedMigration, RunState, VmHandle};
+use crate::{Error, Result};
+
+/// The control schema's version.
+pub const SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// The VM's state, uptime, exits and devices.
+    Status,
+    /// Park every vCPU outside KVM_RUN.
+    Pause,
+    Resume,
+    /// Pause, save to the directory `to`, resume if it was running.
+    Snapshot {
+        to: PathBuf,
+    },
+    /// Live-migrate to `to` (unix:PATH or tcp:HOST:PORT).
+    Migrate(MigrateRequest),
+    /// Open (map) or close (unmap) the ivshmem window.
+    Ivshmem {
+        window: WindowAction,
+        /// Which ivshmem device (when there is more than one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+}
+
+impl Request {
+    /// The command's name, as the wire spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Snapshot { .. } => "snapshot",
+            Request::Migrate(_) => "migrate",
+            Request::Ivshmem { .. } => "ivshmem",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowAction {
+    Map,
+    Unmap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// The guest runs on here.
+    #[default]
+    Abort,
+    /// Stop the guest and complete.
+    Force,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    pub to: String,
+    /// Pre-copy stops when the rest fits in this.
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: f64,
+    /// Give up pre-copy after this long.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+    /// A file holding the destination's token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Bytes per second pre-copy may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<u64>,
+    /// Streams in parallel, 1 to 16.
+    #[serde(default = "one")]
+    pub connections: u32,
+}
+
+fn default_downtime_ms() -> f64 {
+    10.0
+}
+fn default_timeout_s() -> f64 {
+    60.0
+}
+fn one() -> u32 {
+    1
+}
+
+impl MigrateRequest {
+    /// A migration to `to` with every default.
+    pub fn to(to: impl Into<String>) -> Self {
+        MigrateRequest {
+            to: to.into(),
+            downtime_ms: default_downtime_ms(),
+            timeout_s: default_timeout_s(),
+            on_timeout: OnTimeout::Abort,
+            token_file: None,
+            bandwidth_limit: None,
+            connections: 1,
+        }
+    }
+
+    /// Checks every field; reads the token file.
+    fn options(&self) -> Result<MigrateOptions> {
+        crate::migrate::Endpoint::parse(&self.to).map_err(Error::Config)?;
+        if !(self.downtime_ms.is_finite() && self.downtime_ms > 0.0) {
+            return Err(Error::Config(format!(
+                "migrate: downtime_ms {} must be a positive number",
+                self.downtime_ms
+            )));
+        }
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+            return Err(Error::Config(format!(
+                "migrate: timeout_s {} must be a positive number",
+                self.timeout_s
+            )));
+        }
+        if !(1..=16).contains(&self.connections) {
+            return Err(Error::Config(format!(
+                "migrate: connections {} must be 1 to 16",
+                self.connections
+            )));
+        }
+        if self.bandwidth_limit == Some(0) {
+            return Err(Error::Config("migrate: bandwidth_limit must be > 0".into()));
+        }
+        let token = match &self.token_file {
+            Some(f) => Some(crate::migrate::read_token(f)?),
+            None => None,
+        };
+        Ok(MigrateOptions {
+            token,
+            downtime: Duration::from_secs_f64(self.downtime_ms / 1000.0),
+            timeout: Duration::from_secs_f64(self.timeout_s),
+            force: self.on_timeout == OnTimeout::Force,
+            bandwidth_limit: self.bandwidth_limit,
+            connections: self.connections as usize,
+        })
+    }
+}
+
+/// One vCPU's exits so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VcpuExits {
+    pub vcpu: u32,
+    pub total: u64,
+    pub by_reason: BTreeMap<String, u64>,
+}
+
+/// A migration in flight.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationInFlight {
+    pub to: String,
+    pub progress: Option<Progress>,
+}
+
+/// What `status` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// running, paused, migrating, migrated, or failed (a migration left
+    /// the guest paused, its outcome unknown, until the operator resumes).
+    pub state: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: String,
+    pub uptime_ms: u64,
+    pub exits: Vec<VcpuExits>,
+    /// Each device's counters, by device id.
+    pub devices: BTreeMap<String, BTreeMap<String, u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationInFlight>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failed_migration: Option<FailedMigration>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Response {
+    Status(Status),
+    Paused {
+        state: RunState,
+        pause_us: u64,
+    },
+    Resumed {
+        state: RunState,
+    },
+    Snapshot {
+        snapshot: SnapshotReport,
+        state: RunState,
+    },
+    Migrated {
+        migration: MigrationReport,
+        state: String,
+    },
+    Window {
+        window: String,
+    },
+}
+
+/// What `status` reports: running, paused, migrating (pre-copy or
+/// stop-and-copy in flight), migrated (handed over, ending here) or
+/// failed (a migration left the guest paused, its outcome unknown,
+/// until the operator resumes it); the last failed migration's reason.
+pub fn status(h: &VmHandle) -> Status {
+    let migrating = h
+        .migration
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let migrated = h.migrated.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let failed = h
+        .failed_migration
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let state = if migrated.is_some() {
+        "migrated"
+    } else if migrating.is_some() {
+        "migrating"
+    } else {
+        match h.state() {
+            RunState::Running => "running",
+            RunState::Paused if failed.as_ref().is_some_and(|f| f.left_paused) => "failed",
+            RunState::Paused => "paused",
+        }
+    };
+    let exits = h
+        .live_exits
+        .iter()
+        .enumerate()
+        .map(|(id, l)| {
+            let (by_reason, total) = l.read();
+            VcpuExits {
+                vcpu: id as u32,
+                total,
+                by_reason: by_reason
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            }
+        })
+        .collect();
+    Status {
+        state: state.into(),
+        vcpus: h.cmds.len() as u32,
+        memory_mib: h.config.memory_size >> 20,
+        kernel: h.config.kernel.clone(),
+        uptime_ms: h.started.elapsed().as_millis() as u64,
+        exits,
+        devices: h.devices.counters(),
+        migration: migrating.map(|(to, progress)| MigrationInFlight { to, progress }),
+        migrated_to: migrated,
+        last_failed_migration: failed,
+    }
+}
+
+/// Runs `req` on the VM; `progress` hears each pre-copy round of a
+/// migration.
+pub fn execute(
+    h: &VmHandle,
+    req: &Request,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Response> {
+    if matches!(
+        req,
+        Request::Pause | Request::Resume | Request::Snapshot { .. }
+    ) {
+        h.refuse_while_migrating(req.name())?;
+    }
+    match req {
+        Request::Status => Ok(Response::Status(status(h))),
+        Request::Pause => {
+            let d = h.pause()?;
+            Ok(Response::Paused {
+                state: RunState::Paused,
+                pause_us: d.as_micros() as u64,
+            })
+        }
+        Request::Resume => {
+            h.resume();
+            Ok(Response::Resumed {
+                state: RunState::Running,
+            })
+        }
+        Request::Snapshot { to } => {
+            let snapshot = h.snapshot(to)?;
+            Ok(Response::Snapshot {
+                snapshot,
+                state: h.state(),
+            })
+        }
+        Request::Ivshmem { window, id } => {
+            let action = match window {
+                WindowAction::Map => "map",
+                WindowAction::Unmap => "unmap",
+            };
+            let done = h.device_control("ivshmem", id.as_deref(), action)?;
+            Ok(Response::Window { window: done })
+        }
+        Request::Migrate(m) => {
+            let opts = m.options()?;
+            h.begin_migration(&m.to)?;
+            let mut on_progress = |p: &Progress| {
+                progress(p);
+                h.note_progress(p);
+            };
+            let outcome = crate::migrate::migrate(h, &m.to, &opts, &mut on_progress);
+            h.end_migration(&m.to, outcome.as_ref().err());
+            outcome.map(|migration| Response::Migrated {
+                migration,
+                state: "migrated".into(),
+            })
+        }
+    }
+}
+
+/// The control socket's envelope: the schema version beside the request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// Reads one control line: the request, or why it is refused.
+pub fn parse_line(line: &str) -> std::result::Result<Request, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("not a JSON request: {e}"))?;
+    match value.get("v").and_then(|v| v.as_u64()) {
+        Some(v) if v == SCHEMA as u64 => {}
+        other => {
+            return Err(format!(
+                "schema version {} is not supported (use {SCHEMA})",
+                other.map_or("(none)".to_string(), |v| v.to_string())
+            ))
+        }
+    }
+    serde_json::from_value::<Envelope>(value)
+        .map(|e| e.request)
+        .map_err(|e| {
+            format!("{e} (commands: status, pause, resume, snapshot {{to}}, migrate {{to, ...}}, ivshmem {{window: map|unmap}})")
+        })
+}
+
+/// The request as a control line.
+pub fn line_of(req: &Request) -> String {
+    serde_json::to_string(&Envelope {
+        v: SCHEMA,
+        request: req.clone(),
+    })
+    .expect("a request always serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_through_their_lines() {
+        let reqs = [
+            Request::Status,
+            Request::Pause,
+            Request::Resume,
+            Request::Snapshot {
+                to: "/tmp/s".into(),
+            },
+            Request::Migrate(MigrateRequest {
+                connections: 4,
+                token_file: Some("/etc/t".into()),
+                ..MigrateRequest::to("tcp:10.0.0.2:4444")
+            }),
+            Request::Ivshmem {
+                window: WindowAction::Unmap,
+                id: None,
+            },
+        ];
+        for r in reqs {
+            assert_eq!(parse_line(&line_of(&r)).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn the_wire_form_is_the_documented_one() {
+        assert_eq!(
+            parse_line(r#"{"v":1,"cmd":"migrate","to":"unix:/x","downtime_ms":3}"#).unwrap(),
+            Request::Migrate(MigrateRequest {
+                downtime_ms: 3.0,
+                ..MigrateRequest::to("unix:/x")
+            })
+        );
+        assert_eq!(
+            parse_line(r#"{"v":1,"cmd":"ivshmem","window":"map"}"#).unwrap(),
+            Request::Ivshmem {
+                window: WindowAction::Map,
+                id: None
+            }
+        );
+    }
+
+    #[test]
+    fn bad_lines_are_refused_with_the_reason() {
+        for (line, why) in [
+            ("not json", "not a JSON request"),
+            (r#"{"v":9,"cmd":"status"}"#, "schema version 9"),
+            (r#"{"cmd":"status"}"#, "schema version (none)"),
+            (r#"{"v":1,"cmd":"explode"}"#, "explode"),
+            (r#"{"v":1,"cmd":"snapshot"}"#, "to"),
+            (r#"{"v":1,"cmd":"ivshmem","window":"open"}"#, "open"),
+            (
+                r#"{"v":1,"cmd":"migrate","to":"x","connections":"many"}"#,
+                "connections",
+            ),
+        ] {
+            let e = parse_line(line).unwrap_err();
+            assert!(e.contains(why), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn impossible_migrations_are_refused_before_anything_starts() {
+        for (m, why) in [
+            (MigrateRequest::to("ftp:x"), "unix:PATH"),
+            (
+                MigrateRequest {
+                    connections: 17,
+                    ..MigrateRequest::to("unix:/x")
+                },
+                "connections 17",
+            ),
+            (
+                MigrateRequest {
+                    downtime_ms: -1.0,
+                    ..MigrateRequest::to("unix:/x")
+                },
+                "downtime_ms",
+            ),
+            (
+                MigrateRequest {
+                    token_file: Some("/nonexistent/token".into()),
+                    ..MigrateRequest::to("unix:/x")
+                },
+                "/nonexistent/token",
+            ),
+        ] {
+            let e = m.options().unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Live migration, the receiving side: listen, greet the source (a token
+//! challenge when there is a token), take the stream and its extra
+//! connections, have the caller create the VM from the stream's
+//! configuration (PREPARED), and gate its start on the two-phase hand-over:
+//! READY once everything is verified (or ERROR with the reason), GO from
+//! the source, then the guest starts and RUNNING confirms, with when each
+//! step happened here.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::clock::{now_ns, reported_ns};
+use crate::migrate::{Endpoint, Line, Link};
+use crate::snapshot::{RestoreSource, SnapshotConfig};
+use crate::vm::Vm;
+use crate::{fault, Error, Result};
+
+/// Called with the destination's measured state round trip once the VM
+/// exists: it tells the source to start sending.
+pub type OnPrepared = Box<dyn FnOnce(u64) + Send>;
+
+/// A received VM, ready to run: its start is gated on the hand-over.
+pub struct Incoming {
+    pub vm: Vm,
+    /// Set once the guest started here (after GO).
+    pub started: Arc<AtomicBool>,
+}
+
+enum Listener {
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+    Tcp(std::net::TcpListener),
+}
+
+impl Listener {
+    fn bind(listen: &str) -> Result<Listener> {
+        let err = |e: std::io::Error| Error::Config(format!("--listen {listen}: {e}"));
+        Ok(match Endpoint::parse(listen).map_err(Error::Config)? {
+            Endpoint::Unix(p) => {
+                if p.exists() {
+                    std::fs::remove_file(&p).map_err(err)?;
+                }
+                let l = std::os::unix::net::UnixListener::bind(&p).map_err(err)?;
+                Listener::Unix(l, p)
+            }
+            Endpoint::Tcp(a) => Listener::Tcp(std::net::TcpListener::bind(a).map_err(err)?),
+        })
+    }
+
+    fn set_nonblocking(&self) -> std::io::Result<()> {
+        match self {
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
+        }
+    }
+
+    /// One connection that proves it knows the token (others are refused
+    /// and waited past); with a deadline, none by then is an error.
+    fn accept(
+        &self,
+        listen: &str,
+        token: Option<&[u8]>,
+        deadline: Option<Instant>,
+    ) -> Result<Box<dyn Link>> {
+        loop {
+            let accepted: std::io::Result<Box<dyn Link>> = match self {
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Box::new(s) as Box<dyn Link>),
+                Listener::Tcp(l) => l.accept().and_then(|(s, peer)| {
+                    tracing::info!("connection from {peer}");
+                    s.set_nodelay(true)?;
+                    Ok(Box::new(s) as Box<dyn Link>)
+                }),
+            };
+            let mut link = match accepted {
+                Ok(link) => link,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| Instant::now() > d) {
+                        return Err(Error::Device(format!(
+                            "the source opened too few connections on {listen} within 5 s"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                Err(e) => return Err(Error::Device(format!("accepting on {listen}: {e}"))),
+            };
+            match crate::migrate::greet(link.as_mut(), token) {
+                Ok(()) => return Ok(link),
+                Err(e) => tracing::warn!("{e}; waiting for another connection"),
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn link_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Device(format!("{what}: {e}"))
+}
+
+/// Waits for one migration on `listen`; `make_vm` creates the VM from the
+/// stream (its configuration, and the restore source to read the rest
+/// from). Any failure before the guest could start is answered to the
+/// source with ERROR and the reason, and returned.
+pub fn receive(
+    listen: &str,
+    token: Option<&[u8]>,
+    make_vm: impl FnOnce(RestoreSource, SnapshotConfig, OnPrepared) -> Result<Vm>,
+) -> Result<Incoming> {
+    let listener = Listener::bind(listen)?;
+    if token.is_none() && matches!(listener, Listener::Tcp(_)) {
+        tracing::warn!(
+            "listening on {listen} without --token-file: anyone who can reach it can send a VM"
+        );
+    }
+    tracing::info!("waiting for a migration on {listen}");
+    let link = listener.accept(listen, token, None)?;
+    fault::set_link(link.raw_fd());
+    fault::at(fault::Phase::Connect);
+    // small: a payload read then bypasses the buffer (one copy less)
+    let input =
+        std::io::BufReader::with_capacity(64 << 10, link.split().map_err(link_err(listen))?);
+    let mut prepared = link.split().map_err(link_err(listen))?;
+    let mut answer = link;
+    let loaded = RestoreSource::new(listen, Box::new(input)).and_then(|(mut source, cfg)| {
+        // the migration's other streams, which the source opens at once
+        // (a source opens them right after the first, before it sends
+        // anything else: seconds are plenty, even across a WAN)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        listener.set_nonblocking().map_err(link_err(listen))?;
+        for _ in 1..cfg.connections.clamp(1, 16) {
+            // (an accepted socket does not inherit O_NONBLOCK on Linux)
+            let extra = listener
+                .accept(listen, token, Some(deadline))
+                .map_err(|e| {
+                    Error::Device(format!(
+                        "{e} (it announced {} connections)",
+                        cfg.connections
+                    ))
+                })?;
+            source.add_stream(Box::new(std::io::BufReader::with_capacity(64 << 10, extra)))?;
+        }
+        source.live = true;
+        // SYNCED answers on the control channel (extra streams answer
+        // from their own threads, hence the lock)
+        let synced = Mutex::new(answer.split().map_err(link_err(listen))?);
+        source.on_sync = Some(Arc::new(move |stream, seq| {
+            let mut out = synced.lock().unwrap_or_else(|e| e.into_inner());
+            // with this host's clock: the source estimates the offset
+            let line = Line::Synced {
+                stream,
+                seq,
+                clock_ns: Some(reported_ns(now_ns()) as i128),
+            };
+            let _ = out
+                .write_all(line.to_wire().as_bytes())
+                .and_then(|_| out.flush());
+        }));
+        let on_prepared: OnPrepared = Box::new(move |state_ns| {
+            let _ = prepared
+                .write_all(Line::Prepared { state_ns }.to_wire().as_bytes())
+                .and_then(|_| prepared.flush());
+        });
+        make_vm(source, cfg, on_prepared)
+    });
+    drop(listener);
+    let mut vm = match loaded {
+        Ok(vm) => vm,
+        Err(e) => {
+            let _ = answer.write_all(Line::Error { why: e.to_string() }.to_wire().as_bytes());
+            return Err(e);
+        }
+    };
+    // The vCPU threads are set up first, then the stream is read to its
+    // end and applied (so only its last part lies in the downtime); READY
+    // once all is verified, or ERROR with the reason; GO releases the
+    // vCPUs; RUNNING confirms, with when each step happened here.
+    let handed_over = Arc::new(Mutex::new(None));
+    let for_start = handed_over.clone();
+    let started = Arc::new(AtomicBool::new(false));
+    let started_here = started.clone();
+    vm.set_gate(Box::new(move |restored| {
+        let device = |what: String| Error::Device(what);
+        let restored = match restored {
+            Ok(r) => *r,
+            Err(e) => {
+                let _ = answer
+                    .write_all(Line::Error { why: e.to_string() }.to_wire().as_bytes())
+                    .and_then(|_| answer.flush());
+                return Ok(());
+            }
+        };
+        // (time-stamped as it is sent: the source may read it before the
+        // write returns here)
+        let ready_ns = now_ns();
+        answer
+            .write_all(Line::Ready.to_wire().as_bytes())
+            .and_then(|_| answer.flush())
+            .map_err(|e| device(format!("saying READY: {e}")))?;
+        fault::at(fault::Phase::AfterReady);
+        let mut line = String::new();
+        answer
+            .set_timeout(Some(Duration::from_secs(60)))
+            .and_then(|_| answer.split())
+            .and_then(|back| std::io::BufReader::new(back).read_line(&mut line))
+            .map_err(|e| {
+                device(format!(
+                    "waiting for GO: {e}; the guest was not started here"
+                ))
+            })?;
+        let paused_at = match Line::parse(&line) {
+            Ok(Line::Go { paused_at_ns }) => paused_at_ns,
+            Ok(other) => {
+                return Err(device(format!(
+                    "the source did not say GO ({other}); the guest was not started here"
+                )))
+            }
+            Err(e) => {
+                return Err(device(format!(
+                    "the source did not say GO ({e}); the guest was not started here"
+                )))
+            }
+        };
+        let marks = [
+            ("stream_end", restored.stream_end_ns),
+            ("applied", restored.applied_ns),
+            ("ready", ready_ns),
+            ("go", now_ns()),
+        ]
+        .map(|(name, at)| (name, reported_ns(at)));
+        fault::at(fault::Phase::AfterGo);
+        *handed_over.lock().unwrap_or_else(|e| e.into_inner()) = Some((answer, paused_at, marks));
+        Ok(())
+    }));
+    vm.set_on_start(Box::new(move |resumed_at| {
+        started_here.store(true, Ordering::Release);
+        let Some((mut answer, paused_at, marks)) =
+            for_start.lock().unwrap_or_else(|e| e.into_inner()).take()
+        else {
+            return;
+        };
+        // (this host's clock against the source's pause: the source takes
+        // the offset between them out)
+        let downtime = reported_ns(resumed_at) as i128 - paused_at as i128;
+        tracing::info!(
+            "guest resumed here {:.3} ms after the source paused it",
+            downtime as f64 / 1e6
+        );
+        let line = crate::migrate::running_line(downtime, paused_at, &marks);
+        let _ = answer.write_all(line.to_wire().as_bytes());
+        let _ = answer.flush();
+    }));
+    Ok(Incoming { vm, started })
+}
