@@ -246,6 +246,57 @@ fn well_checksummed_nonsense_is_refused_and_never_runs() {
         assert!(r.stderr.contains(needle), "{name}: {}", r.stderr);
         assert!(!r.stdout.contains("DIRTIER"), "{name}: the guest ran");
     }
+
+    // a device that cannot take its state refuses it by name, and nothing
+    // runs: a version it does not know, a field out of range, a device the
+    // stream lacks, one this VM lacks
+    type DeviceEdit<'a> = &'a dyn Fn(&mut devices::DeviceStates);
+    let device_cases: [(&str, DeviceEdit, &str); 4] = [
+        (
+            "com1-v2.nfv",
+            &|d| d.get_mut("com1").unwrap().version = 2,
+            "device com1: uart-16550 state version 2 is not known (this nfvisor reads version 1)",
+        ),
+        (
+            "com1-fifo.nfv",
+            &|d| {
+                let state = devices::serial::SerialConsoleState {
+                    in_buffer: vec![b'x'; 65],
+                    ..Default::default()
+                };
+                d.get_mut("com1").unwrap().data = devices::state::encode(&state);
+            },
+            "device com1: in_buffer = 65 bytes is out of range",
+        ),
+        (
+            "no-probe.nfv",
+            &|d| {
+                d.remove("dma-probe");
+            },
+            "device dma-probe: the stream has no state for it",
+        ),
+        (
+            "extra.nfv",
+            &|d| {
+                let com1 = d["com1"].clone();
+                d.insert("com2".into(), com1);
+            },
+            "device com2: the stream holds its state but this VM has no such device",
+        ),
+    ];
+    for (name, edit, needle) in device_cases {
+        let r = forge(name, &|f| {
+            if f.kind != migration::Kind::DeviceState {
+                return vec![(f.kind, f.payload.clone())];
+            }
+            let mut m = vmm::snapshot::MachineState::decode(&f.payload, name).unwrap();
+            edit(&mut m.devices);
+            vec![(f.kind, vmm::snapshot::encode_state(&m))]
+        });
+        assert_eq!(r.code, 78, "{name}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{name}: {}", r.stderr);
+        assert!(!r.stdout.contains("DIRTIER"), "{name}: the guest ran");
+    }
 }
 
 /// `status` shows each vCPU's exits as they happen: exit-bench's bench-port

@@ -147,7 +147,7 @@ impl<T: Persist + Send + Sync> Stateful for T {
         DeviceBlob {
             kind: T::KIND.to_string(),
             version: T::VERSION,
-            data: postcard::to_stdvec(&self.save()).expect("plain data always serialises"),
+            data: encode(&self.save()),
         }
     }
 
@@ -170,6 +170,11 @@ fn checked<T: Persist>(id: &str, blob: &DeviceBlob) -> Result<T::State, StateErr
         why: b.why,
     })?;
     Ok(state)
+}
+
+/// A state's bytes as a blob carries them.
+pub fn encode<S: Serialize>(state: &S) -> Vec<u8> {
+    postcard::to_stdvec(state).expect("plain data always serialises")
 }
 
 /// Checks a blob's kind and version and decodes it.

@@ -433,7 +433,7 @@ mod tests {
             (r#"{"v":1,"cmd":"ivshmem","window":"open"}"#, "open"),
             (
                 r#"{"v":1,"cmd":"migrate","to":"x","connections":"many"}"#,
-                "connections",
+                "\"many\"",
             ),
         ] {
             let e = parse_line(line).unwrap_err();

@@ -96,6 +96,13 @@ pub struct MachineState {
     pub devices: devices::DeviceStates,
 }
 
+impl MachineState {
+    /// A state frame's payload, decoded (`name`: the stream, for errors).
+    pub fn decode(payload: &[u8], name: &str) -> Result<MachineState> {
+        decode_state(payload, name, "machine")
+    }
+}
+
 fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm(format!("{what}: {e}"))
 }
@@ -454,7 +461,7 @@ pub fn write(
 /// serialise as byte strings, which JSON spelled out as numbers: 14 KB for
 /// one vCPU, and 0.1-0.2 ms to parse on the destination inside the
 /// downtime here. The configuration frame stays JSON (read once, before).
-pub(crate) fn encode_state<T: serde::Serialize>(state: &T) -> Vec<u8> {
+pub fn encode_state<T: serde::Serialize>(state: &T) -> Vec<u8> {
     postcard::to_stdvec(state).expect("plain data always serialises")
 }
 
