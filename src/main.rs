@@ -804,13 +804,13 @@ fn control(path: &std::path::Path, req: &Request, json: bool) -> Result<u8> {
 
 /// `--ivshmem` on `receive`/`restore`: a plain region only, refused before
 /// anything listens or loads.
-fn plain_ivshmem(spec: &str) -> Result<vmm::shared_region::IvshmemSpec> {
+fn plain_ivshmem(spec: &str) -> Result<String> {
     let parsed = config::parse_ivshmem(spec)?;
     anyhow::ensure!(
         parsed.server.is_none(),
         "doorbell mode cannot be restored or received (peer ids belong to the server connection); use a plain region"
     );
-    Ok(parsed)
+    Ok(spec.to_string())
 }
 
 /// What a restored or received guest takes from this side's flags (the
@@ -833,7 +833,7 @@ struct LocalFlags {
     /// path=...,size=...): the stream names it, and this must be the same
     /// region.
     #[arg(long, value_name = "SPEC", value_parser = plain_ivshmem)]
-    ivshmem: Option<vmm::shared_region::IvshmemSpec>,
+    ivshmem: Option<String>,
     #[command(flatten)]
     dirty: config::DirtyTracking,
     #[command(flatten)]
@@ -869,51 +869,27 @@ fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8
     })
 }
 
+/// The VM a stream brings: what the guest is from the stream, this side's
+/// own settings (console, placement, control socket, tracking) from its
+/// flags.
 fn restored_vm(
     source: vmm::snapshot::RestoreSource,
     cfg: vmm::snapshot::SnapshotConfig,
     local: LocalFlags,
     on_prepared: Option<Box<dyn FnOnce(u64) + Send>>,
 ) -> Result<vmm::Vm> {
-    let LocalFlags {
-        serial,
-        control_socket,
-        json,
-        rt,
-        ivshmem,
-        dirty,
-        ..
-    } = local;
-    let (rt_spec, mem) = rt.to_spec()?;
-    let spec = vmm::VmSpec {
-        kernel_name: cfg.kernel.clone(),
-        kernel: Vec::new(),
-        initrd: None,
-        cmdline: cfg.cmdline.clone(),
-        append_tsc_khz: false,
-        memory: vmm::memory::MemoryOptions {
-            size: cfg.memory_size,
-            ..mem
-        },
-        vcpus: cfg.vcpus,
-        rt: rt_spec,
-        console: match serial {
-            Some(p) => vmm::vm::ConsoleSink::File(p),
-            None if json => vmm::vm::ConsoleSink::Stderr,
-            None => vmm::vm::ConsoleSink::Stdout,
-        },
-        transcript_limit: 8 << 20,
-        process_start: PROCESS_START.get().copied(),
-        latency_port: None,
-        irq_bench: None,
-        control_socket,
-        ivshmem,
+    let here = vmm::VmConfig {
+        serial: local.serial,
+        control_socket: local.control_socket,
+        ivshmem: local.ivshmem,
+        rt: local.rt.to_config(),
         // a received or restored guest can migrate on
-        dirty_ring: dirty.ring_bytes(),
-        restore_from: Some(source),
-        on_start: None,
-        on_prepared,
+        ..local.dirty.to_config()
     };
+    let mut spec = here.over(cfg.vm).resolve_restore(local.json)?;
+    spec.process_start = PROCESS_START.get().copied();
+    spec.restore_from = Some(source);
+    spec.on_prepared = on_prepared;
     Ok(vmm::Vm::create(spec)?)
 }
 

@@ -209,7 +209,7 @@ fn a_receiver_gives_up_on_a_source_that_opens_too_few_connections() {
         .unwrap();
     assert!(greeting.contains("OPEN"), "{greeting}");
     let config = serde_json::json!({
-        "memory_size": 32u64 << 20, "vcpus": 1, "kernel": "dirtier", "cmdline": "",
+        "vm": {"guest": "dirtier", "memory": "32M", "vcpus": 1, "cmdline": ""},
         "tsc_khz": 0, "connections": 2
     });
     let mut w = migration::Writer::new(s.try_clone().unwrap()).unwrap();

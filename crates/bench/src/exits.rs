@@ -8,7 +8,7 @@ use std::process::Command;
 
 use guests::protocol;
 use vmm::memory::MemoryOptions;
-use vmm::vm::{ConsoleSink, RtSpec};
+use vmm::vm::ConsoleSink;
 use vmm::{Vm, VmSpec};
 
 use crate::{BenchError, Spread};
@@ -57,30 +57,19 @@ const OPS: [&str; 2] = ["pio", "mmio"];
 
 fn spec(n: u64) -> VmSpec {
     let g = guests::find("exit-bench").expect("bundled exit-bench");
-    VmSpec {
-        kernel_name: "bundled:exit-bench".into(),
-        kernel: g.image.to_vec(),
-        initrd: None,
-        cmdline: format!("n={n} ops=pio,mmio"),
-        append_tsc_khz: true,
-        memory: MemoryOptions {
+    let mut spec = VmSpec::new(
+        "bundled:exit-bench",
+        g.image.to_vec(),
+        MemoryOptions {
             size: 32 << 20,
             ..Default::default()
         },
-        vcpus: 1,
-        rt: RtSpec::default(),
-        console: ConsoleSink::None,
-        transcript_limit: 1 << 20,
-        process_start: None,
-        latency_port: None,
-        irq_bench: None,
-        control_socket: None,
-        ivshmem: None,
-        dirty_ring: None,
-        restore_from: None,
-        on_start: None,
-        on_prepared: None,
-    }
+    );
+    spec.cmdline = format!("n={n} ops=pio,mmio");
+    spec.append_tsc_khz = true;
+    spec.console = ConsoleSink::None;
+    spec.transcript_limit = 1 << 20;
+    spec
 }
 
 /// One run's figures: op -> (p50 cycles, mean cycles), and the guest's TSC kHz.

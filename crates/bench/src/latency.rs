@@ -334,33 +334,24 @@ fn measure(
     });
     let port = Arc::new(LatencyPort::new(baseline, blocks));
     let g = guests::find("latency-probe").expect("bundled latency-probe");
-    let spec = VmSpec {
-        kernel_name: "bundled:latency-probe".into(),
-        kernel: g.image.to_vec(),
-        initrd: None,
-        cmdline: format!(
-            "metric={} period_us={} samples={} blocks={blocks} threshold_ns={}",
-            metric.name(),
-            opts.period_us,
-            per_block * blocks,
-            opts.threshold_ns
-        ),
-        append_tsc_khz: true,
-        memory: profile.memory.clone(),
-        vcpus: 1,
-        rt: profile.rt.clone(),
-        console: ConsoleSink::None,
-        transcript_limit: 4 << 20,
-        process_start: None,
-        latency_port: Some(port.clone()),
-        irq_bench,
-        control_socket: None,
-        ivshmem: None,
-        dirty_ring: None,
-        restore_from: None,
-        on_start: None,
-        on_prepared: None,
-    };
+    let mut spec = VmSpec::new(
+        "bundled:latency-probe",
+        g.image.to_vec(),
+        profile.memory.clone(),
+    );
+    spec.cmdline = format!(
+        "metric={} period_us={} samples={} blocks={blocks} threshold_ns={}",
+        metric.name(),
+        opts.period_us,
+        per_block * blocks,
+        opts.threshold_ns
+    );
+    spec.append_tsc_khz = true;
+    spec.rt = profile.rt.clone();
+    spec.console = ConsoleSink::None;
+    spec.transcript_limit = 4 << 20;
+    spec.latency_port = Some(port.clone());
+    spec.irq_bench = irq_bench;
     let report = Vm::create(spec)?.run()?;
     let text = String::from_utf8_lossy(&report.transcript);
     let out = protocol::parse(&text).map_err(|e| BenchError::Run {

@@ -39,7 +39,7 @@ impl<M: Bytes<GuestAddress> + Send + Sync> DmaProbe<M> {
 
     fn store(&self, value: u32) {
         let addr = self.addr.load(Ordering::Acquire);
-        let ok = addr % 4 == 0 && self.mem.write_obj(value, GuestAddress(addr)).is_ok();
+        let ok = addr.is_multiple_of(4) && self.mem.write_obj(value, GuestAddress(addr)).is_ok();
         if ok {
             self.done.fetch_add(1, Ordering::Relaxed);
         } else {

@@ -268,8 +268,15 @@ pub fn status(h: &VmHandle) -> Status {
     Status {
         state: state.into(),
         vcpus: h.cmds.len() as u32,
-        memory_mib: h.config.memory_size >> 20,
-        kernel: h.config.kernel.clone(),
+        memory_mib: h
+            .config
+            .vm
+            .memory
+            .as_ref()
+            .and_then(|m| m.bytes().ok())
+            .unwrap_or(0)
+            >> 20,
+        kernel: h.kernel_name.clone(),
         uptime_ms: h.started.elapsed().as_millis() as u64,
         exits,
         devices: h.devices.counters(),

@@ -6,6 +6,7 @@ pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod clock;
+pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod device_manager;
@@ -31,6 +32,7 @@ pub mod vm_handle;
 pub mod zero_page;
 
 pub use boot::BootProtocol;
+pub use config::VmConfig;
 pub use memory::HugePageSize;
 pub use vm::{RunReport, StopReason, Vm, VmSpec};
 

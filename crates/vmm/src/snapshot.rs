@@ -21,10 +21,9 @@ use crate::{Error, Result};
 /// What the destination needs before it can create the VM.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotConfig {
-    pub memory_size: u64,
-    pub vcpus: u32,
-    pub kernel: String,
-    pub cmdline: String,
+    /// What the guest is: kernel, command line, memory, vCPUs (the VM
+    /// configuration type, holding only what travels with the guest).
+    pub vm: crate::config::VmConfig,
     pub tsc_khz: u32,
     /// The CPU feature words the guest was given (leaves 1 and 7): a
     /// destination whose host lacks any of them refuses the guest.

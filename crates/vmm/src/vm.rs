@@ -127,6 +127,35 @@ pub struct VmSpec {
     pub on_prepared: Option<Box<dyn FnOnce(u64) + Send>>,
 }
 
+impl VmSpec {
+    /// A VM of `memory` running `kernel` (named `kernel_name` in reports),
+    /// one vCPU, no placement, the console on stdout, no devices beyond
+    /// the platform's; the rest is set field by field.
+    pub fn new(kernel_name: impl Into<String>, kernel: Vec<u8>, memory: MemoryOptions) -> VmSpec {
+        VmSpec {
+            kernel_name: kernel_name.into(),
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            append_tsc_khz: false,
+            memory,
+            vcpus: 1,
+            rt: RtSpec::default(),
+            console: ConsoleSink::Stdout,
+            transcript_limit: 8 << 20,
+            process_start: None,
+            latency_port: None,
+            irq_bench: None,
+            dirty_ring: None,
+            ivshmem: None,
+            control_socket: None,
+            restore_from: None,
+            on_start: None,
+            on_prepared: None,
+        }
+    }
+}
+
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -780,15 +809,13 @@ impl Vm {
             mem: mem.clone(),
             devices: devices.clone(),
             config: SnapshotConfig {
-                memory_size: spec.memory.size,
-                vcpus: spec.vcpus,
-                kernel: spec.kernel_name.clone(),
-                cmdline: cmdline.clone(),
+                vm: crate::config::VmConfig::for_stream(&spec, &cmdline),
                 tsc_khz,
                 cpu_features: guest_features.clone(),
                 ivshmem: ivshmem.as_ref().map(|d| d.region.identity()),
                 connections: 1,
             },
+            kernel_name: spec.kernel_name.clone(),
             state: Mutex::new(RunState::Running),
             started: Instant::now(),
             migrated: Mutex::new(None),

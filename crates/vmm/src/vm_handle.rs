@@ -60,6 +60,8 @@ pub struct VmHandle {
     /// Every device, by id.
     pub(crate) devices: Arc<crate::device_manager::Devices>,
     pub(crate) config: SnapshotConfig,
+    /// The kernel as reports name it ("bundled:NAME" or its path).
+    pub(crate) kernel_name: String,
     pub(crate) state: Mutex<RunState>,
     pub(crate) started: Instant,
     /// Set when the guest has moved to another host.
