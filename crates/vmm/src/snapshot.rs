@@ -13,7 +13,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migration::{Kind, Reader, Writer, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::clock::{guest_tsc, ns_to_cycles, tsc_msr, IA32_TSC};
 use crate::{Error, Result};
@@ -419,23 +419,25 @@ pub fn write(
             Kind::Config,
             &serde_json::to_vec(config).expect("serialisable"),
         )?;
-        // every page (the guest is paused), as a migration's first round
-        // sends them: zero pages found in place and left out
-        let all: Vec<Vec<u64>> = mem
-            .iter()
-            .map(|r| vec![u64::MAX; (r.len() as usize / PAGE_SIZE).div_ceil(64)])
-            .collect();
+        // the pages a migration's first round sends (the guest is paused):
+        // only pages ever touched are read (reading a hole of the memfd
+        // would allocate it), zero ones found in place and left out
+        let scan = crate::page_walk::first_round_pages(mem);
         let pages = crate::page_walk::send_part(
             mem,
             &mut w,
-            &all,
+            &scan.bitmaps,
             (0, 1),
             false,
             None,
             &std::sync::atomic::AtomicU64::new(0),
         )
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let (written, zero) = (pages.sent, pages.zero);
+        // (not written: found zero, or never touched)
+        let (written, zero) = (
+            pages.sent,
+            pages.zero + scan.zero_pages + scan.untouched_pages,
+        );
         w.frame(Kind::DeviceState, &encode_state(machine))?;
         for v in vcpus {
             w.frame(Kind::VcpuState, &encode_state(v))?;
