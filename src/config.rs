@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// (an ivshmem PCI device, plain mode).
     #[arg(long, value_name = "SPEC")]
     pub ivshmem: Option<String>,
+    /// Add the DMA probe debug device (port 0x9e8: the VMM writes guest
+    /// memory where the guest asks; the dirtier's dma_mb=N uses it).
+    #[arg(long)]
+    pub dma_probe: bool,
     #[command(flatten)]
     pub rt: RtArgs,
 }
@@ -169,6 +173,7 @@ impl RunArgs {
             serial: self.serial.clone(),
             control_socket: self.control_socket.clone(),
             ivshmem: self.ivshmem.clone(),
+            dma_probe: given(self.dma_probe),
             rt: self.rt.to_config(),
             ..self.dirty.to_config()
         }
@@ -185,7 +190,7 @@ impl RunArgs {
             None => VmConfig::default(),
         };
         let config = self.to_config().over(file);
-        let spec = config.resolve(&bundled_image, json)?;
+        let spec = vmm::VmSpec::from_config(&config, &bundled_image, json)?;
         let bundled = spec
             .kernel_name
             .strip_prefix("bundled:")

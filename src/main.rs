@@ -886,7 +886,14 @@ fn restored_vm(
         // a received or restored guest can migrate on
         ..local.dirty.to_config()
     };
-    let mut spec = here.over(cfg.vm).resolve_restore(local.json)?;
+    // (only what the guest is comes from the stream: see guest_part)
+    let theirs = cfg.vm.guest_part();
+    if theirs != cfg.vm {
+        tracing::warn!(
+            "the stream also sets this side's own settings (console, control socket, placement, ...): ignored"
+        );
+    }
+    let mut spec = vmm::VmSpec::from_stream_config(&here.over(theirs), local.json)?;
     spec.process_start = PROCESS_START.get().copied();
     spec.restore_from = Some(source);
     spec.on_prepared = on_prepared;

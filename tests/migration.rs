@@ -796,6 +796,7 @@ fn a_page_zeroed_after_it_was_sent_arrives_as_zero() {
 #[test]
 fn pages_only_the_vmm_writes_reach_the_destination() {
     const DMA: &[&str] = &[
+        "--dma-probe",
         "--guest",
         "dirtier",
         "--memory",

@@ -269,11 +269,11 @@ fn well_checksummed_nonsense_is_refused_and_never_runs() {
             "device com1: in_buffer = 65 bytes is out of range",
         ),
         (
-            "no-probe.nfv",
+            "no-exit-port.nfv",
             &|d| {
-                d.remove("dma-probe");
+                d.remove("debug-exit");
             },
-            "device dma-probe: the stream has no state for it",
+            "device debug-exit: the stream has no state for it",
         ),
         (
             "extra.nfv",

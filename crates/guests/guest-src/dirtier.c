@@ -47,6 +47,7 @@ int guest_main(void) {
     u64 pages = mb * 256, dma_pages = dma_mb * 256, end = ram_end_above(BASE);
     u64 dma_base = BASE + pages * PAGE;
     if (end && dma_base + dma_pages * PAGE > end) fail(STATUS_BAD_ARGS, "working set larger than guest RAM above 4 MiB");
+    if (dma_pages && dma_base + dma_pages * PAGE > 0x100000000UL) fail(STATUS_BAD_ARGS, "the DMA probe takes 32-bit addresses: dma_mb must end below 4 GiB");
     puts("R config");
     put_kv("mb", mb);
     put_kv("pages", pages);
@@ -68,6 +69,23 @@ int guest_main(void) {
                 put_kv("max_gap_cycles", max_gap);
                 putc('\n');
                 last = rdtsc();
+            }
+        }
+        /* what the probe wrote last pass must still be there: a page lost
+         * in an earlier round of a migration shows here, before this pass
+         * overwrites it */
+        for (u64 p = 0; pass > 1 && p < dma_pages; p++) {
+            u32 want = dma_value(pass - 1, p), got = *(volatile u32 *)(dma_base + p * PAGE);
+            if (got != want) {
+                puts("DIRTIER CORRUPT dma");
+                put_kv("page", p);
+                put_kv("pass", pass - 1);
+                puts(" expected=");
+                put_hex(want);
+                puts(" found=");
+                put_hex(got);
+                putc('\n');
+                guest_exit(STATUS_CORRUPT);
             }
         }
         for (u64 p = 0; p < dma_pages; p++) {

@@ -151,10 +151,14 @@ impl MigrateRequest {
             Some(f) => Some(crate::migrate::read_token(f)?),
             None => None,
         };
+        let seconds = |v: f64, what: &str| {
+            Duration::try_from_secs_f64(v)
+                .map_err(|_| Error::Config(format!("migrate: {what} {v} is out of range")))
+        };
         Ok(MigrateOptions {
             token,
-            downtime: Duration::from_secs_f64(self.downtime_ms / 1000.0),
-            timeout: Duration::from_secs_f64(self.timeout_s),
+            downtime: seconds(self.downtime_ms / 1000.0, "downtime_ms")?,
+            timeout: seconds(self.timeout_s, "timeout_s")?,
             force: self.on_timeout == OnTimeout::Force,
             bandwidth_limit: self.bandwidth_limit,
             connections: self.connections as usize,
@@ -198,7 +202,10 @@ pub struct Status {
     pub last_failed_migration: Option<FailedMigration>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What a request answers (on the control socket, its fields follow
+/// `"ok":true`). Serialised only: the shapes overlap, so a reply is read
+/// back as JSON, not as this type.
+#[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum Response {
     Status(Status),
@@ -465,6 +472,13 @@ mod tests {
                     ..MigrateRequest::to("unix:/x")
                 },
                 "downtime_ms",
+            ),
+            (
+                MigrateRequest {
+                    timeout_s: 1e300,
+                    ..MigrateRequest::to("unix:/x")
+                },
+                "timeout_s 1e300 is out of range",
             ),
             (
                 MigrateRequest {

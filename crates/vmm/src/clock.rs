@@ -10,6 +10,20 @@ use crate::{Error, Result};
 
 pub const IA32_TSC: u32 = 0x10;
 
+const KVMIO: u32 = 0xAE;
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_DEVICE_ATTR,
+    KVMIO,
+    0xe1,
+    kvm_bindings::kvm_device_attr
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_GET_DEVICE_ATTR,
+    KVMIO,
+    0xe2,
+    kvm_bindings::kvm_device_attr
+);
+
 /// CLOCK_REALTIME in ns: both ends of a migration time-stamp with it.
 pub fn now_ns() -> u128 {
     SystemTime::now()
@@ -55,4 +69,40 @@ pub fn guest_tsc(vcpu: &VcpuFd) -> Result<u64> {
 /// Nanoseconds as cycles of a TSC running at `tsc_khz`.
 pub fn ns_to_cycles(ns: u64, tsc_khz: u64) -> u64 {
     (ns as u128 * tsc_khz as u128 / 1_000_000) as u64
+}
+
+/// The vCPU's KVM_VCPU_TSC_OFFSET, or None where KVM lacks it. (kvm-ioctls
+/// wraps vCPU device attributes on aarch64 only: hand-written.)
+pub fn tsc_offset(vcpu: &VcpuFd) -> Option<u64> {
+    let mut offset = 0u64;
+    let attr = kvm_bindings::kvm_device_attr {
+        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+        attr: kvm_bindings::KVM_VCPU_TSC_OFFSET as u64,
+        addr: &mut offset as *mut u64 as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr.addr` points at a u64 that outlives the call, the size
+    // KVM writes for this attribute.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_GET_DEVICE_ATTR(), &attr) };
+    (rc == 0).then_some(offset)
+}
+
+/// Sets the vCPU's KVM_VCPU_TSC_OFFSET.
+pub fn set_tsc_offset(vcpu: &VcpuFd, id: u32, offset: u64) -> Result<()> {
+    let attr = kvm_bindings::kvm_device_attr {
+        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+        attr: kvm_bindings::KVM_VCPU_TSC_OFFSET as u64,
+        addr: &offset as *const u64 as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr.addr` points at a u64 that outlives the call; KVM only
+    // reads it.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_SET_DEVICE_ATTR(), &attr) };
+    if rc != 0 {
+        return Err(Error::Kvm(format!(
+            "vCPU {id}: setting KVM_VCPU_TSC_OFFSET: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
 }

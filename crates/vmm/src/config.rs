@@ -1,9 +1,9 @@
 //! One VM's configuration: the one serde type behind the command-line
 //! flags, the TOML file (the same keys) and the configuration a snapshot
 //! or a migration stream carries. Flags lie over the file, a restore's
-//! local settings over the stream's; [`VmConfig::resolve`] turns the
-//! result into the [`VmSpec`] a VM is created from, checking every value
-//! and naming the one at fault.
+//! local settings over the stream's (only `VmConfig::guest_part` of a
+//! stream is taken); `VmSpec::from_config` turns the result into the spec
+//! a VM is created from, checking every value and naming the one at fault.
 
 use std::path::PathBuf;
 
@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::memory::{HugePageSize, MemoryOptions};
 use crate::shared_region::IvshmemSpec;
-use crate::vm::{ConsoleSink, DisableExits, RtSpec, VmSpec};
 use crate::{Error, Result};
 
 /// A memory size as a user gives it: "64M", "1G", "512K", or a number of
@@ -115,6 +114,9 @@ pub struct VmConfig {
     pub dirty_ring: Option<u32>,
     /// Track dirty pages with KVM's bitmap instead of the ring.
     pub dirty_bitmap: Option<bool>,
+    /// The DMA probe debug device (devices::dma_probe): the VMM writes
+    /// guest memory where the guest asks.
+    pub dma_probe: Option<bool>,
     pub rt: RtConfig,
 }
 
@@ -148,7 +150,8 @@ impl VmConfig {
             control_socket,
             ivshmem,
             dirty_ring,
-            dirty_bitmap
+            dirty_bitmap,
+            dma_probe
         );
         over!(
             self.rt,
@@ -167,21 +170,19 @@ impl VmConfig {
         self
     }
 
-    /// What a snapshot or a migration stream carries of this VM: what the
-    /// guest is (kernel, command line as it was booted, memory, vCPUs). The
-    /// destination's own settings (console, placement, control socket)
-    /// stay its own.
-    pub fn for_stream(spec: &VmSpec, cmdline: &str) -> VmConfig {
-        let (guest, kernel) = match spec.kernel_name.strip_prefix("bundled:") {
-            Some(g) => (Some(g.to_string()), None),
-            None => (None, Some(PathBuf::from(&spec.kernel_name))),
-        };
+    /// Only what says what the guest is (its kernel, command line, memory,
+    /// vCPUs, guest-visible debug devices): what a destination takes from
+    /// a stream. The rest (console file, control socket, placement, shared
+    /// regions, tracking) is the destination's own, and a stream that sets
+    /// it does not get to (it could name any file or socket path there).
+    pub fn guest_part(&self) -> VmConfig {
         VmConfig {
-            guest,
-            kernel,
-            cmdline: Some(cmdline.to_string()),
-            memory: Some(Size::of_bytes(spec.memory.size)),
-            vcpus: Some(spec.vcpus),
+            guest: self.guest.clone(),
+            kernel: self.kernel.clone(),
+            cmdline: self.cmdline.clone(),
+            memory: self.memory.clone(),
+            vcpus: self.vcpus,
+            dma_probe: self.dma_probe,
             ..Default::default()
         }
     }
@@ -190,108 +191,54 @@ impl VmConfig {
     pub fn dirty_ring_bytes(&self) -> Option<u32> {
         (!self.dirty_bitmap.unwrap_or(false)).then(|| self.dirty_ring.unwrap_or(DEFAULT_DIRTY_RING))
     }
+}
 
-    /// The VM spec for a boot: the kernel read (a bundled guest's image
-    /// from `bundled`), every value checked. `json`: the console goes to
-    /// stderr unless a serial file is given (stdout carries the report).
-    pub fn resolve(
-        &self,
-        bundled: &dyn Fn(&str) -> Option<&'static [u8]>,
-        json: bool,
-    ) -> Result<VmSpec> {
-        if self.kernel.is_some() && self.guest.is_some() {
-            return Err(Error::Config(
-                "config: give either a kernel or a bundled guest, not both".into(),
-            ));
+/// Exits that can be disabled on dedicated cores (KVM_CAP_X86_DISABLE_EXITS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DisableExits {
+    pub hlt: bool,
+    pub pause: bool,
+    pub cstate: bool,
+    pub mwait: bool,
+}
+
+impl DisableExits {
+    pub fn flags(&self) -> u32 {
+        use kvm_bindings::*;
+        let mut f = 0;
+        if self.mwait {
+            f |= KVM_X86_DISABLE_EXITS_MWAIT;
         }
-        // a bundled guest unless a kernel is given
-        let guest = match &self.kernel {
-            Some(_) => None,
-            None => Some(self.guest.as_deref().unwrap_or(DEFAULT_GUEST)),
-        };
-        let name = match (guest, &self.kernel) {
-            (Some(g), _) => format!("bundled:{g}"),
-            (None, path) => path
-                .as_deref()
-                .unwrap_or(std::path::Path::new(""))
-                .display()
-                .to_string(),
-        };
-        // every setting checked before a (large) kernel is read
-        let default_memory = if guest.is_some() { 32 << 20 } else { 256 << 20 };
-        let mut spec = self.resolve_common(name, Vec::new(), default_memory, json)?;
-        spec.kernel = match (guest, &self.kernel) {
-            (Some(g), _) => bundled(g)
-                .ok_or_else(|| {
-                    Error::Config(format!("no bundled guest {g:?} (see `nfvisor guests`)"))
-                })?
-                .to_vec(),
-            (None, Some(path)) => read_file("kernel", path)?,
-            (None, None) => Vec::new(),
-        };
-        spec.initrd = match &self.initrd {
-            Some(p) => Some((p.display().to_string(), read_file("initrd", p)?)),
-            None => None,
-        };
-        spec.append_tsc_khz = guest.is_some();
-        Ok(spec)
+        if self.hlt {
+            f |= KVM_X86_DISABLE_EXITS_HLT;
+        }
+        if self.pause {
+            f |= KVM_X86_DISABLE_EXITS_PAUSE;
+        }
+        if self.cstate {
+            f |= KVM_X86_DISABLE_EXITS_CSTATE;
+        }
+        f
     }
+}
 
-    /// The VM spec for a restore: the guest comes from the stream, so no
-    /// kernel is read; the rest as for a boot.
-    pub fn resolve_restore(&self, json: bool) -> Result<VmSpec> {
-        let name = match (&self.guest, &self.kernel) {
-            (Some(g), _) => format!("bundled:{g}"),
-            (None, Some(k)) => k.display().to_string(),
-            (None, None) => "restored".into(),
-        };
-        let memory = self
-            .memory
-            .as_ref()
-            .ok_or_else(|| {
-                Error::Config("the stream does not say how much memory the guest has".into())
-            })?
-            .bytes()?;
-        self.resolve_common(name, Vec::new(), memory, json)
-    }
-
-    fn resolve_common(
-        &self,
-        kernel_name: String,
-        kernel: Vec<u8>,
-        default_memory: u64,
-        json: bool,
-    ) -> Result<VmSpec> {
-        let size = match &self.memory {
-            Some(m) => m.bytes()?,
-            None => default_memory,
-        };
-        let (rt, memory) = self.rt.resolve()?;
-        let mut spec = VmSpec::new(kernel_name, kernel, MemoryOptions { size, ..memory });
-        spec.cmdline = self.cmdline.clone().unwrap_or_default();
-        spec.vcpus = self.vcpus.unwrap_or(1);
-        spec.rt = rt;
-        spec.console = match &self.serial {
-            Some(p) => ConsoleSink::File(p.clone()),
-            None if json => ConsoleSink::Stderr,
-            None => ConsoleSink::Stdout,
-        };
-        spec.control_socket = self.control_socket.clone();
-        spec.ivshmem = self.ivshmem.as_deref().map(parse_ivshmem).transpose()?;
-        spec.dirty_ring = self.dirty_ring_bytes();
-        Ok(spec)
-    }
+/// Real-time placement of the VM's threads.
+#[derive(Debug, Clone, Default)]
+pub struct RtSpec {
+    /// vCPU i runs on host CPU cpus[i].
+    pub cpus: Option<Vec<usize>>,
+    /// Where the VMM's own threads (main, console) run.
+    pub housekeeping_cpus: Option<Vec<usize>>,
+    /// SCHED_FIFO priority of the vCPU threads.
+    pub priority: Option<i32>,
+    pub disable_exits: DisableExits,
+    pub halt_poll_ns: Option<u64>,
+    /// Report a setting that cannot be applied instead of failing.
+    pub best_effort: bool,
 }
 
 /// The guest `nfvisor run` boots when given no kernel.
 pub const DEFAULT_GUEST: &str = "latency-probe";
-
-fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::Kernel {
-        path: path.display().to_string(),
-        why: format!("cannot read this {what}: {e}"),
-    })
-}
 
 fn cpu_list(flag: &str, list: &str) -> Result<Vec<usize>> {
     rt::parse_cpu_list(list).map_err(|e| Error::Config(format!("--{flag}: {e}")))
@@ -465,6 +412,27 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_gives_only_what_the_guest_is() {
+        let theirs = VmConfig {
+            guest: Some("dirtier".into()),
+            memory: Some(Size::Text("32M".into())),
+            vcpus: Some(2),
+            serial: Some("/etc/passwd".into()),
+            control_socket: Some("/run/other.sock".into()),
+            ivshmem: Some("path=/dev/shm/x,size=4K".into()),
+            rt: RtConfig {
+                cpus: Some("0".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let g = theirs.guest_part();
+        assert_eq!((g.serial, g.control_socket, g.ivshmem), (None, None, None));
+        assert_eq!(g.rt, RtConfig::default());
+        assert_eq!((g.guest.as_deref(), g.vcpus), (Some("dirtier"), Some(2)));
+    }
+
+    #[test]
     fn the_file_format_is_this_type() {
         let c: VmConfig = toml::from_str(
             "guest = \"hello\"\nmemory = \"48M\"\nvcpus = 2\n[rt]\ncpus = \"0\"\ndisable_exits = [\"hlt\"]\n",
@@ -530,8 +498,7 @@ mod tests {
                 "no bundled guest \"nope\"",
             ),
         ] {
-            let e = c
-                .resolve(&|_| None, false)
+            let e = crate::vm::VmSpec::from_config(&c, &|_| None, false)
                 .map(|_| ())
                 .unwrap_err()
                 .to_string();

@@ -132,10 +132,9 @@ impl Devices {
             .collect()
     }
 
-    /// Restores every device from `states`: all are checked first (kind,
-    /// version, every field; none missing, none extra), then applied, so a
-    /// refused state changes nothing.
-    pub fn restore(&self, states: &DeviceStates) -> std::result::Result<(), StateError> {
+    /// Checks every device's state in `states` (kind, version, every
+    /// field; none missing, none extra) without taking any.
+    pub fn check(&self, states: &DeviceStates) -> std::result::Result<(), StateError> {
         if let Some(id) = states.keys().find(|id| !self.by_id.contains_key(*id)) {
             return Err(StateError::Unknown { id: id.clone() });
         }
@@ -145,6 +144,15 @@ impl Devices {
                 .ok_or_else(|| StateError::Missing { id: id.clone() })?;
             dev.check_blob(id, blob)?;
         }
+        Ok(())
+    }
+
+    /// Restores every device from `states`: all are checked first, then
+    /// applied, so a refused state changes no device. (One that fails
+    /// while it takes a checked state, as ivshmem's window can, leaves the
+    /// others restored: the VM then never runs.)
+    pub fn restore(&self, states: &DeviceStates) -> std::result::Result<(), StateError> {
+        self.check(states)?;
         for (id, dev) in &self.by_id {
             dev.restore_blob(id, &states[id])?;
         }

@@ -46,7 +46,7 @@ fn host_tsc() -> u64 {
 /// attribute where the host has it, else from reading the guest's TSC MSR
 /// beside the host's (off by the ioctl's duration).
 pub fn tsc_offset(vcpu: &VcpuFd) -> (u64, &'static str) {
-    if let Some(offset) = crate::snapshot::tsc_offset(vcpu) {
+    if let Some(offset) = crate::clock::tsc_offset(vcpu) {
         return (offset, "KVM_VCPU_TSC_OFFSET");
     }
     let before = host_tsc();

@@ -334,8 +334,8 @@ pub fn create(
             let step = opts.hugepages.map_or(4096, |h| h.bytes() as usize);
             for off in (0..len).step_by(step) {
                 // SAFETY: `off` is inside the mapping; a volatile write of a
-                // zero byte to fresh anonymous memory changes nothing the
-                // guest can see.
+                // zero byte to fresh (all-zero) guest memory changes nothing
+                // the guest can see.
                 unsafe { std::ptr::write_volatile(ptr.add(off), 0) };
             }
             settings.push(Setting::applied(
@@ -392,20 +392,22 @@ pub fn register_slots(vm: &VmFd, mem: &GuestRam, flags: u32) -> Result<()> {
 /// round skips it without reading it. None for a region that cannot be
 /// answered for: then every page counts.
 ///
-/// From the memfd's holes (SEEK_DATA/SEEK_HOLE): a page is data once anyone
-/// wrote or faulted it, through this mapping or another process's (a
-/// vhost-user backend's), and stays data when swapped out. This process's
-/// page tables (/proc/self/pagemap) would miss another process's writes,
-/// so they serve only where the file cannot say (a kernel whose hugetlbfs
-/// has no SEEK_DATA).
+/// Shared memory (shmem): from the memfd's holes (SEEK_DATA/SEEK_HOLE): a
+/// page is data once anyone wrote or faulted it, through this mapping or
+/// another process's (a vhost-user backend's), and stays data when swapped
+/// out. hugetlbfs has no SEEK_DATA (the whole file reads as data), so
+/// hugepage memory is answered from this process's page tables
+/// (/proc/self/pagemap), which miss what another process wrote through its
+/// own mapping and never faulted here.
 pub fn residency(mem: &GuestRam) -> Vec<Option<Vec<u8>>> {
     mem.iter()
         .map(|region| {
             let pages = region.len() as usize / PAGE;
+            let hugetlb = std::ops::Deref::deref(region).is_hugetlbfs() == Some(true);
             match region.file_offset() {
-                Some(fo) => file_data_pages(fo.file(), fo.start(), pages)
+                Some(fo) if !hugetlb => file_data_pages(fo.file(), fo.start(), pages)
                     .or_else(|| pagemap_pages(region.as_ptr() as u64, pages)),
-                None => pagemap_pages(region.as_ptr() as u64, pages),
+                _ => pagemap_pages(region.as_ptr() as u64, pages),
             }
         })
         .collect()

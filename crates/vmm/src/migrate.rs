@@ -1,15 +1,10 @@
-//! Live migration, the sending side: pre-copy rounds over dirty logging,
-//! stop-and-copy, and the two-phase hand-over (the destination says READY
-//! after verifying everything; the source says GO; the destination resumes
-//! and answers RUNNING; only then does the source stop).
-//!
-//! Control lines, one per line: destination -> source `PREPARED <ns>` once
-//! its VM exists (creating it stays out of the downtime; ns: what a state
-//! save-and-restore took there), `SYNCED <stream> <seq> <clock ns>` for each
-//! Sync frame once all before it is applied, and after the stream `READY`
-//! or `ERROR <why>`; source -> destination `GO <pause time, ns of
-//! CLOCK_REALTIME>`; destination -> source `RUNNING <downtime ns>
-//! name=<ns>...` (its steps, after the source's pause, on its clock).
+//! Live migration, the sending side: pre-copy rounds over dirty logging
+//! (KVM's dirty ring or bitmap, and the VMM's own writes), stop-and-copy,
+//! and the two-phase hand-over (the destination says READY after verifying
+//! everything; the source says GO; the destination resumes and answers
+//! RUNNING; only then does the source stop). The control lines beside the
+//! stream are typed in `migration::control`; the receiving side is
+//! `crate::receive`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -24,7 +19,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 pub use migration::control::Line;
 pub use migration::report::{DowntimePhases, MigrationReport, Progress};
 
-use crate::page_walk::{send_part, Limiter, PartCount};
+use crate::page_walk::{io, send_part, Limiter, PartCount};
 use crate::vm_handle::{RunState, VmHandle};
 use crate::{memory, Error, Result};
 
@@ -110,7 +105,7 @@ pub struct MigrateOptions {
 /// destination's clock may be behind the source's).
 pub fn running_line(downtime_ns: i128, paused_at: u128, marks: &[(&str, u128)]) -> Line {
     Line::Running {
-        downtime_ns,
+        downtime_ns: Some(downtime_ns),
         steps: marks
             .iter()
             .filter(|(_, at)| *at > 0)
@@ -132,10 +127,6 @@ fn next_line(back: &mut BufReader<Box<dyn Link>>) -> std::result::Result<Line, S
 
 fn ms_since(at: u128) -> f64 {
     crate::clock::now_ns().saturating_sub(at) as f64 / 1e6
-}
-
-fn io(e: std::io::Error) -> Error {
-    Error::Device(format!("migration link: {e}"))
 }
 
 /// Sends the given pages (all of guest memory when `dirty` is None):
@@ -606,7 +597,13 @@ pub fn migrate(
             let offset_ms = clock.map_or(0.0, |c| c.offset_ns as f64 / 1e6);
             report.clock_offset_ms = clock.map(|c| c.offset_ns as f64 / 1e6);
             report.clock_offset_uncertainty_ms = clock.map(|c| c.rtt.as_secs_f64() * 1e3 / 2.0);
-            report.downtime_ms = downtime_ns as f64 / 1e6 - offset_ms;
+            report.downtime_ms = match downtime_ns {
+                Some(ns) => ns as f64 / 1e6 - offset_ms,
+                None => {
+                    tracing::warn!("{to} runs the guest but did not say its downtime");
+                    0.0
+                }
+            };
             let phases = &mut report.downtime_phases;
             phases.read_destination(&steps, offset_ms);
             phases.dest_resumed_ms = report.downtime_ms;

@@ -123,7 +123,7 @@ pub(crate) fn send_part<W: Write>(
 }
 
 /// The first round's pages, as one bitmap per slot: every page the guest
-/// ever touched (`/proc/self/pagemap`; untouched ones are not even read)
+/// ever touched (memory::residency: the memfd's holes, or the page tables for hugepages; untouched ones are not even read)
 /// that is not zero. The zero scan runs in place on up to 8 threads (as
 /// many as this thread may use), so memory bandwidth, not one core, bounds
 /// an idle prefaulted guest.
@@ -202,6 +202,6 @@ pub(crate) struct FirstRound {
     pub(crate) scan_threads: u32,
 }
 
-fn io(e: std::io::Error) -> Error {
+pub(crate) fn io(e: std::io::Error) -> Error {
     Error::Device(format!("migration link: {e}"))
 }

@@ -37,6 +37,15 @@ fn check_size(size: u64, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A shared region, as the host knows it: the same file is the same region.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IvshmemIdentity {
+    pub path: String,
+    pub size: u64,
+    pub dev: u64,
+    pub ino: u64,
+}
+
 pub struct SharedRegion {
     pub spec: IvshmemSpec,
     ptr: *mut u8,
@@ -181,8 +190,8 @@ impl SharedRegion {
     }
 
     /// The region as a stream names it.
-    pub fn identity(&self) -> crate::snapshot::IvshmemIdentity {
-        crate::snapshot::IvshmemIdentity {
+    pub fn identity(&self) -> IvshmemIdentity {
+        IvshmemIdentity {
             path: self.spec.path.display().to_string(),
             size: self.spec.size,
             dev: self.identity.0,

@@ -1,7 +1,9 @@
-//! Saving and restoring a VM: every vCPU's architectural state, the
-//! irqchip, PIT, kvmclock, COM1 and guest memory, written as a migration
-//! stream (`migration` crate). A snapshot is that stream in a file; only
-//! non-zero pages are written, so untouched and zero memory takes no space.
+//! Saving and restoring a VM: every vCPU's architectural state, the VM's
+//! own KVM state (irqchip, PIT, kvmclock), every device's state (keyed by
+//! device id, owned by the devices) and guest memory, written as a
+//! migration stream (`migration` crate). A snapshot is that stream in a
+//! file; only non-zero pages are written, so untouched and zero memory
+//! takes no space.
 
 use std::path::{Path, PathBuf};
 
@@ -33,7 +35,7 @@ pub struct SnapshotConfig {
     /// carried (its peers share it), so the destination must be attached to
     /// this same region.
     #[serde(default)]
-    pub ivshmem: Option<IvshmemIdentity>,
+    pub ivshmem: Option<crate::shared_region::IvshmemIdentity>,
     /// Streams a migration uses (the pages of the others are applied in
     /// parallel); 1 for a snapshot.
     #[serde(default = "one")]
@@ -42,15 +44,6 @@ pub struct SnapshotConfig {
 
 fn one() -> u32 {
     1
-}
-
-/// A shared region, as the host knows it: the same file is the same region.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct IvshmemIdentity {
-    pub path: String,
-    pub size: u64,
-    pub dev: u64,
-    pub ino: u64,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -171,23 +164,9 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: u32, msrs: &[u32]) -> Result<VcpuState> {
         msrs: entries,
         events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
         mp_state: vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
-        tsc_offset: tsc_offset(vcpu),
+        tsc_offset: crate::clock::tsc_offset(vcpu),
     })
 }
-
-const KVMIO: u32 = 0xAE;
-vmm_sys_util::ioctl_iow_nr!(
-    KVM_SET_DEVICE_ATTR,
-    KVMIO,
-    0xe1,
-    kvm_bindings::kvm_device_attr
-);
-vmm_sys_util::ioctl_iow_nr!(
-    KVM_GET_DEVICE_ATTR,
-    KVMIO,
-    0xe2,
-    kvm_bindings::kvm_device_attr
-);
 
 /// Reads every vCPU's and device's state and writes it back, on a VM that
 /// has not run yet (a migration's destination, before the stream comes);
@@ -206,41 +185,6 @@ pub fn time_state_round_trip(vm: &VmFd, vcpus: &[VcpuFd], msrs: &[u32]) -> Resul
     let d = save_vm_state(vm)?;
     restore_vm_state(vm, &d)?;
     Ok(t.elapsed().as_nanos() as u64)
-}
-
-/// The vCPU's KVM_VCPU_TSC_OFFSET, or None where KVM lacks it. (kvm-ioctls
-/// wraps vCPU device attributes on aarch64 only: hand-written.)
-pub(crate) fn tsc_offset(vcpu: &VcpuFd) -> Option<u64> {
-    let mut offset = 0u64;
-    let attr = kvm_bindings::kvm_device_attr {
-        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
-        attr: kvm_bindings::KVM_VCPU_TSC_OFFSET as u64,
-        addr: &mut offset as *mut u64 as u64,
-        flags: 0,
-    };
-    // SAFETY: `attr.addr` points at a u64 that outlives the call, the size
-    // KVM writes for this attribute.
-    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_GET_DEVICE_ATTR(), &attr) };
-    (rc == 0).then_some(offset)
-}
-
-fn set_tsc_offset(vcpu: &VcpuFd, id: u32, offset: u64) -> Result<()> {
-    let attr = kvm_bindings::kvm_device_attr {
-        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
-        attr: kvm_bindings::KVM_VCPU_TSC_OFFSET as u64,
-        addr: &offset as *const u64 as u64,
-        flags: 0,
-    };
-    // SAFETY: `attr.addr` points at a u64 that outlives the call; KVM only
-    // reads it.
-    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_SET_DEVICE_ATTR(), &attr) };
-    if rc != 0 {
-        return Err(Error::Kvm(format!(
-            "vCPU {id}: setting KVM_VCPU_TSC_OFFSET: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
 }
 
 /// How far vCPU 0's TSC now is from where it should be (its saved value
@@ -298,7 +242,7 @@ fn move_clocks_on(
         let moved = ofs
             .wrapping_add(advanced_cycles)
             .wrapping_add(src.host_tsc.wrapping_sub(clock.host_tsc));
-        set_tsc_offset(vcpu, id as u32, moved)?;
+        crate::clock::set_tsc_offset(vcpu, id as u32, moved)?;
     }
     Ok(advanced_ns)
 }
@@ -458,12 +402,13 @@ pub fn write(
     }
 }
 
-/// State frames are postcard (serde, binary). The kvm-bindings structures
-/// serialise as byte strings, which JSON spelled out as numbers: 14 KB for
-/// one vCPU, and 0.1-0.2 ms to parse on the destination inside the
-/// downtime here. The configuration frame stays JSON (read once, before).
+/// State frames are postcard (serde, binary), as devices' states are: the
+/// kvm-bindings structures serialise as byte strings, which JSON spelled
+/// out as numbers, several times larger and slower to parse inside the
+/// downtime (BENCHMARKS.md). The configuration frame stays JSON (read
+/// once, before).
 pub fn encode_state<T: serde::Serialize>(state: &T) -> Vec<u8> {
-    postcard::to_stdvec(state).expect("plain data always serialises")
+    devices::state::encode(state)
 }
 
 fn decode_state<T: serde::de::DeserializeOwned>(
@@ -497,7 +442,7 @@ pub struct RestoreSource {
     /// The guest's CPU features, from the stream's configuration.
     pub cpu_features: Vec<crate::cpuid::FeatureWord>,
     /// The ivshmem region the guest is attached to, from the configuration.
-    pub ivshmem: Option<IvshmemIdentity>,
+    pub ivshmem: Option<crate::shared_region::IvshmemIdentity>,
     /// A live migration: the guest's clocks advance by the real time that
     /// passed between reading its state and restoring it. A snapshot
     /// restores the clocks as they were: the guest continues exactly there.
@@ -590,7 +535,9 @@ fn apply_pages(f: &migration::Frame, mem: &GuestRam, name: &str) -> Result<()> {
 }
 
 /// Every frame is verified before it is used and the VM runs only if the
-/// whole stream was read, so a corrupt or cut stream never runs. Returns
+/// whole stream was read, so a corrupt or cut stream never runs; the
+/// devices' states are checked (`check_devices`) as soon as they are read.
+/// Returns
 /// the devices' states (for the devices to check and take) and when the
 /// stream's end was read (CLOCK_REALTIME ns).
 pub fn apply(
@@ -599,6 +546,7 @@ pub fn apply(
     mem: &GuestRam,
     vcpus: &[VcpuFd],
     tsc_khz: u64,
+    check_devices: &dyn Fn(&devices::DeviceStates) -> Result<()>,
 ) -> Result<(devices::DeviceStates, u128)> {
     let name = src.name.clone();
     let name = name.as_str();
@@ -663,7 +611,11 @@ pub fn apply(
                         if src.live {
                             crate::fault::at(crate::fault::Phase::StopAndCopy);
                         }
-                        devices = Some(decode_state::<MachineState>(&f.payload, name, "machine")?);
+                        let m = decode_state::<MachineState>(&f.payload, name, "machine")?;
+                        // every device checks its state as soon as it
+                        // comes (the devices take it once all is read)
+                        check_devices(&m.devices)?;
+                        devices = Some(m);
                     }
                     Kind::VcpuState => {
                         let s: VcpuState = decode_state(&f.payload, name, "vCPU")?;
@@ -681,7 +633,7 @@ pub fn apply(
                             && devices
                                 .as_ref()
                                 .is_some_and(|d| d.vm.clock.flags & CLOCK_PAIRS == CLOCK_PAIRS)
-                            && tsc_offset(vcpu).is_some();
+                            && crate::clock::tsc_offset(vcpu).is_some();
                         let gap = restore_vcpu(vcpu, &s, (live && !by_offset).then_some(tsc_khz))?;
                         clock_gap = clock_gap.max(gap);
                         if let (true, Some(ofs)) = (by_offset, s.tsc_offset) {

@@ -182,11 +182,31 @@ pub fn run_loop(
                 // complete it before the state can be saved: a state saved
                 // in the middle would repeat the access where it is
                 // restored (the KVM API documentation's advice: re-enter
-                // with immediate_exit set, which runs no guest code)
+                // with immediate_exit set, which runs no further guest
+                // instruction). The rest of an instruction may exit again
+                // (a split MMIO access, string I/O): each such exit is
+                // served, until KVM returns EINTR.
                 vcpu.set_kvm_immediate_exit(1);
-                let _ = vcpu.run();
+                let mut flow = Flow::Resume;
+                for _ in 0..64 {
+                    match vcpu.run() {
+                        Ok(exit) => {
+                            let t0 = Instant::now();
+                            let (reason, device, f) = handle_exit(io, exit);
+                            stats.record(reason, device, t0.elapsed().as_nanos() as u64);
+                            if f != Flow::Resume {
+                                flow = f;
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
                 vcpu.set_kvm_immediate_exit(0);
                 access_pending = false;
+                if flow != Flow::Resume {
+                    return VcpuEnd::Flow(flow);
+                }
             }
             on_pause(vcpu);
             continue;

@@ -20,6 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot::{self, BootEntry, BootProtocol, KernelImage};
+use crate::config::VmConfig;
+pub use crate::config::{DisableExits, RtSpec};
 use crate::cpuid::{self, CpuidOptions};
 use crate::device_manager::{DeviceManager, Devices};
 use crate::exits::{ExitReport, ExitStats};
@@ -30,50 +32,6 @@ use crate::snapshot::SnapshotConfig;
 use crate::vcpu::{self, Flow, IoContext, UnknownAccesses, VcpuEnd};
 use crate::vm_handle::{RunState, VcpuCmd, VmHandle};
 use crate::{acpi, Error, Result, Setting};
-
-/// Exits that can be disabled on dedicated cores (KVM_CAP_X86_DISABLE_EXITS).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct DisableExits {
-    pub hlt: bool,
-    pub pause: bool,
-    pub cstate: bool,
-    pub mwait: bool,
-}
-
-impl DisableExits {
-    fn flags(&self) -> u32 {
-        use kvm_bindings::*;
-        let mut f = 0;
-        if self.mwait {
-            f |= KVM_X86_DISABLE_EXITS_MWAIT;
-        }
-        if self.hlt {
-            f |= KVM_X86_DISABLE_EXITS_HLT;
-        }
-        if self.pause {
-            f |= KVM_X86_DISABLE_EXITS_PAUSE;
-        }
-        if self.cstate {
-            f |= KVM_X86_DISABLE_EXITS_CSTATE;
-        }
-        f
-    }
-}
-
-/// Real-time placement of the VM's threads.
-#[derive(Debug, Clone, Default)]
-pub struct RtSpec {
-    /// vCPU i runs on host CPU cpus[i].
-    pub cpus: Option<Vec<usize>>,
-    /// Where the VMM's own threads (main, console) run.
-    pub housekeeping_cpus: Option<Vec<usize>>,
-    /// SCHED_FIFO priority of the vCPU threads.
-    pub priority: Option<i32>,
-    pub disable_exits: DisableExits,
-    pub halt_poll_ns: Option<u64>,
-    /// Report a setting that cannot be applied instead of failing.
-    pub best_effort: bool,
-}
 
 /// Where the guest console goes.
 #[derive(Debug, Clone)]
@@ -110,6 +68,8 @@ pub struct VmSpec {
     pub dirty_ring: Option<u32>,
     /// An ivshmem device (plain mode) over this shared region.
     pub ivshmem: Option<crate::shared_region::IvshmemSpec>,
+    /// The DMA probe debug device.
+    pub dma_probe: bool,
     /// Serve the control socket (pause, resume, snapshot, status) here.
     pub control_socket: Option<PathBuf>,
     /// Restore this stream (snapshot or migration) instead of booting.
@@ -148,12 +108,143 @@ impl VmSpec {
             irq_bench: None,
             dirty_ring: None,
             ivshmem: None,
+            dma_probe: false,
             control_socket: None,
             restore_from: None,
             on_start: None,
             on_prepared: None,
         }
     }
+}
+
+impl VmSpec {
+    /// What a snapshot or a migration stream carries of this VM: what the
+    /// guest is (kernel, command line as it was booted, memory, vCPUs). The
+    /// destination's own settings (console, placement, control socket)
+    /// stay its own.
+    pub fn stream_config(&self, cmdline: &str) -> VmConfig {
+        let (guest, kernel) = match self.kernel_name.strip_prefix("bundled:") {
+            Some(g) => (Some(g.to_string()), None),
+            None => (None, Some(PathBuf::from(&self.kernel_name))),
+        };
+        VmConfig {
+            guest,
+            kernel,
+            dma_probe: self.dma_probe.then_some(true),
+            cmdline: Some(cmdline.to_string()),
+            memory: Some(crate::config::Size::of_bytes(self.memory.size)),
+            vcpus: Some(self.vcpus),
+            ..Default::default()
+        }
+    }
+
+    /// The VM spec for a boot: the kernel read (a bundled guest's image
+    /// from `bundled`), every value checked. `json`: the console goes to
+    /// stderr unless a serial file is given (stdout carries the report).
+    pub fn from_config(
+        config: &VmConfig,
+        bundled: &dyn Fn(&str) -> Option<&'static [u8]>,
+        json: bool,
+    ) -> Result<VmSpec> {
+        if config.kernel.is_some() && config.guest.is_some() {
+            return Err(Error::Config(
+                "config: give either a kernel or a bundled guest, not both".into(),
+            ));
+        }
+        // a bundled guest unless a kernel is given
+        let guest = match &config.kernel {
+            Some(_) => None,
+            None => Some(
+                config
+                    .guest
+                    .as_deref()
+                    .unwrap_or(crate::config::DEFAULT_GUEST),
+            ),
+        };
+        let name = match (guest, &config.kernel) {
+            (Some(g), _) => format!("bundled:{g}"),
+            (None, path) => path
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+                .to_string(),
+        };
+        // every setting checked before a (large) kernel is read
+        let default_memory = if guest.is_some() { 32 << 20 } else { 256 << 20 };
+        let mut spec = VmSpec::from_config_common(config, name, Vec::new(), default_memory, json)?;
+        spec.kernel = match (guest, &config.kernel) {
+            (Some(g), _) => bundled(g)
+                .ok_or_else(|| {
+                    Error::Config(format!("no bundled guest {g:?} (see `nfvisor guests`)"))
+                })?
+                .to_vec(),
+            (None, Some(path)) => read_file("kernel", path)?,
+            (None, None) => Vec::new(),
+        };
+        spec.initrd = match &config.initrd {
+            Some(p) => Some((p.display().to_string(), read_file("initrd", p)?)),
+            None => None,
+        };
+        spec.append_tsc_khz = guest.is_some();
+        Ok(spec)
+    }
+
+    /// The VM spec for a restore: the guest comes from the stream, so no
+    /// kernel is read; the rest as for a boot.
+    pub fn from_stream_config(config: &VmConfig, json: bool) -> Result<VmSpec> {
+        let name = match (&config.guest, &config.kernel) {
+            (Some(g), _) => format!("bundled:{g}"),
+            (None, Some(k)) => k.display().to_string(),
+            (None, None) => "restored".into(),
+        };
+        let memory = config
+            .memory
+            .as_ref()
+            .ok_or_else(|| {
+                Error::Config("the stream does not say how much memory the guest has".into())
+            })?
+            .bytes()?;
+        VmSpec::from_config_common(config, name, Vec::new(), memory, json)
+    }
+
+    fn from_config_common(
+        config: &VmConfig,
+        kernel_name: String,
+        kernel: Vec<u8>,
+        default_memory: u64,
+        json: bool,
+    ) -> Result<VmSpec> {
+        let size = match &config.memory {
+            Some(m) => m.bytes()?,
+            None => default_memory,
+        };
+        let (rt, memory) = config.rt.resolve()?;
+        let mut spec = VmSpec::new(kernel_name, kernel, MemoryOptions { size, ..memory });
+        spec.cmdline = config.cmdline.clone().unwrap_or_default();
+        spec.vcpus = config.vcpus.unwrap_or(1);
+        spec.rt = rt;
+        spec.console = match &config.serial {
+            Some(p) => ConsoleSink::File(p.clone()),
+            None if json => ConsoleSink::Stderr,
+            None => ConsoleSink::Stdout,
+        };
+        spec.control_socket = config.control_socket.clone();
+        spec.ivshmem = config
+            .ivshmem
+            .as_deref()
+            .map(crate::config::parse_ivshmem)
+            .transpose()?;
+        spec.dirty_ring = config.dirty_ring_bytes();
+        spec.dma_probe = config.dma_probe.unwrap_or(false);
+        Ok(spec)
+    }
+}
+
+fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Kernel {
+        path: path.display().to_string(),
+        why: format!("cannot read this {what}: {e}"),
+    })
 }
 
 /// Why the VM ended.
@@ -323,7 +414,9 @@ fn apply_restore(
     tsc_khz: u32,
     devices: &Devices,
 ) -> Result<Restored> {
-    let (states, stream_end_ns) = crate::snapshot::apply(src, vm, mem, vcpus, tsc_khz as u64)?;
+    let check = |s: &devices::DeviceStates| devices.check(s).map_err(Error::from);
+    let (states, stream_end_ns) =
+        crate::snapshot::apply(src, vm, mem, vcpus, tsc_khz as u64, &check)?;
     devices.restore(&states)?;
     Ok(Restored {
         stream_end_ns,
@@ -336,7 +429,7 @@ fn apply_restore(
 /// ivshmem only where there is none.
 fn check_same_region(
     source: &str,
-    wanted: Option<&crate::snapshot::IvshmemIdentity>,
+    wanted: Option<&crate::shared_region::IvshmemIdentity>,
     here: Option<&Arc<crate::shared_region::SharedRegion>>,
 ) -> Result<()> {
     let here = here.map(|r| r.identity());
@@ -515,12 +608,14 @@ impl Vm {
             4,
             Arc::new(DebugExit::new(guest_exit.clone())),
         )?;
-        dm.attach_port_device(
-            "dma-probe",
-            DMA_PROBE_PORT,
-            devices::dma_probe::PORT_LEN,
-            Arc::new(devices::dma_probe::DmaProbe::new(mem.clone())),
-        )?;
+        if spec.dma_probe {
+            dm.attach_port_device(
+                "dma-probe",
+                DMA_PROBE_PORT,
+                devices::dma_probe::PORT_LEN,
+                Arc::new(devices::dma_probe::DmaProbe::new(mem.clone())),
+            )?;
+        }
         dm.attach_port(BENCH_PORT, 4, Arc::new(Sink::new("bench-port")))?;
         let latency_port = spec
             .latency_port
@@ -809,7 +904,7 @@ impl Vm {
             mem: mem.clone(),
             devices: devices.clone(),
             config: SnapshotConfig {
-                vm: crate::config::VmConfig::for_stream(&spec, &cmdline),
+                vm: spec.stream_config(&cmdline),
                 tsc_khz,
                 cpu_features: guest_features.clone(),
                 ivshmem: ivshmem.as_ref().map(|d| d.region.identity()),
