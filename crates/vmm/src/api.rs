@@ -153,7 +153,7 @@ impl MigrateRequest {
         };
         let seconds = |v: f64, what: &str| {
             Duration::try_from_secs_f64(v)
-                .map_err(|_| Error::Config(format!("migrate: {what} {v} is out of range")))
+                .map_err(|_| Error::Config(format!("migrate: {what} {v:e} is out of range")))
         };
         Ok(MigrateOptions {
             token,

@@ -284,7 +284,7 @@ fn dirty_bitmaps(h: &VmHandle) -> Result<Vec<Vec<u64>>> {
 /// Adds the pages dirtied since the last harvest to `maps` (one bitmap per
 /// slot). The stop-and-copy adds them to the bitmaps it already holds: a
 /// fresh 256 KiB bitmap (8 GiB guest) is fresh memory, and its page
-/// faults cost ~0.2 ms inside the downtime on a nested host.
+/// faults cost time inside the downtime (BENCHMARKS.md).
 fn add_dirty(h: &VmHandle, maps: &mut [Vec<u64>]) -> Result<()> {
     // the pages the VMM wrote itself (devices): KVM logs only the guest's
     for (r, map) in h.mem.iter().zip(maps.iter_mut()) {
@@ -422,7 +422,7 @@ pub fn migrate(
         // each round ends delivered, not buffered: the bandwidth is then
         // what reached the destination, and when the guest is paused no
         // earlier round is still in flight to hold the stop-and-copy up
-        // (unflushed, a few MiB of backlog cost ~2.5 ms of downtime here)
+        // (unflushed, a few MiB of backlog added to the downtime: BENCHMARKS.md)
         flush_all(&mut ws)?;
         report.rounds = 1;
         report.round_ms.push(r0.elapsed().as_secs_f64() * 1000.0);
@@ -653,7 +653,7 @@ fn stop_and_copy<W: Write + Send>(
     h.pause()?;
     report.downtime_phases.paused_ms = ms_since(paused_at);
     // each vCPU thread reads its own state while this one sends the last
-    // pages (on a nested host each ioctl is slow: ~0.4 ms for one vCPU)
+    // pages (on a nested host each ioctl is slow)
     let saving = h.request_vcpu_saves()?;
     // what was dirty when pre-copy stopped (read, so cleared in KVM, but not
     // yet sent) and what was dirtied since

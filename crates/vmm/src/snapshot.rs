@@ -250,8 +250,9 @@ fn move_clocks_on(
 /// Restores a vCPU in the order KVM needs: MP state, registers, FPU/XSAVE,
 /// then the LAPIC, then the MSRs (TSC first, TSC deadline last), then events.
 /// With `live` (the TSC's kHz), the guest's TSC moves on by the real time
-/// since the state was read, in the same KVM_SET_MSRS (an ioctl costs
-/// ~15 us on a nested host, inside the downtime); returns that time in ns.
+/// since the state was read, in the same KVM_SET_MSRS (an ioctl is slow
+/// on a nested host, and this is inside the downtime); returns that time
+/// in ns.
 pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState, live: Option<u64>) -> Result<u64> {
     vcpu.set_mp_state(s.mp_state)
         .map_err(kvm("KVM_SET_MP_STATE"))?;

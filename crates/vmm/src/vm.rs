@@ -728,7 +728,8 @@ impl Vm {
             None => None,
         };
 
-        // The MSRs a save reads, probed with an ioctl per MSR (0.7 ms here):
+        // The MSRs a save reads, probed with an ioctl per MSR (slow on a nested
+        // host, BENCHMARKS.md):
         // before the guest runs when it can be saved or migrated (it has a
         // control socket), so the probe never lands in a migration's
         // downtime; otherwise on the first save, keeping start-up short.
@@ -1148,6 +1149,13 @@ impl Vm {
         if let Some(t) = doorbell_watch {
             let _ = t.join();
         }
+        // (a control connection still open may try to kick the vCPUs: its
+        // list goes before any thread can be joined)
+        handle
+            .pthreads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         let pthreads: Vec<_> = handles.iter().map(|h| h.as_pthread_t()).collect();
         while handles.iter().any(|h| !h.is_finished()) {
             for (h, &pt) in handles.iter().zip(&pthreads) {

@@ -87,9 +87,9 @@ impl VmHandle {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            // SAFETY: the vCPU threads are joined only after the control
-            // socket and every caller of this have stopped; SIGRTMIN has a
-            // no-op handler and only makes KVM_RUN return.
+            // SAFETY: the VM empties this list (under this lock) before it
+            // joins the vCPU threads, so every thread named here is alive;
+            // SIGRTMIN has a no-op handler and only makes KVM_RUN return.
             unsafe { libc::pthread_kill(pt, SIGRTMIN()) };
         }
     }
