@@ -758,59 +758,17 @@ fn the_migration_benchmark_measures_nfvisor_and_qemu_with_the_stall() {
     assert!(d["qemu_over_nfvisor"]["total"].as_f64().unwrap() > 0.0);
 }
 
-/// Pages the guest zeroes after they were sent (the dirtier's even passes
-/// zero every other page) arrive as zero: a stale copy would fail the
-/// guest's read-back on the destination, and the digest would differ.
-#[test]
-fn a_page_zeroed_after_it_was_sent_arrives_as_zero() {
-    const ZEROING: &[&str] = &[
-        "--guest",
-        "dirtier",
-        "--memory",
-        "32M",
-        "--cmdline",
-        "mb=4 passes=60 zero_every=2",
-    ];
-    let plain = nfvisor(&[&["run"], ZEROING].concat(), T);
+/// Runs `guest` (run flags) once unmigrated, then migrates a running copy
+/// of it (after 300 ms) over a unix socket: the migrated guest must end
+/// well (no CORRUPT) with the unmigrated run's digest.
+fn migrates_with_the_plain_digest(name: &str, guest: &[&str]) {
+    let plain = nfvisor(&[&["run"], guest].concat(), T);
     assert_eq!(plain.code, 0, "{}", plain.stderr);
-    let dir = scratch("mig-zeroed");
+    let dir = scratch(name);
     let ep = format!("unix:{}", dir.join("in.sock").display());
     let mut dst = Running::start(&["receive", "--listen", &ep]);
     dst.wait_for("waiting for a migration");
-    let (src, sock) = source_running(&dir, ZEROING);
-    std::thread::sleep(Duration::from_millis(300));
-    let r = migrate(sock.to_str().unwrap(), &ep, &["--json"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let m = &json(&r)["migration"];
-    assert!(m["rounds"].as_u64().unwrap() >= 2, "{m}");
-    let d = dst.finish(T);
-    assert_eq!(d.code, 0, "{}", d.stderr);
-    assert_eq!(digest(&d.stdout), digest(&plain.stdout));
-    drop(src);
-}
-
-/// Pages that only the VMM writes (the DMA probe, on the guest's request,
-/// as a device's DMA would) are not in KVM's dirty log: migration merges
-/// the VMM's own dirty bitmap into every round, or the destination would
-/// read stale values there and the guest would report CORRUPT.
-#[test]
-fn pages_only_the_vmm_writes_reach_the_destination() {
-    const DMA: &[&str] = &[
-        "--dma-probe",
-        "--guest",
-        "dirtier",
-        "--memory",
-        "32M",
-        "--cmdline",
-        "mb=1 dma_mb=1 passes=200",
-    ];
-    let plain = nfvisor(&[&["run"], DMA].concat(), T);
-    assert_eq!(plain.code, 0, "{}", plain.stderr);
-    let dir = scratch("mig-vmm-writes");
-    let ep = format!("unix:{}", dir.join("in.sock").display());
-    let mut dst = Running::start(&["receive", "--listen", &ep]);
-    dst.wait_for("waiting for a migration");
-    let (src, sock) = source_running(&dir, DMA);
+    let (src, sock) = source_running(&dir, guest);
     std::thread::sleep(Duration::from_millis(300));
     let r = migrate(sock.to_str().unwrap(), &ep, &["--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -821,6 +779,44 @@ fn pages_only_the_vmm_writes_reach_the_destination() {
     assert_eq!(d.code, 0, "{}\n{}", d.stdout, d.stderr);
     assert_eq!(digest(&d.stdout), digest(&plain.stdout));
     drop(src);
+}
+
+/// Pages the guest zeroes after they were sent (the dirtier's even passes
+/// zero every other page) arrive as zero: a stale copy would fail the
+/// guest's read-back on the destination, and the digest would differ.
+#[test]
+fn a_page_zeroed_after_it_was_sent_arrives_as_zero() {
+    migrates_with_the_plain_digest(
+        "mig-zeroed",
+        &[
+            "--guest",
+            "dirtier",
+            "--memory",
+            "32M",
+            "--cmdline",
+            "mb=4 passes=60 zero_every=2",
+        ],
+    );
+}
+
+/// Pages that only the VMM writes (the DMA probe, on the guest's request,
+/// as a device's DMA would) are not in KVM's dirty log: migration merges
+/// the VMM's own dirty bitmap into every round, or the destination would
+/// read stale values there and the guest would report CORRUPT.
+#[test]
+fn pages_only_the_vmm_writes_reach_the_destination() {
+    migrates_with_the_plain_digest(
+        "mig-vmm-writes",
+        &[
+            "--dma-probe",
+            "--guest",
+            "dirtier",
+            "--memory",
+            "32M",
+            "--cmdline",
+            "mb=1 dma_mb=1 passes=200",
+        ],
+    );
 }
 
 /// A received guest migrates on: the middle host chose the dirty bitmap on

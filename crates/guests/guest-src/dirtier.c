@@ -30,6 +30,28 @@ static u32 dma_value(u64 pass, u64 page) { return (u32)(value_of(pass, page ^ 0x
 
 static u64 zero_every;
 
+/* DIRTIER CORRUPT[what] page=.. pass=.. expected=.. found=.., status 3 */
+static void __attribute__((noreturn)) corrupt(const char *what, u64 page, u64 pass, u64 want, u64 got) {
+    puts("DIRTIER CORRUPT");
+    puts(what);
+    put_kv("page", page);
+    put_kv("pass", pass);
+    puts(" expected=");
+    put_hex(want);
+    puts(" found=");
+    put_hex(got);
+    putc('\n');
+    guest_exit(STATUS_CORRUPT);
+}
+
+/* every page of the DMA set holds what the probe wrote in `pass` */
+static void check_dma(u64 base, u64 pages, u64 pass) {
+    for (u64 p = 0; p < pages; p++) {
+        u32 want = dma_value(pass, p), got = *(volatile u32 *)(base + p * PAGE);
+        if (got != want) corrupt(" dma", p, pass, want, got);
+    }
+}
+
 static u64 expected(u64 pass, u64 page) {
     if (zero_every && pass % 2 == 0 && page % zero_every == 0) return 0;
     return value_of(pass, page);
@@ -74,52 +96,16 @@ int guest_main(void) {
         /* what the probe wrote last pass must still be there: a page lost
          * in an earlier round of a migration shows here, before this pass
          * overwrites it */
-        for (u64 p = 0; pass > 1 && p < dma_pages; p++) {
-            u32 want = dma_value(pass - 1, p), got = *(volatile u32 *)(dma_base + p * PAGE);
-            if (got != want) {
-                puts("DIRTIER CORRUPT dma");
-                put_kv("page", p);
-                put_kv("pass", pass - 1);
-                puts(" expected=");
-                put_hex(want);
-                puts(" found=");
-                put_hex(got);
-                putc('\n');
-                guest_exit(STATUS_CORRUPT);
-            }
-        }
+        if (pass > 1) check_dma(dma_base, dma_pages, pass - 1);
         for (u64 p = 0; p < dma_pages; p++) {
             outl(DMA_PORT, (u32)(dma_base + p * PAGE));
             outl(DMA_PORT + 4, dma_value(pass, p));
         }
+        check_dma(dma_base, dma_pages, pass);
         digest = 0;
-        for (u64 p = 0; p < dma_pages; p++) {
-            u32 want = dma_value(pass, p), got = *(volatile u32 *)(dma_base + p * PAGE);
-            if (got != want) {
-                puts("DIRTIER CORRUPT dma");
-                put_kv("page", p);
-                put_kv("pass", pass);
-                puts(" expected=");
-                put_hex(want);
-                puts(" found=");
-                put_hex(got);
-                putc('\n');
-                guest_exit(STATUS_CORRUPT);
-            }
-        }
         for (u64 p = 0; p < pages; p++) {
             u64 want = expected(pass, p), got = *(volatile u64 *)(BASE + p * PAGE);
-            if (got != want) {
-                puts("DIRTIER CORRUPT");
-                put_kv("page", p);
-                put_kv("pass", pass);
-                puts(" expected=");
-                put_hex(want);
-                puts(" found=");
-                put_hex(got);
-                putc('\n');
-                guest_exit(STATUS_CORRUPT);
-            }
+            if (got != want) corrupt("", p, pass, want, got);
             digest = (digest ^ got) * 0x100000001b3UL;
         }
         last = rdtsc();

@@ -41,6 +41,9 @@ pub use vm::{RunReport, StopReason, Vm, VmSpec};
 pub enum Error {
     #[error("{0}")]
     Config(String),
+    /// Not now: something in flight (a migration) forbids it; retry later.
+    #[error("{0}")]
+    Busy(String),
     #[error("KVM: {0}")]
     Kvm(String),
     #[error("guest memory: {0}")]

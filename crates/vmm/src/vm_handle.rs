@@ -129,7 +129,7 @@ impl VmHandle {
     /// Refuses what must not run beside a migration in flight.
     pub(crate) fn refuse_while_migrating(&self, what: &str) -> Result<()> {
         match &*self.migration.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((to, _)) => Err(Error::Config(format!(
+            Some((to, _)) => Err(Error::Busy(format!(
                 "{what}: a migration to {to} is in flight; wait for its outcome"
             ))),
             None => Ok(()),
@@ -140,7 +140,7 @@ impl VmHandle {
     pub(crate) fn begin_migration(&self, to: &str) -> Result<()> {
         let mut m = self.migration.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((other, _)) = &*m {
-            return Err(Error::Config(format!(
+            return Err(Error::Busy(format!(
                 "migrate: a migration to {other} is in flight; wait for its outcome"
             )));
         }
