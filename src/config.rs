@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// (an ivshmem PCI device, plain mode).
     #[arg(long, value_name = "SPEC")]
     pub ivshmem: Option<String>,
+    /// A NIC (virtio-net on PCI): tap=NAME[,mac=52:54:00:..][,mtu=N], or
+    /// fd=N for a TAP a parent process opened. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<String>,
     /// Add the DMA probe debug device (port 0x9e8: the VMM writes guest
     /// memory where the guest asks; the dirtier's dma_mb=N uses it).
     #[arg(long)]
@@ -174,6 +178,7 @@ impl RunArgs {
             control_socket: self.control_socket.clone(),
             ivshmem: self.ivshmem.clone(),
             dma_probe: given(self.dma_probe),
+            net: (!self.net.is_empty()).then(|| self.net.clone()),
             rt: self.rt.to_config(),
             ..self.dirty.to_config()
         }

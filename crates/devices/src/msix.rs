@@ -78,6 +78,11 @@ impl Msix {
         self.lock().table.len() as u16
     }
 
+    /// Whether the guest has turned MSI-X on.
+    pub fn enabled(&self) -> bool {
+        self.lock().enabled
+    }
+
     /// The capability's registers after the ID byte's dword, for
     /// `ConfigSpace::add_capability`: (body, writable bits). Only the enable
     /// and function-mask bits of Message Control are writable.

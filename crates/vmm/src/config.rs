@@ -117,6 +117,8 @@ pub struct VmConfig {
     /// The DMA probe debug device (devices::dma_probe): the VMM writes
     /// guest memory where the guest asks.
     pub dma_probe: Option<bool>,
+    /// NICs: `tap=NAME[,mac=..][,mtu=N]` or `fd=N[,...]`, one each.
+    pub net: Option<Vec<String>>,
     pub rt: RtConfig,
 }
 
@@ -151,7 +153,8 @@ impl VmConfig {
             ivshmem,
             dirty_ring,
             dirty_bitmap,
-            dma_probe
+            dma_probe,
+            net
         );
         over!(
             self.rt,

@@ -130,6 +130,31 @@ pub struct OwnVectors {
 }
 
 impl OwnVectors {
+    /// `evts` as irqfds on GSIs `first_gsi` + vector, each on the legacy
+    /// pin `legacy_pin` + vector to start with (MSI-X starts off). Any
+    /// MSI-X device's vectors are wired so (ivshmem's come from its server,
+    /// a virtio device's are its own).
+    pub fn new(
+        vm: &Arc<VmFd>,
+        routes: Arc<GsiRoutes>,
+        first_gsi: u32,
+        evts: Vec<EventFd>,
+        legacy_pin: u32,
+    ) -> Result<Arc<OwnVectors>> {
+        let own = Arc::new(OwnVectors {
+            vm: vm.clone(),
+            first_gsi,
+            routes,
+            attached: Mutex::new(vec![false; evts.len()]),
+            evts,
+            legacy_pin,
+        });
+        for v in 0..own.count() {
+            own.apply(v as u16, VectorRoute::Intx)?;
+        }
+        Ok(own)
+    }
+
     pub fn count(&self) -> usize {
         self.evts.len()
     }
@@ -207,17 +232,13 @@ impl Doorbells {
         bar0: u64,
         first_gsi: u32,
     ) -> Result<Wired> {
-        let own = Arc::new(OwnVectors {
-            vm: vm.clone(),
-            first_gsi,
+        let own = OwnVectors::new(
+            vm,
             routes,
-            attached: Mutex::new(vec![false; joined.own.len()]),
-            evts: joined.own.into_iter().map(eventfd).collect(),
-            legacy_pin: pin,
-        });
-        for v in 0..own.count() {
-            own.apply(v as u16, VectorRoute::Intx)?;
-        }
+            first_gsi,
+            joined.own.into_iter().map(eventfd).collect(),
+            pin,
+        )?;
         let peers = Arc::new(PeerBells {
             vm: vm.clone(),
             state: Mutex::new((Some(bar0), Vec::new())),

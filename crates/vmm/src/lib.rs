@@ -27,6 +27,7 @@ pub mod receive;
 pub mod shared_region;
 pub mod snapshot;
 pub mod vcpu;
+pub mod virtio_net;
 pub mod vm;
 pub mod vm_handle;
 pub mod zero_page;

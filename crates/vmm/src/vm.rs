@@ -70,6 +70,8 @@ pub struct VmSpec {
     pub ivshmem: Option<crate::shared_region::IvshmemSpec>,
     /// The DMA probe debug device.
     pub dma_probe: bool,
+    /// virtio-net NICs.
+    pub net: Vec<crate::virtio_net::NetSpec>,
     /// Serve the control socket (pause, resume, snapshot, status) here.
     pub control_socket: Option<PathBuf>,
     /// Restore this stream (snapshot or migration) instead of booting.
@@ -109,6 +111,7 @@ impl VmSpec {
             dirty_ring: None,
             ivshmem: None,
             dma_probe: false,
+            net: Vec::new(),
             control_socket: None,
             restore_from: None,
             on_start: None,
@@ -236,6 +239,12 @@ impl VmSpec {
             .transpose()?;
         spec.dirty_ring = config.dirty_ring_bytes();
         spec.dma_probe = config.dma_probe.unwrap_or(false);
+        spec.net = config
+            .net
+            .iter()
+            .flatten()
+            .map(|n| crate::virtio_net::parse_net(n))
+            .collect::<Result<_>>()?;
         Ok(spec)
     }
 }
@@ -635,6 +644,17 @@ impl Vm {
             )?),
             None => None,
         };
+        let mut nics = Vec::new();
+        for (i, n) in spec.net.iter().enumerate() {
+            nics.push(crate::virtio_net::attach(
+                &mut dm,
+                &vm,
+                gsi_routes.clone(),
+                &mem,
+                n,
+                i,
+            )?);
+        }
         let (pio, mmio, devices) = dm.finish()?;
         let io = Arc::new(IoContext {
             pio,
@@ -643,6 +663,9 @@ impl Vm {
             unknown: UnknownAccesses::default(),
             dirty_rings: Default::default(),
         });
+        for n in &nics {
+            n.bars.set_io(Arc::downgrade(&io));
+        }
         let (doorbells, ivshmem) = match ivshmem {
             Some(a) => {
                 let _ = a.bars.io.set(Arc::downgrade(&io));

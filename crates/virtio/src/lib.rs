@@ -1,0 +1,76 @@
+//! virtio devices: the modern virtio-pci transport (virtio 1.2, section
+//! 4.1) and the devices behind it, written so every virtio device shares
+//! them. A [`VirtioDevice`] knows no transport: it offers features, queue
+//! sizes and a configuration space, and is activated with its queues, the
+//! guest memory and an [`Interrupt`] that hides MSI-X. No KVM inside: the
+//! VMM wires the notifications (ioeventfds) and interrupts (irqfds).
+
+pub mod net;
+pub mod pci;
+pub mod tap;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bits every device here may offer.
+pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub const F_RING_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Device status bits (section 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const NEEDS_RESET: u8 = 64;
+    pub const FAILED: u8 = 128;
+}
+
+/// What a device raises.
+pub trait Interrupt: Send + Sync {
+    /// The driver should look at queue `index`'s used ring.
+    fn queue(&self, index: u16);
+    /// The device's configuration changed (or it needs a reset).
+    fn config(&self);
+}
+
+/// A queue as a device takes it on activation: the queue (its addresses
+/// validated by the transport) and the eventfd the guest's notifications
+/// arrive on.
+pub struct ActiveQueue {
+    pub queue: Queue,
+    pub kick: EventFd,
+}
+
+/// A virtio device, whatever its transport.
+pub trait VirtioDevice<M>: Send {
+    /// The virtio device ID (1: network card).
+    fn device_type(&self) -> u16;
+    /// The features offered.
+    fn features(&self) -> u64;
+    /// Each queue's largest size.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes it (most devices' is read-only: ignored).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
+    /// Starts the device with the features the driver accepted.
+    fn activate(
+        &mut self,
+        mem: M,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        acked_features: u64,
+    ) -> Result<(), String>;
+    /// Stops the device; returns its queues' kick eventfds once nothing
+    /// will touch the old rings any more.
+    fn reset(&mut self) -> Vec<EventFd>;
+    /// What the device counts.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}

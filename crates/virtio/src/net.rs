@@ -1,0 +1,479 @@
+//! virtio-net on a TAP: one receive and one transmit queue, served by a
+//! worker thread that waits (epoll) on the TAP and the two queues' kick
+//! eventfds, so a vCPU never waits on the network. MAC, MTU and STATUS.
+//!
+//! Receive: a frame read from the TAP goes into the next posted chain
+//! (header first, num_buffers = 1); a frame larger than the chain is
+//! dropped and counted, never truncated, and the chain stays for the next;
+//! with no chain posted the worker stops reading the TAP until the driver
+//! posts one. Transmit: a chain shorter than the header, larger than
+//! 64 KiB + header or holding device-writable descriptors is dropped and
+//! counted; a TAP write error is counted and the queue goes on.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemory};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::tap::{Tap, VNET_HDR_LEN};
+use crate::{ActiveQueue, Interrupt, VirtioDevice};
+
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+/// The largest frame either way: 64 KiB of frame after the header.
+const MAX_FRAME: usize = VNET_HDR_LEN + 65536;
+
+/// Per-device counters.
+#[derive(Default)]
+pub struct NetCounters {
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub rx_dropped_too_big: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub tx_dropped_bad_chain: AtomicU64,
+    pub tx_write_errors: AtomicU64,
+    pub notifications: AtomicU64,
+    pub notifications_suppressed: AtomicU64,
+    pub bad_queue: AtomicU64,
+}
+
+/// How a NIC is set up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConfig {
+    pub mac: [u8; 6],
+    pub mtu: Option<u16>,
+}
+
+pub struct Net<M> {
+    tap: Arc<Tap>,
+    config: NetConfig,
+    pub counters: Arc<NetCounters>,
+    link_up: Arc<AtomicBool>,
+    worker: Option<(EventFd, JoinHandle<Vec<EventFd>>)>,
+    _mem: std::marker::PhantomData<M>,
+}
+
+impl<M> Net<M> {
+    pub fn new(tap: Tap, config: NetConfig) -> Self {
+        Net {
+            tap: Arc::new(tap),
+            config,
+            counters: Arc::default(),
+            link_up: Arc::new(AtomicBool::new(true)),
+            worker: None,
+            _mem: std::marker::PhantomData,
+        }
+    }
+
+    pub fn tap_name(&self) -> &str {
+        &self.tap.name
+    }
+}
+
+/// Parses "52:54:00:12:34:56".
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("MAC {s:?}: six hex bytes separated by ':'"));
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| format!("MAC {s:?}: {p:?} is not a hex byte"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "MAC {s:?}: a multicast address (its first byte is odd)"
+        ));
+    }
+    Ok(mac)
+}
+
+impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> {
+    fn device_type(&self) -> u16 {
+        1
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = crate::F_VERSION_1
+            | crate::F_RING_EVENT_IDX
+            | 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_STATUS;
+        if self.config.mtu.is_some() {
+            f |= 1 << VIRTIO_NET_F_MTU;
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    /// mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut space = [0u8; 12];
+        space[..6].copy_from_slice(&self.config.mac);
+        let status = if self.link_up.load(Ordering::Acquire) {
+            VIRTIO_NET_S_LINK_UP as u16
+        } else {
+            0
+        };
+        space[6..8].copy_from_slice(&status.to_le_bytes());
+        space[8..10].copy_from_slice(&1u16.to_le_bytes());
+        space[10..12].copy_from_slice(&self.config.mtu.unwrap_or(1500).to_le_bytes());
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = space.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: M,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        _acked: u64,
+    ) -> Result<(), String> {
+        if queues.len() != 2 {
+            return Err(format!(
+                "virtio-net needs its receive and transmit queues enabled ({} enabled)",
+                queues.len()
+            ));
+        }
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let worker = Worker {
+            mem,
+            tap: self.tap.clone(),
+            interrupt,
+            counters: self.counters.clone(),
+            queues: queues.into_iter().map(|q| (q.queue, q.kick)).collect(),
+            stop: stop.try_clone().map_err(|e| e.to_string())?,
+            pending: None,
+            rx_blocked: false,
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("net-{}", self.tap.name))
+            .spawn(move || worker.run())
+            .map_err(|e| format!("spawning the worker: {e}"))?;
+        self.worker = Some((stop, handle));
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Vec<EventFd> {
+        match self.worker.take() {
+            Some((stop, handle)) => {
+                let _ = stop.write(1);
+                handle.join().unwrap_or_default()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("rx_frames", l(&c.rx_frames)),
+            ("rx_bytes", l(&c.rx_bytes)),
+            ("rx_dropped_too_big", l(&c.rx_dropped_too_big)),
+            ("tx_frames", l(&c.tx_frames)),
+            ("tx_bytes", l(&c.tx_bytes)),
+            ("tx_dropped_bad_chain", l(&c.tx_dropped_bad_chain)),
+            ("tx_write_errors", l(&c.tx_write_errors)),
+            ("notifications", l(&c.notifications)),
+            ("notifications_suppressed", l(&c.notifications_suppressed)),
+            ("bad_queue", l(&c.bad_queue)),
+        ]
+    }
+}
+
+struct Worker<M> {
+    mem: M,
+    tap: Arc<Tap>,
+    interrupt: Arc<dyn Interrupt>,
+    counters: Arc<NetCounters>,
+    queues: Vec<(Queue, EventFd)>,
+    stop: EventFd,
+    /// A frame read from the TAP that found no posted chain yet.
+    pending: Option<Vec<u8>>,
+    /// No chain posted: the TAP is not read until the driver posts one.
+    rx_blocked: bool,
+}
+
+const EV_TAP: u64 = 0;
+const EV_RX: u64 = 1;
+const EV_TX: u64 = 2;
+const EV_STOP: u64 = 3;
+
+impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
+    fn run(mut self) -> Vec<EventFd> {
+        let epoll = match Epoll::new() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("net {}: epoll: {e}; the device stops", self.tap.name);
+                return self.into_kicks();
+            }
+        };
+        let add = |fd: i32, data: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, data),
+            )
+        };
+        let ok = add(self.tap.as_raw_fd(), EV_TAP).is_ok()
+            && add(self.queues[RX].1.as_raw_fd(), EV_RX).is_ok()
+            && add(self.queues[TX].1.as_raw_fd(), EV_TX).is_ok()
+            && add(self.stop.as_raw_fd(), EV_STOP).is_ok();
+        if !ok {
+            tracing::error!("net {}: epoll registration failed", self.tap.name);
+            return self.into_kicks();
+        }
+        let mut tap_watched = true;
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("net {}: epoll_wait: {e}", self.tap.name);
+                    return self.into_kicks();
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    EV_STOP => return self.into_kicks(),
+                    EV_TX => {
+                        let _ = self.queues[TX].1.read();
+                        self.transmit();
+                    }
+                    EV_RX => {
+                        let _ = self.queues[RX].1.read();
+                        self.rx_blocked = false;
+                        self.receive();
+                    }
+                    EV_TAP => self.receive(),
+                    _ => {}
+                }
+            }
+            // stop listening to the TAP while nothing can be received
+            // (level-triggered: it would wake this thread in a loop)
+            if self.rx_blocked == tap_watched {
+                let op = if self.rx_blocked {
+                    ControlOperation::Delete
+                } else {
+                    ControlOperation::Add
+                };
+                let _ = epoll.ctl(
+                    op,
+                    self.tap.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, EV_TAP),
+                );
+                tap_watched = !self.rx_blocked;
+            }
+        }
+    }
+
+    fn into_kicks(self) -> Vec<EventFd> {
+        self.queues.into_iter().map(|(_, k)| k).collect()
+    }
+
+    fn notify(&mut self, q: usize) {
+        match self.queues[q].0.needs_notification(&self.mem) {
+            Ok(true) => {
+                self.counters.notifications.fetch_add(1, Ordering::Relaxed);
+                self.interrupt.queue(q as u16);
+            }
+            Ok(false) => {
+                self.counters
+                    .notifications_suppressed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.bad_queue(q, &format!("{e:?}")),
+        }
+    }
+
+    fn bad_queue(&self, q: usize, why: &str) {
+        if self.counters.bad_queue.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                "net {}: queue {q}: {why} (logged once, counted)",
+                self.tap.name
+            );
+        }
+    }
+
+    /// Frames from the TAP into posted receive chains.
+    fn receive(&mut self) {
+        let mut delivered = false;
+        loop {
+            let frame = match self.pending.take() {
+                Some(f) => f,
+                None => {
+                    let mut buf = vec![0u8; MAX_FRAME];
+                    match self.tap.read_frame(&mut buf) {
+                        Ok(Some(n)) if n >= VNET_HDR_LEN => {
+                            buf.truncate(n);
+                            buf
+                        }
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!("net {}: reading the TAP: {e}", self.tap.name);
+                            break;
+                        }
+                    }
+                }
+            };
+            let mem = self.mem.clone();
+            let Some(chain) = self.queues[RX].0.pop_descriptor_chain(&mem) else {
+                self.pending = Some(frame);
+                self.rx_blocked = true;
+                break;
+            };
+            let head = chain.head_index();
+            let mut frame = frame;
+            // num_buffers = 1: one chain per frame (no MRG_RXBUF)
+            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let mut written = 0usize;
+            let mut room = 0usize;
+            let mut bad = false;
+            let descs: Vec<_> = chain.collect();
+            for d in &descs {
+                if !d.is_write_only() {
+                    bad = true;
+                    break;
+                }
+                room = room.saturating_add(d.len() as usize);
+            }
+            if bad || room < frame.len() {
+                if bad {
+                    self.bad_queue(RX, "a receive chain holds a device-readable descriptor");
+                } else {
+                    self.counters
+                        .rx_dropped_too_big
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                // the frame is dropped; a too-small chain is given back used
+                // empty (the driver reposts it)
+                if let Err(e) = self.queues[RX].0.add_used(&mem, head, 0) {
+                    self.bad_queue(RX, &format!("{e:?}"));
+                }
+                delivered = true;
+                continue;
+            }
+            for d in &descs {
+                if written == frame.len() {
+                    break;
+                }
+                let n = (d.len() as usize).min(frame.len() - written);
+                if mem
+                    .write_slice(&frame[written..written + n], d.addr())
+                    .is_err()
+                {
+                    bad = true;
+                    break;
+                }
+                written += n;
+            }
+            let len = if bad {
+                self.bad_queue(RX, "a receive buffer outside guest memory");
+                0
+            } else {
+                self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .rx_bytes
+                    .fetch_add((frame.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                written as u32
+            };
+            if let Err(e) = self.queues[RX].0.add_used(&mem, head, len) {
+                self.bad_queue(RX, &format!("{e:?}"));
+            }
+            delivered = true;
+        }
+        if delivered {
+            self.notify(RX);
+        }
+    }
+
+    /// Chains from the transmit queue to the TAP.
+    fn transmit(&mut self) {
+        let mem = self.mem.clone();
+        let mut done = false;
+        while let Some(chain) = self.queues[TX].0.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let mut frame = Vec::new();
+            let mut ok = true;
+            for d in chain {
+                let end = frame.len().checked_add(d.len() as usize);
+                match end {
+                    Some(end) if !d.is_write_only() && end <= MAX_FRAME => {
+                        let at = frame.len();
+                        frame.resize(end, 0);
+                        if mem.read_slice(&mut frame[at..], d.addr()).is_err() {
+                            ok = false;
+                            break;
+                        }
+                    }
+                    _ => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok || frame.len() < VNET_HDR_LEN {
+                self.counters
+                    .tx_dropped_bad_chain
+                    .fetch_add(1, Ordering::Relaxed);
+            } else if self.tap.write_frame(&frame).is_err() {
+                self.counters
+                    .tx_write_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .tx_bytes
+                    .fetch_add((frame.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+            }
+            if let Err(e) = self.queues[TX].0.add_used(&mem, head, 0) {
+                self.bad_queue(TX, &format!("{e:?}"));
+            }
+            done = true;
+        }
+        if done {
+            self.notify(TX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            parse_mac("52:54:00:12:34:56").unwrap(),
+            [0x52, 0x54, 0, 0x12, 0x34, 0x56]
+        );
+        for bad in [
+            "52:54:00:12:34",
+            "52:54:00:12:34:zz",
+            "01:00:5e:00:00:01",
+            "5:54:00:12:34:56",
+        ] {
+            let e = parse_mac(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+}
