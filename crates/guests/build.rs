@@ -14,6 +14,7 @@ const GUESTS: &[&str] = &[
     "exit_bench",
     "dirtier",
     "ivshmem_probe",
+    "net_probe",
 ];
 const COMMON: &[&str] = &["entry.S", "runtime.c"];
 const CFLAGS: &[&str] = &[

@@ -45,6 +45,11 @@ pub const ALL: &[Guest] = &[
         image: image!("ivshmem_probe.elf"),
     },
     Guest {
+        name: "net-probe",
+        summary: "virtio-net driver (modern virtio-pci 1af4:1041, MSI-X): mode=echo|send|recv count=10 (echo: 0 = forever) size=60 (send, 60..1514) timeout_s=30 irq=msix|poll",
+        image: image!("net_probe.elf"),
+    },
+    Guest {
         name: "dirtier",
         summary: "dirties one word per 4 KiB page per pass and checks every pass; mb=4 passes=3 (0 = forever) tick=N zero_every=K dma_mb=N (pages written by the VMM on request)",
         image: image!("dirtier.elf"),
