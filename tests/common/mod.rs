@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod net;
+
 pub const NFVISOR: &str = env!("CARGO_BIN_EXE_nfvisor");
 
 pub struct Run {
