@@ -120,6 +120,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take a running VM's NIC link down or bring it up.
+    NetLink {
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(value_parser = ["up", "down"])]
+        action: String,
+        /// Which NIC (net0, net1, ...); the only one when omitted.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause a running VM's vCPUs.
     Pause {
         #[arg(long, value_name = "PATH")]
@@ -466,6 +478,23 @@ fn dispatch(cli: Cli) -> Result<u8> {
                     vmm::api::WindowAction::Unmap
                 },
                 id: None,
+            },
+            json,
+        ),
+        Command::NetLink {
+            control_socket,
+            action,
+            id,
+            json,
+        } => control(
+            &control_socket,
+            &Request::Net {
+                link: if action == "up" {
+                    vmm::api::LinkAction::Up
+                } else {
+                    vmm::api::LinkAction::Down
+                },
+                id,
             },
             json,
         ),
@@ -834,6 +863,10 @@ struct LocalFlags {
     /// region.
     #[arg(long, value_name = "SPEC", value_parser = plain_ivshmem)]
     ivshmem: Option<String>,
+    /// The NICs the guest had (tap=NAME|fd=N[,mac=..][,mtu=N], one per NIC,
+    /// in order): this host's TAPs carry them on.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
     #[command(flatten)]
     dirty: config::DirtyTracking,
     #[command(flatten)]
@@ -882,6 +915,7 @@ fn restored_vm(
         serial: local.serial,
         control_socket: local.control_socket,
         ivshmem: local.ivshmem,
+        net: (!local.net.is_empty()).then_some(local.net),
         rt: local.rt.to_config(),
         // a received or restored guest can migrate on
         ..local.dirty.to_config()

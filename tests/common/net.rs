@@ -50,6 +50,20 @@ impl Netns {
         self.ip(&["link", "set", dev, "up"]);
     }
 
+    /// A bridge `br` over `taps`, in hub mode (no learning: every frame
+    /// floods every port, so a guest that moves from one TAP to another is
+    /// reached at once) and promiscuous (a packet socket on it sees every
+    /// frame the guest sends).
+    pub fn add_hub(&self, br: &str, taps: &[&str]) {
+        self.ip(&["link", "add", br, "type", "bridge", "ageing_time", "0"]);
+        for t in taps {
+            self.add_tap(t);
+            self.ip(&["link", "set", t, "master", br]);
+        }
+        self.ip(&["link", "set", br, "up"]);
+        self.ip(&["link", "set", br, "promisc", "on"]);
+    }
+
     /// `ip netns exec NS PROGRAM`: a command to run inside the namespace.
     pub fn exec(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");
@@ -443,6 +457,41 @@ pub fn echo_exchange(ns: &Netns, vm: Command, count: u32) -> Echoed {
         output,
         other,
     }
+}
+
+/// Streams `count` frames (one every `gap`) into the guest through `sock`
+/// and collects the echoes, calling `midway` once half were sent; returns
+/// how many times each sequence number came back, every echo verified
+/// byte for byte.
+pub fn echo_stream(
+    sock: &OwnedFd,
+    count: u32,
+    gap: Duration,
+    midway: &mut dyn FnMut(),
+) -> Vec<u32> {
+    let mut back = vec![0u32; count as usize];
+    let take = |deadline: Instant, back: &mut Vec<u32>| {
+        while Instant::now() < deadline {
+            let Some(f) = recv_frame(sock) else { continue };
+            if f.len() < 18 || f[12..14] != ETHERTYPE.to_be_bytes() || f[0..6] != HOST_MAC {
+                continue;
+            }
+            let seq = u32::from_le_bytes(f[14..18].try_into().unwrap());
+            assert!(seq < count, "an echo of a frame never sent: seq {seq}");
+            let want = test_frame(HOST_MAC, GUEST_MAC, seq, 128);
+            assert_eq!(f, want, "the echo of frame {seq} differs");
+            back[seq as usize] += 1;
+        }
+    };
+    for seq in 0..count {
+        if seq == count / 2 {
+            midway();
+        }
+        send_frame(sock, &test_frame(GUEST_MAC, HOST_MAC, seq, 128));
+        take(Instant::now() + gap, &mut back);
+    }
+    take(Instant::now() + Duration::from_secs(2), &mut back);
+    back
 }
 
 /// The fields of the guest's `R KIND ...` record in `output`.

@@ -117,6 +117,28 @@ impl Msix {
         self.update(&mut st);
     }
 
+    /// The table's entries (address low, high, data, vector control), for
+    /// a snapshot.
+    pub fn entries(&self) -> Vec<[u32; 4]> {
+        self.lock().table.clone()
+    }
+
+    /// Puts saved entries back, as the guest's own writes would, and
+    /// re-routes every vector. Refused when the count differs.
+    pub fn restore_entries(&self, entries: &[[u32; 4]]) -> Result<(), String> {
+        let mut st = self.lock();
+        if entries.len() != st.table.len() {
+            return Err(format!(
+                "{} MSI-X entries saved for a table of {}",
+                entries.len(),
+                st.table.len()
+            ));
+        }
+        st.table.copy_from_slice(entries);
+        self.update(&mut st);
+        Ok(())
+    }
+
     /// Every vector's current route.
     pub fn routes(&self) -> Vec<VectorRoute> {
         let st = self.lock();

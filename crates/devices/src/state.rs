@@ -106,6 +106,12 @@ pub trait Persist {
     fn control(&self, action: &str) -> Result<String, String> {
         Err(format!("{} takes no action {action:?}", Self::KIND))
     }
+
+    /// The VM pauses: a device with its own threads stops touching guest
+    /// memory until `resume` (so a saved state and the memory agree).
+    fn pause(&self) {}
+
+    fn resume(&self) {}
 }
 
 /// The device side the VM sees: any [`Persist`] device, as an object.
@@ -120,6 +126,8 @@ pub trait Stateful: Send + Sync {
     fn counters(&self) -> Vec<(&'static str, u64)>;
     fn unmovable(&self) -> Option<String>;
     fn control(&self, action: &str) -> Result<String, String>;
+    fn pause(&self);
+    fn resume(&self);
 }
 
 impl<T: Persist + Send + Sync> Stateful for T {
@@ -137,6 +145,14 @@ impl<T: Persist + Send + Sync> Stateful for T {
 
     fn control(&self, action: &str) -> Result<String, String> {
         Persist::control(self, action)
+    }
+
+    fn pause(&self) {
+        Persist::pause(self)
+    }
+
+    fn resume(&self) {
+        Persist::resume(self)
     }
 
     fn check_blob(&self, id: &str, blob: &DeviceBlob) -> Result<(), StateError> {

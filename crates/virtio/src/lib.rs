@@ -66,11 +66,24 @@ pub trait VirtioDevice<M>: Send {
         queues: Vec<ActiveQueue>,
         acked_features: u64,
     ) -> Result<(), String>;
-    /// Stops the device; returns its queues' kick eventfds once nothing
-    /// will touch the old rings any more.
-    fn reset(&mut self) -> Vec<EventFd>;
+    /// Stops the device; returns its queues as it left them (positions
+    /// included) once nothing will touch the old rings any more.
+    fn reset(&mut self) -> Vec<ActiveQueue>;
     /// What the device counts.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
+    }
+    /// A device-specific action (virtio-net: link-up, link-down); Ok(true)
+    /// when the configuration changed (the driver is told).
+    fn control(&mut self, action: &str) -> Result<bool, String> {
+        Err(format!("no action {action:?}"))
+    }
+    /// The device's own state beyond its queues (opaque to the transport).
+    fn state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let _ = state;
+        Ok(())
     }
 }

@@ -45,6 +45,11 @@ pub struct NetCounters {
     pub notifications: AtomicU64,
     pub notifications_suppressed: AtomicU64,
     pub bad_queue: AtomicU64,
+    /// Frames dropped either way while the link is down.
+    pub dropped_link_down: AtomicU64,
+    /// A frame read from the TAP while no buffer was posted, dropped when
+    /// the device stopped (pause, reset).
+    pub rx_dropped_at_stop: AtomicU64,
 }
 
 /// How a NIC is set up.
@@ -59,7 +64,7 @@ pub struct Net<M> {
     config: NetConfig,
     pub counters: Arc<NetCounters>,
     link_up: Arc<AtomicBool>,
-    worker: Option<(EventFd, JoinHandle<Vec<EventFd>>)>,
+    worker: Option<(EventFd, JoinHandle<Vec<ActiveQueue>>)>,
     _mem: std::marker::PhantomData<M>,
 }
 
@@ -154,6 +159,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let worker = Worker {
             mem,
+            link_up: self.link_up.clone(),
             tap: self.tap.clone(),
             interrupt,
             counters: self.counters.clone(),
@@ -170,7 +176,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         Ok(())
     }
 
-    fn reset(&mut self) -> Vec<EventFd> {
+    fn reset(&mut self) -> Vec<ActiveQueue> {
         match self.worker.take() {
             Some((stop, handle)) => {
                 let _ = stop.write(1);
@@ -194,12 +200,44 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             ("notifications", l(&c.notifications)),
             ("notifications_suppressed", l(&c.notifications_suppressed)),
             ("bad_queue", l(&c.bad_queue)),
+            ("dropped_link_down", l(&c.dropped_link_down)),
+            ("rx_dropped_at_stop", l(&c.rx_dropped_at_stop)),
+            ("link_up", self.link_up.load(Ordering::Relaxed) as u64),
         ]
+    }
+
+    fn control(&mut self, action: &str) -> Result<bool, String> {
+        let up = match action {
+            "link-up" => true,
+            "link-down" => false,
+            other => {
+                return Err(format!(
+                    "virtio-net takes link-up or link-down, not {other:?}"
+                ))
+            }
+        };
+        Ok(self.link_up.swap(up, Ordering::AcqRel) != up)
+    }
+
+    /// One byte: the link's state.
+    fn state(&self) -> Vec<u8> {
+        vec![self.link_up.load(Ordering::Acquire) as u8]
+    }
+
+    fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
+        match state {
+            [b @ (0 | 1)] => {
+                self.link_up.store(*b == 1, Ordering::Release);
+                Ok(())
+            }
+            _ => Err(format!("virtio-net state {state:?}: one byte, 0 or 1")),
+        }
     }
 }
 
 struct Worker<M> {
     mem: M,
+    link_up: Arc<AtomicBool>,
     tap: Arc<Tap>,
     interrupt: Arc<dyn Interrupt>,
     counters: Arc<NetCounters>,
@@ -217,7 +255,7 @@ const EV_TX: u64 = 2;
 const EV_STOP: u64 = 3;
 
 impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
-    fn run(mut self) -> Vec<EventFd> {
+    fn run(mut self) -> Vec<ActiveQueue> {
         let epoll = match Epoll::new() {
             Ok(e) => e,
             Err(e) => {
@@ -285,8 +323,17 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         }
     }
 
-    fn into_kicks(self) -> Vec<EventFd> {
-        self.queues.into_iter().map(|(_, k)| k).collect()
+    fn into_kicks(self) -> Vec<ActiveQueue> {
+        if self.pending.is_some() {
+            // a frame read but not delivered: lost with the pause
+            self.counters
+                .rx_dropped_at_stop
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.queues
+            .into_iter()
+            .map(|(queue, kick)| ActiveQueue { queue, kick })
+            .collect()
     }
 
     fn notify(&mut self, q: usize) {
@@ -335,6 +382,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                     }
                 }
             };
+            if !self.link_up.load(Ordering::Acquire) {
+                self.counters
+                    .dropped_link_down
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let mem = self.mem.clone();
             let Some(chain) = self.queues[RX].0.pop_descriptor_chain(&mem) else {
                 self.pending = Some(frame);
@@ -435,6 +488,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 self.counters
                     .tx_dropped_bad_chain
                     .fetch_add(1, Ordering::Relaxed);
+            } else if !self.link_up.load(Ordering::Acquire) {
+                self.counters
+                    .dropped_link_down
+                    .fetch_add(1, Ordering::Relaxed);
             } else if self.tap.write_frame(&frame).is_err() {
                 self.counters
                     .tx_write_errors
@@ -504,6 +561,7 @@ mod tests {
         let rx: Queue = Queue::new(16).unwrap();
         let mut w = Worker {
             mem: mem.clone(),
+            link_up: Arc::new(AtomicBool::new(true)),
             tap,
             interrupt: interrupt.clone(),
             counters: counters.clone(),

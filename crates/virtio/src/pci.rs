@@ -98,6 +98,42 @@ struct Common {
     enabled: Vec<bool>,
     kicks: Vec<Option<EventFd>>,
     active: bool,
+    /// Stopped by a pause (the VM's): its queues wait here, positions kept.
+    paused: bool,
+}
+
+/// One queue as a saved state holds it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+    pub enabled: bool,
+    pub vector: u16,
+}
+
+/// A virtio-pci device's state: its configuration space, MSI-X table,
+/// transport registers, every queue (addresses and positions) and the
+/// device's own bytes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioPciState {
+    pub config: Vec<u32>,
+    pub msix: Vec<[u32; 4]>,
+    pub driver_features: u64,
+    pub status: u8,
+    pub config_generation: u8,
+    pub queue_select: u16,
+    pub config_vector: u16,
+    pub isr: u8,
+    pub queues: Vec<QueueSnapshot>,
+    pub device: Vec<u8>,
+    /// The device was running (DRIVER_OK, activated) when saved.
+    pub running: bool,
 }
 
 /// A virtio device on PCI.
@@ -224,6 +260,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
                     .map(|_| EventFd::new(libc::EFD_NONBLOCK).ok())
                     .collect(),
                 active: false,
+                paused: false,
             }),
             interrupt,
             mem,
@@ -279,20 +316,28 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         }
     }
 
+    /// Stops the device and puts its queues back here, as it left them.
+    fn stop_device(&self, c: &mut Common) {
+        let returned = self
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reset();
+        let enabled: Vec<usize> = (0..c.queues.len()).filter(|&i| c.enabled[i]).collect();
+        for (i, aq) in enabled.into_iter().zip(returned) {
+            c.queues[i] = aq.queue;
+            c.kicks[i] = Some(aq.kick);
+        }
+        c.active = false;
+    }
+
     /// Device reset: the device stops first (nothing touches the old rings
     /// after this returns), then every register goes back.
     fn reset(&self, c: &mut Common) {
         if c.active {
-            let kicks = self
-                .device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .reset();
-            for (slot, k) in c.kicks.iter_mut().zip(kicks) {
-                *slot = Some(k);
-            }
-            c.active = false;
+            self.stop_device(c);
         }
+        c.paused = false;
         for q in &mut c.queues {
             q.reset();
         }
@@ -309,6 +354,199 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         for v in &self.interrupt.queue_vectors {
             v.store(NO_VECTOR, Ordering::Release);
         }
+    }
+
+    /// The VM pauses: the device stops touching guest memory; its queues'
+    /// positions are kept for `resume` (or a saved state).
+    pub fn pause(&self) {
+        let mut c = self.lock();
+        if c.active {
+            self.stop_device(&mut c);
+            c.paused = true;
+        }
+    }
+
+    /// The VM resumes: a device stopped by `pause` goes on where it was.
+    pub fn resume(&self) {
+        let mut c = self.lock();
+        if c.paused {
+            c.paused = false;
+            if let Err(e) = self.activate(&mut c) {
+                self.refuse(format_args!("resuming: {e}; the device needs a reset"));
+                c.status |= status::NEEDS_RESET;
+            }
+        }
+    }
+
+    /// A device-specific action; a configuration change is signalled to
+    /// the driver (config generation, configuration interrupt).
+    pub fn control(&self, action: &str) -> Result<String, String> {
+        let changed = self
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .control(action)?;
+        if changed {
+            let mut c = self.lock();
+            c.config_generation = c.config_generation.wrapping_add(1);
+            drop(c);
+            self.interrupt.config();
+        }
+        Ok(format!("{} {action}", self.name))
+    }
+
+    /// The transport's and the device's state. The device must be stopped
+    /// (paused, or never started): its queue positions are then final.
+    pub fn save_state(&self) -> VirtioPciState {
+        let c = self.lock();
+        let device = self
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state();
+        VirtioPciState {
+            config: self.config.registers(),
+            msix: self.msix.entries(),
+            driver_features: c.driver_features,
+            status: c.status,
+            config_generation: c.config_generation,
+            queue_select: c.queue_select,
+            config_vector: self.interrupt.config_vector.load(Ordering::Acquire),
+            isr: self.interrupt.isr.load(Ordering::Acquire),
+            queues: c
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| QueueSnapshot {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc: q.desc_table(),
+                    avail: q.avail_ring(),
+                    used: q.used_ring(),
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                    event_idx: q.event_idx_enabled(),
+                    enabled: c.enabled[i],
+                    vector: self.interrupt.queue_vectors[i].load(Ordering::Acquire),
+                })
+                .collect(),
+            device,
+            running: c.active || c.paused,
+        }
+    }
+
+    /// Checks a saved state against this device without taking it.
+    pub fn check_state(&self, s: &VirtioPciState) -> Result<(), (&'static str, String, String)> {
+        let c = self.lock();
+        if s.config.len() != 64 {
+            return Err((
+                "config",
+                format!("{} registers", s.config.len()),
+                "a configuration space has 64".into(),
+            ));
+        }
+        if s.msix.len() != self.msix.vectors() as usize {
+            return Err((
+                "msix",
+                format!("{} entries", s.msix.len()),
+                format!("this device has {}", self.msix.vectors()),
+            ));
+        }
+        if s.queues.len() != c.queues.len() {
+            return Err((
+                "queues",
+                s.queues.len().to_string(),
+                format!("this device has {}", c.queues.len()),
+            ));
+        }
+        if s.driver_features & !self.features != 0 {
+            return Err((
+                "driver_features",
+                format!("{:#x}", s.driver_features),
+                format!("this device offers {:#x}", self.features),
+            ));
+        }
+        let vector_ok = |v: u16| v == NO_VECTOR || v < self.msix.vectors();
+        if !vector_ok(s.config_vector) {
+            return Err((
+                "config_vector",
+                s.config_vector.to_string(),
+                "beyond the MSI-X table".into(),
+            ));
+        }
+        for (i, (q, max)) in s
+            .queues
+            .iter()
+            .zip(c.queues.iter().map(|q| q.max_size()))
+            .enumerate()
+        {
+            if q.size > max || (q.size != 0 && !q.size.is_power_of_two()) {
+                return Err((
+                    "queues.size",
+                    format!("queue {i}: {}", q.size),
+                    format!("a power of two up to {max}"),
+                ));
+            }
+            if !vector_ok(q.vector) {
+                return Err((
+                    "queues.vector",
+                    format!("queue {i}: {}", q.vector),
+                    "beyond the MSI-X table".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a checked state: registers, MSI-X table, queues, the device's
+    /// own state; a device that was running starts again.
+    pub fn restore_state(&self, s: VirtioPciState) -> Result<(), String> {
+        // configuration space as the guest's own writes would put it (BARs
+        // first, so what backs them moves), then MSI-X's table
+        let order = (4..10).chain(1..4).chain(10..s.config.len().min(64));
+        for i in order {
+            if let Some(v) = s.config.get(i) {
+                self.config_write((i * 4) as u8, 0, &v.to_le_bytes());
+            }
+        }
+        self.msix.restore_entries(&s.msix)?;
+        let mut c = self.lock();
+        if c.active {
+            self.stop_device(&mut c);
+        }
+        c.driver_features = s.driver_features;
+        c.status = s.status;
+        c.config_generation = s.config_generation;
+        c.queue_select = s.queue_select;
+        self.interrupt
+            .config_vector
+            .store(s.config_vector, Ordering::Release);
+        self.interrupt.isr.store(s.isr, Ordering::Release);
+        for (i, q) in s.queues.iter().enumerate() {
+            let max = c.queues[i].max_size();
+            let state = virtio_queue::QueueState {
+                max_size: max,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx,
+                size: if q.size == 0 { max } else { q.size },
+                ready: q.ready,
+                desc_table: q.desc,
+                avail_ring: q.avail,
+                used_ring: q.used,
+            };
+            c.queues[i] = Queue::try_from(state).map_err(|e| format!("queue {i}: {e:?}"))?;
+            c.enabled[i] = q.enabled;
+            self.interrupt.queue_vectors[i].store(q.vector, Ordering::Release);
+        }
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_state(&s.device)?;
+        if s.running {
+            self.activate(&mut c)?;
+        }
+        Ok(())
     }
 
     fn set_status(&self, c: &mut Common, v: u8) {
@@ -631,8 +869,8 @@ mod tests {
             self.activated.store(queues.len() as u64, Ordering::Release);
             Ok(())
         }
-        fn reset(&mut self) -> Vec<EventFd> {
-            (0..2).map(|_| EventFd::new(0).unwrap()).collect()
+        fn reset(&mut self) -> Vec<ActiveQueue> {
+            Vec::new()
         }
     }
 

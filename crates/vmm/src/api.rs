@@ -36,6 +36,14 @@ pub enum Request {
     },
     /// Live-migrate to `to` (unix:PATH or tcp:HOST:PORT).
     Migrate(MigrateRequest),
+    /// Take a NIC's link down or bring it up (the guest sees STATUS
+    /// change; frames are dropped both ways while it is down).
+    Net {
+        link: LinkAction,
+        /// Which NIC (net0, net1, ...; the only one when omitted).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
     /// Open (map) or close (unmap) the ivshmem window.
     Ivshmem {
         window: WindowAction,
@@ -55,8 +63,16 @@ impl Request {
             Request::Snapshot { .. } => "snapshot",
             Request::Migrate(_) => "migrate",
             Request::Ivshmem { .. } => "ivshmem",
+            Request::Net { .. } => "net",
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkAction {
+    Up,
+    Down,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +243,9 @@ pub enum Response {
     Window {
         window: String,
     },
+    Link {
+        link: String,
+    },
 }
 
 /// What `status` reports: running, paused, migrating (pre-copy or
@@ -336,6 +355,14 @@ pub fn execute(
             let done = h.device_control("ivshmem", id.as_deref(), action)?;
             Ok(Response::Window { window: done })
         }
+        Request::Net { link, id } => {
+            let action = match link {
+                LinkAction::Up => "link-up",
+                LinkAction::Down => "link-down",
+            };
+            let done = h.device_control("virtio-net", id.as_deref(), action)?;
+            Ok(Response::Link { link: done })
+        }
         Request::Migrate(m) => {
             let opts = m.options()?;
             h.begin_migration(&m.to)?;
@@ -377,7 +404,7 @@ pub fn parse_line(line: &str) -> std::result::Result<Request, String> {
     serde_json::from_value::<Envelope>(value)
         .map(|e| e.request)
         .map_err(|e| {
-            format!("{e} (commands: status, pause, resume, snapshot {{to}}, migrate {{to, ...}}, ivshmem {{window: map|unmap}})")
+            format!("{e} (commands: status, pause, resume, snapshot {{to}}, migrate {{to, ...}}, ivshmem {{window: map|unmap}}, net {{link: up|down}})")
         })
 }
 
@@ -411,6 +438,10 @@ mod tests {
             Request::Ivshmem {
                 window: WindowAction::Unmap,
                 id: None,
+            },
+            Request::Net {
+                link: LinkAction::Down,
+                id: Some("net1".into()),
             },
         ];
         for r in reqs {

@@ -175,6 +175,20 @@ impl Devices {
             .collect()
     }
 
+    /// Every device stops touching guest memory (the VM pauses).
+    pub fn pause(&self) {
+        for d in self.by_id.values() {
+            d.pause();
+        }
+    }
+
+    /// And goes on (the VM resumes).
+    pub fn resume(&self) {
+        for d in self.by_id.values() {
+            d.resume();
+        }
+    }
+
     /// The first device that cannot be saved or migrated, and why.
     pub fn unmovable(&self) -> Option<String> {
         self.by_id

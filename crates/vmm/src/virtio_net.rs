@@ -88,35 +88,61 @@ pub struct NetDevice {
     pub pci: Arc<VirtioPci<GuestRam>>,
 }
 
-/// virtio-net's state: not yet saved (the queues' positions and the
-/// chains in flight are the next step), so a VM with a NIC refuses
-/// snapshots and migration rather than losing frames silently.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct NetState {}
-
 impl devices::Persist for NetDevice {
     const KIND: &'static str = "virtio-net";
     const VERSION: u16 = 1;
-    type State = NetState;
+    /// The transport's registers, MSI-X table, every queue's addresses and
+    /// positions, and the link's state. The TAP is the host's: a
+    /// destination attaches its own (`receive --net`).
+    type State = virtio::pci::VirtioPciState;
 
-    fn save(&self) -> NetState {
-        NetState {}
+    fn save(&self) -> Self::State {
+        self.pci.save_state()
     }
 
-    fn validate(_: &NetState) -> std::result::Result<(), devices::state::BadField> {
+    fn validate(s: &Self::State) -> std::result::Result<(), devices::state::BadField> {
+        use devices::state::BadField;
+        if s.config.len() != 64 {
+            return Err(BadField::new(
+                "config",
+                format!("{} registers", s.config.len()),
+                "a configuration space has 64",
+            ));
+        }
+        if s.queues.len() != 2 {
+            return Err(BadField::new(
+                "queues",
+                s.queues.len(),
+                "virtio-net here has a receive and a transmit queue",
+            ));
+        }
         Ok(())
     }
 
-    fn restore(&self, _: NetState) -> std::result::Result<(), String> {
-        Err("virtio-net state cannot be restored yet".into())
+    /// Checks the state against this device (MSI-X table size, queue
+    /// sizes, features), then takes it.
+    fn restore(&self, s: Self::State) -> std::result::Result<(), String> {
+        self.pci
+            .check_state(&s)
+            .map_err(|(field, value, why)| format!("{field} = {value} is out of range: {why}"))?;
+        self.pci.restore_state(s)
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         self.pci.counters()
     }
 
-    fn unmovable(&self) -> Option<String> {
-        Some("virtio-net: saving its queues is not implemented yet, so a VM with a NIC cannot be saved or migrated".into())
+    /// link-up, link-down.
+    fn control(&self, action: &str) -> std::result::Result<String, String> {
+        self.pci.control(action)
+    }
+
+    fn pause(&self) {
+        self.pci.pause()
+    }
+
+    fn resume(&self) {
+        self.pci.resume()
     }
 }
 

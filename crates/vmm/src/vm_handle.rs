@@ -175,6 +175,9 @@ impl VmHandle {
                 Err(_) => {}
             }
         }
+        // the devices' own threads stop too: what they wrote is then in
+        // memory (and in the dirty set) before any state is read
+        self.devices.pause();
         *state = RunState::Paused;
         Ok(t0.elapsed())
     }
@@ -230,6 +233,9 @@ impl VmHandle {
             f.left_paused = false;
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *state == RunState::Paused {
+            self.devices.resume();
+        }
         self.pause.store(false, Ordering::Release);
         for c in &self.cmds {
             let _ = c.send(VcpuCmd::Resume);
