@@ -2,6 +2,7 @@
 
 mod bench_doorbell;
 mod bench_migration;
+mod bench_net;
 mod config;
 mod host;
 mod latency;
@@ -234,6 +235,9 @@ enum BenchCmd {
     },
     /// Live migration on this host, both ends: total time, downtime, rounds.
     Migration(bench_migration::Options),
+    /// virtio-net: the net-probe echo guest under nfvisor and QEMU on a
+    /// TAP: VMM CPU and exits per frame, ping-pong round trip.
+    Net(bench_net::Options),
     /// The inter-VM packet ring between two processes pinned to two CPUs
     /// over shared memory: Mpps at batch 1/8/32 beside the streaming limit.
     Ivshmem {
@@ -604,6 +608,7 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
                 report::print_latency(&r);
             }
         }
+        BenchCmd::Net(o) => return bench_net::run(&o),
         BenchCmd::Migration(o) => {
             anyhow::ensure!(o.runs > 0, "--runs must be at least 1");
             return bench_migration::run(&o);

@@ -186,8 +186,13 @@ impl MigrateRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VcpuExits {
     pub vcpu: u32,
+    /// Exits that reached the VMM (by reason).
     pub total: u64,
     pub by_reason: BTreeMap<String, u64>,
+    /// Every exit KVM counted, those it handled itself included (KVM's
+    /// binary statistics), where readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm_exits: Option<u64>,
 }
 
 /// A migration in flight.
@@ -283,6 +288,11 @@ pub fn status(h: &VmHandle) -> Status {
             let (by_reason, total) = l.read();
             VcpuExits {
                 vcpu: id as u32,
+                kvm_exits: h
+                    .kvm_stats
+                    .get(id)
+                    .and_then(|s| s.get())
+                    .and_then(|s| s.read().get("exits").copied()),
                 total,
                 by_reason: by_reason
                     .into_iter()

@@ -917,6 +917,9 @@ impl Vm {
         let live_exits = exit_stats.iter().map(ExitStats::live).collect();
         exit_stats.reverse(); // popped in vCPU order below
         let handle = Arc::new(VmHandle {
+            kvm_stats: (0..spec.vcpus)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
             live_exits,
             migration: Mutex::new(None),
             pause: AtomicBool::new(false),
@@ -993,7 +996,10 @@ impl Vm {
                     let Ok(Some(mut vcpu)) = go_rx.recv() else {
                         return None;
                     };
-                    let kvm_stats = KvmStats::open(&vcpu).ok();
+                    let kvm_stats = KvmStats::open(&vcpu).ok().map(Arc::new);
+                    if let (Some(k), Some(slot)) = (&kvm_stats, handle.kvm_stats.get(id as usize)) {
+                        let _ = slot.set(k.clone());
+                    }
                     let sched = rt::thread_sched(tid).ok();
                     let started = Instant::now();
                     // parked outside KVM_RUN until resumed; saves its state when asked

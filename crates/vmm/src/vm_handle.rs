@@ -75,6 +75,9 @@ pub struct VmHandle {
     pub(crate) dirty_manual: crate::dirty_log::ManualProtect,
     /// Each vCPU's exit counts, live.
     pub(crate) live_exits: Vec<Arc<crate::exits::LiveExits>>,
+    /// Each vCPU's KVM statistics (exits handled in the kernel too), once
+    /// its thread has opened them.
+    pub(crate) kvm_stats: Vec<std::sync::OnceLock<Arc<crate::kvm_stats::KvmStats>>>,
     /// The migration in flight: its destination and last progress.
     pub(crate) migration: Mutex<Option<(String, Option<migration::report::Progress>)>>,
 }

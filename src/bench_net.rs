@@ -1,0 +1,483 @@
+//! `nfvisor bench net`: the `net-probe` echo guest under nfvisor and under
+//! QEMU (userspace virtio-net-pci on a TAP: there is no /dev/vhost-net
+//! here) in the same run, each on a TAP in a network namespace of the
+//! benchmark's own. Guest code is emulated on a nested host, so frames per
+//! second are bound by the guest; the fair figures are what the VMM adds:
+//! its own CPU per frame (user and system time of all its threads, less
+//! the system time of its vCPU threads, which here is instruction
+//! emulation), vCPU exits per frame (KVM's counters in debugfs, the same
+//! source for both), and the round trip of a ping-pong (p50, p99).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Options {
+    /// Ping-pongs measured per VMM and size (after 20 to warm up).
+    #[arg(long, default_value_t = 300)]
+    pub frames: u32,
+    /// Frame sizes (bytes, Ethernet header included, 60 to 1514).
+    #[arg(long, value_delimiter = ',', default_value = "64,1500")]
+    pub size: Vec<usize>,
+    /// Leave QEMU out.
+    #[arg(long)]
+    pub no_qemu: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A namespace with one TAP, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tap: &str) -> Result<Netns> {
+        let name = format!("nfv-bench-net-{}", std::process::id());
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
+        let ns = Netns(name);
+        ip(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+        ip(&["-n", &ns.0, "link", "set", tap, "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.0]);
+    }
+}
+
+/// A raw packet socket on `dev` inside `ns` (made on a thread that entered
+/// the namespace: membership is per thread, the socket keeps it).
+fn packet_socket(ns: &str, dev: &str) -> Result<OwnedFd> {
+    let path = format!("/var/run/netns/{ns}");
+    let dev = dev.to_string();
+    std::thread::spawn(move || -> Result<OwnedFd> {
+        let f = std::fs::File::open(&path).with_context(|| path.clone())?;
+        // SAFETY: setns on a namespace file held open; it moves only this
+        // short-lived thread.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2); the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32) };
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let cname = std::ffi::CString::new(dev.clone())?;
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if index == 0 {
+            bail!("no interface {dev} in {path}");
+        }
+        // SAFETY: sockaddr_ll is plain data; zero is valid.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: addr is a valid sockaddr_ll of the length passed.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc != 0 {
+            bail!("binding to {dev}: {}", std::io::Error::last_os_error());
+        }
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 20_000,
+        };
+        // SAFETY: tv is a valid timeval of the length passed.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        Ok(sock)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the socket thread panicked"))?
+}
+
+fn frame(seq: u32, size: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(size);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&HOST_MAC);
+    f.extend_from_slice(&ETHERTYPE);
+    f.extend_from_slice(&seq.to_le_bytes());
+    f.resize(size, 0x5a);
+    f
+}
+
+fn send(sock: &OwnedFd, f: &[u8]) {
+    // SAFETY: the buffer is valid for its length.
+    unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            f.as_ptr() as *const libc::c_void,
+            f.len(),
+            0,
+        )
+    };
+}
+
+/// The echo of `seq`, waited for until `deadline`: its round trip.
+fn echo_of(sock: &OwnedFd, seq: u32, deadline: Instant) -> Option<Duration> {
+    let t0 = Instant::now();
+    let mut buf = vec![0u8; 2048];
+    while Instant::now() < deadline {
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+            )
+        };
+        if n >= 18
+            && buf[0..6] == HOST_MAC
+            && buf[12..14] == ETHERTYPE
+            && buf[14..18] == seq.to_le_bytes()
+        {
+            return Some(t0.elapsed());
+        }
+    }
+    None
+}
+
+/// The VMM's own CPU so far, in ns: all of its non-vCPU threads' time
+/// (user and system, /proc/PID/task/TID/schedstat, ns precision) plus its
+/// vCPU threads' user time (`stat`, clock ticks: exit handling in the VMM;
+/// their system time is the guest's, emulated on a nested host).
+fn vmm_cpu_ns(pid: u32, vcpu: &dyn Fn(&str) -> bool) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut ns = 0;
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if vcpu(comm.trim()) {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            // utime is field 14; `rest` starts at field 3
+            let utime: u64 = rest
+                .split_whitespace()
+                .nth(11)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            ns += utime * 1_000_000_000 / hz;
+        } else {
+            let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            ns += sched
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ns
+}
+
+/// Every exit KVM counted for the VM, its vCPUs summed: nfvisor's through
+/// its control socket (`status`, KVM's binary statistics), QEMU's through
+/// QMP `query-stats`.
+fn kvm_exits(vmm: &Vmm) -> Option<u64> {
+    match vmm {
+        Vmm::Nfvisor(ctl) => {
+            let r = vmm::control::send(ctl, &vmm::api::Request::Status, &mut |_| {}).ok()?;
+            r["exits"]
+                .as_array()?
+                .iter()
+                .map(|v| v["kvm_exits"].as_u64())
+                .sum()
+        }
+        Vmm::Qemu(qmp) => {
+            use std::io::{BufRead, BufReader, Write};
+            let mut s = std::os::unix::net::UnixStream::connect(qmp).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let mut r = BufReader::new(s.try_clone().ok()?);
+            let reply = |r: &mut BufReader<_>| -> Option<serde_json::Value> {
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).ok()? == 0 {
+                        return None;
+                    }
+                    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+                    if v.get("event").is_none() {
+                        return Some(v);
+                    }
+                }
+            };
+            reply(&mut r)?; // greeting
+            s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").ok()?;
+            reply(&mut r)?;
+            s.write_all(
+                b"{\"execute\":\"query-stats\",\"arguments\":{\"target\":\"vcpu\",\"providers\":[{\"provider\":\"kvm\",\"names\":[\"exits\"]}]}}\n",
+            )
+            .ok()?;
+            let v = reply(&mut r)?;
+            v["return"]
+                .as_array()?
+                .iter()
+                .flat_map(|cpu| cpu["stats"].as_array().cloned().unwrap_or_default())
+                .filter(|st| st["name"] == "exits")
+                .map(|st| st["value"].as_u64())
+                .sum()
+        }
+    }
+}
+
+/// How a VMM is asked for its exit count.
+enum Vmm {
+    Nfvisor(std::path::PathBuf),
+    Qemu(std::path::PathBuf),
+}
+
+/// One VMM's figures at one frame size.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Figures {
+    pub vmm: String,
+    pub size: usize,
+    pub frames: u32,
+    pub lost: u32,
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    pub exits_per_frame: Option<f64>,
+    pub vmm_cpu_us_per_frame: f64,
+}
+
+fn run_one(
+    vmm: &str,
+    mut cmd: Command,
+    ask: &Vmm,
+    ns: &str,
+    size: usize,
+    frames: u32,
+) -> Result<Figures> {
+    let sock = packet_socket(ns, "nfvbench0")?;
+    let mut child: Child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {vmm}"))?;
+    let pid = child.id();
+    let result = (|| -> Result<Figures> {
+        // warm up: the first echo says the guest is up (QEMU boots
+        // SeaBIOS first)
+        let start = Instant::now();
+        let mut seq = 0u32;
+        let mut warm = 0;
+        while warm < 20 {
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("{vmm}: the guest did not echo within 60 s");
+            }
+            send(&sock, &frame(seq, size));
+            if echo_of(&sock, seq, Instant::now() + Duration::from_millis(200)).is_some() {
+                warm += 1;
+            }
+            seq += 1;
+        }
+        let vcpu = |comm: &str| comm.starts_with("vcpu") || comm.starts_with("CPU ");
+        let cpu0 = vmm_cpu_ns(pid, &vcpu);
+        let exits0 = kvm_exits(ask);
+        let mut rtts = Vec::new();
+        let mut lost = 0;
+        for _ in 0..frames {
+            send(&sock, &frame(seq, size));
+            match echo_of(&sock, seq, Instant::now() + Duration::from_secs(1)) {
+                Some(d) => rtts.push(d.as_secs_f64() * 1e6),
+                None => lost += 1,
+            }
+            seq += 1;
+        }
+        let cpu1 = vmm_cpu_ns(pid, &vcpu);
+        let exits1 = kvm_exits(ask);
+        let done = (frames - lost).max(1) as f64;
+        rtts.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| {
+            rtts.get(((rtts.len() as f64 * p) as usize).min(rtts.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0.0)
+        };
+
+        Ok(Figures {
+            vmm: vmm.to_string(),
+            size,
+            frames,
+            lost,
+            rtt_p50_us: pct(0.5),
+            rtt_p99_us: pct(0.99),
+            exits_per_frame: match (exits0, exits1) {
+                (Some(a), Some(b)) => Some((b - a) as f64 / done),
+                _ => None,
+            },
+            vmm_cpu_us_per_frame: cpu1.saturating_sub(cpu0) as f64 / 1e3 / done,
+        })
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+pub fn run(o: &Options) -> Result<u8> {
+    anyhow::ensure!(o.frames > 0, "--frames must be at least 1");
+    for &s in &o.size {
+        anyhow::ensure!((60..=1514).contains(&s), "--size {s}: 60 to 1514 bytes");
+    }
+    let exe = std::env::current_exe().context("locating the nfvisor binary")?;
+    let dir = std::env::temp_dir().join(format!("nfvisor-bench-net-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join("net-probe.elf");
+    std::fs::write(
+        &image,
+        guests::find("net-probe")
+            .context("bundled net-probe")?
+            .image,
+    )?;
+    let qemu = (!o.no_qemu).then(|| which("qemu-system-x86_64")).flatten();
+    if !o.no_qemu && qemu.is_none() {
+        bail!("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86), or pass --no-qemu");
+    }
+    let tap = "nfvbench0";
+    let ns = Netns::new(tap)?;
+    let exec = |program: &std::path::Path| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.0]).arg(program);
+        c
+    };
+    let mut results = Vec::new();
+    for &size in &o.size {
+        let ctl = dir.join("ctl.sock");
+        let mut c = exec(&exe);
+        c.args(["run", "--guest", "net-probe", "--net"])
+            .arg(format!("tap={tap},mac=52:54:00:12:34:56"))
+            .arg("--control-socket")
+            .arg(&ctl)
+            .args(["--cmdline", "mode=echo count=0"]);
+        tracing::info!("nfvisor, {size}-byte frames");
+        results.push(run_one(
+            "nfvisor",
+            c,
+            &Vmm::Nfvisor(ctl),
+            &ns.0,
+            size,
+            o.frames,
+        )?);
+        if let Some(q) = &qemu {
+            let qmp = dir.join("qmp.sock");
+            let mut c = exec(q);
+            c.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+            c.args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
+                .args(["-M", "q35", "-nodefaults", "-nographic", "-no-reboot"])
+                .args([
+                    "-serial",
+                    "null",
+                    "-device",
+                    "isa-debug-exit,iobase=0xf4,iosize=4",
+                ])
+                .arg("-netdev")
+                .arg(format!(
+                    "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
+                ))
+                .args([
+                    "-device",
+                    "virtio-net-pci,disable-legacy=on,romfile=,netdev=n0,mac=52:54:00:12:34:56",
+                ])
+                .arg("-kernel")
+                .arg(&image)
+                .args(["-append", "mode=echo count=0"]);
+            tracing::info!("QEMU, {size}-byte frames");
+            results.push(run_one("qemu", c, &Vmm::Qemu(qmp), &ns.0, size, o.frames)?);
+        }
+    }
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
+    let ratios: Vec<serde_json::Value> = o
+        .size
+        .iter()
+        .filter_map(|&s| {
+            let n = results.iter().find(|r| r.vmm == "nfvisor" && r.size == s)?;
+            let q = results.iter().find(|r| r.vmm == "qemu" && r.size == s)?;
+            Some(serde_json::json!({
+                "size": s,
+                "qemu_over_nfvisor_cpu_per_frame": q.vmm_cpu_us_per_frame / n.vmm_cpu_us_per_frame.max(1e-9),
+                "qemu_over_nfvisor_exits_per_frame": match (q.exits_per_frame, n.exits_per_frame) {
+                    (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                    _ => None,
+                },
+                "qemu_over_nfvisor_rtt_p50": q.rtt_p50_us / n.rtt_p50_us.max(1e-9),
+            }))
+        })
+        .collect();
+    if o.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "results": results, "ratios": ratios })
+            )?
+        );
+    } else {
+        for r in &results {
+            println!(
+                "{:<8} {:>5} B: {} frames ({} lost), rtt p50 {:.0} us p99 {:.0} us, {} exits/frame, VMM CPU {:.1} us/frame",
+                r.vmm,
+                r.size,
+                r.frames,
+                r.lost,
+                r.rtt_p50_us,
+                r.rtt_p99_us,
+                r.exits_per_frame.map_or("n/a".into(), |e| format!("{e:.1}")),
+                r.vmm_cpu_us_per_frame
+            );
+        }
+        for r in &ratios {
+            println!("QEMU / nfvisor at {} B: {r}", r["size"]);
+        }
+    }
+    Ok(0)
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
