@@ -24,8 +24,36 @@
  *   mode=recv count=N   take N frames of ethertype 0x88b5 (others are
  *                       counted as other), check each one's checksum.
  *                       R recv frames= bad= other=
- * timeout_s=30: how long to wait for the next frame (echo, recv) or for a
- * transmitted frame to complete; irq=msix|poll.
+ *   mode=bad case=NAME count=N   a hostile driver: misbehaves as NAME says,
+ *                       reads the device status, resets the device (status
+ *                       must read back 0: survived=1), prints
+ *                       R bad case=NAME status_after= survived= ..., then
+ *                       initialises the device afresh (a new R negotiated)
+ *                       and echoes N frames as mode=echo does. Cases:
+ *     loop          a transmit chain 0 -> 1 -> 0 (NEXT set on both), then
+ *                   one good frame (after_ok=1: it completed)
+ *     past_ram      a transmit descriptor at 0xfff00000 (beyond RAM), one
+ *                   good frame after it; then the only receive buffer posted
+ *                   lies there too (R badwait: the host sends filler frames),
+ *                   rx_len= what the device reported for it, then a good
+ *                   receive buffer (rx_after_ok=1: a frame arrived in it)
+ *     long_chain    a transmit chain of queue_size + 1 descriptors (next
+ *                   pointers wrap; no INDIRECT_DESC), then one good frame
+ *     queue_size3   queue_size=3 written before enabling (and twice the
+ *                   maximum), each read back; then a valid size, DRIVER_OK
+ *     ring_outside  receiveq's rings at 0xfff00000.., enabled, DRIVER_OK:
+ *                   needs_reset= whether the device set NEEDS_RESET
+ *     unoffered     feature bit 33 (not offered) acked with VERSION_1:
+ *                   features_ok= whether FEATURES_OK stuck (it must not)
+ *     reset_mid     R badwait, echoes 3 frames (any unicast), queues 8 more
+ *                   transmit frames, kicks and resets at once (frames in
+ *                   flight both ways); touched=1 if a used ring changed
+ *                   after the reset read back 0
+ *   Frames the guest builds: ethertype 0x88b7 inside bad chains, 0x88b8
+ *   good ones sent during the bad part; the host's filler frames are
+ *   expected to be 0x88b6.
+ * timeout_s=30: how long to wait for the next frame (echo, recv, badwait) or
+ * for a transmitted frame to complete; irq=msix|poll.
  *
  * Test frame (after the 14-byte Ethernet header, little-endian words):
  *   u32 seq, u32 csum = FNV-1a 32 over the rest, then the rest: the bytes of
@@ -343,23 +371,50 @@ static u32 take_buf(void) {
 }
 static void give_buf(u32 b) { free_bufs[nfree++] = b; }
 
-static u16 queue_setup(struct vq *q, u16 index, u16 vector) {
+/* mode=bad: what the driver does wrong (see the top of the file) */
+enum { BAD_NONE, BAD_LOOP, BAD_PAST_RAM, BAD_LONG_CHAIN, BAD_QSIZE3, BAD_RING_OUTSIDE, BAD_UNOFFERED, BAD_RESET_MID };
+#define RAM_HOLE 0xfff00000UL /* beyond guest RAM (and below 4 GiB) */
+static u16 qsize3_read, over_max, over_max_read;
+
+static u16 queue_setup(struct vq *q, u16 index, u16 vector, int bad) {
     mw16(common.addr + C_Q_SELECT, index);
     u16 max = mr16(common.addr + C_Q_SIZE);
     if (max == 0) device_fail("queue size 0: the queue is not available");
     if (max & (max - 1)) device_fail("queue size is not a power of two");
     if (mr16(common.addr + C_Q_ENABLE)) device_fail("queue enabled after reset");
+    if (bad == BAD_QSIZE3 && index == 0) {
+        mw16(common.addr + C_Q_SIZE, 3);
+        qsize3_read = mr16(common.addr + C_Q_SIZE);
+        over_max = max <= 0x4000 ? (u16)(2 * max) : 0x8000;
+        mw16(common.addr + C_Q_SIZE, over_max);
+        over_max_read = mr16(common.addr + C_Q_SIZE);
+    }
     u16 size = max < QMAX ? max : QMAX;
     mw16(common.addr + C_Q_SIZE, size);
     if (mr16(common.addr + C_Q_SIZE) != size) device_fail("the queue size written does not read back");
+    /* the rings as a driver hands them over: zeroed (a reset left the
+     * previous session's indexes in them) */
     q->size = size;
     q->index = index;
     q->last_used = q->avail_idx = 0;
+    for (u32 i = 0; i < QMAX; i++) {
+        q->inflight[i] = 0;
+        q->posted_len[i] = 0;
+        q->used.ring[i].id = q->used.ring[i].len = 0;
+    }
     q->avail.flags = 0;
     q->avail.idx = 0;
-    mw64(common.addr + C_Q_DESC, (u64)q->desc);
-    mw64(common.addr + C_Q_DRIVER, (u64)&q->avail);
-    mw64(common.addr + C_Q_DEVICE, (u64)&q->used);
+    q->used.flags = 0;
+    *(volatile u16 *)&q->used.idx = 0;
+    if (bad == BAD_RING_OUTSIDE && index == 0) {
+        mw64(common.addr + C_Q_DESC, RAM_HOLE);
+        mw64(common.addr + C_Q_DRIVER, RAM_HOLE + 0x1000);
+        mw64(common.addr + C_Q_DEVICE, RAM_HOLE + 0x2000);
+    } else {
+        mw64(common.addr + C_Q_DESC, (u64)q->desc);
+        mw64(common.addr + C_Q_DRIVER, (u64)&q->avail);
+        mw64(common.addr + C_Q_DEVICE, (u64)&q->used);
+    }
     u16 got = NO_VECTOR;
     if (vector != NO_VECTOR) {
         mw16(common.addr + C_Q_MSIX, vector);
@@ -382,18 +437,27 @@ static u16 queue_setup(struct vq *q, u16 index, u16 vector) {
     return got;
 }
 
-/* Makes descriptor d available with buffer b; the caller notifies. */
-static void post(struct vq *q, u16 d, u32 b, u32 len, u16 flags) {
-    q->desc[d].addr = (u64)buffers[b];
+static void set_desc(struct vq *q, u16 d, u64 addr, u32 len, u16 flags, u16 next) {
+    q->desc[d].addr = addr;
     q->desc[d].len = len;
     q->desc[d].flags = flags;
-    q->desc[d].next = 0;
-    q->inflight[d] = (int)b + 1;
-    q->posted_len[d] = len;
-    q->avail.ring[q->avail_idx & (q->size - 1)] = d;
+    q->desc[d].next = next;
+}
+
+/* Makes the chain at head available; the caller notifies. */
+static void publish(struct vq *q, u16 head) {
+    q->avail.ring[q->avail_idx & (q->size - 1)] = head;
     barrier();
     q->avail_idx++;
     *(volatile u16 *)&q->avail.idx = q->avail_idx;
+}
+
+/* Makes descriptor d available with buffer b; the caller notifies. */
+static void post(struct vq *q, u16 d, u32 b, u32 len, u16 flags) {
+    set_desc(q, d, (u64)buffers[b], len, flags, 0);
+    q->inflight[d] = (int)b + 1;
+    q->posted_len[d] = len;
+    publish(q, d);
 }
 
 static void kick(struct vq *q) {
@@ -670,65 +734,65 @@ static int streq(const char *a, const char *b) {
     return *a == *b;
 }
 
-int guest_main(void) {
-    char mode[8] = "echo", irq[8] = "msix";
-    u64 count = 10, size = 60, timeout_s = 30;
-    header("net-probe");
-    arg_str("mode", mode, sizeof(mode));
-    arg_str("irq", irq, sizeof(irq));
-    arg_u64("count", &count);
-    arg_u64("size", &size);
-    arg_u64("timeout_s", &timeout_s);
-    int m_echo = streq(mode, "echo"), m_send = streq(mode, "send"), m_recv = streq(mode, "recv");
-    if (!m_echo && !m_send && !m_recv) fail(STATUS_BAD_ARGS, "mode must be echo, send or recv");
-    if (!streq(irq, "msix") && !streq(irq, "poll")) fail(STATUS_BAD_ARGS, "irq must be msix or poll");
-    if (m_send && (size < 60 || size > FRAME_MAX)) fail(STATUS_BAD_ARGS, "size must be 60..1514");
-    if (!count && !m_echo) fail(STATUS_BAD_ARGS, "count=0 (forever) is for mode=echo");
-    if (!timeout_s || timeout_s > 3600) fail(STATUS_BAD_ARGS, "timeout_s must be 1..3600");
-    timeout_cycles = tsc_khz() * 1000 * timeout_s;
+static u64 offered;
+static u16 nq, link_status, mtu;
+static int want_msix, irq_ready, features_ok_stuck;
 
-    for (dev = 0; dev < 32; dev++)
-        if (pci_read(dev, 0) == VENDOR_DEVICE) break;
-    if (dev == 32) fail(STATUS_FAIL, "no modern virtio-net device (1af4:1041) on PCI bus 0");
-    read_bars();
-    walk_caps();
-
-    /* 3.1.1: reset, then ACKNOWLEDGE and DRIVER */
+/* Writes 0 to device_status and waits (1 s at most) for it to read back 0. */
+static int reset_device(void) {
     set_status(0);
     for (u64 t = rdtsc(); get_status() != 0;)
-        if (rdtsc() - t > tsc_khz() * 1000) fail(STATUS_FAIL, "the device does not finish its reset");
+        if (rdtsc() - t > tsc_khz() * 1000) return 0;
+    return 1;
+}
+
+enum { INIT_OK, INIT_FEATURES_REFUSED, INIT_NEEDS_RESET };
+
+/* 3.1.1 from reset to DRIVER_OK, every receive buffer posted with post_rx;
+ * prints R negotiated. With bad = BAD_QSIZE3, BAD_RING_OUTSIDE or
+ * BAD_UNOFFERED it misbehaves on the way, and returns as soon as the device
+ * has answered (features refused, needs reset). */
+static int init_device(int bad, int post_rx) {
+    if (!reset_device()) fail(STATUS_FAIL, "the device does not finish its reset");
     set_status(S_ACKNOWLEDGE);
     set_status(S_ACKNOWLEDGE | S_DRIVER);
 
     mw32(common.addr + C_DFSELECT, 0);
-    u64 offered = mr32(common.addr + C_DF);
+    offered = mr32(common.addr + C_DF);
     mw32(common.addr + C_DFSELECT, 1);
     offered |= (u64)mr32(common.addr + C_DF) << 32;
     if (!(offered & (1UL << F_VERSION_1))) device_fail("VIRTIO_F_VERSION_1 not offered");
     features = offered & ACCEPTED;
+    u64 acked = features;
+    if (bad == BAD_UNOFFERED) acked |= 1UL << 33; /* ACCESS_PLATFORM, never offered here */
     mw32(common.addr + C_GFSELECT, 0);
-    mw32(common.addr + C_GF, (u32)features);
+    mw32(common.addr + C_GF, (u32)acked);
     mw32(common.addr + C_GFSELECT, 1);
-    mw32(common.addr + C_GF, (u32)(features >> 32));
+    mw32(common.addr + C_GF, (u32)(acked >> 32));
     set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-    if (!(get_status() & S_FEATURES_OK)) device_fail("FEATURES_OK did not read back: features refused");
+    features_ok_stuck = (get_status() & S_FEATURES_OK) != 0;
+    /* a driver never goes on with features it made up, taken or not */
+    if (bad == BAD_UNOFFERED) return INIT_FEATURES_REFUSED;
+    if (!features_ok_stuck) device_fail("FEATURES_OK did not read back: features refused");
 
-    u16 nq = mr16(common.addr + C_NUMQ);
+    nq = mr16(common.addr + C_NUMQ);
     if (nq < 2) device_fail("fewer than two queues");
-    u16 status, mtu;
     if (!devcfg.found && (features & ((1UL << F_MAC) | (1UL << F_STATUS) | (1UL << F_MTU))))
         device_fail("no device configuration capability");
     if (devcfg.found && devcfg.len < 12 && (features & (1UL << F_MTU))) device_fail("device config too short for mtu");
     if (devcfg.found && devcfg.len < 8 && (features & (1UL << F_STATUS))) device_fail("device config too short for status");
     if (devcfg.found && devcfg.len < 6 && (features & (1UL << F_MAC))) device_fail("device config too short for mac");
-    read_config(&status, &mtu);
+    read_config(&link_status, &mtu);
 
     /* interrupts: config on entry 0, receiveq 1, transmitq 2 (all on 0
      * when the table is smaller) */
-    idt_init();
-    idt_set(NET_VECTOR, ext_stub);
-    lapic_enable();
-    int msix = irq[0] == 'm' && msix_table;
+    if (!irq_ready) {
+        idt_init();
+        idt_set(NET_VECTOR, ext_stub);
+        lapic_enable();
+        irq_ready = 1;
+    }
+    int msix = want_msix && msix_table;
     u16 vcfg = NO_VECTOR, vrx = NO_VECTOR, vtx = NO_VECTOR;
     if (msix) {
         msix_enable(msix_entries < 3 ? 1 : 3);
@@ -738,26 +802,30 @@ int guest_main(void) {
         mw16(common.addr + C_MSIX, vcfg);
         if (mr16(common.addr + C_MSIX) != vcfg) msix = 0;
     }
-    u16 grx = queue_setup(&rxq, 0, msix ? vrx : NO_VECTOR);
-    u16 gtx = queue_setup(&txq, 1, msix ? vtx : NO_VECTOR);
+    u16 grx = queue_setup(&rxq, 0, msix ? vrx : NO_VECTOR, bad);
+    u16 gtx = queue_setup(&txq, 1, msix ? vtx : NO_VECTOR, bad);
     if (msix && (grx != vrx || gtx != vtx)) msix = 0; /* refused: poll */
     msix_on = msix;
     set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
-    if (get_status() & (S_NEEDS_RESET | S_FAILED)) device_fail("the device needs a reset after DRIVER_OK");
-
-    if (m_send && size > (u64)mtu + 14) fail(STATUS_BAD_ARGS, "size is larger than the device's mtu + 14");
+    if (get_status() & (S_NEEDS_RESET | S_FAILED)) {
+        if (bad == BAD_RING_OUTSIDE) return INIT_NEEDS_RESET;
+        device_fail("the device needs a reset after DRIVER_OK");
+    }
+    if (bad == BAD_RING_OUTSIDE) return INIT_OK; /* taken (wrongly): never used */
 
     nfree = 0;
     for (u32 b = NBUF; b > 0; b--) give_buf(b - 1);
-    for (u16 d = 0; d < rxq.size; d++) post(&rxq, d, take_buf(), BUF_LEN, VIRTQ_DESC_F_WRITE);
-    kick(&rxq);
+    if (post_rx) {
+        for (u16 d = 0; d < rxq.size; d++) post(&rxq, d, take_buf(), BUF_LEN, VIRTQ_DESC_F_WRITE);
+        kick(&rxq);
+    }
 
     puts("R negotiated features=");
     put_hex(features);
     puts(" mac=");
     put_mac(mac);
     put_kv("mtu", mtu);
-    put_kv("status", status);
+    put_kv("status", link_status);
     put_kv("queue_size", rxq.size);
     put_kv("tx_queue_size", txq.size);
     put_kv("msix", (u64)msix);
@@ -765,7 +833,275 @@ int guest_main(void) {
     put_hex(offered);
     put_kv("queues", nq);
     putc('\n');
+    return INIT_OK;
+}
 
+/* ------------------------------------------------------- mode=bad --- */
+#define VIRTQ_DESC_F_NEXT 1
+#define BAD_ETHERTYPE 0x88b7  /* frames built into bad chains */
+#define GOOD_ETHERTYPE 0x88b8 /* good frames sent during the bad part */
+
+/* What a case saw, printed in its R bad record. */
+static struct {
+    const char *key;
+    u64 value;
+} notes[12];
+static int nnotes;
+
+static void note(const char *key, u64 value) {
+    if (nnotes == 12) fail(STATUS_FAIL, "too many notes (a driver bug)");
+    notes[nnotes].key = key;
+    notes[nnotes].value = value;
+    nnotes++;
+}
+
+/* The next used element of q, checked for nothing but its index (the bad
+ * part keeps no books), waited for up to ms: 1 and *id, *len, or 0. */
+static int raw_used(struct vq *q, u64 ms, u32 *id, u32 *len) {
+    if (!wait_used(q, tsc_khz() * ms)) return 0;
+    if ((u16)(used_idx(q) - q->last_used) > q->size) device_fail("used index ran ahead of the ring");
+    barrier();
+    struct used_elem e = *(volatile struct used_elem *)&q->used.ring[q->last_used & (q->size - 1)];
+    q->last_used++;
+    *id = e.id;
+    *len = e.len;
+    return 1;
+}
+
+/* A broadcast frame of size bytes (60..1514) behind a zeroed virtio-net
+ * header at p; its length with the header. */
+static u32 build_frame(u8 *p, u16 ethertype, u32 size, u32 seq) {
+    clear_hdr(p);
+    u8 *f = p + HDR_LEN;
+    for (int i = 0; i < 6; i++) {
+        f[i] = 0xff;
+        f[6 + i] = mac[i];
+    }
+    f[12] = (u8)(ethertype >> 8);
+    f[13] = (u8)ethertype;
+    fill_pattern(f + 14, size - 14, seq);
+    return HDR_LEN + size;
+}
+
+/* One good 60-byte frame on transmit descriptor d: 1 if the device
+ * completed it within 5 s. */
+static int good_tx(u16 d) {
+    u32 b = take_buf(), id, len;
+    set_desc(&txq, d, (u64)buffers[b], build_frame(buffers[b], GOOD_ETHERTYPE, 60, 0), 0, 0);
+    publish(&txq, d);
+    kick(&txq);
+    return raw_used(&txq, 5000, &id, &len) && id == d;
+}
+
+/* Sends the transmit chain at head and notes whether (tx_used) and how
+ * (used_id) the device gave it back, then whether a good frame on
+ * descriptor good went through after it (after_ok). */
+static void bad_tx(u16 head, u16 good) {
+    u32 id = 0, len = 0;
+    publish(&txq, head);
+    kick(&txq);
+    int used = raw_used(&txq, 5000, &id, &len);
+    note("tx_used", (u64)used);
+    note("used_id", id);
+    note("after_ok", used ? (u64)good_tx(good) : 0);
+}
+
+static u8 bad_loop(void) {
+    init_device(BAD_NONE, 1);
+    u32 b0 = take_buf(), b1 = take_buf();
+    u32 l0 = build_frame(buffers[b0], BAD_ETHERTYPE, 60, 1);
+    fill_pattern(buffers[b1], 60, 2);
+    set_desc(&txq, 0, (u64)buffers[b0], l0, VIRTQ_DESC_F_NEXT, 1);
+    set_desc(&txq, 1, (u64)buffers[b1], 60, VIRTQ_DESC_F_NEXT, 0);
+    bad_tx(0, 2);
+    return get_status();
+}
+
+static u8 bad_long_chain(void) {
+    init_device(BAD_NONE, 1);
+    u16 n = txq.size;
+    u32 b0 = take_buf(), b1 = take_buf();
+    build_frame(buffers[b0], BAD_ETHERTYPE, 60, 3);
+    fill_pattern(buffers[b1], 16, 4);
+    /* 0 -> 1 -> ... -> n-1 -> 0: n + 1 descriptors and on */
+    set_desc(&txq, 0, (u64)buffers[b0], HDR_LEN + 16, VIRTQ_DESC_F_NEXT, 1);
+    for (u16 d = 1; d < n; d++) set_desc(&txq, d, (u64)buffers[b1], 16, VIRTQ_DESC_F_NEXT, (u16)((d + 1) & (n - 1)));
+    note("chain", (u64)n + 1);
+    bad_tx(0, 0);
+    return get_status();
+}
+
+static u8 bad_past_ram(void) {
+    init_device(BAD_NONE, 0); /* no receive buffer yet */
+    set_desc(&txq, 0, RAM_HOLE, 64, 0, 0);
+    bad_tx(0, 1);
+    /* the only receive buffer lies beyond RAM: the first frame is for it */
+    u32 id = 0, len = 0;
+    set_desc(&rxq, 0, RAM_HOLE, BUF_LEN, VIRTQ_DESC_F_WRITE, 0);
+    publish(&rxq, 0);
+    kick(&rxq);
+    puts("R badwait case=past_ram\n");
+    int used = raw_used(&rxq, timeout_cycles / tsc_khz(), &id, &len);
+    note("rx_used", (u64)used);
+    note("rx_id", id);
+    note("rx_len", len);
+    /* then a good one: the next frame must arrive in it */
+    u32 b = take_buf();
+    set_desc(&rxq, 1, (u64)buffers[b], BUF_LEN, VIRTQ_DESC_F_WRITE, 0);
+    publish(&rxq, 1);
+    kick(&rxq);
+    used = raw_used(&rxq, timeout_cycles / tsc_khz(), &id, &len);
+    note("rx_after_ok", (u64)(used && id == 1 && len > HDR_LEN));
+    return get_status();
+}
+
+static u8 bad_queue_size3(void) {
+    init_device(BAD_QSIZE3, 1);
+    note("wrote", 3);
+    note("read_back", qsize3_read);
+    note("over_max", over_max);
+    note("over_max_read_back", over_max_read);
+    note("size", rxq.size);
+    return get_status();
+}
+
+static u8 bad_ring_outside(void) {
+    int r = init_device(BAD_RING_OUTSIDE, 0);
+    u8 st = get_status();
+    note("needs_reset", (st & S_NEEDS_RESET) != 0);
+    note("taken", r == INIT_OK);
+    return st;
+}
+
+static u8 bad_unoffered(void) {
+    init_device(BAD_UNOFFERED, 0);
+    u8 st = get_status();
+    note("features_ok", (u64)features_ok_stuck);
+    return st;
+}
+
+static u8 bad_reset_mid(void) {
+    init_device(BAD_NONE, 1);
+    puts("R badwait case=reset_mid\n");
+    u64 echoed = 0;
+    while (echoed < 3) { /* any unicast frame, echoed */
+        reap_tx();
+        u16 d;
+        u32 b, len;
+        if (!next_used(&rxq, &d, &b, &len)) {
+            if (!wait_used(&rxq, timeout_cycles)) device_fail("timeout: no frame received");
+            continue;
+        }
+        u8 *p = buffers[b], *f = p + HDR_LEN;
+        if (len < HDR_LEN + 14 || (f[0] & 1)) {
+            post(&rxq, d, b, BUF_LEN, VIRTQ_DESC_F_WRITE);
+            kick(&rxq);
+            continue;
+        }
+        for (int i = 0; i < 6; i++) {
+            u8 t = f[i];
+            f[i] = f[6 + i];
+            f[6 + i] = t;
+        }
+        clear_hdr(p);
+        u16 t = tx_slot();
+        post(&txq, t, b, len, 0);
+        kick(&txq);
+        post(&rxq, d, take_buf(), BUF_LEN, VIRTQ_DESC_F_WRITE);
+        kick(&rxq);
+        echoed++;
+    }
+    /* eight more frames, one kick, and the reset at once */
+    for (u32 i = 0; i < 8; i++) {
+        u16 t = tx_slot();
+        u32 b = take_buf();
+        post(&txq, t, b, build_frame(buffers[b], GOOD_ETHERTYPE, 60, i), 0);
+    }
+    kick(&txq);
+    set_status(0);
+    int reset_ok = 1;
+    for (u64 t = rdtsc(); get_status() != 0;)
+        if (rdtsc() - t > tsc_khz() * 1000) {
+            reset_ok = 0;
+            break;
+        }
+    u8 st = get_status();
+    /* once the reset read back 0 the device touches the rings no more */
+    u16 rx_used = used_idx(&rxq), tx_used = used_idx(&txq);
+    for (u64 t = rdtsc(); rdtsc() - t < tsc_khz() * 50;) cpu_relax();
+    note("touched", used_idx(&rxq) != rx_used || used_idx(&txq) != tx_used);
+    note("echoed", echoed);
+    note("tx_posted", txq.avail_idx);
+    note("tx_completed", tx_used);
+    note("rx_posted", rxq.avail_idx);
+    note("rx_completed", rx_used);
+    note("reset_ok", (u64)reset_ok);
+    return st;
+}
+
+static const struct {
+    const char *name;
+    u8 (*run)(void);
+} bad_cases[] = {
+    {"loop", bad_loop},
+    {"past_ram", bad_past_ram},
+    {"long_chain", bad_long_chain},
+    {"queue_size3", bad_queue_size3},
+    {"ring_outside", bad_ring_outside},
+    {"unoffered", bad_unoffered},
+    {"reset_mid", bad_reset_mid},
+};
+
+/* The case's misbehaviour, the device reset (survived: status read back 0),
+ * R bad, then a fresh initialisation and count frames echoed. */
+static int bad_mode(const char *name, u64 count) {
+    u32 i = 0;
+    while (i < sizeof(bad_cases) / sizeof(bad_cases[0]) && !streq(name, bad_cases[i].name)) i++;
+    if (i == sizeof(bad_cases) / sizeof(bad_cases[0]))
+        fail(STATUS_BAD_ARGS, "case must be loop, past_ram, long_chain, queue_size3, ring_outside, unoffered or reset_mid");
+    u8 status_after = bad_cases[i].run();
+    int survived = reset_device();
+    puts("R bad case=");
+    puts(name);
+    for (int n = 0; n < nnotes; n++) put_kv(notes[n].key, notes[n].value);
+    put_kv("status_after", status_after);
+    put_kv("survived", (u64)survived);
+    putc('\n');
+    if (!survived) device_fail("the device does not finish its reset after the bad part");
+    init_device(BAD_NONE, 1);
+    return echo(count);
+}
+
+int guest_main(void) {
+    char mode[8] = "echo", irq[8] = "msix", bad_case[16] = "";
+    u64 count = 10, size = 60, timeout_s = 30;
+    header("net-probe");
+    arg_str("mode", mode, sizeof(mode));
+    arg_str("irq", irq, sizeof(irq));
+    arg_str("case", bad_case, sizeof(bad_case));
+    arg_u64("count", &count);
+    arg_u64("size", &size);
+    arg_u64("timeout_s", &timeout_s);
+    int m_echo = streq(mode, "echo"), m_send = streq(mode, "send"), m_recv = streq(mode, "recv"),
+        m_bad = streq(mode, "bad");
+    if (!m_echo && !m_send && !m_recv && !m_bad) fail(STATUS_BAD_ARGS, "mode must be echo, send, recv or bad");
+    if (!streq(irq, "msix") && !streq(irq, "poll")) fail(STATUS_BAD_ARGS, "irq must be msix or poll");
+    if (m_send && (size < 60 || size > FRAME_MAX)) fail(STATUS_BAD_ARGS, "size must be 60..1514");
+    if (!count && (m_send || m_recv)) fail(STATUS_BAD_ARGS, "count=0 (forever) is for mode=echo and mode=bad");
+    if (m_bad && !bad_case[0]) fail(STATUS_BAD_ARGS, "mode=bad needs case=NAME");
+    if (!timeout_s || timeout_s > 3600) fail(STATUS_BAD_ARGS, "timeout_s must be 1..3600");
+    timeout_cycles = tsc_khz() * 1000 * timeout_s;
+    want_msix = irq[0] == 'm';
+
+    for (dev = 0; dev < 32; dev++)
+        if (pci_read(dev, 0) == VENDOR_DEVICE) break;
+    if (dev == 32) fail(STATUS_FAIL, "no modern virtio-net device (1af4:1041) on PCI bus 0");
+    read_bars();
+    walk_caps();
+
+    if (m_bad) return bad_mode(bad_case, count);
+    init_device(BAD_NONE, 1);
+    if (m_send && size > (u64)mtu + 14) fail(STATUS_BAD_ARGS, "size is larger than the device's mtu + 14");
     if (m_echo) return echo(count);
     if (m_send) return send(count, size);
     return recv(count);
