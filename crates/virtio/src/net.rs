@@ -235,6 +235,25 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
     }
 }
 
+/// A chain's descriptors, or None when it does not end where it should:
+/// virtio-queue's iterator stops quietly at a loop, after as many
+/// descriptors as the queue holds, at an index past the table or an
+/// unreadable descriptor, so a chain whose last descriptor still points on
+/// was cut short there.
+fn whole_chain<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+) -> Option<Vec<virtio_queue::desc::split::Descriptor>>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let descs: Vec<_> = chain.collect();
+    match descs.last() {
+        Some(d) if !d.has_next() => Some(descs),
+        _ => None,
+    }
+}
+
 struct Worker<M> {
     mem: M,
     link_up: Arc<AtomicBool>,
@@ -401,7 +420,21 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             let mut written = 0usize;
             let mut room = 0usize;
             let mut bad = false;
-            let descs: Vec<_> = chain.collect();
+            let Some(descs) = whole_chain(chain) else {
+                // a chain that does not end (a loop, longer than the queue,
+                // an index past the table): given back unused, the frame
+                // kept for the next chain
+                self.bad_queue(
+                    RX,
+                    "a receive chain that does not end (a loop, or longer than the queue)",
+                );
+                if let Err(e) = self.queues[RX].0.add_used(&mem, head, 0) {
+                    self.bad_queue(RX, &format!("{e:?}"));
+                }
+                self.pending = Some(frame);
+                delivered = true;
+                continue;
+            };
             for d in &descs {
                 if !d.is_write_only() {
                     bad = true;
@@ -466,8 +499,15 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         while let Some(chain) = self.queues[TX].0.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             let mut frame = Vec::new();
-            let mut ok = true;
-            for d in chain {
+            let descs = whole_chain(chain);
+            let mut ok = descs.is_some();
+            if !ok {
+                self.bad_queue(
+                    TX,
+                    "a transmit chain that does not end (a loop, or longer than the queue)",
+                );
+            }
+            for d in descs.into_iter().flatten() {
                 let end = frame.len().checked_add(d.len() as usize);
                 match end {
                     Some(end) if !d.is_write_only() && end <= MAX_FRAME => {
@@ -531,9 +571,9 @@ mod tests {
     }
 
     /// The guest is untrusted: a transmit chain with a device-writable
-    /// descriptor, one past guest memory and one shorter than the header
-    /// are dropped and counted, each given back used; the good one goes to
-    /// the TAP; nothing panics and the queue goes on.
+    /// descriptor, one past guest memory, one shorter than the header and
+    /// a loop are dropped and counted, each given back used; the good one
+    /// goes to the TAP; nothing panics and the queue goes on.
     #[test]
     fn bad_transmit_chains_are_dropped_counted_and_given_back() {
         let mem: GuestMemoryMmap =
@@ -553,6 +593,22 @@ mod tests {
             0,
         )
         .unwrap();
+        // a loop: descriptors 4 -> 5 -> 4, NEXT set on both
+        let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        vq.desc_table()
+            .store(
+                4,
+                RawDescriptor::from(SplitDescriptor::new(0x10_3000, 64, next, 5)),
+            )
+            .unwrap();
+        vq.desc_table()
+            .store(
+                5,
+                RawDescriptor::from(SplitDescriptor::new(0x10_4000, 64, next, 4)),
+            )
+            .unwrap();
+        vq.avail().ring().ref_at(4).unwrap().store(u16::to_le(4));
+        vq.avail().idx().store(u16::to_le(5));
         let queue: Queue = vq.create_queue().unwrap();
         let name = format!("nfvut{}", std::process::id() % 100_000);
         let tap = Arc::new(Tap::open(&name).expect("a TAP (root and /dev/net/tun)"));
@@ -575,11 +631,11 @@ mod tests {
         };
         w.transmit();
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        assert_eq!(l(&counters.tx_dropped_bad_chain), 3);
+        assert_eq!(l(&counters.tx_dropped_bad_chain), 4);
         // (the TAP is down: the good frame's write fails, counted, and the
         // queue goes on)
         assert_eq!(l(&counters.tx_frames) + l(&counters.tx_write_errors), 1);
-        assert_eq!(vq.used().idx().load(), 4, "every chain given back");
+        assert_eq!(vq.used().idx().load(), 5, "every chain given back");
         assert_eq!(l(&interrupt.0) + l(&counters.notifications_suppressed), 1);
     }
 
