@@ -125,6 +125,7 @@ fn a_link_taken_down_delivers_nothing_until_it_is_up_again() {
     let mut vm = Vm::start(cmd);
     vm.wait_for("R negotiated", Duration::from_secs(60));
     wait_for_path(&ctl);
+    until_echoing(&sock, Duration::from_secs(10));
     let c = ctl.to_str().unwrap();
     let link = |action: &str| {
         let r = nfvisor(&["net-link", "--control-socket", c, action], T);
@@ -181,6 +182,7 @@ fn a_nic_migrates_mid_traffic_without_duplicates_or_corruption() {
     let mut src = Vm::start(src);
     src.wait_for("R negotiated", T);
     wait_for_path(&ctl);
+    until_echoing(&sock, Duration::from_secs(10));
     let mut report = None;
     let back = echo_stream(&sock, 200, Duration::from_millis(10), &mut || {
         let r = migrate(ctl.to_str().unwrap(), &listen, &["--json"]);
@@ -230,6 +232,7 @@ fn a_vm_with_a_nic_is_snapshotted_and_restored() {
     let mut vm = Vm::start(cmd);
     vm.wait_for("R negotiated", T);
     wait_for_path(&ctl);
+    until_echoing(&sock, Duration::from_secs(10));
     let before = echo_stream(&sock, 10, Duration::from_millis(30), &mut || {});
     assert!(before.iter().all(|&n| n == 1), "{before:?}");
     let r = nfvisor(
@@ -254,6 +257,7 @@ fn a_vm_with_a_nic_is_snapshotted_and_restored() {
         .args(["--net", "tap=nfvtapb"]);
     let mut restored = Vm::start(restored);
     restored.wait_for("vCPU 0 runs on host thread", T);
+    until_echoing(&sock, Duration::from_secs(10));
     let there = echo_stream(&sock, 10, Duration::from_millis(30), &mut || {});
     assert!(
         there.iter().all(|&n| n == 1),
