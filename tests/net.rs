@@ -280,7 +280,8 @@ fn bad_nic_settings_are_refused_by_name() {
         ("fd=0", "fd 0 is not a TAP"),
         ("fd=4321", "fd 4321 is not a TAP"),
         ("mac=52:54:00:12:34:56", "no tap=NAME or fd=N"),
-        ("tap=a-name-far-too-long-for-linux", "longer than 15 bytes"),
+        ("tap=a-name-far-too-long-for-linux", "does not exist"),
+        ("tap=nfvnosuch0", "TAP \"nfvnosuch0\" does not exist"),
     ] {
         let r = nfvisor(
             &["run", "--guest", "hello", "--net", spec],

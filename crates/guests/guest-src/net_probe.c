@@ -49,6 +49,21 @@
  *                   transmit frames, kicks and resets at once (frames in
  *                   flight both ways); touched=1 if a used ring changed
  *                   after the reset read back 0
+ *   mode=link count=N   needs NET_F_STATUS: the configuration vector gets
+ *                       an MSI-X entry and an interrupt vector of its own
+ *                       (entry 0, CFG_VECTOR; with fewer than three entries
+ *                       the queues get none), R link status=S gen= vector=
+ *                       msix=, then waits for configuration changes: each
+ *                       time config_generation moved, the status is read
+ *                       again (between two equal config_generation reads)
+ *                       and R link status=S change=K via=irq|poll gen=
+ *                       retries= printed (via=poll: the generation was
+ *                       seen to move by polling, every 10 ms, and no
+ *                       configuration interrupt came within 100 ms after);
+ *                       after N of them R link changes=N irqs= (config
+ *                       interrupts) late= (those that came with no new
+ *                       generation) queue_irqs=, status 0 (1: timeout, no
+ *                       change within timeout_s)
  *   Frames the guest builds: ethertype 0x88b7 inside bad chains, 0x88b8
  *   good ones sent during the bad part; the host's filler frames are
  *   expected to be 0x88b6.
@@ -67,6 +82,7 @@
 
 #define VENDOR_DEVICE 0x10411af4u
 #define NET_VECTOR 0x51
+#define CFG_VECTOR 0x52 /* mode=link: configuration changes only */
 #define QMAX 64
 #define HDR_LEN 12
 #define FRAME_MAX 1514
@@ -319,14 +335,51 @@ void ext_irq(void) {
     lapic_eoi();
 }
 
-/* MSI-X table entries 0..n-1 to this CPU's LAPIC, NET_VECTOR, then MSI-X
- * on with the function unmasked. */
+/* mode=link: configuration-change interrupts on CFG_VECTOR, counted apart
+ * (entry.S's stubs call ext_irq and timer_irq only; this one saves the
+ * same registers: the stack is 16-byte aligned at the call) */
+void cfg_stub(void);
+static volatile u64 cfg_irqs;
+
+void cfg_irq(void) {
+    cfg_irqs++;
+    lapic_eoi();
+}
+
+__asm__(".text\n"
+        ".globl cfg_stub\n"
+        "cfg_stub:\n"
+        "    pushq %rax\n"
+        "    pushq %rcx\n"
+        "    pushq %rdx\n"
+        "    pushq %rsi\n"
+        "    pushq %rdi\n"
+        "    pushq %r8\n"
+        "    pushq %r9\n"
+        "    pushq %r10\n"
+        "    pushq %r11\n"
+        "    call cfg_irq\n"
+        "    popq %r11\n"
+        "    popq %r10\n"
+        "    popq %r9\n"
+        "    popq %r8\n"
+        "    popq %rdi\n"
+        "    popq %rsi\n"
+        "    popq %rdx\n"
+        "    popq %rcx\n"
+        "    popq %rax\n"
+        "    iretq\n");
+
+static u8 entry0_vector = NET_VECTOR; /* CFG_VECTOR in mode=link */
+
+/* MSI-X table entries 0..n-1 to this CPU's LAPIC, NET_VECTOR (entry 0:
+ * entry0_vector), then MSI-X on with the function unmasked. */
 static void msix_enable(u32 n) {
     volatile u32 *t = (volatile u32 *)msix_table;
     for (u32 v = 0; v < n; v++) {
         t[4 * v + 0] = 0xfee00000u | (lapic_id() << 12);
         t[4 * v + 1] = 0;
-        t[4 * v + 2] = NET_VECTOR; /* fixed, edge */
+        t[4 * v + 2] = v ? NET_VECTOR : entry0_vector; /* fixed, edge */
         t[4 * v + 3] = 0;          /* unmasked */
     }
     u32 head = pci_read(dev, msix_at);
@@ -736,7 +789,7 @@ static int streq(const char *a, const char *b) {
 
 static u64 offered;
 static u16 nq, link_status, mtu;
-static int want_msix, irq_ready, features_ok_stuck;
+static int want_msix, irq_ready, features_ok_stuck, link_mode;
 
 /* Writes 0 to device_status and waits (1 s at most) for it to read back 0. */
 static int reset_device(void) {
@@ -789,6 +842,7 @@ static int init_device(int bad, int post_rx) {
     if (!irq_ready) {
         idt_init();
         idt_set(NET_VECTOR, ext_stub);
+        idt_set(CFG_VECTOR, cfg_stub);
         lapic_enable();
         irq_ready = 1;
     }
@@ -799,6 +853,7 @@ static int init_device(int bad, int post_rx) {
         vcfg = 0;
         vrx = msix_entries < 3 ? 0 : 1;
         vtx = msix_entries < 3 ? 0 : 2;
+        if (link_mode && msix_entries < 3) vrx = vtx = NO_VECTOR; /* entry 0 is config's */
         mw16(common.addr + C_MSIX, vcfg);
         if (mr16(common.addr + C_MSIX) != vcfg) msix = 0;
     }
@@ -1072,6 +1127,85 @@ static int bad_mode(const char *name, u64 count) {
     return echo(count);
 }
 
+/* ------------------------------------------------------ mode=link --- */
+static u64 link_retries;
+
+/* The link status, read between two equal config_generation reads; *gen
+ * the generation it belongs to. */
+static u16 read_link(u8 *gen) {
+    for (int tries = 0;; tries++) {
+        if (tries == 100) device_fail("config_generation never settles");
+        u8 g = mr8(common.addr + C_GENERATION);
+        u16 s = cfg16(6);
+        if (mr8(common.addr + C_GENERATION) == g) {
+            *gen = g;
+            return s;
+        }
+        link_retries++;
+    }
+}
+
+static u8 generation(void) { return mr8(common.addr + C_GENERATION); }
+
+/* Waits for count configuration changes (see the top of the file). */
+static int link(u64 count) {
+    if (!(features & (1UL << F_STATUS))) device_fail("VIRTIO_NET_F_STATUS not negotiated: no link status");
+    u8 gen;
+    u16 st = read_link(&gen);
+    puts("R link");
+    put_kv("status", st);
+    put_kv("gen", gen);
+    put_kv("vector", mr16(common.addr + C_MSIX));
+    put_kv("msix", (u64)msix_on);
+    putc('\n');
+    u64 changes = 0, late = 0, slice = tsc_khz() * 10, grace = tsc_khz() * 100;
+    while (changes < count) {
+        u64 t0 = rdtsc(), seen = cfg_irqs;
+        int via_irq = 0;
+        for (;;) {
+            if (cfg_irqs != seen) {
+                if (generation() != gen) {
+                    via_irq = 1;
+                    break;
+                }
+                /* no new generation: late (an earlier change's) or spurious */
+                late += cfg_irqs - seen;
+                seen = cfg_irqs;
+            }
+            if (generation() != gen) {
+                /* seen by polling: the interrupt gets grace before the
+                 * change counts as one without */
+                __asm__ volatile("sti" ::: "memory");
+                for (u64 t1 = rdtsc(); cfg_irqs == seen && rdtsc() - t1 < grace;) cpu_relax();
+                __asm__ volatile("cli" ::: "memory");
+                via_irq = cfg_irqs != seen;
+                break;
+            }
+            if (rdtsc() - t0 > timeout_cycles) device_fail("timeout: no configuration change");
+            __asm__ volatile("sti" ::: "memory");
+            for (u64 t1 = rdtsc(); cfg_irqs == seen && rdtsc() - t1 < slice;) cpu_relax();
+            __asm__ volatile("cli" ::: "memory");
+        }
+        u64 retries = link_retries;
+        st = read_link(&gen);
+        changes++;
+        puts("R link");
+        put_kv("status", st);
+        put_kv("change", changes);
+        puts(via_irq ? " via=irq" : " via=poll");
+        put_kv("gen", gen);
+        put_kv("retries", link_retries - retries);
+        putc('\n');
+    }
+    puts("R link");
+    put_kv("changes", changes);
+    put_kv("irqs", cfg_irqs);
+    put_kv("late", late);
+    put_kv("queue_irqs", irqs);
+    putc('\n');
+    return STATUS_OK;
+}
+
 int guest_main(void) {
     char mode[8] = "echo", irq[8] = "msix", bad_case[16] = "";
     u64 count = 10, size = 60, timeout_s = 30;
@@ -1083,15 +1217,18 @@ int guest_main(void) {
     arg_u64("size", &size);
     arg_u64("timeout_s", &timeout_s);
     int m_echo = streq(mode, "echo"), m_send = streq(mode, "send"), m_recv = streq(mode, "recv"),
-        m_bad = streq(mode, "bad");
-    if (!m_echo && !m_send && !m_recv && !m_bad) fail(STATUS_BAD_ARGS, "mode must be echo, send, recv or bad");
+        m_bad = streq(mode, "bad"), m_link = streq(mode, "link");
+    if (!m_echo && !m_send && !m_recv && !m_bad && !m_link)
+        fail(STATUS_BAD_ARGS, "mode must be echo, send, recv, bad or link");
     if (!streq(irq, "msix") && !streq(irq, "poll")) fail(STATUS_BAD_ARGS, "irq must be msix or poll");
     if (m_send && (size < 60 || size > FRAME_MAX)) fail(STATUS_BAD_ARGS, "size must be 60..1514");
-    if (!count && (m_send || m_recv)) fail(STATUS_BAD_ARGS, "count=0 (forever) is for mode=echo and mode=bad");
+    if (!count && (m_send || m_recv || m_link)) fail(STATUS_BAD_ARGS, "count=0 (forever) is for mode=echo and mode=bad");
     if (m_bad && !bad_case[0]) fail(STATUS_BAD_ARGS, "mode=bad needs case=NAME");
     if (!timeout_s || timeout_s > 3600) fail(STATUS_BAD_ARGS, "timeout_s must be 1..3600");
     timeout_cycles = tsc_khz() * 1000 * timeout_s;
     want_msix = irq[0] == 'm';
+    link_mode = m_link;
+    if (m_link) entry0_vector = CFG_VECTOR;
 
     for (dev = 0; dev < 32; dev++)
         if (pci_read(dev, 0) == VENDOR_DEVICE) break;
@@ -1104,5 +1241,6 @@ int guest_main(void) {
     if (m_send && size > (u64)mtu + 14) fail(STATUS_BAD_ARGS, "size is larger than the device's mtu + 14");
     if (m_echo) return echo(count);
     if (m_send) return send(count, size);
+    if (m_link) return link(count);
     return recv(count);
 }

@@ -42,8 +42,10 @@ pub struct NetCounters {
     pub tx_bytes: AtomicU64,
     pub tx_dropped_bad_chain: AtomicU64,
     pub tx_write_errors: AtomicU64,
-    pub notifications: AtomicU64,
-    pub notifications_suppressed: AtomicU64,
+    /// Interrupts sent, and those EVENT_IDX let the device leave out, per
+    /// queue (receive, transmit).
+    pub notifications: [AtomicU64; 2],
+    pub notifications_suppressed: [AtomicU64; 2],
     pub bad_queue: AtomicU64,
     /// Frames dropped either way while the link is down.
     pub dropped_link_down: AtomicU64,
@@ -197,8 +199,16 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             ("tx_bytes", l(&c.tx_bytes)),
             ("tx_dropped_bad_chain", l(&c.tx_dropped_bad_chain)),
             ("tx_write_errors", l(&c.tx_write_errors)),
-            ("notifications", l(&c.notifications)),
-            ("notifications_suppressed", l(&c.notifications_suppressed)),
+            ("rx_notifications", l(&c.notifications[RX])),
+            (
+                "rx_notifications_suppressed",
+                l(&c.notifications_suppressed[RX]),
+            ),
+            ("tx_notifications", l(&c.notifications[TX])),
+            (
+                "tx_notifications_suppressed",
+                l(&c.notifications_suppressed[TX]),
+            ),
             ("bad_queue", l(&c.bad_queue)),
             ("dropped_link_down", l(&c.dropped_link_down)),
             ("rx_dropped_at_stop", l(&c.rx_dropped_at_stop)),
@@ -358,13 +368,11 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     fn notify(&mut self, q: usize) {
         match self.queues[q].0.needs_notification(&self.mem) {
             Ok(true) => {
-                self.counters.notifications.fetch_add(1, Ordering::Relaxed);
+                self.counters.notifications[q].fetch_add(1, Ordering::Relaxed);
                 self.interrupt.queue(q as u16);
             }
             Ok(false) => {
-                self.counters
-                    .notifications_suppressed
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.notifications_suppressed[q].fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => self.bad_queue(q, &format!("{e:?}")),
         }
@@ -636,7 +644,10 @@ mod tests {
         // queue goes on)
         assert_eq!(l(&counters.tx_frames) + l(&counters.tx_write_errors), 1);
         assert_eq!(vq.used().idx().load(), 5, "every chain given back");
-        assert_eq!(l(&interrupt.0) + l(&counters.notifications_suppressed), 1);
+        assert_eq!(
+            l(&interrupt.0) + l(&counters.notifications_suppressed[TX]),
+            1
+        );
     }
 
     #[test]

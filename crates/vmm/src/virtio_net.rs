@@ -222,6 +222,19 @@ pub fn attach(
     spec: &NetSpec,
     index: usize,
 ) -> Result<Attached> {
+    if let TapSource::Name(n) = &spec.tap {
+        // an orchestrator makes the TAP (and its bridge or switch port)
+        // first: a name that is not there is a mistake, not a request for
+        // a fresh unconnected TAP
+        if n.is_empty()
+            || n.contains('/')
+            || !std::path::Path::new("/sys/class/net").join(n).exists()
+        {
+            return Err(Error::Config(format!(
+                "--net: TAP {n:?} does not exist (create it first: ip tuntap add dev {n} mode tap)"
+            )));
+        }
+    }
     let tap = match &spec.tap {
         TapSource::Name(n) => virtio::tap::Tap::open(n),
         TapSource::Fd(fd) => virtio::tap::Tap::from_fd(*fd),
