@@ -263,11 +263,24 @@ fn a_vm_with_a_nic_is_snapshotted_and_restored() {
         there.iter().all(|&n| n == 1),
         "the restored guest echoes: {there:?}"
     );
-    // a restore without the NIC is refused by name
+    drop(restored);
+    // a restore without the NIC is refused by name, and one whose NIC
+    // shows the guest another MAC
     let r = nfvisor(&["restore", "--from", snap.to_str().unwrap()], T);
     assert_eq!(r.code, 78, "{}", r.stderr);
     assert!(r.stderr.contains("device net0"), "{}", r.stderr);
-    drop(restored);
+    let mut other = ns.exec(exe);
+    other
+        .args(["restore", "--from"])
+        .arg(&snap)
+        .args(["--net", "tap=nfvtapb,mac=52:54:00:00:00:01"]);
+    let out = other.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("device net0") && err.contains("had MAC 52:54:00:12:34:56"),
+        "{err}"
+    );
 }
 
 /// Bad --net values are refused by name before anything runs (exit 78).

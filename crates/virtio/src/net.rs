@@ -29,6 +29,8 @@ use crate::{ActiveQueue, Interrupt, VirtioDevice};
 const RX: usize = 0;
 const TX: usize = 1;
 const QUEUE_SIZE: u16 = 256;
+/// Frames one receive pass takes before it looks at its other events.
+const RX_BUDGET: u32 = 64;
 /// The largest frame either way: 64 KiB of frame after the header.
 const MAX_FRAME: usize = VNET_HDR_LEN + 65536;
 
@@ -84,6 +86,17 @@ impl<M> Net<M> {
 
     pub fn tap_name(&self) -> &str {
         &self.tap.name
+    }
+}
+
+impl<M> Drop for Net<M> {
+    /// The worker stops with the device: it must not outlive the VM's
+    /// memory and TAP.
+    fn drop(&mut self) {
+        if let Some((stop, handle)) = self.worker.take() {
+            let _ = stop.write(1);
+            let _ = handle.join();
+        }
     }
 }
 
@@ -229,19 +242,56 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         Ok(self.link_up.swap(up, Ordering::AcqRel) != up)
     }
 
-    /// One byte: the link's state.
+    /// The link (1 byte), the MAC (6) and the MTU (2, 0 for none): what
+    /// the driver read from the configuration space, which a destination's
+    /// NIC must show it again.
     fn state(&self) -> Vec<u8> {
-        vec![self.link_up.load(Ordering::Acquire) as u8]
+        let mut s = vec![self.link_up.load(Ordering::Acquire) as u8];
+        s.extend_from_slice(&self.config.mac);
+        s.extend_from_slice(&self.config.mtu.unwrap_or(0).to_le_bytes());
+        s
     }
 
     fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
-        match state {
-            [b @ (0 | 1)] => {
-                self.link_up.store(*b == 1, Ordering::Release);
-                Ok(())
-            }
-            _ => Err(format!("virtio-net state {state:?}: one byte, 0 or 1")),
+        let [link @ (0 | 1), mac @ .., m0, m1] = state else {
+            return Err(format!(
+                "virtio-net state of {} bytes (9 expected)",
+                state.len()
+            ));
+        };
+        let mac: [u8; 6] = mac
+            .try_into()
+            .map_err(|_| format!("virtio-net state of {} bytes (9 expected)", state.len()))?;
+        let mtu = u16::from_le_bytes([*m0, *m1]);
+        let hex = |m: &[u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        if mac != self.config.mac {
+            return Err(format!(
+                "the guest's NIC had MAC {}, this one has {}: give it mac={}",
+                hex(&mac),
+                hex(&self.config.mac),
+                hex(&mac)
+            ));
         }
+        if mtu != self.config.mtu.unwrap_or(0) {
+            return Err(format!(
+                "the guest's NIC had MTU {}, this one {}: give it the same mtu=",
+                if mtu == 0 {
+                    "unset".to_string()
+                } else {
+                    mtu.to_string()
+                },
+                self.config
+                    .mtu
+                    .map_or("unset".to_string(), |m| m.to_string())
+            ));
+        }
+        self.link_up.store(*link == 1, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -307,6 +357,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             tracing::error!("net {}: epoll registration failed", self.tap.name);
             return self.into_kicks();
         }
+        // buffers or frames the driver posted while the device was stopped
+        // (a kick consumed before a pause, a restored queue)
+        self.transmit();
+        self.receive();
         let mut tap_watched = true;
         let mut events = vec![EpollEvent::default(); 8];
         loop {
@@ -390,7 +444,15 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     /// Frames from the TAP into posted receive chains.
     fn receive(&mut self) {
         let mut delivered = false;
+        // at most this many frames a pass: a host flooding the TAP must not
+        // keep this thread from a pause or a reset (the TAP is
+        // level-triggered: epoll wakes it again at once)
+        let mut budget = RX_BUDGET;
         loop {
+            if budget == 0 {
+                break;
+            }
+            budget -= 1;
             let frame = match self.pending.take() {
                 Some(f) => f,
                 None => {
@@ -418,12 +480,22 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             let mem = self.mem.clone();
             let Some(chain) = self.queues[RX].0.pop_descriptor_chain(&mem) else {
                 self.pending = Some(frame);
+                // with EVENT_IDX, tell the driver to kick for the next
+                // buffer (avail_event); one posted meanwhile is taken now
+                match self.queues[RX].0.enable_notification(&mem) {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => self.bad_queue(RX, &format!("{e:?}")),
+                }
                 self.rx_blocked = true;
                 break;
             };
             let head = chain.head_index();
             let mut frame = frame;
-            // num_buffers = 1: one chain per frame (no MRG_RXBUF)
+            // no offloads negotiated: flags and GSO fields zero (the TAP may
+            // set DATA_VALID); num_buffers = 1: one chain per frame (no
+            // MRG_RXBUF)
+            frame[..10].fill(0);
             frame[10..12].copy_from_slice(&1u16.to_le_bytes());
             let mut written = 0usize;
             let mut room = 0usize;
@@ -504,7 +576,19 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     fn transmit(&mut self) {
         let mem = self.mem.clone();
         let mut done = false;
-        while let Some(chain) = self.queues[TX].0.pop_descriptor_chain(&mem) {
+        loop {
+            let Some(chain) = self.queues[TX].0.pop_descriptor_chain(&mem) else {
+                // with EVENT_IDX, ask for the next kick (avail_event); a
+                // chain posted meanwhile is taken now
+                match self.queues[TX].0.enable_notification(&mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        self.bad_queue(TX, &format!("{e:?}"));
+                        break;
+                    }
+                }
+            };
             let head = chain.head_index();
             let mut frame = Vec::new();
             let descs = whole_chain(chain);
@@ -531,6 +615,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                         break;
                     }
                 }
+            }
+            if ok && frame.len() >= VNET_HDR_LEN {
+                // no offloads negotiated: the host gets a plain frame
+                frame[..10].fill(0);
             }
             if !ok || frame.len() < VNET_HDR_LEN {
                 self.counters

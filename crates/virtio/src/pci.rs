@@ -178,6 +178,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         bar1: u64,
         bar4: u64,
         vectors: Vec<EventFd>,
+        legacy_pin: u8,
     ) -> Result<Self, String> {
         let sizes = device.queue_max_sizes();
         let queues = sizes
@@ -194,7 +195,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         let mut config = ConfigSpace::new(0x1af4, id, class, 1);
         config.set_bar(MSIX_BAR, bar1, devices::msix::BAR_SIZE, false, false);
         config.set_bar(VIRTIO_BAR, bar4, VIRTIO_BAR_SIZE, true, false);
-        config.set_register(0x3c, 1 << 8); // interrupt pin INTA
+        // interrupt pin INTA, on the IOAPIC pin the VMM routes it to
+        config.set_register(0x3c, (1 << 8) | legacy_pin as u32);
         let msix = Arc::new(Msix::new(vectors.len() as u16));
         let (body, writable) = msix.capability(MSIX_BAR as u8);
         let msix_cap = config.add_capability(devices::msix::CAP_ID, &body, &writable);
@@ -324,6 +326,16 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
             .unwrap_or_else(|e| e.into_inner())
             .reset();
         let enabled: Vec<usize> = (0..c.queues.len()).filter(|&i| c.enabled[i]).collect();
+        if returned.len() != enabled.len() {
+            // the device lost its queues (its thread ended badly): their
+            // positions are gone, so going on would repeat or lose work
+            self.refuse(format_args!(
+                "the device gave back {} of its {} queues; it needs a reset",
+                returned.len(),
+                enabled.len()
+            ));
+            c.status |= status::NEEDS_RESET;
+        }
         for (i, aq) in enabled.into_iter().zip(returned) {
             c.queues[i] = aq.queue;
             c.kicks[i] = Some(aq.kick);
@@ -374,6 +386,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
             if let Err(e) = self.activate(&mut c) {
                 self.refuse(format_args!("resuming: {e}; the device needs a reset"));
                 c.status |= status::NEEDS_RESET;
+                self.interrupt.config();
             }
         }
     }
@@ -504,7 +517,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         // configuration space as the guest's own writes would put it (BARs
         // first, so what backs them moves), then MSI-X's table
         let order = (4..10).chain(1..4).chain(10..s.config.len().min(64));
-        for i in order {
+        let data_window = (self.pci_cfg_cap as usize + 16) / 4;
+        for i in order.filter(|&i| i != data_window) {
             if let Some(v) = s.config.get(i) {
                 self.config_write((i * 4) as u8, 0, &v.to_le_bytes());
             }
@@ -543,9 +557,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .set_state(&s.device)?;
-        if s.running {
-            self.activate(&mut c)?;
-        }
+        // a device that ran starts again when the VM does (resume), not
+        // before: a migration's destination must not touch guest memory or
+        // raise interrupts before the hand-over is committed
+        c.paused = s.running;
         Ok(())
     }
 
@@ -569,6 +584,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
             if let Err(e) = self.activate(c) {
                 self.refuse(format_args!("activation: {e}; the device needs a reset"));
                 v |= status::NEEDS_RESET;
+                // (2.1.2: the driver is told by a configuration change)
+                self.interrupt.config();
             }
         }
         c.status = v;
@@ -650,6 +667,9 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
                 .get(c.queue_select as usize)
                 .map_or(0, |&e| e as u64),
             (0x1e, 2) => q.map_or(0, |_| c.queue_select as u64),
+            (0x20, 8) => q.map_or(0, |q| q.desc_table()),
+            (0x28, 8) => q.map_or(0, |q| q.avail_ring()),
+            (0x30, 8) => q.map_or(0, |q| q.used_ring()),
             (0x20, 4) => q.map_or(0, |q| q.desc_table() & 0xffff_ffff),
             (0x24, 4) => q.map_or(0, |q| q.desc_table() >> 32),
             (0x28, 4) => q.map_or(0, |q| q.avail_ring() & 0xffff_ffff),
@@ -886,6 +906,7 @@ mod tests {
             0xe000_0000,
             0xe000_4000,
             (0..3).map(|_| EventFd::new(0).unwrap()).collect(),
+            5,
         )
         .unwrap();
         (Arc::new(d), activated)

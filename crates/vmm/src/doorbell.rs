@@ -127,6 +127,9 @@ pub struct OwnVectors {
     evts: Vec<EventFd>,
     attached: Mutex<Vec<bool>>,
     legacy_pin: u32,
+    /// Every vector's legacy route is the one pin (a virtio device's INTx),
+    /// rather than pin + vector (ivshmem's).
+    shared_pin: bool,
 }
 
 impl OwnVectors {
@@ -140,6 +143,7 @@ impl OwnVectors {
         first_gsi: u32,
         evts: Vec<EventFd>,
         legacy_pin: u32,
+        shared_pin: bool,
     ) -> Result<Arc<OwnVectors>> {
         let own = Arc::new(OwnVectors {
             vm: vm.clone(),
@@ -148,6 +152,7 @@ impl OwnVectors {
             attached: Mutex::new(vec![false; evts.len()]),
             evts,
             legacy_pin,
+            shared_pin,
         });
         for v in 0..own.count() {
             own.apply(v as u16, VectorRoute::Intx)?;
@@ -179,6 +184,7 @@ impl OwnVectors {
                 }
                 return Ok(());
             }
+            VectorRoute::Intx if self.shared_pin => Route::Ioapic(self.legacy_pin),
             VectorRoute::Intx => Route::Ioapic(self.legacy_pin + v as u32),
             VectorRoute::Msi { address, data } => Route::Msi { address, data },
         };
@@ -238,6 +244,7 @@ impl Doorbells {
             first_gsi,
             joined.own.into_iter().map(eventfd).collect(),
             pin,
+            false,
         )?;
         let peers = Arc::new(PeerBells {
             vm: vm.clone(),

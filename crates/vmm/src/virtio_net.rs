@@ -274,12 +274,27 @@ pub fn attach(
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| Error::Device(format!("net{index}: interrupt eventfds: {e}")))?;
     let name = format!("net{index}");
+    // the legacy pin while MSI-X is off: one per NIC, from the IOAPIC's
+    // PCI pins (16-23)
+    let pin = 16 + index as u32;
+    if pin > 23 {
+        return Err(Error::Config(format!(
+            "--net: at most 8 NICs (net{index} has no interrupt pin left)"
+        )));
+    }
     let pci = Arc::new(
-        VirtioPci::new(&name, Box::new(net), mem.clone(), bar1, bar4, clones)
-            .map_err(Error::Device)?,
+        VirtioPci::new(
+            &name,
+            Box::new(net),
+            mem.clone(),
+            bar1,
+            bar4,
+            clones,
+            pin as u8,
+        )
+        .map_err(Error::Device)?,
     );
-    // the legacy pin while MSI-X is off (the IOAPIC's pin 5 is free)
-    let router = crate::doorbell::OwnVectors::new(vm, gsi_routes, first_gsi, evts, 5)?;
+    let router = crate::doorbell::OwnVectors::new(vm, gsi_routes, first_gsi, evts, pin, true)?;
     pci.msix.set_router(router);
     let msix_range = dm.attach_bar(bar1, devices::msix::BAR_SIZE, pci.msix.clone())?;
     let bar_range = dm.attach_bar(

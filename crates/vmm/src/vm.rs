@@ -1101,6 +1101,11 @@ impl Vm {
                 failure = Some(e);
             }
         }
+        if failure.is_none() {
+            // restored devices start with the guest (not before the
+            // hand-over is committed)
+            devices.resume();
+        }
         let mut vcpus = vcpus.into_iter();
         for g in &go {
             let _ = g.send(if failure.is_none() {
