@@ -69,6 +69,23 @@
  *   expected to be 0x88b6.
  * timeout_s=30: how long to wait for the next frame (echo, recv, badwait) or
  * for a transmitted frame to complete; irq=msix|poll.
+ * event_idx=0|1: with 1, VIRTIO_F_RING_EVENT_IDX (bit 29) is accepted when
+ * offered (R negotiated event_idx=1) and the rings are driven as the virtio
+ * 1.2 spec (2.7.7, 2.7.10) and Linux's virtio_ring do: after each used
+ * element taken (and before each wait) the driver writes used_event (the u16
+ * after the avail ring's size entries) = the next used index it will read,
+ * asking for an interrupt as soon as the device adds one; and it notifies a
+ * queue only when vring_need_event(avail_event, new avail idx, avail idx at
+ * the previous notify decision) holds, avail_event being the u16 after the
+ * used ring's size entries (the used ring's NO_NOTIFY flag is then ignored,
+ * and the driver sets no VIRTQ_AVAIL_F_NO_INTERRUPT either way). Default 0:
+ * EVENT_IDX is never accepted, and notifications follow NO_NOTIFY.
+ * Result records (echo, send, recv) carry kicks= (notifications written)
+ * and kicks_suppressed= (notifications held back, by avail_event or by
+ * NO_NOTIFY), totals and per queue (rx_kicks= ... tx_kicks_suppressed=);
+ * notifies= and suppressed= are the same totals under their older names.
+ * A timeout on a queue prints R stall queue=rx|tx with that queue's ring
+ * state (see stall()) for both queues before the ERROR line.
  *
  * Test frame (after the 14-byte Ethernet header, little-endian words):
  *   u32 seq, u32 csum = FNV-1a 32 over the rest, then the rest: the bytes of
@@ -95,6 +112,7 @@
 #define F_MTU 3
 #define F_MAC 5
 #define F_STATUS 16
+#define F_EVENT_IDX 29
 #define F_VERSION_1 32
 #define ACCEPTED ((1UL << F_MTU) | (1UL << F_MAC) | (1UL << F_STATUS) | (1UL << F_VERSION_1))
 
@@ -408,7 +426,9 @@ struct vq {
     struct avail avail __attribute__((aligned(4096)));
     struct used used __attribute__((aligned(4096)));
     u16 size, last_used, avail_idx, index;
+    u16 kicked_idx; /* avail_idx at the last notify decision (EVENT_IDX) */
     u64 notify_addr;
+    u64 kicks, kicks_suppressed; /* this queue's, every session together */
     int inflight[QMAX]; /* buffer index + 1 posted on this descriptor, 0 free */
     u32 posted_len[QMAX];
 };
@@ -416,7 +436,18 @@ static struct vq rxq, txq;
 static u8 buffers[NBUF][BUF_STRIDE] __attribute__((aligned(4096)));
 static u32 free_bufs[NBUF], nfree;
 static u64 notifies, suppressed, polled, timeout_cycles;
-static int msix_on; /* interrupts expected */
+static int msix_on;   /* interrupts expected */
+static int event_idx; /* VIRTIO_F_RING_EVENT_IDX negotiated */
+static u64 want_event_idx;
+
+/* EVENT_IDX's two words, placed by the queue size in use (not QMAX):
+ * used_event after the avail ring's entries (the driver's), avail_event
+ * after the used ring's (the device's) */
+static volatile u16 *used_event_of(struct vq *q) { return (volatile u16 *)((u8 *)&q->avail + 4 + 2 * (u64)q->size); }
+static volatile u16 *avail_event_of(struct vq *q) { return (volatile u16 *)((u8 *)&q->used + 4 + 8 * (u64)q->size); }
+
+/* Linux's vring_need_event: whether event lies in [old, new_idx) */
+static int need_event(u16 event, u16 new_idx, u16 old) { return (u16)(new_idx - event - 1) < (u16)(new_idx - old); }
 
 static u32 take_buf(void) {
     if (!nfree) fail(STATUS_FAIL, "out of buffers (a driver bug)");
@@ -449,7 +480,7 @@ static u16 queue_setup(struct vq *q, u16 index, u16 vector, int bad) {
      * previous session's indexes in them) */
     q->size = size;
     q->index = index;
-    q->last_used = q->avail_idx = 0;
+    q->last_used = q->avail_idx = q->kicked_idx = 0;
     for (u32 i = 0; i < QMAX; i++) {
         q->inflight[i] = 0;
         q->posted_len[i] = 0;
@@ -459,6 +490,8 @@ static u16 queue_setup(struct vq *q, u16 index, u16 vector, int bad) {
     q->avail.idx = 0;
     q->used.flags = 0;
     *(volatile u16 *)&q->used.idx = 0;
+    *used_event_of(q) = 0; /* an interrupt for the first used element */
+    *avail_event_of(q) = 0;
     if (bad == BAD_RING_OUTSIDE && index == 0) {
         mw64(common.addr + C_Q_DESC, RAM_HOLE);
         mw64(common.addr + C_Q_DRIVER, RAM_HOLE + 0x1000);
@@ -513,14 +546,32 @@ static void post(struct vq *q, u16 d, u32 b, u32 len, u16 flags) {
     publish(q, d);
 }
 
+/* Notifies the device of what was published since the last call, unless
+ * it said it needs no notification (avail_event with EVENT_IDX, NO_NOTIFY
+ * without): Linux's virtqueue_kick_prepare_split, then the notify write. */
 static void kick(struct vq *q) {
-    mb();
-    if (*(volatile u16 *)&q->used.flags & VIRTQ_USED_F_NO_NOTIFY) {
+    u16 old = q->kicked_idx, new_idx = q->avail_idx;
+    q->kicked_idx = new_idx;
+    mb(); /* the avail index out before avail_event / flags are read */
+    int needed = event_idx ? need_event(*avail_event_of(q), new_idx, old)
+                           : !(*(volatile u16 *)&q->used.flags & VIRTQ_USED_F_NO_NOTIFY);
+    if (!needed) {
         suppressed++;
+        q->kicks_suppressed++;
         return;
     }
     mw16(q->notify_addr, q->index);
     notifies++;
+    q->kicks++;
+}
+
+/* EVENT_IDX: an interrupt wanted as soon as the device adds the used
+ * element at last_used (the next one this driver reads); the write out
+ * before the used index is read again (Linux's virtio_store_mb) */
+static void want_next_interrupt(struct vq *q) {
+    if (!event_idx) return;
+    *used_event_of(q) = q->last_used;
+    mb();
 }
 
 static u16 used_idx(struct vq *q) { return *(volatile u16 *)&q->used.idx; }
@@ -533,6 +584,7 @@ static int next_used(struct vq *q, u16 *d, u32 *b, u32 *len) {
     barrier();
     struct used_elem e = *(volatile struct used_elem *)&q->used.ring[q->last_used & (q->size - 1)];
     q->last_used++;
+    want_next_interrupt(q);
     if (e.id >= q->size) device_fail("used ring id outside the ring");
     if (!q->inflight[e.id]) device_fail("used ring id of a descriptor not in flight");
     if (e.len > q->posted_len[e.id] && (q->desc[e.id].flags & VIRTQ_DESC_F_WRITE))
@@ -547,6 +599,7 @@ static int next_used(struct vq *q, u16 *d, u32 *b, u32 *len) {
 /* Waits until q has a used element: interrupts open, spinning, the used
  * index polled too. 0 on timeout (never with timeout 0). */
 static int wait_used(struct vq *q, u64 timeout) {
+    want_next_interrupt(q);
     u64 t0 = rdtsc(), seen = irqs;
     while (used_idx(q) == q->last_used) {
         if (timeout && rdtsc() - t0 > timeout) return 0;
@@ -565,6 +618,48 @@ static int wait_used(struct vq *q, u64 timeout) {
         if (irqs == seen) polled++;
     }
     return 1;
+}
+
+static u64 progress; /* frames echoed, sent or received so far */
+
+static void put_queue_state(struct vq *q, const char *name) {
+    u64 busy = 0;
+    for (u16 d = 0; d < q->size; d++) busy += q->inflight[d] != 0;
+    puts("R stall queue=");
+    puts(name);
+    put_kv("event_idx", (u64)event_idx);
+    put_kv("avail_idx", q->avail_idx);
+    put_kv("kicked_idx", q->kicked_idx);
+    put_kv("used_idx", used_idx(q));
+    put_kv("last_used", q->last_used);
+    put_kv("avail_event", *avail_event_of(q));
+    put_kv("used_event", *used_event_of(q));
+    put_kv("used_flags", *(volatile u16 *)&q->used.flags);
+    put_kv("inflight", busy);
+    put_kv("kicks", q->kicks);
+    put_kv("kicks_suppressed", q->kicks_suppressed);
+    put_kv("frames", progress);
+    put_kv("irqs", irqs);
+    put_kv("polled", polled);
+    putc('\n');
+}
+
+/* A timeout on a queue: both queues' ring state (R stall), then the
+ * failure. */
+static void __attribute__((noreturn)) stall(const char *msg) {
+    put_queue_state(&rxq, "rx");
+    put_queue_state(&txq, "tx");
+    device_fail(msg);
+}
+
+/* The kick counters of a result record. */
+static void put_kicks(void) {
+    put_kv("kicks", notifies);
+    put_kv("kicks_suppressed", suppressed);
+    put_kv("rx_kicks", rxq.kicks);
+    put_kv("rx_kicks_suppressed", rxq.kicks_suppressed);
+    put_kv("tx_kicks", txq.kicks);
+    put_kv("tx_kicks_suppressed", txq.kicks_suppressed);
 }
 
 static u16 free_desc(struct vq *q) {
@@ -586,7 +681,7 @@ static u16 tx_slot(void) {
     reap_tx();
     u16 d = free_desc(&txq);
     while (d == txq.size) {
-        if (!wait_used(&txq, timeout_cycles)) device_fail("timeout: no transmit completion");
+        if (!wait_used(&txq, timeout_cycles)) stall("timeout: no transmit completion");
         reap_tx();
         d = free_desc(&txq);
     }
@@ -599,7 +694,7 @@ static void drain_tx(void) {
         int busy = 0;
         for (u16 d = 0; d < txq.size; d++) busy |= txq.inflight[d];
         if (!busy) return;
-        if (!wait_used(&txq, timeout_cycles)) device_fail("timeout: no transmit completion");
+        if (!wait_used(&txq, timeout_cycles)) stall("timeout: no transmit completion");
     }
 }
 
@@ -664,7 +759,7 @@ static int echo(u64 count) {
         u16 d;
         u32 b, len;
         if (!next_used(&rxq, &d, &b, &len)) {
-            if (!wait_used(&rxq, count ? timeout_cycles : 0)) device_fail("timeout: no frame received");
+            if (!wait_used(&rxq, count ? timeout_cycles : 0)) stall("timeout: no frame received");
             continue;
         }
         u8 *p = buffers[b];
@@ -691,6 +786,7 @@ static int echo(u64 count) {
         post(&rxq, d, take_buf(), BUF_LEN, VIRTQ_DESC_F_WRITE);
         kick(&rxq);
         frames++;
+        progress++;
         bytes += flen;
     }
     drain_tx();
@@ -702,6 +798,7 @@ static int echo(u64 count) {
     put_kv("polled", polled);
     put_kv("notifies", notifies);
     put_kv("suppressed", suppressed);
+    put_kicks();
     putc('\n');
     return STATUS_OK;
 }
@@ -725,6 +822,7 @@ static int send(u64 count, u64 size) {
         put_le32(f + 18, fnv1a(f + 22, rest));
         post(&txq, d, b, HDR_LEN + (u32)size, 0);
         kick(&txq);
+        progress++;
         bytes += size;
     }
     drain_tx();
@@ -735,6 +833,7 @@ static int send(u64 count, u64 size) {
     put_kv("polled", polled);
     put_kv("notifies", notifies);
     put_kv("suppressed", suppressed);
+    put_kicks();
     putc('\n');
     return STATUS_OK;
 }
@@ -745,7 +844,7 @@ static int recv(u64 count) {
         u16 d;
         u32 b, len;
         if (!next_used(&rxq, &d, &b, &len)) {
-            if (!wait_used(&rxq, timeout_cycles)) device_fail("timeout: no frame received");
+            if (!wait_used(&rxq, timeout_cycles)) stall("timeout: no frame received");
             continue;
         }
         u8 *f = buffers[b] + HDR_LEN;
@@ -754,6 +853,7 @@ static int recv(u64 count) {
             other++;
         } else {
             frames++;
+            progress++;
             bytes += flen;
             if (flen < 22 || get_le32(f + 18) != fnv1a(f + 22, flen - 22)) {
                 if (!bad) {
@@ -775,6 +875,7 @@ static int recv(u64 count) {
     put_kv("bytes", bytes);
     put_kv("irqs", irqs);
     put_kv("polled", polled);
+    put_kicks();
     putc('\n');
     return bad ? STATUS_CORRUPT : STATUS_OK;
 }
@@ -815,7 +916,8 @@ static int init_device(int bad, int post_rx) {
     mw32(common.addr + C_DFSELECT, 1);
     offered |= (u64)mr32(common.addr + C_DF) << 32;
     if (!(offered & (1UL << F_VERSION_1))) device_fail("VIRTIO_F_VERSION_1 not offered");
-    features = offered & ACCEPTED;
+    features = offered & (ACCEPTED | (want_event_idx ? 1UL << F_EVENT_IDX : 0));
+    event_idx = (features & (1UL << F_EVENT_IDX)) != 0;
     u64 acked = features;
     if (bad == BAD_UNOFFERED) acked |= 1UL << 33; /* ACCESS_PLATFORM, never offered here */
     mw32(common.addr + C_GFSELECT, 0);
@@ -887,6 +989,7 @@ static int init_device(int bad, int post_rx) {
     puts(" offered=");
     put_hex(offered);
     put_kv("queues", nq);
+    put_kv("event_idx", (u64)event_idx);
     putc('\n');
     return INIT_OK;
 }
@@ -918,6 +1021,7 @@ static int raw_used(struct vq *q, u64 ms, u32 *id, u32 *len) {
     barrier();
     struct used_elem e = *(volatile struct used_elem *)&q->used.ring[q->last_used & (q->size - 1)];
     q->last_used++;
+    want_next_interrupt(q);
     *id = e.id;
     *len = e.len;
     return 1;
@@ -1044,7 +1148,7 @@ static u8 bad_reset_mid(void) {
         u16 d;
         u32 b, len;
         if (!next_used(&rxq, &d, &b, &len)) {
-            if (!wait_used(&rxq, timeout_cycles)) device_fail("timeout: no frame received");
+            if (!wait_used(&rxq, timeout_cycles)) stall("timeout: no frame received");
             continue;
         }
         u8 *p = buffers[b], *f = p + HDR_LEN;
@@ -1216,6 +1320,7 @@ int guest_main(void) {
     arg_u64("count", &count);
     arg_u64("size", &size);
     arg_u64("timeout_s", &timeout_s);
+    arg_u64("event_idx", &want_event_idx);
     int m_echo = streq(mode, "echo"), m_send = streq(mode, "send"), m_recv = streq(mode, "recv"),
         m_bad = streq(mode, "bad"), m_link = streq(mode, "link");
     if (!m_echo && !m_send && !m_recv && !m_bad && !m_link)
@@ -1225,6 +1330,7 @@ int guest_main(void) {
     if (!count && (m_send || m_recv || m_link)) fail(STATUS_BAD_ARGS, "count=0 (forever) is for mode=echo and mode=bad");
     if (m_bad && !bad_case[0]) fail(STATUS_BAD_ARGS, "mode=bad needs case=NAME");
     if (!timeout_s || timeout_s > 3600) fail(STATUS_BAD_ARGS, "timeout_s must be 1..3600");
+    if (want_event_idx > 1) fail(STATUS_BAD_ARGS, "event_idx must be 0 or 1");
     timeout_cycles = tsc_khz() * 1000 * timeout_s;
     want_msix = irq[0] == 'm';
     link_mode = m_link;

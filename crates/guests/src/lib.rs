@@ -46,7 +46,7 @@ pub const ALL: &[Guest] = &[
     },
     Guest {
         name: "net-probe",
-        summary: "virtio-net driver (modern virtio-pci 1af4:1041, MSI-X): mode=echo|send|recv|bad|link count=10 (echo, bad: 0 = forever) size=60 (send, 60..1514) timeout_s=30 irq=msix|poll; mode=bad case=loop|past_ram|long_chain|queue_size3|ring_outside|unoffered|reset_mid misbehaves as a hostile driver, resets, then echoes count frames; mode=link waits for count link changes (configuration interrupts on a vector of their own) and prints each status",
+        summary: "virtio-net driver (modern virtio-pci 1af4:1041, MSI-X): mode=echo|send|recv|bad|link count=10 (echo, bad: 0 = forever) size=60 (send, 60..1514) timeout_s=30 irq=msix|poll event_idx=0|1 (1: VIRTIO_F_RING_EVENT_IDX accepted when offered: used_event written, avail_event honoured, kicks counted); mode=bad case=loop|past_ram|long_chain|queue_size3|ring_outside|unoffered|reset_mid misbehaves as a hostile driver, resets, then echoes count frames; mode=link waits for count link changes (configuration interrupts on a vector of their own) and prints each status",
         image: image!("net_probe.elf"),
     },
     Guest {
