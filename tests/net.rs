@@ -323,7 +323,7 @@ fn frames_the_guest_sends_reach_the_host_intact() {
     let vm = Vm::start(cmd);
     let mut seen = vec![0u32; count as usize];
     let deadline = std::time::Instant::now() + T;
-    while seen.iter().any(|&n| n == 0) && std::time::Instant::now() < deadline {
+    while seen.contains(&0) && std::time::Instant::now() < deadline {
         let Some(f) = recv_frame(&sock) else { continue };
         if f.len() < 18 || f[12..14] != ETHERTYPE.to_be_bytes() || f[6..12] != GUEST_MAC {
             continue;
