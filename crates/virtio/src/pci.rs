@@ -124,6 +124,8 @@ pub struct QueueSnapshot {
 pub struct VirtioPciState {
     pub config: Vec<u32>,
     pub msix: Vec<[u32; 4]>,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
     pub driver_features: u64,
     pub status: u8,
     pub config_generation: u8,
@@ -420,6 +422,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         VirtioPciState {
             config: self.config.registers(),
             msix: self.msix.entries(),
+            device_feature_select: c.device_feature_select,
+            driver_feature_select: c.driver_feature_select,
             driver_features: c.driver_features,
             status: c.status,
             config_generation: c.config_generation,
@@ -479,6 +483,13 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
                 format!("this device offers {:#x}", self.features),
             ));
         }
+        if s.running && s.status & status::DRIVER_OK == 0 {
+            return Err((
+                "running",
+                "true".into(),
+                format!("the device status {:#x} has no DRIVER_OK", s.status),
+            ));
+        }
         let vector_ok = |v: u16| v == NO_VECTOR || v < self.msix.vectors();
         if !vector_ok(s.config_vector) {
             return Err((
@@ -528,6 +539,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         if c.active {
             self.stop_device(&mut c);
         }
+        c.device_feature_select = s.device_feature_select;
+        c.driver_feature_select = s.driver_feature_select;
         c.driver_features = s.driver_features;
         c.status = s.status;
         c.config_generation = s.config_generation;
