@@ -93,19 +93,8 @@ impl PciFunction for Ivshmem {
         self.config.read(reg)
     }
     fn config_write(&self, reg: u8, offset: u8, data: &[u8]) {
-        let before = self.config.decoded_bars();
-        self.config.write(reg, offset, data);
-        if let Some(observer) = self.bar_observer.get() {
-            for (bar, (from, to)) in before
-                .into_iter()
-                .zip(self.config.decoded_bars())
-                .enumerate()
-            {
-                if from != to {
-                    observer.bar_moved(bar, from, to);
-                }
-            }
-        }
+        self.config
+            .write_observed(reg, offset, data, self.bar_observer.get());
         if let Some((table, at)) = &self.msix {
             if reg & !3 == *at {
                 table.control_written((self.config.read(*at) >> 16) as u16);

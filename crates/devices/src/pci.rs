@@ -148,6 +148,26 @@ impl ConfigSpace {
         self.regs.lock().unwrap_or_else(|e| e.into_inner())[(reg as usize / 4) & 63]
     }
 
+    /// A guest's write, after which `observer` (if any) hears of every BAR
+    /// that now decodes elsewhere, or no longer decodes.
+    pub fn write_observed(
+        &self,
+        reg: u8,
+        offset: u8,
+        data: &[u8],
+        observer: Option<&Arc<dyn BarObserver>>,
+    ) {
+        let before = self.decoded_bars();
+        self.write(reg, offset, data);
+        if let Some(observer) = observer {
+            for (bar, (from, to)) in before.into_iter().zip(self.decoded_bars()).enumerate() {
+                if from != to {
+                    observer.bar_moved(bar, from, to);
+                }
+            }
+        }
+    }
+
     pub fn write(&self, reg: u8, offset: u8, data: &[u8]) {
         let i = (reg as usize / 4) & 63;
         let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());

@@ -839,19 +839,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> PciFunction for VirtioPci<M
             }
             return;
         }
-        let before = self.config.decoded_bars();
-        self.config.write(reg, offset, data);
-        if let Some(observer) = self.bar_observer.get() {
-            for (bar, (from, to)) in before
-                .into_iter()
-                .zip(self.config.decoded_bars())
-                .enumerate()
-            {
-                if from != to {
-                    observer.bar_moved(bar, from, to);
-                }
-            }
-        }
+        self.config
+            .write_observed(reg, offset, data, self.bar_observer.get());
         if reg & !3 == self.msix_cap {
             self.msix
                 .control_written((self.config.read(self.msix_cap) >> 16) as u16);
