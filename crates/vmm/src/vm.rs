@@ -1343,6 +1343,16 @@ fn spawn_console(
             let mut transcript = Vec::new();
             let mut chunk = Vec::new();
             let mut total = 0u64;
+            // whole lines go out in one write each, so the log lines that
+            // share the terminal or stderr never land inside a console line;
+            // a partial line waits for its end, 50 ms at most (a prompt)
+            let mut partial: Vec<u8> = Vec::new();
+            let mut partial_since = Instant::now();
+            let emit = |bytes: &[u8], sink: &mut Box<dyn Write + Send>| {
+                if let Err(e) = sink.write_all(bytes).and_then(|_| sink.flush()) {
+                    tracing::warn!("guest console output: {e}");
+                }
+            };
             loop {
                 // read `done` first: a final pass after it drains everything
                 let finished = done.load(Ordering::Acquire);
@@ -1351,9 +1361,21 @@ fn spawn_console(
                     total += chunk.len() as u64;
                     let room = limit.saturating_sub(transcript.len());
                     transcript.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if let Err(e) = sink.write_all(&chunk).and_then(|_| sink.flush()) {
-                        tracing::warn!("guest console output: {e}");
+                    if partial.is_empty() {
+                        partial_since = Instant::now();
                     }
+                    partial.extend_from_slice(&chunk);
+                    if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
+                        emit(&partial[..=end], &mut sink);
+                        partial.drain(..=end);
+                        partial_since = Instant::now();
+                    }
+                }
+                if !partial.is_empty()
+                    && (finished || partial_since.elapsed() > Duration::from_millis(50))
+                {
+                    emit(&partial, &mut sink);
+                    partial.clear();
                 }
                 if finished {
                     return Ok((transcript, total));
