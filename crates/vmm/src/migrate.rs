@@ -4,7 +4,7 @@
 //! everything; the source says GO; the destination resumes and answers
 //! RUNNING; only then does the source stop). The control lines beside the
 //! stream are typed in `migration::control`; the receiving side is
-//! `crate::receive`.
+//! receive.rs.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
