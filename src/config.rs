@@ -51,6 +51,10 @@ pub struct RunArgs {
     /// fd=N for a TAP a parent process opened. Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
+    /// Serve Prometheus metrics over HTTP at HOST:PORT (GET /metrics; port
+    /// 0 picks a free one, logged).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
     /// Add the DMA probe debug device (port 0x9e8: the VMM writes guest
     /// memory where the guest asks; the dirtier's dma_mb=N uses it).
     #[arg(long)]
@@ -178,6 +182,7 @@ impl RunArgs {
             control_socket: self.control_socket.clone(),
             ivshmem: self.ivshmem.clone(),
             dma_probe: given(self.dma_probe),
+            metrics_listen: self.metrics_listen.clone(),
             net: (!self.net.is_empty()).then(|| self.net.clone()),
             rt: self.rt.to_config(),
             ..self.dirty.to_config()

@@ -119,6 +119,8 @@ pub struct VmConfig {
     pub dma_probe: Option<bool>,
     /// NICs: `tap=NAME[,mac=..][,mtu=N]` or `fd=N[,...]`, one each.
     pub net: Option<Vec<String>>,
+    /// Serve Prometheus metrics over HTTP here (HOST:PORT).
+    pub metrics_listen: Option<String>,
     pub rt: RtConfig,
 }
 
@@ -154,7 +156,8 @@ impl VmConfig {
             dirty_ring,
             dirty_bitmap,
             dma_probe,
-            net
+            net,
+            metrics_listen
         );
         over!(
             self.rt,

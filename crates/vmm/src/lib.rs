@@ -21,6 +21,7 @@ pub mod ivshmem;
 pub mod kvm_stats;
 pub mod layout;
 pub mod memory;
+pub mod metrics;
 pub mod migrate;
 pub mod page_walk;
 pub mod receive;

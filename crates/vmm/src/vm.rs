@@ -72,6 +72,8 @@ pub struct VmSpec {
     pub dma_probe: bool,
     /// virtio-net NICs.
     pub net: Vec<crate::virtio_net::NetSpec>,
+    /// Serve Prometheus metrics here (HOST:PORT).
+    pub metrics_listen: Option<String>,
     /// Serve the control socket (pause, resume, snapshot, status) here.
     pub control_socket: Option<PathBuf>,
     /// Restore this stream (snapshot or migration) instead of booting.
@@ -112,6 +114,7 @@ impl VmSpec {
             ivshmem: None,
             dma_probe: false,
             net: Vec::new(),
+            metrics_listen: None,
             control_socket: None,
             restore_from: None,
             on_start: None,
@@ -239,6 +242,7 @@ impl VmSpec {
             .transpose()?;
         spec.dirty_ring = config.dirty_ring_bytes();
         spec.dma_probe = config.dma_probe.unwrap_or(false);
+        spec.metrics_listen = config.metrics_listen.clone();
         spec.net = config
             .net
             .iter()
@@ -1169,6 +1173,17 @@ impl Vm {
             None => None,
         };
 
+        let metrics = match &spec.metrics_listen {
+            Some(addr) => match crate::metrics::serve(addr, handle.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!("{e}; the VM runs without metrics");
+                    None
+                }
+            },
+            None => None,
+        };
+
         // Wait for the first vCPU to end, then stop and kick the others
         // (waking any that are paused).
         let _ = end_rx.recv();
@@ -1178,6 +1193,9 @@ impl Vm {
             let _ = c.send(VcpuCmd::Resume);
         }
         if let Some(t) = control {
+            let _ = t.join();
+        }
+        if let Some(t) = metrics {
             let _ = t.join();
         }
         if let Some(t) = doorbell_watch {

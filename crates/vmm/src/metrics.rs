@@ -1,0 +1,192 @@
+//! Prometheus metrics of a running VM, for an operator's scraper:
+//! `--metrics-listen ADDR:PORT` serves `GET /metrics` over HTTP on TCP
+//! (Prometheus cannot scrape a UNIX socket). Read at scrape time from the
+//! VM's handle: per-vCPU exits by reason (those that reached the VMM) and
+//! KVM's own count, every device's counters, uptime, memory, state.
+//!
+//! The text exposition format (version 0.0.4) is written by hand: it is
+//! four kinds of line, and every value here is read at scrape time from
+//! counters the VM already keeps; a client library's registry would hold a
+//! second copy of each.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crate::vm_handle::VmHandle;
+use crate::{Error, Result};
+
+/// Device counters that are levels, not counts.
+const GAUGES: &[&str] = &["link_up"];
+
+/// One metric family: name, help, type, and its samples (labels, value).
+struct Family {
+    help: String,
+    kind: &'static str,
+    samples: Vec<(String, f64)>,
+}
+
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A metric name part: [a-z0-9_] only.
+fn name_part(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The VM's metrics in Prometheus' text format.
+pub fn render(h: &VmHandle) -> String {
+    let mut fams: BTreeMap<String, Family> = BTreeMap::new();
+    let mut add = |name: String, help: &str, kind: &'static str, labels: String, v: f64| {
+        fams.entry(name)
+            .or_insert_with(|| Family {
+                help: help.to_string(),
+                kind,
+                samples: Vec::new(),
+            })
+            .samples
+            .push((labels, v));
+    };
+    let status = crate::api::status(h);
+    for e in &status.exits {
+        for (reason, n) in &e.by_reason {
+            add(
+                "nfvisor_vcpu_exits_total".into(),
+                "VM exits that reached the VMM, by vCPU and reason.",
+                "counter",
+                format!("vcpu=\"{}\",reason=\"{}\"", e.vcpu, label_value(reason)),
+                *n as f64,
+            );
+        }
+        if let Some(k) = e.kvm_exits {
+            add(
+                "nfvisor_vcpu_kvm_exits_total".into(),
+                "Every exit KVM counted for the vCPU, those it handled itself included.",
+                "counter",
+                format!("vcpu=\"{}\"", e.vcpu),
+                k as f64,
+            );
+        }
+    }
+    for (dev, counters) in &status.devices {
+        for (c, v) in counters {
+            let part = name_part(c);
+            let (name, kind) = if GAUGES.contains(&c.as_str()) {
+                (format!("nfvisor_device_{part}"), "gauge")
+            } else {
+                (format!("nfvisor_device_{part}_total"), "counter")
+            };
+            add(
+                name,
+                &format!("The device's {c} counter, by device."),
+                kind,
+                format!("device=\"{}\"", label_value(dev)),
+                *v as f64,
+            );
+        }
+    }
+    add(
+        "nfvisor_uptime_seconds".into(),
+        "Time since the VM started here.",
+        "gauge",
+        String::new(),
+        status.uptime_ms as f64 / 1e3,
+    );
+    add(
+        "nfvisor_guest_memory_bytes".into(),
+        "The guest's memory size.",
+        "gauge",
+        String::new(),
+        (status.memory_mib << 20) as f64,
+    );
+    add(
+        "nfvisor_vcpus".into(),
+        "The VM's vCPUs.",
+        "gauge",
+        String::new(),
+        status.vcpus as f64,
+    );
+    for s in ["running", "paused", "migrating", "migrated", "failed"] {
+        add(
+            "nfvisor_vm_state".into(),
+            "1 for the state the VM is in.",
+            "gauge",
+            format!("state=\"{s}\""),
+            (status.state == s) as u8 as f64,
+        );
+    }
+    let mut out = String::new();
+    for (name, f) in &fams {
+        let _ = writeln!(out, "# HELP {name} {}", f.help);
+        let _ = writeln!(out, "# TYPE {name} {}", f.kind);
+        for (labels, v) in &f.samples {
+            if labels.is_empty() {
+                let _ = writeln!(out, "{name} {v}");
+            } else {
+                let _ = writeln!(out, "{name}{{{labels}}} {v}");
+            }
+        }
+    }
+    out
+}
+
+/// Serves the metrics on `addr` (HOST:PORT; port 0 picks one, logged)
+/// until the VM stops.
+pub fn serve(addr: &str, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| Error::Config(format!("--metrics-listen {addr}: {e}")))?;
+    let local = server
+        .server_addr()
+        .to_ip()
+        .map_or_else(|| addr.to_string(), |a| a.to_string());
+    tracing::info!("serving metrics on http://{local}/metrics");
+    thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            while !h.stop.load(Ordering::Acquire) {
+                let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let found = req.method() == &tiny_http::Method::Get
+                    && (req.url() == "/metrics" || req.url().starts_with("/metrics?"));
+                let resp = if found {
+                    let ct = tiny_http::Header::from_bytes(
+                        &b"Content-Type"[..],
+                        &b"text/plain; version=0.0.4; charset=utf-8"[..],
+                    )
+                    .expect("a valid header");
+                    tiny_http::Response::from_string(render(&h)).with_header(ct)
+                } else {
+                    tiny_http::Response::from_string("not found: GET /metrics\n")
+                        .with_status_code(404)
+                };
+                let _ = req.respond(resp);
+            }
+        })
+        .map_err(|e| Error::Device(format!("spawning the metrics thread: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_label_values_are_escaped() {
+        assert_eq!(name_part("rx-frames.x"), "rx_frames_x");
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
