@@ -75,6 +75,10 @@ pub struct RtArgs {
     /// SCHED_FIFO priority (1-99) for the vCPU threads only.
     #[arg(long, value_name = "N")]
     pub rt_priority: Option<i32>,
+    /// Only these vCPUs get the FIFO priority ("1-3"); the others stay
+    /// ordinary (Nova's hw:cpu_realtime_mask).
+    #[arg(long, value_name = "LIST")]
+    pub realtime_vcpus: Option<String>,
     /// Lock guest memory (mlock).
     #[arg(long)]
     pub mlock: bool,
@@ -124,6 +128,7 @@ impl RtArgs {
             cpus: self.cpus.clone(),
             housekeeping_cpus: self.housekeeping_cpus.clone(),
             rt_priority: self.rt_priority,
+            realtime_vcpus: self.realtime_vcpus.clone(),
             mlock: given(self.mlock),
             hugepages: self.hugepages.clone(),
             prefault: given(self.prefault),

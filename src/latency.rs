@@ -103,6 +103,7 @@ pub fn options(
                     cpus: Some(vec![last]),
                     housekeeping_cpus: None,
                     priority: Some(80),
+                    realtime_vcpus: None,
                     disable_exits: DisableExits {
                         hlt: true,
                         pause: true,

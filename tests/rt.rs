@@ -218,3 +218,45 @@ fn memory_binds_to_a_numa_node() {
         "{settings:?}"
     );
 }
+
+/// Only the vCPUs named by --realtime-vcpus get SCHED_FIFO (Nova's
+/// hw:cpu_realtime_mask): vCPU 0 stays ordinary, vCPU 1 is real-time; a
+/// vCPU the VM lacks is refused by name.
+#[test]
+fn only_the_named_vcpus_are_real_time() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut vm = Running::start(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "samples=200000 period_us=500",
+        "--rt-priority",
+        "10",
+        "--realtime-vcpus",
+        "1",
+    ]);
+    let t0 = vcpu_tid(&vm.wait_for("vCPU 0 runs on host thread"));
+    let t1 = vcpu_tid(&vm.wait_for("vCPU 1 runs on host thread"));
+    assert_eq!(policy(t0).0, libc::SCHED_OTHER);
+    assert_eq!(policy(t1), (libc::SCHED_FIFO, 10));
+    drop(vm);
+    let r = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "hello",
+            "--rt-priority",
+            "10",
+            "--realtime-vcpus",
+            "3",
+        ],
+        T,
+    );
+    assert_eq!(r.code, 78, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("names vCPU 3, but the VM has 1"),
+        "{}",
+        r.stderr
+    );
+}

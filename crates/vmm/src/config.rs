@@ -79,6 +79,8 @@ pub struct RtConfig {
     pub housekeeping_cpus: Option<String>,
     /// SCHED_FIFO priority of the vCPU threads (1-99).
     pub rt_priority: Option<i32>,
+    /// Which vCPUs get that priority ("0-3", "1,3"); every vCPU when absent.
+    pub realtime_vcpus: Option<String>,
     pub mlock: Option<bool>,
     /// "2M" or "1G".
     pub hugepages: Option<String>,
@@ -165,6 +167,7 @@ impl VmConfig {
             cpus,
             housekeeping_cpus,
             rt_priority,
+            realtime_vcpus,
             mlock,
             hugepages,
             prefault,
@@ -235,8 +238,11 @@ pub struct RtSpec {
     pub cpus: Option<Vec<usize>>,
     /// Where the VMM's own threads (main, console) run.
     pub housekeeping_cpus: Option<Vec<usize>>,
-    /// SCHED_FIFO priority of the vCPU threads.
+    /// SCHED_FIFO priority of the vCPU threads,
     pub priority: Option<i32>,
+    /// of these vCPUs only (None: of every vCPU). Nova's
+    /// hw:cpu_realtime_mask: some vCPUs real-time, the others ordinary.
+    pub realtime_vcpus: Option<Vec<usize>>,
     pub disable_exits: DisableExits,
     pub halt_poll_ns: Option<u64>,
     /// Report a setting that cannot be applied instead of failing.
@@ -299,10 +305,16 @@ impl RtConfig {
             Some(v) => parse_exits(v)?,
             None => DisableExits::default(),
         };
+        let realtime_vcpus = self
+            .realtime_vcpus
+            .as_deref()
+            .map(|l| cpu_list("realtime-vcpus", l))
+            .transpose()?;
         let spec = RtSpec {
             cpus,
             housekeeping_cpus,
             priority: self.rt_priority,
+            realtime_vcpus,
             disable_exits,
             halt_poll_ns: self.halt_poll_ns,
             best_effort: self.best_effort.unwrap_or(false),

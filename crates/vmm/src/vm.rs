@@ -527,6 +527,22 @@ impl Vm {
                 .map_err(|e| e.to_string());
             Setting::record(&mut settings, "housekeeping-cpus", r, rt_spec.best_effort)?;
         }
+        if let Some(v) = rt_spec
+            .realtime_vcpus
+            .iter()
+            .flatten()
+            .find(|&&v| v >= spec.vcpus as usize)
+        {
+            return Err(Error::Config(format!(
+                "--realtime-vcpus names vCPU {v}, but the VM has {} vCPU(s)",
+                spec.vcpus
+            )));
+        }
+        if rt_spec.realtime_vcpus.is_some() && rt_spec.priority.is_none() {
+            return Err(Error::Config(
+                "--realtime-vcpus without --rt-priority: which priority should they get?".into(),
+            ));
+        }
         if let Some(p) = rt_spec.priority {
             if !(1..=99).contains(&p) {
                 return Err(Error::Config(format!(
@@ -964,7 +980,12 @@ impl Vm {
             let (go_tx, go_rx) = mpsc::channel::<Option<VcpuFd>>();
             go.push(go_tx);
             let host_cpu = spec.rt.cpus.as_ref().map(|c| c[id as usize]);
-            let priority = spec.rt.priority;
+            let priority = spec.rt.priority.filter(|_| {
+                spec.rt
+                    .realtime_vcpus
+                    .as_ref()
+                    .is_none_or(|l| l.contains(&(id as usize)))
+            });
             let (io, stop, ready_tx, end_tx) =
                 (io.clone(), stop.clone(), ready_tx.clone(), end_tx.clone());
             let first_run = (id == 0).then(|| first_run.clone());
