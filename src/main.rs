@@ -4,6 +4,7 @@ mod bench_doorbell;
 mod bench_migration;
 mod bench_net;
 mod config;
+mod flavor;
 mod host;
 mod latency;
 mod report;
@@ -164,6 +165,9 @@ enum Command {
         #[command(subcommand)]
         cmd: host::HostCmd,
     },
+    /// Turn an OpenStack Nova flavor's extra specs and a compute node's CPU
+    /// sets into an nfvisor VM configuration (TOML, or JSON with --json).
+    Flavor(flavor::FlavorArgs),
     /// List the bundled guests, or export their images.
     Guests {
         #[command(subcommand)]
@@ -515,6 +519,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             json,
         } => control(&control_socket, &Request::Status, json),
         Command::Host { cmd } => host::run(cmd),
+        Command::Flavor(args) => flavor::run(&args),
         Command::Guests { action } => guests_cmd(action.unwrap_or(GuestsAction::List)),
     }
 }
