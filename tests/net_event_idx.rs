@@ -186,23 +186,12 @@ fn qemu_virtio_net_echoes_frames_with_event_idx() {
 
     let ns = Netns::new();
     ns.add_tap(TAP);
-    let mut vm = ns.exec(&qemu);
-    vm.args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
-        .args(["-M", "q35", "-nodefaults", "-nographic", "-no-reboot"])
-        .args(["-serial", "stdio"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-        .arg("-netdev")
-        .arg(format!(
-            "tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"
-        ))
-        .args([
-            "-device",
-            "virtio-net-pci,disable-legacy=on,romfile=,netdev=n0,mac=52:54:00:12:34:56",
-        ])
-        .arg("-kernel")
-        .arg(dir.join("net-probe.elf"))
-        .arg("-append")
-        .arg(format!("mode=echo count={COUNT} event_idx=1"));
+    let vm = qemu_net_probe(
+        &ns,
+        &qemu,
+        &dir,
+        &format!("mode=echo count={COUNT} event_idx=1"),
+    );
     let (code, output) = exchange(&ns, vm, COUNT);
 
     assert_eq!(code, 1, "guest status 0 through isa-debug-exit:\n{output}");

@@ -523,6 +523,30 @@ pub fn echo_stream(
     back
 }
 
+/// QEMU (the reference) running the exported `net-probe` guest of `dir`
+/// with `append` on TAP in `ns`: q35, modern-only virtio-net-pci (no
+/// legacy, no option ROM), userspace virtio (vhost=off).
+pub fn qemu_net_probe(ns: &Netns, qemu: &str, dir: &std::path::Path, append: &str) -> Command {
+    let mut vm = ns.exec(qemu);
+    vm.args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
+        .args(["-M", "q35", "-nodefaults", "-nographic", "-no-reboot"])
+        .args(["-serial", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .arg("-netdev")
+        .arg(format!(
+            "tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"
+        ))
+        .args([
+            "-device",
+            "virtio-net-pci,disable-legacy=on,romfile=,netdev=n0,mac=52:54:00:12:34:56",
+        ])
+        .arg("-kernel")
+        .arg(dir.join("net-probe.elf"))
+        .arg("-append")
+        .arg(append);
+    vm
+}
+
 /// The fields of the guest's `R KIND ...` record in `output`.
 pub fn record(output: &str, kind: &str) -> std::collections::BTreeMap<String, String> {
     // QEMU's firmware prints before the guest, on the header's line
