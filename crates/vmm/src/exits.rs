@@ -131,6 +131,8 @@ pub struct TimingReport {
 #[derive(Default)]
 pub struct LiveExits {
     by_reason: [AtomicU64; ExitReason::ALL.len()],
+    /// Time the VMM spent handling them (ns), by reason.
+    ns_by_reason: [AtomicU64; ExitReason::ALL.len()],
 }
 
 impl LiveExits {
@@ -146,6 +148,17 @@ impl LiveExits {
             }
         }
         (out, total)
+    }
+
+    /// Time spent handling them (ns), by reason name (reasons never seen
+    /// left out).
+    pub fn handling_ns(&self) -> BTreeMap<&'static str, u64> {
+        ExitReason::ALL
+            .iter()
+            .zip(self.by_reason.iter().zip(&self.ns_by_reason))
+            .filter(|(_, (n, _))| n.load(Ordering::Relaxed) > 0)
+            .map(|(r, (_, ns))| (r.name(), ns.load(Ordering::Relaxed)))
+            .collect()
     }
 }
 
@@ -188,6 +201,7 @@ impl ExitStats {
     #[inline]
     pub fn record(&mut self, reason: ExitReason, device: Option<usize>, ns: u64) {
         self.live.by_reason[reason as usize].fetch_add(1, Ordering::Relaxed);
+        self.live.ns_by_reason[reason as usize].fetch_add(ns, Ordering::Relaxed);
         self.by_reason[reason as usize].record(ns);
         let per_device = match reason {
             ExitReason::PioIn | ExitReason::PioOut => &mut self.pio_by_device,

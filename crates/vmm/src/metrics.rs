@@ -1,8 +1,9 @@
 //! Prometheus metrics of a running VM, for an operator's scraper:
 //! `--metrics-listen ADDR:PORT` serves `GET /metrics` over HTTP on TCP
 //! (Prometheus cannot scrape a UNIX socket). Read at scrape time from the
-//! VM's handle: per-vCPU exits by reason (those that reached the VMM) and
-//! KVM's own count, every device's counters, uptime, memory, state.
+//! VM's handle: per-vCPU exits by reason (those that reached the VMM), the
+//! time spent handling them, and KVM's own count; every device's counters,
+//! uptime, memory, state.
 //!
 //! The text exposition format (version 0.0.4) is written by hand: it is
 //! four kinds of line, and every value here is read at scrape time from
@@ -79,6 +80,17 @@ pub fn render(h: &VmHandle) -> String {
                 "counter",
                 format!("vcpu=\"{}\"", e.vcpu),
                 k as f64,
+            );
+        }
+    }
+    for (id, live) in h.live_exits.iter().enumerate() {
+        for (reason, ns) in live.handling_ns() {
+            add(
+                "nfvisor_vcpu_exit_handling_seconds_total".into(),
+                "Time the VMM spent handling the exits that reached it, by vCPU and reason.",
+                "counter",
+                format!("vcpu=\"{id}\",reason=\"{}\"", label_value(reason)),
+                ns as f64 / 1e9,
             );
         }
     }
