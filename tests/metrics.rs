@@ -101,6 +101,10 @@ fn prometheus_scrapes_the_metrics_and_no_counter_goes_down() {
         first.contains("nfvisor_vm_state{state=\"running\"} 1"),
         "{first}"
     );
+    assert!(
+        first.contains("nfvisor_vcpu_exit_handling_seconds_total{vcpu=\"0\",reason=\"pio_out\"}"),
+        "{first}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     let (_, second) = get(&addr, "/metrics");
     promtool_accepts(&second);
