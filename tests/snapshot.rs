@@ -110,6 +110,16 @@ fn pause_resume_status_and_bad_requests() {
         assert_eq!(reply["ok"], false, "{req}: {reply}");
         assert!(reply["error"].as_str().unwrap().len() > 5);
     }
+    // an over-long request is refused and the connection ends; the VM
+    // runs on and answers the next caller
+    {
+        use std::io::{BufRead, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let _ = c.write_all(&vec![b'x'; 100 << 10]);
+        let mut reply = String::new();
+        std::io::BufReader::new(c).read_line(&mut reply).unwrap();
+        assert!(reply.contains("longer than 64 KiB"), "{reply}");
+    }
     let resumed = json(&nfvisor(&["resume", "--control-socket", s, "--json"], T));
     assert_eq!(resumed["state"], "running");
     let out = vm.finish(T);

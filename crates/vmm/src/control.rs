@@ -69,6 +69,33 @@ fn handle_line(h: &VmHandle, line: &str, emit: &mut dyn FnMut(String)) -> String
     }
 }
 
+/// The longest request line taken (a request is a few hundred bytes).
+const MAX_REQUEST: u64 = 64 << 10;
+
+/// The next request line; None at the end of the connection; an error for
+/// a line over MAX_REQUEST or not UTF-8 (a caller must not make this
+/// thread hold an unbounded line in memory).
+fn read_request(r: &mut impl BufRead) -> std::result::Result<Option<String>, String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let n = r
+        .take(MAX_REQUEST + 1)
+        .read_until(b'\n', &mut buf)
+        .map_err(|e| format!("reading the request: {e}"))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') && buf.len() as u64 > MAX_REQUEST {
+        return Err(format!(
+            "a request longer than {} KiB: refused",
+            MAX_REQUEST >> 10
+        ));
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| "a request that is not UTF-8: refused".to_string())
+}
+
 /// Serves the control socket at `path` until the VM stops.
 pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
     let err = |e: std::io::Error| Error::Device(format!("control socket {}: {e}", path.display()));
@@ -135,7 +162,18 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
                 let spawned = thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
-                        for line in BufReader::new(stream).lines().map_while(|l| l.ok()) {
+                        let mut reader = BufReader::new(stream);
+                        loop {
+                            let line = match read_request(&mut reader) {
+                                Ok(Some(l)) => l,
+                                Ok(None) => break,
+                                Err(why) => {
+                                    // answered, then the connection ends:
+                                    // the rest of an over-long line is junk
+                                    let _ = writer.write_all((refusal(why) + "\n").as_bytes());
+                                    break;
+                                }
+                            };
                             if line.trim().is_empty() {
                                 continue;
                             }
@@ -204,5 +242,27 @@ pub fn request_with_progress(
             continue;
         }
         return Ok(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_are_bounded() {
+        let mut ok = std::io::Cursor::new(b"{\"v\":1}\n\nsecond".to_vec());
+        assert_eq!(
+            read_request(&mut ok).unwrap().as_deref(),
+            Some("{\"v\":1}\n")
+        );
+        assert_eq!(read_request(&mut ok).unwrap().as_deref(), Some("\n"));
+        assert_eq!(read_request(&mut ok).unwrap().as_deref(), Some("second"));
+        assert_eq!(read_request(&mut ok).unwrap(), None);
+        let mut long = std::io::Cursor::new(vec![b'x'; 100 << 10]);
+        let e = read_request(&mut long).unwrap_err();
+        assert!(e.contains("longer than 64 KiB"), "{e}");
+        let mut bad = std::io::Cursor::new(vec![0xff, 0xfe, b'\n']);
+        assert!(read_request(&mut bad).unwrap_err().contains("UTF-8"));
     }
 }
