@@ -83,10 +83,6 @@ impl<M> Net<M> {
             _mem: std::marker::PhantomData,
         }
     }
-
-    pub fn tap_name(&self) -> &str {
-        &self.tap.name
-    }
 }
 
 impl<M> Drop for Net<M> {
@@ -181,6 +177,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             queues: queues.into_iter().map(|q| (q.queue, q.kick)).collect(),
             stop: stop.try_clone().map_err(|e| e.to_string())?,
             pending: None,
+            rx_buf: vec![0; MAX_FRAME],
+            tx_buf: Vec::with_capacity(MAX_FRAME),
             rx_blocked: false,
         };
         let handle = std::thread::Builder::new()
@@ -322,8 +320,12 @@ struct Worker<M> {
     counters: Arc<NetCounters>,
     queues: Vec<(Queue, EventFd)>,
     stop: EventFd,
-    /// A frame read from the TAP that found no posted chain yet.
-    pending: Option<Vec<u8>>,
+    /// The length of a frame read from the TAP into `rx_buf` that found
+    /// no posted chain yet.
+    pending: Option<usize>,
+    /// One frame each way, kept across frames (no allocation per frame).
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
     /// No chain posted: the TAP is not read until the driver posts one.
     rx_blocked: bool,
 }
@@ -339,7 +341,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!("net {}: epoll: {e}; the device stops", self.tap.name);
-                return self.into_kicks();
+                return self.into_queues();
             }
         };
         let add = |fd: i32, data: u64| {
@@ -355,7 +357,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             && add(self.stop.as_raw_fd(), EV_STOP).is_ok();
         if !ok {
             tracing::error!("net {}: epoll registration failed", self.tap.name);
-            return self.into_kicks();
+            return self.into_queues();
         }
         // buffers or frames the driver posted while the device was stopped
         // (a kick consumed before a pause, a restored queue)
@@ -369,12 +371,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!("net {}: epoll_wait: {e}", self.tap.name);
-                    return self.into_kicks();
+                    return self.into_queues();
                 }
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    EV_STOP => return self.into_kicks(),
+                    EV_STOP => return self.into_queues(),
                     EV_TX => {
                         let _ = self.queues[TX].1.read();
                         self.transmit();
@@ -406,7 +408,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         }
     }
 
-    fn into_kicks(self) -> Vec<ActiveQueue> {
+    fn into_queues(self) -> Vec<ActiveQueue> {
         if self.pending.is_some() {
             // a frame read but not delivered: lost with the pause
             self.counters
@@ -444,32 +446,22 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     /// Frames from the TAP into posted receive chains.
     fn receive(&mut self) {
         let mut delivered = false;
-        // at most this many frames a pass: a host flooding the TAP must not
+        let mut buf = std::mem::take(&mut self.rx_buf);
+        // at most RX_BUDGET frames a pass: a host flooding the TAP must not
         // keep this thread from a pause or a reset (the TAP is
         // level-triggered: epoll wakes it again at once)
-        let mut budget = RX_BUDGET;
-        loop {
-            if budget == 0 {
-                break;
-            }
-            budget -= 1;
-            let frame = match self.pending.take() {
-                Some(f) => f,
-                None => {
-                    let mut buf = vec![0u8; MAX_FRAME];
-                    match self.tap.read_frame(&mut buf) {
-                        Ok(Some(n)) if n >= VNET_HDR_LEN => {
-                            buf.truncate(n);
-                            buf
-                        }
-                        Ok(Some(_)) => continue,
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::debug!("net {}: reading the TAP: {e}", self.tap.name);
-                            break;
-                        }
+        for _ in 0..RX_BUDGET {
+            let len = match self.pending.take() {
+                Some(n) => n,
+                None => match self.tap.read_frame(&mut buf) {
+                    Ok(Some(n)) if n >= VNET_HDR_LEN => n,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!("net {}: reading the TAP: {e}", self.tap.name);
+                        break;
                     }
-                }
+                },
             };
             if !self.link_up.load(Ordering::Acquire) {
                 self.counters
@@ -479,7 +471,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             }
             let mem = self.mem.clone();
             let Some(chain) = self.queues[RX].0.pop_descriptor_chain(&mem) else {
-                self.pending = Some(frame);
+                self.pending = Some(len);
                 // with EVENT_IDX, tell the driver to kick for the next
                 // buffer (avail_event); one posted meanwhile is taken now
                 match self.queues[RX].0.enable_notification(&mem) {
@@ -491,15 +483,13 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 break;
             };
             let head = chain.head_index();
-            let mut frame = frame;
+            let frame = &mut buf[..len];
             // no offloads negotiated: flags and GSO fields zero (the TAP may
             // set DATA_VALID); num_buffers = 1: one chain per frame (no
             // MRG_RXBUF)
             frame[..10].fill(0);
             frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let mut written = 0usize;
-            let mut room = 0usize;
-            let mut bad = false;
+            delivered = true;
             let Some(descs) = whole_chain(chain) else {
                 // a chain that does not end (a loop, longer than the queue,
                 // an index past the table): given back unused, the frame
@@ -508,67 +498,62 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                     RX,
                     "a receive chain that does not end (a loop, or longer than the queue)",
                 );
-                if let Err(e) = self.queues[RX].0.add_used(&mem, head, 0) {
-                    self.bad_queue(RX, &format!("{e:?}"));
-                }
-                self.pending = Some(frame);
-                delivered = true;
+                self.give_back(RX, head, 0);
+                self.pending = Some(len);
                 continue;
             };
-            for d in &descs {
-                if !d.is_write_only() {
-                    bad = true;
-                    break;
-                }
-                room = room.saturating_add(d.len() as usize);
-            }
-            if bad || room < frame.len() {
-                if bad {
-                    self.bad_queue(RX, "a receive chain holds a device-readable descriptor");
-                } else {
-                    self.counters
-                        .rx_dropped_too_big
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                // the frame is dropped; a too-small chain is given back used
-                // empty (the driver reposts it)
-                if let Err(e) = self.queues[RX].0.add_used(&mem, head, 0) {
-                    self.bad_queue(RX, &format!("{e:?}"));
-                }
-                delivered = true;
+            if descs.iter().any(|d| !d.is_write_only()) {
+                self.bad_queue(RX, "a receive chain holds a device-readable descriptor");
+                self.give_back(RX, head, 0);
                 continue;
             }
+            let room = descs
+                .iter()
+                .fold(0usize, |r, d| r.saturating_add(d.len() as usize));
+            if room < len {
+                // the frame is dropped; the chain is given back used empty
+                // (the driver reposts it)
+                self.counters
+                    .rx_dropped_too_big
+                    .fetch_add(1, Ordering::Relaxed);
+                self.give_back(RX, head, 0);
+                continue;
+            }
+            let mut written = 0usize;
             for d in &descs {
-                if written == frame.len() {
+                if written == len {
                     break;
                 }
-                let n = (d.len() as usize).min(frame.len() - written);
+                let n = (d.len() as usize).min(len - written);
                 if mem
                     .write_slice(&frame[written..written + n], d.addr())
                     .is_err()
                 {
-                    bad = true;
                     break;
                 }
                 written += n;
             }
-            let len = if bad {
+            if written < len {
                 self.bad_queue(RX, "a receive buffer outside guest memory");
-                0
-            } else {
-                self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .rx_bytes
-                    .fetch_add((frame.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-                written as u32
-            };
-            if let Err(e) = self.queues[RX].0.add_used(&mem, head, len) {
-                self.bad_queue(RX, &format!("{e:?}"));
+                self.give_back(RX, head, 0);
+                continue;
             }
-            delivered = true;
+            self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .rx_bytes
+                .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+            self.give_back(RX, head, written as u32);
         }
+        self.rx_buf = buf;
         if delivered {
             self.notify(RX);
+        }
+    }
+
+    /// Puts chain `head` of queue `q` in its used ring, `len` bytes written.
+    fn give_back(&mut self, q: usize, head: u16, len: u32) {
+        if let Err(e) = self.queues[q].0.add_used(&self.mem, head, len) {
+            self.bad_queue(q, &format!("{e:?}"));
         }
     }
 
@@ -590,7 +575,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 }
             };
             let head = chain.head_index();
-            let mut frame = Vec::new();
+            let mut frame = std::mem::take(&mut self.tx_buf);
+            frame.clear();
             let descs = whole_chain(chain);
             let mut ok = descs.is_some();
             if !ok {
@@ -638,9 +624,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                     .tx_bytes
                     .fetch_add((frame.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
             }
-            if let Err(e) = self.queues[TX].0.add_used(&mem, head, 0) {
-                self.bad_queue(TX, &format!("{e:?}"));
-            }
+            self.tx_buf = frame;
+            self.give_back(TX, head, 0);
             done = true;
         }
         if done {
@@ -723,6 +708,8 @@ mod tests {
             ],
             stop: EventFd::new(0).unwrap(),
             pending: None,
+            rx_buf: vec![0; MAX_FRAME],
+            tx_buf: Vec::with_capacity(MAX_FRAME),
             rx_blocked: false,
         };
         w.transmit();

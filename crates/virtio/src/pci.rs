@@ -288,11 +288,6 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         let _ = self.bar_observer.set(o);
     }
 
-    /// Where BAR `index` decodes now.
-    pub fn decoded_bar(&self, index: usize) -> Option<u64> {
-        self.config.decoded_bar(index)
-    }
-
     /// Interrupts sent.
     pub fn interrupts_sent(&self) -> u64 {
         self.interrupt.sent.load(Ordering::Relaxed)

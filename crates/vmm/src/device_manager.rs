@@ -227,7 +227,14 @@ pub struct DeviceManager {
     pub mmio: Bus,
     pci: Vec<(u32, Arc<dyn PciFunction>)>,
     devices: Devices,
+    /// The VM's buses, set once they exist: a BAR observer moves its
+    /// ranges there when the guest moves a BAR.
+    pub bus_link: BusLink,
 }
+
+/// The VM's buses as a device's BAR observer reaches them (weak: the bus
+/// holds the device that holds this; set once, when the buses exist).
+pub type BusLink = Arc<std::sync::OnceLock<std::sync::Weak<crate::vcpu::IoContext>>>;
 
 fn bus_err(e: devices::BusError) -> Error {
     Error::Device(e.to_string())

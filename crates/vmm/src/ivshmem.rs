@@ -8,18 +8,17 @@
 //! and the range that catches its exiting accesses) move with it.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 
 use devices::pci::BarObserver;
 use devices::state::BadField;
 use devices::MovableId;
 use kvm_ioctls::VmFd;
 
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{BusLink, DeviceManager};
 use crate::doorbell::{Doorbells, PeerBells};
 use crate::irq_routes::GsiRoutes;
 use crate::shared_region::{IvshmemSpec, SharedRegion};
-use crate::vcpu::IoContext;
 use crate::{Error, Result};
 
 pub struct IvshmemBars {
@@ -29,9 +28,8 @@ pub struct IvshmemBars {
     pub peers: Option<Arc<PeerBells>>,
     /// The bus ranges of BAR0, BAR1 and BAR2.
     pub ranges: [Option<MovableId>; 3],
-    /// The MMIO bus (set once it exists; weak, as the bus holds the device
-    /// that holds this).
-    pub io: OnceLock<Weak<IoContext>>,
+    /// The VM's buses (the device manager's link).
+    pub io: BusLink,
 }
 
 impl BarObserver for IvshmemBars {
@@ -143,13 +141,11 @@ impl devices::Persist for IvshmemDevice {
     }
 }
 
-/// What attaching ivshmem leaves to the VM: the device, the server link
-/// to watch (doorbell mode), and the BAR observer, which needs the bus
-/// once it exists.
+/// What attaching ivshmem leaves to the VM: the device and the server
+/// link to watch (doorbell mode).
 pub struct Attached {
     pub device: Arc<IvshmemDevice>,
     pub doorbells: Option<Doorbells>,
-    pub bars: Arc<IvshmemBars>,
 }
 
 /// Attaches ivshmem as `spec` says: a PCI slot, BAR0 (registers), BAR1
@@ -225,7 +221,7 @@ pub fn attach(
         region: region.clone(),
         peers: peer_bells,
         ranges: [Some(regs_range), msix_range, Some(window_range)],
-        io: OnceLock::new(),
+        io: dm.bus_link.clone(),
     });
     dev.set_bar_observer(bars.clone());
     dm.attach_pci(pci_slot, dev.clone());
@@ -236,9 +232,5 @@ pub fn attach(
         doorbell_mode: spec.server.is_some(),
     });
     dm.register(&format!("ivshmem{}", pci_slot - 1), device.clone())?;
-    Ok(Attached {
-        device,
-        doorbells,
-        bars,
-    })
+    Ok(Attached { device, doorbells })
 }

@@ -144,6 +144,14 @@ fn access(bus: &Bus, unknown: &UnknownAccesses, pio: bool, addr: u64, a: Access)
     }
 }
 
+/// Serves one exit that came at `t0`, timed into `stats`; the flow it asks
+/// for.
+fn serve(io: &IoContext, stats: &mut ExitStats, exit: VcpuExit, t0: Instant) -> Flow {
+    let (reason, device, flow) = handle_exit(io, exit);
+    stats.record(reason, device, t0.elapsed().as_nanos() as u64);
+    flow
+}
+
 /// How a vCPU's run loop ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuEnd {
@@ -191,11 +199,8 @@ pub fn run_loop(
                 for _ in 0..64 {
                     match vcpu.run() {
                         Ok(exit) => {
-                            let t0 = Instant::now();
-                            let (reason, device, f) = handle_exit(io, exit);
-                            stats.record(reason, device, t0.elapsed().as_nanos() as u64);
-                            if f != Flow::Resume {
-                                flow = f;
+                            flow = serve(io, stats, exit, Instant::now());
+                            if flow != Flow::Resume {
                                 break;
                             }
                         }
@@ -223,8 +228,7 @@ pub fn run_loop(
                         | VcpuExit::MmioRead(..)
                         | VcpuExit::MmioWrite(..)
                 );
-                let (reason, device, flow) = handle_exit(io, exit);
-                stats.record(reason, device, t0.elapsed().as_nanos() as u64);
+                let flow = serve(io, stats, exit, t0);
                 if flow != Flow::Resume {
                     return VcpuEnd::Flow(flow);
                 }

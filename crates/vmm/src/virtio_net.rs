@@ -4,7 +4,7 @@
 //! vector, one ioeventfd per queue at its notify address (a kick never
 //! exits to this process), all moved when the guest moves the BARs.
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 
 use devices::pci::BarObserver;
 use devices::MovableId;
@@ -12,10 +12,9 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio::pci::{VirtioBar, VirtioPci, MSIX_BAR, NOTIFY_MULTIPLIER, NOTIFY_OFFSET, VIRTIO_BAR};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{BusLink, DeviceManager};
 use crate::irq_routes::GsiRoutes;
 use crate::memory::GuestRam;
-use crate::vcpu::IoContext;
 use crate::{Error, Result};
 
 /// Where a NIC's frames go.
@@ -152,7 +151,7 @@ struct NetBars {
     vm: Arc<VmFd>,
     kicks: Vec<(u16, EventFd)>,
     ranges: [MovableId; 2],
-    io: OnceLock<Weak<IoContext>>,
+    io: BusLink,
 }
 
 fn notify_addr(bar4: u64, q: u16) -> IoEventAddress {
@@ -197,22 +196,6 @@ impl BarObserver for NetBars {
     }
 }
 
-/// What attaching leaves to the VM: the BAR observer needs the bus.
-pub struct Attached {
-    pub bars: Arc<dyn SetIo>,
-}
-
-/// Gives an observer the bus once it exists.
-pub trait SetIo: Send + Sync {
-    fn set_io(&self, io: Weak<IoContext>);
-}
-
-impl SetIo for NetBars {
-    fn set_io(&self, io: Weak<IoContext>) {
-        let _ = self.io.set(io);
-    }
-}
-
 /// Attaches a NIC as `spec` says, as device `net<index>`.
 pub fn attach(
     dm: &mut DeviceManager,
@@ -221,7 +204,7 @@ pub fn attach(
     mem: &GuestRam,
     spec: &NetSpec,
     index: usize,
-) -> Result<Attached> {
+) -> Result<()> {
     if let TapSource::Name(n) = &spec.tap {
         // an orchestrator makes the TAP (and its bridge or switch port)
         // first: a name that is not there is a mistake, not a request for
@@ -306,13 +289,13 @@ pub fn attach(
         vm: vm.clone(),
         kicks: pci.kick_fds(),
         ranges: [msix_range, bar_range],
-        io: OnceLock::new(),
+        io: dm.bus_link.clone(),
     });
     bars.register(bar4)?;
     pci.set_bar_observer(bars.clone());
     dm.attach_pci(slot, pci.clone());
     dm.register(&name, Arc::new(NetDevice { pci }))?;
-    Ok(Attached { bars })
+    Ok(())
 }
 
 #[cfg(test)]

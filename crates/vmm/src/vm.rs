@@ -121,9 +121,7 @@ impl VmSpec {
             on_prepared: None,
         }
     }
-}
 
-impl VmSpec {
     /// What a snapshot or a migration stream carries of this VM: what the
     /// guest is (kernel, command line as it was booted, memory, vCPUs). The
     /// destination's own settings (console, placement, control socket)
@@ -157,41 +155,35 @@ impl VmSpec {
                 "config: give either a kernel or a bundled guest, not both".into(),
             ));
         }
-        // a bundled guest unless a kernel is given
-        let guest = match &config.kernel {
-            Some(_) => None,
-            None => Some(
-                config
-                    .guest
-                    .as_deref()
-                    .unwrap_or(crate::config::DEFAULT_GUEST),
-            ),
-        };
-        let name = match (guest, &config.kernel) {
-            (Some(g), _) => format!("bundled:{g}"),
-            (None, path) => path
-                .as_deref()
-                .unwrap_or(std::path::Path::new(""))
-                .display()
-                .to_string(),
-        };
-        // every setting checked before a (large) kernel is read
-        let default_memory = if guest.is_some() { 32 << 20 } else { 256 << 20 };
-        let mut spec = VmSpec::from_config_common(config, name, Vec::new(), default_memory, json)?;
-        spec.kernel = match (guest, &config.kernel) {
-            (Some(g), _) => bundled(g)
-                .ok_or_else(|| {
-                    Error::Config(format!("no bundled guest {g:?} (see `nfvisor guests`)"))
-                })?
-                .to_vec(),
-            (None, Some(path)) => read_file("kernel", path)?,
-            (None, None) => Vec::new(),
+        // a bundled guest unless a kernel is given; every setting checked
+        // before a (large) kernel is read
+        let guest = config
+            .guest
+            .as_deref()
+            .unwrap_or(crate::config::DEFAULT_GUEST);
+        let mut spec = match &config.kernel {
+            Some(path) => {
+                let name = path.display().to_string();
+                let mut spec = VmSpec::from_config_common(config, name, 256 << 20, json)?;
+                spec.kernel = read_file("kernel", path)?;
+                spec
+            }
+            None => {
+                let mut spec =
+                    VmSpec::from_config_common(config, format!("bundled:{guest}"), 32 << 20, json)?;
+                spec.kernel = bundled(guest)
+                    .ok_or_else(|| {
+                        Error::Config(format!("no bundled guest {guest:?} (see `nfvisor guests`)"))
+                    })?
+                    .to_vec();
+                spec.append_tsc_khz = true;
+                spec
+            }
         };
         spec.initrd = match &config.initrd {
             Some(p) => Some((p.display().to_string(), read_file("initrd", p)?)),
             None => None,
         };
-        spec.append_tsc_khz = guest.is_some();
         Ok(spec)
     }
 
@@ -210,13 +202,13 @@ impl VmSpec {
                 Error::Config("the stream does not say how much memory the guest has".into())
             })?
             .bytes()?;
-        VmSpec::from_config_common(config, name, Vec::new(), memory, json)
+        VmSpec::from_config_common(config, name, memory, json)
     }
 
+    /// Everything but the kernel's bytes (read by the caller).
     fn from_config_common(
         config: &VmConfig,
         kernel_name: String,
-        kernel: Vec<u8>,
         default_memory: u64,
         json: bool,
     ) -> Result<VmSpec> {
@@ -225,7 +217,7 @@ impl VmSpec {
             None => default_memory,
         };
         let (rt, memory) = config.rt.resolve()?;
-        let mut spec = VmSpec::new(kernel_name, kernel, MemoryOptions { size, ..memory });
+        let mut spec = VmSpec::new(kernel_name, Vec::new(), MemoryOptions { size, ..memory });
         spec.cmdline = config.cmdline.clone().unwrap_or_default();
         spec.vcpus = config.vcpus.unwrap_or(1);
         spec.rt = rt;
@@ -664,17 +656,10 @@ impl Vm {
             )?),
             None => None,
         };
-        let mut nics = Vec::new();
         for (i, n) in spec.net.iter().enumerate() {
-            nics.push(crate::virtio_net::attach(
-                &mut dm,
-                &vm,
-                gsi_routes.clone(),
-                &mem,
-                n,
-                i,
-            )?);
+            crate::virtio_net::attach(&mut dm, &vm, gsi_routes.clone(), &mem, n, i)?;
         }
+        let bus_link = dm.bus_link.clone();
         let (pio, mmio, devices) = dm.finish()?;
         let io = Arc::new(IoContext {
             pio,
@@ -683,14 +668,10 @@ impl Vm {
             unknown: UnknownAccesses::default(),
             dirty_rings: Default::default(),
         });
-        for n in &nics {
-            n.bars.set_io(Arc::downgrade(&io));
-        }
+        // (what moves BARs on the bus reaches it from now on)
+        let _ = bus_link.set(Arc::downgrade(&io));
         let (doorbells, ivshmem) = match ivshmem {
-            Some(a) => {
-                let _ = a.bars.io.set(Arc::downgrade(&io));
-                (a.doorbells, Some(a.device))
-            }
+            Some(a) => (a.doorbells, Some(a.device)),
             None => (None, None),
         };
         let devices = Arc::new(devices);
