@@ -92,24 +92,30 @@ fn nfvisor_virtio_net_echoes_frames() {
 
 /// Link down: nothing is delivered either way (counted), the guest is
 /// told (config interrupt); link up again: frames flow again.
+/// nfvisor running `net-probe mode=echo count=0` on TAP `tap` of `ns`,
+/// controlled through `ctl`, and already echoing what `sock` sends.
+fn echoing_vm(ns: &Netns, ctl: &std::path::Path, tap: &str, sock: &std::os::fd::OwnedFd) -> Vm {
+    let mut cmd = ns.exec(env!("CARGO_BIN_EXE_nfvisor"));
+    cmd.args(["run", "--guest", "net-probe", "--control-socket"])
+        .arg(ctl)
+        .arg("--net")
+        .arg(format!("tap={tap}"))
+        .args(["--cmdline", "mode=echo count=0"]);
+    let mut vm = Vm::start(cmd);
+    vm.wait_for("R negotiated", Duration::from_secs(60));
+    wait_for_path(ctl);
+    until_echoing(sock, Duration::from_secs(10));
+    vm
+}
+
 #[test]
 fn a_link_taken_down_delivers_nothing_until_it_is_up_again() {
     let ns = Netns::new();
     ns.add_tap(TAP);
     let dir = scratch("net-link");
     let ctl = dir.join("vm.sock");
-    let exe = env!("CARGO_BIN_EXE_nfvisor");
-    let mut cmd = ns.exec(exe);
-    cmd.args(["run", "--guest", "net-probe", "--control-socket"])
-        .arg(&ctl)
-        .arg("--net")
-        .arg(format!("tap={TAP}"))
-        .args(["--cmdline", "mode=echo count=0"]);
     let sock = packet_socket(&ns, TAP);
-    let mut vm = Vm::start(cmd);
-    vm.wait_for("R negotiated", Duration::from_secs(60));
-    wait_for_path(&ctl);
-    until_echoing(&sock, Duration::from_secs(10));
+    let vm = echoing_vm(&ns, &ctl, TAP, &sock);
     let c = ctl.to_str().unwrap();
     let link = |action: &str| {
         let r = nfvisor(&["net-link", "--control-socket", c, action], T);
@@ -158,15 +164,8 @@ fn a_nic_migrates_mid_traffic_without_duplicates_or_corruption() {
     dst.args(["receive", "--listen", &listen, "--net", "tap=nfvtapb"]);
     let mut dst = Vm::start(dst);
     dst.wait_for("waiting for a migration", T);
-    let mut src = ns.exec(exe);
-    src.args(["run", "--guest", "net-probe", "--control-socket"])
-        .arg(&ctl)
-        .args(["--net", "tap=nfvtapa", "--cmdline", "mode=echo count=0"]);
     let sock = packet_socket(&ns, "nfvbr0");
-    let mut src = Vm::start(src);
-    src.wait_for("R negotiated", T);
-    wait_for_path(&ctl);
-    until_echoing(&sock, Duration::from_secs(10));
+    let src = echoing_vm(&ns, &ctl, "nfvtapa", &sock);
     let mut report = None;
     let back = echo_stream(&sock, 200, Duration::from_millis(10), &mut || {
         let r = migrate(ctl.to_str().unwrap(), &listen, &["--json"]);
@@ -208,15 +207,8 @@ fn a_vm_with_a_nic_is_snapshotted_and_restored() {
     let ctl = dir.join("vm.sock");
     let snap = dir.join("snap");
     let exe = env!("CARGO_BIN_EXE_nfvisor");
-    let mut cmd = ns.exec(exe);
-    cmd.args(["run", "--guest", "net-probe", "--control-socket"])
-        .arg(&ctl)
-        .args(["--net", "tap=nfvtapa", "--cmdline", "mode=echo count=0"]);
     let sock = packet_socket(&ns, "nfvbr0");
-    let mut vm = Vm::start(cmd);
-    vm.wait_for("R negotiated", T);
-    wait_for_path(&ctl);
-    until_echoing(&sock, Duration::from_secs(10));
+    let vm = echoing_vm(&ns, &ctl, "nfvtapa", &sock);
     let before = echo_stream(&sock, 10, Duration::from_millis(30), &mut || {});
     assert!(before.iter().all(|&n| n == 1), "{before:?}");
     let r = nfvisor(
