@@ -282,21 +282,13 @@ fn bad_nic_settings_are_refused_by_name() {
     }
 }
 
-/// Guest to host: `net-probe mode=send` sends numbered frames; every one
-/// arrives on the TAP once and intact, as many as the guest says it sent.
-#[test]
-fn frames_the_guest_sends_reach_the_host_intact() {
-    let (count, size) = (50u32, 300usize);
-    let ns = Netns::new();
-    ns.add_tap(TAP);
-    let sock = packet_socket(&ns, TAP);
-    let exe = env!("CARGO_BIN_EXE_nfvisor");
-    let mut cmd = ns.exec(exe);
-    cmd.args(["run", "--guest", "net-probe", "--net"])
-        .arg(format!("tap={TAP},mac=52:54:00:12:34:56"))
-        .arg("--cmdline")
-        .arg(format!("mode=send count={count} size={size}"));
-    let vm = Vm::start(cmd);
+/// The guest's `mode=send` frames, collected on the TAP until every one
+/// came (each checked byte for byte, once); then the VM must end with
+/// `code` and say it sent them all. `vm` is started here, after the
+/// socket is open.
+fn guest_sends(ns: &Netns, vm: std::process::Command, code: i32, count: u32, size: usize) {
+    let sock = packet_socket(ns, TAP);
+    let vm = Vm::start(vm);
     let mut seen = vec![0u32; count as usize];
     let deadline = std::time::Instant::now() + T;
     while seen.contains(&0) && std::time::Instant::now() < deadline {
@@ -313,28 +305,19 @@ fn frames_the_guest_sends_reach_the_host_intact() {
         );
         seen[seq as usize] += 1;
     }
-    let (code, out) = vm.finish(T);
-    assert_eq!(code, 0, "{out}");
+    let (got, out) = vm.finish(T);
+    assert_eq!(got, code, "{out}");
     assert!(seen.iter().all(|&n| n == 1), "each frame once: {seen:?}");
     let sent = record(&out, "send");
     assert_eq!(sent["frames"], count.to_string(), "{out}");
 }
 
-/// Host to guest: `net-probe mode=recv` verifies and counts numbered
-/// frames of mixed sizes; it takes every one, none bad.
-#[test]
-fn frames_the_host_sends_reach_the_guest_intact() {
-    let count = 30u32;
-    let ns = Netns::new();
-    ns.add_tap(TAP);
-    let sock = packet_socket(&ns, TAP);
-    let exe = env!("CARGO_BIN_EXE_nfvisor");
-    let mut cmd = ns.exec(exe);
-    cmd.args(["run", "--guest", "net-probe", "--net"])
-        .arg(format!("tap={TAP},mac=52:54:00:12:34:56"))
-        .arg("--cmdline")
-        .arg(format!("mode=recv count={count}"));
-    let mut vm = Vm::start(cmd);
+/// `count` frames of mixed sizes sent to the guest's `mode=recv` once it
+/// has negotiated; then the VM must end with `code`, every frame taken,
+/// none bad.
+fn guest_receives(ns: &Netns, vm: std::process::Command, code: i32, count: u32) {
+    let sock = packet_socket(ns, TAP);
+    let mut vm = Vm::start(vm);
     vm.wait_for("R negotiated", T);
     for seq in 0..count {
         send_frame(
@@ -343,9 +326,67 @@ fn frames_the_host_sends_reach_the_guest_intact() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let (code, out) = vm.finish(T);
-    assert_eq!(code, 0, "{out}");
+    let (got, out) = vm.finish(T);
+    assert_eq!(got, code, "{out}");
     let recv = record(&out, "recv");
     assert_eq!(recv["frames"], count.to_string(), "{out}");
     assert_eq!(recv["bad"], "0", "{out}");
+}
+
+/// nfvisor running net-probe with `cmdline` on TAP of `ns`.
+fn nfvisor_net_probe(ns: &Netns, cmdline: &str) -> std::process::Command {
+    let mut cmd = ns.exec(env!("CARGO_BIN_EXE_nfvisor"));
+    cmd.args(["run", "--guest", "net-probe", "--net"])
+        .arg(format!("tap={TAP},mac=52:54:00:12:34:56"))
+        .args(["--cmdline", cmdline]);
+    cmd
+}
+
+/// Guest to host: `net-probe mode=send` sends numbered frames; every one
+/// arrives on the TAP once and intact, as many as the guest says it sent.
+#[test]
+fn frames_the_guest_sends_reach_the_host_intact() {
+    let ns = Netns::new();
+    ns.add_tap(TAP);
+    let vm = nfvisor_net_probe(&ns, "mode=send count=50 size=300");
+    guest_sends(&ns, vm, 0, 50, 300);
+}
+
+/// The same through QEMU's virtio-net-pci (exit 1: status 0 through
+/// isa-debug-exit).
+#[test]
+fn frames_the_guest_sends_through_qemu_reach_the_host_intact() {
+    let qemu = require_program("qemu-system-x86_64", "qemu-system-x86");
+    let dir = scratch("net-qemu-send");
+    let r = nfvisor(&["guests", "export", dir.to_str().unwrap()], T);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let ns = Netns::new();
+    ns.add_tap(TAP);
+    let vm = qemu_net_probe(&ns, &qemu, &dir, "mode=send count=50 size=300");
+    guest_sends(&ns, vm, 1, 50, 300);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Host to guest: `net-probe mode=recv` verifies and counts numbered
+/// frames of mixed sizes; it takes every one, none bad.
+#[test]
+fn frames_the_host_sends_reach_the_guest_intact() {
+    let ns = Netns::new();
+    ns.add_tap(TAP);
+    let vm = nfvisor_net_probe(&ns, "mode=recv count=30");
+    guest_receives(&ns, vm, 0, 30);
+}
+
+/// The same through QEMU's virtio-net-pci.
+#[test]
+fn frames_the_host_sends_through_qemu_reach_the_guest_intact() {
+    let qemu = require_program("qemu-system-x86_64", "qemu-system-x86");
+    let dir = scratch("net-qemu-recv");
+    let r = nfvisor(&["guests", "export", dir.to_str().unwrap()], T);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let ns = Netns::new();
+    ns.add_tap(TAP);
+    let vm = qemu_net_probe(&ns, &qemu, &dir, "mode=recv count=30");
+    guest_receives(&ns, vm, 1, 30);
+    let _ = std::fs::remove_dir_all(&dir);
 }
