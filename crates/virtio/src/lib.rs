@@ -5,13 +5,18 @@
 //! guest memory and an [`Interrupt`] that hides MSI-X. No KVM inside: the
 //! VMM wires the notifications (ioeventfds) and interrupts (irqfds).
 
+pub mod blk;
+pub mod block_io;
+pub mod disk;
 pub mod net;
 pub mod pci;
+pub mod rate_limiter;
 pub mod tap;
 
 use std::sync::Arc;
 
 use virtio_queue::Queue;
+use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bits every device here may offer.
@@ -85,5 +90,24 @@ pub trait VirtioDevice<M>: Send {
     fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
         let _ = state;
         Ok(())
+    }
+}
+
+/// A chain's descriptors, or None when it does not end where it should:
+/// virtio-queue's iterator stops quietly at a loop, after as many
+/// descriptors as the queue holds, at an index past the table or an
+/// unreadable descriptor, so a chain whose last descriptor still points on
+/// was cut short there.
+pub fn whole_chain<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+) -> Option<Vec<virtio_queue::desc::split::Descriptor>>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let descs: Vec<_> = chain.collect();
+    match descs.last() {
+        Some(d) if !d.has_next() => Some(descs),
+        _ => None,
     }
 }

@@ -24,7 +24,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::tap::{Tap, VNET_HDR_LEN};
-use crate::{ActiveQueue, Interrupt, VirtioDevice};
+use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -290,25 +290,6 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         }
         self.link_up.store(*link == 1, Ordering::Release);
         Ok(())
-    }
-}
-
-/// A chain's descriptors, or None when it does not end where it should:
-/// virtio-queue's iterator stops quietly at a loop, after as many
-/// descriptors as the queue holds, at an index past the table or an
-/// unreadable descriptor, so a chain whose last descriptor still points on
-/// was cut short there.
-fn whole_chain<M>(
-    chain: virtio_queue::DescriptorChain<M>,
-) -> Option<Vec<virtio_queue::desc::split::Descriptor>>
-where
-    M: std::ops::Deref,
-    M::Target: GuestMemory,
-{
-    let descs: Vec<_> = chain.collect();
-    match descs.last() {
-        Some(d) if !d.has_next() => Some(descs),
-        _ => None,
     }
 }
 
