@@ -51,6 +51,11 @@ pub struct RunArgs {
     /// fd=N for a TAP a parent process opened. Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
+    /// A disk (virtio-blk on PCI) on a raw image:
+    /// path=FILE[,readonly][,direct][,serial=ID][,queues=N][,iops=N]
+    /// [,bw=SIZE][,aio=io_uring|threads]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<String>,
     /// Serve Prometheus metrics over HTTP at HOST:PORT (GET /metrics; port
     /// 0 picks a free one, logged).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -189,6 +194,7 @@ impl RunArgs {
             dma_probe: given(self.dma_probe),
             metrics_listen: self.metrics_listen.clone(),
             net: (!self.net.is_empty()).then(|| self.net.clone()),
+            disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
             rt: self.rt.to_config(),
             ..self.dirty.to_config()
         }

@@ -877,6 +877,11 @@ struct LocalFlags {
     /// in order): this host's TAPs carry them on.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+    /// The disks the guest had (path=FILE[,...] as `run --disk`, one per
+    /// disk, in order): without it the images the stream names are opened
+    /// (shared storage: the same paths on this host).
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
     #[command(flatten)]
     dirty: config::DirtyTracking,
     #[command(flatten)]
@@ -926,6 +931,7 @@ fn restored_vm(
         control_socket: local.control_socket,
         ivshmem: local.ivshmem,
         net: (!local.net.is_empty()).then_some(local.net),
+        disk: (!local.disk.is_empty()).then_some(local.disk),
         rt: local.rt.to_config(),
         // a received or restored guest can migrate on
         ..local.dirty.to_config()

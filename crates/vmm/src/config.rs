@@ -121,6 +121,9 @@ pub struct VmConfig {
     pub dma_probe: Option<bool>,
     /// NICs: `tap=NAME[,mac=..][,mtu=N]` or `fd=N[,...]`, one each.
     pub net: Option<Vec<String>>,
+    /// Disks: `path=FILE[,readonly][,direct][,serial=ID][,queues=N]
+    /// [,iops=N][,bw=SIZE][,aio=io_uring|threads]`, one each.
+    pub disk: Option<Vec<String>>,
     /// Serve Prometheus metrics over HTTP here (HOST:PORT).
     pub metrics_listen: Option<String>,
     pub rt: RtConfig,
@@ -159,6 +162,7 @@ impl VmConfig {
             dirty_bitmap,
             dma_probe,
             net,
+            disk,
             metrics_listen
         );
         over!(
@@ -180,7 +184,7 @@ impl VmConfig {
     }
 
     /// Only what says what the guest is (its kernel, command line, memory,
-    /// vCPUs, guest-visible debug devices): what a destination takes from
+    /// vCPUs, guest-visible debug devices, disks): what a destination takes from
     /// a stream. The rest (console file, control socket, placement, shared
     /// regions, tracking) is the destination's own, and a stream that sets
     /// it does not get to (it could name any file or socket path there).
@@ -192,6 +196,9 @@ impl VmConfig {
             memory: self.memory.clone(),
             vcpus: self.vcpus,
             dma_probe: self.dma_probe,
+            // the guest's disks: a destination on this host opens the same
+            // images unless told others (`receive --disk`)
+            disk: self.disk.clone(),
             ..Default::default()
         }
     }

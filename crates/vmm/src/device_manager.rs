@@ -56,7 +56,12 @@ pub struct Resources {
     /// Register BARs and MSI-X tables.
     small: RangeAllocator,
     next_gsi: u32,
+    /// The next PCI device's legacy interrupt pin.
+    next_intx: u32,
 }
+
+/// The IOAPIC pins PCI devices' legacy interrupts use (16-23).
+const INTX_PINS: std::ops::RangeInclusive<u32> = 16..=23;
 
 impl Default for Resources {
     fn default() -> Self {
@@ -74,6 +79,7 @@ impl Default for Resources {
                 end: layout::PCI_SMALL_BARS.1,
             },
             next_gsi: crate::irq_routes::FIRST_DEVICE_GSI,
+            next_intx: *INTX_PINS.start(),
         }
     }
 }
@@ -97,6 +103,18 @@ impl Resources {
         } else {
             self.small.allocate(size)
         }
+    }
+
+    /// A legacy interrupt pin (used while a device's MSI-X is off): each
+    /// device its own until the eight are taken, then shared round-robin.
+    pub fn intx_pin(&mut self) -> u32 {
+        let pin = self.next_intx;
+        self.next_intx = if pin == *INTX_PINS.end() {
+            *INTX_PINS.start()
+        } else {
+            pin + 1
+        };
+        pin
     }
 
     /// `n` consecutive GSIs for MSI routes (above KVM's default routes).

@@ -568,7 +568,9 @@ pub fn migrate(
         }
     }
     report.downtime_phases.ready_ms = ms_since(paused_at);
-    // phase 2: GO; from here a lost answer leaves the guest paused
+    // phase 2: GO; from here a lost answer leaves the guest paused. The
+    // disks' locks go first: the destination takes them as it starts
+    h.release_disk_locks();
     let mut link = back.into_inner();
     report.downtime_phases.go_ms = ms_since(paused_at);
     if let Err(e) = link
@@ -584,6 +586,7 @@ pub fn migrate(
         // the kernel did not take GO: the destination cannot have it, and
         // it starts nothing without it, so the guest is safe to resume here
         stop_dirty_tracking(h);
+        h.retake_disk_locks();
         h.resume();
         return Err(Error::Device(format!(
             "the destination went away before GO could be sent ({e}); the guest runs on here"

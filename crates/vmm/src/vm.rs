@@ -72,6 +72,8 @@ pub struct VmSpec {
     pub dma_probe: bool,
     /// virtio-net NICs.
     pub net: Vec<crate::virtio_net::NetSpec>,
+    /// virtio-blk disks.
+    pub disks: Vec<crate::virtio_blk::DiskSpec>,
     /// Serve Prometheus metrics here (HOST:PORT).
     pub metrics_listen: Option<String>,
     /// Serve the control socket (pause, resume, snapshot, status) here.
@@ -114,6 +116,7 @@ impl VmSpec {
             ivshmem: None,
             dma_probe: false,
             net: Vec::new(),
+            disks: Vec::new(),
             metrics_listen: None,
             control_socket: None,
             restore_from: None,
@@ -138,6 +141,8 @@ impl VmSpec {
             cmdline: Some(cmdline.to_string()),
             memory: Some(crate::config::Size::of_bytes(self.memory.size)),
             vcpus: Some(self.vcpus),
+            disk: (!self.disks.is_empty())
+                .then(|| self.disks.iter().map(|d| d.to_string()).collect()),
             ..Default::default()
         }
     }
@@ -240,6 +245,12 @@ impl VmSpec {
             .iter()
             .flatten()
             .map(|n| crate::virtio_net::parse_net(n))
+            .collect::<Result<_>>()?;
+        spec.disks = config
+            .disk
+            .iter()
+            .flatten()
+            .map(|d| crate::virtio_blk::parse_disk(d))
             .collect::<Result<_>>()?;
         Ok(spec)
     }
@@ -353,6 +364,8 @@ pub struct Vm {
     doorbells: Option<crate::doorbell::Doorbells>,
     /// The ivshmem device, whose region the stream names.
     ivshmem: Option<Arc<crate::ivshmem::IvshmemDevice>>,
+    /// The disks' images (their locks move at a migration's hand-over).
+    disks: Vec<Arc<virtio::disk::DiskImage>>,
     /// Per-vCPU dirty rings, when the VM tracks dirty pages with them.
     rings: Arc<crate::dirty_ring::DirtyRings>,
     /// Without rings: how the dirty bitmap is protected.
@@ -659,6 +672,17 @@ impl Vm {
         for (i, n) in spec.net.iter().enumerate() {
             crate::virtio_net::attach(&mut dm, &vm, gsi_routes.clone(), &mem, n, i)?;
         }
+        // a migration's destination takes the images' locks at the
+        // hand-over, once the source has let them go
+        let live = spec.restore_from.as_ref().is_some_and(|r| r.live);
+        let disks = spec
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                crate::virtio_blk::attach(&mut dm, &vm, gsi_routes.clone(), &mem, d, i, !live)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let bus_link = dm.bus_link.clone();
         let (pio, mmio, devices) = dm.finish()?;
         let io = Arc::new(IoContext {
@@ -832,6 +856,7 @@ impl Vm {
             guest_features,
             doorbells,
             ivshmem,
+            disks,
             mem,
             vcpus,
             io,
@@ -882,6 +907,7 @@ impl Vm {
             guest_features,
             doorbells,
             ivshmem,
+            disks,
             mem,
             vcpus,
             io,
@@ -931,6 +957,7 @@ impl Vm {
             vm: vm.clone(),
             mem: mem.clone(),
             devices: devices.clone(),
+            disks: disks.clone(),
             config: SnapshotConfig {
                 vm: spec.stream_config(&cmdline),
                 tsc_khz,
@@ -1090,6 +1117,7 @@ impl Vm {
         *handle.pthreads.lock().unwrap_or_else(|e| e.into_inner()) =
             handles.iter().map(|h| h.as_pthread_t()).collect();
         let mut restored = Restored::default();
+        let live = spec.restore_from.as_ref().is_some_and(|r| r.live);
         if failure.is_none() {
             if let Some(mut src) = spec.restore_from.take() {
                 match apply_restore(&mut src, &vm, &mem, &vcpus, tsc_khz, &devices) {
@@ -1105,6 +1133,15 @@ impl Vm {
             });
             if let (None, Err(e)) = (&failure, opened) {
                 failure = Some(e);
+            }
+        }
+        if failure.is_none() && live {
+            // the hand-over is committed: the source let the images go
+            // before it said GO
+            for d in &disks {
+                if let Err(e) = d.lock_within(Duration::from_secs(2)) {
+                    tracing::warn!("{e}; the guest runs on without the image's lock");
+                }
             }
         }
         if failure.is_none() {

@@ -59,6 +59,8 @@ pub struct VmHandle {
     pub(crate) mem: GuestRam,
     /// Every device, by id.
     pub(crate) devices: Arc<crate::device_manager::Devices>,
+    /// The disks' images, whose locks a migration hands over.
+    pub(crate) disks: Vec<Arc<virtio::disk::DiskImage>>,
     pub(crate) config: SnapshotConfig,
     /// The kernel as reports name it ("bundled:NAME" or its path).
     pub(crate) kernel_name: String,
@@ -83,6 +85,24 @@ pub struct VmHandle {
 }
 
 impl VmHandle {
+    /// Lets the disks' locks go (a migration's source, before GO: the
+    /// destination takes them as it starts the guest).
+    pub(crate) fn release_disk_locks(&self) {
+        for d in &self.disks {
+            d.unlock();
+        }
+    }
+
+    /// Takes the disks' locks back (GO could not be sent: the guest runs
+    /// on here).
+    pub(crate) fn retake_disk_locks(&self) {
+        for d in &self.disks {
+            if let Err(e) = d.lock() {
+                tracing::warn!("{e}; the guest runs on without the image's lock");
+            }
+        }
+    }
+
     fn kick_all(&self) {
         for &pt in self
             .pthreads
