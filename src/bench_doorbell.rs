@@ -43,10 +43,7 @@ impl Pair {
 fn start_vm(qemu: bool, sock: &Path, image: &Path, cmdline: &str, json: bool) -> Result<Child> {
     let mut cmd = if qemu {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
-            .args(["-M", "q35", "-nodefaults", "-nographic", "-no-reboot"])
-            .args(["-serial", "stdio"])
-            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        crate::bench_vmm::qemu_q35(&mut c, "stdio")
             .arg("-chardev")
             .arg(format!("socket,path={},id=ivs", sock.display()))
             .args(["-device", "ivshmem-doorbell,chardev=ivs,vectors=1"])

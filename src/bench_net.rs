@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::bench_vmm::{qemu_q35, vmm_cpu_ns, which};
+
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
@@ -176,41 +178,6 @@ fn echo_of(sock: &OwnedFd, seq: u32, deadline: Instant) -> Option<Duration> {
         }
     }
     None
-}
-
-/// The VMM's own CPU so far, in ns: all of its non-vCPU threads' time
-/// (user and system, /proc/PID/task/TID/schedstat, ns precision) plus its
-/// vCPU threads' user time (`stat`, clock ticks: exit handling in the VMM;
-/// their system time is the guest's, emulated on a nested host).
-fn vmm_cpu_ns(pid: u32, vcpu: &dyn Fn(&str) -> bool) -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    let mut ns = 0;
-    for t in tasks.flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if vcpu(comm.trim()) {
-            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-            // utime is field 14; `rest` starts at field 3
-            let utime: u64 = rest
-                .split_whitespace()
-                .nth(11)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            ns += utime * 1_000_000_000 / hz;
-        } else {
-            let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-            ns += sched
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    ns
 }
 
 /// Every exit KVM counted for the VM, its vCPUs summed: nfvisor's through
@@ -404,14 +371,7 @@ pub fn run(o: &Options) -> Result<u8> {
             let mut c = exec(q);
             c.arg("-qmp")
                 .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-            c.args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
-                .args(["-M", "q35", "-nodefaults", "-nographic", "-no-reboot"])
-                .args([
-                    "-serial",
-                    "null",
-                    "-device",
-                    "isa-debug-exit,iobase=0xf4,iosize=4",
-                ])
+            qemu_q35(&mut c, "null")
                 .arg("-netdev")
                 .arg(format!(
                     "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
@@ -472,12 +432,4 @@ pub fn run(o: &Options) -> Result<u8> {
         }
     }
     Ok(0)
-}
-
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(program))
-        .find(|p| p.is_file())
 }

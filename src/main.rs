@@ -1,8 +1,10 @@
 //! nfvisor: a virtual machine monitor on Linux KVM for network functions.
 
+mod bench_blk;
 mod bench_doorbell;
 mod bench_migration;
 mod bench_net;
+mod bench_vmm;
 mod config;
 mod flavor;
 mod host;
@@ -239,6 +241,10 @@ enum BenchCmd {
     },
     /// Live migration on this host, both ends: total time, downtime, rounds.
     Migration(bench_migration::Options),
+    /// virtio-blk: blk-probe's random 4 KiB reads and writes under nfvisor
+    /// (O_DIRECT, io_uring) and QEMU (cache=none, aio=io_uring) on one
+    /// image: IOPS, latency, the VMM's CPU per request.
+    Blk(bench_blk::Options),
     /// virtio-net: the net-probe echo guest under nfvisor and QEMU on a
     /// TAP: VMM CPU and exits per frame, ping-pong round trip.
     Net(bench_net::Options),
@@ -614,6 +620,7 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
             }
         }
         BenchCmd::Net(o) => return bench_net::run(&o),
+        BenchCmd::Blk(o) => return bench_blk::run(&o),
         BenchCmd::Migration(o) => {
             anyhow::ensure!(o.runs > 0, "--runs must be at least 1");
             return bench_migration::run(&o);

@@ -15,8 +15,15 @@ const GUESTS: &[&str] = &[
     "dirtier",
     "ivshmem_probe",
     "net_probe",
+    "blk_probe",
 ];
 const COMMON: &[&str] = &["entry.S", "runtime.c"];
+/// Sources linked into some guests only (after COMMON): the virtio-pci
+/// transport defines ext_irq, which the other guests define themselves.
+const EXTRA: &[(&str, &[&str])] = &[
+    ("net_probe", &["virtio_pci.c"]),
+    ("blk_probe", &["virtio_pci.c"]),
+];
 const CFLAGS: &[&str] = &[
     "-O2",
     "-ffreestanding",
@@ -62,9 +69,24 @@ fn main() {
         compile(&src.join(file), &obj);
         common.push(obj);
     }
+    let mut extra = std::collections::BTreeMap::new();
+    for (_, files) in EXTRA {
+        for file in *files {
+            let obj = out.join(format!("{file}.o"));
+            if !extra.contains_key(file) {
+                compile(&src.join(file), &obj);
+                extra.insert(*file, obj);
+            }
+        }
+    }
     for guest in GUESTS {
         let obj = out.join(format!("{guest}.o"));
         compile(&src.join(format!("{guest}.c")), &obj);
+        let own: Vec<&PathBuf> = EXTRA
+            .iter()
+            .filter(|(g, _)| g == guest)
+            .flat_map(|(_, files)| files.iter().map(|f| &extra[f]))
+            .collect();
         run(Command::new("ld")
             .arg("-T")
             .arg(src.join("guest.ld"))
@@ -78,6 +100,7 @@ fn main() {
             ])
             .arg(out.join(format!("{guest}.elf")))
             .args(&common)
+            .args(own)
             .arg(&obj));
     }
 }

@@ -1,7 +1,8 @@
 /* net-probe: a small virtio-net driver for the modern virtio-pci transport
  * (virtio 1.x, PCI 1af4:1041), split virtqueues, receiveq 0 and transmitq 1.
  *
- * Finds the device on PCI bus 0 through the 0xCF8/0xCFC ports, reads its
+ * The transport (virtio_pci.c, shared with blk-probe): finds the device on
+ * PCI bus 0 through the 0xCF8/0xCFC ports, reads its
  * BARs as the firmware or the VMM assigned them (sized, never moved), walks
  * the virtio vendor capabilities (common, notify, ISR, device config, PCI
  * cfg access) and the MSI-X capability, then initialises the device as the
@@ -95,12 +96,11 @@
  *
  * Status: 0 ok, 1 no device / device error / timeout, 2 bad parameters,
  * 3 a bad frame (recv). */
-#include "runtime.h"
+#include "virtio_pci.h"
 
 #define VENDOR_DEVICE 0x10411af4u
 #define NET_VECTOR 0x51
 #define CFG_VECTOR 0x52 /* mode=link: configuration changes only */
-#define QMAX 64
 #define HDR_LEN 12
 #define FRAME_MAX 1514
 #define BUF_LEN (HDR_LEN + FRAME_MAX) /* 1526, what the spec asks for */
@@ -112,247 +112,9 @@
 #define F_MTU 3
 #define F_MAC 5
 #define F_STATUS 16
-#define F_EVENT_IDX 29
-#define F_VERSION_1 32
 #define ACCEPTED ((1UL << F_MTU) | (1UL << F_MAC) | (1UL << F_STATUS) | (1UL << F_VERSION_1))
 
-/* device_status bits */
-#define S_ACKNOWLEDGE 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-#define S_NEEDS_RESET 64
-#define S_FAILED 128
-
-/* virtio_pci_common_cfg */
-#define C_DFSELECT 0x00
-#define C_DF 0x04
-#define C_GFSELECT 0x08
-#define C_GF 0x0c
-#define C_MSIX 0x10
-#define C_NUMQ 0x12
-#define C_STATUS 0x14
-#define C_GENERATION 0x15
-#define C_Q_SELECT 0x16
-#define C_Q_SIZE 0x18
-#define C_Q_MSIX 0x1a
-#define C_Q_ENABLE 0x1c
-#define C_Q_NOFF 0x1e
-#define C_Q_DESC 0x20
-#define C_Q_DRIVER 0x28
-#define C_Q_DEVICE 0x30
-#define COMMON_MIN_LEN 0x38
-#define NO_VECTOR 0xffff
-
-#define VIRTQ_DESC_F_WRITE 2
-#define VIRTQ_USED_F_NO_NOTIFY 1
-
-/* ------------------------------------------------------------- PCI --- */
-static u32 pci_read(u32 dev, u32 reg) {
-    outl(0xcf8, 0x80000000u | (dev << 11) | (reg & 0xfc));
-    u32 v;
-    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"((u16)0xcfc));
-    return v;
-}
-
-static void pci_write(u32 dev, u32 reg, u32 v) {
-    outl(0xcf8, 0x80000000u | (dev << 11) | (reg & 0xfc));
-    outl(0xcfc, v);
-}
-
-static u8 pci_read8(u32 dev, u32 reg) { return (u8)(pci_read(dev, reg) >> (8 * (reg & 3))); }
-
-/* ------------------------------------------------------------ MMIO --- */
-static inline u8 mr8(u64 a) { return *(volatile u8 *)a; }
-static inline u16 mr16(u64 a) { return *(volatile u16 *)a; }
-static inline u32 mr32(u64 a) { return *(volatile u32 *)a; }
-static inline void mw8(u64 a, u8 v) { *(volatile u8 *)a = v; }
-static inline void mw16(u64 a, u16 v) { *(volatile u16 *)a = v; }
-static inline void mw32(u64 a, u32 v) { *(volatile u32 *)a = v; }
-static inline void mw64(u64 a, u64 v) { /* two 32-bit writes, low first */
-    mw32(a, (u32)v);
-    mw32(a + 4, (u32)(v >> 32));
-}
-/* a full barrier (store -> load): the driver's avail index before the
- * device's used flags */
-static inline void mb(void) { __asm__ volatile("lock; orq $0, (%%rsp)" ::: "memory"); }
-static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
-
-/* --------------------------------------------------- page tables --- */
-/* The static tables map the low 4 GiB; a 64-bit BAR above it is mapped here
- * (identity, 2 MiB pages, uncached) under PML4 entry 0 (the first 512 GiB). */
-static u64 extra_pd[4][512] __attribute__((aligned(4096)));
-static int extra_pds;
-
-static int map_mmio(u64 addr, u64 len) {
-    if (addr + len <= 0x100000000UL) return 1;
-    if ((addr + len) >> 39) return 0;
-    u64 cr3;
-    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
-    u64 *pml4 = (u64 *)(cr3 & 0xffffffffff000UL);
-    if (!(pml4[0] & 1)) return 0;
-    u64 *pdpt = (u64 *)(pml4[0] & 0xffffffffff000UL);
-    for (u64 a = addr & ~0x1fffffUL; a < addr + len; a += 0x200000) {
-        u64 i = a >> 30;
-        if (!(pdpt[i] & 1)) {
-            if (extra_pds == 4) return 0;
-            u64 *pd = extra_pd[extra_pds++];
-            pdpt[i] = (u64)pd | 0x3;
-        }
-        if (pdpt[i] & 0x80) continue; /* a 1 GiB page already */
-        u64 *pd = (u64 *)(pdpt[i] & 0xffffffffff000UL);
-        pd[(a >> 21) & 511] = a | 0x9b; /* P | RW | PWT | PCD | PS */
-    }
-    __asm__ volatile("mov %0, %%cr3" ::"r"(cr3) : "memory");
-    return 1;
-}
-
-/* ------------------------------------------------------- the device --- */
-struct bar {
-    u64 addr, size;
-    int io;
-};
-struct region {
-    int found;
-    u32 bar, off, len;
-    u64 addr;
-};
-static u32 dev;
-static struct bar bars[6];
-static struct region common, notify, isr, devcfg;
-static u32 notify_mult;
-static int pcicfg;
-static u64 features;
-
-static void set_status(u8 s) { mw8(common.addr + C_STATUS, s); }
-static u8 get_status(void) { return mr8(common.addr + C_STATUS); }
-
-static void __attribute__((noreturn)) device_fail(const char *msg) {
-    if (common.found) set_status((u8)(get_status() | S_FAILED));
-    fail(STATUS_FAIL, msg);
-}
-
-/* Reads the six BARs as assigned, sizing each with decoding off (the BAR
- * is written back unchanged: nothing moves). */
-static void read_bars(void) {
-    u32 cmd = pci_read(dev, 4) & 0xffff;
-    pci_write(dev, 4, cmd & ~3u);
-    for (u32 i = 0; i < 6; i++) {
-        u32 reg = 0x10 + 4 * i, lo = pci_read(dev, reg);
-        bars[i].addr = bars[i].size = 0;
-        bars[i].io = lo & 1;
-        int is64 = !bars[i].io && ((lo >> 1) & 3) == 2 && i < 5;
-        u32 hi = is64 ? pci_read(dev, reg + 4) : 0;
-        pci_write(dev, reg, ~0u);
-        if (is64) pci_write(dev, reg + 4, ~0u);
-        u64 mask = pci_read(dev, reg);
-        mask = bars[i].io ? (mask & ~3UL) | 0xffffffffffff0000UL : (mask & ~0xfUL);
-        if (is64) mask |= (u64)pci_read(dev, reg + 4) << 32;
-        else if (!bars[i].io) mask |= 0xffffffff00000000UL;
-        pci_write(dev, reg, lo);
-        if (is64) pci_write(dev, reg + 4, hi);
-        if (mask != 0xffffffff00000000UL && mask != 0xffffffffffff0000UL && mask) {
-            bars[i].size = ~mask + 1;
-            bars[i].addr = bars[i].io ? (lo & ~3u) : ((lo & ~0xfUL) | ((u64)hi << 32));
-        }
-        if (is64) {
-            i++;
-            bars[i].addr = bars[i].size = 0;
-            bars[i].io = 0;
-        }
-    }
-    pci_write(dev, 4, cmd | 6); /* memory decoding, bus mastering */
-}
-
-/* A capability's window, checked against its BAR and mapped. */
-static int take_region(struct region *r, u32 bar, u32 off, u32 len) {
-    if (bar > 5 || bars[bar].io || !bars[bar].size || !bars[bar].addr) return 0;
-    if ((u64)off + len > bars[bar].size) return 0;
-    r->found = 1;
-    r->bar = bar;
-    r->off = off;
-    r->len = len;
-    r->addr = bars[bar].addr + off;
-    if (!map_mmio(r->addr, len)) device_fail("a BAR lies beyond the first 512 GiB");
-    return 1;
-}
-
-static u32 msix_at, msix_entries;
-static u64 msix_table;
-
-static void walk_caps(void) {
-    if (!(pci_read(dev, 4) & (1u << 20))) device_fail("the device has no capability list");
-    u32 at = pci_read8(dev, 0x34) & 0xfc;
-    for (int guard = 0; at >= 0x40 && guard < 48; guard++) {
-        u8 id = pci_read8(dev, at);
-        if (id == 0x09) {
-            u8 cap_len = pci_read8(dev, at + 2), type = pci_read8(dev, at + 3), bar = pci_read8(dev, at + 4);
-            u32 off = pci_read(dev, at + 8), len = pci_read(dev, at + 12);
-            if (cap_len >= 16) {
-                if (type == 1 && !common.found) take_region(&common, bar, off, len);
-                if (type == 2 && !notify.found && cap_len >= 20 && take_region(&notify, bar, off, len))
-                    notify_mult = pci_read(dev, at + 16);
-                if (type == 3 && !isr.found) take_region(&isr, bar, off, len);
-                if (type == 4 && !devcfg.found) take_region(&devcfg, bar, off, len);
-                if (type == 5) pcicfg = 1;
-            }
-        } else if (id == 0x11 && !msix_at) {
-            msix_at = at;
-        }
-        at = pci_read8(dev, at + 1) & 0xfc;
-    }
-    if (!common.found || common.len < COMMON_MIN_LEN) device_fail("no usable common configuration capability");
-    if (!notify.found) device_fail("no usable notify capability");
-    if (msix_at) {
-        u32 head = pci_read(dev, msix_at), table = pci_read(dev, msix_at + 4);
-        u32 n = ((head >> 16) & 0x7ff) + 1, bar = table & 7, off = table & ~7u;
-        struct region r = {0, 0, 0, 0, 0};
-        if (take_region(&r, bar, off, n * 16)) {
-            msix_table = r.addr;
-            msix_entries = n;
-        }
-    }
-    puts("R caps");
-    put_kv("slot", dev);
-    put_kv("common_bar", common.bar);
-    puts(" common_off=");
-    put_hex(common.off);
-    puts(" common_len=");
-    put_hex(common.len);
-    put_kv("notify_bar", notify.bar);
-    puts(" notify_off=");
-    put_hex(notify.off);
-    puts(" notify_len=");
-    put_hex(notify.len);
-    put_kv("notify_mult", notify_mult);
-    put_kv("isr", isr.found);
-    put_kv("device_cfg", devcfg.found);
-    puts(" device_cfg_len=");
-    put_hex(devcfg.len);
-    put_kv("pci_cfg", pcicfg);
-    put_kv("msix_entries", msix_entries);
-    if (msix_at) {
-        u32 table = pci_read(dev, msix_at + 4);
-        put_kv("msix_bar", table & 7);
-        puts(" msix_off=");
-        put_hex(table & ~7u);
-    }
-    puts(" bar=");
-    put_hex(bars[common.bar].addr);
-    puts(" bar_size=");
-    put_hex(bars[common.bar].size);
-    putc('\n');
-}
-
 /* ------------------------------------------------------ interrupts --- */
-void ext_stub(void);
-static volatile u64 irqs;
-
-void ext_irq(void) {
-    irqs++;
-    lapic_eoi();
-}
-
 /* mode=link: configuration-change interrupts on CFG_VECTOR, counted apart
  * (entry.S's stubs call ext_irq and timer_irq only; this one saves the
  * same registers: the stack is 16-byte aligned at the call) */
@@ -390,64 +152,13 @@ __asm__(".text\n"
 
 static u8 entry0_vector = NET_VECTOR; /* CFG_VECTOR in mode=link */
 
-/* MSI-X table entries 0..n-1 to this CPU's LAPIC, NET_VECTOR (entry 0:
- * entry0_vector), then MSI-X on with the function unmasked. */
-static void msix_enable(u32 n) {
-    volatile u32 *t = (volatile u32 *)msix_table;
-    for (u32 v = 0; v < n; v++) {
-        t[4 * v + 0] = 0xfee00000u | (lapic_id() << 12);
-        t[4 * v + 1] = 0;
-        t[4 * v + 2] = v ? NET_VECTOR : entry0_vector; /* fixed, edge */
-        t[4 * v + 3] = 0;          /* unmasked */
-    }
-    u32 head = pci_read(dev, msix_at);
-    pci_write(dev, msix_at, (head & ~(1u << 30)) | (1u << 31));
-}
 
 /* ----------------------------------------------------- virtqueues --- */
-struct desc {
-    u64 addr;
-    u32 len;
-    u16 flags, next;
-};
-struct avail {
-    u16 flags, idx, ring[QMAX], used_event;
-};
-struct used_elem {
-    u32 id, len;
-};
-struct used {
-    u16 flags, idx;
-    struct used_elem ring[QMAX];
-    u16 avail_event;
-};
-struct vq {
-    struct desc desc[QMAX] __attribute__((aligned(4096)));
-    struct avail avail __attribute__((aligned(4096)));
-    struct used used __attribute__((aligned(4096)));
-    u16 size, last_used, avail_idx, index;
-    u16 kicked_idx; /* avail_idx at the last notify decision (EVENT_IDX) */
-    u64 notify_addr;
-    u64 kicks, kicks_suppressed; /* this queue's, every session together */
-    int inflight[QMAX]; /* buffer index + 1 posted on this descriptor, 0 free */
-    u32 posted_len[QMAX];
-};
 static struct vq rxq, txq;
 static u8 buffers[NBUF][BUF_STRIDE] __attribute__((aligned(4096)));
 static u32 free_bufs[NBUF], nfree;
-static u64 notifies, suppressed, polled, timeout_cycles;
-static int msix_on;   /* interrupts expected */
-static int event_idx; /* VIRTIO_F_RING_EVENT_IDX negotiated */
+static u64 timeout_cycles;
 static u64 want_event_idx;
-
-/* EVENT_IDX's two words, placed by the queue size in use (not QMAX):
- * used_event after the avail ring's entries (the driver's), avail_event
- * after the used ring's (the device's) */
-static volatile u16 *used_event_of(struct vq *q) { return (volatile u16 *)((u8 *)&q->avail + 4 + 2 * (u64)q->size); }
-static volatile u16 *avail_event_of(struct vq *q) { return (volatile u16 *)((u8 *)&q->used + 4 + 8 * (u64)q->size); }
-
-/* Linux's vring_need_event: whether event lies in [old, new_idx) */
-static int need_event(u16 event, u16 new_idx, u16 old) { return (u16)(new_idx - event - 1) < (u16)(new_idx - old); }
 
 static u32 take_buf(void) {
     if (!nfree) fail(STATUS_FAIL, "out of buffers (a driver bug)");
@@ -460,164 +171,27 @@ enum { BAD_NONE, BAD_LOOP, BAD_PAST_RAM, BAD_LONG_CHAIN, BAD_QSIZE3, BAD_RING_OU
 #define RAM_HOLE 0xfff00000UL /* beyond guest RAM (and below 4 GiB) */
 static u16 qsize3_read, over_max, over_max_read;
 
+/* BAD_QSIZE3: size 3, then twice the maximum, each read back */
+static void qsize3(u16 max) {
+    mw16(common.addr + C_Q_SIZE, 3);
+    qsize3_read = mr16(common.addr + C_Q_SIZE);
+    over_max = max <= 0x4000 ? (u16)(2 * max) : 0x8000;
+    mw16(common.addr + C_Q_SIZE, over_max);
+    over_max_read = mr16(common.addr + C_Q_SIZE);
+}
+
+/* vq_setup (virtio_pci.c), misbehaving on receiveq as bad says */
 static u16 queue_setup(struct vq *q, u16 index, u16 vector, int bad) {
-    mw16(common.addr + C_Q_SELECT, index);
-    u16 max = mr16(common.addr + C_Q_SIZE);
-    if (max == 0) device_fail("queue size 0: the queue is not available");
-    if (max & (max - 1)) device_fail("queue size is not a power of two");
-    if (mr16(common.addr + C_Q_ENABLE)) device_fail("queue enabled after reset");
-    if (bad == BAD_QSIZE3 && index == 0) {
-        mw16(common.addr + C_Q_SIZE, 3);
-        qsize3_read = mr16(common.addr + C_Q_SIZE);
-        over_max = max <= 0x4000 ? (u16)(2 * max) : 0x8000;
-        mw16(common.addr + C_Q_SIZE, over_max);
-        over_max_read = mr16(common.addr + C_Q_SIZE);
-    }
-    u16 size = max < QMAX ? max : QMAX;
-    mw16(common.addr + C_Q_SIZE, size);
-    if (mr16(common.addr + C_Q_SIZE) != size) device_fail("the queue size written does not read back");
-    /* the rings as a driver hands them over: zeroed (a reset left the
-     * previous session's indexes in them) */
-    q->size = size;
-    q->index = index;
-    q->last_used = q->avail_idx = q->kicked_idx = 0;
-    for (u32 i = 0; i < QMAX; i++) {
-        q->inflight[i] = 0;
-        q->posted_len[i] = 0;
-        q->used.ring[i].id = q->used.ring[i].len = 0;
-    }
-    q->avail.flags = 0;
-    q->avail.idx = 0;
-    q->used.flags = 0;
-    *(volatile u16 *)&q->used.idx = 0;
-    *used_event_of(q) = 0; /* an interrupt for the first used element */
-    *avail_event_of(q) = 0;
-    if (bad == BAD_RING_OUTSIDE && index == 0) {
-        mw64(common.addr + C_Q_DESC, RAM_HOLE);
-        mw64(common.addr + C_Q_DRIVER, RAM_HOLE + 0x1000);
-        mw64(common.addr + C_Q_DEVICE, RAM_HOLE + 0x2000);
-    } else {
-        mw64(common.addr + C_Q_DESC, (u64)q->desc);
-        mw64(common.addr + C_Q_DRIVER, (u64)&q->avail);
-        mw64(common.addr + C_Q_DEVICE, (u64)&q->used);
-    }
-    u16 got = NO_VECTOR;
-    if (vector != NO_VECTOR) {
-        mw16(common.addr + C_Q_MSIX, vector);
-        got = mr16(common.addr + C_Q_MSIX);
-    }
-    u16 qnoff = mr16(common.addr + C_Q_NOFF);
-    u64 noff = (u64)qnoff * notify_mult;
-    if (noff + 2 > notify.len) device_fail("queue_notify_off * notify_off_multiplier lies outside the notify window");
-    q->notify_addr = notify.addr + noff;
-    mw16(common.addr + C_Q_ENABLE, 1);
-    puts("R queue");
-    put_kv("index", index);
-    put_kv("max", max);
-    put_kv("size", size);
-    put_kv("notify_off", qnoff);
-    puts(" notify_at=");
-    put_hex(notify.off + noff);
-    put_kv("vector", got);
-    putc('\n');
-    return got;
-}
-
-static void set_desc(struct vq *q, u16 d, u64 addr, u32 len, u16 flags, u16 next) {
-    q->desc[d].addr = addr;
-    q->desc[d].len = len;
-    q->desc[d].flags = flags;
-    q->desc[d].next = next;
-}
-
-/* Makes the chain at head available; the caller notifies. */
-static void publish(struct vq *q, u16 head) {
-    q->avail.ring[q->avail_idx & (q->size - 1)] = head;
-    barrier();
-    q->avail_idx++;
-    *(volatile u16 *)&q->avail.idx = q->avail_idx;
+    int rx = index == 0;
+    return vq_setup(q, index, vector, bad == BAD_QSIZE3 && rx ? qsize3 : 0, bad == BAD_RING_OUTSIDE && rx ? RAM_HOLE : 0);
 }
 
 /* Makes descriptor d available with buffer b; the caller notifies. */
 static void post(struct vq *q, u16 d, u32 b, u32 len, u16 flags) {
     set_desc(q, d, (u64)buffers[b], len, flags, 0);
     q->inflight[d] = (int)b + 1;
-    q->posted_len[d] = len;
+    q->posted_len[d] = (flags & VIRTQ_DESC_F_WRITE) ? len : ~0u; /* transmit: not checked */
     publish(q, d);
-}
-
-/* Notifies the device of what was published since the last call, unless
- * it said it needs no notification (avail_event with EVENT_IDX, NO_NOTIFY
- * without): Linux's virtqueue_kick_prepare_split, then the notify write. */
-static void kick(struct vq *q) {
-    u16 old = q->kicked_idx, new_idx = q->avail_idx;
-    q->kicked_idx = new_idx;
-    mb(); /* the avail index out before avail_event / flags are read */
-    int needed = event_idx ? need_event(*avail_event_of(q), new_idx, old)
-                           : !(*(volatile u16 *)&q->used.flags & VIRTQ_USED_F_NO_NOTIFY);
-    if (!needed) {
-        suppressed++;
-        q->kicks_suppressed++;
-        return;
-    }
-    mw16(q->notify_addr, q->index);
-    notifies++;
-    q->kicks++;
-}
-
-/* EVENT_IDX: an interrupt wanted as soon as the device adds the used
- * element at last_used (the next one this driver reads); the write out
- * before the used index is read again (Linux's virtio_store_mb) */
-static void want_next_interrupt(struct vq *q) {
-    if (!event_idx) return;
-    *used_event_of(q) = q->last_used;
-    mb();
-}
-
-static u16 used_idx(struct vq *q) { return *(volatile u16 *)&q->used.idx; }
-
-/* The next used element, checked: 1 and *d, *b, *len, or 0 if none. */
-static int next_used(struct vq *q, u16 *d, u32 *b, u32 *len) {
-    u16 idx = used_idx(q);
-    if (idx == q->last_used) return 0;
-    if ((u16)(idx - q->last_used) > q->size) device_fail("used index ran ahead of the ring");
-    barrier();
-    struct used_elem e = *(volatile struct used_elem *)&q->used.ring[q->last_used & (q->size - 1)];
-    q->last_used++;
-    want_next_interrupt(q);
-    if (e.id >= q->size) device_fail("used ring id outside the ring");
-    if (!q->inflight[e.id]) device_fail("used ring id of a descriptor not in flight");
-    if (e.len > q->posted_len[e.id] && (q->desc[e.id].flags & VIRTQ_DESC_F_WRITE))
-        device_fail("used length larger than the buffer");
-    *d = (u16)e.id;
-    *b = (u32)q->inflight[e.id] - 1;
-    *len = e.len;
-    q->inflight[e.id] = 0;
-    return 1;
-}
-
-/* Waits until q has a used element: interrupts open, spinning, the used
- * index polled too. 0 on timeout (never with timeout 0). */
-static int wait_used(struct vq *q, u64 timeout) {
-    want_next_interrupt(q);
-    u64 t0 = rdtsc(), seen = irqs;
-    while (used_idx(q) == q->last_used) {
-        if (timeout && rdtsc() - t0 > timeout) return 0;
-        __asm__ volatile("sti" ::: "memory");
-        u64 t1 = rdtsc();
-        while (irqs == seen && used_idx(q) == q->last_used && rdtsc() - t1 < tsc_khz() * 10) cpu_relax();
-        __asm__ volatile("cli" ::: "memory");
-    }
-    if (irqs == seen && msix_on) {
-        /* found by polling: give the interrupt 1 ms more before counting
-         * the completion as one without an interrupt */
-        __asm__ volatile("sti" ::: "memory");
-        u64 t1 = rdtsc();
-        while (irqs == seen && rdtsc() - t1 < tsc_khz()) cpu_relax();
-        __asm__ volatile("cli" ::: "memory");
-        if (irqs == seen) polled++;
-    }
-    return 1;
 }
 
 static u64 progress; /* frames echoed, sent or received so far */
@@ -892,13 +466,6 @@ static u64 offered;
 static u16 nq, link_status, mtu;
 static int want_msix, irq_ready, features_ok_stuck, link_mode;
 
-/* Writes 0 to device_status and waits (1 s at most) for it to read back 0. */
-static int reset_device(void) {
-    set_status(0);
-    for (u64 t = rdtsc(); get_status() != 0;)
-        if (rdtsc() - t > tsc_khz() * 1000) return 0;
-    return 1;
-}
 
 enum { INIT_OK, INIT_FEATURES_REFUSED, INIT_NEEDS_RESET };
 
@@ -907,25 +474,12 @@ enum { INIT_OK, INIT_FEATURES_REFUSED, INIT_NEEDS_RESET };
  * BAD_UNOFFERED it misbehaves on the way, and returns as soon as the device
  * has answered (features refused, needs reset). */
 static int init_device(int bad, int post_rx) {
-    if (!reset_device()) fail(STATUS_FAIL, "the device does not finish its reset");
-    set_status(S_ACKNOWLEDGE);
-    set_status(S_ACKNOWLEDGE | S_DRIVER);
-
-    mw32(common.addr + C_DFSELECT, 0);
-    offered = mr32(common.addr + C_DF);
-    mw32(common.addr + C_DFSELECT, 1);
-    offered |= (u64)mr32(common.addr + C_DF) << 32;
-    if (!(offered & (1UL << F_VERSION_1))) device_fail("VIRTIO_F_VERSION_1 not offered");
+    offered = begin_init();
     features = offered & (ACCEPTED | (want_event_idx ? 1UL << F_EVENT_IDX : 0));
     event_idx = (features & (1UL << F_EVENT_IDX)) != 0;
     u64 acked = features;
     if (bad == BAD_UNOFFERED) acked |= 1UL << 33; /* ACCESS_PLATFORM, never offered here */
-    mw32(common.addr + C_GFSELECT, 0);
-    mw32(common.addr + C_GF, (u32)acked);
-    mw32(common.addr + C_GFSELECT, 1);
-    mw32(common.addr + C_GF, (u32)(acked >> 32));
-    set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-    features_ok_stuck = (get_status() & S_FEATURES_OK) != 0;
+    features_ok_stuck = write_features(acked);
     /* a driver never goes on with features it made up, taken or not */
     if (bad == BAD_UNOFFERED) return INIT_FEATURES_REFUSED;
     if (!features_ok_stuck) device_fail("FEATURES_OK did not read back: features refused");
@@ -951,7 +505,7 @@ static int init_device(int bad, int post_rx) {
     int msix = want_msix && msix_table;
     u16 vcfg = NO_VECTOR, vrx = NO_VECTOR, vtx = NO_VECTOR;
     if (msix) {
-        msix_enable(msix_entries < 3 ? 1 : 3);
+        msix_enable(msix_entries < 3 ? 1 : 3, entry0_vector, NET_VECTOR);
         vcfg = 0;
         vrx = msix_entries < 3 ? 0 : 1;
         vtx = msix_entries < 3 ? 0 : 2;
@@ -995,7 +549,6 @@ static int init_device(int bad, int post_rx) {
 }
 
 /* ------------------------------------------------------- mode=bad --- */
-#define VIRTQ_DESC_F_NEXT 1
 #define BAD_ETHERTYPE 0x88b7  /* frames built into bad chains */
 #define GOOD_ETHERTYPE 0x88b8 /* good frames sent during the bad part */
 
@@ -1336,9 +889,7 @@ int guest_main(void) {
     link_mode = m_link;
     if (m_link) entry0_vector = CFG_VECTOR;
 
-    for (dev = 0; dev < 32; dev++)
-        if (pci_read(dev, 0) == VENDOR_DEVICE) break;
-    if (dev == 32) fail(STATUS_FAIL, "no modern virtio-net device (1af4:1041) on PCI bus 0");
+    if (!find_device(VENDOR_DEVICE)) fail(STATUS_FAIL, "no modern virtio-net device (1af4:1041) on PCI bus 0");
     read_bars();
     walk_caps();
 
@@ -1350,3 +901,4 @@ int guest_main(void) {
     if (m_link) return link(count);
     return recv(count);
 }
+

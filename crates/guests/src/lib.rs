@@ -50,11 +50,38 @@ pub const ALL: &[Guest] = &[
         image: image!("net_probe.elf"),
     },
     Guest {
+        name: "blk-probe",
+        summary: "virtio-blk driver (modern virtio-pci 1af4:1042, MSI-X, queue 0): mode=verify|write|bench|bad; verify start=0 sectors=256 chunk=8 seed=1 qd=1 writes blk_pattern, flushes, reads back, then discards and write-zeroes a chunk each; write passes=1 (0 = forever) checks the previous pass and rewrites the range; bench op=randread|randwrite count=1000 qd=1..16 bs=4096 span=capacity (latency percentiles); bad case=unknown_type|past_end|odd_len|read_into_ro|write_ro|discard_flags|discard_too_many|wz_too_big|no_status, then a good read; timeout_s=30 irq=msix|poll event_idx=0|1",
+        image: image!("blk_probe.elf"),
+    },
+    Guest {
         name: "dirtier",
         summary: "dirties one word per 4 KiB page per pass and checks every pass; mb=4 passes=3 (0 = forever) tick=N zero_every=K dma_mb=N (pages written by the VMM on request)",
         image: image!("dirtier.elf"),
     },
 ];
+
+/// What blk-probe writes to a sector: 64 little-endian words, word `w` =
+/// `mix(seed * 0x9e3779b97f4a7c15 + sector * 0xbf58476d1ce4e5b9 + w)`
+/// (wrapping), `mix` being splitmix64's finaliser (`blk_probe.c` says the
+/// same).
+pub fn blk_pattern(seed: u64, sector: u64) -> [u8; 512] {
+    fn mix(mut z: u64) -> u64 {
+        z ^= z >> 30;
+        z = z.wrapping_mul(0xbf58476d1ce4e5b9);
+        z ^= z >> 27;
+        z = z.wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+    let base = seed
+        .wrapping_mul(0x9e3779b97f4a7c15)
+        .wrapping_add(sector.wrapping_mul(0xbf58476d1ce4e5b9));
+    let mut out = [0u8; 512];
+    for (w, word) in out.chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(&mix(base.wrapping_add(w as u64)).to_le_bytes());
+    }
+    out
+}
 
 /// The guest `nfvisor run` boots when given no kernel.
 pub const DEFAULT: &str = "latency-probe";
@@ -85,5 +112,19 @@ mod tests {
             );
         }
         assert!(find(DEFAULT).is_some());
+    }
+
+    #[test]
+    fn blk_pattern_is_the_documented_hash() {
+        let p = blk_pattern(1, 0);
+        // word 0 of (seed 1, sector 0): mix(0x9e3779b97f4a7c15), splitmix64's first output for seed 0
+        assert_eq!(p[..8], 0xe220a8397b1dcdafu64.to_le_bytes());
+        assert_eq!(
+            u64::from_le_bytes(blk_pattern(7, 1000)[504..].try_into().unwrap()),
+            0x16fd40d26d224ad7
+        );
+        assert_ne!(blk_pattern(1, 0), blk_pattern(2, 0));
+        assert_ne!(blk_pattern(1, 0), blk_pattern(1, 1));
+        assert_eq!(blk_pattern(3, 9), blk_pattern(3, 9));
     }
 }
