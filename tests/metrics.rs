@@ -67,8 +67,17 @@ fn counters(text: &str) -> BTreeMap<String, f64> {
 
 #[test]
 fn prometheus_scrapes_the_metrics_and_no_counter_goes_down() {
+    // a disk too: its counters and levels are named as promtool wants
+    let dir = scratch("metrics");
+    let img = dir.join("d.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
+    let disk = format!("path={}", img.display());
     let mut vm = Running::start(&[
         "run",
+        "--disk",
+        &disk,
         "--dma-probe",
         "--guest",
         "dirtier",
@@ -98,6 +107,14 @@ fn prometheus_scrapes_the_metrics_and_no_counter_goes_down() {
         "{first}"
     );
     assert!(
+        first.contains("# TYPE nfvisor_device_engine_io_uring gauge"),
+        "{first}"
+    );
+    assert!(
+        first.contains("nfvisor_device_reads_total{device=\"blk0\"} 0"),
+        "{first}"
+    );
+    assert!(
         first.contains("nfvisor_vm_state{state=\"running\"} 1"),
         "{first}"
     );
@@ -123,4 +140,5 @@ fn prometheus_scrapes_the_metrics_and_no_counter_goes_down() {
     let (code, _) = get(&addr, "/nothing");
     assert_eq!(code, 404);
     drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
 }

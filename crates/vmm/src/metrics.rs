@@ -21,7 +21,12 @@ use crate::vm_handle::VmHandle;
 use crate::{Error, Result};
 
 /// Device counters that are levels, not counts.
-const GAUGES: &[&str] = &["link_up"];
+const GAUGES: &[&str] = &[
+    "link_up",
+    "engine_io_uring",
+    "latency_p50_ns",
+    "latency_p99_ns",
+];
 
 /// One metric family: name, help, type, and its samples (labels, value).
 struct Family {
@@ -96,7 +101,12 @@ pub fn render(h: &VmHandle) -> String {
     }
     for (dev, counters) in &status.devices {
         for (c, v) in counters {
-            let part = name_part(c);
+            // a figure in ns goes out in base units (seconds), as
+            // Prometheus names want
+            let (part, v) = match c.strip_suffix("_ns") {
+                Some(base) => (format!("{}_seconds", name_part(base)), *v as f64 / 1e9),
+                None => (name_part(c), *v as f64),
+            };
             let (name, kind) = if GAUGES.contains(&c.as_str()) {
                 (format!("nfvisor_device_{part}"), "gauge")
             } else {
@@ -107,7 +117,7 @@ pub fn render(h: &VmHandle) -> String {
                 &format!("The device's {c} counter, by device."),
                 kind,
                 format!("device=\"{}\"", label_value(dev)),
-                *v as f64,
+                v,
             );
         }
     }
