@@ -100,7 +100,9 @@ fn run_one(vmm: &str, mut cmd: Command, console: &Path, op: &str, qd: u32) -> Re
             bail!("{vmm}: the guest did not finish within 10 minutes");
         }
         for (tid, ns) in thread_cpu_ns(pid, &is_vcpu) {
-            threads.insert(tid, ns);
+            // (a thread on its way out may read as 0)
+            let last = threads.entry(tid).or_default();
+            *last = (*last).max(ns);
         }
         if start_cpu.is_none()
             && std::fs::read_to_string(console).is_ok_and(|c| c.contains("R blkid "))

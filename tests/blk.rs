@@ -306,20 +306,12 @@ fn unmigrated_image(dir: &Path, args: &str) -> Vec<u8> {
 
 const WRITER: &str = "mode=write start=0 sectors=256 chunk=8 qd=4 passes=12 seed=11";
 
-/// A guest writing its disk migrates mid-I/O: the destination opens the
-/// same image (shared storage) and takes its lock at the hand-over; the
-/// guest checks each pass's data before the next, and the image ends
-/// exactly as an unmigrated run's.
-#[test]
-fn a_guest_writing_its_disk_migrates_and_nothing_is_lost() {
-    let dir = scratch("blk-migrate");
-    let plain = unmigrated_image(&dir, WRITER);
-    let img = image(&dir, "m.img", 2048);
+/// The writer on image `name` in `dir`, controllable, past its first pass
+/// (in the middle of its writing); its image and control socket.
+fn writer_in_mid_pass(dir: &Path, name: &str) -> (Running, PathBuf, PathBuf) {
+    let img = image(dir, name, 2048);
     let sock = dir.join("src.sock");
     let con = dir.join("src.console");
-    let ep = format!("unix:{}", dir.join("mig.sock").display());
-    let mut dst = Running::start(&["receive", "--listen", &ep]);
-    dst.wait_for("waiting for a migration");
     let disk = format!("path={}", img.display());
     let mut src = Running::start(&[
         "run",
@@ -336,8 +328,22 @@ fn a_guest_writing_its_disk_migrates_and_nothing_is_lost() {
     ]);
     src.wait_for("vCPU 0 runs on host thread");
     wait_for_path(&sock);
-    // in the middle of the writing
     wait_in_file(&con, "R pass n=1 ");
+    (src, img, sock)
+}
+
+/// A guest writing its disk migrates mid-I/O: the destination opens the
+/// same image (shared storage) and takes its lock at the hand-over; the
+/// guest checks each pass's data before the next, and the image ends
+/// exactly as an unmigrated run's.
+#[test]
+fn a_guest_writing_its_disk_migrates_and_nothing_is_lost() {
+    let dir = scratch("blk-migrate");
+    let plain = unmigrated_image(&dir, WRITER);
+    let ep = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Running::start(&["receive", "--listen", &ep]);
+    dst.wait_for("waiting for a migration");
+    let (src, img, sock) = writer_in_mid_pass(&dir, "m.img");
     let r = migrate(sock.to_str().unwrap(), &ep, &[]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     let s = src.finish(T);
@@ -360,27 +366,8 @@ fn a_guest_writing_its_disk_migrates_and_nothing_is_lost() {
 fn a_guest_writing_its_disk_is_snapshotted_and_restored_and_nothing_is_lost() {
     let dir = scratch("blk-snapshot");
     let plain = unmigrated_image(&dir, WRITER);
-    let img = image(&dir, "s.img", 2048);
-    let sock = dir.join("src.sock");
-    let con = dir.join("src.console");
     let snap = dir.join("snap");
-    let disk = format!("path={}", img.display());
-    let mut src = Running::start(&[
-        "run",
-        "--guest",
-        "blk-probe",
-        "--disk",
-        &disk,
-        "--cmdline",
-        WRITER,
-        "--control-socket",
-        sock.to_str().unwrap(),
-        "--serial",
-        con.to_str().unwrap(),
-    ]);
-    src.wait_for("vCPU 0 runs on host thread");
-    wait_for_path(&sock);
-    wait_in_file(&con, "R pass n=1 ");
+    let (src, img, sock) = writer_in_mid_pass(&dir, "s.img");
     let p = nfvisor(&["pause", "--control-socket", sock.to_str().unwrap()], T);
     assert_eq!(p.code, 0, "{}", p.stderr);
     let r = snapshot(sock.to_str().unwrap(), snap.to_str().unwrap());
@@ -395,5 +382,40 @@ fn a_guest_writing_its_disk_is_snapshotted_and_restored_and_nothing_is_lost() {
         std::fs::read(&img).unwrap() == plain,
         "the restored guest's image differs from an unmigrated run's"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A destination that cannot open the image refuses the migration, naming
+/// the image; the guest runs on at the source and finishes there.
+#[test]
+fn a_destination_that_cannot_open_the_image_refuses_and_the_guest_runs_on() {
+    let dir = scratch("blk-migrate-refused");
+    let ep = format!("unix:{}", dir.join("mig.sock").display());
+    let missing = dir.join("not-here.img");
+    let mut dst = Running::start(&[
+        "receive",
+        "--listen",
+        &ep,
+        "--disk",
+        &format!("path={}", missing.display()),
+    ]);
+    dst.wait_for("waiting for a migration");
+    let (src, img, sock) = writer_in_mid_pass(&dir, "r.img");
+    let r = migrate(sock.to_str().unwrap(), &ep, &[]);
+    assert_ne!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("not-here.img"),
+        "the refusal names the image: {}",
+        r.stderr
+    );
+    let d = dst.finish(T);
+    assert_ne!(d.code, 0);
+    let s = src.finish(T);
+    assert_eq!(s.code, 0, "{}", s.stderr);
+    let console = std::fs::read_to_string(dir.join("src.console")).unwrap();
+    let w = record(&console, "write");
+    assert_eq!(w["bad"], "0", "{w:?}");
+    assert_eq!(w["passes"], "12", "{w:?}");
+    assert!(std::fs::read(&img).unwrap().len() == 2048 * 512);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -29,18 +29,9 @@ const QEMU: &str = "qemu-system-x86_64";
 const IMAGE_BYTES: u64 = 4 << 20;
 const SECTOR: usize = 512;
 
-/// Whether QEMU is installed; if not, the reason is printed.
-fn have_qemu() -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {QEMU}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        eprintln!("skipped: {QEMU} is not installed (`apt-get install qemu-system-x86`)");
-    }
-    found
+/// QEMU, or a failure saying how to install it (CI installs it).
+fn need_qemu() {
+    require_program(QEMU, "qemu-system-x86");
 }
 
 /// A scratch directory holding the exported guests and a zeroed sparse
@@ -177,9 +168,7 @@ fn check_blk(g: &Guest) -> BTreeMap<String, String> {
 /// holds zeros in sectors 8..16, the pattern in 16..256 and nothing after.
 #[test]
 fn blk_probe_verifies_a_qemu_disk() {
-    if !have_qemu() {
-        return;
-    }
+    need_qemu();
     let disk = Disk::new("verify");
     let g = run_blk_probe(
         &disk,
@@ -230,9 +219,7 @@ fn blk_probe_verifies_a_qemu_disk() {
 /// at an offset and in 16-sector requests.
 #[test]
 fn blk_probe_verifies_a_qemu_disk_polling_with_event_idx() {
-    if !have_qemu() {
-        return;
-    }
+    need_qemu();
     let disk = Disk::new("verify-poll");
     let g = run_blk_probe(
         &disk,
@@ -261,9 +248,7 @@ fn blk_probe_verifies_a_qemu_disk_polling_with_event_idx() {
 /// overwrites); the image ends holding pattern(seed + 1).
 #[test]
 fn blk_probe_write_passes_leave_the_last_pattern() {
-    if !have_qemu() {
-        return;
-    }
+    need_qemu();
     let disk = Disk::new("write");
     let g = run_blk_probe(
         &disk,
@@ -294,9 +279,7 @@ fn blk_probe_write_passes_leave_the_last_pattern() {
 /// bench: a short random-read run, 4 in flight; the figures are sane.
 #[test]
 fn blk_probe_benchmarks_random_reads() {
-    if !have_qemu() {
-        return;
-    }
+    need_qemu();
     let disk = Disk::new("bench");
     let g = run_blk_probe(&disk, "", "mode=bench op=randread count=300 qd=4 bs=4096");
     assert_ok(&g);
@@ -317,9 +300,7 @@ fn blk_probe_benchmarks_random_reads() {
 /// of the file).
 #[test]
 fn qemu_survives_every_bad_request() {
-    if !have_qemu() {
-        return;
-    }
+    need_qemu();
     let expected: &[(&str, &str)] = &[
         ("unknown_type", "2"),
         ("past_end", "1"),
@@ -393,9 +374,7 @@ fn qemu_survives_every_bad_request() {
 /// read after it works.
 #[test]
 fn a_read_only_qemu_disk_refuses_writes() {
-    if !have_qemu() {
-        return;
-    }
+    need_qemu();
     let disk = Disk::new("ro");
     let g = run_blk_probe(&disk, ",readonly=on", "mode=bad case=write_ro");
     assert_ok(&g);
