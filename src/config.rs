@@ -56,6 +56,11 @@ pub struct RunArgs {
     /// [,bw=SIZE][,aio=io_uring|threads]. Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
+    /// Serve Cloud Hypervisor's REST API (HTTP/1.1 under /api/v1) on this
+    /// UNIX socket. Alone, nfvisor waits for vm.create and vm.boot; with a
+    /// VM's flags it boots that VM and serves the API for it.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// Serve Prometheus metrics over HTTP at HOST:PORT (GET /metrics; port
     /// 0 picks a free one, logged).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -201,7 +206,8 @@ impl RunArgs {
     }
 
     /// The flags over the TOML file (if any), resolved into a VM spec.
-    pub fn resolve(&self, json: bool) -> Result<Resolved> {
+    /// The flags over the TOML file: the VM's one configuration.
+    pub fn config_over_file(&self) -> Result<VmConfig> {
         let file: VmConfig = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -210,7 +216,11 @@ impl RunArgs {
             }
             None => VmConfig::default(),
         };
-        let config = self.to_config().over(file);
+        Ok(self.to_config().over(file))
+    }
+
+    pub fn resolve(&self, json: bool) -> Result<Resolved> {
+        let config = self.config_over_file()?;
         let spec = vmm::VmSpec::from_config(&config, &bundled_image, json)?;
         let bundled = spec
             .kernel_name

@@ -1,10 +1,13 @@
 //! nfvisor: a virtual machine monitor on Linux KVM for network functions.
 
+mod api_http;
+mod api_server;
 mod bench_blk;
 mod bench_doorbell;
 mod bench_migration;
 mod bench_net;
 mod bench_vmm;
+mod ch_config;
 mod config;
 mod flavor;
 mod host;
@@ -531,6 +534,14 @@ fn dispatch(cli: Cli) -> Result<u8> {
 }
 
 fn run(args: &RunArgs, json: bool, exit_stats: bool) -> Result<u8> {
+    if let Some(api) = &args.api_socket {
+        // alone: an empty VMM waiting for vm.create; with a VM's flags:
+        // that VM, booted, and the API for it
+        let flags = (args.guest.is_some() || args.kernel.is_some() || args.config.is_some())
+            .then(|| args.config_over_file())
+            .transpose()?;
+        return api_server::serve(api, flags, json);
+    }
     let mut resolved = args.resolve(json)?;
     resolved.spec.process_start = PROCESS_START.get().copied();
     let bundled = resolved.bundled;
@@ -943,6 +954,20 @@ fn restored_vm(
         // a received or restored guest can migrate on
         ..local.dirty.to_config()
     };
+    let spec = restored_spec(source, cfg, here, local.json, on_prepared)?;
+    Ok(vmm::Vm::create(spec)?)
+}
+
+/// The spec of the VM a stream brings, this side's own settings from
+/// `here` (see guest_part): the CLI's restore and receive and the REST
+/// API's vm.restore and vm.receive-migration.
+pub(crate) fn restored_spec(
+    source: vmm::snapshot::RestoreSource,
+    cfg: vmm::snapshot::SnapshotConfig,
+    here: vmm::VmConfig,
+    json: bool,
+    on_prepared: Option<Box<dyn FnOnce(u64) + Send>>,
+) -> Result<vmm::VmSpec> {
     // (only what the guest is comes from the stream: see guest_part)
     let theirs = cfg.vm.guest_part();
     if theirs != cfg.vm {
@@ -950,11 +975,11 @@ fn restored_vm(
             "the stream also sets this side's own settings (console, control socket, placement, ...): ignored"
         );
     }
-    let mut spec = vmm::VmSpec::from_stream_config(&here.over(theirs), local.json)?;
+    let mut spec = vmm::VmSpec::from_stream_config(&here.over(theirs), json)?;
     spec.process_start = PROCESS_START.get().copied();
     spec.restore_from = Some(source);
     spec.on_prepared = on_prepared;
-    Ok(vmm::Vm::create(spec)?)
+    Ok(spec)
 }
 
 fn guests_cmd(action: GuestsAction) -> Result<u8> {

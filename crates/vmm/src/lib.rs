@@ -38,7 +38,7 @@ pub mod zero_page;
 pub use boot::BootProtocol;
 pub use config::VmConfig;
 pub use memory::HugePageSize;
-pub use vm::{RunReport, StopReason, Vm, VmSpec};
+pub use vm::{ConsoleSink, RunReport, StopReason, Vm, VmSpec};
 
 /// Errors from building or running a VM. Each names what was at fault.
 #[derive(Debug, thiserror::Error)]

@@ -91,6 +91,9 @@ pub struct VmSpec {
     /// state took here (ns), measured on the fresh VM: the part of a
     /// migration's downtime the source cannot see.
     pub on_prepared: Option<Box<dyn FnOnce(u64) + Send>>,
+    /// Given the running VM's handle as soon as it exists (the REST API
+    /// drives a VM it booted through it).
+    pub on_handle: Option<Box<dyn FnOnce(Arc<VmHandle>) + Send>>,
 }
 
 impl VmSpec {
@@ -122,6 +125,7 @@ impl VmSpec {
             restore_from: None,
             on_start: None,
             on_prepared: None,
+            on_handle: None,
         }
     }
 
@@ -1201,6 +1205,9 @@ impl Vm {
         };
 
         let doorbell_watch = doorbells.map(|d| d.watch(stop.clone()));
+        if let Some(f) = spec.on_handle.take() {
+            f(handle.clone());
+        }
         let control = match &spec.control_socket {
             Some(path) => match crate::control::serve(path, handle.clone()) {
                 Ok(t) => Some(t),

@@ -234,6 +234,12 @@ impl VmHandle {
         self.devices.control(&id, action)
     }
 
+    /// Ends the VM (the REST API's vm.shutdown): every vCPU leaves, the
+    /// VM's run returns.
+    pub fn shutdown(&self) {
+        self.stop_all();
+    }
+
     /// Ends the VM here (after a migration): every vCPU leaves.
     pub(crate) fn stop_all(&self) {
         self.stop.store(true, Ordering::Release);

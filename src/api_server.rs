@@ -1,0 +1,1059 @@
+//! The REST API on a UNIX socket: Cloud Hypervisor's (release v53.0's
+//! `cloud-hypervisor.yaml`: its routes, methods, bodies and status codes),
+//! so Kata Containers and other Cloud Hypervisor clients drive nfvisor as
+//! they drive it. `nfvisor run --api-socket PATH` alone starts an empty VMM
+//! that waits for `vm.create` and `vm.boot`; with a VM's flags it boots
+//! that VM and serves the API for it.
+//!
+//! Requests on a running VM are the typed requests every frontend uses
+//! (`vmm::api::Request`: pause, resume, snapshot, migrate, status); the
+//! VMM's own life (create, boot, shutdown, delete, restore, receive) is
+//! kept here. Answers are Cloud Hypervisor's: 204 or 200 with JSON, errors
+//! as a JSON array of strings (the error and its causes), 404 when no VM
+//! was created, 500 for a request the VM's state refuses, 400 for a body
+//! that does not parse or a method the route does not take.
+//!
+//! The socket is 0600 and a peer of another user is refused (SO_PEERCRED);
+//! at most `MAX_CONNECTIONS` clients at once; a connection idle for
+//! `IDLE` is closed, a request that stalls half-sent for `STALL` answered
+//! 408 and closed. The VM never waits on a client.
+
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use vmm::api::Request as VmRequest;
+use vmm::vm_handle::{RunState, VmHandle};
+
+use crate::api_http::{Conn, ReadError};
+use crate::ch_config::{ChVmConfig, Console, DiskConfig, NetConfig, TapFrom};
+
+pub const MAX_CONNECTIONS: usize = 16;
+pub const IDLE: Duration = Duration::from_secs(60);
+pub const STALL: Duration = Duration::from_secs(5);
+
+/// The routes, as Cloud Hypervisor v53.0's yaml lists them, and
+/// nfvisor's own `GET /api/v1/metrics`. docs/openapi.json describes the
+/// same set (a test holds them together).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/api/v1/vmm.ping"),
+    ("PUT", "/api/v1/vmm.shutdown"),
+    ("GET", "/api/v1/vm.info"),
+    ("GET", "/api/v1/vm.counters"),
+    ("PUT", "/api/v1/vm.create"),
+    ("PUT", "/api/v1/vm.delete"),
+    ("PUT", "/api/v1/vm.boot"),
+    ("PUT", "/api/v1/vm.pause"),
+    ("PUT", "/api/v1/vm.resume"),
+    ("PUT", "/api/v1/vm.shutdown"),
+    ("PUT", "/api/v1/vm.reboot"),
+    ("PUT", "/api/v1/vm.power-button"),
+    ("PUT", "/api/v1/vm.resize"),
+    ("PUT", "/api/v1/vm.resize-disk"),
+    ("PUT", "/api/v1/vm.resize-zone"),
+    ("PUT", "/api/v1/vm.add-device"),
+    ("PUT", "/api/v1/vm.remove-device"),
+    ("PUT", "/api/v1/vm.add-disk"),
+    ("PUT", "/api/v1/vm.add-fs"),
+    ("PUT", "/api/v1/vm.add-generic-vhost-user"),
+    ("PUT", "/api/v1/vm.add-pmem"),
+    ("PUT", "/api/v1/vm.add-net"),
+    ("PUT", "/api/v1/vm.add-vsock"),
+    ("PUT", "/api/v1/vm.add-vdpa"),
+    ("PUT", "/api/v1/vm.add-user-device"),
+    ("PUT", "/api/v1/vm.snapshot"),
+    ("PUT", "/api/v1/vm.coredump"),
+    ("PUT", "/api/v1/vm.nmi"),
+    ("PUT", "/api/v1/vm.restore"),
+    ("PUT", "/api/v1/vm.receive-migration"),
+    ("PUT", "/api/v1/vm.send-migration"),
+    ("GET", "/api/v1/metrics"),
+];
+
+/// Routes whose PUT takes a body.
+const WITH_BODY: &[&str] = &[
+    "vm.create",
+    "vm.resize",
+    "vm.resize-disk",
+    "vm.resize-zone",
+    "vm.add-device",
+    "vm.remove-device",
+    "vm.add-disk",
+    "vm.add-fs",
+    "vm.add-generic-vhost-user",
+    "vm.add-pmem",
+    "vm.add-net",
+    "vm.add-vsock",
+    "vm.add-vdpa",
+    "vm.add-user-device",
+    "vm.snapshot",
+    "vm.coredump",
+    "vm.restore",
+    "vm.receive-migration",
+    "vm.send-migration",
+];
+
+/// Routes nfvisor answers with a named error, and why.
+const NOT_OFFERED: &[(&str, &str)] = &[
+    ("vm.power-button", "nfvisor has no ACPI power button"),
+    ("vm.resize", "nfvisor has no vCPU or memory hotplug"),
+    (
+        "vm.resize-disk",
+        "nfvisor does not resize a disk while the VM runs",
+    ),
+    ("vm.resize-zone", "nfvisor has no memory zones"),
+    ("vm.add-device", "nfvisor has no VFIO passthrough"),
+    ("vm.add-fs", "nfvisor has no virtio-fs"),
+    (
+        "vm.add-generic-vhost-user",
+        "nfvisor has no generic vhost-user devices",
+    ),
+    ("vm.add-pmem", "nfvisor has no virtio-pmem"),
+    (
+        "vm.add-vsock",
+        "virtio-vsock is not in this build of nfvisor yet",
+    ),
+    ("vm.add-vdpa", "nfvisor has no vDPA"),
+    ("vm.add-user-device", "nfvisor has no vfio-user"),
+    ("vm.coredump", "nfvisor writes no guest core dumps"),
+    ("vm.nmi", "nfvisor does not inject NMIs on request"),
+];
+
+/// An answer that is not a success: its status and the error's chain.
+#[derive(Debug)]
+pub struct ApiError {
+    status: u16,
+    chain: Vec<String>,
+}
+
+fn err(status: u16, what: &str, why: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        chain: vec!["Error from API".into(), what.into(), why.into()],
+    }
+}
+
+fn not_created(what: &str) -> ApiError {
+    err(404, what, "VM is not created")
+}
+
+fn wrong_state(what: &str, why: impl Into<String>) -> ApiError {
+    err(500, what, why)
+}
+
+/// A success: 204, or 200 with a body (and its content type).
+enum Ok2 {
+    NoContent,
+    Json(Value),
+    /// 200 with no body (vmm.shutdown, as Cloud Hypervisor answers it).
+    Empty,
+    Text(String),
+}
+
+type Answer = std::result::Result<Ok2, ApiError>;
+
+/// A VM configured by vm.create (or the CLI's flags).
+struct Created {
+    ch: ChVmConfig,
+    /// A VM from `run`'s flags (used instead of `ch`).
+    flags: Option<vmm::VmConfig>,
+    /// Each NIC's TAP descriptor from vm.add-net (None: by name).
+    tap_fds: Vec<Option<OwnedFd>>,
+}
+
+/// A booted VM.
+struct Booted {
+    handle: Arc<VmHandle>,
+    /// The run's end (Err: why it failed), once it ended.
+    ended: Arc<Mutex<Option<std::result::Result<String, String>>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+enum Stage {
+    Empty,
+    Created(Created),
+    Booted(Created, Booted),
+    /// A restored or received VM (its configuration is the stream's).
+    Restored(Booted),
+    /// A migration is being received.
+    Receiving,
+}
+
+struct Vmm {
+    stage: Stage,
+    json: bool,
+}
+
+impl Booted {
+    fn alive(&self) -> bool {
+        self.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+
+    fn state(&self) -> &'static str {
+        if !self.alive() {
+            "Shutdown"
+        } else if self.handle.state() == RunState::Paused {
+            "Paused"
+        } else {
+            "Running"
+        }
+    }
+
+    /// Ends the VM and waits for its run to return.
+    fn stop(&mut self) {
+        if self.alive() {
+            self.handle.shutdown();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `spec` on a thread of its own; returns once its handle exists.
+fn start(mut spec: vmm::VmSpec, console: Option<Console>) -> std::result::Result<Booted, String> {
+    if let Some(c) = console {
+        spec.console = match c {
+            Console::Off => vmm::ConsoleSink::None,
+            Console::Tty => vmm::ConsoleSink::Stdout,
+            Console::File(f) => vmm::ConsoleSink::File(f.into()),
+        };
+    }
+    let (tx, rx) = mpsc::channel();
+    spec.on_handle = Some(Box::new(move |h| {
+        let _ = tx.send(h);
+    }));
+    let vm = vmm::Vm::create(spec).map_err(|e| e.to_string())?;
+    let ended: Arc<Mutex<Option<std::result::Result<String, String>>>> = Arc::default();
+    let ended_here = ended.clone();
+    let thread = std::thread::Builder::new()
+        .name("vm".into())
+        .spawn(move || {
+            let end = match vm.run() {
+                Ok(report) => {
+                    let code = crate::report::exit_code_of(&report.stop);
+                    tracing::info!("the VM ended (exit code {code})");
+                    Ok(format!("exit code {code}"))
+                }
+                Err(e) => {
+                    tracing::error!("the VM failed: {e}");
+                    Err(e.to_string())
+                }
+            };
+            *ended_here.lock().unwrap_or_else(|e| e.into_inner()) = Some(end);
+        })
+        .map_err(|e| format!("spawning the VM's thread: {e}"))?;
+    let handle = loop {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(h) => break h,
+            Err(mpsc::RecvTimeoutError::Timeout) if !thread.is_finished() => continue,
+            Err(_) => {
+                let _ = thread.join();
+                let why = ended
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .and_then(|r| r.err())
+                    .unwrap_or_else(|| "the VM ended before it ran".into());
+                return Err(why);
+            }
+        }
+    };
+    Ok(Booted {
+        handle,
+        ended,
+        thread: Some(thread),
+    })
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> std::result::Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError {
+        status: 400,
+        chain: vec!["Failed to deserialize JSON".into(), e.to_string()],
+    })
+}
+
+/// `file:///dir` or a plain path.
+fn file_url(url: &str, field: &str) -> std::result::Result<PathBuf, ApiError> {
+    let p = url.strip_prefix("file://").unwrap_or(url);
+    if p.is_empty() || !p.starts_with('/') {
+        return Err(err(400, field, format!("{url:?}: file:///ABSOLUTE/PATH")));
+    }
+    Ok(PathBuf::from(p))
+}
+
+impl Created {
+    /// Boots this configuration.
+    fn boot(&self, json: bool) -> std::result::Result<Booted, ApiError> {
+        let fail = |e: String| err(500, "The VM could not boot", e);
+        let (config, console) = match &self.flags {
+            Some(c) => (c.clone(), None),
+            None => {
+                let nets = self.ch.net.as_deref().unwrap_or_default();
+                let mut taps = Vec::new();
+                for (n, fd) in nets.iter().zip(&self.tap_fds) {
+                    taps.push(match fd {
+                        // the VM owns (and closes) a copy: a reboot has the
+                        // original still
+                        Some(fd) => TapFrom::Fd(
+                            fd.try_clone()
+                                .map_err(|e| fail(format!("duplicating a TAP descriptor: {e}")))?
+                                .into_raw_fd(),
+                        ),
+                        None => TapFrom::Name(n.tap.clone().unwrap_or_default()),
+                    });
+                }
+                let (c, console) = self.ch.to_vm_config(&taps).map_err(fail)?;
+                (c, Some(console))
+            }
+        };
+        let mut spec = vmm::VmSpec::from_config(&config, &crate::config::bundled_image, json)
+            .map_err(|e| fail(e.to_string()))?;
+        spec.process_start = crate::PROCESS_START.get().copied();
+        start(spec, console).map_err(fail)
+    }
+}
+
+impl Vmm {
+    fn booted(&mut self, what: &str) -> std::result::Result<&mut Booted, ApiError> {
+        match &mut self.stage {
+            Stage::Booted(_, b) | Stage::Restored(b) => Ok(b),
+            Stage::Created(_) => Err(wrong_state(what, "VM is not running")),
+            Stage::Receiving => Err(wrong_state(what, "a migration is being received")),
+            Stage::Empty => Err(not_created(what)),
+        }
+    }
+
+    /// The booted VM, running (not ended).
+    fn running(&mut self, what: &str) -> std::result::Result<Arc<VmHandle>, ApiError> {
+        let b = self.booted(what)?;
+        if !b.alive() {
+            return Err(wrong_state(what, "VM is not running (it shut down)"));
+        }
+        Ok(b.handle.clone())
+    }
+
+    /// Stops a booted VM, keeping its configuration (Created again).
+    fn stop_vm(&mut self) {
+        self.stage = match std::mem::replace(&mut self.stage, Stage::Empty) {
+            Stage::Booted(c, mut b) => {
+                b.stop();
+                Stage::Created(c)
+            }
+            Stage::Restored(mut b) => {
+                b.stop();
+                Stage::Empty
+            }
+            other => other,
+        };
+    }
+
+    fn execute(&mut self, what: &str, req: VmRequest) -> Answer {
+        let h = self.running(what)?;
+        vmm::api::execute(&h, &req, &mut |_| {})
+            .map(|_| Ok2::NoContent)
+            .map_err(|e| wrong_state(what, e.to_string()))
+    }
+
+    fn info(&mut self) -> Answer {
+        let (config, state, memory) = match &self.stage {
+            Stage::Empty => return Err(not_created("The VM info is not available")),
+            Stage::Receiving => {
+                return Err(wrong_state(
+                    "The VM info is not available",
+                    "a migration is being received",
+                ))
+            }
+            Stage::Created(c) => (config_json(c), "Created", c.ch.memory.size),
+            Stage::Booted(c, b) => (config_json(c), b.state(), c.ch.memory.size),
+            Stage::Restored(b) => {
+                let s = vmm::api::status(&b.handle);
+                (
+                    json!({"cpus": {"boot_vcpus": s.vcpus, "max_vcpus": s.vcpus},
+                           "memory": {"size": s.memory_mib << 20}}),
+                    b.state(),
+                    s.memory_mib << 20,
+                )
+            }
+        };
+        Ok(Ok2::Json(json!({
+            "config": config,
+            "state": state,
+            "memory_actual_size": memory,
+        })))
+    }
+
+    fn counters(&mut self) -> Answer {
+        let h = self.running("The VM counters are not available")?;
+        let s = vmm::api::status(&h);
+        Ok(Ok2::Json(
+            serde_json::to_value(s.devices).unwrap_or_default(),
+        ))
+    }
+
+    fn create(&mut self, body: &[u8]) -> Answer {
+        let what = "The VM could not be created";
+        if !matches!(self.stage, Stage::Empty) {
+            return Err(wrong_state(what, "VM is already created"));
+        }
+        let mut ch: ChVmConfig = parse(body)?;
+        // (descriptors come only with vm.add-net; a NIC here needs a name)
+        let names: Vec<TapFrom> = ch
+            .net
+            .iter()
+            .flatten()
+            .map(|n| TapFrom::Name(n.tap.clone().unwrap_or_default()))
+            .collect();
+        ch.to_vm_config(&names).map_err(|e| err(500, what, e))?;
+        name_devices(&mut ch);
+        let n = names.len();
+        self.stage = Stage::Created(Created {
+            ch,
+            flags: None,
+            tap_fds: (0..n).map(|_| None).collect(),
+        });
+        Ok(Ok2::NoContent)
+    }
+
+    fn boot(&mut self) -> Answer {
+        let what = "The VM could not boot";
+        let created = match std::mem::replace(&mut self.stage, Stage::Empty) {
+            Stage::Created(c) => c,
+            Stage::Booted(c, b) if !b.alive() => c,
+            other => {
+                let why = match &other {
+                    Stage::Empty => {
+                        self.stage = other;
+                        return Err(err(404, what, "VM config is missing"));
+                    }
+                    Stage::Receiving => "a migration is being received",
+                    _ => "VM is already booted",
+                };
+                self.stage = other;
+                return Err(wrong_state(what, why));
+            }
+        };
+        match created.boot(self.json) {
+            Ok(b) => {
+                self.stage = Stage::Booted(created, b);
+                Ok(Ok2::NoContent)
+            }
+            Err(e) => {
+                self.stage = Stage::Created(created);
+                Err(e)
+            }
+        }
+    }
+
+    fn add_disk(&mut self, body: &[u8]) -> Answer {
+        let what = "The disk could not be added";
+        let mut d: DiskConfig = parse(body)?;
+        let c = self.created_for_add(what)?;
+        crate::ch_config::disk_spec(&d).map_err(|e| err(500, what, e))?;
+        let disks = c.ch.disks.get_or_insert_with(Vec::new);
+        d.id.get_or_insert_with(|| format!("_disk{}", disks.len()));
+        disks.push(d);
+        Ok(Ok2::NoContent)
+    }
+
+    fn add_net(&mut self, body: &[u8], mut fds: Vec<OwnedFd>) -> Answer {
+        let what = "The network device could not be added";
+        let mut n: NetConfig = parse(body)?;
+        let c = self.created_for_add(what)?;
+        let fd =
+            match (fds.len(), &n.tap) {
+                (0, Some(_)) => None,
+                (0, None) => return Err(err(
+                    500,
+                    what,
+                    "no TAP: send its descriptor with the request (SCM_RIGHTS) or name it (tap)",
+                )),
+                (1, _) => {
+                    let fd = fds.remove(0);
+                    // a TAP with a virtio-net header, as the NIC needs it
+                    // (checked on a copy, which the check closes)
+                    let copy = fd
+                        .try_clone()
+                        .map_err(|e| err(500, what, format!("duplicating the descriptor: {e}")))?;
+                    virtio::tap::Tap::from_fd(copy.into_raw_fd())
+                        .map_err(|e| err(500, what, e.to_string()))?;
+                    Some(fd)
+                }
+                (k, _) => {
+                    return Err(err(
+                        500,
+                        what,
+                        format!(
+                            "{k} descriptors: nfvisor's NIC has one queue pair, one TAP descriptor"
+                        ),
+                    ))
+                }
+            };
+        n.fds = None;
+        let taps = [match &fd {
+            Some(f) => TapFrom::Fd(f.as_raw_fd()),
+            None => TapFrom::Name(n.tap.clone().unwrap_or_default()),
+        }];
+        let probe = ChVmConfig {
+            net: Some(vec![n.clone()]),
+            payload: c.ch.payload.clone(),
+            ..Default::default()
+        };
+        probe.to_vm_config(&taps).map_err(|e| err(500, what, e))?;
+        let nets = c.ch.net.get_or_insert_with(Vec::new);
+        n.id.get_or_insert_with(|| format!("_net{}", nets.len()));
+        nets.push(n);
+        c.tap_fds.push(fd);
+        Ok(Ok2::NoContent)
+    }
+
+    /// The created (not booted) VM a device is added to.
+    fn created_for_add(&mut self, what: &str) -> std::result::Result<&mut Created, ApiError> {
+        match &mut self.stage {
+            Stage::Created(c) if c.flags.is_none() => Ok(c),
+            Stage::Created(_) => Err(wrong_state(
+                what,
+                "this VM was configured by run's flags: add devices there",
+            )),
+            Stage::Empty => Err(not_created(what)),
+            _ => Err(wrong_state(
+                what,
+                "nfvisor has no PCI hotplug: add devices between vm.create and vm.boot",
+            )),
+        }
+    }
+
+    fn remove_device(&mut self, body: &[u8]) -> Answer {
+        #[derive(Deserialize)]
+        struct Remove {
+            id: String,
+        }
+        let what = "The device could not be removed";
+        let r: Remove = parse(body)?;
+        let c = self.created_for_add(what)?;
+        if let Some(disks) = &mut c.ch.disks {
+            if let Some(i) = disks.iter().position(|d| d.id.as_deref() == Some(&r.id)) {
+                disks.remove(i);
+                return Ok(Ok2::NoContent);
+            }
+        }
+        if let Some(nets) = &mut c.ch.net {
+            if let Some(i) = nets.iter().position(|n| n.id.as_deref() == Some(&r.id)) {
+                nets.remove(i);
+                c.tap_fds.remove(i);
+                return Ok(Ok2::NoContent);
+            }
+        }
+        Err(err(404, what, format!("no device {:?}", r.id)))
+    }
+
+    fn snapshot(&mut self, body: &[u8]) -> Answer {
+        #[derive(Deserialize)]
+        struct Snap {
+            destination_url: String,
+        }
+        let s: Snap = parse(body)?;
+        let to = file_url(&s.destination_url, "destination_url")?;
+        self.execute(
+            "The VM could not be snapshotted",
+            VmRequest::Snapshot { to },
+        )
+    }
+
+    /// vm.send-migration's request and the VM it moves.
+    fn send_migration(
+        &mut self,
+        body: &[u8],
+    ) -> std::result::Result<(Arc<VmHandle>, VmRequest), ApiError> {
+        #[derive(Deserialize)]
+        struct Send {
+            destination_url: String,
+            #[serde(default)]
+            downtime_ms: Option<f64>,
+            #[serde(default)]
+            timeout_s: Option<f64>,
+            #[serde(default)]
+            timeout_strategy: Option<String>,
+            #[serde(default)]
+            connections: Option<u32>,
+            #[serde(default)]
+            local: bool,
+        }
+        let what = "The VM could not be migrated";
+        let s: Send = parse(body)?;
+        if s.local {
+            return Err(err(
+                500,
+                what,
+                "local (fd-passing) migration is not in nfvisor",
+            ));
+        }
+        let on_timeout = match s.timeout_strategy.as_deref() {
+            None | Some("Cancel") => vmm::api::OnTimeout::Abort,
+            Some("Ignore") => vmm::api::OnTimeout::Force,
+            Some(o) => {
+                return Err(err(
+                    400,
+                    what,
+                    format!("timeout_strategy {o:?}: Cancel or Ignore"),
+                ))
+            }
+        };
+        let mut req: vmm::api::MigrateRequest =
+            serde_json::from_value(json!({"to": s.destination_url}))
+                .map_err(|e| err(400, what, e.to_string()))?;
+        req.downtime_ms = s.downtime_ms.unwrap_or(req.downtime_ms);
+        req.timeout_s = s.timeout_s.unwrap_or(req.timeout_s);
+        req.on_timeout = on_timeout;
+        req.connections = s.connections.unwrap_or(1);
+        let h = self.running(what)?;
+        Ok((h, VmRequest::Migrate(req)))
+    }
+}
+
+/// Gives every device an id (Cloud Hypervisor's `_disk0`, `_net0`, ...).
+fn name_devices(ch: &mut ChVmConfig) {
+    for (i, d) in ch.disks.iter_mut().flatten().enumerate() {
+        d.id.get_or_insert_with(|| format!("_disk{i}"));
+    }
+    for (i, n) in ch.net.iter_mut().flatten().enumerate() {
+        n.id.get_or_insert_with(|| format!("_net{i}"));
+    }
+}
+
+fn config_json(c: &Created) -> Value {
+    match &c.flags {
+        Some(f) => json!({
+            "cpus": {"boot_vcpus": f.vcpus.unwrap_or(1), "max_vcpus": f.vcpus.unwrap_or(1)},
+            "memory": {"size": f.memory.as_ref().and_then(|m| m.bytes().ok()).unwrap_or(64 << 20)},
+            "payload": {"kernel": f.kernel.as_ref().map(|k| k.display().to_string())
+                .or_else(|| f.guest.as_ref().map(|g| format!("bundled:{g}")))},
+        }),
+        None => serde_json::to_value(&c.ch).unwrap_or_default(),
+    }
+}
+
+/// The server: shared state and the process's end.
+struct Server {
+    vmm: Mutex<Vmm>,
+    connections: AtomicUsize,
+    /// vmm.shutdown was answered: the process ends (told once the answer
+    /// is written).
+    quit: Mutex<Option<mpsc::Sender<()>>>,
+    quitting: std::sync::atomic::AtomicBool,
+}
+
+impl Server {
+    fn handle(&self, req: crate::api_http::Request) -> (u16, Option<(Vec<u8>, &'static str)>) {
+        let answer = self.route(req);
+        match answer {
+            Ok(Ok2::NoContent) => (204, None),
+            Ok(Ok2::Empty) => (200, Some((Vec::new(), "application/json"))),
+            Ok(Ok2::Json(v)) => (200, Some((v.to_string().into_bytes(), "application/json"))),
+            Ok(Ok2::Text(t)) => (200, Some((t.into_bytes(), "text/plain; version=0.0.4"))),
+            Err(e) => (
+                e.status,
+                Some((
+                    serde_json::to_vec(&e.chain).unwrap_or_default(),
+                    "application/json",
+                )),
+            ),
+        }
+    }
+
+    fn route(&self, req: crate::api_http::Request) -> Answer {
+        let Some(&(method, path)) = ROUTES.iter().find(|(_, p)| *p == req.path) else {
+            return Err(ApiError {
+                status: 404,
+                chain: vec!["Not Found".into()],
+            });
+        };
+        let bad = || ApiError {
+            status: 400,
+            chain: vec!["Bad Request".into()],
+        };
+        if req.method != method {
+            return Err(bad());
+        }
+        let name = path.trim_start_matches("/api/v1/");
+        if method == "PUT" {
+            let wants = WITH_BODY.contains(&name);
+            if wants && req.body.is_empty() || !wants && !req.body.is_empty() {
+                return Err(bad());
+            }
+        }
+        if let Some((_, why)) = NOT_OFFERED.iter().find(|(n, _)| *n == name) {
+            return Err(err(500, &format!("{name} is not available"), *why));
+        }
+        let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
+        match name {
+            "vmm.ping" => Ok(Ok2::Json(json!({
+                "build_version": concat!("nfvisor-", env!("CARGO_PKG_VERSION")),
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "features": ["kvm", "io_uring"],
+            }))),
+            "vmm.shutdown" => {
+                vmm.stop_vm();
+                self.quitting.store(true, Ordering::Release);
+                Ok(Ok2::Empty)
+            }
+            "vm.info" => vmm.info(),
+            "vm.counters" => vmm.counters(),
+            "vm.create" => vmm.create(&req.body),
+            "vm.boot" => vmm.boot(),
+            "vm.pause" => vmm.execute("The VM could not be paused", VmRequest::Pause),
+            "vm.resume" => {
+                let h = vmm.running("The VM could not be resumed")?;
+                if h.state() != RunState::Paused {
+                    return Err(wrong_state(
+                        "The VM could not be resumed",
+                        "VM is not paused",
+                    ));
+                }
+                vmm.execute("The VM could not be resumed", VmRequest::Resume)
+            }
+            "vm.shutdown" => {
+                vmm.booted("The VM could not be shut down")?;
+                vmm.stop_vm();
+                Ok(Ok2::NoContent)
+            }
+            "vm.reboot" => {
+                vmm.running("The VM could not be rebooted")?;
+                if let Stage::Restored(_) = vmm.stage {
+                    return Err(wrong_state(
+                        "The VM could not be rebooted",
+                        "a restored VM has no configuration here to boot again",
+                    ));
+                }
+                vmm.stop_vm();
+                vmm.boot()
+            }
+            "vm.delete" => {
+                if matches!(vmm.stage, Stage::Receiving) {
+                    return Err(wrong_state(
+                        "The VM could not be deleted",
+                        "a migration is being received",
+                    ));
+                }
+                vmm.stop_vm();
+                vmm.stage = Stage::Empty;
+                Ok(Ok2::NoContent)
+            }
+            "vm.add-disk" => vmm.add_disk(&req.body),
+            "vm.add-net" => vmm.add_net(&req.body, req.fds),
+            "vm.remove-device" => vmm.remove_device(&req.body),
+            "vm.snapshot" => vmm.snapshot(&req.body),
+            "vm.send-migration" => {
+                // (a migration takes a while: other clients are answered
+                // meanwhile, the VM's state says "migrating")
+                let (h, m) = vmm.send_migration(&req.body)?;
+                drop(vmm);
+                vmm::api::execute(&h, &m, &mut |_| {})
+                    .map_err(|e| wrong_state("The VM could not be migrated", e.to_string()))?;
+                // the guest runs on at the destination: this VM ends
+                let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
+                if let Stage::Booted(_, b) | Stage::Restored(b) = &mut vmm.stage {
+                    if let Some(t) = b.thread.take() {
+                        let _ = t.join();
+                    }
+                }
+                Ok(Ok2::NoContent)
+            }
+            "vm.restore" => {
+                drop(vmm);
+                self.restore(&req.body)
+            }
+            "vm.receive-migration" => {
+                drop(vmm);
+                self.receive(&req.body)
+            }
+            "metrics" => {
+                let h = vmm.running("The metrics are not available")?;
+                Ok(Ok2::Text(vmm::metrics::render(&h)))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// vm.restore: a snapshot into an empty VMM.
+    fn restore(&self, body: &[u8]) -> Answer {
+        #[derive(Deserialize)]
+        struct Restore {
+            source_url: String,
+            #[serde(default)]
+            prefault: bool,
+            #[serde(default)]
+            resume: Option<bool>,
+        }
+        let what = "The VM could not be restored";
+        let r: Restore = parse(body)?;
+        let dir = file_url(&r.source_url, "source_url")?;
+        let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(vmm.stage, Stage::Empty) {
+            return Err(wrong_state(what, "VM is already created"));
+        }
+        let (source, cfg) = vmm::snapshot::RestoreSource::open(&vmm::snapshot::stream_path(&dir))
+            .map_err(|e| err(500, what, e.to_string()))?;
+        let mut here = vmm::VmConfig::default();
+        here.rt.prefault = r.prefault.then_some(true);
+        let spec = crate::restored_spec(source, cfg, here, vmm.json, None)
+            .map_err(|e| err(500, what, format!("{e:#}")))?;
+        let b = start(spec, Some(Console::Off)).map_err(|e| err(500, what, e))?;
+        // Cloud Hypervisor leaves a restored VM paused unless told to
+        // resume it; nfvisor restores it running, so it pauses it at once
+        if !r.resume.unwrap_or(false) {
+            let _ = vmm::api::execute(&b.handle, &VmRequest::Pause, &mut |_| {});
+        }
+        vmm.stage = Stage::Restored(b);
+        Ok(Ok2::NoContent)
+    }
+
+    /// vm.receive-migration: waits for the migration, then runs the guest.
+    fn receive(&self, body: &[u8]) -> Answer {
+        #[derive(Deserialize)]
+        struct Receive {
+            receiver_url: String,
+        }
+        let what = "The migration could not be received";
+        let r: Receive = parse(body)?;
+        vmm::migrate::Endpoint::parse(&r.receiver_url)
+            .map_err(|e| err(400, what, format!("receiver_url {e}")))?;
+        let json = {
+            let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
+            if !matches!(vmm.stage, Stage::Empty) {
+                return Err(wrong_state(what, "VM is already created"));
+            }
+            vmm.stage = Stage::Receiving;
+            vmm.json
+        };
+        let (tx, rx) = mpsc::channel();
+        let result = vmm::receive::receive(&r.receiver_url, None, |source, cfg, on_prepared| {
+            let mut spec = crate::restored_spec(
+                source,
+                cfg,
+                vmm::VmConfig::default(),
+                json,
+                Some(on_prepared),
+            )
+            .map_err(|e| vmm::Error::Config(format!("{e:#}")))?;
+            spec.console = vmm::ConsoleSink::None;
+            let tx = tx.clone();
+            spec.on_handle = Some(Box::new(move |h| {
+                let _ = tx.send(h);
+            }));
+            vmm::Vm::create(spec)
+        });
+        let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
+        let incoming = match result {
+            Ok(i) => i,
+            Err(e) => {
+                vmm.stage = Stage::Empty;
+                return Err(err(500, what, e.to_string()));
+            }
+        };
+        let ended: Arc<Mutex<Option<std::result::Result<String, String>>>> = Arc::default();
+        let ended_here = ended.clone();
+        let vm = incoming.vm;
+        let thread = std::thread::spawn(move || {
+            let end = vm
+                .run()
+                .map(|_| "ended".to_string())
+                .map_err(|e| e.to_string());
+            *ended_here.lock().unwrap_or_else(|e| e.into_inner()) = Some(end);
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(handle) => {
+                vmm.stage = Stage::Restored(Booted {
+                    handle,
+                    ended,
+                    thread: Some(thread),
+                });
+                Ok(Ok2::NoContent)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                vmm.stage = Stage::Empty;
+                let why = ended
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .and_then(|r| r.err())
+                    .unwrap_or_else(|| "the received VM did not start".into());
+                Err(err(500, what, why))
+            }
+        }
+    }
+}
+
+/// The peer's uid (SO_PEERCRED).
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we
+    // own, on a descriptor the stream keeps open.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+fn serve_connection(server: Arc<Server>, stream: UnixStream) {
+    let mut conn = Conn::new(stream);
+    loop {
+        match conn.read_request(IDLE, STALL) {
+            Ok(req) => {
+                let (status, body) = server.handle(req);
+                let sent = match &body {
+                    Some((b, ctype)) => conn.respond_typed(status, Some(b), ctype),
+                    None => conn.respond_typed(status, None, ""),
+                };
+                if server.quitting.load(Ordering::Acquire) {
+                    if let Some(q) = server.quit.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                        let _ = q.send(());
+                    }
+                    return;
+                }
+                if sent.is_err() {
+                    return;
+                }
+            }
+            Err(ReadError::Closed) | Err(ReadError::Idle) => return,
+            Err(ReadError::Io(e)) => {
+                tracing::debug!("API connection: {e}");
+                return;
+            }
+            Err(ReadError::Stalled) => {
+                let body = serde_json::to_vec(&[
+                    "Request Timeout",
+                    &format!("the request was not complete within {STALL:?}"),
+                ])
+                .unwrap_or_default();
+                let _ = conn.respond_typed(408, Some(&body), "application/json");
+                return;
+            }
+            Err(ReadError::Bad(why)) => {
+                let body = serde_json::to_vec(&["Bad Request", &why]).unwrap_or_default();
+                let _ = conn.respond_typed(400, Some(&body), "application/json");
+                return;
+            }
+        }
+    }
+}
+
+/// Binds the API socket (0600), refusing a path another live server holds.
+fn bind(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "--api-socket {}: another process serves this socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| {
+            format!("--api-socket {}: removing the stale socket", path.display())
+        })?;
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("--api-socket {}: cannot bind", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("--api-socket {}: chmod 0600", path.display()))?;
+    Ok(l)
+}
+
+/// Serves the API on `path` until vmm.shutdown (or, with a VM from the
+/// flags, until that VM ends and vmm.shutdown comes); `flags`: a VM to
+/// boot now.
+pub fn serve(path: &Path, flags: Option<vmm::VmConfig>, json: bool) -> Result<u8> {
+    let listener = bind(path)?;
+    let (quit_tx, quit_rx) = mpsc::channel();
+    let mut vmm = Vmm {
+        stage: Stage::Empty,
+        json,
+    };
+    if let Some(f) = flags {
+        let c = Created {
+            ch: ChVmConfig::default(),
+            flags: Some(f),
+            tap_fds: Vec::new(),
+        };
+        let b = c
+            .boot(json)
+            .map_err(|e| anyhow::anyhow!("{}", e.chain.join(": ")))?;
+        vmm.stage = Stage::Booted(c, b);
+    }
+    let server = Arc::new(Server {
+        vmm: Mutex::new(vmm),
+        connections: AtomicUsize::new(0),
+        quit: Mutex::new(Some(quit_tx)),
+        quitting: Default::default(),
+    });
+    tracing::info!(
+        "API on {} (Cloud Hypervisor's routes under /api/v1)",
+        path.display()
+    );
+    let accept_server = server.clone();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            let me = unsafe_geteuid();
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                match peer_uid(&stream) {
+                    Some(uid) if uid == me || uid == 0 => {}
+                    other => {
+                        tracing::warn!("API: a client of uid {other:?} refused (not {me})");
+                        continue;
+                    }
+                }
+                let server = accept_server.clone();
+                if server.connections.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    server.connections.fetch_sub(1, Ordering::AcqRel);
+                    let mut c = Conn::new(stream);
+                    let body = serde_json::to_vec(&[
+                        "Service Unavailable",
+                        &format!("at most {MAX_CONNECTIONS} clients at once"),
+                    ])
+                    .unwrap_or_default();
+                    let _ = c.respond_typed(503, Some(&body), "application/json");
+                    continue;
+                }
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || {
+                        serve_connection(server.clone(), stream);
+                        server.connections.fetch_sub(1, Ordering::AcqRel);
+                    });
+            }
+        })
+        .context("spawning the API thread")?;
+    let _ = quit_rx.recv();
+    let _ = std::fs::remove_file(path);
+    Ok(0)
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
