@@ -375,8 +375,8 @@ impl Vmm {
                     "a migration is being received",
                 ))
             }
-            Stage::Created(c) => (config_json(c), "Created", c.ch.memory.size),
-            Stage::Booted(c, b) => (config_json(c), b.state(), c.ch.memory.size),
+            Stage::Created(c) => (config_json(c), "Created", memory_size(c)),
+            Stage::Booted(c, b) => (config_json(c), b.state(), memory_size(c)),
             Stage::Restored(b) => {
                 let s = vmm::api::status(&b.handle);
                 (
@@ -589,6 +589,10 @@ impl Vmm {
             connections: Option<u32>,
             #[serde(default)]
             local: bool,
+            #[serde(default)]
+            tls_dir: Option<String>,
+            #[serde(default)]
+            memory_mode: Option<String>,
         }
         let what = "The VM could not be migrated";
         let s: Send = parse(body)?;
@@ -599,6 +603,7 @@ impl Vmm {
                 "local (fd-passing) migration is not in nfvisor",
             ));
         }
+        refuse_tls_postcopy(what, &s.tls_dir, &s.memory_mode)?;
         let on_timeout = match s.timeout_strategy.as_deref() {
             None | Some("Cancel") => vmm::api::OnTimeout::Abort,
             Some("Ignore") => vmm::api::OnTimeout::Force,
@@ -622,6 +627,31 @@ impl Vmm {
     }
 }
 
+/// A migration asked to be encrypted or post-copy is refused (never
+/// silently sent in the clear, or pre-copy).
+fn refuse_tls_postcopy(
+    what: &str,
+    tls_dir: &Option<String>,
+    memory_mode: &Option<String>,
+) -> std::result::Result<(), ApiError> {
+    if tls_dir.is_some() {
+        return Err(err(
+            500,
+            what,
+            "tls_dir: nfvisor's migration has no TLS (it authenticates with a token on the CLI)",
+        ));
+    }
+    if memory_mode.as_deref().is_some_and(|m| m != "Precopy") {
+        return Err(err(500, what, "memory_mode: Precopy only"));
+    }
+    Ok(())
+}
+
+/// null or an empty list.
+fn neutral_json(v: &Value) -> bool {
+    v.is_null() || v.as_array().is_some_and(|a| a.is_empty())
+}
+
 /// Gives every device an id (Cloud Hypervisor's `_disk0`, `_net0`, ...).
 fn name_devices(ch: &mut ChVmConfig) {
     for (i, d) in ch.disks.iter_mut().flatten().enumerate() {
@@ -632,11 +662,23 @@ fn name_devices(ch: &mut ChVmConfig) {
     }
 }
 
+/// The guest's memory, bytes.
+fn memory_size(c: &Created) -> u64 {
+    match &c.flags {
+        Some(f) => f
+            .memory
+            .as_ref()
+            .and_then(|m| m.bytes().ok())
+            .unwrap_or(64 << 20),
+        None => c.ch.memory.size,
+    }
+}
+
 fn config_json(c: &Created) -> Value {
     match &c.flags {
         Some(f) => json!({
             "cpus": {"boot_vcpus": f.vcpus.unwrap_or(1), "max_vcpus": f.vcpus.unwrap_or(1)},
-            "memory": {"size": f.memory.as_ref().and_then(|m| m.bytes().ok()).unwrap_or(64 << 20)},
+            "memory": {"size": memory_size(c)},
             "payload": {"kernel": f.kernel.as_ref().map(|k| k.display().to_string())
                 .or_else(|| f.guest.as_ref().map(|g| format!("bundled:{g}")))},
         }),
@@ -796,9 +838,26 @@ impl Server {
             prefault: bool,
             #[serde(default)]
             resume: Option<bool>,
+            #[serde(default)]
+            memory_restore_mode: Option<String>,
+            #[serde(default)]
+            net_fds: Option<Value>,
         }
         let what = "The VM could not be restored";
         let r: Restore = parse(body)?;
+        if r.memory_restore_mode
+            .as_deref()
+            .is_some_and(|m| m != "Copy")
+        {
+            return Err(err(500, what, "memory_restore_mode: Copy only"));
+        }
+        if r.net_fds.as_ref().is_some_and(|v| !neutral_json(v)) {
+            return Err(err(
+                500,
+                what,
+                "net_fds: a restored NIC takes this host's TAP by `nfvisor restore --net`",
+            ));
+        }
         let dir = file_url(&r.source_url, "source_url")?;
         let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
         if !matches!(vmm.stage, Stage::Empty) {
@@ -810,7 +869,8 @@ impl Server {
         here.rt.prefault = r.prefault.then_some(true);
         let spec = crate::restored_spec(source, cfg, here, vmm.json, None)
             .map_err(|e| err(500, what, format!("{e:#}")))?;
-        let b = start(spec, Some(Console::Off)).map_err(|e| err(500, what, e))?;
+        // (the console as `nfvisor restore` has it: on stdout)
+        let b = start(spec, Some(Console::Tty)).map_err(|e| err(500, what, e))?;
         // Cloud Hypervisor leaves a restored VM paused unless told to
         // resume it; nfvisor restores it running, so it pauses it at once
         if !r.resume.unwrap_or(false) {
@@ -825,9 +885,14 @@ impl Server {
         #[derive(Deserialize)]
         struct Receive {
             receiver_url: String,
+            #[serde(default)]
+            tls_dir: Option<String>,
+            #[serde(default)]
+            memory_mode: Option<String>,
         }
         let what = "The migration could not be received";
         let r: Receive = parse(body)?;
+        refuse_tls_postcopy(what, &r.tls_dir, &r.memory_mode)?;
         vmm::migrate::Endpoint::parse(&r.receiver_url)
             .map_err(|e| err(400, what, format!("receiver_url {e}")))?;
         let json = {
@@ -848,7 +913,7 @@ impl Server {
                 Some(on_prepared),
             )
             .map_err(|e| vmm::Error::Config(format!("{e:#}")))?;
-            spec.console = vmm::ConsoleSink::None;
+            spec.console = vmm::ConsoleSink::Stdout;
             let tx = tx.clone();
             spec.on_handle = Some(Box::new(move |h| {
                 let _ = tx.send(h);

@@ -570,19 +570,33 @@ impl ChVmConfig {
         }
         if let Some(p) = &self.platform {
             if p.num_pci_segments.is_some_and(|n| n > 2) {
-                return refuse("platform.num_pci_segments", "1 or 2 (one is used)");
+                return refuse("platform.num_pci_segments", "at most 2 (one is used)");
             }
-            if p.iommu_segments.as_ref().is_some_and(|s| !s.is_empty()) || p.iommufd {
+            if p.iommu_segments.as_ref().is_some_and(|s| !s.is_empty()) {
                 return refuse("platform.iommu_segments", "nfvisor has no virtual IOMMU");
             }
-            if p.tdx || p.sev_snp {
-                return refuse("platform.tdx", "no confidential guests in nfvisor");
+            if p.iommufd {
+                return refuse("platform.iommufd", "nfvisor has no virtual IOMMU");
             }
-            if p.system_serial_number.is_some()
-                || p.system_uuid.is_some()
-                || p.oem_strings.as_ref().is_some_and(|o| !o.is_empty())
-            {
-                return refuse("platform.system_uuid", "nfvisor has no SMBIOS tables");
+            for (name, on) in [("platform.tdx", p.tdx), ("platform.sev_snp", p.sev_snp)] {
+                if on {
+                    return refuse(name, "no confidential guests in nfvisor");
+                }
+            }
+            for (name, given) in [
+                (
+                    "platform.system_serial_number",
+                    p.system_serial_number.is_some(),
+                ),
+                ("platform.system_uuid", p.system_uuid.is_some()),
+                (
+                    "platform.oem_strings",
+                    p.oem_strings.as_ref().is_some_and(|o| !o.is_empty()),
+                ),
+            ] {
+                if given {
+                    return refuse(name, "nfvisor has no SMBIOS tables");
+                }
             }
         }
         // disks
@@ -642,6 +656,9 @@ pub fn disk_spec(d: &DiskConfig) -> Result<String, String> {
     if d.iommu {
         return Err("iommu: nfvisor has no virtual IOMMU".into());
     }
+    if d.pci_segment.is_some_and(|s| s != 0) {
+        return Err("pci_segment: nfvisor's devices are on segment 0".into());
+    }
     if path.contains(',') {
         return Err(format!(
             "path {path:?}: a comma in an image path is not supported"
@@ -693,6 +710,9 @@ fn net_spec(n: &NetConfig, tap: &TapFrom) -> Result<String, String> {
     }
     if n.iommu {
         return Err("iommu: nfvisor has no virtual IOMMU".into());
+    }
+    if n.pci_segment.is_some_and(|s| s != 0) {
+        return Err("pci_segment: nfvisor's devices are on segment 0".into());
     }
     let mut s = match tap {
         TapFrom::Name(name) => format!("tap={name}"),

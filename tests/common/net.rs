@@ -106,15 +106,8 @@ pub fn ip(args: &[&str]) {
 /// thread); a socket stays in the namespace it was made in, so the fd serves
 /// any thread afterwards.
 pub fn packet_socket(ns: &Netns, dev: &str) -> OwnedFd {
-    let path = ns.path();
     let name = dev.to_string();
-    std::thread::spawn(move || -> Result<OwnedFd, String> {
-        let nsfile = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-        // SAFETY: setns on a namespace file we hold open; it changes only
-        // this (short-lived, test-owned) thread's network namespace.
-        if unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
+    in_namespace(ns, &format!("packet socket on {dev}"), move || {
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2) call; the result is checked below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32) };
@@ -164,9 +157,55 @@ pub fn packet_socket(ns: &Netns, dev: &str) -> OwnedFd {
         }
         Ok(sock)
     })
+}
+
+/// Runs `f` on a thread that entered `ns` (membership is per thread; a
+/// socket or TAP descriptor made there stays in the namespace, and serves
+/// any thread afterwards).
+fn in_namespace<T: Send + 'static>(
+    ns: &Netns,
+    what: &str,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || -> Result<T, String> {
+        let nsfile = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        // SAFETY: setns on a namespace file we hold open; it changes only
+        // this (short-lived, test-owned) thread's network namespace.
+        if unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        f()
+    })
     .join()
     .expect("the namespace thread panicked")
-    .unwrap_or_else(|e| panic!("packet socket on {dev} in {}: {e}", ns.name))
+    .unwrap_or_else(|e| panic!("{what} in {}: {e}", ns.name))
+}
+
+/// A descriptor of the TAP `dev` in `ns`, opened as an orchestrator (Kata)
+/// opens it to hand it to a VMM: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
+pub fn tap_fd(ns: &Netns, dev: &str) -> OwnedFd {
+    let name = dev.to_string();
+    in_namespace(ns, &format!("opening TAP {dev}"), move || {
+        // SAFETY: open(2) of a fixed path; the result is checked below.
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let tap = unsafe { OwnedFd::from_raw_fd(fd) };
+        // struct ifreq: the name, then the flags
+        let mut req = [0u8; 40];
+        req[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | 0x4000/* IFF_VNET_HDR */) as u16;
+        req[16..18].copy_from_slice(&flags.to_ne_bytes());
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        // SAFETY: TUNSETIFF reads and writes the 40-byte ifreq we own.
+        if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) } != 0 {
+            return Err(format!("TUNSETIFF: {}", std::io::Error::last_os_error()));
+        }
+        Ok(tap)
+    })
 }
 
 pub fn send_frame(sock: &OwnedFd, frame: &[u8]) {
