@@ -107,6 +107,11 @@ fn prometheus_scrapes_the_metrics_and_no_counter_goes_down() {
         "{first}"
     );
     assert!(
+        first.contains("nfvisor_vcpu_guest_seconds_total{vcpu=\"0\"}")
+            && first.contains("nfvisor_vcpu_system_seconds_total{vcpu=\"0\"}"),
+        "{first}"
+    );
+    assert!(
         first.contains("# TYPE nfvisor_device_engine_io_uring gauge"),
         "{first}"
     );

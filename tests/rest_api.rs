@@ -688,6 +688,14 @@ fn snapshot_and_migration_through_the_api_end_as_through_the_cli() {
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     let (code, body) = receiving.join().unwrap();
     assert_eq!(code, 204, "{body}");
+    // the received guest runs here, and the metrics carry the migration's
+    // downtime as this end measured it
+    let (code, metrics) = api.call("GET", "metrics", None);
+    assert_eq!(code, 200, "{metrics}");
+    assert!(
+        metrics.contains("nfvisor_migration_last_downtime_seconds{role=\"destination\"}"),
+        "{metrics}"
+    );
     let s = src.finish(T);
     assert_eq!(s.code, 0, "{}", s.stderr);
     let t = Instant::now();

@@ -382,6 +382,15 @@ pub fn execute(
             };
             let outcome = crate::migrate::migrate(h, &m.to, &opts, &mut on_progress);
             h.end_migration(&m.to, outcome.as_ref().err());
+            if let Ok(r) = &outcome {
+                h.note_migration(crate::vm_handle::LastMigration {
+                    role: "source",
+                    downtime_ms: r.downtime_ms,
+                    total_ms: Some(r.total_ms),
+                    bytes: Some(r.bytes),
+                    rounds: Some(r.rounds),
+                });
+            }
             outcome.map(|migration| Response::Migrated {
                 migration,
                 state: "migrated".into(),

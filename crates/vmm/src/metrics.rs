@@ -121,6 +121,71 @@ pub fn render(h: &VmHandle) -> String {
             );
         }
     }
+    // each vCPU thread's time, as the kernel accounts it: in the guest
+    // (KVM_RUN in guest mode; on a host that emulates guest code this is
+    // system time instead), in the VMM (user), in the kernel (system)
+    for (id, &tid) in h.vcpu_tids.get().into_iter().flatten().enumerate() {
+        let (user_ms, system_ms, guest_ms) = crate::vm::thread_times(tid);
+        for (name, help, ms) in [
+            (
+                "nfvisor_vcpu_guest_seconds_total",
+                "Time the vCPU thread ran the guest (the kernel's guest time).",
+                guest_ms,
+            ),
+            (
+                "nfvisor_vcpu_user_seconds_total",
+                "Time the vCPU thread ran in the VMM (user time).",
+                user_ms,
+            ),
+            (
+                "nfvisor_vcpu_system_seconds_total",
+                "Time the vCPU thread ran in the host kernel (system time, guest time included by some kernels).",
+                system_ms,
+            ),
+        ] {
+            add(
+                name.into(),
+                help,
+                "counter",
+                format!("vcpu=\"{id}\""),
+                ms as f64 / 1e3,
+            );
+        }
+    }
+    // the last migration that completed from here
+    if let Some(m) = h
+        .last_migration
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        for (name, help, v) in [
+            (
+                "nfvisor_migration_last_downtime_seconds",
+                "The last migration's downtime (source pause to destination resume), by this end's role.",
+                Some(m.downtime_ms / 1e3),
+            ),
+            (
+                "nfvisor_migration_last_total_seconds",
+                "The last migration's total time (its source knows it).",
+                m.total_ms.map(|t| t / 1e3),
+            ),
+            (
+                "nfvisor_migration_last_bytes",
+                "Bytes the last migration sent (its source knows them).",
+                m.bytes.map(|b| b as f64),
+            ),
+            (
+                "nfvisor_migration_last_rounds",
+                "The last migration's pre-copy rounds (its source knows them).",
+                m.rounds.map(|r| r as f64),
+            ),
+        ] {
+            if let Some(v) = v {
+                add(name.into(), help, "gauge", format!("role=\"{}\"", m.role), v);
+            }
+        }
+    }
     add(
         "nfvisor_uptime_seconds".into(),
         "Time since the VM started here.",

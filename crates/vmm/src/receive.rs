@@ -240,7 +240,7 @@ pub fn receive(
         *handed_over.lock().unwrap_or_else(|e| e.into_inner()) = Some((answer, paused_at, marks));
         Ok(())
     }));
-    vm.set_on_start(Box::new(move |resumed_at| {
+    vm.set_on_start(Box::new(move |resumed_at, h| {
         started_here.store(true, Ordering::Release);
         let Some((mut answer, paused_at, marks)) =
             for_start.lock().unwrap_or_else(|e| e.into_inner()).take()
@@ -254,6 +254,11 @@ pub fn receive(
             "guest resumed here {:.3} ms after the source paused it",
             downtime as f64 / 1e6
         );
+        h.note_migration(crate::vm_handle::LastMigration {
+            role: "destination",
+            downtime_ms: downtime as f64 / 1e6,
+            ..Default::default()
+        });
         let line = crate::migrate::running_line(downtime, paused_at, &marks);
         let _ = answer.write_all(line.to_wire().as_bytes());
         let _ = answer.flush();

@@ -43,6 +43,10 @@ pub enum ConsoleSink {
     None,
 }
 
+/// Told when the vCPUs were released (CLOCK_REALTIME ns of the BSP's run
+/// loop) and given the running VM's handle.
+pub type OnStart = Box<dyn FnOnce(u128, &VmHandle) + Send>;
+
 /// Everything needed to run a VM.
 pub struct VmSpec {
     pub kernel_name: String,
@@ -83,7 +87,7 @@ pub struct VmSpec {
     /// Called once the vCPUs have been released, with when the BSP entered
     /// its run loop (CLOCK_REALTIME ns): a migration's destination confirms
     /// it runs, and that is where its downtime ends.
-    pub on_start: Option<Box<dyn FnOnce(u128) + Send>>,
+    pub on_start: Option<OnStart>,
     /// Called when the VM exists and is about to read `restore_from` (a
     /// migration's destination tells the source to start sending, so
     /// creating the VM stays out of the downtime).
@@ -879,7 +883,7 @@ impl Vm {
     }
 
     /// Sets what runs once the vCPUs are released.
-    pub fn set_on_start(&mut self, f: Box<dyn FnOnce(u128) + Send>) {
+    pub fn set_on_start(&mut self, f: OnStart) {
         self.spec.on_start = Some(f);
     }
 
@@ -953,6 +957,8 @@ impl Vm {
                 .collect(),
             live_exits,
             migration: Mutex::new(None),
+            last_migration: Mutex::new(None),
+            vcpu_tids: std::sync::OnceLock::new(),
             pause: AtomicBool::new(false),
             stop: stop.clone(),
             cmds: cmd_txs,
@@ -1163,7 +1169,7 @@ impl Vm {
         }
         if failure.is_none() {
             if let Some(f) = on_start {
-                f(entered_run_loop(&first_run));
+                f(entered_run_loop(&first_run), &handle);
             }
         }
         if let Some(e) = failure {
@@ -1177,6 +1183,9 @@ impl Vm {
         for (id, tid) in tids.iter().enumerate() {
             tracing::info!("vCPU {id} runs on host thread {tid}");
         }
+        let _ = handle
+            .vcpu_tids
+            .set(tids.iter().map(|&t| t as i32).collect());
         for s in &settings {
             if s.applied {
                 tracing::info!("applied {}: {}", s.name, s.detail);
@@ -1451,7 +1460,7 @@ fn spawn_console(
 }
 
 /// utime, stime and guest time (ms) of thread `tid` of this process.
-fn thread_times(tid: i32) -> (u64, u64, u64) {
+pub(crate) fn thread_times(tid: i32) -> (u64, u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
     // fields after the parenthesised command name; utime is field 14
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");

@@ -48,6 +48,18 @@ pub enum RunState {
     Paused,
 }
 
+/// A completed migration's figures, as this end knows them.
+#[derive(Debug, Clone, Default)]
+pub struct LastMigration {
+    /// "source" or "destination".
+    pub role: &'static str,
+    pub downtime_ms: f64,
+    /// (the source's figures; a destination does not know them)
+    pub total_ms: Option<f64>,
+    pub bytes: Option<u64>,
+    pub rounds: Option<u32>,
+}
+
 /// Shared between the VM's main thread, its vCPU threads and the control socket.
 pub struct VmHandle {
     pub(crate) pause: AtomicBool,
@@ -80,6 +92,11 @@ pub struct VmHandle {
     /// Each vCPU's KVM statistics (exits handled in the kernel too), once
     /// its thread has opened them.
     pub(crate) kvm_stats: Vec<std::sync::OnceLock<Arc<crate::kvm_stats::KvmStats>>>,
+    /// The last migration that completed, to or from here: its figures
+    /// (metrics).
+    pub(crate) last_migration: Mutex<Option<LastMigration>>,
+    /// Each vCPU thread's TID, once they run (their CPU times: metrics).
+    pub(crate) vcpu_tids: std::sync::OnceLock<Vec<i32>>,
     /// The migration in flight: its destination and last progress.
     pub(crate) migration: Mutex<Option<(String, Option<migration::report::Progress>)>>,
 }
@@ -232,6 +249,14 @@ impl VmHandle {
             },
         };
         self.devices.control(&id, action)
+    }
+
+    /// Notes a completed migration's figures.
+    pub fn note_migration(&self, m: LastMigration) {
+        *self
+            .last_migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(m);
     }
 
     /// Ends the VM (the REST API's vm.shutdown): every vCPU leaves, the
