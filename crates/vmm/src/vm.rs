@@ -1183,9 +1183,7 @@ impl Vm {
         for (id, tid) in tids.iter().enumerate() {
             tracing::info!("vCPU {id} runs on host thread {tid}");
         }
-        let _ = handle
-            .vcpu_tids
-            .set(tids.iter().map(|&t| t as i32).collect());
+        let _ = handle.vcpu_tids.set(tids.clone());
         for s in &settings {
             if s.applied {
                 tracing::info!("applied {}: {}", s.name, s.detail);
