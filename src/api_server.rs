@@ -117,10 +117,6 @@ const NOT_OFFERED: &[(&str, &str)] = &[
         "nfvisor has no generic vhost-user devices",
     ),
     ("vm.add-pmem", "nfvisor has no virtio-pmem"),
-    (
-        "vm.add-vsock",
-        "virtio-vsock is not in this build of nfvisor yet",
-    ),
     ("vm.add-vdpa", "nfvisor has no vDPA"),
     ("vm.add-user-device", "nfvisor has no vfio-user"),
     ("vm.coredump", "nfvisor writes no guest core dumps"),
@@ -467,6 +463,27 @@ impl Vmm {
         Ok(Ok2::NoContent)
     }
 
+    fn add_vsock(&mut self, body: &[u8]) -> Answer {
+        let what = "The vsock device could not be added";
+        let v: Value = parse(body)?;
+        let c = self.created_for_add(what)?;
+        if c.ch.vsock.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(err(
+                500,
+                what,
+                "the VM has a vsock device already (one only)",
+            ));
+        }
+        let probe = ChVmConfig {
+            vsock: Some(v.clone()),
+            payload: c.ch.payload.clone(),
+            ..Default::default()
+        };
+        probe.to_vm_config(&[]).map_err(|e| err(500, what, e))?;
+        c.ch.vsock = Some(v);
+        Ok(Ok2::NoContent)
+    }
+
     fn add_net(&mut self, body: &[u8], mut fds: Vec<OwnedFd>) -> Answer {
         let what = "The network device could not be added";
         let mut n: NetConfig = parse(body)?;
@@ -794,6 +811,7 @@ impl Server {
                 Ok(Ok2::NoContent)
             }
             "vm.add-disk" => vmm.add_disk(&req.body),
+            "vm.add-vsock" => vmm.add_vsock(&req.body),
             "vm.add-net" => vmm.add_net(&req.body, req.fds),
             "vm.remove-device" => vmm.remove_device(&req.body),
             "vm.snapshot" => vmm.snapshot(&req.body),

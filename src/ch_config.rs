@@ -34,7 +34,7 @@ pub struct ChVmConfig {
     pub debug_console: Option<ConsoleConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformConfig>,
-    /// Devices this build does not have yet: refused by name when given.
+    /// The entropy and vsock devices (checked as RngConfig and VsockConfig).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -298,6 +298,22 @@ pub struct NetConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RngConfig {
+    #[serde(default)]
+    pub src: Option<String>,
+    #[serde(default)]
+    pub iommu: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub socket: String,
+    #[serde(default)]
+    pub iommu: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlatformConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_pci_segments: Option<u16>,
@@ -363,16 +379,6 @@ impl ChVmConfig {
         let refuse = |field: &str, why: &str| Err(format!("{field}: {why}"));
         // devices and features this build does not have
         for (name, v, why) in [
-            (
-                "rng",
-                &self.rng,
-                "virtio-rng is not in this build of nfvisor yet",
-            ),
-            (
-                "vsock",
-                &self.vsock,
-                "virtio-vsock is not in this build of nfvisor yet",
-            ),
             ("balloon", &self.balloon, "nfvisor has no balloon device"),
             ("fs", &self.fs, "nfvisor has no virtio-fs"),
             ("pmem", &self.pmem, "nfvisor has no virtio-pmem"),
@@ -618,6 +624,35 @@ impl ChVmConfig {
             specs.push(net_spec(n, tap).map_err(|e| format!("net[{i}].{e}"))?);
         }
         c.net = (!specs.is_empty()).then_some(specs);
+        // the entropy and vsock devices
+        if let Some(r) = self.rng.as_ref().filter(|v| !v.is_null()) {
+            let r: RngConfig =
+                serde_json::from_value(r.clone()).map_err(|e| format!("rng: {e}"))?;
+            if r.iommu {
+                return refuse("rng.iommu", "nfvisor has no virtual IOMMU");
+            }
+            // getrandom stands for the default device (/dev/urandom)
+            c.rng = Some(match r.src.as_deref() {
+                None | Some("/dev/urandom") => String::new(),
+                Some(p) if p.contains(',') => {
+                    return refuse("rng.src", "a comma in the path is not supported")
+                }
+                Some(p) => format!("src={p}"),
+            });
+        }
+        if let Some(v) = self.vsock.as_ref().filter(|v| !v.is_null()) {
+            let v: VsockConfig =
+                serde_json::from_value(v.clone()).map_err(|e| format!("vsock: {e}"))?;
+            if v.iommu {
+                return refuse("vsock.iommu", "nfvisor has no virtual IOMMU");
+            }
+            if v.socket.contains(',') {
+                return refuse("vsock.socket", "a comma in the path is not supported");
+            }
+            let spec = format!("cid={},socket={}", v.cid, v.socket);
+            vmm::virtio_vsock::parse_vsock(&spec).map_err(|e| format!("vsock: {e}"))?;
+            c.vsock = Some(spec);
+        }
         Ok((c, console))
     }
 }
@@ -733,8 +768,10 @@ mod tests {
     use super::*;
 
     /// Kata's create body (its defaults, static resource management,
-    /// shared_fs "none"), less the devices this build does not have yet.
+    /// shared_fs "none").
     pub const KATA_BODY: &str = r#"{
+      "rng": {"iommu": false, "src": "/dev/urandom"},
+      "vsock": {"cid": 3, "iommu": false, "socket": "/run/vc/vm/x/clh.sock"},
       "console": {"iommu": false, "mode": "Off"},
       "cpus": {"boot_vcpus": 1, "kvm_hyperv": false, "max_vcpus": 8, "nested": true,
                "topology": {"cores_per_die": 8, "dies_per_package": 1, "packages": 1, "threads_per_core": 1}},
@@ -767,14 +804,22 @@ mod tests {
             c.disk.unwrap(),
             vec!["path=/opt/kata/share/kata-containers/kata-containers.img,readonly,queues=1"]
         );
+        assert_eq!(c.rng.as_deref(), Some(""));
+        assert_eq!(
+            c.vsock.as_deref(),
+            Some("cid=3,socket=/run/vc/vm/x/clh.sock")
+        );
     }
 
     #[test]
     fn what_nfvisor_cannot_honour_is_refused_by_name() {
         let base: Value = serde_json::from_str(KATA_BODY).unwrap();
         for (patch, field) in [
-            (r#"{"rng": {"src": "/dev/urandom"}}"#, "rng"),
-            (r#"{"vsock": {"cid": 3, "socket": "/tmp/v"}}"#, "vsock"),
+            (r#"{"vsock": {"cid": 2, "socket": "/tmp/v"}}"#, "vsock"),
+            (
+                r#"{"rng": {"src": "/dev/urandom", "iommu": true}}"#,
+                "rng.iommu",
+            ),
             (r#"{"fs": [{"tag": "x", "socket": "/s"}]}"#, "fs"),
             (r#"{"watchdog": true}"#, "watchdog"),
             (

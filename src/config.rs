@@ -56,6 +56,15 @@ pub struct RunArgs {
     /// [,bw=SIZE][,aio=io_uring|threads]. Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
+    /// A vsock device (hybrid, as Firecracker and Cloud Hypervisor do it):
+    /// cid=N,socket=PATH. A host process connects to PATH and writes
+    /// `CONNECT <port>\n`; a guest connection to port P reaches PATH_P.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<String>,
+    /// An entropy device (virtio-rng): getrandom, or src=PATH; rate=BYTES
+    /// a second caps it.
+    #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
+    pub rng: Option<String>,
     /// Serve Cloud Hypervisor's REST API (HTTP/1.1 under /api/v1) on this
     /// UNIX socket. Alone, nfvisor waits for vm.create and vm.boot; with a
     /// VM's flags it boots that VM and serves the API for it.
@@ -200,6 +209,8 @@ impl RunArgs {
             metrics_listen: self.metrics_listen.clone(),
             net: (!self.net.is_empty()).then(|| self.net.clone()),
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
+            vsock: self.vsock.clone(),
+            rng: self.rng.clone(),
             rt: self.rt.to_config(),
             ..self.dirty.to_config()
         }

@@ -900,6 +900,10 @@ struct LocalFlags {
     /// (shared storage: the same paths on this host).
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// The guest's vsock device on this host (cid=N,socket=PATH): a
+    /// destination on the same host as its source needs its own socket.
+    #[arg(long, value_name = "SPEC")]
+    vsock: Option<String>,
     #[command(flatten)]
     dirty: config::DirtyTracking,
     #[command(flatten)]
@@ -950,6 +954,7 @@ fn restored_vm(
         ivshmem: local.ivshmem,
         net: (!local.net.is_empty()).then_some(local.net),
         disk: (!local.disk.is_empty()).then_some(local.disk),
+        vsock: local.vsock,
         rt: local.rt.to_config(),
         // a received or restored guest can migrate on
         ..local.dirty.to_config()

@@ -11,7 +11,9 @@ pub mod disk;
 pub mod net;
 pub mod pci;
 pub mod rate_limiter;
+pub mod rng;
 pub mod tap;
+pub mod vsock;
 
 use std::sync::Arc;
 

@@ -124,6 +124,11 @@ pub struct VmConfig {
     /// Disks: `path=FILE[,readonly][,direct][,serial=ID][,queues=N]
     /// [,iops=N][,bw=SIZE][,aio=io_uring|threads]`, one each.
     pub disk: Option<Vec<String>>,
+    /// The vsock device: `cid=N,socket=PATH` (hybrid: the host side on a
+    /// UNIX socket).
+    pub vsock: Option<String>,
+    /// An entropy device: `[src=PATH][,rate=BYTES]` ("" for getrandom).
+    pub rng: Option<String>,
     /// Serve Prometheus metrics over HTTP here (HOST:PORT).
     pub metrics_listen: Option<String>,
     pub rt: RtConfig,
@@ -163,6 +168,8 @@ impl VmConfig {
             dma_probe,
             net,
             disk,
+            vsock,
+            rng,
             metrics_listen
         );
         over!(
@@ -199,6 +206,10 @@ impl VmConfig {
             // the guest's disks: a destination on this host opens the same
             // images unless told others (`receive --disk`)
             disk: self.disk.clone(),
+            // the guest's vsock and entropy devices (a destination on this
+            // host gives its own vsock socket: `receive --vsock`)
+            vsock: self.vsock.clone(),
+            rng: self.rng.clone(),
             ..Default::default()
         }
     }

@@ -31,6 +31,8 @@ pub mod vcpu;
 pub mod virtio_blk;
 pub mod virtio_net;
 pub mod virtio_pci;
+pub mod virtio_rng;
+pub mod virtio_vsock;
 pub mod vm;
 pub mod vm_handle;
 pub mod zero_page;

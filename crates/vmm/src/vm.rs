@@ -78,6 +78,10 @@ pub struct VmSpec {
     pub net: Vec<crate::virtio_net::NetSpec>,
     /// virtio-blk disks.
     pub disks: Vec<crate::virtio_blk::DiskSpec>,
+    /// The virtio-vsock device.
+    pub vsock: Option<crate::virtio_vsock::VsockSpec>,
+    /// The virtio-rng device.
+    pub rng: Option<crate::virtio_rng::RngSpec>,
     /// Serve Prometheus metrics here (HOST:PORT).
     pub metrics_listen: Option<String>,
     /// Serve the control socket (pause, resume, snapshot, status) here.
@@ -124,6 +128,8 @@ impl VmSpec {
             dma_probe: false,
             net: Vec::new(),
             disks: Vec::new(),
+            vsock: None,
+            rng: None,
             metrics_listen: None,
             control_socket: None,
             restore_from: None,
@@ -151,6 +157,8 @@ impl VmSpec {
             vcpus: Some(self.vcpus),
             disk: (!self.disks.is_empty())
                 .then(|| self.disks.iter().map(|d| d.to_string()).collect()),
+            vsock: self.vsock.as_ref().map(|v| v.to_string()),
+            rng: self.rng.as_ref().map(|r| r.to_string()),
             ..Default::default()
         }
     }
@@ -260,6 +268,16 @@ impl VmSpec {
             .flatten()
             .map(|d| crate::virtio_blk::parse_disk(d))
             .collect::<Result<_>>()?;
+        spec.vsock = config
+            .vsock
+            .as_deref()
+            .map(crate::virtio_vsock::parse_vsock)
+            .transpose()?;
+        spec.rng = config
+            .rng
+            .as_deref()
+            .map(crate::virtio_rng::parse_rng)
+            .transpose()?;
         Ok(spec)
     }
 }
@@ -691,6 +709,12 @@ impl Vm {
                 crate::virtio_blk::attach(&mut dm, &vm, gsi_routes.clone(), &mem, d, i, !live)
             })
             .collect::<Result<Vec<_>>>()?;
+        if let Some(v) = &spec.vsock {
+            crate::virtio_vsock::attach(&mut dm, &vm, gsi_routes.clone(), &mem, v)?;
+        }
+        if let Some(r) = &spec.rng {
+            crate::virtio_rng::attach(&mut dm, &vm, gsi_routes.clone(), &mem, r)?;
+        }
         let bus_link = dm.bus_link.clone();
         let (pio, mmio, devices) = dm.finish()?;
         let io = Arc::new(IoContext {
