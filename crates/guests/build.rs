@@ -16,6 +16,7 @@ const GUESTS: &[&str] = &[
     "ivshmem_probe",
     "net_probe",
     "blk_probe",
+    "vsock_probe",
 ];
 const COMMON: &[&str] = &["entry.S", "runtime.c"];
 /// Sources linked into some guests only (after COMMON): the virtio-pci
@@ -23,6 +24,7 @@ const COMMON: &[&str] = &["entry.S", "runtime.c"];
 const EXTRA: &[(&str, &[&str])] = &[
     ("net_probe", &["virtio_pci.c"]),
     ("blk_probe", &["virtio_pci.c"]),
+    ("vsock_probe", &["virtio_pci.c"]),
 ];
 const CFLAGS: &[&str] = &[
     "-O2",

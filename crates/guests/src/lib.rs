@@ -55,6 +55,11 @@ pub const ALL: &[Guest] = &[
         image: image!("blk_probe.elf"),
     },
     Guest {
+        name: "vsock-probe",
+        summary: "virtio-vsock driver (modern virtio-pci 1af4:1053, MSI-X; rx/tx/event queues, credit flow control, 32 connections) and virtio-rng reader (1af4:1044): mode=echo|recv|send|overrun|reset|rng; echo port=1234 conns=1 (0 = forever) echoes every connection; recv port= bytes=65536 conns= checks pattern(i) = (i*31 + 7 + (i>>8)) & 0xff, answers GOOD or BAD n; send port= bytes= conns=1..32 expect_refused=0|1 connects to CID 2 from ports 1024+k; overrun port= floods ignoring credit (expects RST), then a clean connection; reset port= resets=1 after=1 echoes across TRANSPORT_RESET events; rng bytes=4096 chunk=512; timeout_s=30 irq=msix|poll event_idx=0|1",
+        image: image!("vsock_probe.elf"),
+    },
+    Guest {
         name: "dirtier",
         summary: "dirties one word per 4 KiB page per pass and checks every pass; mb=4 passes=3 (0 = forever) tick=N zero_every=K dma_mb=N (pages written by the VMM on request)",
         image: image!("dirtier.elf"),
