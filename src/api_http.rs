@@ -79,6 +79,7 @@ impl Conn {
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         for &fd in &fds[..nfds.min(MAX_FDS)] {
             if fd >= 0 {
+                // (beyond MAX_FDS a request is refused: these close)
                 // SAFETY: the kernel installed this descriptor for us by
                 // SCM_RIGHTS; nothing else owns it.
                 self.fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -89,13 +90,18 @@ impl Conn {
     }
 
     /// Reads the next request: `idle` for its first byte, then `stall` for
-    /// each further read until it is whole.
+    /// the whole rest of it (a client trickling a byte at a time does not
+    /// hold the connection longer).
     pub fn read_request(&mut self, idle: Duration, stall: Duration) -> Result<Request, ReadError> {
         let timed_out = |e: &std::io::Error| {
             matches!(
                 e.kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             )
+        };
+        let mut started: Option<std::time::Instant> = None;
+        let left = |started: &Option<std::time::Instant>| {
+            started.map_or(stall, |t| stall.saturating_sub(t.elapsed()))
         };
         // the head
         let head_end = loop {
@@ -107,7 +113,22 @@ impl Conn {
                     "the request's head is over {MAX_HEAD} bytes"
                 )));
             }
-            let wait = if self.buf.is_empty() { idle } else { stall };
+            if !self.buf.is_empty() && started.is_none() {
+                started = Some(std::time::Instant::now());
+            }
+            let wait = if self.buf.is_empty() {
+                idle
+            } else {
+                left(&started)
+            };
+            if wait.is_zero() {
+                return Err(ReadError::Stalled);
+            }
+            if self.fds.len() > MAX_FDS {
+                return Err(ReadError::Bad(format!(
+                    "more than {MAX_FDS} descriptors with one request"
+                )));
+            }
             match self.fill(wait) {
                 Ok(0) if self.buf.is_empty() => return Err(ReadError::Closed),
                 Ok(0) => return Err(ReadError::Bad("the connection closed mid-request".into())),
@@ -157,8 +178,18 @@ impl Conn {
             }
         }
         let body_start = head_end + 4;
+        let started = started.or_else(|| Some(std::time::Instant::now()));
         while self.buf.len() < body_start + length {
-            match self.fill(stall) {
+            let wait = left(&started);
+            if wait.is_zero() {
+                return Err(ReadError::Stalled);
+            }
+            if self.fds.len() > MAX_FDS {
+                return Err(ReadError::Bad(format!(
+                    "more than {MAX_FDS} descriptors with one request"
+                )));
+            }
+            match self.fill(wait) {
                 Ok(0) => return Err(ReadError::Bad("the connection closed mid-body".into())),
                 Ok(_) => {}
                 Err(e) if timed_out(&e) => return Err(ReadError::Stalled),

@@ -18,7 +18,7 @@
 //! `IDLE` is closed, a request that stalls half-sent for `STALL` answered
 //! 408 and closed. The VM never waits on a client.
 
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -300,13 +300,9 @@ impl Created {
                 let mut taps = Vec::new();
                 for (n, fd) in nets.iter().zip(&self.tap_fds) {
                     taps.push(match fd {
-                        // the VM owns (and closes) a copy: a reboot has the
-                        // original still
-                        Some(fd) => TapFrom::Fd(
-                            fd.try_clone()
-                                .map_err(|e| fail(format!("duplicating a TAP descriptor: {e}")))?
-                                .into_raw_fd(),
-                        ),
+                        // the NIC works on its own duplicate: this one
+                        // stays here (a reboot takes it again)
+                        Some(fd) => TapFrom::Fd(fd.as_raw_fd()),
                         None => TapFrom::Name(n.tap.clone().unwrap_or_default()),
                     });
                 }
@@ -499,11 +495,8 @@ impl Vmm {
                 (1, _) => {
                     let fd = fds.remove(0);
                     // a TAP with a virtio-net header, as the NIC needs it
-                    // (checked on a copy, which the check closes)
-                    let copy = fd
-                        .try_clone()
-                        .map_err(|e| err(500, what, format!("duplicating the descriptor: {e}")))?;
-                    virtio::tap::Tap::from_fd(copy.into_raw_fd())
+                    // (checked on a duplicate the check closes)
+                    virtio::tap::Tap::from_fd(fd.as_raw_fd())
                         .map_err(|e| err(500, what, e.to_string()))?;
                     Some(fd)
                 }
@@ -575,17 +568,29 @@ impl Vmm {
         Err(err(404, what, format!("no device {:?}", r.id)))
     }
 
-    fn snapshot(&mut self, body: &[u8]) -> Answer {
+    /// vm.snapshot's request and the VM it saves.
+    fn snapshot(
+        &mut self,
+        body: &[u8],
+    ) -> std::result::Result<(Arc<VmHandle>, VmRequest), ApiError> {
         #[derive(Deserialize)]
         struct Snap {
             destination_url: String,
         }
         let s: Snap = parse(body)?;
         let to = file_url(&s.destination_url, "destination_url")?;
-        self.execute(
-            "The VM could not be snapshotted",
-            VmRequest::Snapshot { to },
-        )
+        let h = self.running("The VM could not be snapshotted")?;
+        Ok((h, VmRequest::Snapshot { to }))
+    }
+
+    /// A migration is in flight from this VM.
+    fn migrating(&mut self) -> bool {
+        match &self.stage {
+            Stage::Booted(_, b) | Stage::Restored(b) => {
+                b.alive() && vmm::api::status(&b.handle).migration.is_some()
+            }
+            _ => false,
+        }
     }
 
     /// vm.send-migration's request and the VM it moves.
@@ -755,14 +760,28 @@ impl Server {
         if let Some((_, why)) = NOT_OFFERED.iter().find(|(n, _)| *n == name) {
             return Err(err(500, &format!("{name} is not available"), *why));
         }
-        let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
-        match name {
-            "vmm.ping" => Ok(Ok2::Json(json!({
+        if name == "vmm.ping" {
+            // answered without the VMM's state: a long operation (a boot,
+            // a snapshot) must not make a client think the VMM is gone
+            return Ok(Ok2::Json(json!({
                 "build_version": concat!("nfvisor-", env!("CARGO_PKG_VERSION")),
                 "version": env!("CARGO_PKG_VERSION"),
                 "pid": std::process::id(),
                 "features": ["kvm", "io_uring"],
-            }))),
+            })));
+        }
+        let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(
+            name,
+            "vmm.shutdown" | "vm.shutdown" | "vm.reboot" | "vm.delete"
+        ) && vmm.migrating()
+        {
+            return Err(wrong_state(
+                &format!("{name} is refused"),
+                "a migration is in flight: wait for its end",
+            ));
+        }
+        match name {
             "vmm.shutdown" => {
                 vmm.stop_vm();
                 self.quitting.store(true, Ordering::Release);
@@ -814,7 +833,15 @@ impl Server {
             "vm.add-vsock" => vmm.add_vsock(&req.body),
             "vm.add-net" => vmm.add_net(&req.body, req.fds),
             "vm.remove-device" => vmm.remove_device(&req.body),
-            "vm.snapshot" => vmm.snapshot(&req.body),
+            "vm.snapshot" => {
+                // (written with the state unlocked: other clients are
+                // answered meanwhile)
+                let (h, snap) = vmm.snapshot(&req.body)?;
+                drop(vmm);
+                vmm::api::execute(&h, &snap, &mut |_| {})
+                    .map(|_| Ok2::NoContent)
+                    .map_err(|e| wrong_state("The VM could not be snapshotted", e.to_string()))
+            }
             "vm.send-migration" => {
                 // (a migration takes a while: other clients are answered
                 // meanwhile, the VM's state says "migrating")
@@ -980,28 +1007,6 @@ impl Server {
     }
 }
 
-/// The peer's uid (SO_PEERCRED).
-fn peer_uid(s: &UnixStream) -> Option<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we
-    // own, on a descriptor the stream keeps open.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (r == 0).then_some(cred.uid)
-}
-
 fn serve_connection(server: Arc<Server>, stream: UnixStream) {
     let mut conn = Conn::new(stream);
     loop {
@@ -1047,7 +1052,13 @@ fn serve_connection(server: Arc<Server>, stream: UnixStream) {
 
 /// Binds the API socket (0600), refusing a path another live server holds.
 fn bind(path: &Path) -> Result<UnixListener> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        anyhow::ensure!(
+            meta.file_type().is_socket(),
+            "--api-socket {}: something that is not a socket is there (not removed)",
+            path.display()
+        );
         if UnixStream::connect(path).is_ok() {
             anyhow::bail!(
                 "--api-socket {}: another process serves this socket",
@@ -1103,7 +1114,7 @@ pub fn serve(path: &Path, flags: Option<vmm::VmConfig>, json: bool) -> Result<u8
             let me = unsafe_geteuid();
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                match peer_uid(&stream) {
+                match vmm::control::peer_uid(&stream) {
                     Some(uid) if uid == me || uid == 0 => {}
                     other => {
                         tracing::warn!("API: a client of uid {other:?} refused (not {me})");

@@ -341,6 +341,9 @@ pub struct PlatformConfig {
     pub iommufd: bool,
 }
 
+/// The most vCPUs a VM here has (checked before anything is sized by it).
+const MAX_VCPUS: u32 = 255;
+
 /// A value that is absent in effect: null, false, 0, "", [] or {}.
 fn neutral(v: &Value) -> bool {
     match v {
@@ -445,11 +448,11 @@ impl ChVmConfig {
         c.initrd = p.initramfs.as_ref().map(Into::into);
         // vCPUs
         let cpus = &self.cpus;
-        if cpus.boot_vcpus == 0 || cpus.max_vcpus < cpus.boot_vcpus {
+        if cpus.boot_vcpus == 0 || cpus.boot_vcpus > MAX_VCPUS || cpus.max_vcpus < cpus.boot_vcpus {
             return refuse(
                 "cpus",
                 &format!(
-                    "boot_vcpus {} and max_vcpus {}: at least 1, max at least boot",
+                    "boot_vcpus {} and max_vcpus {}: boot from 1 to {MAX_VCPUS}, max at least boot",
                     cpus.boot_vcpus, cpus.max_vcpus
                 ),
             );

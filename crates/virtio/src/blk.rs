@@ -58,6 +58,9 @@ pub const MAX_WRITE_ZEROES_SEG: u32 = 32;
 pub const MAX_QUEUES: u16 = 16;
 /// GET_ID's answer: at most 20 bytes.
 pub const SERIAL_LEN: usize = 20;
+/// Bounce buffers (O_DIRECT with unaligned guest buffers) a queue holds at
+/// once: a request that would pass it waits for others to complete.
+pub const MAX_BOUNCE: usize = 32 << 20;
 
 const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
 const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
@@ -332,6 +335,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Blk<M> 
                 waiting_flushes: VecDeque::new(),
                 serial,
                 errno_logged: self.errno_logged.clone(),
+                bounce_bytes: 0,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("{}-q{index}", self.name))
@@ -527,6 +531,8 @@ struct Worker<M> {
     waiting_flushes: VecDeque<(usize, u64)>,
     serial: [u8; SERIAL_LEN],
     errno_logged: Arc<AtomicBool>,
+    /// Bytes of bounce buffers in flight.
+    bounce_bytes: usize,
 }
 
 const EV_KICK: u64 = 0;
@@ -644,17 +650,16 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     }
 
     fn notify(&mut self) {
-        match self.queue.needs_notification(&self.mem) {
-            Ok(true) => {
+        match crate::signal_used(&mut self.queue, &self.mem, &*self.interrupt, self.index) {
+            Ok(crate::Signal::Sent) => {
                 self.counters.notifications.fetch_add(1, Ordering::Relaxed);
-                self.interrupt.queue(self.index);
             }
-            Ok(false) => {
+            Ok(crate::Signal::Suppressed) => {
                 self.counters
                     .notifications_suppressed
                     .fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => self.bad_queue(&format!("{e:?}")),
+            Err(e) => self.bad_queue(&e),
         }
     }
 
@@ -694,6 +699,13 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 Action::Fallocate { .. } => Some(0),
                 _ => None,
             };
+            // O_DIRECT bounce buffers are bounded: a request that needs one
+            // past MAX_BOUNCE waits for earlier ones to complete
+            let bounce = self.bounce_len(&req);
+            if bounce > 0 && self.bounce_bytes > 0 && self.bounce_bytes + bounce > MAX_BOUNCE {
+                self.held = Some(req);
+                break;
+            }
             if let Some(bytes) = bytes {
                 let taken = self
                     .limiter
@@ -1061,6 +1073,9 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             .free
             .pop()
             .expect("a free slot (checked by the caller)");
+        if bounce.is_some() {
+            self.bounce_bytes += bytes as usize;
+        }
         let write_seq =
             matches!(kind, Kind::Write | Kind::Discard | Kind::WriteZeroes).then(|| {
                 let s = self.next_write;
@@ -1092,11 +1107,28 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             let after = self.next_write;
             tracing::trace!(target: ORDER_TRACE, "{} q{} flush-received head={head} waits_for_writes_before={after}", self.name, self.index);
             self.waiting_flushes.push_back((slot, after));
-            self.issue_ready_flushes();
-            return false;
+            return self.issue_ready_flushes();
         }
-        self.submit_slot(slot);
-        false
+        self.submit_slot(slot)
+    }
+
+    /// The bounce buffer a request needs (0: none): O_DIRECT with a guest
+    /// buffer not sector-aligned (its host address has the guest address's
+    /// alignment: regions are page-aligned).
+    fn bounce_len(&self, req: &Request) -> usize {
+        if !self.disk.direct {
+            return 0;
+        }
+        match &req.action {
+            Action::Read { segs, len, .. } | Action::Write { segs, len, .. }
+                if segs.iter().any(|(a, l)| {
+                    !a.0.is_multiple_of(SECTOR) || !(*l as u64).is_multiple_of(SECTOR)
+                }) =>
+            {
+                *len as usize
+            }
+            _ => 0,
+        }
     }
 
     /// With O_DIRECT, a guest buffer that is not sector-aligned goes
@@ -1130,23 +1162,30 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         (iov, Some((buf, at)))
     }
 
-    fn submit_slot(&mut self, slot: usize) {
+    /// Submits a slot's operations; true when the request completed at
+    /// once (every submission failed: a used entry was added).
+    fn submit_slot(&mut self, slot: usize) -> bool {
         let n = self.slots[slot].as_ref().map_or(0, |f| f.ops.len());
+        let mut used = false;
         for i in 0..n {
-            let f = self.slots[slot].as_ref().expect("in flight");
+            let Some(f) = self.slots[slot].as_ref() else {
+                break;
+            };
             if let Err(e) = self.engine.submit(slot as u64, &f.ops[i]) {
                 let errno = e.raw_os_error().unwrap_or(libc::EIO) as i64;
-                self.complete(Completion {
+                used |= self.complete(Completion {
                     token: slot as u64,
                     result: -errno,
                 });
             }
         }
+        used
     }
 
     /// FLUSHes whose earlier writes have all completed get their
     /// fdatasync.
-    fn issue_ready_flushes(&mut self) {
+    fn issue_ready_flushes(&mut self) -> bool {
+        let mut used = false;
         while let Some(&(slot, after)) = self.waiting_flushes.front() {
             if self.writes_in_flight.first().is_some_and(|&w| w < after) {
                 break;
@@ -1154,8 +1193,9 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             self.waiting_flushes.pop_front();
             let head = self.slots[slot].as_ref().map_or(0, |f| f.head);
             tracing::trace!(target: ORDER_TRACE, "{} q{} fdatasync-issued head={head}", self.name, self.index);
-            self.submit_slot(slot);
+            used |= self.submit_slot(slot);
         }
+        used
     }
 
     fn reap(&mut self) {
@@ -1188,6 +1228,9 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         }
         let f = self.slots[slot].take().expect("in flight");
         self.free.push(slot);
+        if f.bounce.is_some() {
+            self.bounce_bytes = self.bounce_bytes.saturating_sub(f.bytes as usize);
+        }
         let ok = f.error.is_none();
         if let Some(errno) = f.error {
             self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
@@ -1231,8 +1274,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         self.record_latency(f.taken);
         let (s, used_len) = if ok { (S_OK, f.used_len) } else { (S_IOERR, 1) };
         let used = self.finish(f.head, Some(f.status), s, used_len);
-        self.issue_ready_flushes();
-        used
+        self.issue_ready_flushes() | used
     }
 
     /// The kernel wrote these guest pages: migration must send them again.

@@ -16,6 +16,10 @@ use std::thread::JoinHandle;
 use io_uring::{opcode, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
 
+/// The most operations one request becomes (a DISCARD or WRITE_ZEROES of
+/// its most ranges).
+pub const OPS_PER_REQUEST: u32 = 32;
+
 /// Which engine serves a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineChoice {
@@ -103,7 +107,14 @@ struct Uring {
 
 impl Uring {
     fn new(fd: RawFd, depth: u32) -> Result<Uring, String> {
-        let ring = IoUring::new(depth.next_power_of_two().max(8))
+        // the completion ring holds every operation that can be in flight:
+        // a request may be many (a DISCARD of 32 ranges), so the
+        // completions of `depth` requests of OPS_PER_REQUEST operations
+        // each never overflow it
+        let entries = depth.next_power_of_two().max(8);
+        let ring = IoUring::builder()
+            .setup_cqsize((entries * OPS_PER_REQUEST).next_power_of_two())
+            .build(entries)
             .map_err(|e| format!("io_uring_setup: {e}"))?;
         let mut probe = io_uring::Probe::new();
         ring.submitter()
@@ -163,9 +174,15 @@ impl Engine for Uring {
                 break;
             }
             // the submission queue is full: hand it to the kernel first
+            // (nothing of this entry is queued yet: an error is its own)
             self.ring.submit()?;
         }
-        self.ring.submit()?;
+        // queued: from here the operation will complete, whatever this
+        // submit says (one that fails is retried at the next reap), so no
+        // error may make the caller free its buffers
+        if let Err(e) = self.ring.submit() {
+            tracing::debug!("io_uring_enter: {e}; retried at the next completion");
+        }
         Ok(())
     }
 
@@ -175,6 +192,8 @@ impl Engine for Uring {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         let _ = self.done.read();
+        // entries a failed submit left queued go now
+        let _ = self.ring.submit();
         for c in self.ring.completion() {
             out.push(Completion {
                 token: c.user_data(),

@@ -27,6 +27,8 @@ pub enum DiskError {
     NotSectors { path: PathBuf, size: u64 },
     #[error("disk image {0} is empty (0 sectors)")]
     Empty(PathBuf),
+    #[error("disk image {0}: its filesystem does not take 512-byte O_DIRECT I/O (4K sectors?): leave out `direct`")]
+    DirectAlignment(PathBuf),
     #[error(
         "disk image {0} is read-only on the host: add `readonly` to use it so, or make it writable"
     )]
@@ -129,10 +131,35 @@ impl DiskImage {
             readonly: o.readonly,
             direct: o.direct,
         };
+        if o.direct {
+            image.probe_direct()?;
+        }
         if o.lock_now {
             image.lock()?;
         }
         Ok(image)
+    }
+
+    /// A 512-byte O_DIRECT read at offset 0: the device advertises 512-byte
+    /// blocks, so an image whose filesystem or device needs more alignment
+    /// (4Kn) is refused now rather than failing every guest request.
+    fn probe_direct(&self) -> Result<(), DiskError> {
+        let mut buf = vec![0u8; 8192];
+        let at = buf.as_ptr().align_offset(4096);
+        // SAFETY: a 512-byte read into our own buffer, 4096-aligned, on a
+        // descriptor the File keeps open.
+        let r = unsafe {
+            libc::pread(
+                self.file.as_raw_fd(),
+                buf[at..].as_mut_ptr().cast(),
+                SECTOR as usize,
+                0,
+            )
+        };
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            return Err(DiskError::DirectAlignment(self.path.clone()));
+        }
+        Ok(())
     }
 
     pub fn sectors(&self) -> u64 {

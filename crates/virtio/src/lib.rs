@@ -51,6 +51,34 @@ pub struct ActiveQueue {
     pub kick: EventFd,
 }
 
+/// What signalling a queue's used entries did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Sent,
+    /// The driver asked not to be told yet (EVENT_IDX, NO_INTERRUPT).
+    Suppressed,
+}
+
+/// Signals queue `index` to the driver if it wants to hear of its new used
+/// entries; the one rule every device here follows. Err: the ring could not
+/// be read (the caller counts it).
+pub fn signal_used<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    interrupt: &dyn Interrupt,
+    index: u16,
+) -> Result<Signal, String> {
+    use virtio_queue::QueueT;
+    match queue.needs_notification(mem) {
+        Ok(true) => {
+            interrupt.queue(index);
+            Ok(Signal::Sent)
+        }
+        Ok(false) => Ok(Signal::Suppressed),
+        Err(e) => Err(format!("{e:?}")),
+    }
+}
+
 /// A virtio device, whatever its transport.
 pub trait VirtioDevice<M>: Send {
     /// The virtio device ID (1: network card).

@@ -403,15 +403,14 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     }
 
     fn notify(&mut self, q: usize) {
-        match self.queues[q].0.needs_notification(&self.mem) {
-            Ok(true) => {
+        match crate::signal_used(&mut self.queues[q].0, &self.mem, &*self.interrupt, q as u16) {
+            Ok(crate::Signal::Sent) => {
                 self.counters.notifications[q].fetch_add(1, Ordering::Relaxed);
-                self.interrupt.queue(q as u16);
             }
-            Ok(false) => {
+            Ok(crate::Signal::Suppressed) => {
                 self.counters.notifications_suppressed[q].fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => self.bad_queue(q, &format!("{e:?}")),
+            Err(e) => self.bad_queue(q, &e),
         }
     }
 

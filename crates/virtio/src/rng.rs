@@ -276,8 +276,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             }
             used = true;
         }
-        if used && self.queue.needs_notification(&mem).unwrap_or(true) {
-            self.interrupt.queue(0);
+        if used {
+            let _ = crate::signal_used(&mut self.queue, &mem, &*self.interrupt, 0);
         }
     }
 

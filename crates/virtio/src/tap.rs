@@ -82,7 +82,10 @@ impl Tap {
         Ok(tap)
     }
 
-    /// Takes a TAP a parent process opened (fd= on the command line).
+    /// A TAP a parent process opened (fd= on the command line, or one the
+    /// REST API received): the Tap works on a duplicate, so the caller
+    /// keeps its descriptor (and closes it when it wants; a failed VM
+    /// leaves it open and untouched).
     pub fn from_fd(fd: RawFd) -> Result<Tap, TapError> {
         let mut req = IfReq {
             name: [0; 16],
@@ -106,9 +109,17 @@ impl Tap {
         }
         let len = req.name.iter().position(|&b| b == 0).unwrap_or(16);
         let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
-        // SAFETY: the descriptor is open (checked above) and from here on
-        // owned by this Tap alone, as the caller hands it over.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor checked open above; the
+        // result is checked before it is owned.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(TapError::NotTap {
+                fd,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: dup is a fresh descriptor owned by this Tap alone.
+        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
         let tap = Tap {
             file: File::from(owned),
             name,

@@ -48,6 +48,8 @@ pub const MAX_PAYLOAD: u32 = 64 << 10;
 pub const BUF_ALLOC: u32 = 256 << 10;
 /// Connections at once.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Control packets waiting for rx buffers, at most.
+const MAX_CONTROL: usize = 2 * QUEUE_SIZE as usize;
 /// The host's CID.
 pub const HOST_CID: u64 = 2;
 /// The longest `CONNECT <port>\n` line taken.
@@ -146,7 +148,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
             ));
         }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "vsock socket {shown}: something that is not a socket is there (not removed)"
+            ));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(format!(
                 "vsock socket {shown} is in use (another VM serves it)"
@@ -184,6 +192,9 @@ struct Conn {
     host_eof: bool,
     /// The guest said it sends no more.
     guest_done_sending: bool,
+    /// The guest closed (SHUTDOWN both ways): the connection ends (RST)
+    /// once what it sent reached the host.
+    closing: bool,
 }
 
 impl Conn {
@@ -201,6 +212,7 @@ impl Conn {
             host_readable: true,
             host_eof: false,
             guest_done_sending: false,
+            closing: false,
         }
     }
 
@@ -339,6 +351,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Vsock<M
             reset_pending: std::mem::take(&mut self.reset_pending),
             buf: vec![0; MAX_PAYLOAD as usize],
             rx_blocked: false,
+            tx_held: false,
             epoll: None,
         };
         let h = std::thread::Builder::new()
@@ -404,6 +417,8 @@ struct Worker<M> {
     buf: Vec<u8>,
     /// No rx buffer posted: data waits until the guest posts one.
     rx_blocked: bool,
+    /// Transmit chains wait: the control queue is full.
+    tx_held: bool,
     epoll: Option<Epoll>,
 }
 
@@ -483,6 +498,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 }
             }
             self.deliver();
+            if self.tx_held && self.muxer.control.len() < MAX_CONTROL {
+                self.process_tx();
+                self.deliver();
+            }
         }
     }
 
@@ -508,12 +527,9 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     }
 
     fn notify(&mut self, q: usize) {
-        if self.queues[q]
-            .0
-            .needs_notification(&self.mem)
-            .unwrap_or(true)
+        if crate::signal_used(&mut self.queues[q].0, &self.mem, &*self.interrupt, q as u16).is_err()
         {
-            self.interrupt.queue(q as u16);
+            self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -709,22 +725,32 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             .bytes_to_host
             .fetch_add(wrote as u64, Ordering::Relaxed);
         let done = c.guest_done_sending && c.to_host.is_empty();
-        if c.fwd_cnt.wrapping_sub(c.fwd_cnt_told) >= BUF_ALLOC / 2 {
+        let closed = c.closing && c.to_host.is_empty();
+        if c.fwd_cnt.wrapping_sub(c.fwd_cnt_told) >= BUF_ALLOC / 2 && !closed {
             let h = self.header(key, OP_CREDIT_UPDATE, 0, 0);
             self.queue_control(h);
         }
-        if done {
+        if closed {
+            self.close(key, true);
+        } else if done {
             let _ = self.muxer.conns[&key]
                 .stream
                 .shutdown(std::net::Shutdown::Write);
         }
     }
 
-    /// Packets from the guest.
+    /// Packets from the guest; held while the control packets waiting for
+    /// the guest's rx buffers are at MAX_CONTROL (a guest that sends and
+    /// never receives does not grow this process).
     fn process_tx(&mut self) {
         let mem = self.mem.clone();
         let mut used = false;
         loop {
+            if self.muxer.control.len() >= MAX_CONTROL {
+                self.tx_held = true;
+                break;
+            }
+            self.tx_held = false;
             let Some(chain) = self.queues[TX].0.pop_descriptor_chain(&mem) else {
                 match self.queues[TX].0.enable_notification(&mem) {
                     Ok(true) => continue,
@@ -821,7 +847,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         }
         let exists = self.muxer.conns.contains_key(&key);
         match h.op {
-            OP_REQUEST if !exists => self.guest_connect(key),
+            OP_REQUEST if !exists => self.guest_connect(key, &h),
             OP_REQUEST => self.close(key, true),
             OP_RESPONSE => {
                 let Some(c) = self.muxer.conns.get_mut(&key).filter(|c| c.connecting) else {
@@ -862,13 +888,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                     c.guest_done_sending = true;
                 }
                 if h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == (SHUTDOWN_RCV | SHUTDOWN_SEND) {
-                    // the guest closed its socket: what it sent goes out,
-                    // then the connection ends (RST finishes its close)
-                    self.flush_to_host(key);
-                    self.close(key, true);
-                } else {
-                    self.flush_to_host(key);
+                    // the guest closed its socket: what it sent goes out
+                    // first, then the connection ends (RST finishes its
+                    // close)
+                    c.closing = true;
                 }
+                self.flush_to_host(key);
             }
             OP_RST => {
                 if exists {
@@ -889,14 +914,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     }
 
     /// The guest connects to host port `key.0`: `<socket>_<port>`.
-    fn guest_connect(&mut self, key: (u32, u32)) {
+    fn guest_connect(&mut self, key: (u32, u32), req: &Header) {
         let path = PathBuf::from(format!("{}_{}", self.socket.display(), key.0));
         let stream = if self.muxer.conns.len() >= MAX_CONNECTIONS {
             None
         } else {
-            UnixStream::connect(&path)
-                .ok()
-                .filter(|s| s.set_nonblocking(true).is_ok())
+            connect_nonblocking(&path)
         };
         let Some(stream) = stream else {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -905,7 +928,11 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             return;
         };
         self.counters.guest_connects.fetch_add(1, Ordering::Relaxed);
-        self.add_conn(key, Conn::new(stream));
+        let mut conn = Conn::new(stream);
+        // the guest's credit comes with its REQUEST
+        conn.peer_buf_alloc = req.buf_alloc;
+        conn.peer_fwd_cnt = req.fwd_cnt;
+        self.add_conn(key, conn);
         let h = self.header(key, OP_RESPONSE, 0, 0);
         self.queue_control(h);
     }
@@ -980,16 +1007,41 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 used = true;
                 continue;
             }
+            if control.is_none() && room == HDR_LEN as u64 {
+                // a header-only buffer carries control packets, not data:
+                // data waits for a larger one
+                self.queues[RX].0.go_to_previous_position();
+                self.rx_blocked = true;
+                break;
+            }
             let written = if let Some(h) = control {
                 self.muxer.control.pop_front();
-                self.write_chain(&descs, &[&h.encode()])
+                match self.write_chain(&descs, &[&h.encode()]) {
+                    Some(n) => Some(n),
+                    None => {
+                        // not guest memory: the packet is lost, counted
+                        self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
+                        Some(0)
+                    }
+                }
             } else {
                 let key = data_key.expect("a connection with data");
-                self.read_data(key, (room - HDR_LEN as u64).min(MAX_PAYLOAD as u64) as u32)
-                    .and_then(|h| {
+                match self.read_data(key, (room - HDR_LEN as u64).min(MAX_PAYLOAD as u64) as u32) {
+                    Some(h) => {
                         let n = h.len as usize;
-                        self.write_chain(&descs, &[&h.encode(), &self.buf[..n]])
-                    })
+                        match self.write_chain(&descs, &[&h.encode(), &self.buf[..n]]) {
+                            Some(w) => Some(w),
+                            None => {
+                                // the bytes read are lost with the buffer:
+                                // the connection cannot go on
+                                self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
+                                self.close(key, true);
+                                Some(0)
+                            }
+                        }
+                    }
+                    None => None,
+                }
             };
             match written {
                 Some(n) => {
@@ -1034,7 +1086,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         match c.stream.read(&mut self.buf[..n]) {
             Ok(0) => {
                 c.host_eof = true;
-                Some(self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0))
+                // the host sends no more (it may still read)
+                Some(self.header(key, OP_SHUTDOWN, SHUTDOWN_SEND, 0))
             }
             Ok(k) => {
                 c.tx_cnt = c.tx_cnt.wrapping_add(k as u32);
@@ -1078,6 +1131,46 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             .fetch_add(1, Ordering::Relaxed);
         self.notify(EVT);
     }
+}
+
+/// A UNIX connection that never waits: a listener whose backlog is full
+/// refuses (the device worker must not block on a host process).
+fn connect_nonblocking(path: &Path) -> Option<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return None;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; checked below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is a fresh socket nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: addr is a valid sockaddr_un and the length says so.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    // (a UNIX connect completes at once or fails: EAGAIN is a full backlog)
+    (r == 0).then_some(stream)
 }
 
 #[cfg(test)]

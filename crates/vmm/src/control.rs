@@ -15,7 +15,9 @@ use crate::api::{self, Request, SCHEMA};
 use crate::vm_handle::VmHandle;
 use crate::{Error, Result};
 
-fn peer_uid(s: &UnixStream) -> Option<u32> {
+/// The uid of a UNIX socket's peer (SO_PEERCRED): the control socket and
+/// the REST API take requests only from their own user (or root).
+pub fn peer_uid(s: &UnixStream) -> Option<u32> {
     use std::os::fd::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,

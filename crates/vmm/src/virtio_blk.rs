@@ -138,14 +138,7 @@ fn on_off(v: &str) -> std::result::Result<bool, String> {
     }
 }
 
-/// A disk in a stream.
-pub struct BlkKind;
-
-impl crate::virtio_pci::VirtioKind for BlkKind {
-    const KIND: &'static str = "virtio-blk";
-    /// (capacity, read-only and serial in the device's part)
-    const VERSION: u16 = 1;
-}
+crate::virtio_kind!(BlkKind, "virtio-blk", 1, "capacity, read-only and serial");
 
 /// Opens the image `spec` names (locked now unless `lock_now` is false: a
 /// migration's destination takes the lock at the hand-over).

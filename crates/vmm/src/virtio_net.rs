@@ -74,14 +74,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
     })
 }
 
-/// A NIC in a stream.
-pub struct NetKind;
-
-impl crate::virtio_pci::VirtioKind for NetKind {
-    const KIND: &'static str = "virtio-net";
-    /// (the link's state, MAC and MTU in the device's part)
-    const VERSION: u16 = 1;
-}
+crate::virtio_kind!(NetKind, "virtio-net", 1, "the link's state, MAC and MTU");
 
 /// Attaches a NIC as `spec` says, as device `net<index>`.
 pub fn attach(

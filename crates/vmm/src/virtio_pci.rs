@@ -26,6 +26,21 @@ pub trait VirtioKind: Send + Sync + 'static {
     const VERSION: u16;
 }
 
+/// Declares a kind of virtio device: `virtio_kind!(Name, "kind", version,
+/// "what the device's own state holds")`.
+#[macro_export]
+macro_rules! virtio_kind {
+    ($name:ident, $kind:literal, $version:literal, $doc:literal) => {
+        #[doc = concat!("A ", $kind, " device in a stream (", $doc, ").")]
+        pub struct $name;
+
+        impl $crate::virtio_pci::VirtioKind for $name {
+            const KIND: &'static str = $kind;
+            const VERSION: u16 = $version;
+        }
+    };
+}
+
 /// A virtio device as the VM keeps it: its transport, for state, counters,
 /// control and pause.
 pub struct VirtioFunction<K> {

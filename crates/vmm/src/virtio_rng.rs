@@ -60,13 +60,7 @@ impl std::fmt::Display for RngSpec {
     }
 }
 
-/// An entropy device in a stream.
-pub struct RngKind;
-
-impl crate::virtio_pci::VirtioKind for RngKind {
-    const KIND: &'static str = "virtio-rng";
-    const VERSION: u16 = 1;
-}
+crate::virtio_kind!(RngKind, "virtio-rng", 1, "nothing beyond its queue");
 
 /// Attaches the entropy device as `rng0`.
 pub fn attach(

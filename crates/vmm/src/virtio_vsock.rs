@@ -58,15 +58,12 @@ impl std::fmt::Display for VsockSpec {
     }
 }
 
-/// A vsock device in a stream.
-pub struct VsockKind;
-
-impl crate::virtio_pci::VirtioKind for VsockKind {
-    const KIND: &'static str = "virtio-vsock";
-    /// (the guest's CID in the device's part; connections are not carried:
-    /// the guest is told TRANSPORT_RESET)
-    const VERSION: u16 = 1;
-}
+crate::virtio_kind!(
+    VsockKind,
+    "virtio-vsock",
+    1,
+    "the guest's CID; connections are not carried: the guest is told TRANSPORT_RESET"
+);
 
 /// Attaches the vsock device as `vsock0`.
 pub fn attach(

@@ -992,6 +992,7 @@ impl Vm {
             mem: mem.clone(),
             devices: devices.clone(),
             disks: disks.clone(),
+            disk_locks_released: AtomicBool::new(false),
             config: SnapshotConfig {
                 vm: spec.stream_config(&cmdline),
                 tsc_khz,

@@ -73,6 +73,9 @@ pub struct VmHandle {
     pub(crate) devices: Arc<crate::device_manager::Devices>,
     /// The disks' images, whose locks a migration hands over.
     pub(crate) disks: Vec<Arc<virtio::disk::DiskImage>>,
+    /// The locks went with a hand-over whose outcome is unknown: an
+    /// operator's resume takes them back.
+    pub(crate) disk_locks_released: AtomicBool,
     pub(crate) config: SnapshotConfig,
     /// The kernel as reports name it ("bundled:NAME" or its path).
     pub(crate) kernel_name: String,
@@ -103,16 +106,23 @@ pub struct VmHandle {
 
 impl VmHandle {
     /// Lets the disks' locks go (a migration's source, before GO: the
-    /// destination takes them as it starts the guest).
+    /// destination takes them as it starts the guest), their data synced
+    /// first (a destination on another host reads it from shared storage).
     pub(crate) fn release_disk_locks(&self) {
         for d in &self.disks {
+            if let Err(e) = d.file.sync_data() {
+                tracing::warn!("{}: fdatasync before the hand-over: {e}", d.path.display());
+            }
             d.unlock();
         }
+        self.disk_locks_released
+            .store(!self.disks.is_empty(), Ordering::Release);
     }
 
     /// Takes the disks' locks back (GO could not be sent: the guest runs
     /// on here).
     pub(crate) fn retake_disk_locks(&self) {
+        self.disk_locks_released.store(false, Ordering::Release);
         for d in &self.disks {
             if let Err(e) = d.lock() {
                 tracing::warn!("{e}; the guest runs on without the image's lock");
@@ -190,6 +200,9 @@ impl VmHandle {
 
     /// Parks every vCPU outside KVM_RUN; returns how long that took.
     pub fn pause(&self) -> Result<Duration> {
+        if self.disk_locks_released.load(Ordering::Acquire) {
+            self.retake_disk_locks();
+        }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if *state == RunState::Paused {
             return Ok(Duration::ZERO);

@@ -110,6 +110,7 @@ impl Rig {
             waiting_flushes: VecDeque::new(),
             serial,
             errno_logged: Arc::default(),
+            bounce_bytes: 0,
         }
     }
 
