@@ -389,3 +389,53 @@ fn bad_vsock_and_rng_input_exits_78_naming_what_is_wrong() {
     drop(g);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A migrated guest is told its transport was reset too; on the
+/// destination (its own socket: `receive --vsock`) a new connection works.
+#[test]
+fn a_migrated_guest_sees_the_transport_reset_on_the_destination() {
+    let dir = scratch("vsock-migrate");
+    let sock = dir.join("v.sock");
+    let sock2 = dir.join("v2.sock");
+    let ctl = dir.join("ctl.sock");
+    let ep = format!("unix:{}", dir.join("mig.sock").display());
+    let console = dir.join("dst.console");
+    let mut dst = Running::start(&[
+        "receive",
+        "--listen",
+        &ep,
+        "--vsock",
+        &format!("cid=3,socket={}", sock2.display()),
+        "--serial",
+        console.to_str().unwrap(),
+    ]);
+    dst.wait_for("waiting for a migration");
+    let g = start_guest(
+        &dir,
+        &sock,
+        "mode=reset port=9100 resets=1 after=1",
+        &["--control-socket", ctl.to_str().unwrap()],
+    );
+    g.wait_console("R vsock ");
+    wait_for_path(&ctl);
+    let mut s = connect(&sock, 9100);
+    s.write_all(b"before").unwrap();
+    let mut back = [0u8; 6];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"before");
+    let r = migrate(ctl.to_str().unwrap(), &ep, &[]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let (code, _) = g.finish();
+    assert_eq!(code, 0, "the source ends after the hand-over");
+    let mut s = connect(&sock2, 9100);
+    s.write_all(b"after!").unwrap();
+    let mut back = [0u8; 6];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"after!");
+    drop(s);
+    let d = dst.finish(T);
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    assert_eq!(d.code, 0, "{}\n{out}", d.stderr);
+    assert_eq!(record(&out, "reset")["n"], "1");
+    let _ = std::fs::remove_dir_all(&dir);
+}
