@@ -1289,5 +1289,84 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     }
 }
 
+/// A worker over `queue` for the fuzz target (features: FLUSH, DISCARD,
+/// WRITE_ZEROES negotiated or not).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_worker<M: GuestMemory + Clone + Send + Sync + 'static>(
+    mem: M,
+    queue: Queue,
+    disk: Arc<DiskImage>,
+    engine: Box<dyn Engine>,
+    (flush, discard, wz): (bool, bool, bool),
+) -> impl FnMut(std::time::Duration) + 'static {
+    let (interrupt, kick, _) = crate::fuzzing::quiet();
+    let mut serial = [0u8; SERIAL_LEN];
+    serial[..4].copy_from_slice(b"fuzz");
+    let mut w = Worker {
+        name: "blk-fuzz".into(),
+        index: 0,
+        mem,
+        queue,
+        kick,
+        stop: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        interrupt,
+        counters: Arc::new(BlkCounters::new(1)),
+        disk,
+        limiter: Arc::default(),
+        engine,
+        slots: (0..QUEUE_SIZE).map(|_| None).collect(),
+        free: (0..QUEUE_SIZE as usize).rev().collect(),
+        held: None,
+        throttled: false,
+        flush_acked: flush,
+        discard_acked: discard,
+        write_zeroes_acked: wz,
+        next_write: 0,
+        writes_in_flight: BTreeSet::new(),
+        waiting_flushes: VecDeque::new(),
+        serial,
+        errno_logged: Arc::default(),
+        bounce_bytes: 0,
+    };
+    move |limit| {
+        if let Ok(mut timer) = TimerFd::new() {
+            w.process_queue(&mut timer);
+        }
+        // every request in flight completes (as a pause drains them)
+        crate::fuzzing::until(limit, || {
+            w.reap();
+            w.slots.iter().all(Option::is_none)
+        });
+        assert!(
+            w.slots.iter().all(Option::is_none),
+            "requests still in flight after {limit:?}"
+        );
+        let c = &w.counters;
+        let handled = [
+            &c.reads,
+            &c.writes,
+            &c.flushes,
+            &c.discards,
+            &c.write_zeroes,
+            &c.get_ids,
+        ]
+        .iter()
+        .map(|a| a.swap(0, Ordering::Relaxed))
+        .sum::<u64>();
+        crate::fuzzing::BLK_HANDLED.fetch_add(handled, Ordering::Relaxed);
+        let refused = [&c.bad_requests, &c.unsupported, &c.bad_chains]
+            .iter()
+            .map(|a| a.swap(0, Ordering::Relaxed))
+            .sum::<u64>();
+        crate::fuzzing::BLK_REFUSED.fetch_add(refused, Ordering::Relaxed);
+    }
+}
+
+/// Runs a fuzz worker until its requests completed.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_run(w: &mut impl FnMut(std::time::Duration), limit: std::time::Duration) {
+    w(limit)
+}
+
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,8 @@
 pub mod blk;
 pub mod block_io;
 pub mod disk;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod net;
 pub mod pci;
 pub mod rate_limiter;

@@ -1133,6 +1133,50 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     }
 }
 
+/// Runs the worker over fuzzed queues: transmit chains handled, receive
+/// buffers filled, until nothing moves.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_run<M: GuestMemory + Clone + Send + Sync + 'static>(
+    mem: M,
+    queues: [Queue; 3],
+    listener: Arc<UnixListener>,
+) {
+    let _one = crate::fuzzing::VSOCK_LOCK
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let (interrupt, _, _) = crate::fuzzing::quiet();
+    let mut w = Worker {
+        cid: 3,
+        socket: std::env::temp_dir().join(format!("nfv-fuzz-vsock-{}.sock", std::process::id())),
+        mem,
+        interrupt,
+        counters: Arc::default(),
+        queues: queues
+            .into_iter()
+            .map(|q| (q, EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")))
+            .collect(),
+        stop: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        listener,
+        muxer: Muxer::default(),
+        reset_pending: true,
+        buf: vec![0; MAX_PAYLOAD as usize],
+        rx_blocked: false,
+        tx_held: false,
+        epoll: Epoll::new().ok(),
+    };
+    w.send_transport_reset();
+    for _ in 0..4 {
+        w.process_tx();
+        w.deliver();
+        w.rx_blocked = false;
+    }
+    assert!(
+        w.muxer.control.len() <= MAX_CONTROL + 2,
+        "control packets grew to {}",
+        w.muxer.control.len()
+    );
+}
+
 /// A UNIX connection that never waits: a listener whose backlog is full
 /// refuses (the device worker must not block on a host process).
 fn connect_nonblocking(path: &Path) -> Option<UnixStream> {
