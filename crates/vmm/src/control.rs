@@ -132,6 +132,9 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
     let owned: PathBuf = path.to_path_buf();
     // SAFETY: getuid cannot fail.
     let me = unsafe { libc::getuid() };
+    // requests being answered: the VM's end waits for their answers (a
+    // migration's reply is written after the VM stopped here)
+    let answering = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -161,6 +164,7 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
                 // one thread per caller: a status must answer while a
                 // migration blocks another connection
                 let h = h.clone();
+                let answering = answering.clone();
                 let spawned = thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
@@ -185,8 +189,11 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
                                     let _ = w.write_all((l + "\n").as_bytes());
                                 }
                             };
+                            answering.fetch_add(1, Ordering::AcqRel);
                             let answer = handle_line(&h, &line, &mut emit);
-                            if writer.write_all((answer + "\n").as_bytes()).is_err() {
+                            let sent = writer.write_all((answer + "\n").as_bytes());
+                            answering.fetch_sub(1, Ordering::AcqRel);
+                            if sent.is_err() {
                                 break;
                             }
                         }
@@ -194,6 +201,12 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
                 if let Err(e) = spawned {
                     tracing::warn!("control socket: no thread for a caller: {e}");
                 }
+            }
+            // the answers of requests in hand go out before the VM ends
+            // (at most a few seconds: a stuck caller does not hold it)
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while answering.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
+                thread::sleep(Duration::from_millis(2));
             }
             let _ = std::fs::remove_file(&owned);
         })
