@@ -109,6 +109,20 @@ fn blk_probe_verifies_on_every_io_path_and_the_image_holds_its_writes() {
         assert_eq!(uring == 0, extra.contains("threads"), "{counters}");
         assert!(counters["writes"].as_u64().unwrap() >= 16, "{counters}");
         assert!(counters["flushes"].as_u64().unwrap() >= 1, "{counters}");
+        // the guest drives queue 0: its share is counted there
+        assert!(
+            counters["q0_requests"].as_u64().unwrap() >= 32,
+            "{counters}"
+        );
+        assert!(
+            counters["q0_bytes"].as_u64().unwrap() >= 2 * 128 * 512,
+            "{counters}"
+        );
+        assert_eq!(counters["q0_errors"].as_u64(), Some(0), "{counters}");
+        assert!(
+            counters["q0_latency_p99_ns"].as_u64().unwrap() > 0,
+            "{counters}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -219,6 +233,9 @@ fn bad_requests_are_answered_and_the_vm_runs_on() {
             .map(|k| c[k].as_u64().unwrap())
             .sum::<u64>();
         assert!(counted >= 1, "{case}: not counted: {c}");
+        if want != "255" {
+            assert!(c["q0_errors"].as_u64().unwrap() >= 1, "{case}: {c}");
+        }
     }
     // a read-only disk was never written
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));

@@ -106,10 +106,20 @@ pub struct BlkCounters {
     pub throttled: AtomicU64,
     pub notifications: AtomicU64,
     pub notifications_suppressed: AtomicU64,
-    /// Requests by queue.
-    pub per_queue: Vec<AtomicU64>,
+    /// By queue: requests, bytes, errors and latency.
+    pub per_queue: Vec<QueueCounters>,
     /// Time from taking a request to completing it, ns, by queue.
     pub latency: Vec<Mutex<Histogram<u64>>>,
+}
+
+/// One queue's share.
+#[derive(Default)]
+pub struct QueueCounters {
+    pub requests: AtomicU64,
+    /// Bytes read and written.
+    pub bytes: AtomicU64,
+    /// Requests answered other than OK (IOERR, UNSUPP).
+    pub errors: AtomicU64,
 }
 
 impl BlkCounters {
@@ -132,7 +142,7 @@ impl BlkCounters {
             throttled: z(0),
             notifications: z(0),
             notifications_suppressed: z(0),
-            per_queue: (0..queues).map(|_| z(0)).collect(),
+            per_queue: (0..queues).map(|_| QueueCounters::default()).collect(),
             latency: (0..queues)
                 .map(|_| {
                     Mutex::new(Histogram::new_with_bounds(1, 60_000_000_000, 2).expect("bounds"))
@@ -142,26 +152,26 @@ impl BlkCounters {
     }
 }
 
-/// Counter names for per-queue request counts (the counters interface
-/// takes static names).
-const QUEUE_REQUESTS: [&str; MAX_QUEUES as usize] = [
-    "q0_requests",
-    "q1_requests",
-    "q2_requests",
-    "q3_requests",
-    "q4_requests",
-    "q5_requests",
-    "q6_requests",
-    "q7_requests",
-    "q8_requests",
-    "q9_requests",
-    "q10_requests",
-    "q11_requests",
-    "q12_requests",
-    "q13_requests",
-    "q14_requests",
-    "q15_requests",
-];
+/// Counter names of queue `q`: requests, bytes, errors, latency p50 and
+/// p99 (ns). The counters interface takes static names: they are made once
+/// a process for the MAX_QUEUES queues a device can have (a bounded leak).
+fn queue_names(q: usize) -> [&'static str; 5] {
+    static NAMES: std::sync::OnceLock<Vec<[&'static str; 5]>> = std::sync::OnceLock::new();
+    NAMES.get_or_init(|| {
+        (0..MAX_QUEUES)
+            .map(|q| {
+                [
+                    "requests",
+                    "bytes",
+                    "errors",
+                    "latency_p50_ns",
+                    "latency_p99_ns",
+                ]
+                .map(|n| &*Box::leak(format!("q{q}_{n}").into_boxed_str()))
+            })
+            .collect()
+    })[q]
+}
 
 pub struct Blk<M> {
     name: String,
@@ -378,8 +388,14 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Blk<M> 
             ("latency_p99_ns", all.value_at_quantile(0.99)),
             ("engine_io_uring", (self.engine == "io_uring") as u64),
         ];
-        for (q, n) in c.per_queue.iter().enumerate() {
-            v.push((QUEUE_REQUESTS[q], l(n)));
+        for (q, (n, h)) in c.per_queue.iter().zip(&c.latency).enumerate() {
+            let names = queue_names(q);
+            let h = h.lock().unwrap_or_else(|e| e.into_inner());
+            v.push((names[0], l(&n.requests)));
+            v.push((names[1], l(&n.bytes)));
+            v.push((names[2], l(&n.errors)));
+            v.push((names[3], h.value_at_quantile(0.5)));
+            v.push((names[4], h.value_at_quantile(0.99)));
         }
         v
     }
@@ -964,7 +980,11 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             self.bad_queue(&format!("{e:?}"));
             return false;
         }
-        self.counters.per_queue[self.index as usize].fetch_add(1, Ordering::Relaxed);
+        let q = &self.counters.per_queue[self.index as usize];
+        q.requests.fetch_add(1, Ordering::Relaxed);
+        if s != S_OK {
+            q.errors.fetch_add(1, Ordering::Relaxed);
+        }
         true
     }
 
@@ -1262,6 +1282,11 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         if f.kind == Kind::Write && ok {
             self.counters
                 .bytes_written
+                .fetch_add(f.bytes, Ordering::Relaxed);
+        }
+        if ok && matches!(f.kind, Kind::Read | Kind::Write) {
+            self.counters.per_queue[self.index as usize]
+                .bytes
                 .fetch_add(f.bytes, Ordering::Relaxed);
         }
         if let Some(seq) = f.write_seq {

@@ -107,7 +107,11 @@ pub fn render(h: &VmHandle) -> String {
                 Some(base) => (format!("{}_seconds", name_part(base)), *v as f64 / 1e9),
                 None => (name_part(c), *v as f64),
             };
-            let (name, kind) = if GAUGES.contains(&c.as_str()) {
+            // (a disk's queues have their own latency levels: qN_latency_*)
+            let level = GAUGES
+                .iter()
+                .any(|g| c == g || c.ends_with(&format!("_{g}")));
+            let (name, kind) = if level {
                 (format!("nfvisor_device_{part}"), "gauge")
             } else {
                 (format!("nfvisor_device_{part}_total"), "counter")
