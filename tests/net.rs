@@ -390,3 +390,24 @@ fn frames_the_host_sends_through_qemu_reach_the_guest_intact() {
     guest_receives(&ns, vm, 1, 30);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A transmit rate limit (the token bucket the disks use) holds the
+/// guest's frames back: 40 frames of 1000 bytes at 16 KiB a second take
+/// about two seconds, and all arrive intact.
+#[test]
+fn a_transmit_rate_limit_holds_the_guest_s_frames_back() {
+    let ns = Netns::new();
+    ns.add_tap(TAP);
+    let mut cmd = ns.exec(env!("CARGO_BIN_EXE_nfvisor"));
+    cmd.args(["run", "--guest", "net-probe", "--net"])
+        .arg(format!("tap={TAP},mac=52:54:00:12:34:56,tx-bw=16K"))
+        .args(["--cmdline", "mode=send count=40 size=1000"]);
+    let t = std::time::Instant::now();
+    guest_sends(&ns, cmd, 0, 40, 1000);
+    // 40 KB less the first tenth of a second's burst, at 16 KiB a second
+    assert!(
+        t.elapsed() > std::time::Duration::from_millis(1800),
+        "{:?}",
+        t.elapsed()
+    );
+}

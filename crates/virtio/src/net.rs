@@ -22,7 +22,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
+use crate::rate_limiter::RateLimiter;
 use crate::tap::{Tap, VNET_HDR_LEN};
 use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice};
 
@@ -51,6 +53,9 @@ pub struct NetCounters {
     pub bad_queue: AtomicU64,
     /// Frames dropped either way while the link is down.
     pub dropped_link_down: AtomicU64,
+    /// Times a rate limit held frames back, each way.
+    pub rx_throttled: AtomicU64,
+    pub tx_throttled: AtomicU64,
     /// A frame read from the TAP while no buffer was posted, dropped when
     /// the device stopped (pause, reset).
     pub rx_dropped_at_stop: AtomicU64,
@@ -61,6 +66,12 @@ pub struct NetCounters {
 pub struct NetConfig {
     pub mac: [u8; 6],
     pub mtu: Option<u16>,
+    /// Received frames a second and bytes a second (token buckets).
+    pub rx_pps: Option<u64>,
+    pub rx_bw: Option<u64>,
+    /// Transmitted frames a second and bytes a second.
+    pub tx_pps: Option<u64>,
+    pub tx_bw: Option<u64>,
 }
 
 pub struct Net<M> {
@@ -180,6 +191,11 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: Vec::with_capacity(MAX_FRAME),
             rx_blocked: false,
+            rx_limit: RateLimiter::new(self.config.rx_pps, self.config.rx_bw),
+            tx_limit: RateLimiter::new(self.config.tx_pps, self.config.tx_bw),
+            rx_throttled: false,
+            tx_throttled: false,
+            timer: None,
         };
         let handle = std::thread::Builder::new()
             .name(format!("net-{}", self.tap.name))
@@ -222,6 +238,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             ),
             ("bad_queue", l(&c.bad_queue)),
             ("dropped_link_down", l(&c.dropped_link_down)),
+            ("rx_throttled", l(&c.rx_throttled)),
+            ("tx_throttled", l(&c.tx_throttled)),
             ("rx_dropped_at_stop", l(&c.rx_dropped_at_stop)),
             ("link_up", self.link_up.load(Ordering::Relaxed) as u64),
         ]
@@ -309,12 +327,20 @@ struct Worker<M> {
     tx_buf: Vec<u8>,
     /// No chain posted: the TAP is not read until the driver posts one.
     rx_blocked: bool,
+    /// The rate limits each way, and whether one holds its way back now
+    /// (until the timer fires).
+    rx_limit: RateLimiter,
+    tx_limit: RateLimiter,
+    rx_throttled: bool,
+    tx_throttled: bool,
+    timer: Option<TimerFd>,
 }
 
 const EV_TAP: u64 = 0;
 const EV_RX: u64 = 1;
 const EV_TX: u64 = 2;
 const EV_STOP: u64 = 3;
+const EV_TIMER: u64 = 4;
 
 impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     fn run(mut self) -> Vec<ActiveQueue> {
@@ -332,10 +358,15 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 EpollEvent::new(EventSet::IN, data),
             )
         };
+        self.timer = TimerFd::new().ok();
         let ok = add(self.tap.as_raw_fd(), EV_TAP).is_ok()
             && add(self.queues[RX].1.as_raw_fd(), EV_RX).is_ok()
             && add(self.queues[TX].1.as_raw_fd(), EV_TX).is_ok()
-            && add(self.stop.as_raw_fd(), EV_STOP).is_ok();
+            && add(self.stop.as_raw_fd(), EV_STOP).is_ok()
+            && self
+                .timer
+                .as_ref()
+                .is_some_and(|t| add(t.as_raw_fd(), EV_TIMER).is_ok());
         if !ok {
             tracing::error!("net {}: epoll registration failed", self.tap.name);
             return self.into_queues();
@@ -368,6 +399,18 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                         self.receive();
                     }
                     EV_TAP => self.receive(),
+                    EV_TIMER => {
+                        if let Some(t) = self.timer.as_mut() {
+                            let _ = t.wait();
+                        }
+                        self.tx_throttled = false;
+                        if self.rx_throttled {
+                            self.rx_throttled = false;
+                            self.rx_blocked = false;
+                        }
+                        self.transmit();
+                        self.receive();
+                    }
                     _ => {}
                 }
             }
@@ -402,6 +445,18 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             .collect()
     }
 
+    /// The timer fires after `wait` (a bucket refilled enough).
+    fn arm(&mut self, wait: std::time::Duration) {
+        if let Some(t) = self.timer.as_mut() {
+            if let Err(e) = t.reset(wait, None) {
+                tracing::warn!(
+                    "net {}: arming the rate limiter's timer: {e}",
+                    self.tap.name
+                );
+            }
+        }
+    }
+
     fn notify(&mut self, q: usize) {
         match crate::signal_used(&mut self.queues[q].0, &self.mem, &*self.interrupt, q as u16) {
             Ok(crate::Signal::Sent) => {
@@ -431,10 +486,23 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         // keep this thread from a pause or a reset (the TAP is
         // level-triggered: epoll wakes it again at once)
         for _ in 0..RX_BUDGET {
+            if self.pending.is_none() && self.rx_limit.is_limited() {
+                if let Err(wait) = self.rx_limit.may_go() {
+                    // the TAP is not read until the bucket refills
+                    self.counters.rx_throttled.fetch_add(1, Ordering::Relaxed);
+                    self.rx_throttled = true;
+                    self.rx_blocked = true;
+                    self.arm(wait);
+                    break;
+                }
+            }
             let len = match self.pending.take() {
                 Some(n) => n,
                 None => match self.tap.read_frame(&mut buf) {
-                    Ok(Some(n)) if n >= VNET_HDR_LEN => n,
+                    Ok(Some(n)) if n >= VNET_HDR_LEN => {
+                        self.rx_limit.charge((n - VNET_HDR_LEN) as u64);
+                        n
+                    }
                     Ok(Some(_)) => continue,
                     Ok(None) => break,
                     Err(e) => {
@@ -541,7 +609,16 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
     fn transmit(&mut self) {
         let mem = self.mem.clone();
         let mut done = false;
-        loop {
+        while !self.tx_throttled {
+            if self.tx_limit.is_limited() {
+                if let Err(wait) = self.tx_limit.may_go() {
+                    // the chains wait in the ring until the bucket refills
+                    self.counters.tx_throttled.fetch_add(1, Ordering::Relaxed);
+                    self.tx_throttled = true;
+                    self.arm(wait);
+                    break;
+                }
+            }
             let Some(chain) = self.queues[TX].0.pop_descriptor_chain(&mem) else {
                 // with EVENT_IDX, ask for the next kick (avail_event); a
                 // chain posted meanwhile is taken now
@@ -599,6 +676,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                     .tx_write_errors
                     .fetch_add(1, Ordering::Relaxed);
             } else {
+                self.tx_limit.charge((frame.len() - VNET_HDR_LEN) as u64);
                 self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .tx_bytes
@@ -691,6 +769,11 @@ mod tests {
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: Vec::with_capacity(MAX_FRAME),
             rx_blocked: false,
+            rx_limit: RateLimiter::default(),
+            tx_limit: RateLimiter::default(),
+            rx_throttled: false,
+            tx_throttled: false,
+            timer: None,
         };
         w.transmit();
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);

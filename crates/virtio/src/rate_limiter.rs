@@ -62,6 +62,21 @@ impl RateLimiter {
         }
     }
 
+    /// Whether an operation may go now (nothing taken): the size of what
+    /// it moves is charged after, with `charge` (a frame's length is known
+    /// once it was read).
+    pub fn may_go(&mut self) -> Result<(), Duration> {
+        self.take(0)
+    }
+
+    /// Charges `bytes` moved by an operation `may_go` let through (the
+    /// bucket may go into debt).
+    pub fn charge(&mut self, bytes: u64) {
+        if let Some(b) = &mut self.bytes {
+            b.tokens -= bytes as f64;
+        }
+    }
+
     pub fn is_limited(&self) -> bool {
         self.ops.is_some() || self.bytes.is_some()
     }

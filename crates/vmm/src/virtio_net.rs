@@ -25,6 +25,11 @@ pub struct NetSpec {
     pub tap: TapSource,
     pub mac: Option<[u8; 6]>,
     pub mtu: Option<u16>,
+    /// Rate limits: frames a second and bytes a second, each way.
+    pub rx_pps: Option<u64>,
+    pub rx_bw: Option<u64>,
+    pub tx_pps: Option<u64>,
+    pub tx_bw: Option<u64>,
 }
 
 /// The MTUs a NIC takes.
@@ -34,6 +39,7 @@ pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 68..=9216;
 pub fn parse_net(spec: &str) -> Result<NetSpec> {
     let bad = |why: String| Error::Config(format!("--net {spec:?}: {why}"));
     let (mut tap, mut mac, mut mtu) = (None, None, None);
+    let mut limits: [Option<u64>; 4] = [None; 4];
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("tap", n)) if !n.is_empty() => tap = Some(TapSource::Name(n.to_string())),
@@ -60,9 +66,27 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
                         })?,
                 )
             }
+            Some((k @ ("rx-pps" | "tx-pps" | "rx-bw" | "tx-bw"), v)) => {
+                let n = if k.ends_with("pps") {
+                    v.parse::<u64>().ok()
+                } else {
+                    crate::config::parse_size(v).ok()
+                }
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{k} {v:?}: a positive number (frames a second; bytes a second for -bw, K/M/G)"
+                    ))
+                })?;
+                let i = ["rx-pps", "rx-bw", "tx-pps", "tx-bw"]
+                    .iter()
+                    .position(|x| *x == k)
+                    .expect("a rate key");
+                limits[i] = Some(n);
+            }
             _ => {
                 return Err(bad(format!(
-                    "unknown part {part:?} (use tap=NAME or fd=N, then mac=, mtu=)"
+                    "unknown part {part:?} (use tap=NAME or fd=N, then mac=, mtu=, rx-pps=, rx-bw=, tx-pps=, tx-bw=)"
                 )))
             }
         }
@@ -71,6 +95,10 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
         tap: tap.ok_or_else(|| bad("no tap=NAME or fd=N".into()))?,
         mac,
         mtu,
+        rx_pps: limits[0],
+        rx_bw: limits[1],
+        tx_pps: limits[2],
+        tx_bw: limits[3],
     })
 }
 
@@ -119,8 +147,17 @@ pub fn attach(
             .collect::<Vec<_>>()
             .join(":")
     );
-    let net: virtio::net::Net<GuestRam> =
-        virtio::net::Net::new(tap, virtio::net::NetConfig { mac, mtu: spec.mtu });
+    let net: virtio::net::Net<GuestRam> = virtio::net::Net::new(
+        tap,
+        virtio::net::NetConfig {
+            mac,
+            mtu: spec.mtu,
+            rx_pps: spec.rx_pps,
+            rx_bw: spec.rx_bw,
+            tx_pps: spec.tx_pps,
+            tx_bw: spec.tx_bw,
+        },
+    );
     crate::virtio_pci::attach::<NetKind>(
         dm,
         vm,
@@ -138,7 +175,11 @@ mod tests {
 
     #[test]
     fn net_specs_parse_and_bad_ones_are_named() {
-        let n = parse_net("tap=nfv0,mac=52:54:00:aa:bb:cc,mtu=9000").unwrap();
+        let n = parse_net("tap=nfv0,mac=52:54:00:aa:bb:cc,mtu=9000,tx-bw=1M,rx-pps=1000").unwrap();
+        assert_eq!(
+            (n.tx_bw, n.rx_pps, n.rx_bw),
+            (Some(1 << 20), Some(1000), None)
+        );
         assert_eq!(n.tap, TapSource::Name("nfv0".into()));
         assert_eq!(n.mtu, Some(9000));
         assert_eq!(parse_net("fd=3").unwrap().tap, TapSource::Fd(3));
@@ -149,6 +190,8 @@ mod tests {
             ("tap=x,mtu=100000", "mtu \"100000\""),
             ("fd=-1", "fd \"-1\""),
             ("tap=x,speed=10G", "unknown part"),
+            ("tap=x,tx-pps=0", "tx-pps \"0\""),
+            ("tap=x,rx-bw=fast", "rx-bw \"fast\""),
         ] {
             let e = parse_net(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
