@@ -740,9 +740,7 @@ fn net_spec(n: &NetConfig, tap: &TapFrom) -> Result<String, String> {
     if n.num_queues.is_some_and(|q| q != 2) {
         return Err("num_queues: one queue pair (2)".into());
     }
-    if n.rate_limiter_config.is_some() {
-        return Err("rate_limiter_config: NICs have no rate limiter in nfvisor yet".into());
-    }
+
     if n.host_mac.is_some() {
         return Err("host_mac: the TAP's MAC is whoever made it's".into());
     }
@@ -761,6 +759,17 @@ fn net_spec(n: &NetConfig, tap: &TapFrom) -> Result<String, String> {
     }
     if let Some(mtu) = n.mtu {
         s.push_str(&format!(",mtu={mtu}"));
+    }
+    // Cloud Hypervisor's one limiter config is each direction's bucket
+    if let Some(r) = &n.rate_limiter_config {
+        if let Some(b) = &r.ops {
+            let pps = per_second(b, "rate_limiter_config.ops")?;
+            s.push_str(&format!(",rx-pps={pps},tx-pps={pps}"));
+        }
+        if let Some(b) = &r.bandwidth {
+            let kib = (per_second(b, "rate_limiter_config.bandwidth")? >> 10).max(1);
+            s.push_str(&format!(",rx-bw={kib}K,tx-bw={kib}K"));
+        }
     }
     vmm::virtio_net::parse_net(&s).map_err(|e| e.to_string())?;
     Ok(s)
@@ -859,6 +868,20 @@ mod tests {
             let e = ch.to_vm_config(&[]).unwrap_err();
             assert!(e.starts_with(field), "{patch}: {e}");
         }
+    }
+
+    #[test]
+    fn a_nic_s_rate_limiter_is_each_direction_s_bucket() {
+        let n: NetConfig = serde_json::from_str(
+            r#"{"mac": "52:54:00:00:00:01", "rate_limiter_config":
+                {"bandwidth": {"size": 1048576, "refill_time": 1000, "one_time_burst": 0},
+                 "ops": {"size": 100, "refill_time": 100}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            net_spec(&n, &TapFrom::Name("tap0".into())).unwrap(),
+            "tap=tap0,mac=52:54:00:00:00:01,rx-pps=1000,tx-pps=1000,rx-bw=1024K,tx-bw=1024K"
+        );
     }
 
     #[test]
