@@ -33,8 +33,8 @@ use serde_json::{json, Value};
 use vmm::api::Request as VmRequest;
 use vmm::vm_handle::{RunState, VmHandle};
 
-use crate::api_http::{Conn, ReadError};
-use crate::ch_config::{ChVmConfig, Console, DiskConfig, NetConfig, TapFrom};
+use ch_api::config::{ChVmConfig, Console, DiskConfig, NetConfig, TapFrom};
+use ch_api::http::{Conn, ReadError};
 
 pub const MAX_CONNECTIONS: usize = 16;
 pub const IDLE: Duration = Duration::from_secs(60);
@@ -452,7 +452,7 @@ impl Vmm {
         let what = "The disk could not be added";
         let mut d: DiskConfig = parse(body)?;
         let c = self.created_for_add(what)?;
-        crate::ch_config::disk_spec(&d).map_err(|e| err(500, what, e))?;
+        ch_api::config::disk_spec(&d).map_err(|e| err(500, what, e))?;
         let disks = c.ch.disks.get_or_insert_with(Vec::new);
         d.id.get_or_insert_with(|| format!("_disk{}", disks.len()));
         disks.push(d);
@@ -719,7 +719,7 @@ struct Server {
 }
 
 impl Server {
-    fn handle(&self, req: crate::api_http::Request) -> (u16, Option<(Vec<u8>, &'static str)>) {
+    fn handle(&self, req: ch_api::http::Request) -> (u16, Option<(Vec<u8>, &'static str)>) {
         let answer = self.route(req);
         match answer {
             Ok(Ok2::NoContent) => (204, None),
@@ -736,7 +736,7 @@ impl Server {
         }
     }
 
-    fn route(&self, req: crate::api_http::Request) -> Answer {
+    fn route(&self, req: ch_api::http::Request) -> Answer {
         let Some(&(method, path)) = ROUTES.iter().find(|(_, p)| *p == req.path) else {
             return Err(ApiError {
                 status: 404,

@@ -1,13 +1,11 @@
 //! nfvisor: a virtual machine monitor on Linux KVM for network functions.
 
-mod api_http;
 mod api_server;
 mod bench_blk;
 mod bench_doorbell;
 mod bench_migration;
 mod bench_net;
 mod bench_vmm;
-mod ch_config;
 mod config;
 mod flavor;
 mod host;

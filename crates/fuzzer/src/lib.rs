@@ -21,7 +21,254 @@ pub const TARGETS: &[(&str, Target)] = &[
         let _ = virtio::fuzzing::vsock(&mut Unstructured::new(d));
     }),
     ("stream", stream),
+    ("http", |d| {
+        let _ = http(&mut Unstructured::new(d));
+    }),
+    ("ch_config", |d| {
+        let _ = ch_config(&mut Unstructured::new(d));
+    }),
 ];
+
+/// A piece of what a client writes: request lines, headers and bodies as
+/// clients write them, and bytes that are not.
+#[derive(Debug, arbitrary::Arbitrary)]
+enum Piece {
+    RequestLine(u8, u8, u8),
+    Header(u8, u32),
+    ContentLength(u16),
+    End,
+    Body(Vec<u8>),
+    Raw(Vec<u8>),
+}
+
+/// The API socket's HTTP codec on what a client writes (one write, then its
+/// end closed): every request it reads, until it refuses or ends.
+fn http(u: &mut Unstructured) -> arbitrary::Result<()> {
+    use arbitrary::Arbitrary;
+    use std::io::Write;
+    use std::time::Duration;
+    const METHODS: &[&str] = &["GET", "PUT", "POST", "PATCH", "", "G\0T"];
+    const PATHS: &[&str] = &[
+        "/api/v1/vmm.ping",
+        "/api/v1/vm.create",
+        "/api/v1/vm.add-net",
+        "/api/v1/vm.info?x=1",
+        "*",
+        "/",
+        "/api/v1/",
+        "/api/v1/vm.boot",
+    ];
+    const VERSIONS: &[&str] = &["HTTP/1.1", "HTTP/1.0", "HTTP/2", "", "HTTP/1.1 extra"];
+    const HEADERS: &[&str] = &[
+        "Host",
+        "Content-Type",
+        "content-length",
+        "Transfer-Encoding",
+        "Accept",
+        "",
+        ":",
+    ];
+    let mut data = Vec::new();
+    for p in Vec::<Piece>::arbitrary(u)?.into_iter().take(64) {
+        match p {
+            Piece::RequestLine(m, a, v) => data.extend_from_slice(
+                format!(
+                    "{} {} {}\r\n",
+                    METHODS[m as usize % METHODS.len()],
+                    PATHS[a as usize % PATHS.len()],
+                    VERSIONS[v as usize % VERSIONS.len()]
+                )
+                .as_bytes(),
+            ),
+            Piece::Header(h, v) => data.extend_from_slice(
+                format!("{}: {v}\r\n", HEADERS[h as usize % HEADERS.len()]).as_bytes(),
+            ),
+            Piece::ContentLength(n) => {
+                data.extend_from_slice(format!("Content-Length: {n}\r\n").as_bytes())
+            }
+            Piece::End => data.extend_from_slice(b"\r\n"),
+            Piece::Body(b) | Piece::Raw(b) => data.extend_from_slice(&b),
+        }
+    }
+    let Ok((server, mut client)) = std::os::unix::net::UnixStream::pair() else {
+        return Ok(());
+    };
+    let n = data.len().min(32 << 10);
+    // (a socket buffer holds this much: the write does not block)
+    let _ = client.write_all(&data[..n]);
+    drop(client);
+    let mut conn = ch_api::http::Conn::new(server);
+    let t = Duration::from_millis(20);
+    for _ in 0..64 {
+        if conn.read_request(t, t).is_err() {
+            break;
+        }
+        DEPTH[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// A JSON value built from arbitrary input whose object keys come from
+/// Cloud Hypervisor's config vocabulary, so objects reach real fields.
+#[derive(Debug, arbitrary::Arbitrary)]
+enum Json {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Small(u16),
+    Float(f64),
+    Str(u8),
+    Array(Vec<Json>),
+    Object(Vec<(u8, Json)>),
+}
+
+const KEYS: &[&str] = &[
+    "payload",
+    "kernel",
+    "cmdline",
+    "initramfs",
+    "firmware",
+    "cpus",
+    "boot_vcpus",
+    "max_vcpus",
+    "affinity",
+    "vcpu",
+    "host_cpus",
+    "topology",
+    "kvm_hyperv",
+    "features",
+    "memory",
+    "size",
+    "hotplug_size",
+    "hugepages",
+    "hugepage_size",
+    "prefault",
+    "zones",
+    "mergeable",
+    "shared",
+    "serial",
+    "console",
+    "mode",
+    "file",
+    "socket",
+    "disks",
+    "path",
+    "readonly",
+    "direct",
+    "num_queues",
+    "queue_size",
+    "vhost_user",
+    "rate_limiter_config",
+    "bandwidth",
+    "ops",
+    "refill_time",
+    "one_time_burst",
+    "image_type",
+    "id",
+    "iommu",
+    "pci_segment",
+    "net",
+    "tap",
+    "mac",
+    "mtu",
+    "fds",
+    "rng",
+    "src",
+    "vsock",
+    "cid",
+    "platform",
+    "num_pci_segments",
+    "iommu_segments",
+    "tdx",
+    "sev_snp",
+    "nfvisor_rt",
+    "rt_priority",
+    "realtime_vcpus",
+    "mlock",
+    "disable_exits",
+    "watchdog",
+    "pvpanic",
+    "balloon",
+    "fs",
+    "pmem",
+    "devices",
+    "numa",
+    "landlock_enable",
+];
+
+const STRINGS: &[&str] = &[
+    "",
+    "/",
+    "/dev/urandom",
+    "/tmp/x.img",
+    "Raw",
+    "Qcow2",
+    "Off",
+    "Null",
+    "Tty",
+    "File",
+    "Pty",
+    "52:54:00:12:34:56",
+    "0-3",
+    "1,2",
+    "hlt",
+    "2M",
+    "a,b",
+    "\u{0}",
+    "Socket",
+];
+
+impl Json {
+    fn value(self, depth: u8) -> serde_json::Value {
+        use serde_json::Value;
+        match self {
+            Json::Null => Value::Null,
+            Json::Bool(b) => Value::Bool(b),
+            Json::Int(i) => Value::from(i),
+            Json::Small(n) => Value::from(n),
+            Json::Float(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
+            Json::Str(i) => Value::from(STRINGS[i as usize % STRINGS.len()]),
+            Json::Array(v) if depth < 6 => {
+                Value::Array(v.into_iter().take(8).map(|j| j.value(depth + 1)).collect())
+            }
+            Json::Object(v) if depth < 6 => Value::Object(
+                v.into_iter()
+                    .take(12)
+                    .map(|(k, j)| {
+                        (
+                            KEYS[k as usize % KEYS.len()].to_string(),
+                            j.value(depth + 1),
+                        )
+                    })
+                    .collect(),
+            ),
+            _ => Value::Null,
+        }
+    }
+}
+
+/// Cloud Hypervisor's VM configuration (what vm.create takes) mapped onto
+/// nfvisor's: any structure with the real field names.
+fn ch_config(u: &mut Unstructured) -> arbitrary::Result<()> {
+    use arbitrary::Arbitrary;
+    let v = Json::arbitrary(u)?.value(0);
+    if let Ok(c) = serde_json::from_value::<ch_api::config::ChVmConfig>(v) {
+        DEPTH[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let taps: Vec<ch_api::config::TapFrom> = c
+            .net
+            .iter()
+            .flatten()
+            .map(|n| ch_api::config::TapFrom::Name(n.tap.clone().unwrap_or_default()))
+            .collect();
+        if c.to_vm_config(&taps).is_ok() {
+            DEPTH[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        for d in c.disks.iter().flatten() {
+            let _ = ch_api::config::disk_spec(d);
+        }
+    }
+    Ok(())
+}
 
 /// The migration/snapshot stream reader on any bytes (what a hostile
 /// source sends): frames, pages and zero-page lists decoded to the end.
@@ -33,6 +280,14 @@ fn stream(data: &[u8]) {
         }
     }
 }
+
+/// How deep the inputs of the last target run got: http: requests read
+/// whole; ch_config: bodies that parsed as a VmConfig, and of those the
+/// ones nfvisor took.
+pub static DEPTH: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
 
 pub fn find(name: &str) -> Option<Target> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)

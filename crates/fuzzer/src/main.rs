@@ -69,6 +69,10 @@ fn main() {
             "corpus": corpus.len(),
             "blk_requests_handled": virtio::fuzzing::BLK_HANDLED.load(std::sync::atomic::Ordering::Relaxed),
             "blk_requests_refused": virtio::fuzzing::BLK_REFUSED.load(std::sync::atomic::Ordering::Relaxed),
+            "depth": [
+                fuzzer::DEPTH[0].load(std::sync::atomic::Ordering::Relaxed),
+                fuzzer::DEPTH[1].load(std::sync::atomic::Ordering::Relaxed),
+            ],
         })
     );
 }
