@@ -22,7 +22,6 @@ use common::*;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -89,10 +88,7 @@ fn cache_mode(dir: &Path) -> &'static str {
     }
 }
 
-struct Guest {
-    code: i32,
-    output: String,
-}
+type Guest = QemuGuest;
 
 /// Boots blk-probe under QEMU on the disk's image with `append` as its
 /// command line; `drive` adds -drive options (readonly=on).
@@ -102,33 +98,16 @@ fn run_blk_probe(disk: &Disk, drive: &str, append: &str) -> Guest {
         disk.image.display(),
         cache_mode(&disk.dir)
     );
-    let out = Command::new("timeout")
-        .args(["--signal=KILL", "60", QEMU])
-        .args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
-        .args(["-M", "q35", "-nodefaults", "-nographic", "-no-reboot"])
-        .args(["-serial", "stdio"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-        .arg("-drive")
-        .arg(drive)
-        .args([
+    qemu_guest(
+        &disk.dir.join("blk-probe.elf"),
+        &[
+            "-drive",
+            &drive,
             "-device",
             "virtio-blk-pci,drive=d0,disable-legacy=on,romfile=,serial=nfv-disk-1",
-        ])
-        .arg("-kernel")
-        .arg(disk.dir.join("blk-probe.elf"))
-        .arg("-append")
-        .arg(append)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("cannot start qemu");
-    Guest {
-        code: out.status.code().unwrap_or(-1),
-        output: format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
+        ],
+        append,
+    )
 }
 
 /// The guest ended with status 0 (exit code 1 through isa-debug-exit).

@@ -14,7 +14,6 @@ use common::net::record;
 use common::*;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -35,43 +34,22 @@ fn export(name: &str) -> PathBuf {
     dir
 }
 
-struct Guest {
-    code: i32,
-    output: String,
-}
+type Guest = QemuGuest;
 
 /// Boots vsock-probe under QEMU with `append` as its command line, with a
 /// virtio-rng-pci device (modern only) when `rng` is set.
 fn run_vsock_probe(dir: &std::path::Path, rng: bool, append: &str) -> Guest {
-    let mut cmd = Command::new("timeout");
-    cmd.args(["--signal=KILL", "60", QEMU])
-        .args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
-        .args(["-M", "q35", "-nodefaults", "-nographic", "-no-reboot"])
-        .args(["-serial", "stdio"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
-    if rng {
-        cmd.args(["-object", "rng-random,id=r0,filename=/dev/urandom"])
-            .args([
-                "-device",
-                "virtio-rng-pci,rng=r0,disable-legacy=on,romfile=",
-            ]);
-    }
-    let out = cmd
-        .arg("-kernel")
-        .arg(dir.join("vsock-probe.elf"))
-        .arg("-append")
-        .arg(append)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("cannot start qemu");
-    Guest {
-        code: out.status.code().unwrap_or(-1),
-        output: format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
+    let devices: &[&str] = if rng {
+        &[
+            "-object",
+            "rng-random,id=r0,filename=/dev/urandom",
+            "-device",
+            "virtio-rng-pci,rng=r0,disable-legacy=on,romfile=",
+        ]
+    } else {
+        &[]
+    };
+    qemu_guest(&dir.join("vsock-probe.elf"), devices, append)
 }
 
 fn n(r: &std::collections::BTreeMap<String, String>, key: &str) -> u64 {

@@ -226,3 +226,38 @@ pub fn snapshot(ctl: &str, dir: &str) -> Run {
         Duration::from_secs(120),
     )
 }
+
+/// A bundled guest's end under QEMU: its exit code and its console (stdout
+/// and stderr).
+pub struct QemuGuest {
+    pub code: i32,
+    pub output: String,
+}
+
+/// Boots the exported guest `elf` under QEMU (q35 with nothing the guests
+/// do not need, the exit port of their protocol) with the `devices`
+/// arguments and `append` as its command line; killed after a minute.
+pub fn qemu_guest(elf: &Path, devices: &[&str], append: &str) -> QemuGuest {
+    let out = Command::new("timeout")
+        .args(["--signal=KILL", "60", "qemu-system-x86_64"])
+        .args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
+        .args(["-M", "q35", "-nodefaults", "-nographic", "-no-reboot"])
+        .args(["-serial", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .args(devices)
+        .arg("-kernel")
+        .arg(elf)
+        .arg("-append")
+        .arg(append)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot start qemu");
+    QemuGuest {
+        code: out.status.code().unwrap_or(-1),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}

@@ -26,7 +26,6 @@ use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
@@ -41,7 +40,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::block_io::{Completion, Engine, EngineChoice, Op};
 use crate::disk::{DiskImage, SECTOR};
 use crate::rate_limiter::RateLimiter;
-use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice};
+use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice, WorkerThread};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Data segments a request may have (Linux's default scatter list).
@@ -183,7 +182,7 @@ pub struct Blk<M> {
     limiter: Arc<Mutex<RateLimiter>>,
     /// A host I/O error was logged (once per device).
     errno_logged: Arc<AtomicBool>,
-    workers: Vec<(EventFd, JoinHandle<ActiveQueue>)>,
+    workers: Vec<WorkerThread<ActiveQueue>>,
     _mem: std::marker::PhantomData<M>,
 }
 
@@ -229,14 +228,10 @@ impl<M> Blk<M> {
     }
 
     fn stop_workers(&mut self) -> Vec<ActiveQueue> {
+        // every queue drains at once, then each is waited for
         let workers = std::mem::take(&mut self.workers);
-        for (stop, _) in &workers {
-            let _ = stop.write(1);
-        }
-        workers
-            .into_iter()
-            .filter_map(|(_, h)| h.join().ok())
-            .collect()
+        workers.iter().for_each(WorkerThread::signal);
+        workers.into_iter().filter_map(WorkerThread::join).collect()
     }
 }
 
@@ -295,9 +290,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Blk<M> 
         put(48, &MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
         put(52, &MAX_WRITE_ZEROES_SEG.to_le_bytes());
         put(56, &[1]);
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = s.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        crate::read_config_space(&s, offset, data);
     }
 
     fn activate(
@@ -315,7 +308,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Blk<M> 
             serial[..s.len()].copy_from_slice(s.as_bytes());
         }
         for (index, q) in queues.into_iter().enumerate() {
-            let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+            let (stop, worker_stop) = crate::worker_stop_pair()?;
             let engine = crate::block_io::engine(
                 self.config.engine,
                 self.disk.file.as_raw_fd(),
@@ -327,7 +320,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Blk<M> 
                 mem: mem.clone(),
                 queue: q.queue,
                 kick: q.kick,
-                stop: stop.try_clone().map_err(|e| e.to_string())?,
+                stop: worker_stop,
                 interrupt: interrupt.clone(),
                 counters: self.counters.clone(),
                 disk: self.disk.clone(),
@@ -347,11 +340,11 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Blk<M> 
                 errno_logged: self.errno_logged.clone(),
                 bounce_bytes: 0,
             };
-            let handle = std::thread::Builder::new()
-                .name(format!("{}-q{index}", self.name))
-                .spawn(move || worker.run())
-                .map_err(|e| format!("spawning the worker: {e}"))?;
-            self.workers.push((stop, handle));
+            self.workers.push(WorkerThread::spawn(
+                format!("{}-q{index}", self.name),
+                stop,
+                move || worker.run(),
+            )?);
         }
         Ok(())
     }

@@ -53,6 +53,66 @@ pub struct ActiveQueue {
     pub kick: EventFd,
 }
 
+/// A device's worker thread and the eventfd that stops it: the one way
+/// every device here runs its queues' worker and stops it (at a pause, a
+/// reset or the device's end), getting back what the worker hands over.
+pub struct WorkerThread<T> {
+    stop: EventFd,
+    handle: std::thread::JoinHandle<T>,
+}
+
+impl<T: Send + 'static> WorkerThread<T> {
+    /// Runs `run` on a thread named `name`, stopped through `stop`.
+    pub fn spawn(
+        name: String,
+        stop: EventFd,
+        run: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<Self, String> {
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(run)
+            .map_err(|e| format!("spawning the worker: {e}"))?;
+        Ok(WorkerThread { stop, handle })
+    }
+
+    /// Tells the worker to stop (it finishes what is in flight first).
+    pub fn signal(&self) {
+        let _ = self.stop.write(1);
+    }
+
+    /// Waits for the worker's end: what it handed back (None: it panicked).
+    pub fn join(self) -> Option<T> {
+        self.handle.join().ok()
+    }
+
+    /// `signal`, then `join`.
+    pub fn stop(self) -> Option<T> {
+        self.signal();
+        self.join()
+    }
+}
+
+/// The stop eventfd a worker waits on: (the WorkerThread's end, the
+/// worker's clone).
+pub fn worker_stop_pair() -> Result<(EventFd, EventFd), String> {
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+    let clone = stop.try_clone().map_err(|e| e.to_string())?;
+    Ok((stop, clone))
+}
+
+/// Answers a read of a device's configuration space `space` at `offset`
+/// (bytes past its end read 0).
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| space.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// What signalling a queue's used entries did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {

@@ -13,7 +13,6 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
@@ -26,7 +25,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::rate_limiter::RateLimiter;
 use crate::tap::{Tap, VNET_HDR_LEN};
-use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice};
+use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice, WorkerThread};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -79,7 +78,7 @@ pub struct Net<M> {
     config: NetConfig,
     pub counters: Arc<NetCounters>,
     link_up: Arc<AtomicBool>,
-    worker: Option<(EventFd, JoinHandle<Vec<ActiveQueue>>)>,
+    worker: Option<WorkerThread<Vec<ActiveQueue>>>,
     _mem: std::marker::PhantomData<M>,
 }
 
@@ -100,9 +99,8 @@ impl<M> Drop for Net<M> {
     /// The worker stops with the device: it must not outlive the VM's
     /// memory and TAP.
     fn drop(&mut self) {
-        if let Some((stop, handle)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = handle.join();
+        if let Some(w) = self.worker.take() {
+            w.stop();
         }
     }
 }
@@ -160,9 +158,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         space[6..8].copy_from_slice(&status.to_le_bytes());
         space[8..10].copy_from_slice(&1u16.to_le_bytes());
         space[10..12].copy_from_slice(&self.config.mtu.unwrap_or(1500).to_le_bytes());
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = space.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        crate::read_config_space(&space, offset, data);
     }
 
     fn activate(
@@ -178,7 +174,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
                 queues.len()
             ));
         }
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let (stop, worker_stop) = crate::worker_stop_pair()?;
         let worker = Worker {
             mem,
             link_up: self.link_up.clone(),
@@ -186,7 +182,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             interrupt,
             counters: self.counters.clone(),
             queues: queues.into_iter().map(|q| (q.queue, q.kick)).collect(),
-            stop: stop.try_clone().map_err(|e| e.to_string())?,
+            stop: worker_stop,
             pending: None,
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: Vec::with_capacity(MAX_FRAME),
@@ -197,22 +193,19 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             tx_throttled: false,
             timer: None,
         };
-        let handle = std::thread::Builder::new()
-            .name(format!("net-{}", self.tap.name))
-            .spawn(move || worker.run())
-            .map_err(|e| format!("spawning the worker: {e}"))?;
-        self.worker = Some((stop, handle));
+        self.worker = Some(WorkerThread::spawn(
+            format!("net-{}", self.tap.name),
+            stop,
+            move || worker.run(),
+        )?);
         Ok(())
     }
 
     fn reset(&mut self) -> Vec<ActiveQueue> {
-        match self.worker.take() {
-            Some((stop, handle)) => {
-                let _ = stop.write(1);
-                handle.join().unwrap_or_default()
-            }
-            None => Vec::new(),
-        }
+        self.worker
+            .take()
+            .and_then(WorkerThread::stop)
+            .unwrap_or_default()
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

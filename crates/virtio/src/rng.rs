@@ -9,7 +9,6 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory};
@@ -18,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::rate_limiter::RateLimiter;
-use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice};
+use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice, WorkerThread};
 
 const QUEUE_SIZE: u16 = 64;
 /// The most one request is given (a larger buffer gets this much).
@@ -48,7 +47,7 @@ pub struct Rng<M> {
     /// Bytes a second (None: no limit).
     rate: Option<u64>,
     pub counters: Arc<RngCounters>,
-    worker: Option<(EventFd, JoinHandle<ActiveQueue>)>,
+    worker: Option<WorkerThread<ActiveQueue>>,
     _mem: std::marker::PhantomData<M>,
 }
 
@@ -72,9 +71,8 @@ impl<M> Rng<M> {
 
 impl<M> Drop for Rng<M> {
     fn drop(&mut self) {
-        if let Some((stop, h)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = h.join();
+        if let Some(w) = self.worker.take() {
+            w.stop();
         }
     }
 }
@@ -113,34 +111,30 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Rng<M> 
                     .map_err(|e| format!("entropy source {}: {e}", p.display()))?,
             ),
         };
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let (stop, worker_stop) = crate::worker_stop_pair()?;
         let worker = Worker {
             mem,
             queue: q.queue,
             kick: q.kick,
-            stop: stop.try_clone().map_err(|e| e.to_string())?,
+            stop: worker_stop,
             interrupt,
             counters: self.counters.clone(),
             limiter: RateLimiter::new(None, self.rate),
             file,
             buf: vec![0; MAX_REQUEST],
         };
-        let h = std::thread::Builder::new()
-            .name("rng".into())
-            .spawn(move || worker.run())
-            .map_err(|e| format!("spawning the worker: {e}"))?;
-        self.worker = Some((stop, h));
+        self.worker = Some(WorkerThread::spawn("rng".into(), stop, move || {
+            worker.run()
+        })?);
         Ok(())
     }
 
     fn reset(&mut self) -> Vec<ActiveQueue> {
-        match self.worker.take() {
-            Some((stop, h)) => {
-                let _ = stop.write(1);
-                h.join().map(|q| vec![q]).unwrap_or_default()
-            }
-            None => Vec::new(),
-        }
+        self.worker
+            .take()
+            .and_then(WorkerThread::stop)
+            .map(|q| vec![q])
+            .unwrap_or_default()
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -28,14 +28,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice};
+use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice, WorkerThread};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -252,7 +251,7 @@ pub struct Vsock<M> {
     muxer: Option<Muxer>,
     /// A restore happened: the guest is told its connections are gone.
     reset_pending: bool,
-    worker: Option<(EventFd, JoinHandle<Stopped>)>,
+    worker: Option<WorkerThread<Stopped>>,
     _mem: std::marker::PhantomData<M>,
 }
 
@@ -279,16 +278,10 @@ impl<M> Vsock<M> {
     }
 
     fn stop_worker(&mut self) -> Vec<ActiveQueue> {
-        match self.worker.take() {
-            Some((stop, h)) => {
-                let _ = stop.write(1);
-                match h.join() {
-                    Ok((queues, muxer)) => {
-                        self.muxer = Some(muxer);
-                        queues
-                    }
-                    Err(_) => Vec::new(),
-                }
+        match self.worker.take().and_then(WorkerThread::stop) {
+            Some((queues, muxer)) => {
+                self.muxer = Some(muxer);
+                queues
             }
             None => Vec::new(),
         }
@@ -319,9 +312,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Vsock<M
     /// guest_cid (u64).
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let space = self.cid.to_le_bytes();
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = space.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        crate::read_config_space(&space, offset, data);
     }
 
     fn activate(
@@ -337,7 +328,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Vsock<M
                 queues.len()
             ));
         }
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let (stop, worker_stop) = crate::worker_stop_pair()?;
         let worker = Worker {
             cid: self.cid,
             socket: self.socket.clone(),
@@ -345,7 +336,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Vsock<M
             interrupt,
             counters: self.counters.clone(),
             queues: queues.into_iter().map(|q| (q.queue, q.kick)).collect(),
-            stop: stop.try_clone().map_err(|e| e.to_string())?,
+            stop: worker_stop,
             listener: self.listener.clone(),
             muxer: self.muxer.take().unwrap_or_default(),
             reset_pending: std::mem::take(&mut self.reset_pending),
@@ -354,11 +345,9 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Vsock<M
             tx_held: false,
             epoll: None,
         };
-        let h = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || worker.run())
-            .map_err(|e| format!("spawning the worker: {e}"))?;
-        self.worker = Some((stop, h));
+        self.worker = Some(WorkerThread::spawn("vsock".into(), stop, move || {
+            worker.run()
+        })?);
         Ok(())
     }
 
