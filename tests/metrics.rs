@@ -95,8 +95,17 @@ fn prometheus_scrapes_the_metrics_and_no_counter_goes_down() {
         .and_then(|r| r.split('/').next())
         .unwrap()
         .to_string();
-    let (code, first) = get(&addr, "/metrics");
-    assert_eq!(code, 200, "{first}");
+    // The server answers before the guest's first instruction: scrape until
+    // the guest has written a port (its first line), so the exits below exist.
+    let deadline = std::time::Instant::now() + T;
+    let first = loop {
+        let (code, text) = get(&addr, "/metrics");
+        assert_eq!(code, 200, "{text}");
+        if text.contains("reason=\"pio_out\"") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     promtool_accepts(&first);
     assert!(
         first.contains("nfvisor_vcpu_exits_total{vcpu=\"0\",reason=\"pio_out\"}"),
