@@ -30,6 +30,12 @@ use vmm::api::Request;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The seccomp filters of the threads that run a guest (run, restore,
+    /// receive): `on` stops the VMM at a call outside a thread's list and
+    /// says which; `log` lets it run and the kernel's audit log records
+    /// it; `off` installs none.
+    #[arg(long, global = true, default_value = "on", value_name = "on|log|off")]
+    seccomp: seccomp::Mode,
 }
 
 #[derive(Subcommand)]
@@ -372,7 +378,23 @@ fn error_code(e: &anyhow::Error) -> u8 {
     }
 }
 
+/// The commands that run a guest in this process: they set the seccomp
+/// mode and put the main thread under the VMM role's filter before
+/// anything else starts.
+fn sandbox(command: &Command, mode: seccomp::Mode) -> Result<()> {
+    if !matches!(
+        command,
+        Command::Run { .. } | Command::Restore { .. } | Command::Receive { .. }
+    ) {
+        return Ok(());
+    }
+    seccomp::set_mode(mode)?;
+    seccomp::enter(seccomp::Role::Vmm)?;
+    Ok(())
+}
+
 fn dispatch(cli: Cli) -> Result<u8> {
+    sandbox(&cli.command, cli.seccomp)?;
     match cli.command {
         Command::Run {
             args,

@@ -59,6 +59,11 @@ pub fn print_text(r: &RunReport, guest: &Result<GuestOutput, ProtocolError>, exi
         r.timings.setup_us,
         r.timings.run_us / 1000
     );
+    println!(
+        "nfvisor: seccomp {}, {} thread(s) filtered",
+        seccomp::mode(),
+        seccomp::filtered_threads()
+    );
     match guest {
         Ok(g) => {
             for h in g.histograms() {
@@ -182,6 +187,10 @@ pub fn print_json(
         "vm": r,
         "vcpu_threads": r.vcpus.iter().map(|v| serde_json::json!({"vcpu": v.id, "tid": v.tid})).collect::<Vec<_>>(),
         "guest": guest_json,
+        "seccomp": {
+            "mode": seccomp::mode().to_string(),
+            "filtered_threads": seccomp::filtered_threads(),
+        },
     });
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())

@@ -56,6 +56,19 @@ fn snapshot_then_restore_continues_with_the_same_digest() {
         written > 0 && zero > written,
         "sparse: {written} written, {zero} zero"
     );
+    // the guest's memory is in there: the owner's alone, and no temporary
+    // left beside it
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&snap.join("snapshot.nfv")), 0o600);
+        assert_eq!(mode(&snap), 0o700);
+        let names: Vec<_> = std::fs::read_dir(&snap)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["snapshot.nfv"], "{names:?}");
+    }
     // the file holds the non-zero pages only
     let size = std::fs::metadata(snap.join("snapshot.nfv")).unwrap().len();
     assert!(

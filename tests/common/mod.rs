@@ -40,12 +40,18 @@ fn finish(out: Output) -> Run {
 
 /// Runs `nfvisor ARGS` to completion (killed after `limit`).
 pub fn nfvisor(args: &[&str], limit: Duration) -> Run {
+    nfvisor_env(args, &[], limit)
+}
+
+/// `nfvisor`, with `env` set for it.
+pub fn nfvisor_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
     let out = Command::new("timeout")
         .arg("--signal=KILL")
         .arg(limit.as_secs().to_string())
         .arg(NFVISOR)
         .args(args)
         .env("NFVISOR_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("cannot start nfvisor");

@@ -7,6 +7,7 @@ pub mod dma_probe;
 pub mod ivshmem;
 pub mod ivshmem_proto;
 pub mod latency;
+pub mod log_limit;
 pub mod msix;
 pub mod pci;
 pub mod serial;

@@ -189,7 +189,7 @@ impl BusDevice for SerialConsole {
                 .unwrap_or_else(|e| e.into_inner())
                 .write(offset as u8, v)
             {
-                tracing::warn!("com1: write at offset {offset}: {e}");
+                crate::limited!(warn, "com1: write at offset {offset}: {e}");
             }
         }
     }

@@ -3,6 +3,8 @@
  * status given as exit=N (default 0).
  * mode=poke   touches an unknown port and unknown MMIO first (the VMM must
  *             log and ignore them; reads return all-ones)
+ * mode=sweep sweep=N  writes to N distinct unknown MMIO addresses (a
+ *             hostile guest: the VMM's memory and logs must not grow) 
  * mode=triple-fault  loads an empty IDT and raises an exception */
 #include "runtime.h"
 
@@ -73,6 +75,14 @@ int guest_main(void) {
         put_hex(v);
         puts(" mmio_read=");
         put_hex(m);
+        putc('\n');
+    }
+    if (mode[0] == 's') {
+        u64 n = 0;
+        arg_u64("sweep", &n);
+        for (u64 i = 0; i < n; i++) *(volatile u32 *)(0xc0000000UL + i * 8) = (u32)i;
+        puts("R sweep");
+        put_kv("addresses", n);
         putc('\n');
     }
     if (mode[0] == 't') {

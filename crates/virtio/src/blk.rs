@@ -309,42 +309,69 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Blk<M> 
         }
         for (index, q) in queues.into_iter().enumerate() {
             let (stop, worker_stop) = crate::worker_stop_pair()?;
-            let engine = crate::block_io::engine(
-                self.config.engine,
-                self.disk.file.as_raw_fd(),
-                QUEUE_SIZE as u32,
-            )?;
-            let worker = Worker {
-                name: self.name.clone(),
-                index: index as u16,
-                mem: mem.clone(),
-                queue: q.queue,
-                kick: q.kick,
-                stop: worker_stop,
-                interrupt: interrupt.clone(),
-                counters: self.counters.clone(),
-                disk: self.disk.clone(),
-                limiter: self.limiter.clone(),
-                engine,
-                slots: (0..QUEUE_SIZE).map(|_| None).collect(),
-                free: (0..QUEUE_SIZE as usize).rev().collect(),
-                held: None,
-                throttled: false,
-                flush_acked: acked & (1 << VIRTIO_BLK_F_FLUSH) != 0,
-                discard_acked: acked & (1 << VIRTIO_BLK_F_DISCARD) != 0,
-                write_zeroes_acked: acked & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
-                next_write: 0,
-                writes_in_flight: BTreeSet::new(),
-                waiting_flushes: VecDeque::new(),
-                serial,
-                errno_logged: self.errno_logged.clone(),
-                bounce_bytes: 0,
+            // the worker sets its engine up itself, under its own filter:
+            // the block worker is the only role with io_uring
+            let (choice, fd) = (self.config.engine, self.disk.file.as_raw_fd());
+            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+            let build = {
+                let (mem, interrupt, counters) =
+                    (mem.clone(), interrupt.clone(), self.counters.clone());
+                let (disk, limiter, name) =
+                    (self.disk.clone(), self.limiter.clone(), self.name.clone());
+                let errno_logged = self.errno_logged.clone();
+                move |queue, kick, engine| Worker {
+                    name,
+                    index: index as u16,
+                    mem,
+                    queue,
+                    kick,
+                    stop: worker_stop,
+                    interrupt,
+                    counters,
+                    disk,
+                    limiter,
+                    engine,
+                    slots: (0..QUEUE_SIZE).map(|_| None).collect(),
+                    free: (0..QUEUE_SIZE as usize).rev().collect(),
+                    held: None,
+                    throttled: false,
+                    flush_acked: acked & (1 << VIRTIO_BLK_F_FLUSH) != 0,
+                    discard_acked: acked & (1 << VIRTIO_BLK_F_DISCARD) != 0,
+                    write_zeroes_acked: acked & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+                    next_write: 0,
+                    writes_in_flight: BTreeSet::new(),
+                    waiting_flushes: VecDeque::new(),
+                    serial,
+                    errno_logged,
+                    bounce_bytes: 0,
+                }
             };
+            let ActiveQueue { queue, kick } = q;
             self.workers.push(WorkerThread::spawn(
                 format!("{}-q{index}", self.name),
+                seccomp::Role::BlockWorker,
                 stop,
-                move || worker.run(),
+                move || match crate::block_io::engine(choice, fd, QUEUE_SIZE as u32) {
+                    Ok(engine) => {
+                        let _ = ready_tx.send(Ok(()));
+                        build(queue, kick, engine).run()
+                    }
+                    Err(why) => {
+                        let _ = ready_tx.send(Err(why));
+                        ActiveQueue { queue, kick }
+                    }
+                },
             )?);
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => return Err(format!("{} queue {index}: {why}", self.name)),
+                Err(_) => {
+                    return Err(format!(
+                        "{} queue {index}: the worker ended before its engine was ready",
+                        self.name
+                    ))
+                }
+            }
         }
         Ok(())
     }

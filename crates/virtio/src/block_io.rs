@@ -112,8 +112,12 @@ impl Uring {
         // completions of `depth` requests of OPS_PER_REQUEST operations
         // each never overflow it
         let entries = depth.next_power_of_two().max(8);
+        // the ring starts disabled so it can be restricted to the four
+        // operations this engine submits (IORING_REGISTER_RESTRICTIONS):
+        // io_uring's own work bypasses seccomp
         let ring = IoUring::builder()
             .setup_cqsize((entries * OPS_PER_REQUEST).next_power_of_two())
+            .setup_r_disabled()
             .build(entries)
             .map_err(|e| format!("io_uring_setup: {e}"))?;
         let mut probe = io_uring::Probe::new();
@@ -135,6 +139,21 @@ impl Uring {
         ring.submitter()
             .register_eventfd(done.as_raw_fd())
             .map_err(|e| format!("registering the completion eventfd: {e}"))?;
+        let mut allowed: Vec<io_uring::register::Restriction> = [
+            opcode::Readv::CODE,
+            opcode::Writev::CODE,
+            opcode::Fsync::CODE,
+            opcode::Fallocate::CODE,
+        ]
+        .into_iter()
+        .map(io_uring::register::Restriction::sqe_op)
+        .collect();
+        ring.submitter()
+            .register_restrictions(&mut allowed)
+            .map_err(|e| format!("restricting the ring to its operations: {e}"))?;
+        ring.submitter()
+            .register_enable_rings()
+            .map_err(|e| format!("enabling the ring: {e}"))?;
         Ok(Uring { ring, fd, done })
     }
 }
@@ -236,7 +255,7 @@ struct ThreadPool {
     shared: Arc<(Mutex<PoolState>, Condvar)>,
     results: Arc<Mutex<Vec<Completion>>>,
     done: Arc<EventFd>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<Option<()>>>,
 }
 
 impl ThreadPool {
@@ -250,9 +269,10 @@ impl ThreadPool {
         let mut threads = Vec::new();
         for i in 0..n {
             let (shared, results, done) = (shared.clone(), results.clone(), done.clone());
-            let t = std::thread::Builder::new()
-                .name(format!("blk-io{i}"))
-                .spawn(move || loop {
+            let t = seccomp::spawn(
+                format!("blk-io{i}"),
+                seccomp::Role::BlockWorker,
+                move || loop {
                     let (token, job) = {
                         let (lock, cv) = &*shared;
                         let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -272,8 +292,9 @@ impl ThreadPool {
                         .unwrap_or_else(|e| e.into_inner())
                         .push(Completion { token, result });
                     let _ = done.write(1);
-                })
-                .map_err(|e| format!("spawning an I/O thread: {e}"))?;
+                },
+            )
+            .map_err(|e| format!("spawning an I/O thread: {e}"))?;
             threads.push(t);
         }
         Ok(ThreadPool {

@@ -58,20 +58,20 @@ pub struct ActiveQueue {
 /// reset or the device's end), getting back what the worker hands over.
 pub struct WorkerThread<T> {
     stop: EventFd,
-    handle: std::thread::JoinHandle<T>,
+    handle: std::thread::JoinHandle<Option<T>>,
 }
 
 impl<T: Send + 'static> WorkerThread<T> {
-    /// Runs `run` on a thread named `name`, stopped through `stop`.
+    /// Runs `run` on a thread named `name` under `role`'s seccomp filter,
+    /// stopped through `stop`.
     pub fn spawn(
         name: String,
+        role: seccomp::Role,
         stop: EventFd,
         run: impl FnOnce() -> T + Send + 'static,
     ) -> Result<Self, String> {
-        let handle = std::thread::Builder::new()
-            .name(name)
-            .spawn(run)
-            .map_err(|e| format!("spawning the worker: {e}"))?;
+        let handle =
+            seccomp::spawn(name, role, run).map_err(|e| format!("spawning the worker: {e}"))?;
         Ok(WorkerThread { stop, handle })
     }
 
@@ -80,9 +80,10 @@ impl<T: Send + 'static> WorkerThread<T> {
         let _ = self.stop.write(1);
     }
 
-    /// Waits for the worker's end: what it handed back (None: it panicked).
+    /// Waits for the worker's end: what it handed back (None: it panicked,
+    /// or its filter could not go in and it never ran).
     pub fn join(self) -> Option<T> {
-        self.handle.join().ok()
+        self.handle.join().ok().flatten()
     }
 
     /// `signal`, then `join`.

@@ -195,6 +195,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         };
         self.worker = Some(WorkerThread::spawn(
             format!("net-{}", self.tap.name),
+            seccomp::Role::DeviceWorker,
             stop,
             move || worker.run(),
         )?);

@@ -123,9 +123,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Rng<M> 
             file,
             buf: vec![0; MAX_REQUEST],
         };
-        self.worker = Some(WorkerThread::spawn("rng".into(), stop, move || {
-            worker.run()
-        })?);
+        self.worker = Some(WorkerThread::spawn(
+            "rng".into(),
+            seccomp::Role::DeviceWorker,
+            stop,
+            move || worker.run(),
+        )?);
         Ok(())
     }
 

@@ -345,9 +345,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Vsock<M
             tx_held: false,
             epoll: None,
         };
-        self.worker = Some(WorkerThread::spawn("vsock".into(), stop, move || {
-            worker.run()
-        })?);
+        self.worker = Some(WorkerThread::spawn(
+            "vsock".into(),
+            seccomp::Role::DeviceWorker,
+            stop,
+            move || worker.run(),
+        )?);
         Ok(())
     }
 

@@ -204,7 +204,7 @@ impl MsiRouter for OwnVectors {
         // a guest's MSI-X write cannot fail back to the guest: say it here
         match self.apply(vector, route) {
             Ok(()) => tracing::debug!("ivshmem vector {vector}: {route:?}"),
-            Err(e) => tracing::warn!("ivshmem vector {vector} to {route:?}: {e}"),
+            Err(e) => devices::limited!(warn, "ivshmem vector {vector} to {route:?}: {e}"),
         }
     }
 }

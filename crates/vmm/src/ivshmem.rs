@@ -35,7 +35,13 @@ pub struct IvshmemBars {
 impl BarObserver for IvshmemBars {
     fn bar_moved(&self, bar: usize, from: Option<u64>, to: Option<u64>) {
         let at = |a: Option<u64>| a.map_or("nowhere".to_string(), |a| format!("{a:#x}"));
-        tracing::info!("ivshmem: BAR{bar} moves from {} to {}", at(from), at(to));
+        // the guest decides how often: debug, and rate-limited
+        devices::limited!(
+            debug,
+            "ivshmem: BAR{bar} moves from {} to {}",
+            at(from),
+            at(to)
+        );
         if let (Some(io), Some(Some(range))) =
             (self.io.get().and_then(Weak::upgrade), self.ranges.get(bar))
         {
@@ -48,7 +54,7 @@ impl BarObserver for IvshmemBars {
         };
         if let Err(e) = moved {
             // the guest's write cannot fail back to it: say so here
-            tracing::warn!("ivshmem: moving BAR{bar} to {}: {e}", at(to));
+            devices::limited!(warn, "ivshmem: moving BAR{bar} to {}: {e}", at(to));
         }
     }
 }

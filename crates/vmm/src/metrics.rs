@@ -237,7 +237,7 @@ pub fn render(h: &VmHandle) -> String {
 
 /// Serves the metrics on `addr` (HOST:PORT; port 0 picks one, logged)
 /// until the VM stops.
-pub fn serve(addr: &str, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
+pub fn serve(addr: &str, h: Arc<VmHandle>) -> Result<thread::JoinHandle<Option<()>>> {
     let server = tiny_http::Server::http(addr)
         .map_err(|e| Error::Config(format!("--metrics-listen {addr}: {e}")))?;
     let local = server
@@ -245,30 +245,27 @@ pub fn serve(addr: &str, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
         .to_ip()
         .map_or_else(|| addr.to_string(), |a| a.to_string());
     tracing::info!("serving metrics on http://{local}/metrics");
-    thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            while !h.stop.load(Ordering::Acquire) {
-                let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(50)) else {
-                    continue;
-                };
-                let found = req.method() == &tiny_http::Method::Get
-                    && (req.url() == "/metrics" || req.url().starts_with("/metrics?"));
-                let resp = if found {
-                    let ct = tiny_http::Header::from_bytes(
-                        &b"Content-Type"[..],
-                        &b"text/plain; version=0.0.4; charset=utf-8"[..],
-                    )
-                    .expect("a valid header");
-                    tiny_http::Response::from_string(render(&h)).with_header(ct)
-                } else {
-                    tiny_http::Response::from_string("not found: GET /metrics\n")
-                        .with_status_code(404)
-                };
-                let _ = req.respond(resp);
-            }
-        })
-        .map_err(|e| Error::Device(format!("spawning the metrics thread: {e}")))
+    seccomp::spawn("metrics".into(), seccomp::Role::Metrics, move || {
+        while !h.stop.load(Ordering::Acquire) {
+            let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(50)) else {
+                continue;
+            };
+            let found = req.method() == &tiny_http::Method::Get
+                && (req.url() == "/metrics" || req.url().starts_with("/metrics?"));
+            let resp = if found {
+                let ct = tiny_http::Header::from_bytes(
+                    &b"Content-Type"[..],
+                    &b"text/plain; version=0.0.4; charset=utf-8"[..],
+                )
+                .expect("a valid header");
+                tiny_http::Response::from_string(render(&h)).with_header(ct)
+            } else {
+                tiny_http::Response::from_string("not found: GET /metrics\n").with_status_code(404)
+            };
+            let _ = req.respond(resp);
+        }
+    })
+    .map_err(|e| Error::Device(format!("spawning the metrics thread: {e}")))
 }
 
 #[cfg(test)]

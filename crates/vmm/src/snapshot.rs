@@ -345,7 +345,10 @@ pub struct SnapshotReport {
 }
 
 /// Writes the stream for a paused VM to `dir/snapshot.nfv` (through a
-/// temporary file: a failed snapshot leaves nothing behind).
+/// temporary file: a failed snapshot leaves nothing behind). The guest's
+/// memory is in there: the directory is made 0700, the files 0600, and
+/// the temporary is created new (O_EXCL, O_NOFOLLOW: a link planted at
+/// its name is refused, never followed).
 pub fn write(
     dir: &Path,
     config: &SnapshotConfig,
@@ -354,11 +357,28 @@ pub fn write(
     machine: &MachineState,
 ) -> Result<(PathBuf, u64, u64, u64)> {
     let err = |e: std::io::Error| Error::Device(format!("snapshot {}: {e}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(err)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    }
     let path = dir.join("snapshot.nfv");
-    let tmp = dir.join(".snapshot.nfv.tmp");
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(".snapshot.nfv.{}.{nonce}.tmp", std::process::id()));
     let result = (|| -> std::io::Result<(u64, u64, u64)> {
-        let file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        use std::os::unix::fs::OpenOptionsExt;
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        let file = std::io::BufWriter::with_capacity(1 << 20, created);
         let mut w = Writer::new(file)?;
         w.frame(
             Kind::Config,
@@ -393,7 +413,14 @@ pub fn write(
     })();
     match result {
         Ok((bytes, written, zero)) => {
-            std::fs::rename(&tmp, &path).map_err(err)?;
+            if let Err(e) = std::fs::rename(&tmp, &path) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(err(e));
+            }
+            // the rename is durable once the directory is
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
             Ok((path, bytes, written, zero))
         }
         Err(e) => {

@@ -13,31 +13,56 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::exits::{ExitReason, ExitStats};
 
-/// Unknown port or MMIO addresses: each is logged once, then only counted.
+/// How many distinct unknown addresses are remembered (and logged once
+/// each); past that a guest sweeping the address space costs a counter,
+/// not memory or log lines.
+pub const REMEMBERED_UNKNOWN: usize = 256;
+
+/// Unknown port or MMIO addresses: each of the first
+/// [`REMEMBERED_UNKNOWN`] is logged once, then everything is only counted.
 #[derive(Default)]
 pub struct UnknownAccesses {
     seen: Mutex<HashSet<(bool, u64)>>,
     count: AtomicU64,
+    /// Accesses to addresses that were not remembered (the set was full).
+    beyond: AtomicU64,
 }
 
 impl UnknownAccesses {
     fn note(&self, pio: bool, addr: u64, write: bool, len: usize) {
         self.count.fetch_add(1, Ordering::Relaxed);
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.insert((pio, addr)) {
-            let space = if pio { "port" } else { "MMIO address" };
-            let dir = if write { "write to" } else { "read from" };
-            tracing::warn!("guest {dir} unknown {space} {addr:#x} ({len} bytes) ignored; reads return all-ones (logged once)");
+        if seen.contains(&(pio, addr)) {
+            return;
         }
+        if seen.len() >= REMEMBERED_UNKNOWN {
+            drop(seen);
+            if self.beyond.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    "the guest touched more than {REMEMBERED_UNKNOWN} distinct unknown addresses: further ones are counted, not logged"
+                );
+            }
+            return;
+        }
+        seen.insert((pio, addr));
+        let space = if pio { "port" } else { "MMIO address" };
+        let dir = if write { "write to" } else { "read from" };
+        tracing::warn!("guest {dir} unknown {space} {addr:#x} ({len} bytes) ignored; reads return all-ones (logged once)");
     }
 
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Distinct unknown addresses seen, for the report.
+    /// Distinct unknown addresses remembered (at most
+    /// [`REMEMBERED_UNKNOWN`]), for the report.
     pub fn distinct(&self) -> usize {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Accesses to addresses beyond the remembered ones.
+    pub fn beyond(&self) -> u64 {
+        self.beyond.load(Ordering::Relaxed)
     }
 }
 
@@ -387,6 +412,23 @@ mod tests {
         handle_exit(&io, VcpuExit::IoOut(0x2f0, &[1]));
         assert_eq!(io.unknown.count(), 3);
         assert_eq!(io.unknown.distinct(), 2);
+    }
+
+    #[test]
+    fn a_sweep_of_unknown_addresses_is_remembered_up_to_the_cap_then_counted() {
+        let u = UnknownAccesses::default();
+        for addr in 0..100_000u64 {
+            u.note(false, 0xd000_0000 + addr * 8, true, 4);
+        }
+        assert_eq!(u.count(), 100_000);
+        assert_eq!(u.distinct(), REMEMBERED_UNKNOWN);
+        assert_eq!(u.beyond(), 100_000 - REMEMBERED_UNKNOWN as u64);
+        // a remembered address is still only counted
+        u.note(false, 0xd000_0000, false, 4);
+        assert_eq!(
+            (u.count(), u.beyond()),
+            (100_001, 100_000 - REMEMBERED_UNKNOWN as u64)
+        );
     }
 
     #[test]

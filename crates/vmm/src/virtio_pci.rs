@@ -151,7 +151,11 @@ impl BarObserver for VirtioBars {
             }
             if let Some(new) = to {
                 if let Err(e) = self.register(new) {
-                    tracing::warn!("{}: moving its notifications to {new:#x}: {e}", self.name);
+                    devices::limited!(
+                        warn,
+                        "{}: moving its notifications to {new:#x}: {e}",
+                        self.name
+                    );
                 }
             }
         }

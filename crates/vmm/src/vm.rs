@@ -376,6 +376,8 @@ pub struct RunReport {
     /// Resident memory at the end: the whole process, and the guest's part.
     pub process_rss_kib: u64,
     pub guest_resident_kib: u64,
+    /// Descriptors the VMM holds at the end (a leak shows here).
+    pub open_fds: u64,
     #[serde(skip)]
     pub transcript: Vec<u8>,
 }
@@ -1050,6 +1052,11 @@ impl Vm {
                         outcomes.push((format!("vcpu{id}.rt-priority"), r));
                     }
                     let mut failure = None;
+                    // the filter goes in before the guest's first instruction
+                    if let Err(e) = seccomp::enter(seccomp::Role::Vcpu) {
+                        failure = Some(format!("vcpu{id}: {e}"));
+                    }
+                    seccomp::test_probe(seccomp::Role::Vcpu);
                     for (name, r) in outcomes {
                         if let Err(e) = Setting::record(
                             &mut applied,
@@ -1225,12 +1232,10 @@ impl Vm {
                     ..Default::default()
                 };
                 Some(
-                    thread::Builder::new()
-                        .name("irq-injector".into())
-                        .spawn(move || {
-                            crate::irq_bench::inject(mem, evt, offset, bench, stop, result)
-                        })
-                        .map_err(|e| Error::Device(format!("spawning the irq injector: {e}")))?,
+                    seccomp::spawn("irq-injector".into(), seccomp::Role::Helper, move || {
+                        crate::irq_bench::inject(mem, evt, offset, bench, stop, result)
+                    })
+                    .map_err(|e| Error::Device(format!("spawning the irq injector: {e}")))?,
                 )
             }
             _ => None,
@@ -1335,15 +1340,19 @@ impl Vm {
         }
         let irq_bench = injector.map(|h| {
             h.join()
-                .unwrap_or_else(|_| crate::irq_bench::IrqBenchResult {
-                    error: Some("the irq injector panicked".into()),
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| crate::irq_bench::IrqBenchResult {
+                    error: Some("the irq injector panicked or its filter failed".into()),
                     ..Default::default()
                 })
         });
         console_done.store(true, Ordering::Release);
         let transcript = console_thread
             .join()
-            .map_err(|_| Error::Device("the console thread panicked".into()))??;
+            .ok()
+            .flatten()
+            .ok_or_else(|| Error::Device("the console thread panicked".into()))??;
 
         if let Some(to) = handle
             .migrated
@@ -1409,6 +1418,7 @@ impl Vm {
             },
             transcript: transcript.0,
             process_rss_kib: process_rss / 1024,
+            open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
             guest_resident_kib: guest_resident / 1024,
         })
     }
@@ -1422,7 +1432,7 @@ fn spawn_console(
     spec: &VmSpec,
     buffer: Arc<ConsoleBuffer>,
     done: Arc<AtomicBool>,
-) -> Result<thread::JoinHandle<Result<ConsoleTranscript>>> {
+) -> Result<thread::JoinHandle<Option<Result<ConsoleTranscript>>>> {
     let mut sink: Box<dyn Write + Send> =
         match &spec.console {
             ConsoleSink::Stdout => Box::new(std::io::stdout()),
@@ -1433,53 +1443,51 @@ fn spawn_console(
             ConsoleSink::None => Box::new(std::io::sink()),
         };
     let limit = spec.transcript_limit;
-    thread::Builder::new()
-        .name("console".into())
-        .spawn(move || {
-            let mut transcript = Vec::new();
-            let mut chunk = Vec::new();
-            let mut total = 0u64;
-            // whole lines go out in one write each, so the log lines that
-            // share the terminal or stderr never land inside a console line;
-            // a partial line waits for its end, 50 ms at most (a prompt)
-            let mut partial: Vec<u8> = Vec::new();
-            let mut partial_since = Instant::now();
-            let emit = |bytes: &[u8], sink: &mut Box<dyn Write + Send>| {
-                if let Err(e) = sink.write_all(bytes).and_then(|_| sink.flush()) {
-                    tracing::warn!("guest console output: {e}");
-                }
-            };
-            loop {
-                // read `done` first: a final pass after it drains everything
-                let finished = done.load(Ordering::Acquire);
-                buffer.take_into(&mut chunk);
-                if !chunk.is_empty() {
-                    total += chunk.len() as u64;
-                    let room = limit.saturating_sub(transcript.len());
-                    transcript.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if partial.is_empty() {
-                        partial_since = Instant::now();
-                    }
-                    partial.extend_from_slice(&chunk);
-                    if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
-                        emit(&partial[..=end], &mut sink);
-                        partial.drain(..=end);
-                        partial_since = Instant::now();
-                    }
-                }
-                if !partial.is_empty()
-                    && (finished || partial_since.elapsed() > Duration::from_millis(50))
-                {
-                    emit(&partial, &mut sink);
-                    partial.clear();
-                }
-                if finished {
-                    return Ok((transcript, total));
-                }
-                thread::sleep(Duration::from_millis(1));
+    seccomp::spawn("console".into(), seccomp::Role::Helper, move || {
+        let mut transcript = Vec::new();
+        let mut chunk = Vec::new();
+        let mut total = 0u64;
+        // whole lines go out in one write each, so the log lines that
+        // share the terminal or stderr never land inside a console line;
+        // a partial line waits for its end, 50 ms at most (a prompt)
+        let mut partial: Vec<u8> = Vec::new();
+        let mut partial_since = Instant::now();
+        let emit = |bytes: &[u8], sink: &mut Box<dyn Write + Send>| {
+            if let Err(e) = sink.write_all(bytes).and_then(|_| sink.flush()) {
+                tracing::warn!("guest console output: {e}");
             }
-        })
-        .map_err(|e| Error::Device(format!("spawning the console thread: {e}")))
+        };
+        loop {
+            // read `done` first: a final pass after it drains everything
+            let finished = done.load(Ordering::Acquire);
+            buffer.take_into(&mut chunk);
+            if !chunk.is_empty() {
+                total += chunk.len() as u64;
+                let room = limit.saturating_sub(transcript.len());
+                transcript.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if partial.is_empty() {
+                    partial_since = Instant::now();
+                }
+                partial.extend_from_slice(&chunk);
+                if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
+                    emit(&partial[..=end], &mut sink);
+                    partial.drain(..=end);
+                    partial_since = Instant::now();
+                }
+            }
+            if !partial.is_empty()
+                && (finished || partial_since.elapsed() > Duration::from_millis(50))
+            {
+                emit(&partial, &mut sink);
+                partial.clear();
+            }
+            if finished {
+                return Ok((transcript, total));
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    })
+    .map_err(|e| Error::Device(format!("spawning the console thread: {e}")))
 }
 
 /// utime, stime and guest time (ms) of thread `tid` of this process.
