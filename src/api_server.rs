@@ -19,7 +19,6 @@
 //! 408 and closed. The VM never waits on a client.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1050,30 +1049,11 @@ fn serve_connection(server: Arc<Server>, stream: UnixStream) {
     }
 }
 
-/// Binds the API socket (0600), refusing a path another live server holds.
+/// Binds the API socket (0600), refusing a path another live server holds
+/// or anything that is not a socket.
 fn bind(path: &Path) -> Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        anyhow::ensure!(
-            meta.file_type().is_socket(),
-            "--api-socket {}: something that is not a socket is there (not removed)",
-            path.display()
-        );
-        if UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "--api-socket {}: another process serves this socket",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path).with_context(|| {
-            format!("--api-socket {}: removing the stale socket", path.display())
-        })?;
-    }
-    let l = UnixListener::bind(path)
-        .with_context(|| format!("--api-socket {}: cannot bind", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("--api-socket {}: chmod 0600", path.display()))?;
-    Ok(l)
+    devices::unix_socket::bind_private(path)
+        .with_context(|| format!("--api-socket {}", path.display()))
 }
 
 /// Serves the API on `path` until vmm.shutdown (or, with a VM from the
@@ -1114,12 +1094,10 @@ pub fn serve(path: &Path, flags: Option<vmm::VmConfig>, json: bool) -> Result<u8
             let me = unsafe_geteuid();
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                match vmm::control::peer_uid(&stream) {
-                    Some(uid) if uid == me || uid == 0 => {}
-                    other => {
-                        tracing::warn!("API: a client of uid {other:?} refused (not {me})");
-                        continue;
-                    }
+                if !devices::unix_socket::peer_allowed(&stream) {
+                    let other = vmm::control::peer_uid(&stream);
+                    tracing::warn!("API: a client of uid {other:?} refused (not {me})");
+                    continue;
                 }
                 let server = accept_server.clone();
                 if server.connections.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {

@@ -19,6 +19,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use config::RunArgs;
+use std::os::unix::fs::OpenOptionsExt;
 use vmm::api::Request;
 
 #[derive(Parser)]
@@ -424,6 +425,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .mode(0o600)
                 .open(&path)
                 .with_context(|| format!("--shm {}", path.display()))?;
             file.set_len(size)

@@ -219,3 +219,34 @@ fn migration_flags_out_of_range_are_refused_before_anything_starts() {
         "--dirty-bitmap",
     );
 }
+
+/// A socket path where something else lives is refused and left alone:
+/// the control socket, the REST API socket and the migration listener
+/// remove only a dead socket of their own kind.
+#[test]
+fn a_socket_path_holding_a_file_is_refused_and_the_file_kept() {
+    let dir = scratch("sockpath");
+    let file = dir.join("precious");
+    std::fs::write(&file, b"keep me").unwrap();
+    let f = file.to_str().unwrap();
+    let listen = format!("unix:{f}");
+    // (a VM whose control socket cannot be made runs on without it)
+    for (args, fatal) in [
+        (
+            vec!["run", "--guest", "hello", "--control-socket", f],
+            false,
+        ),
+        (vec!["run", "--api-socket", f], true),
+        (vec!["receive", "--listen", &listen], true),
+    ] {
+        let r = nfvisor(&args, T);
+        assert_eq!(r.code != 0, fatal, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("not a socket") && r.stderr.contains(f),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me", "{args:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

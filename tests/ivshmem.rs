@@ -301,6 +301,16 @@ fn server(name: &str) -> (Running, String) {
     ]);
     s.wait_for("ivshmem-server on");
     wait_for_path(&sock);
+    // the region and the socket are the user's alone, whatever the umask
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&sock), 0o600);
+        assert_eq!(
+            mode(std::path::Path::new(&format!("/dev/shm/{shm}"))),
+            0o600
+        );
+    }
     (s, sock.to_str().unwrap().to_string())
 }
 
@@ -308,6 +318,16 @@ fn server(name: &str) -> (Running, String) {
 /// one with `ring` (peer 1); both must succeed. Their JSON reports.
 fn wait_and_ring(tag: &str, wait: &str, ring: &str) -> (serde_json::Value, serde_json::Value) {
     let (_server, sock) = server(tag);
+    let reports = wait_and_ring_on(&sock, wait, ring);
+    let _ = std::fs::remove_file(format!(
+        "/dev/shm/nfvisor-test-{tag}-{}",
+        std::process::id()
+    ));
+    reports
+}
+
+/// `wait_and_ring` on the server at `sock`.
+fn wait_and_ring_on(sock: &str, wait: &str, ring: &str) -> (serde_json::Value, serde_json::Value) {
     let spec = format!("server={sock}");
     let vm = |cmdline: &str| -> Vec<String> {
         [
@@ -325,17 +345,72 @@ fn wait_and_ring(tag: &str, wait: &str, ring: &str) -> (serde_json::Value, serde
     };
     let wait_args = vm(wait);
     let mut waiting = Running::start(&wait_args.iter().map(String::as_str).collect::<Vec<_>>());
-    waiting.wait_for("ivshmem: peer 0");
-    let ring_args = vm(ring);
+    // the waiting VM's peer id (0 on a fresh server), which the ringer rings
+    let line = waiting.wait_for("ivshmem: peer ");
+    let id: u64 = line
+        .split("ivshmem: peer ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no peer id in {line:?}"));
+    let ring_args = vm(&ring.replace("peer=0", &format!("peer={id}")));
     let ringing = nfvisor(&ring_args.iter().map(String::as_str).collect::<Vec<_>>(), T);
     assert_eq!(ringing.code, 0, "{}", ringing.stderr);
     let waited = waiting.finish(T);
     assert_eq!(waited.code, 0, "{}", waited.stderr);
-    let _ = std::fs::remove_file(format!(
-        "/dev/shm/nfvisor-test-{tag}-{}",
-        std::process::id()
-    ));
     (json(&waited), json(&ringing))
+}
+
+/// The server outlives clients that connect and never read until it runs
+/// out of descriptors (run under a 32-descriptor limit), then serves two
+/// real VMs once they have gone.
+#[test]
+fn the_server_outlives_descriptor_exhaustion_and_clients_that_never_read() {
+    let dir = scratch("ivs-fds");
+    let sock = dir.join("ivs.sock");
+    let shm = format!("nfvisor-test-ivsfds-{}", std::process::id());
+    let mut server = std::process::Command::new("prlimit")
+        .args([
+            "--nofile=32:32",
+            "--",
+            NFVISOR,
+            "ivshmem-server",
+            "--socket",
+        ])
+        .arg(&sock)
+        .args(["--shm", &shm, "--size", "1M", "--vectors", "4"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux) runs the server");
+    wait_for_path(&sock);
+    let hogs: Vec<_> = (0..40)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "the server ended with {} clients that never read",
+        hogs.len()
+    );
+    drop(hogs);
+    // it notices they left within its 5 ms poll
+    std::thread::sleep(Duration::from_millis(300));
+    let (db, da) = wait_and_ring_on(
+        sock.to_str().unwrap(),
+        "mode=wait count=5",
+        "mode=ring peer=0 count=5",
+    );
+    let _ = server.kill();
+    let out = server.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_file(format!("/dev/shm/{shm}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(field(&da, "rung").as_deref(), Some("5"), "{log}");
+    assert_eq!(field(&db, "received").as_deref(), Some("5"), "{log}");
+    // it did run out: 4 eventfds and a socket a client, 32 descriptors
+    assert!(log.contains("Too many open files"), "{log}");
 }
 
 /// The fields of the guest's first record of `kind`.

@@ -10,10 +10,10 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -57,6 +57,12 @@ struct Client {
     vectors: Vec<EventFd>,
 }
 
+/// Peers one server serves at most.
+pub const MAX_PEERS: usize = 64;
+/// How long one client's set-up (the region, every peer's doorbells) may
+/// take.
+const SETUP_DEADLINE: Duration = Duration::from_secs(1);
+
 /// `nfvisor ivshmem-server`: hands out the shared memory and every peer's
 /// doorbell eventfds until `stop` is set.
 pub fn serve(
@@ -65,37 +71,62 @@ pub fn serve(
     vectors: u32,
     stop: &AtomicBool,
 ) -> io::Result<()> {
-    if socket.exists() {
-        std::fs::remove_file(socket)?;
-    }
-    let listener = UnixListener::bind(socket)?;
+    let listener = crate::unix_socket::bind_private(socket)?;
     listener.set_nonblocking(true)?;
     let mut clients: Vec<Client> = Vec::new();
     let mut next_id = 0i64;
     while !stop.load(Ordering::Acquire) {
         match listener.accept() {
+            Ok((sock, _)) if clients.len() >= MAX_PEERS => {
+                crate::limited!(
+                    warn,
+                    "ivshmem-server: {MAX_PEERS} peers already: a new client refused"
+                );
+                drop(sock);
+            }
             Ok((sock, _)) => {
                 let id = next_id;
                 next_id += 1;
-                let fds = (0..vectors)
+                let fds = match (0..vectors)
                     .map(|_| EventFd::new(0))
-                    .collect::<io::Result<Vec<_>>>()?;
+                    .collect::<io::Result<Vec<_>>>()
+                {
+                    Ok(fds) => fds,
+                    Err(e) => {
+                        // out of descriptors: this client goes, the others stay
+                        crate::limited!(warn, "ivshmem-server: client {id}: eventfd: {e}");
+                        continue;
+                    }
+                };
+                // a client that never reads must not stall the others: every
+                // set-up write has a timeout, and the whole set-up a deadline
+                let deadline = Instant::now() + SETUP_DEADLINE;
                 let setup = (|| -> io::Result<()> {
-                    send(&sock, PROTOCOL_VERSION, None)?;
-                    send(&sock, id, None)?;
-                    send(&sock, -1, Some(shm.as_raw_fd()))?;
+                    sock.set_write_timeout(Some(SETUP_DEADLINE))?;
+                    let send = |value: i64, fd: Option<RawFd>| {
+                        if Instant::now() > deadline {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "set-up took longer than its deadline",
+                            ));
+                        }
+                        send(&sock, value, fd)
+                    };
+                    send(PROTOCOL_VERSION, None)?;
+                    send(id, None)?;
+                    send(-1, Some(shm.as_raw_fd()))?;
                     for other in &clients {
                         for fd in &other.vectors {
-                            send(&sock, other.id, Some(fd.as_raw_fd()))?;
+                            send(other.id, Some(fd.as_raw_fd()))?;
                         }
                     }
                     for fd in &fds {
-                        send(&sock, id, Some(fd.as_raw_fd()))?;
+                        send(id, Some(fd.as_raw_fd()))?;
                     }
-                    Ok(())
+                    sock.set_nonblocking(true)
                 })();
                 if let Err(e) = setup {
-                    tracing::warn!("ivshmem-server: client {id}: {e}");
+                    crate::limited!(warn, "ivshmem-server: client {id}: {e}");
                     continue;
                 }
                 for other in &clients {
@@ -104,7 +135,6 @@ pub fn serve(
                     }
                 }
                 tracing::info!("ivshmem-server: peer {id} joined");
-                sock.set_nonblocking(true)?;
                 clients.push(Client {
                     id,
                     sock,
@@ -112,7 +142,11 @@ pub fn serve(
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                // EMFILE, ENFILE, ECONNABORTED...: the server stays up for the
+                // peers it has, and tries again once descriptors come back
+                crate::limited!(warn, "ivshmem-server: accepting: {e}");
+            }
         }
         // a client whose socket reads end-of-stream has left
         let mut gone = Vec::new();

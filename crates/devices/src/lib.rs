@@ -13,6 +13,7 @@ pub mod pci;
 pub mod serial;
 pub mod sink;
 pub mod state;
+pub mod unix_socket;
 
 pub use bus::{Bus, BusDevice, BusError, MovableId};
 pub use debug_exit::{DebugExit, GuestExit};

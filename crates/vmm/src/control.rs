@@ -3,8 +3,7 @@
 //! version 1), created 0600, callers checked to be this user (SO_PEERCRED).
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,26 +16,7 @@ use crate::{Error, Result};
 
 /// The uid of a UNIX socket's peer (SO_PEERCRED): the control socket and
 /// the REST API take requests only from their own user (or root).
-pub fn peer_uid(s: &UnixStream) -> Option<u32> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED fills a ucred of the length passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred.uid)
-}
+pub use devices::unix_socket::peer_uid;
 
 fn reply(ok: bool, body: serde_json::Value) -> String {
     let mut v = serde_json::json!({ "v": SCHEMA, "ok": ok });
@@ -101,33 +81,7 @@ fn read_request(r: &mut impl BufRead) -> std::result::Result<Option<String>, Str
 /// Serves the control socket at `path` until the VM stops.
 pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
     let err = |e: std::io::Error| Error::Device(format!("control socket {}: {e}", path.display()));
-    if path.exists() {
-        // a socket nobody answers on is left over from a VM that died
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::Device(format!(
-                "control socket {}: another VM is listening there",
-                path.display()
-            )));
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    // bound under a temporary name, made 0600, then renamed into place: the
-    // socket never exists at `path` with wider permissions
-    let staging = path.with_file_name(format!(
-        ".{}.{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("control"),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&staging);
-    let listener = UnixListener::bind(&staging).map_err(err)?;
-    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
-        .and_then(|_| std::fs::rename(&staging, path))
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&staging);
-        })
-        .map_err(err)?;
+    let listener = devices::unix_socket::bind_private(path).map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     let owned: PathBuf = path.to_path_buf();
     // SAFETY: getuid cannot fail.
@@ -150,8 +104,8 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
                         continue;
                     }
                 };
-                if peer_uid(&stream) != Some(me) {
-                    tracing::warn!("control socket: refused a caller that is not uid {me}");
+                if !devices::unix_socket::peer_allowed(&stream) {
+                    tracing::warn!("control socket: refused a caller that is not uid {me} or root");
                     let _ = (&stream).write_all((refusal("permission denied") + "\n").as_bytes());
                     continue;
                 }

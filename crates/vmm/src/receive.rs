@@ -39,10 +39,7 @@ impl Listener {
         let err = |e: std::io::Error| Error::Config(format!("--listen {listen}: {e}"));
         Ok(match Endpoint::parse(listen).map_err(Error::Config)? {
             Endpoint::Unix(p) => {
-                if p.exists() {
-                    std::fs::remove_file(&p).map_err(err)?;
-                }
-                let l = std::os::unix::net::UnixListener::bind(&p).map_err(err)?;
+                let l = devices::unix_socket::bind_private(&p).map_err(err)?;
                 Listener::Unix(l, p)
             }
             Endpoint::Tcp(a) => Listener::Tcp(std::net::TcpListener::bind(a).map_err(err)?),
@@ -66,7 +63,19 @@ impl Listener {
     ) -> Result<Box<dyn Link>> {
         loop {
             let accepted: std::io::Result<Box<dyn Link>> = match self {
-                Listener::Unix(l, _) => l.accept().map(|(s, _)| Box::new(s) as Box<dyn Link>),
+                Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+                    // guest memory goes to whoever connects: this user or
+                    // root only
+                    if devices::unix_socket::peer_allowed(&s) {
+                        Ok(Box::new(s) as Box<dyn Link>)
+                    } else {
+                        tracing::warn!(
+                            "{listen}: refused a connection from uid {:?}",
+                            devices::unix_socket::peer_uid(&s)
+                        );
+                        Err(std::io::ErrorKind::WouldBlock.into())
+                    }
+                }),
                 Listener::Tcp(l) => l.accept().and_then(|(s, peer)| {
                     tracing::info!("connection from {peer}");
                     s.set_nodelay(true)?;

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
+use std::os::unix::fs::OpenOptionsExt;
 
 use crate::{Error, Result};
 
@@ -154,11 +155,14 @@ impl SharedRegion {
     pub fn open(spec: &IvshmemSpec, slot: u32) -> Result<SharedRegion> {
         let what = spec.path.display().to_string();
         check_size(spec.size, &format!("--ivshmem {what}: size"))?;
+        // a region it creates is the user's alone (0600, whatever the
+        // umask): other VMs of the same user share it
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!spec.readonly)
             .create(!spec.readonly)
             .truncate(false)
+            .mode(0o600)
             .open(&spec.path)
             .map_err(|e| Error::Config(format!("--ivshmem {what}: {e}")))?;
         let len = file
