@@ -27,7 +27,25 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("ch_config", |d| {
         let _ = ch_config(&mut Unstructured::new(d));
     }),
+    ("net", |d| {
+        let _ = virtio::fuzzing::net(&mut Unstructured::new(d));
+    }),
+    ("rng", |d| {
+        let _ = virtio::fuzzing::rng(&mut Unstructured::new(d));
+    }),
+    ("pci", |d| {
+        let _ = virtio::fuzzing::pci(&mut Unstructured::new(d));
+    }),
+    ("migration_state", |d| {
+        let _ = migration_state(&mut Unstructured::new(d));
+    }),
+    ("control", |d| {
+        let _ = control(&mut Unstructured::new(d));
+    }),
 ];
+
+mod state;
+pub use state::{control, migration_state};
 
 /// A piece of what a client writes: request lines, headers and bodies as
 /// clients write them, and bytes that are not.
@@ -111,7 +129,7 @@ fn http(u: &mut Unstructured) -> arbitrary::Result<()> {
 /// A JSON value built from arbitrary input whose object keys come from
 /// Cloud Hypervisor's config vocabulary, so objects reach real fields.
 #[derive(Debug, arbitrary::Arbitrary)]
-enum Json {
+pub(crate) enum Json {
     Null,
     Bool(bool),
     Int(i64),
@@ -219,7 +237,7 @@ const STRINGS: &[&str] = &[
 ];
 
 impl Json {
-    fn value(self, depth: u8) -> serde_json::Value {
+    pub(crate) fn value(self, depth: u8) -> serde_json::Value {
         use serde_json::Value;
         match self {
             Json::Null => Value::Null,
@@ -283,7 +301,9 @@ fn stream(data: &[u8]) {
 
 /// How deep the inputs of the last target run got: http: requests read
 /// whole; ch_config: bodies that parsed as a VmConfig, and of those the
-/// ones nfvisor took.
+/// ones nfvisor took; migration_state: streams whose configuration
+/// parsed, and state frames that decoded; control: lines that parsed as a
+/// request, and of those the migrations whose options passed.
 pub static DEPTH: [std::sync::atomic::AtomicU64; 2] = [
     std::sync::atomic::AtomicU64::new(0),
     std::sync::atomic::AtomicU64::new(0),
@@ -338,9 +358,14 @@ impl Rng {
     }
 }
 
-/// The corpus of `target` (files under `fuzz/corpus/TARGET`).
+/// Where the corpora live, under the repository: committed (unlike
+/// cargo-fuzz's own `fuzz/corpus`, which libFuzzer fills with thousands of
+/// files), so the suite replays the seeds and every regression input.
+pub const CORPUS: &str = "fuzz/seeds";
+
+/// The corpus of `target` (files under `fuzz/seeds/TARGET`).
 pub fn corpus(root: &std::path::Path, target: &str) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let dir = root.join("fuzz/corpus").join(target);
+    let dir = root.join(CORPUS).join(target);
     let mut out: Vec<_> = std::fs::read_dir(&dir)
         .into_iter()
         .flatten()

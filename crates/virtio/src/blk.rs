@@ -717,14 +717,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             let req = match self.held.take() {
                 Some(r) => r,
                 None => {
-                    let Some(chain) = self.queue.pop_descriptor_chain(&mem) else {
-                        match self.queue.enable_notification(&mem) {
-                            Ok(true) => continue,
-                            Ok(false) => break,
-                            Err(e) => {
-                                self.bad_queue(&format!("{e:?}"));
-                                break;
-                            }
+                    let chain = match crate::pop_chain(&mut self.queue, &mem) {
+                        crate::Popped::Chain(c) => c,
+                        crate::Popped::Empty => break,
+                        crate::Popped::Broken(why) => {
+                            self.bad_queue(&why);
+                            break;
                         }
                     };
                     self.parse(chain)

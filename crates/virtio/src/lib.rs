@@ -186,6 +186,40 @@ pub trait VirtioDevice<M>: Send {
     }
 }
 
+/// What a look at a queue's available ring found.
+pub enum Popped<C> {
+    Chain(C),
+    /// Nothing posted; the driver will notify for the next one.
+    Empty,
+    /// The ring cannot be served (why): the caller counts a bad queue.
+    Broken(String),
+}
+
+/// The next chain on `queue`, the one way every worker takes chains. When
+/// the ring looks empty, notifications go back on (with EVENT_IDX: the
+/// avail event) and the ring is looked at once more, so a chain posted
+/// meanwhile is not missed. An available index that yields no chain on
+/// that second look is the driver's (more than a queue ahead of the
+/// device): retried for ever, the worker would spin and never see its
+/// stop (the fuzzer found it), so it is Broken.
+pub fn pop_chain<'a, M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &'a M,
+) -> Popped<virtio_queue::DescriptorChain<&'a M>> {
+    use virtio_queue::QueueT;
+    for _ in 0..2 {
+        if let Some(chain) = queue.pop_descriptor_chain(mem) {
+            return Popped::Chain(chain);
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => {}
+            Ok(false) => return Popped::Empty,
+            Err(e) => return Popped::Broken(format!("{e:?}")),
+        }
+    }
+    Popped::Broken("an available index more than a queue ahead of the device".into())
+}
+
 /// A chain's descriptors, or None when it does not end where it should:
 /// virtio-queue's iterator stops quietly at a loop, after as many
 /// descriptors as the queue holds, at an index past the table or an
@@ -202,5 +236,34 @@ where
     match descs.last() {
         Some(d) if !d.has_next() => Some(descs),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod pop_chain_tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    #[test]
+    fn an_index_a_queue_ahead_is_broken_not_spun_on() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert!(matches!(pop_chain(&mut q, &mem), Popped::Empty));
+        // one real chain, then nothing
+        let d = Descriptor::new(0x8_0000, 64, 0, 0);
+        vq.desc_table().store(0, RawDescriptor::from(d)).unwrap();
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        assert!(matches!(pop_chain(&mut q, &mem), Popped::Chain(_)));
+        assert!(matches!(pop_chain(&mut q, &mem), Popped::Empty));
+        // the driver's index 100 ahead of a 16-entry queue: said, not looped on
+        vq.avail().idx().store(101);
+        match pop_chain(&mut q, &mem) {
+            Popped::Broken(why) => assert!(why.contains("ahead"), "{why}"),
+            _ => panic!("an index a queue ahead must be Broken"),
+        }
     }
 }

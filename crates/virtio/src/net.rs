@@ -305,10 +305,35 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
     }
 }
 
-struct Worker<M> {
+/// Where the worker's frames come from and go: the TAP. A seam for the
+/// fuzz target (`crate::fuzzing::net`), which puts a datagram socket pair
+/// in the TAP's place: opening a TAP needs CAP_NET_ADMIN, and frames reach
+/// a TAP's read side only through the host's network stack, so a fuzzer
+/// could neither run unprivileged nor choose the frames the guest gets.
+pub(crate) trait FramePort: AsRawFd + Send + Sync + 'static {
+    fn port_name(&self) -> &str;
+    /// One frame (header first) into `buf`; Ok(None) when none is waiting.
+    fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>>;
+    /// One frame (header first).
+    fn write_frame(&self, frame: &[u8]) -> std::io::Result<()>;
+}
+
+impl FramePort for Tap {
+    fn port_name(&self) -> &str {
+        &self.name
+    }
+    fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        Tap::read_frame(self, buf)
+    }
+    fn write_frame(&self, frame: &[u8]) -> std::io::Result<()> {
+        Tap::write_frame(self, frame)
+    }
+}
+
+struct Worker<M, P = Tap> {
     mem: M,
     link_up: Arc<AtomicBool>,
-    tap: Arc<Tap>,
+    tap: Arc<P>,
     interrupt: Arc<dyn Interrupt>,
     counters: Arc<NetCounters>,
     queues: Vec<(Queue, EventFd)>,
@@ -336,12 +361,12 @@ const EV_TX: u64 = 2;
 const EV_STOP: u64 = 3;
 const EV_TIMER: u64 = 4;
 
-impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
+impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> {
     fn run(mut self) -> Vec<ActiveQueue> {
         let epoll = match Epoll::new() {
             Ok(e) => e,
             Err(e) => {
-                tracing::error!("net {}: epoll: {e}; the device stops", self.tap.name);
+                tracing::error!("net {}: epoll: {e}; the device stops", self.tap.port_name());
                 return self.into_queues();
             }
         };
@@ -362,7 +387,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 .as_ref()
                 .is_some_and(|t| add(t.as_raw_fd(), EV_TIMER).is_ok());
         if !ok {
-            tracing::error!("net {}: epoll registration failed", self.tap.name);
+            tracing::error!("net {}: epoll registration failed", self.tap.port_name());
             return self.into_queues();
         }
         // buffers or frames the driver posted while the device was stopped
@@ -376,7 +401,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::error!("net {}: epoll_wait: {e}", self.tap.name);
+                    tracing::error!("net {}: epoll_wait: {e}", self.tap.port_name());
                     return self.into_queues();
                 }
             };
@@ -445,7 +470,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             if let Err(e) = t.reset(wait, None) {
                 tracing::warn!(
                     "net {}: arming the rate limiter's timer: {e}",
-                    self.tap.name
+                    self.tap.port_name()
                 );
             }
         }
@@ -467,7 +492,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         if self.counters.bad_queue.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
                 "net {}: queue {q}: {why} (logged once, counted)",
-                self.tap.name
+                self.tap.port_name()
             );
         }
     }
@@ -500,7 +525,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                     Ok(Some(_)) => continue,
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!("net {}: reading the TAP: {e}", self.tap.name);
+                        tracing::debug!("net {}: reading the TAP: {e}", self.tap.port_name());
                         break;
                     }
                 },
@@ -512,17 +537,16 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 continue;
             }
             let mem = self.mem.clone();
-            let Some(chain) = self.queues[RX].0.pop_descriptor_chain(&mem) else {
-                self.pending = Some(len);
-                // with EVENT_IDX, tell the driver to kick for the next
-                // buffer (avail_event); one posted meanwhile is taken now
-                match self.queues[RX].0.enable_notification(&mem) {
-                    Ok(true) => continue,
-                    Ok(false) => {}
-                    Err(e) => self.bad_queue(RX, &format!("{e:?}")),
+            let chain = match crate::pop_chain(&mut self.queues[RX].0, &mem) {
+                crate::Popped::Chain(c) => c,
+                empty_or_broken => {
+                    self.pending = Some(len);
+                    if let crate::Popped::Broken(why) = empty_or_broken {
+                        self.bad_queue(RX, &why);
+                    }
+                    self.rx_blocked = true;
+                    break;
                 }
-                self.rx_blocked = true;
-                break;
             };
             let head = chain.head_index();
             let frame = &mut buf[..len];
@@ -613,16 +637,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                     break;
                 }
             }
-            let Some(chain) = self.queues[TX].0.pop_descriptor_chain(&mem) else {
-                // with EVENT_IDX, ask for the next kick (avail_event); a
-                // chain posted meanwhile is taken now
-                match self.queues[TX].0.enable_notification(&mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        self.bad_queue(TX, &format!("{e:?}"));
-                        break;
-                    }
+            let chain = match crate::pop_chain(&mut self.queues[TX].0, &mem) {
+                crate::Popped::Chain(c) => c,
+                crate::Popped::Empty => break,
+                crate::Popped::Broken(why) => {
+                    self.bad_queue(TX, &why);
+                    break;
                 }
             };
             let head = chain.head_index();
@@ -684,6 +704,55 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             self.notify(TX);
         }
     }
+}
+
+/// Runs the worker's transmit and receive passes over fuzzed queues with
+/// `port` in the TAP's place (see [`FramePort`]), until nothing moves;
+/// returns (frames received, frames transmitted).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_run<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort>(
+    mem: M,
+    [rx, tx]: [Queue; 2],
+    port: Arc<P>,
+    link_up: bool,
+    config: &NetConfig,
+) -> (u64, u64) {
+    let (interrupt, _, _) = crate::fuzzing::quiet();
+    let counters = Arc::new(NetCounters::default());
+    let mut w = Worker {
+        mem,
+        link_up: Arc::new(AtomicBool::new(link_up)),
+        tap: port,
+        interrupt,
+        counters: counters.clone(),
+        queues: vec![
+            (rx, EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")),
+            (tx, EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")),
+        ],
+        stop: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        pending: None,
+        rx_buf: vec![0; MAX_FRAME],
+        tx_buf: Vec::with_capacity(MAX_FRAME),
+        rx_blocked: false,
+        rx_limit: RateLimiter::new(config.rx_pps, config.rx_bw),
+        tx_limit: RateLimiter::new(config.tx_pps, config.tx_bw),
+        rx_throttled: false,
+        tx_throttled: false,
+        timer: None,
+    };
+    for _ in 0..4 {
+        w.transmit();
+        w.receive();
+        // as the driver's kick and the rate limiter's timer would
+        w.rx_blocked = false;
+        w.rx_throttled = false;
+        w.tx_throttled = false;
+    }
+    let _ = w.into_queues();
+    (
+        counters.rx_frames.load(Ordering::Relaxed),
+        counters.tx_frames.load(Ordering::Relaxed),
+    )
 }
 
 #[cfg(test)]

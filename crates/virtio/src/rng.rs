@@ -230,10 +230,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                     break;
                 }
             }
-            let Some(chain) = self.queue.pop_descriptor_chain(&mem) else {
-                match self.queue.enable_notification(&mem) {
-                    Ok(true) => continue,
-                    _ => break,
+            let chain = match crate::pop_chain(&mut self.queue, &mem) {
+                crate::Popped::Chain(c) => c,
+                crate::Popped::Empty => break,
+                crate::Popped::Broken(_) => {
+                    self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+                    break;
                 }
             };
             let head = chain.head_index();
@@ -289,6 +291,42 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
         }
         ok
     }
+}
+
+/// Serves fuzzed buffers with the worker's own `serve` until nothing
+/// moves (`file`: the entropy source, getrandom when None; `rate`: bytes a
+/// second); returns (requests, bytes given).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_run<M: GuestMemory + Clone + Send + Sync + 'static>(
+    mem: M,
+    queue: Queue,
+    file: Option<std::fs::File>,
+    rate: Option<u64>,
+) -> (u64, u64) {
+    let (interrupt, kick, _) = crate::fuzzing::quiet();
+    let counters = Arc::new(RngCounters::default());
+    let mut w = Worker {
+        mem,
+        queue,
+        kick,
+        stop: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        interrupt,
+        counters: counters.clone(),
+        limiter: RateLimiter::new(None, rate),
+        file,
+        buf: vec![0; MAX_REQUEST],
+    };
+    let Ok(mut timer) = TimerFd::new() else {
+        return (0, 0);
+    };
+    for _ in 0..2 {
+        w.serve(&mut timer);
+    }
+    let _ = w.into_queue();
+    (
+        counters.requests.load(Ordering::Relaxed),
+        counters.bytes.load(Ordering::Relaxed),
+    )
 }
 
 /// Fills `buf` from getrandom(2).

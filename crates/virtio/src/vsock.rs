@@ -743,10 +743,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
                 break;
             }
             self.tx_held = false;
-            let Some(chain) = self.queues[TX].0.pop_descriptor_chain(&mem) else {
-                match self.queues[TX].0.enable_notification(&mem) {
-                    Ok(true) => continue,
-                    _ => break,
+            let chain = match crate::pop_chain(&mut self.queues[TX].0, &mem) {
+                crate::Popped::Chain(c) => c,
+                crate::Popped::Empty => break,
+                crate::Popped::Broken(_) => {
+                    self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
+                    break;
                 }
             };
             let head = chain.head_index();
@@ -975,13 +977,14 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> Worker<M> {
             if control.is_none() && data_key.is_none() {
                 break;
             }
-            let Some(chain) = self.queues[RX].0.pop_descriptor_chain(&mem) else {
-                match self.queues[RX].0.enable_notification(&mem) {
-                    Ok(true) => continue,
-                    _ => {
-                        self.rx_blocked = true;
-                        break;
+            let chain = match crate::pop_chain(&mut self.queues[RX].0, &mem) {
+                crate::Popped::Chain(c) => c,
+                empty_or_broken => {
+                    if let crate::Popped::Broken(_) = empty_or_broken {
+                        self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
                     }
+                    self.rx_blocked = true;
+                    break;
                 }
             };
             let head = chain.head_index();

@@ -182,6 +182,14 @@ impl MigrateRequest {
     }
 }
 
+#[cfg(feature = "fuzzing")]
+impl MigrateRequest {
+    /// `options` (every field checked), for the fuzz target (crates/fuzzer).
+    pub fn fuzz_options(&self) -> Result<MigrateOptions> {
+        self.options()
+    }
+}
+
 /// One vCPU's exits so far.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VcpuExits {

@@ -78,6 +78,32 @@ fn read_request(r: &mut impl BufRead) -> std::result::Result<Option<String>, Str
         .map_err(|_| "a request that is not UTF-8: refused".to_string())
 }
 
+/// `read_request`, for the fuzz target (crates/fuzzer).
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_read_request(r: &mut impl BufRead) -> std::result::Result<Option<String>, String> {
+    read_request(r)
+}
+
+/// Callers connected at once at most: each has a thread, and a local user
+/// opening connections in a loop must not exhaust the VMM's threads.
+pub const MAX_CALLERS: usize = 16;
+
+/// One connected caller, counted while its thread lives.
+struct Caller(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Caller {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Caller {
+        count.fetch_add(1, Ordering::AcqRel);
+        Caller(count.clone())
+    }
+}
+
+impl Drop for Caller {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Serves the control socket at `path` until the VM stops.
 pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
     let err = |e: std::io::Error| Error::Device(format!("control socket {}: {e}", path.display()));
@@ -89,6 +115,7 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
     // requests being answered: the VM's end waits for their answers (a
     // migration's reply is written after the VM stopped here)
     let answering = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let callers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -109,6 +136,17 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
                     let _ = (&stream).write_all((refusal("permission denied") + "\n").as_bytes());
                     continue;
                 }
+                if callers.load(Ordering::Acquire) >= MAX_CALLERS {
+                    devices::limited!(
+                        warn,
+                        "control socket: {MAX_CALLERS} callers connected already: one refused"
+                    );
+                    let _ = (&stream).write_all(
+                        (refusal(format!("{MAX_CALLERS} callers connected already")) + "\n")
+                            .as_bytes(),
+                    );
+                    continue;
+                }
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
                 let mut writer = match stream.try_clone() {
@@ -119,9 +157,11 @@ pub fn serve(path: &Path, h: Arc<VmHandle>) -> Result<thread::JoinHandle<()>> {
                 // migration blocks another connection
                 let h = h.clone();
                 let answering = answering.clone();
+                let caller = Caller::new(&callers);
                 let spawned = thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
+                        let _caller = caller;
                         let mut reader = BufReader::new(stream);
                         loop {
                             let line = match read_request(&mut reader) {

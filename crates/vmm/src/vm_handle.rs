@@ -211,19 +211,23 @@ impl VmHandle {
         let acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
         while acks.try_recv().is_ok() {}
         self.pause.store(true, Ordering::Release);
-        let mut parked = 0;
-        while parked < self.cmds.len() {
+        let mut parked: Vec<u32> = Vec::new();
+        while parked.len() < self.cmds.len() {
             if self.stop.load(Ordering::Acquire) {
                 return Err(Error::Config("the VM has ended".into()));
             }
             self.kick_all();
             match acks.recv_timeout(Duration::from_millis(1)) {
-                Ok(_) => parked += 1,
+                Ok(id) => parked.push(id),
                 Err(_) if t0.elapsed() > Duration::from_secs(5) => {
+                    let stuck = (0..self.cmds.len() as u32)
+                        .find(|id| !parked.contains(id))
+                        .unwrap_or(0);
+                    self.undo_partial_pause(&acks, parked);
                     return Err(Error::Vcpu {
-                        id: parked as u32,
-                        why: "did not pause within 5 s".into(),
-                    })
+                        id: stuck,
+                        why: "did not pause within 5 s; the VM runs on".into(),
+                    });
                 }
                 Err(_) => {}
             }
@@ -233,6 +237,22 @@ impl VmHandle {
         self.devices.pause();
         *state = RunState::Paused;
         Ok(t0.elapsed())
+    }
+
+    /// A pause that failed leaves no vCPU parked and says running (its
+    /// state never changed): the flag goes down, the parked vCPUs resume,
+    /// and one that parked as the flag went down is resumed too.
+    fn undo_partial_pause(&self, acks: &std::sync::mpsc::Receiver<u32>, mut parked: Vec<u32>) {
+        self.pause.store(false, Ordering::Release);
+        let until = Instant::now() + Duration::from_millis(20);
+        while let Ok(id) = acks.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            parked.push(id);
+        }
+        for id in parked {
+            if let Some(c) = self.cmds.get(id as usize) {
+                let _ = c.send(VcpuCmd::Resume);
+            }
+        }
     }
 
     /// A device that cannot be saved or migrated (ivshmem in doorbell
