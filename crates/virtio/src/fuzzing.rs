@@ -113,6 +113,16 @@ fn lay_out<'a>(
     vq
 }
 
+/// Posts `heads` on the available ring, in order, and publishes them.
+fn post(vq: &MockSplitQueue<GuestMemoryMmap>, heads: &[u16]) {
+    for (i, h) in heads.iter().enumerate() {
+        if let Ok(r) = vq.avail().ring().ref_at(i) {
+            r.store(u16::to_le(*h));
+        }
+    }
+    vq.avail().idx().store(u16::to_le(heads.len() as u16));
+}
+
 /// A small image every blk run shares (a file in the temporary directory).
 fn image() -> &'static std::path::Path {
     static IMAGE: OnceLock<std::path::PathBuf> = OnceLock::new();
@@ -228,12 +238,7 @@ fn lay_requests<'a>(
             di += 1;
         }
     }
-    for (i, h) in heads.iter().enumerate() {
-        if let Ok(r) = vq.avail().ring().ref_at(i) {
-            r.store(u16::to_le(*h));
-        }
-    }
-    vq.avail().idx().store(u16::to_le(heads.len() as u16));
+    post(&vq, &heads);
     vq
 }
 
@@ -414,12 +419,7 @@ fn lay_chains<'a>(
             di += 1;
         }
     }
-    for (i, h) in heads.iter().enumerate() {
-        if let Ok(r) = vq.avail().ring().ref_at(i) {
-            r.store(u16::to_le(*h));
-        }
-    }
-    vq.avail().idx().store(u16::to_le(heads.len() as u16));
+    post(&vq, &heads);
     vq
 }
 
