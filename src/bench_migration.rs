@@ -177,10 +177,13 @@ fn nfvisor_once(
     let listen = format!("unix:{}", inbound.display());
     let fifo = watch.fifo.display().to_string();
     let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let mut dst = spawn(
-        exe,
-        &words(&["receive", "--listen", &listen, "--serial", &fifo]),
-    )?;
+    let token_file = dir.join("token");
+    let mut receive = words(&["receive", "--listen", &listen, "--serial", &fifo]);
+    if o.token {
+        std::fs::write(&token_file, "nfvisor-bench-token-0123456789abcdef\n")?;
+        receive.extend(["--token-file".into(), token_file.display().to_string()]);
+    }
+    let mut dst = spawn(exe, &receive)?;
     let mut args = words(&[
         "run",
         "--guest",
@@ -213,6 +216,7 @@ fn nfvisor_once(
             timeout_s: 5.0,
             on_timeout: vmm::api::OnTimeout::Force,
             connections: o.connections as u32,
+            token_file: o.token.then(|| token_file.clone()),
             ..vmm::api::MigrateRequest::to(listen.clone())
         });
         let from = Instant::now();
@@ -425,6 +429,10 @@ pub struct Options {
     /// nfvisor's streams per migration (`migrate --connections`).
     #[arg(long, default_value_t = 1)]
     pub connections: u64,
+    /// Migrate with a token (both ends prove it; every frame of the stream
+    /// carries its tag), to measure what authentication costs.
+    #[arg(long)]
+    pub token: bool,
     /// Leave out the QEMU baseline.
     #[arg(long)]
     pub no_qemu: bool,

@@ -101,9 +101,26 @@ pub fn run(cmd: HostCmd) -> Result<u8> {
                 }
                 return Ok(0);
             }
-            let applied = tune::apply(fs.as_ref(), &plan)?;
-            let undo_doc = tune::UndoFile::new(fs.as_ref(), &applied);
-            if let Err(e) = std::fs::write(&undo_file, serde_json::to_string_pretty(&undo_doc)?) {
+            // the journal goes down before the first change: a process
+            // killed after any write leaves what undoes it (values not yet
+            // changed are left alone by the undo)
+            tune::UndoFile::new(fs.as_ref(), &plan.changes)
+                .write(&undo_file)
+                .with_context(|| "the undo journal: nothing was changed")?;
+            let applied = match tune::apply(fs.as_ref(), &plan) {
+                Ok(a) => a,
+                Err(e) => {
+                    // rolled back: the journal goes once every value is
+                    // back (checked again here); otherwise it stays, for
+                    // `--undo`
+                    if tune::undo_changes(fs.as_ref(), &plan.changes).is_ok() {
+                        let _ = std::fs::remove_file(&undo_file);
+                    }
+                    return Err(e.into());
+                }
+            };
+            let undo_doc = tune::UndoFile::new(fs.as_ref(), &applied.applied);
+            if let Err(e) = undo_doc.write(&undo_file) {
                 let rolled = tune::undo_changes(fs.as_ref(), &applied.applied);
                 anyhow::bail!(
                     "writing the undo file {}: {e}; the changes were rolled back{}",

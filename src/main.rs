@@ -82,6 +82,10 @@ enum Command {
         /// Only a source that proves it knows this file's token is accepted.
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// Listen on TCP without a token (anyone who reaches the port can
+        /// send a VM, and nobody proves the stream): refused without it.
+        #[arg(long)]
+        insecure: bool,
         #[command(flatten)]
         local: LocalFlags,
     },
@@ -108,6 +112,10 @@ enum Command {
         /// A file holding the receiver's token (challenge-response).
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// Migrate over TCP without a token (guest memory goes to whoever
+        /// answers, unauthenticated): refused without it.
+        #[arg(long)]
+        insecure: bool,
         /// On timeout: abort (the guest runs on here) or force (stop and complete).
         #[arg(long, default_value = "abort", value_parser = ["abort", "force"])]
         on_timeout: String,
@@ -446,7 +454,13 @@ fn dispatch(cli: Cli) -> Result<u8> {
             listen,
             local,
             token_file,
+            insecure,
         } => {
+            if listen.starts_with("tcp:") && token_file.is_none() && !insecure {
+                anyhow::bail!(
+                    "--listen {listen}: TCP without --token-file lets anyone who reaches the port send a VM; give --token-file (both ends), or --insecure"
+                );
+            }
             let token = token_file
                 .as_deref()
                 .map(vmm::migrate::read_token)
@@ -460,6 +474,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             timeout,
             on_timeout,
             token_file,
+            insecure,
             bandwidth_limit,
             connections,
             json,
@@ -493,7 +508,11 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 token_file,
                 bandwidth_limit,
                 connections: connections as u32,
+                insecure,
             });
+            if let Request::Migrate(m) = &req {
+                m.check_transport()?;
+            }
             migrate_with_progress(&control_socket, &req, json)
         }
         Command::Snapshot {

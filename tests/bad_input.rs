@@ -179,6 +179,23 @@ fn a_numa_node_that_does_not_exist() {
 
 #[test]
 fn migration_flags_out_of_range_are_refused_before_anything_starts() {
+    // TCP without a token, at either end, must be asked for
+    refused(
+        &[
+            "migrate",
+            "--control-socket",
+            "/nonexistent/vm.sock",
+            "--to",
+            "tcp:127.0.0.1:4444",
+        ],
+        78,
+        "--insecure",
+    );
+    refused(
+        &["receive", "--listen", "tcp:127.0.0.1:0"],
+        78,
+        "--insecure",
+    );
     for n in ["0", "17"] {
         refused(
             &[

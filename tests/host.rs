@@ -263,3 +263,128 @@ fn tune_and_check_refuse_bad_input_and_change_nothing() {
     assert_eq!(r.code, 78);
     assert!(r.stderr.contains("bogus.json"), "{}", r.stderr);
 }
+
+/// Every file under `dir` (but `skip`) with its contents.
+fn tree(dir: &std::path::Path, skip: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let name = p.strip_prefix(dir).unwrap().display().to_string();
+            if name == skip || name.starts_with('.') {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.insert(name, bytes);
+            }
+        }
+    }
+    out
+}
+
+/// The undo journal is on disk (0600) before the first change: a `tune
+/// --apply` killed after any one of its writes is undone to the byte by
+/// `--undo`.
+#[test]
+fn a_tune_killed_after_any_write_is_undone_from_its_journal() {
+    let plan = {
+        let root = fixture("tune-plan", HostModel::Untuned);
+        let rs = root.to_str().unwrap();
+        let r = nfvisor(
+            &[
+                "host",
+                "tune",
+                "--cpus",
+                "2-3",
+                "--hugepages",
+                "64",
+                "--json",
+                "--root",
+                rs,
+            ],
+            T,
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        json(&r)["plan"]["changes"].as_array().unwrap().len()
+    };
+    assert!(plan >= 5, "{plan} changes planned");
+    for n in 1..=plan {
+        let root = fixture(&format!("tune-kill-{n}"), HostModel::Untuned);
+        let rs = root.to_str().unwrap();
+        let pristine = tree(&root, "undo.json");
+        let undo = root.join("undo.json");
+        let u = undo.to_str().unwrap();
+        let r = nfvisor_env(
+            &[
+                "host",
+                "tune",
+                "--cpus",
+                "2-3",
+                "--hugepages",
+                "64",
+                "--apply",
+                "--undo-file",
+                u,
+                "--root",
+                rs,
+            ],
+            &[("NFVISOR_TEST_TUNE_KILL_AFTER", &n.to_string())],
+            T,
+        );
+        assert_eq!(r.code, 86, "write {n}: {}", r.stderr);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&undo).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "write {n}");
+        }
+        assert_ne!(
+            tree(&root, "undo.json"),
+            pristine,
+            "write {n} changed nothing"
+        );
+        let r = nfvisor(&["host", "tune", "--undo", u, "--root", rs], T);
+        assert_eq!(r.code, 0, "undo after write {n}: {}", r.stderr);
+        assert_eq!(tree(&root, "undo.json"), pristine, "undo after write {n}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
+/// An undo file naming a path `host tune` never writes is refused whole.
+#[test]
+fn an_undo_file_naming_another_path_is_refused() {
+    let root = fixture("tune-evil", HostModel::Untuned);
+    let rs = root.to_str().unwrap();
+    let victim = root.join("etc/shadow");
+    std::fs::create_dir_all(victim.parent().unwrap()).unwrap();
+    std::fs::write(&victim, "root:x:...\n").unwrap();
+    let undo = root.join("evil.json");
+    for path in ["/etc/shadow", "/proc/irq/../../etc/shadow"] {
+        std::fs::write(
+            &undo,
+            serde_json::json!({
+                "nfvisor_undo": 1,
+                "root": rs,
+                "changes": [{"what": "x", "path": path, "old": "owned\n", "new": "", "kind": "file"}]
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let r = nfvisor(
+            &[
+                "host",
+                "tune",
+                "--undo",
+                undo.to_str().unwrap(),
+                "--root",
+                rs,
+            ],
+            T,
+        );
+        assert_ne!(r.code, 0, "{path}: {}", r.stderr);
+        assert!(r.stderr.contains("never changes"), "{path}: {}", r.stderr);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root:x:...\n");
+    }
+}

@@ -50,14 +50,20 @@ fn migrate_to_with(
 ) -> serde_json::Value {
     let plain = nfvisor(&[&["run"], DIRTIER].concat(), T);
     let dir = scratch(name);
-    let mut dst = Running::start(&["receive", "--listen", endpoint]);
+    // TCP without a token must be asked for, at both ends
+    let insecure: &[&str] = if endpoint.starts_with("tcp:") {
+        &["--insecure"]
+    } else {
+        &[]
+    };
+    let mut dst = Running::start(&[&["receive", "--listen", endpoint], insecure].concat());
     dst.wait_for("waiting for a migration");
     let (src, sock) = source_with(&dir, extra);
     std::thread::sleep(Duration::from_millis(150));
     let r = migrate(
         sock.to_str().unwrap(),
         endpoint,
-        &[&["--json"], migrate_flags].concat(),
+        &[&["--json"], migrate_flags, insecure].concat(),
     );
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     let report = json(&r);
@@ -255,7 +261,7 @@ fn a_destination_that_dies_before_ready_leaves_the_guest_running_here() {
     // a destination that reads a little of the stream and dies
     let killer = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        s.write_all(b"NFV-MIGRATE 1 OPEN\n").unwrap();
+        s.write_all(b"NFV-MIGRATE 2 OPEN\n").unwrap();
         let mut buf = vec![0u8; 100_000];
         let _ = s.read(&mut buf);
     });
@@ -440,7 +446,7 @@ fn a_destination_lost_after_go_leaves_the_guest_paused_and_says_so() {
     // a destination that takes the whole stream, says READY, hears GO, and dies
     let fake_dst = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        s.write_all(b"NFV-MIGRATE 1 OPEN\n").unwrap();
+        s.write_all(b"NFV-MIGRATE 2 OPEN\n").unwrap();
         let mut r = migration::Reader::new(s.try_clone().unwrap()).unwrap();
         let first = r.next_frame().unwrap().unwrap();
         assert_eq!(first.kind, migration::Kind::Config);
@@ -855,4 +861,123 @@ fn a_received_guest_migrates_on_with_the_tracking_its_receiver_chose() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(digest(&out.stdout), plain_digest());
     drop((a, b));
+}
+
+/// A source holding a token gives no page to a destination that does not
+/// prove it (one that says OPEN, one that takes any answer), and a
+/// destination refuses a stream whose page someone on the path changed
+/// and re-checksummed: every frame carries a tag keyed from the token and
+/// both nonces. The guest runs on at the source each time, undisturbed.
+#[test]
+fn a_token_holder_refuses_impostors_and_a_path_that_rewrites_a_page() {
+    use std::io::BufRead;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = scratch("mig-auth");
+    let token = dir.join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let tok = ["--token-file", token.to_str().unwrap()];
+    let (src, sock) = source(&dir);
+    let s = sock.to_str().unwrap();
+
+    // impostors: what reaches them after the greeting is nothing
+    for (name, greeting, answer) in [
+        ("open", "NFV-MIGRATE 2 OPEN\n", None),
+        ("any", "NFV-MIGRATE 2 CHALLENGE abcd\n", Some("OK 00\n")),
+    ] {
+        let path = dir.join(format!("{name}.sock"));
+        let listener = UnixListener::bind(&path).unwrap();
+        let fake = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            c.write_all(greeting.as_bytes()).unwrap();
+            let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+            if let Some(answer) = answer {
+                let mut response = String::new();
+                r.read_line(&mut response).unwrap();
+                assert!(response.starts_with("RESPONSE "), "{response}");
+                c.write_all(answer.as_bytes()).unwrap();
+            }
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest);
+            rest.len()
+        });
+        let r = migrate(s, &format!("unix:{}", path.display()), &tok);
+        assert_ne!(r.code, 0, "{name}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("refused before any page left"),
+            "{name}: {}",
+            r.stderr
+        );
+        assert_eq!(
+            fake.join().unwrap(),
+            0,
+            "{name}: bytes reached the impostor"
+        );
+    }
+
+    // a real destination behind a path that changes a page and fixes the CRC
+    let ep = dir.join("in.sock");
+    let mut dst = Running::start(&[
+        "receive",
+        "--listen",
+        &format!("unix:{}", ep.display()),
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    dst.wait_for("waiting for a migration");
+    let proxy_path = dir.join("proxy.sock");
+    let listener = UnixListener::bind(&proxy_path).unwrap();
+    let proxy = std::thread::spawn(move || {
+        let (from_src, _) = listener.accept().unwrap();
+        let to_dst = UnixStream::connect(&ep).unwrap();
+        // the destination's lines go back untouched
+        let (mut back_in, mut back_out) =
+            (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut back_in, &mut back_out));
+        let mut r = std::io::BufReader::new(from_src);
+        let mut out = to_dst;
+        let mut response = String::new();
+        r.read_line(&mut response).unwrap();
+        out.write_all(response.as_bytes()).unwrap();
+        let mut header = [0u8; 12];
+        r.read_exact(&mut header).unwrap();
+        out.write_all(&header).unwrap();
+        let mut changed = false;
+        loop {
+            let mut head = [0u8; 9];
+            if r.read_exact(&mut head).is_err() {
+                return changed;
+            }
+            let len = u32::from_le_bytes(head[1..5].try_into().unwrap()) as usize;
+            let mut rest = vec![0u8; len + migration::TAG_LEN];
+            if r.read_exact(&mut rest).is_err() {
+                return changed;
+            }
+            if head[0] == migration::Kind::Pages as u8 && !changed {
+                rest[8 + 100] ^= 0xff;
+                let crc = migration::crc(head[0], &rest[..len]);
+                head[5..9].copy_from_slice(&crc.to_le_bytes());
+                changed = true;
+            }
+            if out
+                .write_all(&head)
+                .and_then(|_| out.write_all(&rest))
+                .is_err()
+            {
+                return changed;
+            }
+        }
+    });
+    let r = migrate(s, &format!("unix:{}", proxy_path.display()), &tok);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(proxy.join().unwrap(), "the path changed no page");
+    let d = dst.finish(T);
+    assert_ne!(d.code, 0, "{}", d.stderr);
+    assert!(d.stderr.contains("authentication tag"), "{}", d.stderr);
+    assert!(!d.stdout.contains("DIRTIER OK"), "{}", d.stdout);
+    // the source's guest ran on through all of it
+    assert_last_failure(s, "running", "");
+    let out = src.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(digest(&out.stdout), plain_digest());
 }

@@ -126,8 +126,11 @@ fn handover(h: HandOver) {
     let line = match h {
         HandOver::Open => Line::Open,
         HandOver::Challenge(n) => Line::Challenge { nonce: text(n) },
-        HandOver::Response(n) => Line::Response { mac: text(n) },
-        HandOver::Ok => Line::Ok,
+        HandOver::Response(n) => Line::Response {
+            mac: text(n),
+            nonce: text(n.wrapping_add(1)),
+        },
+        HandOver::Ok => Line::Ok { proof: text(0) },
         HandOver::Denied => Line::Denied,
         HandOver::Prepared(n) => Line::Prepared { state_ns: n },
         HandOver::Synced(stream, seq, clock) => Line::Synced {
@@ -163,7 +166,8 @@ fn handover(h: HandOver) {
     if let Ok(back) = Line::parse(&line.to_wire()) {
         let words_ok = |s: &str| !s.is_empty() && !s.contains(char::is_whitespace);
         let plain = match &line {
-            Line::Challenge { nonce: s } | Line::Response { mac: s } => words_ok(s),
+            Line::Challenge { nonce: s } | Line::Ok { proof: s } => words_ok(s),
+            Line::Response { mac, nonce } => words_ok(mac) && words_ok(nonce),
             // (a writer always has the downtime: None is the reader's
             // "could not read it", and steps follow it)
             Line::Running { downtime_ns, steps } => {
@@ -436,9 +440,11 @@ pub fn migration_state(u: &mut Unstructured) -> arbitrary::Result<()> {
     };
     // the destination: its configuration first (RestoreSource), then every
     // frame decoded as `snapshot::apply` decodes it before using it
-    if let Ok((_src, cfg)) =
-        vmm::snapshot::RestoreSource::new("fuzz", Box::new(std::io::Cursor::new(stream.clone())))
-    {
+    if let Ok((_src, cfg)) = vmm::snapshot::RestoreSource::new(
+        "fuzz",
+        Box::new(std::io::Cursor::new(stream.clone())),
+        None,
+    ) {
         DEPTH[0].fetch_add(1, Ordering::Relaxed);
         let _ = cfg.vm.guest_part();
         let _ = cfg.vm.dirty_ring_bytes();

@@ -2,9 +2,11 @@
 //! of a migration says to the other, and its parsing (which never trusts a
 //! line: a wrong word or number is an error that quotes it).
 //!
-//! Destination to source: the greeting (`NFV-MIGRATE 1 OPEN`, or
-//! `NFV-MIGRATE 1 CHALLENGE <nonce>` answered by the source's `RESPONSE
-//! <mac>` and then `OK` or `DENIED`); `PREPARED <ns>` once its VM exists
+//! Destination to source: the greeting (`NFV-MIGRATE 2 OPEN`, or
+//! `NFV-MIGRATE 2 CHALLENGE <nonce>` answered by the source's `RESPONSE
+//! <mac> <nonce>` and then `OK <proof>` or `DENIED`: each end proves the
+//! token to the other over the other's nonce, and the stream that follows
+//! is keyed from the token and both nonces); `PREPARED <ns>` once its VM exists
 //! (ns: what a state save-and-restore took there); `SYNCED <stream> <seq>
 //! <clock ns>` for each Sync frame once all before it is applied; after the
 //! stream `READY` or `ERROR <why>`; after GO, `RUNNING <downtime ns>
@@ -13,21 +15,27 @@
 
 use std::fmt;
 
-/// The protocol's version, in the greeting.
-pub const PROTOCOL: u32 = 1;
+/// The protocol's version, in the greeting. 2: both ends prove the token,
+/// and a migration with a token sends a keyed stream.
+pub const PROTOCOL: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Line {
     /// The destination takes any source.
     Open,
-    /// The destination asks for HMAC-SHA256(token, nonce).
+    /// The destination asks the source to prove the token over `nonce`.
     Challenge {
         nonce: String,
     },
+    /// The source's proof, and its own nonce for the destination's.
     Response {
         mac: String,
+        nonce: String,
     },
-    Ok,
+    /// The destination took the source's proof, and proves the token too.
+    Ok {
+        proof: String,
+    },
     Denied,
     /// The destination's VM exists; a state round trip took this long.
     Prepared {
@@ -69,8 +77,8 @@ impl fmt::Display for Line {
         match self {
             Line::Open => write!(f, "NFV-MIGRATE {PROTOCOL} OPEN"),
             Line::Challenge { nonce } => write!(f, "NFV-MIGRATE {PROTOCOL} CHALLENGE {nonce}"),
-            Line::Response { mac } => write!(f, "RESPONSE {mac}"),
-            Line::Ok => write!(f, "OK"),
+            Line::Response { mac, nonce } => write!(f, "RESPONSE {mac} {nonce}"),
+            Line::Ok { proof } => write!(f, "OK {proof}"),
             Line::Denied => write!(f, "DENIED"),
             Line::Prepared { state_ns } => write!(f, "PREPARED {state_ns}"),
             Line::Synced {
@@ -134,10 +142,13 @@ impl Line {
                     _ => return Err(bad("a greeting is OPEN or CHALLENGE <nonce>")),
                 }
             }
-            ["RESPONSE", mac] => Line::Response {
+            ["RESPONSE", mac, nonce] => Line::Response {
                 mac: mac.to_string(),
+                nonce: nonce.to_string(),
             },
-            ["OK"] => Line::Ok,
+            ["OK", proof] => Line::Ok {
+                proof: proof.to_string(),
+            },
             ["DENIED"] => Line::Denied,
             ["PREPARED", ns] => Line::Prepared {
                 state_ns: unsigned(ns, "state time")?,
@@ -194,8 +205,11 @@ mod tests {
             Line::Challenge {
                 nonce: "ab12".into(),
             },
-            Line::Response { mac: "ff00".into() },
-            Line::Ok,
+            Line::Response {
+                mac: "ff00".into(),
+                nonce: "0a".into(),
+            },
+            Line::Ok { proof: "77".into() },
             Line::Denied,
             Line::Prepared { state_ns: 812_000 },
             Line::Synced {
@@ -229,7 +243,7 @@ mod tests {
         for (line, why) in [
             ("", "empty line"),
             ("HELLO", "unknown control word"),
-            ("NFV-MIGRATE 2 OPEN", "protocol version 2"),
+            ("NFV-MIGRATE 1 OPEN", "protocol version 1"),
             ("GO soon", "pause time"),
             ("GO -5", "pause time"),
             ("SYNCED 0 x", "sequence number"),

@@ -15,6 +15,15 @@
 //!
 //! A reader never trusts a length before checking it against the limit, and
 //! never hands out a frame whose checksum fails.
+//!
+//! A migration with a token sends a keyed stream: each frame is followed by
+//! a 16-byte tag, BLAKE3 keyed with the stream's key (derived from the
+//! token and both ends' nonces) over the frame's number, kind, length and
+//! payload. The CRC catches accidents; the tag catches anyone on the path
+//! who changes, drops, reorders or adds a frame and fixes the CRC; the End
+//! frame's tag authenticates the count. BLAKE3 rather than HMAC-SHA256:
+//! it hashes at several GB/s a core, so every page is authenticated
+//! without lengthening the migration much (BENCHMARKS.md).
 
 use std::io::{self, Read, Write};
 
@@ -114,11 +123,30 @@ pub enum StreamError {
     FrameCount { expected: u64, seen: u64 },
     #[error("frame {index}: malformed {what}")]
     Malformed { index: u64, what: &'static str },
+    #[error("frame {index} at byte {offset}: its authentication tag does not match (changed on the way, or sent without the token)")]
+    Forged { index: u64, offset: u64 },
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
 }
 
-fn crc(kind: u8, payload: &[u8]) -> u32 {
+/// A keyed stream's key.
+pub type StreamKey = [u8; 32];
+/// Bytes of the tag after each frame of a keyed stream.
+pub const TAG_LEN: usize = 16;
+
+fn tag(key: &StreamKey, index: u64, kind: u8, payload: &[u8]) -> [u8; TAG_LEN] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&index.to_le_bytes());
+    h.update(&[kind]);
+    h.update(&(payload.len() as u32).to_le_bytes());
+    h.update(payload);
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(&h.finalize().as_bytes()[..TAG_LEN]);
+    out
+}
+
+/// A frame's CRC32 (over kind, length and payload).
+pub fn crc(kind: u8, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&[kind]);
     h.update(&(payload.len() as u32).to_le_bytes());
@@ -131,6 +159,7 @@ pub struct Writer<W: Write> {
     out: W,
     frames: u64,
     bytes: u64,
+    key: Option<StreamKey>,
 }
 
 impl<W: Write> Writer<W> {
@@ -141,7 +170,15 @@ impl<W: Write> Writer<W> {
             out,
             frames: 0,
             bytes: 12,
+            key: None,
         })
+    }
+
+    /// A keyed stream: every frame carries its tag.
+    pub fn keyed(out: W, key: StreamKey) -> io::Result<Self> {
+        let mut w = Writer::new(out)?;
+        w.key = Some(key);
+        Ok(w)
     }
 
     pub fn frame(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
@@ -151,6 +188,10 @@ impl<W: Write> Writer<W> {
         self.out.write_all(&(payload.len() as u32).to_le_bytes())?;
         self.out.write_all(&crc(k, payload).to_le_bytes())?;
         self.out.write_all(payload)?;
+        if let Some(key) = &self.key {
+            self.out.write_all(&tag(key, self.frames, k, payload))?;
+            self.bytes += TAG_LEN as u64;
+        }
         self.frames += 1;
         self.bytes += 9 + payload.len() as u64;
         Ok(())
@@ -262,6 +303,7 @@ pub struct Reader<R: Read> {
     /// into it, so a stream of 4 MiB frames is not allocated and zeroed
     /// again for each.
     spare: Vec<u8>,
+    key: Option<StreamKey>,
 }
 
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
@@ -293,7 +335,15 @@ impl<R: Read> Reader<R> {
             frames: 0,
             done: false,
             spare: Vec::new(),
+            key: None,
         })
+    }
+
+    /// A keyed stream: a frame whose tag does not match is refused.
+    pub fn keyed(input: R, key: StreamKey) -> Result<Self, StreamError> {
+        let mut r = Reader::new(input)?;
+        r.key = Some(key);
+        Ok(r)
     }
 
     /// Hands a frame's payload back once used: the next frame reuses it.
@@ -345,6 +395,18 @@ impl<R: Read> Reader<R> {
                 computed,
             });
         }
+        if let Some(key) = &self.key {
+            let mut got = [0u8; TAG_LEN];
+            if read_full(&mut self.input, &mut got)? < TAG_LEN {
+                return Err(StreamError::Truncated { index, offset });
+            }
+            let want = tag(key, index, head[0], &payload);
+            // constant time: no early exit on the first differing byte
+            if got.iter().zip(want).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
+                return Err(StreamError::Forged { index, offset });
+            }
+            self.offset += TAG_LEN as u64;
+        }
         self.offset += 9 + len as u64;
         if kind == Kind::End {
             let expected = payload
@@ -395,6 +457,58 @@ mod tests {
             frames.push(f);
         }
         Ok(frames)
+    }
+
+    const KEY: StreamKey = [0x5a; 32];
+
+    fn keyed_sample() -> Vec<u8> {
+        let mut w = Writer::keyed(Vec::new(), KEY).unwrap();
+        w.frame(Kind::Config, b"{}").unwrap();
+        w.pages([(0u64, &[7u8; PAGE_SIZE][..])]).unwrap();
+        w.finish().unwrap().0
+    }
+
+    fn read_keyed(bytes: &[u8], key: StreamKey) -> Result<Vec<Frame>, StreamError> {
+        let mut r = Reader::keyed(bytes, key)?;
+        let mut frames = Vec::new();
+        while let Some(f) = r.next_frame()? {
+            frames.push(f);
+        }
+        Ok(frames)
+    }
+
+    #[test]
+    fn a_keyed_stream_round_trips_and_refuses_a_page_changed_with_its_crc_fixed() {
+        let s = keyed_sample();
+        assert_eq!(read_keyed(&s, KEY).unwrap().len(), 2);
+        // someone on the path changes a page byte and fixes the CRC
+        let pages_at = 12 + 9 + 2 + TAG_LEN;
+        let mut t = s.clone();
+        t[pages_at + 9 + 8 + 100] ^= 0xff;
+        let len = u32::from_le_bytes(t[pages_at + 1..pages_at + 5].try_into().unwrap()) as usize;
+        let fixed = crc(t[pages_at], &t[pages_at + 9..pages_at + 9 + len]);
+        t[pages_at + 5..pages_at + 9].copy_from_slice(&fixed.to_le_bytes());
+        assert!(
+            read_all(&t[..]).is_err(),
+            "(a keyed stream is not a plain one)"
+        );
+        match read_keyed(&t, KEY) {
+            Err(e @ StreamError::Forged { index: 1, .. }) => {
+                assert!(e.to_string().contains("authentication tag"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // another key (a source without the token) fails at the first frame
+        assert!(matches!(
+            read_keyed(&s, [1; 32]),
+            Err(StreamError::Forged { index: 0, .. })
+        ));
+        // a plain stream read as keyed is refused too
+        assert!(read_keyed(&sample(), KEY).is_err());
+        // and every cut
+        for cut in 0..s.len() {
+            assert!(read_keyed(&s[..cut], KEY).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -113,6 +113,10 @@ pub struct MigrateRequest {
     /// Streams in parallel, 1 to 16.
     #[serde(default = "one")]
     pub connections: u32,
+    /// TCP without a token: guest memory crosses the network with nobody
+    /// proven at either end. Refused unless asked for.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
 }
 
 fn default_downtime_ms() -> f64 {
@@ -136,12 +140,29 @@ impl MigrateRequest {
             token_file: None,
             bandwidth_limit: None,
             connections: 1,
+            insecure: false,
         }
     }
 
     /// Checks every field; reads the token file.
+    /// The destination, and whether going there unauthenticated was asked
+    /// for: TCP without a token needs `insecure`.
+    pub fn check_transport(&self) -> Result<crate::migrate::Endpoint> {
+        let endpoint = crate::migrate::Endpoint::parse(&self.to).map_err(Error::Config)?;
+        if matches!(endpoint, crate::migrate::Endpoint::Tcp(_))
+            && self.token_file.is_none()
+            && !self.insecure
+        {
+            return Err(Error::Config(format!(
+                "migrate: {} is TCP and there is no token: guest memory would cross the network to whoever answers; give both ends --token-file, or --insecure",
+                self.to
+            )));
+        }
+        Ok(endpoint)
+    }
+
     fn options(&self) -> Result<MigrateOptions> {
-        crate::migrate::Endpoint::parse(&self.to).map_err(Error::Config)?;
+        self.check_transport()?;
         if !(self.downtime_ms.is_finite() && self.downtime_ms > 0.0) {
             return Err(Error::Config(format!(
                 "migrate: downtime_ms {} must be a positive number",

@@ -341,8 +341,8 @@ pub fn migrate(
     let mut link =
         connect(&endpoint).map_err(|e| Error::Device(format!("connecting to {to}: {e}")))?;
     let mut back = BufReader::new(link.split().map_err(io)?);
-    answer_greeting(&mut back, &mut link, opts.token.as_deref(), to)?;
-    let mut w = Writer::new(std::io::BufWriter::with_capacity(4 << 20, link)).map_err(io)?;
+    let key = answer_greeting(&mut back, &mut link, opts.token.as_deref(), to)?;
+    let mut w = stream_writer(link, key)?;
     let mut report = MigrationReport {
         dirty_tracking: if h.rings.is_empty() { "bitmap" } else { "ring" }.into(),
         ..Default::default()
@@ -365,9 +365,8 @@ pub fn migrate(
         let mut extra = connect(&endpoint)
             .map_err(|e| Error::Device(format!("connection {i} to {to}: {e}")))?;
         let mut extra_back = BufReader::new(extra.split().map_err(io)?);
-        answer_greeting(&mut extra_back, &mut extra, opts.token.as_deref(), to)?;
-        let mut extra =
-            Writer::new(std::io::BufWriter::with_capacity(4 << 20, extra)).map_err(io)?;
+        let key = answer_greeting(&mut extra_back, &mut extra, opts.token.as_deref(), to)?;
+        let mut extra = stream_writer(extra, key)?;
         // the stream's header now: the destination reads it before it
         // prepares its VM
         extra.flush().map_err(io)?;
@@ -702,16 +701,61 @@ fn end_extra_streams<W: Write>(
     Ok(())
 }
 
-fn mac_hex(token: &[u8], nonce: &str) -> String {
-    use hmac::{Hmac, Mac};
-    let mut m =
-        <Hmac<sha2::Sha256> as Mac>::new_from_slice(token).expect("HMAC takes any key length");
-    m.update(nonce.as_bytes());
-    m.finalize()
-        .into_bytes()
+/// The stream a connection carries: keyed when the greeting gave a key.
+fn stream_writer(
+    link: Box<dyn Link>,
+    key: Option<migration::StreamKey>,
+) -> Result<Writer<std::io::BufWriter<Box<dyn Link>>>> {
+    let out = std::io::BufWriter::with_capacity(4 << 20, link);
+    match key {
+        Some(k) => Writer::keyed(out, k),
+        None => Writer::new(out),
+    }
+    .map_err(io)
+}
+
+/// HMAC-SHA256(token, message) in hex.
+fn mac_hex(token: &[u8], message: &str) -> String {
+    mac(token, message)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+fn mac(token: &[u8], message: &str) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut m =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(token).expect("HMAC takes any key length");
+    m.update(message.as_bytes());
+    m.finalize().into_bytes().into()
+}
+
+/// What the source proves over the destination's nonce.
+fn source_proof(token: &[u8], nonce_d: &str) -> String {
+    mac_hex(token, &format!("nfvisor source {nonce_d}"))
+}
+
+/// What the destination proves over both nonces (the source's first).
+fn destination_proof(token: &[u8], nonce_s: &str, nonce_d: &str) -> String {
+    mac_hex(token, &format!("nfvisor destination {nonce_s} {nonce_d}"))
+}
+
+/// The key of the stream that follows a greeting with these nonces.
+fn stream_key(token: &[u8], nonce_d: &str, nonce_s: &str) -> migration::StreamKey {
+    mac(token, &format!("nfvisor stream {nonce_d} {nonce_s}"))
+}
+
+fn fresh_nonce() -> Result<String> {
+    let mut nonce = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut nonce))
+        .map_err(|e| Error::Device(format!("reading /dev/urandom: {e}")))?;
+    Ok(nonce.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Reads a token file (its trimmed contents; at least 16 bytes).
@@ -729,22 +773,20 @@ pub fn read_token(path: &std::path::Path) -> Result<Vec<u8>> {
     Ok(t)
 }
 
-/// Destination side: greets the connecting source and, with a token,
-/// proves it knows the token before anything else is read.
-pub fn greet(link: &mut dyn Link, token: Option<&[u8]>) -> Result<()> {
+/// Destination side: greets the connecting source and, with a token, has
+/// it prove the token before anything else is read, proves it back, and
+/// returns the key of the stream that follows.
+pub fn greet(link: &mut dyn Link, token: Option<&[u8]>) -> Result<Option<migration::StreamKey>> {
     let Some(token) = token else {
         link.write_all(Line::Open.to_wire().as_bytes())
             .map_err(io)?;
-        return link.flush().map_err(io);
+        link.flush().map_err(io)?;
+        return Ok(None);
     };
-    let mut nonce = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut nonce))
-        .map_err(|e| Error::Device(format!("reading /dev/urandom: {e}")))?;
-    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let nonce_d = fresh_nonce()?;
     link.write_all(
         Line::Challenge {
-            nonce: nonce.clone(),
+            nonce: nonce_d.clone(),
         }
         .to_wire()
         .as_bytes(),
@@ -756,52 +798,78 @@ pub fn greet(link: &mut dyn Link, token: Option<&[u8]>) -> Result<()> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     // byte by byte: nothing past this line may be consumed here
-    while line.len() < 200 && link.read(&mut byte).map_err(io)? == 1 && byte[0] != b'\n' {
+    while line.len() < 300 && link.read(&mut byte).map_err(io)? == 1 && byte[0] != b'\n' {
         line.push(byte[0]);
     }
     link.set_timeout(None).map_err(io)?;
-    let want = Line::Response {
-        mac: mac_hex(token, &nonce),
-    }
-    .to_string();
-    // constant-time comparison
-    let ok = line.len() == want.len()
-        && line
-            .iter()
-            .zip(want.bytes())
-            .fold(0u8, |a, (x, y)| a | (x ^ y))
-            == 0;
-    if !ok {
-        let _ = link.write_all(Line::Denied.to_wire().as_bytes());
-        return Err(Error::Config(
-            "the connecting peer does not know the token: refused".into(),
-        ));
-    }
-    link.write_all(Line::Ok.to_wire().as_bytes()).map_err(io)?;
-    link.flush().map_err(io)
+    let answered = std::str::from_utf8(&line)
+        .ok()
+        .and_then(|l| Line::parse(l).ok());
+    let nonce_s = match answered {
+        Some(Line::Response { mac, nonce })
+            if same(mac.as_bytes(), source_proof(token, &nonce_d).as_bytes()) =>
+        {
+            nonce
+        }
+        _ => {
+            let _ = link.write_all(Line::Denied.to_wire().as_bytes());
+            return Err(Error::Config(
+                "the connecting peer does not know the token: refused".into(),
+            ));
+        }
+    };
+    let proof = destination_proof(token, &nonce_s, &nonce_d);
+    link.write_all(Line::Ok { proof }.to_wire().as_bytes())
+        .map_err(io)?;
+    link.flush().map_err(io)?;
+    Ok(Some(stream_key(token, &nonce_d, &nonce_s)))
 }
 
-/// Source side: reads the greeting and answers a challenge.
+/// Source side: reads the greeting, answers a challenge and checks the
+/// destination's proof; with a token, a destination that does not ask for
+/// it (OPEN) or cannot prove it is refused before any page leaves. The key
+/// of the stream to send, with a token.
 fn answer_greeting(
     back: &mut BufReader<Box<dyn Link>>,
     out: &mut dyn Write,
     token: Option<&[u8]>,
     to: &str,
-) -> Result<()> {
+) -> Result<Option<migration::StreamKey>> {
     let _ = back.get_ref().set_timeout(Some(Duration::from_secs(10)));
-    match next_line(back) {
-        Ok(Line::Open) => {}
-        Ok(Line::Challenge { nonce }) => {
-            let token = token.ok_or_else(|| {
-                Error::Config(format!("{to} asks for a token: pass --token-file"))
-            })?;
+    let key = match (next_line(back), token) {
+        (Ok(Line::Open), None) => None,
+        (Ok(Line::Open), Some(_)) => {
+            return Err(Error::Config(format!(
+                "{to} does not ask for the token: it may not be the destination meant; refused before any page left (the guest runs on here)"
+            )))
+        }
+        (Ok(Line::Challenge { .. }), None) => {
+            return Err(Error::Config(format!(
+                "{to} asks for a token: pass --token-file"
+            )))
+        }
+        (Ok(Line::Challenge { nonce: nonce_d }), Some(token)) => {
+            let nonce_s = fresh_nonce()?;
             let response = Line::Response {
-                mac: mac_hex(token, &nonce),
+                mac: source_proof(token, &nonce_d),
+                nonce: nonce_s.clone(),
             };
             out.write_all(response.to_wire().as_bytes()).map_err(io)?;
             out.flush().map_err(io)?;
             match next_line(back) {
-                Ok(Line::Ok) => {}
+                Ok(Line::Ok { proof })
+                    if same(
+                        proof.as_bytes(),
+                        destination_proof(token, &nonce_s, &nonce_d).as_bytes(),
+                    ) =>
+                {
+                    Some(stream_key(token, &nonce_d, &nonce_s))
+                }
+                Ok(Line::Ok { .. }) => {
+                    return Err(Error::Config(format!(
+                        "{to} took our proof but could not prove the token: refused before any page left (the guest runs on here)"
+                    )))
+                }
                 other => {
                     return Err(Error::Config(format!(
                         "{to} refused our token ({})",
@@ -813,7 +881,7 @@ fn answer_greeting(
                 }
             }
         }
-        other => {
+        (other, _) => {
             return Err(Error::Device(format!(
                 "{to} is not an nfvisor receiver ({}); the guest runs on here",
                 match other {
@@ -822,7 +890,7 @@ fn answer_greeting(
                 }
             )))
         }
-    }
+    };
     let _ = back.get_ref().set_timeout(None);
-    Ok(())
+    Ok(key)
 }

@@ -60,7 +60,7 @@ impl Listener {
         listen: &str,
         token: Option<&[u8]>,
         deadline: Option<Instant>,
-    ) -> Result<Box<dyn Link>> {
+    ) -> Result<(Box<dyn Link>, Option<migration::StreamKey>)> {
         loop {
             let accepted: std::io::Result<Box<dyn Link>> = match self {
                 Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
@@ -96,7 +96,7 @@ impl Listener {
                 Err(e) => return Err(Error::Device(format!("accepting on {listen}: {e}"))),
             };
             match crate::migrate::greet(link.as_mut(), token) {
-                Ok(()) => return Ok(link),
+                Ok(key) => return Ok((link, key)),
                 Err(e) => tracing::warn!("{e}; waiting for another connection"),
             }
         }
@@ -131,7 +131,7 @@ pub fn receive(
         );
     }
     tracing::info!("waiting for a migration on {listen}");
-    let link = listener.accept(listen, token, None)?;
+    let (link, key) = listener.accept(listen, token, None)?;
     fault::set_link(link.raw_fd());
     fault::at(fault::Phase::Connect);
     // small: a payload read then bypasses the buffer (one copy less)
@@ -139,7 +139,7 @@ pub fn receive(
         std::io::BufReader::with_capacity(64 << 10, link.split().map_err(link_err(listen))?);
     let mut prepared = link.split().map_err(link_err(listen))?;
     let mut answer = link;
-    let loaded = RestoreSource::new(listen, Box::new(input)).and_then(|(mut source, cfg)| {
+    let loaded = RestoreSource::new(listen, Box::new(input), key).and_then(|(mut source, cfg)| {
         // the migration's other streams, which the source opens at once
         // (a source opens them right after the first, before it sends
         // anything else: seconds are plenty, even across a WAN)
@@ -147,15 +147,19 @@ pub fn receive(
         listener.set_nonblocking().map_err(link_err(listen))?;
         for _ in 1..cfg.connections.clamp(1, 16) {
             // (an accepted socket does not inherit O_NONBLOCK on Linux)
-            let extra = listener
-                .accept(listen, token, Some(deadline))
-                .map_err(|e| {
-                    Error::Device(format!(
-                        "{e} (it announced {} connections)",
-                        cfg.connections
-                    ))
-                })?;
-            source.add_stream(Box::new(std::io::BufReader::with_capacity(64 << 10, extra)))?;
+            let (extra, extra_key) =
+                listener
+                    .accept(listen, token, Some(deadline))
+                    .map_err(|e| {
+                        Error::Device(format!(
+                            "{e} (it announced {} connections)",
+                            cfg.connections
+                        ))
+                    })?;
+            source.add_stream(
+                Box::new(std::io::BufReader::with_capacity(64 << 10, extra)),
+                extra_key,
+            )?;
         }
         source.live = true;
         // SYNCED answers on the control channel (extra streams answer

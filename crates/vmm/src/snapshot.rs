@@ -494,12 +494,18 @@ fn sync_seq(f: &migration::Frame, name: &str) -> Result<u64> {
 }
 
 impl RestoreSource {
-    /// Starts reading `input`; returns the source and its configuration.
+    /// Starts reading `input` (a keyed stream with `key`: a migration's
+    /// with a token); returns the source and its configuration.
     pub fn new(
         name: &str,
         input: Box<dyn std::io::Read + Send>,
+        key: Option<migration::StreamKey>,
     ) -> Result<(RestoreSource, SnapshotConfig)> {
-        let mut reader = Reader::new(input).map_err(|e| stream_error(name, e))?;
+        let mut reader = match key {
+            Some(k) => Reader::keyed(input, k),
+            None => Reader::new(input),
+        }
+        .map_err(|e| stream_error(name, e))?;
         let config: SnapshotConfig = match reader.next_frame().map_err(|e| stream_error(name, e))? {
             Some(f) if f.kind == Kind::Config => serde_json::from_slice(&f.payload)
                 .map_err(|e| stream_error(name, format!("config frame: {e}")))?,
@@ -525,10 +531,17 @@ impl RestoreSource {
     }
 
     /// Adds one of a migration's other streams (pages only).
-    pub fn add_stream(&mut self, input: Box<dyn std::io::Read + Send>) -> Result<()> {
+    pub fn add_stream(
+        &mut self,
+        input: Box<dyn std::io::Read + Send>,
+        key: Option<migration::StreamKey>,
+    ) -> Result<()> {
         let n = self.extra.len() + 1;
-        let reader = Reader::new(input)
-            .map_err(|e| stream_error(&format!("{} stream {n}", self.name), e))?;
+        let reader = match key {
+            Some(k) => Reader::keyed(input, k),
+            None => Reader::new(input),
+        }
+        .map_err(|e| stream_error(&format!("{} stream {n}", self.name), e))?;
         self.extra.push(reader);
         Ok(())
     }
@@ -540,6 +553,7 @@ impl RestoreSource {
         RestoreSource::new(
             &name,
             Box::new(std::io::BufReader::with_capacity(1 << 20, file)),
+            None,
         )
     }
 }

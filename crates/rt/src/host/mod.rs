@@ -58,10 +58,13 @@ impl HostFs for RealFs {
         use std::io::Write;
         // sysfs and procfs take one write of the whole value; only
         // configuration files under /etc may be created
+        use std::os::unix::fs::OpenOptionsExt;
+        // (never through a link planted at the last component)
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)
             .create(path.starts_with("/etc/"))
+            .custom_flags(libc::O_NOFOLLOW)
             .open(self.path(path))?;
         f.write_all(value.as_bytes())
     }

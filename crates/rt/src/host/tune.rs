@@ -318,6 +318,53 @@ fn wanted(c: &Change, value: &str) -> String {
     }
 }
 
+/// Whether `path` is one the plan can produce: an undo file naming any
+/// other is refused, so `--undo` (run as root) cannot be made to write an
+/// arbitrary file.
+pub fn plan_can_write(path: &str) -> bool {
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let parts: Vec<&str> = path.split('/').collect();
+    if parts.iter().any(|p| *p == ".." || *p == ".") {
+        return false;
+    }
+    matches!(
+        path,
+        "/proc/sys/kernel/sched_rt_runtime_us"
+            | "/proc/sys/kernel/timer_migration"
+            | "/sys/kernel/mm/transparent_hugepage/enabled"
+            | "/sys/kernel/mm/ksm/run"
+            | "/sys/devices/virtual/workqueue/cpumask"
+            | "/proc/irq/default_smp_affinity"
+            | "/etc/default/irqbalance"
+    ) || matches!(
+        parts.as_slice(),
+        ["", "sys", "devices", "system", "cpu", cpu, "cpufreq", "scaling_governor"]
+            if cpu.strip_prefix("cpu").is_some_and(number)
+    ) || matches!(
+        parts.as_slice(),
+        ["", "proc", "irq", irq, "smp_affinity"] if number(irq)
+    ) || matches!(
+        parts.as_slice(),
+        ["", "sys", "devices", "system", "node", node, "hugepages", "hugepages-2048kB", "nr_hugepages"]
+            if node.strip_prefix("node").is_some_and(number)
+    )
+}
+
+/// Test hook: `NFVISOR_TEST_TUNE_KILL_AFTER=N` ends the process at once
+/// after the Nth write of an apply, as a kill would, so the suite checks
+/// that the journal written before the first change undoes it.
+fn test_kill_after(writes: usize) {
+    if std::env::var("NFVISOR_TEST_TUNE_KILL_AFTER")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        == Some(writes)
+    {
+        eprintln!("nfvisor: NFVISOR_TEST_TUNE_KILL_AFTER: killed after write {writes}");
+        // SAFETY: ends the process without clean-up, as SIGKILL would.
+        unsafe { libc::_exit(86) };
+    }
+}
+
 /// Applies the plan, all or none: on an unexpected failure every change made
 /// so far is restored, and the error says what failed and that it was
 /// rolled back. Managed IRQs (EIO) are reported as refused, partial hugepage
@@ -326,8 +373,9 @@ pub fn apply(fs: &dyn HostFs, plan: &Plan) -> Result<Applied, HostError> {
     let mut done: Vec<Change> = Vec::new();
     let mut refused = Vec::new();
     let mut partial = Vec::new();
-    for c in &plan.changes {
+    for (n, c) in plan.changes.iter().enumerate() {
         let result = fs.write(&c.path, &c.new).and_then(|_| effective(fs, c));
+        test_kill_after(n + 1);
         match result {
             Ok(now) if now == wanted(c, &c.new) => done.push(c.clone()),
             Ok(now) if c.kind == Kind::Count => {
@@ -371,9 +419,15 @@ pub fn apply(fs: &dyn HostFs, plan: &Plan) -> Result<Applied, HostError> {
 }
 
 /// Restores `changes` in reverse order; reports every restore that failed.
+/// A value already at its old one is left alone: a journal written before
+/// an apply that was killed names changes never made (a managed IRQ's
+/// refused write among them).
 pub fn undo_changes(fs: &dyn HostFs, changes: &[Change]) -> Result<(), String> {
     let mut failed = Vec::new();
     for c in changes.iter().rev() {
+        if effective(fs, c).is_ok_and(|now| now == wanted(c, &c.old)) {
+            continue;
+        }
         let ok = fs
             .write(&c.path, &c.old)
             .and_then(|_| effective(fs, c))
@@ -395,12 +449,50 @@ pub fn undo_changes(fs: &dyn HostFs, changes: &[Change]) -> Result<(), String> {
 }
 
 impl UndoFile {
-    pub fn new(fs: &dyn HostFs, applied: &Applied) -> UndoFile {
+    pub fn new(fs: &dyn HostFs, changes: &[Change]) -> UndoFile {
         UndoFile {
             nfvisor_undo: 1,
             root: fs.root().display().to_string(),
-            changes: applied.applied.clone(),
+            changes: changes.to_vec(),
         }
+    }
+
+    /// Writes the file for root's eyes only (0600), durably, replacing
+    /// what is at `path` by a rename (never writing through a link there).
+    pub fn write(&self, path: &std::path::Path) -> Result<(), HostError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |source| HostError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let tmp = path.with_file_name(format!(
+            ".{}.{}.tmp",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("undo"),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        let text = serde_json::to_string_pretty(self).expect("serialisable");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
+            .map_err(err)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -418,6 +510,15 @@ pub fn read_undo(path: &std::path::Path) -> Result<UndoFile, HostError> {
         return Err(HostError::Corrupt {
             path: path.display().to_string(),
             why: format!("undo file version {} is not supported", u.nfvisor_undo),
+        });
+    }
+    if let Some(c) = u.changes.iter().find(|c| !plan_can_write(&c.path)) {
+        return Err(HostError::Corrupt {
+            path: path.display().to_string(),
+            why: format!(
+                "it names {}, which `host tune` never changes: refused, nothing restored",
+                c.path
+            ),
         });
     }
     Ok(u)
