@@ -951,22 +951,28 @@ impl Server {
             vmm.json
         };
         let (tx, rx) = mpsc::channel();
-        let result = vmm::receive::receive(&r.receiver_url, None, |source, cfg, on_prepared| {
-            let mut spec = crate::restored_spec(
-                source,
-                cfg,
-                vmm::VmConfig::default(),
-                json,
-                Some(on_prepared),
-            )
-            .map_err(|e| vmm::Error::Config(format!("{e:#}")))?;
-            spec.console = vmm::ConsoleSink::Stdout;
-            let tx = tx.clone();
-            spec.on_handle = Some(Box::new(move |h| {
-                let _ = tx.send(h);
-            }));
-            vmm::Vm::create(spec)
-        });
+        let io_timeout = Duration::from_secs_f64(vmm::migrate::DEFAULT_IO_TIMEOUT_S);
+        let result = vmm::receive::receive(
+            &r.receiver_url,
+            None,
+            io_timeout,
+            |source, cfg, on_prepared| {
+                let mut spec = crate::restored_spec(
+                    source,
+                    cfg,
+                    vmm::VmConfig::default(),
+                    json,
+                    Some(on_prepared),
+                )
+                .map_err(|e| vmm::Error::Config(format!("{e:#}")))?;
+                spec.console = vmm::ConsoleSink::Stdout;
+                let tx = tx.clone();
+                spec.on_handle = Some(Box::new(move |h| {
+                    let _ = tx.send(h);
+                }));
+                vmm::Vm::create(spec)
+            },
+        );
         let mut vmm = self.vmm.lock().unwrap_or_else(|e| e.into_inner());
         let incoming = match result {
             Ok(i) => i,

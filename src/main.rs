@@ -86,6 +86,10 @@ enum Command {
         /// send a VM, and nobody proves the stream): refused without it.
         #[arg(long)]
         insecure: bool,
+        /// Seconds one read of the stream may wait for the source (a source
+        /// that stops sending fails the migration here).
+        #[arg(long, default_value_t = vmm::migrate::DEFAULT_IO_TIMEOUT_S, value_name = "SECONDS")]
+        io_timeout: f64,
         #[command(flatten)]
         local: LocalFlags,
     },
@@ -116,6 +120,11 @@ enum Command {
         /// answers, unauthenticated): refused without it.
         #[arg(long)]
         insecure: bool,
+        /// Seconds one write of the stream may wait for the destination to
+        /// read: one that stops reading fails the migration, and before GO
+        /// the guest runs on here.
+        #[arg(long, default_value_t = vmm::migrate::DEFAULT_IO_TIMEOUT_S, value_name = "SECONDS")]
+        io_timeout: f64,
         /// On timeout: abort (the guest runs on here) or force (stop and complete).
         #[arg(long, default_value = "abort", value_parser = ["abort", "force"])]
         on_timeout: String,
@@ -455,6 +464,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             local,
             token_file,
             insecure,
+            io_timeout,
         } => {
             if listen.starts_with("tcp:") && token_file.is_none() && !insecure {
                 anyhow::bail!(
@@ -465,7 +475,16 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 .as_deref()
                 .map(vmm::migrate::read_token)
                 .transpose()?;
-            receive(&listen, token, local)
+            anyhow::ensure!(
+                io_timeout.is_finite() && io_timeout > 0.0 && io_timeout < 1e9,
+                "--io-timeout {io_timeout}: a positive number of seconds"
+            );
+            receive(
+                &listen,
+                token,
+                std::time::Duration::from_secs_f64(io_timeout),
+                local,
+            )
         }
         Command::Migrate {
             control_socket,
@@ -475,6 +494,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             on_timeout,
             token_file,
             insecure,
+            io_timeout,
             bandwidth_limit,
             connections,
             json,
@@ -509,6 +529,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 bandwidth_limit,
                 connections: connections as u32,
                 insecure,
+                io_timeout_s: io_timeout,
             });
             if let Request::Migrate(m) = &req {
                 m.check_transport()?;
@@ -960,13 +981,23 @@ fn restore(from: &std::path::Path, local: LocalFlags) -> Result<u8> {
 
 /// Waits for one migration on `listen` (vmm::receive does the protocol),
 /// runs the guest it brings and reports.
-fn receive(listen: &str, token: Option<Vec<u8>>, local: LocalFlags) -> Result<u8> {
+fn receive(
+    listen: &str,
+    token: Option<Vec<u8>>,
+    io_timeout: std::time::Duration,
+    local: LocalFlags,
+) -> Result<u8> {
     let (json, exit_stats) = (local.json, local.exit_stats);
     vmm::migrate::Endpoint::parse(listen).map_err(|e| anyhow::anyhow!("--listen {e}"))?;
-    let incoming = vmm::receive::receive(listen, token.as_deref(), |source, cfg, on_prepared| {
-        restored_vm(source, cfg, local, Some(on_prepared))
-            .map_err(|e| vmm::Error::Config(format!("{e:#}")))
-    })
+    let incoming = vmm::receive::receive(
+        listen,
+        token.as_deref(),
+        io_timeout,
+        |source, cfg, on_prepared| {
+            restored_vm(source, cfg, local, Some(on_prepared))
+                .map_err(|e| vmm::Error::Config(format!("{e:#}")))
+        },
+    )
     .map_err(|e| {
         anyhow::Error::from(e).context("the incoming migration was refused; nothing ran")
     })?;

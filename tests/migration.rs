@@ -981,3 +981,56 @@ fn a_token_holder_refuses_impostors_and_a_path_that_rewrites_a_page() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(digest(&out.stdout), plain_digest());
 }
+
+/// A destination that stops reading (without closing) fails the migration
+/// after the source's `--io-timeout`, and the guest runs on at the source:
+/// it is not held paused for as long as the peer likes.
+#[test]
+fn a_destination_that_stops_reading_fails_the_migration_in_time() {
+    // long enough to be running still after the failed attempt
+    const LONG: &[&str] = &[
+        "--guest",
+        "dirtier",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "mb=4 passes=1000",
+    ];
+    let plain = std::thread::spawn(|| nfvisor(&[&["run"], LONG].concat(), T));
+    let dir = scratch("mig-stall");
+    let fake = dir.join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let stalled = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"NFV-MIGRATE 2 OPEN\n").unwrap();
+        let mut r = migration::Reader::new(s.try_clone().unwrap()).unwrap();
+        let first = r.next_frame().unwrap().unwrap();
+        assert_eq!(first.kind, migration::Kind::Config);
+        s.write_all(b"PREPARED\n").unwrap();
+        // and then reads nothing more, the connection left open
+        let _ = release_rx.recv_timeout(Duration::from_secs(60));
+    });
+    let (src, sock) = source_running(&dir, LONG);
+    let s = sock.to_str().unwrap();
+    let t0 = std::time::Instant::now();
+    let r = migrate(
+        s,
+        &format!("unix:{}", fake.display()),
+        &["--io-timeout", "1"],
+    );
+    let took = t0.elapsed();
+    eprintln!("stalled migration failed after {took:?}");
+    let _ = release_tx.send(());
+    stalled.join().unwrap();
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(
+        took < Duration::from_secs(20),
+        "the stalled migration took {took:?}: {}",
+        r.stderr
+    );
+    assert_last_failure(s, "running", "");
+    let out = src.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(digest(&out.stdout), digest(&plain.join().unwrap().stdout));
+}

@@ -117,6 +117,13 @@ pub struct MigrateRequest {
     /// proven at either end. Refused unless asked for.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
+    /// How long one write of the stream may wait for the destination.
+    #[serde(default = "default_io_timeout_s")]
+    pub io_timeout_s: f64,
+}
+
+fn default_io_timeout_s() -> f64 {
+    crate::migrate::DEFAULT_IO_TIMEOUT_S
 }
 
 fn default_downtime_ms() -> f64 {
@@ -141,6 +148,7 @@ impl MigrateRequest {
             bandwidth_limit: None,
             connections: 1,
             insecure: false,
+            io_timeout_s: default_io_timeout_s(),
         }
     }
 
@@ -184,6 +192,12 @@ impl MigrateRequest {
         if self.bandwidth_limit == Some(0) {
             return Err(Error::Config("migrate: bandwidth_limit must be > 0".into()));
         }
+        if !(self.io_timeout_s.is_finite() && self.io_timeout_s > 0.0) {
+            return Err(Error::Config(format!(
+                "migrate: io_timeout_s {} must be a positive number",
+                self.io_timeout_s
+            )));
+        }
         let token = match &self.token_file {
             Some(f) => Some(crate::migrate::read_token(f)?),
             None => None,
@@ -198,6 +212,7 @@ impl MigrateRequest {
             timeout: seconds(self.timeout_s, "timeout_s")?,
             force: self.on_timeout == OnTimeout::Force,
             bandwidth_limit: self.bandwidth_limit,
+            io_timeout: seconds(self.io_timeout_s, "io_timeout_s")?,
             connections: self.connections as usize,
         })
     }

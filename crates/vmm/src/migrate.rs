@@ -42,7 +42,10 @@ impl Endpoint {
 /// A connected stream, both directions.
 pub trait Link: Read + Write + Send {
     fn split(&self) -> std::io::Result<Box<dyn Link>>;
+    /// Reads wait at most this long (SO_RCVTIMEO, the socket's).
     fn set_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+    /// Writes wait at most this long (SO_SNDTIMEO, the socket's).
+    fn set_write_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
     /// The socket's descriptor (for the test-only fault hook).
     fn raw_fd(&self) -> i32;
 }
@@ -53,6 +56,9 @@ impl Link for UnixStream {
     }
     fn set_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(d)
+    }
+    fn set_write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_write_timeout(self, d)
     }
     fn raw_fd(&self) -> i32 {
         std::os::fd::AsRawFd::as_raw_fd(self)
@@ -65,6 +71,9 @@ impl Link for TcpStream {
     }
     fn set_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(d)
+    }
+    fn set_write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        TcpStream::set_write_timeout(self, d)
     }
     fn raw_fd(&self) -> i32 {
         std::os::fd::AsRawFd::as_raw_fd(self)
@@ -98,7 +107,14 @@ pub struct MigrateOptions {
     /// the same one and its versions arrive in order), read and written by a
     /// thread of its own; the first also carries the state.
     pub connections: usize,
+    /// How long one write of the stream may wait for the destination to
+    /// read: a destination that stops reading fails the migration (and,
+    /// before GO, the guest runs on here) instead of holding it paused.
+    pub io_timeout: Duration,
 }
+
+/// The default of `io_timeout` (and of `receive --io-timeout`).
+pub const DEFAULT_IO_TIMEOUT_S: f64 = 30.0;
 
 /// The destination's confirmation: the downtime and, for each of its
 /// steps, when it happened after the source's pause (signed: the
@@ -342,7 +358,7 @@ pub fn migrate(
         connect(&endpoint).map_err(|e| Error::Device(format!("connecting to {to}: {e}")))?;
     let mut back = BufReader::new(link.split().map_err(io)?);
     let key = answer_greeting(&mut back, &mut link, opts.token.as_deref(), to)?;
-    let mut w = stream_writer(link, key)?;
+    let mut w = stream_writer(link, key, opts.io_timeout)?;
     let mut report = MigrationReport {
         dirty_tracking: if h.rings.is_empty() { "bitmap" } else { "ring" }.into(),
         ..Default::default()
@@ -366,7 +382,7 @@ pub fn migrate(
             .map_err(|e| Error::Device(format!("connection {i} to {to}: {e}")))?;
         let mut extra_back = BufReader::new(extra.split().map_err(io)?);
         let key = answer_greeting(&mut extra_back, &mut extra, opts.token.as_deref(), to)?;
-        let mut extra = stream_writer(extra, key)?;
+        let mut extra = stream_writer(extra, key, opts.io_timeout)?;
         // the stream's header now: the destination reads it before it
         // prepares its VM
         extra.flush().map_err(io)?;
@@ -701,11 +717,14 @@ fn end_extra_streams<W: Write>(
     Ok(())
 }
 
-/// The stream a connection carries: keyed when the greeting gave a key.
+/// The stream a connection carries: keyed when the greeting gave a key,
+/// each write waiting `io_timeout` at most.
 fn stream_writer(
     link: Box<dyn Link>,
     key: Option<migration::StreamKey>,
+    io_timeout: Duration,
 ) -> Result<Writer<std::io::BufWriter<Box<dyn Link>>>> {
+    link.set_write_timeout(Some(io_timeout)).map_err(io)?;
     let out = std::io::BufWriter::with_capacity(4 << 20, link);
     match key {
         Some(k) => Writer::keyed(out, k),

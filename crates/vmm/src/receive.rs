@@ -118,10 +118,13 @@ fn link_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
 /// Waits for one migration on `listen`; `make_vm` creates the VM from the
 /// stream (its configuration, and the restore source to read the rest
 /// from). Any failure before the guest could start is answered to the
-/// source with ERROR and the reason, and returned.
+/// source with ERROR and the reason, and returned. Each read of the stream
+/// waits `io_timeout` at most: a source that stops sending fails the
+/// migration here instead of holding this process for ever.
 pub fn receive(
     listen: &str,
     token: Option<&[u8]>,
+    io_timeout: Duration,
     make_vm: impl FnOnce(RestoreSource, SnapshotConfig, OnPrepared) -> Result<Vm>,
 ) -> Result<Incoming> {
     let listener = Listener::bind(listen)?;
@@ -132,6 +135,8 @@ pub fn receive(
     }
     tracing::info!("waiting for a migration on {listen}");
     let (link, key) = listener.accept(listen, token, None)?;
+    link.set_timeout(Some(io_timeout))
+        .map_err(link_err(listen))?;
     fault::set_link(link.raw_fd());
     fault::at(fault::Phase::Connect);
     // small: a payload read then bypasses the buffer (one copy less)
@@ -156,6 +161,9 @@ pub fn receive(
                             cfg.connections
                         ))
                     })?;
+            extra
+                .set_timeout(Some(io_timeout))
+                .map_err(link_err(listen))?;
             source.add_stream(
                 Box::new(std::io::BufReader::with_capacity(64 << 10, extra)),
                 extra_key,
