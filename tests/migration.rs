@@ -1034,3 +1034,67 @@ fn a_destination_that_stops_reading_fails_the_migration_in_time() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(digest(&out.stdout), digest(&plain.join().unwrap().stdout));
 }
+
+/// A peer that connects first and drips its answer a byte at a time holds
+/// the receiver for the greeting's deadline (5 s) at most: a real source
+/// behind it migrates.
+#[test]
+fn a_slow_greeter_does_not_keep_a_real_source_out() {
+    let dir = scratch("mig-loris");
+    let token = dir.join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let ep = dir.join("in.sock");
+    let mut dst = Running::start(&[
+        "receive",
+        "--listen",
+        &format!("unix:{}", ep.display()),
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    dst.wait_for("waiting for a migration");
+    let loris_ep = ep.clone();
+    let loris = std::thread::spawn(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&loris_ep).unwrap();
+        let mut greeting = [0u8; 64];
+        let _ = s.read(&mut greeting);
+        for b in b"RESPONSE 00000000000000000000" {
+            if s.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(700));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // (long enough to still run once the slow greeter has been refused)
+    let (src, sock) = source_running(
+        &dir,
+        &[
+            "--guest",
+            "dirtier",
+            "--memory",
+            "32M",
+            "--cmdline",
+            "mb=4 passes=400",
+        ],
+    );
+    let t0 = std::time::Instant::now();
+    let r = migrate(
+        sock.to_str().unwrap(),
+        &format!("unix:{}", ep.display()),
+        &["--token-file", token.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    loris.join().unwrap();
+    let out = src.finish(T);
+    assert!(out.stdout.contains("guest migrated to"), "{}", out.stdout);
+    let d = dst.finish(T);
+    assert_eq!(d.code, 0, "{}", d.stderr);
+    assert!(
+        d.stderr.contains("did not answer the challenge within"),
+        "{}",
+        d.stderr
+    );
+    // the guest checks its memory every pass, here as before
+    assert!(d.stdout.contains("DIRTIER OK"), "{}", d.stdout);
+}

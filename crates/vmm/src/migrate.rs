@@ -113,6 +113,10 @@ pub struct MigrateOptions {
     pub io_timeout: Duration,
 }
 
+/// How long a connecting peer has to answer the receiver's challenge, all
+/// of it.
+pub const GREETING_DEADLINE: Duration = Duration::from_secs(5);
+
 /// The default of `io_timeout` (and of `receive --io-timeout`).
 pub const DEFAULT_IO_TIMEOUT_S: f64 = 30.0;
 
@@ -812,13 +816,41 @@ pub fn greet(link: &mut dyn Link, token: Option<&[u8]>) -> Result<Option<migrati
     )
     .map_err(io)?;
     link.flush().map_err(io)?;
-    link.set_timeout(Some(Duration::from_secs(10)))
-        .map_err(io)?;
+    // byte by byte: nothing past this line may be consumed here; the whole
+    // answer within GREETING_DEADLINE, however slowly its bytes come (a
+    // peer dripping one byte at a time must not hold the listener)
+    let deadline = std::time::Instant::now() + GREETING_DEADLINE;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
-    // byte by byte: nothing past this line may be consumed here
-    while line.len() < 300 && link.read(&mut byte).map_err(io)? == 1 && byte[0] != b'\n' {
-        line.push(byte[0]);
+    while line.len() < 300 {
+        let late = || {
+            Error::Config(format!(
+                "the connecting peer did not answer the challenge within {GREETING_DEADLINE:?}: refused"
+            ))
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        link.set_timeout(Some(left)).map_err(io)?;
+        match link.read(&mut byte) {
+            Ok(1) if byte[0] != b'\n' => line.push(byte[0]),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(late())
+            }
+            Err(e) => {
+                return Err(Error::Config(format!(
+                    "the connecting peer did not answer the challenge ({e}): refused"
+                )))
+            }
+        }
     }
     link.set_timeout(None).map_err(io)?;
     let answered = std::str::from_utf8(&line)
