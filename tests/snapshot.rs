@@ -363,3 +363,45 @@ fn status_shows_live_exit_counters() {
         "{final_pio}"
     );
 }
+
+/// A snapshot that runs out of space leaves nothing behind and the VM runs
+/// on: the VM runs in a mount namespace of its own where its snapshot
+/// directory is a 1 MiB tmpfs (the test looks into it through
+/// /proc/PID/root).
+#[test]
+fn a_snapshot_that_runs_out_of_space_leaves_nothing_and_the_vm_runs_on() {
+    let dir = scratch("snap-enospc");
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let sock = dir.join("vm.sock");
+    let script = format!(
+        "mount -t tmpfs -o size=1m nfvisor-test {} && exec {} run --control-socket {} --guest dirtier --memory 32M --cmdline 'mb=4 passes=400'",
+        small.display(),
+        NFVISOR,
+        sock.display()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+    let mut vm = Running::start_command(cmd);
+    vm.wait_for("vCPU 0 runs on host thread");
+    wait_for_path(&sock);
+    let s = sock.to_str().unwrap();
+    let snap = small.join("snap");
+    let r = snapshot(s, snap.to_str().unwrap());
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("No space left"), "{}", r.stderr);
+    // what the VM sees of its snapshot directory: nothing left in it
+    let seen = std::path::PathBuf::from(format!("/proc/{}/root", vm.pid()))
+        .join(snap.strip_prefix("/").unwrap());
+    let left: Vec<_> = std::fs::read_dir(&seen)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // and it runs on
+    let st = json(&nfvisor(&["status", "--control-socket", s, "--json"], T));
+    assert_eq!(st["state"], "running", "{st}");
+    let out = vm.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("DIRTIER OK"), "{}", out.stdout);
+    let _ = std::fs::remove_dir_all(&dir);
+}

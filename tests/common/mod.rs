@@ -103,9 +103,15 @@ impl Running {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Running {
-        let mut child = Command::new(NFVISOR)
-            .args(args)
-            .envs(env.iter().copied())
+        let mut cmd = Command::new(NFVISOR);
+        cmd.args(args).envs(env.iter().copied());
+        Running::start_command(cmd)
+    }
+
+    /// `cmd` (which runs nfvisor in the end: `unshare ... nfvisor ...`),
+    /// watched as `start` watches nfvisor.
+    pub fn start_command(mut cmd: Command) -> Running {
+        let mut child = cmd
             .env("NFVISOR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
