@@ -216,6 +216,13 @@ pub fn join(socket: &Path, vectors: u32) -> io::Result<(Joined, UnixStream)> {
     let mut own = Vec::new();
     let mut peers: Vec<(i64, u32, OwnedFd)> = Vec::new();
     while own.len() < vectors as usize {
+        // a server of MAX_PEERS peers sends at most this many: more is a
+        // hostile one filling this process with descriptors
+        if peers.len() >= MAX_PEERS * 8 {
+            return Err(bad(&format!(
+                "more peer descriptors than {MAX_PEERS} peers of 8 vectors have"
+            )));
+        }
         let (who, fd) = next()?;
         let fd = fd.ok_or_else(|| {
             bad(&format!(
@@ -246,6 +253,33 @@ mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
     use std::sync::Arc;
+
+    /// A hostile server that floods the set-up with other peers'
+    /// descriptors is refused once more than MAX_PEERS peers could send.
+    #[test]
+    fn a_flood_of_peer_descriptors_is_refused() {
+        let dir = std::env::temp_dir().join(format!("nfv-ivsflood-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let fd = EventFd::new(0).unwrap();
+            send(&sock, PROTOCOL_VERSION, None).unwrap();
+            send(&sock, 3, None).unwrap();
+            send(&sock, -1, Some(fd.as_raw_fd())).unwrap();
+            let mut sent = 0;
+            while sent < 10 * MAX_PEERS * 8 && send(&sock, 7, Some(fd.as_raw_fd())).is_ok() {
+                sent += 1;
+            }
+            sent
+        });
+        let e = join(&path, 1).map(|_| ()).unwrap_err();
+        assert!(e.to_string().contains("more peer descriptors"), "{e}");
+        assert!(server.join().unwrap() < 10 * MAX_PEERS * 8);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn two_clients_get_the_memory_and_each_others_doorbells() {

@@ -42,8 +42,12 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("control", |d| {
         let _ = control(&mut Unstructured::new(d));
     }),
+    ("ivshmem", |d| {
+        let _ = ivshmem::ivshmem(&mut Unstructured::new(d));
+    }),
 ];
 
+mod ivshmem;
 mod state;
 pub use state::{control, migration_state};
 

@@ -38,8 +38,7 @@ pub fn now_ns() -> u128 {
 pub fn reported_ns(real_ns: u128) -> u128 {
     static SKEW_NS: std::sync::OnceLock<i128> = std::sync::OnceLock::new();
     let skew = *SKEW_NS.get_or_init(|| {
-        std::env::var("NFVISOR_TEST_CLOCK_SKEW_MS")
-            .ok()
+        crate::fault::test_hook("NFVISOR_TEST_CLOCK_SKEW_MS")
             .and_then(|v| v.parse::<i128>().ok())
             .map_or(0, |ms| ms * 1_000_000)
     });

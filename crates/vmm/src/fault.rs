@@ -11,6 +11,17 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 pub const VARIABLE: &str = "NFVISOR_TEST_FAULT";
 
+/// A test hook's setting: the environment variable `name`, read only in a
+/// build with the `test-hooks` feature (the suite's); a release binary
+/// built without it ignores every `NFVISOR_TEST_*` variable.
+pub fn test_hook(name: &str) -> Option<String> {
+    if cfg!(feature = "test-hooks") {
+        std::env::var(name).ok()
+    } else {
+        None
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     /// The source connected and proved the token.
@@ -55,7 +66,7 @@ pub fn set_link(fd: i32) {
 
 /// Injects the configured fault if this is its phase (once per process).
 pub fn at(phase: Phase) {
-    let Ok(spec) = std::env::var(VARIABLE) else {
+    let Some(spec) = test_hook(VARIABLE) else {
         return;
     };
     let (name, action) = spec.split_once(':').unwrap_or((spec.as_str(), "kill"));

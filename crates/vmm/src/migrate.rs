@@ -691,9 +691,8 @@ fn stop_and_copy<W: Write + Send>(
     let (states, devices) = h.collect_saves(saving)?;
     // test-only hook: a longer stop-and-copy, so a test can tell whether the
     // guest's clocks show the stall
-    if let Some(ms) = std::env::var("NFVISOR_TEST_STOP_COPY_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
+    if let Some(ms) =
+        crate::fault::test_hook("NFVISOR_TEST_STOP_COPY_DELAY_MS").and_then(|v| v.parse().ok())
     {
         std::thread::sleep(Duration::from_millis(ms));
     }

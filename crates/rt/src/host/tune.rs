@@ -354,10 +354,12 @@ pub fn plan_can_write(path: &str) -> bool {
 /// after the Nth write of an apply, as a kill would, so the suite checks
 /// that the journal written before the first change undoes it.
 fn test_kill_after(writes: usize) {
-    if std::env::var("NFVISOR_TEST_TUNE_KILL_AFTER")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        == Some(writes)
+    // (read only in a build with the `test-hooks` feature: the suite's)
+    if cfg!(feature = "test-hooks")
+        && std::env::var("NFVISOR_TEST_TUNE_KILL_AFTER")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            == Some(writes)
     {
         eprintln!("nfvisor: NFVISOR_TEST_TUNE_KILL_AFTER: killed after write {writes}");
         // SAFETY: ends the process without clean-up, as SIGKILL would.
