@@ -366,7 +366,7 @@ fn status_shows_live_exit_counters() {
 
 /// A snapshot that runs out of space leaves nothing behind and the VM runs
 /// on: the VM runs in a mount namespace of its own where its snapshot
-/// directory is a 1 MiB tmpfs (the test looks into it through
+/// directory is a 16 KiB tmpfs (the test looks into it through
 /// /proc/PID/root).
 #[test]
 fn a_snapshot_that_runs_out_of_space_leaves_nothing_and_the_vm_runs_on() {
@@ -375,7 +375,7 @@ fn a_snapshot_that_runs_out_of_space_leaves_nothing_and_the_vm_runs_on() {
     std::fs::create_dir_all(&small).unwrap();
     let sock = dir.join("vm.sock");
     let script = format!(
-        "mount -t tmpfs -o size=1m nfvisor-test {} && exec {} run --control-socket {} --guest dirtier --memory 32M --cmdline 'mb=4 passes=400'",
+        "mount -t tmpfs -o size=16k nfvisor-test {} && exec {} run --control-socket {} --guest dirtier --memory 32M --cmdline 'mb=4 passes=400'",
         small.display(),
         NFVISOR,
         sock.display()
@@ -386,6 +386,8 @@ fn a_snapshot_that_runs_out_of_space_leaves_nothing_and_the_vm_runs_on() {
     vm.wait_for("vCPU 0 runs on host thread");
     wait_for_path(&sock);
     let s = sock.to_str().unwrap();
+    // the guest's image, page tables and first pass are more than 16 KiB
+    std::thread::sleep(Duration::from_millis(300));
     let snap = small.join("snap");
     let r = snapshot(s, snap.to_str().unwrap());
     assert_ne!(r.code, 0, "{}", r.stderr);
