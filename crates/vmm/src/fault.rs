@@ -1,10 +1,11 @@
 //! Test-only fault injection on the receiving side of a migration, so the
 //! tests can make a destination fail at each named phase of the protocol.
-//! `NFVISOR_TEST_FAULT=PHASE[:kill|:cut]` makes `nfvisor receive`, on
-//! reaching PHASE, either die at once without any clean-up (`kill`, the
-//! default: `_exit`, as SIGKILL would) or cut its migration link in both
+//! `NFVISOR_TEST_FAULT=PHASE[:kill|:cut|:stall]` makes `nfvisor receive`,
+//! on reaching PHASE, either die at once without any clean-up (`kill`, the
+//! default: `_exit`, as SIGKILL would), cut its migration link in both
 //! directions and carry on failing as it would with a broken network
-//! (`cut`). It says which phase it hit on stderr first. Unset, nothing
+//! (`cut`), or stop reading without closing until the source gives up and
+//! hangs up (`stall`). It says which phase it hit on stderr first. Unset, nothing
 //! happens beyond one environment lookup per phase.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -74,6 +75,26 @@ pub fn at(phase: Phase) {
         return;
     }
     eprintln!("nfvisor: {VARIABLE}: {action} at {name}");
+    if action == "stall" {
+        // stops reading without closing: waits (two minutes at most) for
+        // the peer to give up and hang up, then ends as a kill would
+        let fd = LINK.load(Ordering::Relaxed);
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        for _ in 0..120 {
+            // SAFETY: poll(2) on one pollfd of our own.
+            let n = unsafe { libc::poll(&mut poll, 1, 1000) };
+            if n != 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                break;
+            }
+        }
+        eprintln!("nfvisor: {VARIABLE}: the peer hung up on the stall");
+        // SAFETY: ends the process at once, as a kill would.
+        unsafe { libc::_exit(86) };
+    }
     if action == "cut" {
         let fd = LINK.load(Ordering::Relaxed);
         // SAFETY: shutdown(2) on a descriptor number; at worst EBADF.

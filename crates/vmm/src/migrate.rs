@@ -238,6 +238,7 @@ fn sync<W: Write>(
     back: &mut BufReader<Box<dyn Link>>,
     seq: u32,
     to: &str,
+    io_timeout: Duration,
 ) -> Result<Option<ClockSample>> {
     let (sent, sent_ns) = (Instant::now(), crate::clock::now_ns());
     for w in ws.iter_mut() {
@@ -245,7 +246,8 @@ fn sync<W: Write>(
             .map_err(io)?;
     }
     flush_all(ws)?;
-    let _ = back.get_ref().set_timeout(Some(Duration::from_secs(60)));
+    // a destination that stops answering fails the migration in time
+    let _ = back.get_ref().set_timeout(Some(io_timeout));
     let mut answered = vec![false; ws.len()];
     let mut sample = None;
     while answered.contains(&false) {
@@ -477,7 +479,7 @@ pub fn migrate(
                     // destination has applied everything, add what was
                     // dirtied meanwhile, and look again.
                     let waited = Instant::now();
-                    let _ = sync(&mut ws, &mut back, report.rounds, to)?;
+                    let _ = sync(&mut ws, &mut back, report.rounds, to, opts.io_timeout)?;
                     report.sync_ms += waited.elapsed().as_secs_f64() * 1000.0;
                     synced = true;
                     // the rate the last round was applied at, end to end
@@ -492,7 +494,7 @@ pub fn migrate(
                         let mut rtt = Duration::MAX;
                         for _ in 0..3 {
                             let t = Instant::now();
-                            let sample = sync(&mut ws, &mut back, report.rounds, to)?;
+                            let sample = sync(&mut ws, &mut back, report.rounds, to, opts.io_timeout)?;
                             rtt = rtt.min(t.elapsed());
                             // the shortest round trip bounds the offset best
                             if let Some(s) = sample {
@@ -570,8 +572,9 @@ pub fn migrate(
     }
     report.downtime_phases.flushed_ms = ms_since(paused_at);
 
-    // phase 1: the destination verifies and says READY
-    let _ = back.get_ref().set_timeout(Some(Duration::from_secs(60)));
+    // phase 1: the destination verifies and says READY (within the
+    // io-timeout: a stalled destination must not hold the guest paused)
+    let _ = back.get_ref().set_timeout(Some(opts.io_timeout));
     match next_line(&mut back) {
         Ok(Line::Ready) => {}
         other => {
