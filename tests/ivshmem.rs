@@ -369,7 +369,7 @@ fn the_server_outlives_descriptor_exhaustion_and_clients_that_never_read() {
     let dir = scratch("ivs-fds");
     let sock = dir.join("ivs.sock");
     let shm = format!("nfvisor-test-ivsfds-{}", std::process::id());
-    let mut server = std::process::Command::new("prlimit")
+    let server = std::process::Command::new("prlimit")
         .args([
             "--nofile=32:32",
             "--",
@@ -384,13 +384,24 @@ fn the_server_outlives_descriptor_exhaustion_and_clients_that_never_read() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("prlimit (util-linux) runs the server");
+    // killed however the test ends (a failed assertion included)
+    struct Reaped(Option<std::process::Child>);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut server = Reaped(Some(server));
     wait_for_path(&sock);
     let hogs: Vec<_> = (0..40)
         .filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok())
         .collect();
     std::thread::sleep(Duration::from_millis(700));
     assert!(
-        server.try_wait().unwrap().is_none(),
+        server.0.as_mut().unwrap().try_wait().unwrap().is_none(),
         "the server ended with {} clients that never read",
         hogs.len()
     );
@@ -402,8 +413,9 @@ fn the_server_outlives_descriptor_exhaustion_and_clients_that_never_read() {
         "mode=wait count=5",
         "mode=ring peer=0 count=5",
     );
-    let _ = server.kill();
-    let out = server.wait_with_output().unwrap();
+    let mut child = server.0.take().unwrap();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     let _ = std::fs::remove_file(format!("/dev/shm/{shm}"));
     let _ = std::fs::remove_dir_all(&dir);

@@ -494,7 +494,8 @@ pub fn migrate(
                         let mut rtt = Duration::MAX;
                         for _ in 0..3 {
                             let t = Instant::now();
-                            let sample = sync(&mut ws, &mut back, report.rounds, to, opts.io_timeout)?;
+                            let sample =
+                                sync(&mut ws, &mut back, report.rounds, to, opts.io_timeout)?;
                             rtt = rtt.min(t.elapsed());
                             // the shortest round trip bounds the offset best
                             if let Some(s) = sample {
