@@ -50,6 +50,14 @@
  *                   transmit frames, kicks and resets at once (frames in
  *                   flight both ways); touched=1 if a used ring changed
  *                   after the reset read back 0
+ *   mode=ping count=N size=S   N frames of S bytes (ethertype 0x88b5, to
+ *                       the broadcast address, from this MAC), one at a
+ *                       time: each must come back (a peer that reflects
+ *                       frames: testpmd in macswap or io mode, a loop)
+ *                       before the next leaves; the one that comes back
+ *                       must carry the same seq and a good checksum.
+ *                       R ping frames= bad= other= rtt_min_us= rtt_avg_us=
+ *                       rtt_max_us= (TSC round trips, send to receive)
  *   mode=link count=N   needs NET_F_STATUS: the configuration vector gets
  *                       an MSI-X entry and an interrupt vector of its own
  *                       (entry 0, CFG_VECTOR; with fewer than three entries
@@ -447,6 +455,78 @@ static int recv(u64 count) {
     put_kv("bad", bad);
     put_kv("other", other);
     put_kv("bytes", bytes);
+    put_kv("irqs", irqs);
+    put_kv("polled", polled);
+    put_kicks();
+    putc('\n');
+    return bad ? STATUS_CORRUPT : STATUS_OK;
+}
+
+/* mode=ping: one frame out, the same frame back, N times. */
+static int ping(u64 count, u64 size) {
+    u64 bad = 0, other = 0, rtt_min = ~0UL, rtt_max = 0, rtt_sum = 0;
+    for (u64 n = 0; n < count; n++) {
+        u16 d = tx_slot();
+        u32 b = take_buf();
+        u8 *p = buffers[b], *f = p + HDR_LEN;
+        clear_hdr(p);
+        for (int i = 0; i < 6; i++) {
+            f[i] = 0xff;
+            f[6 + i] = mac[i];
+        }
+        f[12] = ETHERTYPE >> 8;
+        f[13] = ETHERTYPE & 0xff;
+        u32 rest = (u32)size - 14 - 8;
+        fill_pattern(f + 22, rest, (u32)n);
+        put_le32(f + 14, (u32)n);
+        put_le32(f + 18, fnv1a(f + 22, rest));
+        u64 t0 = rdtsc();
+        post(&txq, d, b, HDR_LEN + (u32)size, 0);
+        kick(&txq);
+        for (;;) {
+            u16 rd;
+            u32 rb, len;
+            reap_tx();
+            if (!next_used(&rxq, &rd, &rb, &len)) {
+                if (!wait_used(&rxq, timeout_cycles)) stall("timeout: the frame did not come back");
+                continue;
+            }
+            u8 *g = buffers[rb] + HDR_LEN;
+            u32 flen = len >= HDR_LEN ? len - HDR_LEN : 0;
+            int ours = flen >= 22 && g[12] == (ETHERTYPE >> 8) && g[13] == (ETHERTYPE & 0xff);
+            int match = ours && get_le32(g + 14) == (u32)n;
+            if (match) {
+                u64 rtt = rdtsc() - t0;
+                rtt_sum += rtt;
+                if (rtt < rtt_min) rtt_min = rtt;
+                if (rtt > rtt_max) rtt_max = rtt;
+                if (flen != size || get_le32(g + 18) != fnv1a(g + 22, flen - 22)) {
+                    if (!bad) {
+                        puts("R badframe");
+                        put_kv("seq", n);
+                        put_kv("len", flen);
+                        putc('\n');
+                    }
+                    bad++;
+                }
+            } else {
+                other++;
+            }
+            post(&rxq, rd, rb, BUF_LEN, VIRTQ_DESC_F_WRITE);
+            kick(&rxq);
+            if (match) break;
+        }
+        progress++;
+    }
+    drain_tx();
+    u64 khz = tsc_khz();
+    puts("R ping");
+    put_kv("frames", count);
+    put_kv("bad", bad);
+    put_kv("other", other);
+    put_kv("rtt_min_us", count ? rtt_min * 1000 / khz : 0);
+    put_kv("rtt_avg_us", count ? rtt_sum / count * 1000 / khz : 0);
+    put_kv("rtt_max_us", rtt_max * 1000 / khz);
     put_kv("irqs", irqs);
     put_kv("polled", polled);
     put_kicks();
@@ -875,12 +955,12 @@ int guest_main(void) {
     arg_u64("timeout_s", &timeout_s);
     arg_u64("event_idx", &want_event_idx);
     int m_echo = streq(mode, "echo"), m_send = streq(mode, "send"), m_recv = streq(mode, "recv"),
-        m_bad = streq(mode, "bad"), m_link = streq(mode, "link");
-    if (!m_echo && !m_send && !m_recv && !m_bad && !m_link)
-        fail(STATUS_BAD_ARGS, "mode must be echo, send, recv, bad or link");
+        m_bad = streq(mode, "bad"), m_link = streq(mode, "link"), m_ping = streq(mode, "ping");
+    if (!m_echo && !m_send && !m_recv && !m_bad && !m_link && !m_ping)
+        fail(STATUS_BAD_ARGS, "mode must be echo, send, recv, ping, bad or link");
     if (!streq(irq, "msix") && !streq(irq, "poll")) fail(STATUS_BAD_ARGS, "irq must be msix or poll");
-    if (m_send && (size < 60 || size > FRAME_MAX)) fail(STATUS_BAD_ARGS, "size must be 60..1514");
-    if (!count && (m_send || m_recv || m_link)) fail(STATUS_BAD_ARGS, "count=0 (forever) is for mode=echo and mode=bad");
+    if ((m_send || m_ping) && (size < 60 || size > FRAME_MAX)) fail(STATUS_BAD_ARGS, "size must be 60..1514");
+    if (!count && (m_send || m_recv || m_link || m_ping)) fail(STATUS_BAD_ARGS, "count=0 (forever) is for mode=echo and mode=bad");
     if (m_bad && !bad_case[0]) fail(STATUS_BAD_ARGS, "mode=bad needs case=NAME");
     if (!timeout_s || timeout_s > 3600) fail(STATUS_BAD_ARGS, "timeout_s must be 1..3600");
     if (want_event_idx > 1) fail(STATUS_BAD_ARGS, "event_idx must be 0 or 1");
@@ -895,10 +975,11 @@ int guest_main(void) {
 
     if (m_bad) return bad_mode(bad_case, count);
     init_device(BAD_NONE, 1);
-    if (m_send && size > (u64)mtu + 14) fail(STATUS_BAD_ARGS, "size is larger than the device's mtu + 14");
+    if ((m_send || m_ping) && size > (u64)mtu + 14) fail(STATUS_BAD_ARGS, "size is larger than the device's mtu + 14");
     if (m_echo) return echo(count);
     if (m_send) return send(count, size);
     if (m_link) return link(count);
+    if (m_ping) return ping(count, size);
     return recv(count);
 }
 

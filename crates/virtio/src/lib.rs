@@ -15,6 +15,7 @@ pub mod pci;
 pub mod rate_limiter;
 pub mod rng;
 pub mod tap;
+pub mod vhost_user_net;
 pub mod vsock;
 
 use std::sync::Arc;
@@ -43,6 +44,14 @@ pub trait Interrupt: Send + Sync {
     fn queue(&self, index: u16);
     /// The device's configuration changed (or it needs a reset).
     fn config(&self);
+    /// An eventfd whose write raises queue `index`'s interrupt without
+    /// this process (an irqfd), for queues another process serves
+    /// (vhost-user). None where raising it takes this process (no MSI-X,
+    /// or no vector for the queue): the device relays then.
+    fn queue_eventfd(&self, index: u16) -> Option<EventFd> {
+        let _ = index;
+        None
+    }
 }
 
 /// A queue as a device takes it on activation: the queue (its addresses

@@ -84,6 +84,19 @@ impl Interrupt for VectorInterrupt {
     fn config(&self) {
         self.raise(self.config_vector.load(Ordering::Acquire), 2);
     }
+
+    /// The queue's MSI-X vector's eventfd (the VMM made an irqfd of it):
+    /// what `raise` writes, less the ISR bit MSI-X does not use.
+    fn queue_eventfd(&self, index: u16) -> Option<EventFd> {
+        if !self.msix.enabled() {
+            return None;
+        }
+        let v = self
+            .queue_vectors
+            .get(index as usize)?
+            .load(Ordering::Acquire);
+        self.vectors.get(v as usize)?.try_clone().ok()
+    }
 }
 
 /// The transport's registers and queues.

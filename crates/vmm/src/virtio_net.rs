@@ -1,7 +1,10 @@
-//! virtio-net in a VM: the device (virtio::net on a TAP), its `--net`
+//! virtio-net in a VM: the device (virtio::net on a TAP, or
+//! virtio::vhost_user_net served by a vhost-user backend), its `--net`
 //! spec, attached as every virtio device is (`virtio_pci`).
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvm_ioctls::VmFd;
 
@@ -17,7 +20,13 @@ pub enum TapSource {
     Name(String),
     /// A TAP a parent process opened and handed over.
     Fd(i32),
+    /// A vhost-user backend at this socket: this process connects to it,
+    /// or (server) listens there for it.
+    VhostUser { socket: PathBuf, server: bool },
 }
+
+/// How long start-up waits for a vhost-user backend.
+pub const VHOST_USER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One `--net`.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,10 +44,12 @@ pub struct NetSpec {
 /// The MTUs a NIC takes.
 pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 68..=9216;
 
-/// Parses `tap=NAME[,mac=52:54:..][,mtu=N]` or `fd=N[,mac=..][,mtu=N]`.
+/// Parses `tap=NAME[,mac=52:54:..][,mtu=N]`, `fd=N[,mac=..][,mtu=N]` or
+/// `vhost-user=SOCKET[,mode=client|server][,mac=..][,mtu=N]`.
 pub fn parse_net(spec: &str) -> Result<NetSpec> {
     let bad = |why: String| Error::Config(format!("--net {spec:?}: {why}"));
     let (mut tap, mut mac, mut mtu) = (None, None, None);
+    let mut server = None;
     let mut limits: [Option<u64>; 4] = [None; 4];
     for part in spec.split(',') {
         match part.split_once('=') {
@@ -50,6 +61,19 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
                     .filter(|&f| f >= 0)
                     .ok_or_else(|| bad(format!("fd {n:?} is not a descriptor number")))?;
                 tap = Some(TapSource::Fd(fd));
+            }
+            Some(("vhost-user", p)) if !p.is_empty() => {
+                tap = Some(TapSource::VhostUser {
+                    socket: PathBuf::from(p),
+                    server: false,
+                })
+            }
+            Some(("mode", "client")) => server = Some(false),
+            Some(("mode", "server")) => server = Some(true),
+            Some(("mode", m)) => {
+                return Err(bad(format!(
+                    "mode {m:?}: client (connect to the backend) or server (listen for it)"
+                )))
             }
             Some(("mac", m)) => mac = Some(virtio::net::parse_mac(m).map_err(bad)?),
             Some(("mtu", m)) => {
@@ -86,13 +110,27 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
             }
             _ => {
                 return Err(bad(format!(
-                    "unknown part {part:?} (use tap=NAME or fd=N, then mac=, mtu=, rx-pps=, rx-bw=, tx-pps=, tx-bw=)"
+                    "unknown part {part:?} (use tap=NAME, fd=N or vhost-user=SOCKET, then mac=, mtu=, rx-pps=, rx-bw=, tx-pps=, tx-bw=, mode= for vhost-user)"
                 )))
             }
         }
     }
+    let mut tap = tap.ok_or_else(|| bad("no tap=NAME, fd=N or vhost-user=SOCKET".into()))?;
+    match (&mut tap, server) {
+        (TapSource::VhostUser { server: s, .. }, Some(m)) => *s = m,
+        (TapSource::VhostUser { .. }, None) => {}
+        (_, Some(_)) => return Err(bad("mode= is for vhost-user=".into())),
+        _ => {}
+    }
+    if matches!(tap, TapSource::VhostUser { .. }) && limits.iter().any(Option::is_some) {
+        // the frames never pass through this process: the backend (the
+        // switch) is where a port's rate is limited
+        return Err(bad(
+            "rate limits (rx-pps, rx-bw, tx-pps, tx-bw) are for TAP NICs: a vhost-user NIC's frames never pass through nfvisor; limit the switch port".into(),
+        ));
+    }
     Ok(NetSpec {
-        tap: tap.ok_or_else(|| bad("no tap=NAME or fd=N".into()))?,
+        tap,
         mac,
         mtu,
         rx_pps: limits[0],
@@ -113,6 +151,15 @@ pub fn attach(
     spec: &NetSpec,
     index: usize,
 ) -> Result<()> {
+    let mac = spec.mac.unwrap_or([
+        0x52,
+        0x54,
+        0x00,
+        0x12,
+        0x34,
+        0x56u8.wrapping_add(index as u8),
+    ]);
+    let name = format!("net{index}");
     if let TapSource::Name(n) = &spec.tap {
         // an orchestrator makes the TAP (and its bridge or switch port)
         // first: a name that is not there is a mistake, not a request for
@@ -129,24 +176,30 @@ pub fn attach(
     let tap = match &spec.tap {
         TapSource::Name(n) => virtio::tap::Tap::open(n),
         TapSource::Fd(fd) => virtio::tap::Tap::from_fd(*fd),
+        TapSource::VhostUser { socket, server } => {
+            let net = virtio::vhost_user_net::VhostUserNet::<GuestRam>::new(
+                &name,
+                virtio::vhost_user_net::VhostUserNetConfig {
+                    socket: socket.clone(),
+                    server: *server,
+                    mac,
+                    mtu: spec.mtu,
+                    connect_timeout: VHOST_USER_CONNECT_TIMEOUT,
+                },
+            )
+            .map_err(|e| Error::Config(format!("--net: {e}")))?;
+            tracing::info!(
+                "{name}: vhost-user {} ({}) mac {}",
+                socket.display(),
+                if *server { "server" } else { "client" },
+                mac_text(&mac)
+            );
+            crate::virtio_pci::attach::<NetKind>(dm, vm, gsi_routes, mem, &name, Box::new(net))?;
+            return Ok(());
+        }
     }
     .map_err(|e| Error::Config(format!("--net: {e}")))?;
-    let mac = spec.mac.unwrap_or([
-        0x52,
-        0x54,
-        0x00,
-        0x12,
-        0x34,
-        0x56u8.wrapping_add(index as u8),
-    ]);
-    tracing::info!(
-        "net{index}: TAP {} mac {}",
-        tap.name,
-        mac.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    );
+    tracing::info!("{name}: TAP {} mac {}", tap.name, mac_text(&mac));
     let net: virtio::net::Net<GuestRam> = virtio::net::Net::new(
         tap,
         virtio::net::NetConfig {
@@ -158,15 +211,15 @@ pub fn attach(
             tx_bw: spec.tx_bw,
         },
     );
-    crate::virtio_pci::attach::<NetKind>(
-        dm,
-        vm,
-        gsi_routes,
-        mem,
-        &format!("net{index}"),
-        Box::new(net),
-    )?;
+    crate::virtio_pci::attach::<NetKind>(dm, vm, gsi_routes, mem, &name, Box::new(net))?;
     Ok(())
+}
+
+fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]
@@ -183,6 +236,15 @@ mod tests {
         assert_eq!(n.tap, TapSource::Name("nfv0".into()));
         assert_eq!(n.mtu, Some(9000));
         assert_eq!(parse_net("fd=3").unwrap().tap, TapSource::Fd(3));
+        assert_eq!(
+            parse_net("vhost-user=/run/sw/a.sock,mode=server")
+                .unwrap()
+                .tap,
+            TapSource::VhostUser {
+                socket: "/run/sw/a.sock".into(),
+                server: true
+            }
+        );
         for (bad, why) in [
             ("mac=52:54:00:aa:bb:cc", "no tap=NAME"),
             ("tap=x,mac=52:54", "MAC \"52:54\""),
@@ -192,6 +254,10 @@ mod tests {
             ("tap=x,speed=10G", "unknown part"),
             ("tap=x,tx-pps=0", "tx-pps \"0\""),
             ("tap=x,rx-bw=fast", "rx-bw \"fast\""),
+            ("tap=x,mode=server", "mode= is for vhost-user"),
+            ("vhost-user=/s,mode=both", "mode \"both\""),
+            ("vhost-user=/s,tx-pps=10", "rate limits"),
+            ("vhost-user=", "unknown part"),
         ] {
             let e = parse_net(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");

@@ -1,0 +1,853 @@
+//! virtio-net whose queues another process serves over vhost-user: a
+//! switch (DPDK's vhost library in testpmd, OVS-DPDK, VPP). The device
+//! model stays here (features, MAC, MTU, link status, queue positions);
+//! the rings go to the backend with the guest memory table, the guest's
+//! kicks are the ioeventfds KVM signals and the backend's calls are the
+//! MSI-X vectors' irqfds, so no frame and no notification passes through
+//! this process.
+//!
+//! One thread per device ("vhost-user netN", device-worker filter) owns
+//! the connection: the transport's activate and reset (a vCPU thread, whose
+//! filter allows no socket calls) become commands it runs. It also watches
+//! the socket: when the backend goes away the link goes down and the VM
+//! runs on; when a backend is back (client mode: it reconnects, server
+//! mode: one connects) it is negotiated afresh, the rings are set up again
+//! from where the guest's used rings stand, and the link comes back up.
+//!
+//! The backend is not trusted: every request has a deadline (a hung
+//! backend cannot stall a vCPU), a failed or malformed reply takes the
+//! link down, never the VM.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_net::*;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::{ActiveQueue, Interrupt, VirtioDevice, WorkerThread};
+
+/// One receive and one transmit queue (the control queue and more pairs
+/// are not offered yet).
+const QUEUES: usize = 2;
+const QUEUE_SIZE: u16 = 256;
+/// A backend's answer to one request.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Between two connection attempts to a backend that went away.
+const RECONNECT_EVERY: Duration = Duration::from_millis(200);
+
+/// The virtio-net features a backend may offer the guest through this
+/// device: split rings only (the transport has no packed ring), offloads
+/// passed through (the backend does them, or hands them on), no control
+/// queue (the VMM would have to serve it).
+const PASSED_THROUGH: u64 = crate::F_VERSION_1
+    | crate::F_RING_EVENT_IDX
+    | 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << VIRTIO_NET_F_MRG_RXBUF
+    | 1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6
+    | 1 << VIRTIO_NET_F_GUEST_ECN
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6
+    | 1 << VIRTIO_NET_F_HOST_ECN;
+/// Features this device answers itself (its configuration space).
+const OWN: u64 = 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MTU;
+
+/// How a vhost-user NIC is set up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VhostUserNetConfig {
+    /// The backend's socket.
+    pub socket: PathBuf,
+    /// true: this process listens at `socket` and the backend connects
+    /// (OVS's dpdkvhostuserclient ports); false: this process connects.
+    pub server: bool,
+    pub mac: [u8; 6],
+    pub mtu: Option<u16>,
+    /// How long start-up waits for the backend.
+    pub connect_timeout: Duration,
+}
+
+/// What the device counts.
+#[derive(Default)]
+pub struct VhostUserCounters {
+    /// Times the backend went away (socket closed, a request failed).
+    pub disconnects: AtomicU64,
+    /// Times a backend came back and the rings were set up on it again.
+    pub reconnects: AtomicU64,
+    /// Requests the backend failed or answered badly.
+    pub failed_requests: AtomicU64,
+    /// Queue interrupts relayed through this process (no MSI-X vector).
+    pub relayed_interrupts: AtomicU64,
+    /// Queue positions taken from the used ring because the backend could
+    /// not say (it had gone): transmit chains it had taken but not yet
+    /// completed are sent again.
+    pub positions_from_used: AtomicU64,
+}
+
+/// A ring as the backend gets it.
+struct Ring {
+    index: usize,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    kick: EventFd,
+    /// The irqfd the backend writes; None: relayed (`relay`).
+    call: Option<EventFd>,
+    /// The next available index at activation: where the backend starts.
+    base: u16,
+}
+
+/// What the rings need on a backend: kept while the device runs, so a
+/// backend that comes back is set up again.
+struct Setup<M> {
+    mem: M,
+    interrupt: Arc<dyn Interrupt>,
+    acked: u64,
+    rings: Vec<Ring>,
+    /// Eventfds the backend writes for queues without an irqfd: this
+    /// thread raises their interrupt.
+    relay: Vec<(u16, EventFd)>,
+}
+
+enum Command<M> {
+    Activate(Setup<M>, mpsc::Sender<Result<(), String>>),
+    /// Stops the rings: each one's next available index as the backend
+    /// says it (None: the backend could not say).
+    Stop(mpsc::Sender<Vec<Option<u16>>>),
+}
+
+/// A negotiated connection to a backend.
+struct Connection {
+    frontend: Frontend,
+    /// A second descriptor of the socket, watched for the backend's hang-up.
+    watch: UnixStream,
+    features: u64,
+    protocol: bool,
+}
+
+pub struct VhostUserNet<M> {
+    config: VhostUserNetConfig,
+    name: String,
+    /// What the backend offered, filtered: fixed for the device's life.
+    backend_features: u64,
+    link_up: Arc<AtomicBool>,
+    pub counters: Arc<VhostUserCounters>,
+    commands: mpsc::Sender<Command<M>>,
+    wake: EventFd,
+    worker: Option<WorkerThread<()>>,
+    /// The queues while the backend serves them.
+    active: Option<Vec<ActiveQueue>>,
+    mem: Option<M>,
+}
+
+fn io_err(what: &str, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+/// Connects to `path`, or waits for a backend on `listener`, until
+/// `deadline`.
+fn open_socket(
+    path: &std::path::Path,
+    listener: Option<&UnixListener>,
+    deadline: Instant,
+) -> Result<UnixStream, String> {
+    loop {
+        let attempt = match listener {
+            Some(l) => match l.accept() {
+                Ok((s, _)) if devices::unix_socket::peer_allowed(&s) => Ok(Some(s)),
+                Ok(_) => {
+                    devices::limited!(
+                        warn,
+                        "{}: a backend of another user connected: refused",
+                        path.display()
+                    );
+                    Ok(None)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) => Err(io_err("accepting the backend", e)),
+            },
+            None => match UnixStream::connect(path) {
+                Ok(s) => Ok(Some(s)),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(io_err("connecting", e)),
+            },
+        }?;
+        if let Some(s) = attempt {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            return Err(if listener.is_some() {
+                "no backend connected in time".into()
+            } else {
+                "no backend answered in time (is it running, listening there?)".into()
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SET_OWNER, the features and the protocol features on a fresh socket.
+fn negotiate(stream: UnixStream) -> Result<Connection, String> {
+    stream
+        .set_read_timeout(Some(REQUEST_DEADLINE))
+        .and_then(|_| stream.set_write_timeout(Some(REQUEST_DEADLINE)))
+        .map_err(|e| io_err("socket deadlines", e))?;
+    let watch = stream.try_clone().map_err(|e| io_err("socket", e))?;
+    let mut frontend = Frontend::from_stream(stream, QUEUES as u64);
+    frontend.set_owner().map_err(|e| io_err("SET_OWNER", e))?;
+    let features = frontend
+        .get_features()
+        .map_err(|e| io_err("GET_FEATURES", e))?;
+    if features & crate::F_VERSION_1 == 0 {
+        return Err(format!(
+            "the backend does not offer VIRTIO_F_VERSION_1 (features {features:#x})"
+        ));
+    }
+    let protocol = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+    if protocol {
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(|e| io_err("GET_PROTOCOL_FEATURES", e))?;
+        // REPLY_ACK: every request that changes the backend is answered,
+        // so a refusal is seen at the request, not later
+        let wanted = offered & VhostUserProtocolFeatures::REPLY_ACK;
+        frontend
+            .set_protocol_features(wanted)
+            .map_err(|e| io_err("SET_PROTOCOL_FEATURES", e))?;
+    }
+    Ok(Connection {
+        frontend,
+        watch,
+        features,
+        protocol,
+    })
+}
+
+/// The guest memory table: each region's memfd, its offset and where this
+/// process maps it.
+fn memory_table<M: GuestMemoryBackend>(mem: &M) -> Result<Vec<VhostUserMemoryRegionInfo>, String> {
+    mem.iter()
+        .map(|r| {
+            let fo = r.file_offset().ok_or_else(|| {
+                format!(
+                    "guest memory at {:#x} is not backed by a file a backend can map",
+                    r.start_addr().0
+                )
+            })?;
+            let host = r
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| format!("{e}"))?;
+            Ok(VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: host as u64,
+                mmap_offset: fo.start(),
+                mmap_handle: fo.file().as_raw_fd(),
+            })
+        })
+        .collect()
+}
+
+/// Where this process maps the `len` guest bytes at `gpa` (one region).
+fn host_addr<M: GuestMemoryBackend>(
+    mem: &M,
+    gpa: u64,
+    len: usize,
+    what: &str,
+) -> Result<u64, String> {
+    let bad = || format!("{what} at {gpa:#x} ({len} bytes) is not within one guest memory region");
+    let (region, _) = mem.to_region_addr(GuestAddress(gpa)).ok_or_else(bad)?;
+    let end = gpa.checked_add(len as u64).ok_or_else(bad)?;
+    if end > region.start_addr().0 + region.len() {
+        return Err(bad());
+    }
+    mem.get_host_address(GuestAddress(gpa))
+        .map(|p| p as u64)
+        .map_err(|e| format!("{what} at {gpa:#x}: {e}"))
+}
+
+/// Sets the rings up on `conn` from `setup`, each starting at `bases`.
+fn set_up<M: GuestMemoryBackend>(
+    conn: &Connection,
+    setup: &Setup<M>,
+    bases: &[u16],
+) -> Result<(), String> {
+    let fe = &conn.frontend;
+    // (the crate's frontend takes &mut for some requests; a clone shares
+    // the one connection)
+    let mut fe_mut = conn.frontend.clone();
+    let missing = setup.acked & !OWN & !conn.features;
+    if missing != 0 {
+        return Err(format!(
+            "the backend does not offer features {missing:#x} the guest accepted"
+        ));
+    }
+    let mut features = setup.acked & !OWN;
+    if conn.protocol {
+        features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    }
+    fe.set_features(features)
+        .map_err(|e| io_err("SET_FEATURES", e))?;
+    fe.set_mem_table(&memory_table(&setup.mem)?)
+        .map_err(|e| io_err("SET_MEM_TABLE", e))?;
+    for (r, base) in setup.rings.iter().zip(bases) {
+        let q = r.size as usize;
+        let config = VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: r.size,
+            flags: 0,
+            desc_table_addr: host_addr(&setup.mem, r.desc, 16 * q, "descriptor table")?,
+            used_ring_addr: host_addr(&setup.mem, r.used, 6 + 8 * q, "used ring")?,
+            avail_ring_addr: host_addr(&setup.mem, r.avail, 6 + 2 * q, "available ring")?,
+            log_addr: None,
+        };
+        let i = r.index;
+        fe.set_vring_num(i, r.size)
+            .map_err(|e| io_err("SET_VRING_NUM", e))?;
+        fe.set_vring_addr(i, &config)
+            .map_err(|e| io_err("SET_VRING_ADDR", e))?;
+        fe.set_vring_base(i, *base)
+            .map_err(|e| io_err("SET_VRING_BASE", e))?;
+        let call = match &r.call {
+            Some(c) => c,
+            None => {
+                &setup
+                    .relay
+                    .iter()
+                    .find(|(q, _)| *q as usize == i)
+                    .ok_or("a ring with no call eventfd")?
+                    .1
+            }
+        };
+        fe.set_vring_call(i, call)
+            .map_err(|e| io_err("SET_VRING_CALL", e))?;
+        fe.set_vring_kick(i, &r.kick)
+            .map_err(|e| io_err("SET_VRING_KICK", e))?;
+    }
+    if conn.protocol {
+        // with PROTOCOL_FEATURES the rings start disabled
+        for r in &setup.rings {
+            fe_mut
+                .set_vring_enable(r.index, true)
+                .map_err(|e| io_err("SET_VRING_ENABLE", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Where ring `r`'s used index stands in guest memory.
+fn used_index<M: GuestMemoryBackend>(mem: &M, r: &Ring) -> Option<u16> {
+    use vm_memory::Bytes;
+    mem.read_obj::<u16>(GuestAddress(r.used.checked_add(2)?))
+        .ok()
+}
+
+/// The thread that owns the backend connection.
+struct Backend<M> {
+    name: String,
+    socket: PathBuf,
+    listener: Option<UnixListener>,
+    conn: Option<Connection>,
+    setup: Option<Setup<M>>,
+    link_up: Arc<AtomicBool>,
+    counters: Arc<VhostUserCounters>,
+    commands: mpsc::Receiver<Command<M>>,
+    epoll: Epoll,
+    retry: TimerFd,
+}
+
+const T_STOP: u64 = 0;
+const T_COMMAND: u64 = 1;
+const T_HANGUP: u64 = 2;
+const T_LISTENER: u64 = 3;
+const T_RETRY: u64 = 4;
+const T_RELAY: u64 = 100;
+
+impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
+    fn watch(&self, fd: i32, token: u64, events: EventSet) -> Result<(), String> {
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+            .map_err(|e| io_err("epoll", e))
+    }
+
+    fn unwatch(&self, fd: i32) {
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    fn adopt(&mut self, conn: Connection) -> Result<(), String> {
+        self.watch(
+            conn.watch.as_raw_fd(),
+            T_HANGUP,
+            EventSet::READ_HANG_UP | EventSet::HANG_UP,
+        )?;
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    /// The backend is gone (or failed a request): the link goes down, the
+    /// connection is dropped, and coming back is looked for.
+    fn lost(&mut self, why: &str) {
+        if let Some(c) = self.conn.take() {
+            self.unwatch(c.watch.as_raw_fd());
+            self.counters.disconnects.fetch_add(1, Ordering::Relaxed);
+            devices::limited!(
+                warn,
+                "{}: backend {} lost ({why}): link down, the VM runs on",
+                self.name,
+                self.socket.display()
+            );
+        }
+        self.set_link(false);
+        self.look_for_backend();
+    }
+
+    fn set_link(&self, up: bool) {
+        if self.link_up.swap(up, Ordering::AcqRel) != up {
+            if let Some(s) = &self.setup {
+                s.interrupt.config();
+            }
+        }
+    }
+
+    fn look_for_backend(&mut self) {
+        if let Some(l) = &self.listener {
+            let _ = self.watch(l.as_raw_fd(), T_LISTENER, EventSet::IN);
+        } else {
+            let _ = self.retry.reset(RECONNECT_EVERY, Some(RECONNECT_EVERY));
+        }
+    }
+
+    /// A backend is back: negotiated, and given the rings where the guest's
+    /// used rings stand (the old backend cannot say more).
+    fn came_back(&mut self, stream: UnixStream) {
+        if let Some(l) = &self.listener {
+            self.unwatch(l.as_raw_fd());
+        } else {
+            let _ = self.retry.reset(Duration::ZERO, None);
+        }
+        let result = negotiate(stream).and_then(|conn| {
+            if let Some(setup) = &self.setup {
+                let bases: Vec<u16> = setup
+                    .rings
+                    .iter()
+                    .map(|r| used_index(&setup.mem, r).unwrap_or(0))
+                    .collect();
+                self.counters
+                    .positions_from_used
+                    .fetch_add(bases.len() as u64, Ordering::Relaxed);
+                set_up(&conn, setup, &bases)?;
+            }
+            Ok(conn)
+        });
+        match result {
+            Ok(conn) => {
+                if let Err(e) = self.adopt(conn) {
+                    self.lost(&e);
+                    return;
+                }
+                self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    "{}: backend {} is back: link up",
+                    self.name,
+                    self.socket.display()
+                );
+                self.set_link(true);
+            }
+            Err(e) => {
+                self.counters
+                    .failed_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                devices::limited!(warn, "{}: a returning backend failed: {e}", self.name);
+                self.look_for_backend();
+            }
+        }
+    }
+
+    fn activate(&mut self, setup: Setup<M>) -> Result<(), String> {
+        for (q, e) in &setup.relay {
+            self.watch(e.as_raw_fd(), T_RELAY + *q as u64, EventSet::IN)?;
+        }
+        let bases: Vec<u16> = setup.rings.iter().map(|r| r.base).collect();
+        let result = match &self.conn {
+            Some(conn) => set_up(conn, &setup, &bases),
+            // no backend now: the rings go to it when it is back
+            None => Ok(()),
+        };
+        self.setup = Some(setup);
+        if let Err(e) = &result {
+            self.counters
+                .failed_requests
+                .fetch_add(1, Ordering::Relaxed);
+            self.lost(e);
+        }
+        // the guest runs either way; the link says whether frames flow
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Vec<Option<u16>> {
+        let Some(setup) = self.setup.take() else {
+            return Vec::new();
+        };
+        for (_, e) in &setup.relay {
+            self.unwatch(e.as_raw_fd());
+        }
+        let mut failed = None;
+        let bases = setup
+            .rings
+            .iter()
+            .map(|r| {
+                let conn = self.conn.as_ref()?;
+                if failed.is_some() {
+                    return None;
+                }
+                match conn.frontend.get_vring_base(r.index) {
+                    Ok(b) if b <= u16::MAX as u32 => Some(b as u16),
+                    Ok(b) => {
+                        failed = Some(format!("GET_VRING_BASE answered {b}"));
+                        None
+                    }
+                    Err(e) => {
+                        failed = Some(io_err("GET_VRING_BASE", e));
+                        None
+                    }
+                }
+            })
+            .collect();
+        if let Some(why) = failed {
+            self.counters
+                .failed_requests
+                .fetch_add(1, Ordering::Relaxed);
+            // keep the interrupt to tell the guest the link went down
+            self.setup = Some(setup);
+            self.lost(&why);
+            self.setup = None;
+        }
+        bases
+    }
+
+    fn run(mut self, stop: EventFd, wake: EventFd) {
+        let ok = self.watch(stop.as_raw_fd(), T_STOP, EventSet::IN).is_ok()
+            && self
+                .watch(wake.as_raw_fd(), T_COMMAND, EventSet::IN)
+                .is_ok()
+            && self
+                .watch(self.retry.as_raw_fd(), T_RETRY, EventSet::IN)
+                .is_ok();
+        if !ok {
+            tracing::error!(
+                "{}: the backend thread cannot wait on its events",
+                self.name
+            );
+            return;
+        }
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("{}: epoll: {e}", self.name);
+                    return;
+                }
+            };
+            for ev in events.iter().take(n).copied() {
+                match ev.data() {
+                    T_STOP => return,
+                    T_COMMAND => {
+                        let _ = wake.read();
+                        while let Ok(cmd) = self.commands.try_recv() {
+                            match cmd {
+                                Command::Activate(setup, reply) => {
+                                    let _ = reply.send(self.activate(setup));
+                                }
+                                Command::Stop(reply) => {
+                                    let _ = reply.send(self.stop());
+                                }
+                            }
+                        }
+                    }
+                    T_HANGUP => self.lost("the socket closed"),
+                    T_LISTENER => {
+                        let accepted = self.listener.as_ref().map(|l| l.accept());
+                        match accepted {
+                            Some(Ok((s, _))) if devices::unix_socket::peer_allowed(&s) => {
+                                self.came_back(s)
+                            }
+                            Some(Ok(_)) => devices::limited!(
+                                warn,
+                                "{}: a backend of another user connected: refused",
+                                self.name
+                            ),
+                            _ => {}
+                        }
+                    }
+                    T_RETRY => {
+                        let _ = self.retry.wait();
+                        if self.conn.is_none() {
+                            if let Ok(s) = UnixStream::connect(&self.socket) {
+                                self.came_back(s);
+                            }
+                        }
+                    }
+                    t if t >= T_RELAY => {
+                        let q = (t - T_RELAY) as u16;
+                        if let Some(setup) = &self.setup {
+                            if let Some((_, e)) = setup.relay.iter().find(|(i, _)| *i == q) {
+                                let _ = e.read();
+                                setup.interrupt.queue(q);
+                                self.counters
+                                    .relayed_interrupts
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
+    /// Connects to the backend (or waits for it, server mode) and
+    /// negotiates; `name` is the device's (net0). Err: no backend within
+    /// `connect_timeout`, or one this device cannot use (why).
+    pub fn new(name: &str, config: VhostUserNetConfig) -> Result<Self, String> {
+        let at = |e: String| format!("vhost-user {}: {e}", config.socket.display());
+        let listener = if config.server {
+            let l = devices::unix_socket::bind_private(&config.socket)
+                .map_err(|e| at(io_err("listening", e)))?;
+            l.set_nonblocking(true)
+                .map_err(|e| at(io_err("listening", e)))?;
+            Some(l)
+        } else {
+            if let Ok(m) = std::fs::metadata(&config.socket) {
+                use std::os::unix::fs::FileTypeExt;
+                if !m.file_type().is_socket() {
+                    return Err(at("not a socket".into()));
+                }
+            }
+            None
+        };
+        let deadline = Instant::now() + config.connect_timeout;
+        let stream = open_socket(&config.socket, listener.as_ref(), deadline).map_err(at)?;
+        let conn = negotiate(stream).map_err(at)?;
+        let backend_features = conn.features & PASSED_THROUGH;
+        let (commands, rx) = mpsc::channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| at(e.to_string()))?;
+        let link_up = Arc::new(AtomicBool::new(true));
+        let counters = Arc::new(VhostUserCounters::default());
+        let mut backend = Backend {
+            name: name.to_string(),
+            socket: config.socket.clone(),
+            listener,
+            conn: None,
+            setup: None,
+            link_up: link_up.clone(),
+            counters: counters.clone(),
+            commands: rx,
+            epoll: Epoll::new().map_err(|e| at(e.to_string()))?,
+            retry: TimerFd::new().map_err(|e| at(e.to_string()))?,
+        };
+        backend.adopt(conn).map_err(at)?;
+        let (stop, worker_stop) = crate::worker_stop_pair()?;
+        let worker_wake = wake.try_clone().map_err(|e| at(e.to_string()))?;
+        let worker = WorkerThread::spawn(
+            format!("vhost-user {name}"),
+            seccomp::Role::DeviceWorker,
+            stop,
+            move || backend.run(worker_stop, worker_wake),
+        )?;
+        Ok(VhostUserNet {
+            config,
+            name: name.to_string(),
+            backend_features,
+            link_up,
+            counters,
+            commands,
+            wake,
+            worker: Some(worker),
+            active: None,
+            mem: None,
+        })
+    }
+
+    fn ask<T>(&self, cmd: impl FnOnce(mpsc::Sender<T>) -> Command<M>) -> Result<T, String> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(cmd(tx))
+            .map_err(|_| format!("{}: the backend thread has ended", self.name))?;
+        let _ = self.wake.write(1);
+        // every request on the thread has its own deadline: this one
+        // covers a whole set-up (a dozen requests)
+        rx.recv_timeout(REQUEST_DEADLINE * 4)
+            .map_err(|_| format!("{}: the backend thread did not answer", self.name))
+    }
+}
+
+impl<M> Drop for VhostUserNet<M> {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+        if self.config.server {
+            let _ = std::fs::remove_file(&self.config.socket);
+        }
+    }
+}
+
+impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for VhostUserNet<M> {
+    fn device_type(&self) -> u16 {
+        1
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = self.backend_features | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS;
+        if self.config.mtu.is_some() {
+            f |= 1 << VIRTIO_NET_F_MTU;
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; QUEUES]
+    }
+
+    /// mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut space = [0u8; 12];
+        space[..6].copy_from_slice(&self.config.mac);
+        let status = if self.link_up.load(Ordering::Acquire) {
+            VIRTIO_NET_S_LINK_UP as u16
+        } else {
+            0
+        };
+        space[6..8].copy_from_slice(&status.to_le_bytes());
+        space[8..10].copy_from_slice(&1u16.to_le_bytes());
+        space[10..12].copy_from_slice(&self.config.mtu.unwrap_or(1500).to_le_bytes());
+        crate::read_config_space(&space, offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: M,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        acked: u64,
+    ) -> Result<(), String> {
+        if queues.len() != QUEUES {
+            return Err(format!(
+                "virtio-net needs its receive and transmit queues enabled ({} enabled)",
+                queues.len()
+            ));
+        }
+        let mut rings = Vec::new();
+        let mut relay = Vec::new();
+        for (i, aq) in queues.iter().enumerate() {
+            let q = &aq.queue;
+            let call = interrupt.queue_eventfd(i as u16);
+            if call.is_none() {
+                relay.push((
+                    i as u16,
+                    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?,
+                ));
+            }
+            rings.push(Ring {
+                index: i,
+                size: q.size(),
+                desc: q.desc_table(),
+                avail: q.avail_ring(),
+                used: q.used_ring(),
+                kick: aq.kick.try_clone().map_err(|e| e.to_string())?,
+                call,
+                base: q.next_avail(),
+            });
+        }
+        let setup = Setup {
+            mem: mem.clone(),
+            interrupt,
+            acked,
+            rings,
+            relay,
+        };
+        self.ask(|tx| Command::Activate(setup, tx))??;
+        self.active = Some(queues);
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Vec<ActiveQueue> {
+        let Some(mut queues) = self.active.take() else {
+            return Vec::new();
+        };
+        let bases = self.ask(Command::Stop).unwrap_or_default();
+        let mem = self.mem.take();
+        for (i, aq) in queues.iter_mut().enumerate() {
+            let used = mem
+                .as_ref()
+                .and_then(|m| aq.queue.used_idx(m, Ordering::Acquire).ok())
+                .map(|w| w.0);
+            match (bases.get(i).copied().flatten(), used) {
+                (Some(b), Some(u)) => {
+                    aq.queue.set_next_avail(b);
+                    aq.queue.set_next_used(u);
+                }
+                (None, Some(u)) => {
+                    // the backend could not say where it was: what it had
+                    // taken but not completed is taken again
+                    self.counters
+                        .positions_from_used
+                        .fetch_add(1, Ordering::Relaxed);
+                    aq.queue.set_next_avail(u);
+                    aq.queue.set_next_used(u);
+                }
+                _ => {}
+            }
+        }
+        queues
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        vec![
+            ("backend_disconnects", c.disconnects.load(Ordering::Relaxed)),
+            ("backend_reconnects", c.reconnects.load(Ordering::Relaxed)),
+            (
+                "backend_failed_requests",
+                c.failed_requests.load(Ordering::Relaxed),
+            ),
+            (
+                "relayed_interrupts",
+                c.relayed_interrupts.load(Ordering::Relaxed),
+            ),
+            (
+                "positions_from_used",
+                c.positions_from_used.load(Ordering::Relaxed),
+            ),
+            ("link_up", self.link_up.load(Ordering::Relaxed) as u64),
+        ]
+    }
+}
