@@ -56,8 +56,11 @@
  *                       frames: testpmd in macswap or io mode, a loop)
  *                       before the next leaves; the one that comes back
  *                       must carry the same seq and a good checksum.
- *                       R ping frames= bad= other= rtt_min_us= rtt_avg_us=
- *                       rtt_max_us= (TSC round trips, send to receive)
+ *                       resend_ms=M: a frame not back within M ms is
+ *                       sent again (resent= counts them; a late twin
+ *                       counts as other), until timeout_s.
+ *                       R ping frames= bad= other= resent= rtt_min_us=
+ *                       rtt_avg_us= rtt_max_us= (TSC, first send to receive)
  *   mode=link count=N   needs NET_F_STATUS: the configuration vector gets
  *                       an MSI-X entry and an interrupt vector of its own
  *                       (entry 0, CFG_VECTOR; with fewer than three entries
@@ -385,25 +388,31 @@ static int echo(u64 count) {
     return STATUS_OK;
 }
 
+/* mode=send and mode=ping: posts test frame n of `size` bytes (to the broadcast
+ * address, from this MAC) on the transmit queue. */
+static void send_test_frame(u64 n, u64 size) {
+    u16 d = tx_slot();
+    u32 b = take_buf();
+    u8 *p = buffers[b], *f = p + HDR_LEN;
+    clear_hdr(p);
+    for (int i = 0; i < 6; i++) {
+        f[i] = 0xff;
+        f[6 + i] = mac[i];
+    }
+    f[12] = ETHERTYPE >> 8;
+    f[13] = ETHERTYPE & 0xff;
+    u32 rest = (u32)size - 14 - 8;
+    fill_pattern(f + 22, rest, (u32)n);
+    put_le32(f + 14, (u32)n);
+    put_le32(f + 18, fnv1a(f + 22, rest));
+    post(&txq, d, b, HDR_LEN + (u32)size, 0);
+    kick(&txq);
+}
+
 static int send(u64 count, u64 size) {
     u64 bytes = 0;
     for (u64 n = 0; n < count; n++) {
-        u16 d = tx_slot();
-        u32 b = take_buf();
-        u8 *p = buffers[b], *f = p + HDR_LEN;
-        clear_hdr(p);
-        for (int i = 0; i < 6; i++) {
-            f[i] = 0xff;
-            f[6 + i] = mac[i];
-        }
-        f[12] = ETHERTYPE >> 8;
-        f[13] = ETHERTYPE & 0xff;
-        u32 rest = (u32)size - 14 - 8;
-        fill_pattern(f + 22, rest, (u32)n);
-        put_le32(f + 14, (u32)n);
-        put_le32(f + 18, fnv1a(f + 22, rest));
-        post(&txq, d, b, HDR_LEN + (u32)size, 0);
-        kick(&txq);
+        send_test_frame(n, size);
         progress++;
         bytes += size;
     }
@@ -462,33 +471,32 @@ static int recv(u64 count) {
     return bad ? STATUS_CORRUPT : STATUS_OK;
 }
 
-/* mode=ping: one frame out, the same frame back, N times. */
-static int ping(u64 count, u64 size) {
-    u64 bad = 0, other = 0, rtt_min = ~0UL, rtt_max = 0, rtt_sum = 0;
+/* mode=ping: one frame out, the same frame back, N times; with
+ * resend_ms, a frame that has not come back by then is sent again (a peer
+ * that restarts loses what it held), up to timeout_s. */
+static int ping(u64 count, u64 size, u64 resend_ms) {
+    u64 bad = 0, other = 0, resent = 0, rtt_min = ~0UL, rtt_max = 0, rtt_sum = 0;
+    u64 resend_cycles = resend_ms * tsc_khz();
     for (u64 n = 0; n < count; n++) {
-        u16 d = tx_slot();
-        u32 b = take_buf();
-        u8 *p = buffers[b], *f = p + HDR_LEN;
-        clear_hdr(p);
-        for (int i = 0; i < 6; i++) {
-            f[i] = 0xff;
-            f[6 + i] = mac[i];
-        }
-        f[12] = ETHERTYPE >> 8;
-        f[13] = ETHERTYPE & 0xff;
-        u32 rest = (u32)size - 14 - 8;
-        fill_pattern(f + 22, rest, (u32)n);
-        put_le32(f + 14, (u32)n);
-        put_le32(f + 18, fnv1a(f + 22, rest));
-        u64 t0 = rdtsc();
-        post(&txq, d, b, HDR_LEN + (u32)size, 0);
-        kick(&txq);
+        u64 t0 = rdtsc(), sent_at = t0;
+        send_test_frame(n, size);
         for (;;) {
             u16 rd;
             u32 rb, len;
             reap_tx();
             if (!next_used(&rxq, &rd, &rb, &len)) {
-                if (!wait_used(&rxq, timeout_cycles)) stall("timeout: the frame did not come back");
+                u64 now = rdtsc();
+                if (now - t0 >= timeout_cycles) stall("timeout: the frame did not come back");
+                u64 wait = timeout_cycles - (now - t0);
+                if (resend_cycles) {
+                    if (now - sent_at >= resend_cycles) {
+                        send_test_frame(n, size);
+                        resent++;
+                        sent_at = now;
+                    }
+                    wait = resend_cycles;
+                }
+                wait_used(&rxq, wait);
                 continue;
             }
             u8 *g = buffers[rb] + HDR_LEN;
@@ -510,7 +518,7 @@ static int ping(u64 count, u64 size) {
                     bad++;
                 }
             } else {
-                other++;
+                other++; /* another frame, or a resent one's late twin */
             }
             post(&rxq, rd, rb, BUF_LEN, VIRTQ_DESC_F_WRITE);
             kick(&rxq);
@@ -524,6 +532,7 @@ static int ping(u64 count, u64 size) {
     put_kv("frames", count);
     put_kv("bad", bad);
     put_kv("other", other);
+    put_kv("resent", resent);
     put_kv("rtt_min_us", count ? rtt_min * 1000 / khz : 0);
     put_kv("rtt_avg_us", count ? rtt_sum / count * 1000 / khz : 0);
     put_kv("rtt_max_us", rtt_max * 1000 / khz);
@@ -945,7 +954,7 @@ static int link(u64 count) {
 
 int guest_main(void) {
     char mode[8] = "echo", irq[8] = "msix", bad_case[16] = "";
-    u64 count = 10, size = 60, timeout_s = 30;
+    u64 count = 10, size = 60, timeout_s = 30, resend_ms = 0;
     header("net-probe");
     arg_str("mode", mode, sizeof(mode));
     arg_str("irq", irq, sizeof(irq));
@@ -953,6 +962,7 @@ int guest_main(void) {
     arg_u64("count", &count);
     arg_u64("size", &size);
     arg_u64("timeout_s", &timeout_s);
+    arg_u64("resend_ms", &resend_ms);
     arg_u64("event_idx", &want_event_idx);
     int m_echo = streq(mode, "echo"), m_send = streq(mode, "send"), m_recv = streq(mode, "recv"),
         m_bad = streq(mode, "bad"), m_link = streq(mode, "link"), m_ping = streq(mode, "ping");
@@ -979,7 +989,7 @@ int guest_main(void) {
     if (m_echo) return echo(count);
     if (m_send) return send(count, size);
     if (m_link) return link(count);
-    if (m_ping) return ping(count, size);
+    if (m_ping) return ping(count, size, resend_ms);
     return recv(count);
 }
 

@@ -149,6 +149,10 @@ pub struct VhostUserNet<M> {
     commands: mpsc::Sender<Command<M>>,
     wake: EventFd,
     worker: Option<WorkerThread<()>>,
+    /// (dropped after the worker: fields drop in order)
+    _watchdog: StopWatchdog,
+    /// Server mode: the listener's socket, removed with the device.
+    _bound: Option<Unbind>,
     /// The queues while the backend serves them.
     active: Option<Vec<ActiveQueue>>,
     mem: Option<M>,
@@ -182,14 +186,13 @@ fn open_socket(
             },
             None => match UnixStream::connect(path) {
                 Ok(s) => Ok(Some(s)),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-                    ) =>
-                {
-                    Ok(None)
-                }
+                // a socket nobody listens on yet: the backend may be
+                // starting beside this VM
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(
+                    "no socket there (start the backend first, or use mode=server and let it connect)"
+                        .into(),
+                ),
                 Err(e) => Err(io_err("connecting", e)),
             },
         }?;
@@ -207,11 +210,132 @@ fn open_socket(
     }
 }
 
+/// Deadlines for requests to the backend. The vhost crate's frontend
+/// retries a read that timed out for ever, so a socket timeout cannot end
+/// a request a backend never answers: this thread shuts the socket down
+/// when a request outlives its deadline, and the request fails.
+pub struct Watchdog {
+    state: std::sync::Mutex<WatchState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct WatchState {
+    armed: Option<(Instant, i32)>,
+    fired: bool,
+    quit: bool,
+}
+
+impl Watchdog {
+    fn start(name: &str) -> Result<Arc<Watchdog>, String> {
+        let w = Arc::new(Watchdog {
+            state: Default::default(),
+            wake: std::sync::Condvar::new(),
+        });
+        let me = w.clone();
+        seccomp::spawn(
+            format!("vhost-user {name} deadline"),
+            seccomp::Role::DeviceWorker,
+            move || me.run(),
+        )
+        .map_err(|e| format!("starting the request deadline thread: {e}"))?;
+        Ok(w)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self) {
+        let mut st = self.lock();
+        loop {
+            if st.quit {
+                return;
+            }
+            st = match st.armed {
+                None => self.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some((deadline, fd)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        // SAFETY: shutdown on a descriptor the armed request
+                        // holds open (it disarms before the socket closes);
+                        // it touches no memory.
+                        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                        st.armed = None;
+                        st.fired = true;
+                        continue;
+                    }
+                    self.wake
+                        .wait_timeout(st, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Runs `request` (`what`) on the socket `fd` under REQUEST_DEADLINE.
+    fn guard<T>(
+        &self,
+        fd: i32,
+        what: &str,
+        request: impl FnOnce() -> Result<T, String>,
+    ) -> Result<T, String> {
+        {
+            let mut st = self.lock();
+            st.armed = Some((Instant::now() + REQUEST_DEADLINE, fd));
+            st.fired = false;
+        }
+        self.wake.notify_all();
+        let result = request();
+        let mut st = self.lock();
+        st.armed = None;
+        let fired = std::mem::take(&mut st.fired);
+        result.map_err(|e| {
+            if fired {
+                format!(
+                    "{what}: {e}: the backend did not answer within {} s",
+                    REQUEST_DEADLINE.as_secs()
+                )
+            } else {
+                e
+            }
+        })
+    }
+
+    fn quit(&self) {
+        self.lock().quit = true;
+        self.wake.notify_all();
+    }
+}
+
+/// A listener's socket this process bound: removed when dropped.
+struct Unbind(PathBuf);
+
+impl Drop for Unbind {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Ends the watchdog's thread when the device (or its failed start) ends.
+struct StopWatchdog(Arc<Watchdog>);
+
+impl Drop for StopWatchdog {
+    fn drop(&mut self) {
+        self.0.quit();
+    }
+}
+
 /// SET_OWNER, the features and the protocol features on a fresh socket.
-fn negotiate(stream: UnixStream) -> Result<Connection, String> {
+fn negotiate(stream: UnixStream, watchdog: &Watchdog) -> Result<Connection, String> {
+    let fd = stream.as_raw_fd();
+    watchdog.guard(fd, "negotiating", || negotiate_unguarded(stream))
+}
+
+fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
     stream
-        .set_read_timeout(Some(REQUEST_DEADLINE))
-        .and_then(|_| stream.set_write_timeout(Some(REQUEST_DEADLINE)))
+        .set_write_timeout(Some(REQUEST_DEADLINE))
         .map_err(|e| io_err("socket deadlines", e))?;
     let watch = stream.try_clone().map_err(|e| io_err("socket", e))?;
     let mut frontend = Frontend::from_stream(stream, QUEUES as u64);
@@ -375,6 +499,7 @@ struct Backend<M> {
     commands: mpsc::Receiver<Command<M>>,
     epoll: Epoll,
     retry: TimerFd,
+    watchdog: Arc<Watchdog>,
 }
 
 const T_STOP: u64 = 0;
@@ -448,7 +573,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
         } else {
             let _ = self.retry.reset(Duration::ZERO, None);
         }
-        let result = negotiate(stream).and_then(|conn| {
+        let result = negotiate(stream, &self.watchdog).and_then(|conn| {
             if let Some(setup) = &self.setup {
                 let bases: Vec<u16> = setup
                     .rings
@@ -458,7 +583,9 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                 self.counters
                     .positions_from_used
                     .fetch_add(bases.len() as u64, Ordering::Relaxed);
-                set_up(&conn, setup, &bases)?;
+                let fd = conn.watch.as_raw_fd();
+                self.watchdog
+                    .guard(fd, "setting up", || set_up(&conn, setup, &bases))?;
             }
             Ok(conn)
         });
@@ -492,7 +619,11 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
         }
         let bases: Vec<u16> = setup.rings.iter().map(|r| r.base).collect();
         let result = match &self.conn {
-            Some(conn) => set_up(conn, &setup, &bases),
+            Some(conn) => self
+                .watchdog
+                .guard(conn.watch.as_raw_fd(), "setting up", || {
+                    set_up(conn, &setup, &bases)
+                }),
             // no backend now: the rings go to it when it is back
             None => Ok(()),
         };
@@ -523,14 +654,21 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                 if failed.is_some() {
                     return None;
                 }
-                match conn.frontend.get_vring_base(r.index) {
+                let asked = self
+                    .watchdog
+                    .guard(conn.watch.as_raw_fd(), "GET_VRING_BASE", || {
+                        conn.frontend
+                            .get_vring_base(r.index)
+                            .map_err(|e| io_err("GET_VRING_BASE", e))
+                    });
+                match asked {
                     Ok(b) if b <= u16::MAX as u32 => Some(b as u16),
                     Ok(b) => {
                         failed = Some(format!("GET_VRING_BASE answered {b}"));
                         None
                     }
                     Err(e) => {
-                        failed = Some(io_err("GET_VRING_BASE", e));
+                        failed = Some(e);
                         None
                     }
                 }
@@ -573,7 +711,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                     return;
                 }
             };
-            for ev in events.iter().take(n).copied() {
+            for ev in events.iter().take(n) {
                 match ev.data() {
                     T_STOP => return,
                     T_COMMAND => {
@@ -637,9 +775,12 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
     /// `connect_timeout`, or one this device cannot use (why).
     pub fn new(name: &str, config: VhostUserNetConfig) -> Result<Self, String> {
         let at = |e: String| format!("vhost-user {}: {e}", config.socket.display());
+        // the listener's socket goes if the start fails after binding it
+        let mut bound = None;
         let listener = if config.server {
             let l = devices::unix_socket::bind_private(&config.socket)
                 .map_err(|e| at(io_err("listening", e)))?;
+            bound = Some(Unbind(config.socket.clone()));
             l.set_nonblocking(true)
                 .map_err(|e| at(io_err("listening", e)))?;
             Some(l)
@@ -654,7 +795,8 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
         };
         let deadline = Instant::now() + config.connect_timeout;
         let stream = open_socket(&config.socket, listener.as_ref(), deadline).map_err(at)?;
-        let conn = negotiate(stream).map_err(at)?;
+        let watchdog = StopWatchdog(Watchdog::start(name).map_err(at)?);
+        let conn = negotiate(stream, &watchdog.0).map_err(at)?;
         let backend_features = conn.features & PASSED_THROUGH;
         let (commands, rx) = mpsc::channel();
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| at(e.to_string()))?;
@@ -671,6 +813,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
             commands: rx,
             epoll: Epoll::new().map_err(|e| at(e.to_string()))?,
             retry: TimerFd::new().map_err(|e| at(e.to_string()))?,
+            watchdog: watchdog.0.clone(),
         };
         backend.adopt(conn).map_err(at)?;
         let (stop, worker_stop) = crate::worker_stop_pair()?;
@@ -690,6 +833,8 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
             commands,
             wake,
             worker: Some(worker),
+            _watchdog: watchdog,
+            _bound: bound,
             active: None,
             mem: None,
         })
@@ -712,9 +857,6 @@ impl<M> Drop for VhostUserNet<M> {
     fn drop(&mut self) {
         if let Some(w) = self.worker.take() {
             w.stop();
-        }
-        if self.config.server {
-            let _ = std::fs::remove_file(&self.config.socket);
         }
     }
 }
