@@ -268,7 +268,10 @@ fn bad_nic_settings_are_refused_by_name() {
         ("tap=x,mtu=20", "mtu \"20\""),
         ("fd=0", "fd 0 is not a TAP"),
         ("fd=4321", "fd 4321 is not a TAP"),
-        ("mac=52:54:00:12:34:56", "no tap=NAME, fd=N or vhost-user=SOCKET"),
+        (
+            "mac=52:54:00:12:34:56",
+            "no tap=NAME, fd=N or vhost-user=SOCKET",
+        ),
         ("tap=a-name-far-too-long-for-linux", "does not exist"),
         ("tap=nfvnosuch0", "TAP \"nfvnosuch0\" does not exist"),
     ] {

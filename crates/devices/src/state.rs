@@ -112,6 +112,20 @@ pub trait Persist {
     fn pause(&self) {}
 
     fn resume(&self) {}
+
+    /// Migration: the guest pages written outside this process for the
+    /// device (a vhost-user backend) are logged from `on` until off.
+    fn dirty_log(&self, on: bool) -> Result<(), String> {
+        let _ = on;
+        Ok(())
+    }
+
+    /// The pages logged since the last call: `mark(first guest-physical
+    /// page number of a word of 64, bits)`; returns how many.
+    fn harvest_dirty(&self, mark: &mut dyn FnMut(u64, u64)) -> u64 {
+        let _ = mark;
+        0
+    }
 }
 
 /// The device side the VM sees: any [`Persist`] device, as an object.
@@ -128,6 +142,8 @@ pub trait Stateful: Send + Sync {
     fn control(&self, action: &str) -> Result<String, String>;
     fn pause(&self);
     fn resume(&self);
+    fn dirty_log(&self, on: bool) -> Result<(), String>;
+    fn harvest_dirty(&self, mark: &mut dyn FnMut(u64, u64)) -> u64;
 }
 
 impl<T: Persist + Send + Sync> Stateful for T {
@@ -153,6 +169,14 @@ impl<T: Persist + Send + Sync> Stateful for T {
 
     fn resume(&self) {
         Persist::resume(self)
+    }
+
+    fn dirty_log(&self, on: bool) -> Result<(), String> {
+        Persist::dirty_log(self, on)
+    }
+
+    fn harvest_dirty(&self, mark: &mut dyn FnMut(u64, u64)) -> u64 {
+        Persist::harvest_dirty(self, mark)
     }
 
     fn check_blob(&self, id: &str, blob: &DeviceBlob) -> Result<(), StateError> {

@@ -90,7 +90,9 @@ const QUEUE_WORKER: List = calls!(
 );
 
 /// A net, vsock or rng queue worker: the TAP (read, write, its ioctls) and
-/// the vsock's UNIX sockets toward the host.
+/// the vsock's UNIX sockets toward the host; a vhost-user NIC's thread:
+/// its backend's socket and, for a migration, the dirty log it shares
+/// with the backend (a memfd it makes, sizes and maps).
 const DEVICE_WORKER: List = calls!(
     SYS_socket,
     SYS_connect,
@@ -103,6 +105,8 @@ const DEVICE_WORKER: List = calls!(
     SYS_sendto,
     SYS_sendmsg,
     SYS_unlink,
+    SYS_memfd_create,
+    SYS_ftruncate,
 );
 
 /// A disk's queue worker and its I/O threads: the only role with io_uring,

@@ -185,6 +185,20 @@ pub trait VirtioDevice<M>: Send {
     fn control(&mut self, action: &str) -> Result<bool, String> {
         Err(format!("no action {action:?}"))
     }
+    /// Migration: logs the guest pages something outside this process
+    /// writes for the device (a vhost-user backend), from `on` until off.
+    /// Err: the device cannot log them (the migration is refused).
+    fn dirty_log(&mut self, on: bool) -> Result<(), String> {
+        let _ = on;
+        Ok(())
+    }
+    /// Hands over the pages logged since the last call, as words of 64
+    /// pages: `mark(first page's guest-physical page number, bits)`.
+    /// Returns how many pages.
+    fn harvest_dirty(&mut self, mark: &mut dyn FnMut(u64, u64)) -> u64 {
+        let _ = mark;
+        0
+    }
     /// The device's own state beyond its queues (opaque to the transport).
     fn state(&self) -> Vec<u8> {
         Vec::new()

@@ -401,6 +401,22 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         }
     }
 
+    /// The device's outside writers' dirty log, on or off (migration).
+    pub fn dirty_log(&self, on: bool) -> Result<(), String> {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dirty_log(on)
+    }
+
+    /// The pages the device's outside writers logged since the last call.
+    pub fn harvest_dirty(&self, mark: &mut dyn FnMut(u64, u64)) -> u64 {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .harvest_dirty(mark)
+    }
+
     /// A device-specific action; a configuration change is signalled to
     /// the driver (config generation, configuration interrupt).
     pub fn control(&self, action: &str) -> Result<String, String> {

@@ -66,6 +66,8 @@ const PASSED_THROUGH: u64 = crate::F_VERSION_1
 /// Features this device answers itself (its configuration space).
 const OWN: u64 = 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MTU;
 
+const NO_LOG: &str = "the backend cannot log the guest pages it writes (it does not offer PROTOCOL_F_LOG_SHMFD): a migration would lose them";
+
 /// How a vhost-user NIC is set up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VhostUserNetConfig {
@@ -128,6 +130,10 @@ enum Command<M> {
     /// Stops the rings: each one's next available index as the backend
     /// says it (None: the backend could not say).
     Stop(mpsc::Sender<Vec<Option<u16>>>),
+    /// Dirty logging on or off (a migration).
+    Log(bool, mpsc::Sender<Result<(), String>>),
+    /// The pages logged since the last harvest: (first page, 64 bits).
+    Harvest(mpsc::Sender<Vec<(u64, u64)>>),
 }
 
 /// A negotiated connection to a backend.
@@ -137,6 +143,9 @@ struct Connection {
     watch: UnixStream,
     features: u64,
     protocol: bool,
+    /// The backend can log the pages it writes into a shared bitmap
+    /// (PROTOCOL_F_LOG_SHMFD): what a migration needs.
+    log_shmfd: bool,
 }
 
 pub struct VhostUserNet<M> {
@@ -153,6 +162,8 @@ pub struct VhostUserNet<M> {
     _watchdog: StopWatchdog,
     /// Server mode: the listener's socket, removed with the device.
     _bound: Option<Unbind>,
+    /// Pages the backends logged during migrations.
+    logged_pages: Arc<AtomicU64>,
     /// The queues while the backend serves them.
     active: Option<Vec<ActiveQueue>>,
     mem: Option<M>,
@@ -349,13 +360,16 @@ fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
         ));
     }
     let protocol = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+    let mut log_shmfd = false;
     if protocol {
         let offered = frontend
             .get_protocol_features()
             .map_err(|e| io_err("GET_PROTOCOL_FEATURES", e))?;
         // REPLY_ACK: every request that changes the backend is answered,
         // so a refusal is seen at the request, not later
-        let wanted = offered & VhostUserProtocolFeatures::REPLY_ACK;
+        let wanted =
+            offered & (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::LOG_SHMFD);
+        log_shmfd = wanted.contains(VhostUserProtocolFeatures::LOG_SHMFD);
         frontend
             .set_protocol_features(wanted)
             .map_err(|e| io_err("SET_PROTOCOL_FEATURES", e))?;
@@ -365,7 +379,103 @@ fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
         watch,
         features,
         protocol,
+        log_shmfd,
     })
+}
+
+/// The log a backend marks the guest pages it writes in during a
+/// migration: one bit per 4 KiB guest-physical page, in a memfd both
+/// processes map.
+struct DirtyLog {
+    map: vm_memory::mmap::MmapRegion<()>,
+    len: usize,
+}
+
+impl DirtyLog {
+    /// A log covering guest-physical pages 0..`pages`.
+    fn new(pages: u64) -> Result<DirtyLog, String> {
+        let len = pages.div_ceil(64) as usize;
+        let bytes = (len * 8).next_multiple_of(4096);
+        // SAFETY: the name is a NUL-terminated string memfd_create only reads.
+        let fd = unsafe { libc::memfd_create(c"nfvisor-vhost-log".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!(
+                "the dirty log's memfd: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: fd was just created and nothing else owns it.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(bytes as u64)
+            .map_err(|e| format!("sizing the dirty log to {bytes} bytes: {e}"))?;
+        let map = vm_memory::mmap::MmapRegion::build(
+            Some(vm_memory::FileOffset::new(file, 0)),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(|e| format!("mapping the dirty log: {e}"))?;
+        Ok(DirtyLog { map, len })
+    }
+
+    fn fd(&self) -> i32 {
+        self.map.file_offset().map_or(-1, |f| f.file().as_raw_fd())
+    }
+
+    fn bytes(&self) -> u64 {
+        self.map.size() as u64
+    }
+
+    /// Takes the pages marked since the last call (the backend sets bits
+    /// with atomic byte ORs; each word is read and cleared at once).
+    fn harvest(&self) -> Vec<(u64, u64)> {
+        let words = self.map.as_ptr() as *const AtomicU64;
+        let mut out = Vec::new();
+        for i in 0..self.len {
+            // SAFETY: i < len, so the word lies inside the page-aligned
+            // mapping (aligned for AtomicU64), alive while self is; the
+            // other process writes it only with atomic operations.
+            let w = unsafe { &*words.add(i) };
+            if w.load(Ordering::Relaxed) != 0 {
+                out.push((i as u64 * 64, w.swap(0, Ordering::AcqRel)));
+            }
+        }
+        out
+    }
+}
+
+/// SET_LOG_BASE with the log's memfd, sent on the socket itself: the
+/// vhost crate waits for a 16-byte answer, but DPDK (as QEMU expects)
+/// answers with an empty one, so the crate's request would wait for ever.
+/// Only the backend thread talks on the socket: the frontend is idle.
+fn set_log_base(conn: &Connection, log: &DirtyLog) -> Result<(), String> {
+    use std::io::Read;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    const SET_LOG_BASE: u32 = 6;
+    let mut msg = Vec::with_capacity(28);
+    msg.extend_from_slice(&SET_LOG_BASE.to_le_bytes());
+    msg.extend_from_slice(&1u32.to_le_bytes()); // version 1
+    msg.extend_from_slice(&16u32.to_le_bytes());
+    msg.extend_from_slice(&log.bytes().to_le_bytes()); // mmap_size
+    msg.extend_from_slice(&0u64.to_le_bytes()); // mmap_offset
+    conn.watch
+        .send_with_fd(&msg[..], log.fd())
+        .map_err(|e| io_err("SET_LOG_BASE", e))?;
+    let mut hdr = [0u8; 12];
+    (&conn.watch)
+        .read_exact(&mut hdr)
+        .map_err(|e| io_err("SET_LOG_BASE's answer", e))?;
+    let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    let (request, flags, size) = (word(0), word(4), word(8));
+    if request != SET_LOG_BASE || flags & 0x4 == 0 || size > 64 {
+        return Err(format!(
+            "SET_LOG_BASE answered with request {request}, flags {flags:#x}, {size} bytes"
+        ));
+    }
+    let mut body = vec![0u8; size as usize];
+    (&conn.watch)
+        .read_exact(&mut body)
+        .map_err(|e| io_err("SET_LOG_BASE's answer", e))
 }
 
 /// The guest memory table: each region's memfd, its offset and where this
@@ -411,16 +521,13 @@ fn host_addr<M: GuestMemoryBackend>(
         .map_err(|e| format!("{what} at {gpa:#x}: {e}"))
 }
 
-/// Sets the rings up on `conn` from `setup`, each starting at `bases`.
-fn set_up<M: GuestMemoryBackend>(
+/// The features the backend is given: what the guest accepted, less what
+/// this process answers, with LOG_ALL while a migration logs.
+fn backend_features<M>(
     conn: &Connection,
     setup: &Setup<M>,
-    bases: &[u16],
-) -> Result<(), String> {
-    let fe = &conn.frontend;
-    // (the crate's frontend takes &mut for some requests; a clone shares
-    // the one connection)
-    let mut fe_mut = conn.frontend.clone();
+    log: Option<&DirtyLog>,
+) -> Result<u64, String> {
     let missing = setup.acked & !OWN & !conn.features;
     if missing != 0 {
         return Err(format!(
@@ -431,26 +538,62 @@ fn set_up<M: GuestMemoryBackend>(
     if conn.protocol {
         features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     }
-    fe.set_features(features)
+    if log.is_some() {
+        if !conn.log_shmfd {
+            return Err(NO_LOG.into());
+        }
+        features |= VhostUserVirtioFeatures::LOG_ALL.bits();
+    }
+    Ok(features)
+}
+
+/// SET_VRING_ADDR for ring `r`, logging its used ring's writes with `log`.
+fn set_ring_addr<M: GuestMemoryBackend>(
+    conn: &Connection,
+    setup: &Setup<M>,
+    r: &Ring,
+    log: Option<&DirtyLog>,
+) -> Result<(), String> {
+    let q = r.size as usize;
+    let config = VringConfigData {
+        queue_max_size: QUEUE_SIZE,
+        queue_size: r.size,
+        // VHOST_VRING_F_LOG
+        flags: log.is_some() as u32,
+        desc_table_addr: host_addr(&setup.mem, r.desc, 16 * q, "descriptor table")?,
+        used_ring_addr: host_addr(&setup.mem, r.used, 6 + 8 * q, "used ring")?,
+        avail_ring_addr: host_addr(&setup.mem, r.avail, 6 + 2 * q, "available ring")?,
+        log_addr: log.map(|_| r.used),
+    };
+    conn.frontend
+        .set_vring_addr(r.index, &config)
+        .map_err(|e| io_err("SET_VRING_ADDR", e))
+}
+
+/// Sets the rings up on `conn` from `setup`, each starting at `bases`;
+/// with `log`, the backend logs the pages it writes there.
+fn set_up<M: GuestMemoryBackend>(
+    conn: &Connection,
+    setup: &Setup<M>,
+    bases: &[u16],
+    log: Option<&DirtyLog>,
+) -> Result<(), String> {
+    let fe = &conn.frontend;
+    // (the crate's frontend takes &mut for some requests; a clone shares
+    // the one connection)
+    let mut fe_mut = conn.frontend.clone();
+    fe.set_features(backend_features(conn, setup, log)?)
         .map_err(|e| io_err("SET_FEATURES", e))?;
     fe.set_mem_table(&memory_table(&setup.mem)?)
         .map_err(|e| io_err("SET_MEM_TABLE", e))?;
+    if let Some(log) = log {
+        set_log_base(conn, log)?;
+    }
     for (r, base) in setup.rings.iter().zip(bases) {
-        let q = r.size as usize;
-        let config = VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: r.size,
-            flags: 0,
-            desc_table_addr: host_addr(&setup.mem, r.desc, 16 * q, "descriptor table")?,
-            used_ring_addr: host_addr(&setup.mem, r.used, 6 + 8 * q, "used ring")?,
-            avail_ring_addr: host_addr(&setup.mem, r.avail, 6 + 2 * q, "available ring")?,
-            log_addr: None,
-        };
         let i = r.index;
         fe.set_vring_num(i, r.size)
             .map_err(|e| io_err("SET_VRING_NUM", e))?;
-        fe.set_vring_addr(i, &config)
-            .map_err(|e| io_err("SET_VRING_ADDR", e))?;
+        set_ring_addr(conn, setup, r, log)?;
         fe.set_vring_base(i, *base)
             .map_err(|e| io_err("SET_VRING_BASE", e))?;
         let call = match &r.call {
@@ -480,6 +623,25 @@ fn set_up<M: GuestMemoryBackend>(
     Ok(())
 }
 
+/// Turns a running backend's logging on (`log`) or off, as a migration
+/// starts or ends: the log, LOG_ALL, and the rings' used-ring logging.
+fn set_logging<M: GuestMemoryBackend>(
+    conn: &Connection,
+    setup: &Setup<M>,
+    log: Option<&DirtyLog>,
+) -> Result<(), String> {
+    if let Some(log) = log {
+        set_log_base(conn, log)?;
+    }
+    conn.frontend
+        .set_features(backend_features(conn, setup, log)?)
+        .map_err(|e| io_err("SET_FEATURES", e))?;
+    for r in &setup.rings {
+        set_ring_addr(conn, setup, r, log)?;
+    }
+    Ok(())
+}
+
 /// Where ring `r`'s used index stands in guest memory.
 fn used_index<M: GuestMemoryBackend>(mem: &M, r: &Ring) -> Option<u16> {
     use vm_memory::Bytes;
@@ -500,6 +662,12 @@ struct Backend<M> {
     epoll: Epoll,
     retry: TimerFd,
     watchdog: Arc<Watchdog>,
+    /// A migration is on: every backend logs the pages it writes.
+    logging: bool,
+    /// The log, made once the guest memory is known (first activation).
+    log: Option<DirtyLog>,
+    /// Pages harvested from backends' logs (counted).
+    logged_pages: Arc<AtomicU64>,
 }
 
 const T_STOP: u64 = 0;
@@ -573,22 +741,26 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
         } else {
             let _ = self.retry.reset(Duration::ZERO, None);
         }
-        let result = negotiate(stream, &self.watchdog).and_then(|conn| {
-            if let Some(setup) = &self.setup {
-                let bases: Vec<u16> = setup
-                    .rings
-                    .iter()
-                    .map(|r| used_index(&setup.mem, r).unwrap_or(0))
-                    .collect();
-                self.counters
-                    .positions_from_used
-                    .fetch_add(bases.len() as u64, Ordering::Relaxed);
-                let fd = conn.watch.as_raw_fd();
-                self.watchdog
-                    .guard(fd, "setting up", || set_up(&conn, setup, &bases))?;
-            }
-            Ok(conn)
-        });
+        let made = self.ensure_log();
+        let result = made
+            .and_then(|_| negotiate(stream, &self.watchdog))
+            .and_then(|conn| {
+                if let Some(setup) = &self.setup {
+                    let bases: Vec<u16> = setup
+                        .rings
+                        .iter()
+                        .map(|r| used_index(&setup.mem, r).unwrap_or(0))
+                        .collect();
+                    self.counters
+                        .positions_from_used
+                        .fetch_add(bases.len() as u64, Ordering::Relaxed);
+                    let fd = conn.watch.as_raw_fd();
+                    let log = self.log.as_ref().filter(|_| self.logging);
+                    self.watchdog
+                        .guard(fd, "setting up", || set_up(&conn, setup, &bases, log))?;
+                }
+                Ok(conn)
+            });
         match result {
             Ok(conn) => {
                 if let Err(e) = self.adopt(conn) {
@@ -618,16 +790,18 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
             self.watch(e.as_raw_fd(), T_RELAY + *q as u64, EventSet::IN)?;
         }
         let bases: Vec<u16> = setup.rings.iter().map(|r| r.base).collect();
-        let result = match &self.conn {
-            Some(conn) => self
-                .watchdog
-                .guard(conn.watch.as_raw_fd(), "setting up", || {
-                    set_up(conn, &setup, &bases)
-                }),
-            // no backend now: the rings go to it when it is back
-            None => Ok(()),
-        };
         self.setup = Some(setup);
+        let result = self.ensure_log().and_then(|_| {
+            let (Some(conn), Some(setup)) = (&self.conn, &self.setup) else {
+                // no backend now: the rings go to it when it is back
+                return Ok(());
+            };
+            let log = self.log.as_ref().filter(|_| self.logging);
+            self.watchdog
+                .guard(conn.watch.as_raw_fd(), "setting up", || {
+                    set_up(conn, setup, &bases, log)
+                })
+        });
         if let Err(e) = &result {
             self.counters
                 .failed_requests
@@ -636,6 +810,70 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
         }
         // the guest runs either way; the link says whether frames flow
         Ok(())
+    }
+
+    /// While logging, the log exists once the guest memory is known.
+    fn ensure_log(&mut self) -> Result<(), String> {
+        if !self.logging || self.log.is_some() {
+            return Ok(());
+        }
+        let Some(setup) = &self.setup else {
+            return Ok(());
+        };
+        let pages = setup
+            .mem
+            .iter()
+            .map(|r| (r.start_addr().0 + r.len()).div_ceil(4096))
+            .max()
+            .unwrap_or(0);
+        self.log = Some(DirtyLog::new(pages)?);
+        Ok(())
+    }
+
+    /// A migration starts (`on`) or ends: the backend logs, or stops.
+    fn set_log(&mut self, on: bool) -> Result<(), String> {
+        if !on && !self.logging {
+            return Ok(());
+        }
+        if on {
+            if let Some(c) = &self.conn {
+                if !c.log_shmfd {
+                    return Err(NO_LOG.into());
+                }
+            }
+        }
+        self.logging = on;
+        let result = self.ensure_log().and_then(|_| {
+            let (Some(conn), Some(setup)) = (&self.conn, &self.setup) else {
+                return Ok(());
+            };
+            let log = self.log.as_ref().filter(|_| on);
+            self.watchdog
+                .guard(conn.watch.as_raw_fd(), "dirty logging", || {
+                    set_logging(conn, setup, log)
+                })
+        });
+        if !on {
+            self.log = None;
+        }
+        if let Err(e) = &result {
+            self.counters
+                .failed_requests
+                .fetch_add(1, Ordering::Relaxed);
+            if on {
+                self.logging = false;
+                self.log = None;
+            }
+            self.lost(e);
+        }
+        result
+    }
+
+    fn harvest(&mut self) -> Vec<(u64, u64)> {
+        let words = self.log.as_ref().map(DirtyLog::harvest).unwrap_or_default();
+        let pages: u64 = words.iter().map(|(_, b)| b.count_ones() as u64).sum();
+        self.logged_pages.fetch_add(pages, Ordering::Relaxed);
+        words
     }
 
     fn stop(&mut self) -> Vec<Option<u16>> {
@@ -724,6 +962,12 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                                 Command::Stop(reply) => {
                                     let _ = reply.send(self.stop());
                                 }
+                                Command::Log(on, reply) => {
+                                    let _ = reply.send(self.set_log(on));
+                                }
+                                Command::Harvest(reply) => {
+                                    let _ = reply.send(self.harvest());
+                                }
                             }
                         }
                     }
@@ -802,6 +1046,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| at(e.to_string()))?;
         let link_up = Arc::new(AtomicBool::new(true));
         let counters = Arc::new(VhostUserCounters::default());
+        let logged_pages = Arc::new(AtomicU64::new(0));
         let mut backend = Backend {
             name: name.to_string(),
             socket: config.socket.clone(),
@@ -814,6 +1059,9 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
             epoll: Epoll::new().map_err(|e| at(e.to_string()))?,
             retry: TimerFd::new().map_err(|e| at(e.to_string()))?,
             watchdog: watchdog.0.clone(),
+            logging: false,
+            log: None,
+            logged_pages: logged_pages.clone(),
         };
         backend.adopt(conn).map_err(at)?;
         let (stop, worker_stop) = crate::worker_stop_pair()?;
@@ -835,6 +1083,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
             worker: Some(worker),
             _watchdog: watchdog,
             _bound: bound,
+            logged_pages,
             active: None,
             mem: None,
         })
@@ -972,6 +1221,20 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
         queues
     }
 
+    fn dirty_log(&mut self, on: bool) -> Result<(), String> {
+        self.ask(|tx| Command::Log(on, tx))?
+    }
+
+    fn harvest_dirty(&mut self, mark: &mut dyn FnMut(u64, u64)) -> u64 {
+        let words = self.ask(Command::Harvest).unwrap_or_default();
+        let mut pages = 0;
+        for (first, bits) in words {
+            pages += bits.count_ones() as u64;
+            mark(first, bits);
+        }
+        pages
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let c = &self.counters;
         vec![
@@ -990,6 +1253,7 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
                 c.positions_from_used.load(Ordering::Relaxed),
             ),
             ("link_up", self.link_up.load(Ordering::Relaxed) as u64),
+            ("logged_pages", self.logged_pages.load(Ordering::Relaxed)),
         ]
     }
 }

@@ -207,6 +207,30 @@ impl Devices {
         }
     }
 
+    /// Migration: every device's outside writers log the pages they write
+    /// (vhost-user backends). Err: one cannot (the others are turned off
+    /// again).
+    pub fn start_dirty_log(&self) -> Result<()> {
+        for (id, d) in &self.by_id {
+            if let Err(e) = d.dirty_log(true) {
+                self.stop_dirty_log();
+                return Err(Error::Device(format!("device {id}: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stop_dirty_log(&self) {
+        for d in self.by_id.values() {
+            let _ = d.dirty_log(false);
+        }
+    }
+
+    /// The pages the devices' outside writers logged since the last call.
+    pub fn harvest_dirty(&self, mark: &mut dyn FnMut(u64, u64)) -> u64 {
+        self.by_id.values().map(|d| d.harvest_dirty(mark)).sum()
+    }
+
     /// The first device that cannot be saved or migrated, and why.
     pub fn unmovable(&self) -> Option<String> {
         self.by_id

@@ -312,6 +312,33 @@ fn add_dirty(h: &VmHandle, maps: &mut [Vec<u64>]) -> Result<()> {
     for (r, map) in h.mem.iter().zip(maps.iter_mut()) {
         memory::vmm_dirty(r).drain_into(map);
     }
+    // and those other processes wrote for devices (vhost-user backends)
+    let regions: Vec<(u64, u64)> = h
+        .mem
+        .iter()
+        .map(|r| {
+            (
+                r.start_addr().0 / PAGE_SIZE as u64,
+                r.len() / PAGE_SIZE as u64,
+            )
+        })
+        .collect();
+    h.devices.harvest_dirty(&mut |first, mut bits| {
+        while bits != 0 {
+            let page = first + bits.trailing_zeros() as u64;
+            bits &= bits - 1;
+            if let Some((slot, (start, _))) = regions
+                .iter()
+                .enumerate()
+                .find(|(_, (start, pages))| (*start..start + pages).contains(&page))
+            {
+                let i = (page - start) as usize;
+                if let Some(w) = maps[slot].get_mut(i / 64) {
+                    *w |= 1 << (i % 64);
+                }
+            }
+        }
+    });
     if !h.rings.is_empty() {
         return h.rings.collect(maps);
     }
@@ -335,6 +362,7 @@ fn add_dirty(h: &VmHandle, maps: &mut [Vec<u64>]) -> Result<()> {
 /// rings emptied, so a guest resumed here never waits on a full ring.
 fn stop_dirty_tracking(h: &VmHandle) {
     let _ = memory::register_slots(&h.vm, &h.mem, 0);
+    h.devices.stop_dirty_log();
     if !h.rings.is_empty() {
         let _ = dirty_bitmaps(h);
     }
@@ -419,6 +447,13 @@ pub fn migrate(
     // it is in there, what it writes from now on goes in the next rounds
     for r in h.mem.iter() {
         memory::vmm_dirty(r).clear();
+    }
+    // so do the devices' outside writers (vhost-user backends)
+    if let Err(e) = h.devices.start_dirty_log() {
+        stop_dirty_tracking(h);
+        return Err(Error::Device(format!(
+            "{e}: the migration cannot see every page written; the guest runs on here"
+        )));
     }
     report.dirty_log_manual_protect = h.dirty_manual.enabled;
     let full_before = h.rings.full_exits();

@@ -104,6 +104,14 @@ impl<K: VirtioKind> devices::Persist for VirtioFunction<K> {
     fn resume(&self) {
         self.pci.resume()
     }
+
+    fn dirty_log(&self, on: bool) -> std::result::Result<(), String> {
+        self.pci.dirty_log(on)
+    }
+
+    fn harvest_dirty(&self, mark: &mut dyn FnMut(u64, u64)) -> u64 {
+        self.pci.harvest_dirty(mark)
+    }
 }
 
 /// Moves what backs the BARs with them: the bus ranges and the
