@@ -7,8 +7,16 @@
 //! the system time of its vCPU threads, which here is instruction
 //! emulation), vCPU exits per frame (KVM's counters in debugfs, the same
 //! source for both), and the round trip of a ping-pong (p50, p99).
+//!
+//! `--backend vhost-user`: the guest drives instead (`net-probe
+//! mode=ping`, round trips timed in the guest), through DPDK's testpmd on
+//! vhost-user and, in the same run, through a TAP whose far end this
+//! process reflects; exits per frame from the VM's report (a short and a
+//! long run, the difference divided by the frames between them, so the
+//! boot's exits cancel out).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +39,12 @@ pub struct Options {
     /// Leave QEMU out.
     #[arg(long)]
     pub no_qemu: bool,
+    /// tap: the host pings the guest through nfvisor's and QEMU's
+    /// virtio-net on a TAP; vhost-user: the guest pings through DPDK's
+    /// testpmd on vhost-user beside a TAP (needs dpdk-testpmd and 2 MiB
+    /// hugepages).
+    #[arg(long, default_value = "tap", value_parser = ["tap", "vhost-user"])]
+    pub backend: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -327,6 +341,9 @@ pub fn run(o: &Options) -> Result<u8> {
     for &s in &o.size {
         anyhow::ensure!((60..=1514).contains(&s), "--size {s}: 60 to 1514 bytes");
     }
+    if o.backend == "vhost-user" {
+        return run_guest_pings(o);
+    }
     let exe = std::env::current_exe().context("locating the nfvisor binary")?;
     let dir = std::env::temp_dir().join(format!("nfvisor-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -430,6 +447,243 @@ pub fn run(o: &Options) -> Result<u8> {
         for r in &ratios {
             println!("QEMU / nfvisor at {} B: {r}", r["size"]);
         }
+    }
+    Ok(0)
+}
+
+/// Frames the guest sends before the measured ones (the short run).
+const WARM_FRAMES: u32 = 20;
+
+/// One backend's figures at one frame size, timed by the guest.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PingFigures {
+    pub backend: String,
+    pub size: usize,
+    pub frames: u32,
+    pub rtt_min_us: u64,
+    pub rtt_avg_us: u64,
+    pub rtt_max_us: u64,
+    /// Frames sent again (none came back within a second).
+    pub resent: u64,
+    pub exits_per_frame: f64,
+    /// Interrupts the guest took per frame.
+    pub irqs_per_frame: f64,
+}
+
+/// `key=N` in a result line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// A VM pinging `count` frames of `size` through `net` (in `ns`, if any):
+/// its `R ping` line and the exits its vCPUs took (KVM's count: every
+/// exit, those KVM handles itself too).
+fn ping_run(
+    exe: &Path,
+    ns: Option<&str>,
+    net: &str,
+    size: usize,
+    count: u32,
+) -> Result<(String, u64)> {
+    let mut c = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let cmdline = format!("mode=ping count={count} size={size} timeout_s=30 resend_ms=1000");
+    let out = c
+        .args([
+            "run",
+            "--guest",
+            "net-probe",
+            "--json",
+            "--net",
+            net,
+            "--cmdline",
+            &cmdline,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("running nfvisor")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("R ping "))
+        .map(str::to_string);
+    let Some(line) = line.filter(|_| out.status.success()) else {
+        bail!(
+            "the guest's ping through {net} failed:\n{}",
+            stderr.lines().rev().take(8).collect::<Vec<_>>().join("\n")
+        );
+    };
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("the VM's --json report")?;
+    let exits = report["vm"]["vcpus"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|c| c["kvm_stats"]["exits"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    Ok((line, exits))
+}
+
+fn ping_figures(
+    backend: &str,
+    exe: &Path,
+    ns: Option<&str>,
+    net: &str,
+    size: usize,
+    frames: u32,
+) -> Result<PingFigures> {
+    let (_, warm_exits) = ping_run(exe, ns, net, size, WARM_FRAMES)?;
+    let (line, exits) = ping_run(exe, ns, net, size, WARM_FRAMES + frames)?;
+    let get = |k: &str| field(&line, k).unwrap_or(0);
+    if get("bad") > 0 {
+        bail!("{backend}: frames came back corrupted: {line}");
+    }
+    let all = (WARM_FRAMES + frames) as f64;
+    Ok(PingFigures {
+        backend: backend.into(),
+        size,
+        frames,
+        rtt_min_us: get("rtt_min_us"),
+        rtt_avg_us: get("rtt_avg_us"),
+        rtt_max_us: get("rtt_max_us"),
+        resent: get("resent"),
+        exits_per_frame: exits.saturating_sub(warm_exits) as f64 / frames as f64,
+        irqs_per_frame: get("irqs") as f64 / all,
+    })
+}
+
+/// Sends every test frame the guest sends on `sock` back to it, MACs
+/// swapped (testpmd's macswap, for the TAP), until `stop`.
+fn reflect(sock: OwnedFd, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let mut buf = vec![0u8; 2048];
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+            )
+        };
+        // the guest's frames come from its MAC; the reflected ones (seen
+        // going out) from the broadcast address it sent them to
+        if n >= 14 && buf[6..12] == GUEST_MAC && buf[12..14] == ETHERTYPE {
+            let f = &mut buf[..n as usize];
+            let (dst, src) = f[..12].split_at_mut(6);
+            dst.swap_with_slice(src);
+            send(&sock, f);
+        }
+    }
+}
+
+/// `--backend vhost-user`: the guest's pings through testpmd on vhost-user
+/// and through a TAP reflected by this process, size by size.
+fn run_guest_pings(o: &Options) -> Result<u8> {
+    let exe = std::env::current_exe().context("locating the nfvisor binary")?;
+    let dir = std::env::temp_dir().join(format!("nfvisor-bench-vu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("pmd.sock");
+    let pmd = bench::testpmd::Testpmd::start(
+        &dir,
+        &format!("nfvbench{}", std::process::id()),
+        &format!("net_vhost0,iface={}", sock.display()),
+    )?;
+    pmd.wait_forwarding()?;
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "testpmd made no socket at {} within 30 s:\n{}",
+                sock.display(),
+                pmd.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tap = "nfvbench0";
+    let ns = Netns::new(tap)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reflector = {
+        let sock = packet_socket(&ns.0, tap)?;
+        let stop = stop.clone();
+        std::thread::spawn(move || reflect(sock, stop))
+    };
+    let vhost_net = format!("vhost-user={},mac=52:54:00:12:34:56", sock.display());
+    let tap_net = format!("tap={tap},mac=52:54:00:12:34:56");
+    let mut results = Vec::new();
+    let measured = (|| -> Result<()> {
+        for &size in &o.size {
+            tracing::info!("vhost-user (testpmd), {size}-byte frames");
+            results.push(ping_figures(
+                "vhost-user",
+                &exe,
+                None,
+                &vhost_net,
+                size,
+                o.frames,
+            )?);
+            tracing::info!("TAP (reflected by this process), {size}-byte frames");
+            results.push(ping_figures(
+                "tap",
+                &exe,
+                Some(&ns.0),
+                &tap_net,
+                size,
+                o.frames,
+            )?);
+        }
+        Ok(())
+    })();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = reflector.join();
+    drop(ns);
+    let forwarded = pmd.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+    measured?;
+    let (rx, tx) = forwarded?;
+    let ratios: Vec<serde_json::Value> = o
+        .size
+        .iter()
+        .filter_map(|&s| {
+            let v = results.iter().find(|r| r.backend == "vhost-user" && r.size == s)?;
+            let t = results.iter().find(|r| r.backend == "tap" && r.size == s)?;
+            Some(serde_json::json!({
+                "size": s,
+                "tap_over_vhost_user_rtt_avg": t.rtt_avg_us as f64 / (v.rtt_avg_us as f64).max(1.0),
+                "tap_over_vhost_user_exits_per_frame": t.exits_per_frame / v.exits_per_frame.max(1e-9),
+            }))
+        })
+        .collect();
+    let testpmd = serde_json::json!({ "rx_packets": rx, "tx_packets": tx });
+    if o.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "results": results, "ratios": ratios, "testpmd": testpmd
+            }))?
+        );
+    } else {
+        for r in &results {
+            println!(
+                "{:<10} {:>5} B: {} frames ({} resent), rtt min {} avg {} max {} us, {:.2} exits/frame, {:.2} interrupts/frame",
+                r.backend, r.size, r.frames, r.resent, r.rtt_min_us, r.rtt_avg_us, r.rtt_max_us,
+                r.exits_per_frame, r.irqs_per_frame
+            );
+        }
+        for r in &ratios {
+            println!("TAP / vhost-user at {} B: {r}", r["size"]);
+        }
+        println!("testpmd forwarded {rx} frames in, {tx} out");
     }
     Ok(0)
 }

@@ -11,127 +11,31 @@ use common::*;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+
+use bench::testpmd::Testpmd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// testpmd busy-polls a core: one at a time on a 2-core machine.
+/// testpmd busy-polls a core: one test at a time on a 2-core machine.
 static ONE_TESTPMD: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_TESTPMD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Hugepages for testpmd's own memory (the guest's is a memfd).
-fn hugepages_ready() {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let free: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap()
-        .lines()
-        .any(|l| l.contains(" /dev/hugepages hugetlbfs "));
-    assert!(
-        free >= 64 && mounted,
-        "testpmd needs 64 free 2 MiB hugepages ({free} free) on a hugetlbfs at /dev/hugepages \
-         (mounted: {mounted}): echo 256 > /proc/sys/vm/nr_hugepages; \
-         mount -t hugetlbfs nodev /dev/hugepages (.ci/run does this)"
-    );
+/// testpmd with one vhost port `vdev` (bench::testpmd); a test fails,
+/// saying why, where it cannot start (.ci/run installs DPDK and reserves
+/// the hugepages).
+fn testpmd(dir: &Path, prefix: &str, vdev: &str) -> Testpmd {
+    let pmd =
+        Testpmd::start(dir, prefix, vdev).unwrap_or_else(|e| panic!("{e} (.ci/run does this)"));
+    pmd.wait_forwarding().unwrap_or_else(|e| panic!("{e}"));
+    pmd
 }
 
-struct Testpmd {
-    child: Child,
-    log: PathBuf,
-    prefix: String,
-}
-
-impl Testpmd {
-    /// testpmd with one vhost port `vdev`, forwarding in macswap mode back
-    /// to the same port.
-    fn start(dir: &Path, prefix: &str, vdev: &str) -> Testpmd {
-        require_program("dpdk-testpmd", "dpdk");
-        hugepages_ready();
-        remove_hugepage_files(prefix);
-        let log = dir.join(format!("{prefix}-{}.log", std::process::id()));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("dpdk-testpmd")
-            .args(["--no-pci", "--single-file-segments", "-m", "128"])
-            .args(["--file-prefix", prefix, "-l", "0-1", "--vdev", vdev, "--"])
-            .args([
-                "--nb-cores=1",
-                "--forward-mode=macswap",
-                "--port-topology=loop",
-                // (its default pool, 155 k buffers, takes 340 MiB)
-                "--total-num-mbufs=16384",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("starting dpdk-testpmd");
-        Testpmd {
-            child,
-            log,
-            prefix: prefix.into(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Ends testpmd as its user does (Enter) and returns port 0's forward
-    /// statistics: (RX-packets, TX-packets).
-    fn finish(mut self) -> (u64, u64) {
-        let _ = self.child.stdin.take().unwrap().write_all(b"\n");
-        let t0 = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "testpmd did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let log = self.log();
-        let stat = |key: &str| -> u64 {
-            let at = log
-                .find("Forward statistics for port 0")
-                .unwrap_or_else(|| panic!("no forward statistics in:\n{log}"));
-            log[at..]
-                .split_once(key)
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no {key} in:\n{log}"))
-        };
-        (stat("RX-packets:"), stat("TX-packets:"))
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Testpmd {
-    fn drop(&mut self) {
-        self.kill();
-        remove_hugepage_files(&self.prefix);
-    }
-}
-
-/// A dead testpmd's hugepage files make the next one with its prefix fail.
-fn remove_hugepage_files(prefix: &str) {
-    if let Ok(dir) = std::fs::read_dir("/dev/hugepages") {
-        for e in dir.flatten() {
-            if e.file_name().to_string_lossy().starts_with(prefix) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
+fn forwarded(pmd: Testpmd) -> (u64, u64) {
+    pmd.finish().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn ping_args<'a>(net: &'a str, cmdline: &'a str) -> Vec<&'a str> {
@@ -156,7 +60,7 @@ fn testpmd_reflects_every_frame_and_its_counters_agree() {
     let _one = serial();
     let dir = scratch("vu-pmd");
     let sock = dir.join("pmd.sock");
-    let pmd = Testpmd::start(
+    let pmd = testpmd(
         &dir,
         "nfvvu1",
         &format!("net_vhost0,iface={}", sock.display()),
@@ -180,7 +84,7 @@ fn testpmd_reflects_every_frame_and_its_counters_agree() {
     assert_eq!(dev["backend_failed_requests"], 0, "{dev}");
     // no frame passed through nfvisor: its vCPU saw kicks at most as MMIO
     // writes to the notify area, KVM turned them into eventfd signals
-    let (rx, tx) = pmd.finish();
+    let (rx, tx) = forwarded(pmd);
     assert_eq!(
         (rx, tx),
         (300, 300),
@@ -194,7 +98,7 @@ fn testpmd_killed_and_restarted_mid_traffic_the_vm_runs_on() {
     let dir = scratch("vu-restart");
     let sock = dir.join("pmd.sock");
     let vdev = format!("net_vhost0,iface={}", sock.display());
-    let mut pmd = Testpmd::start(&dir, "nfvvu2", &vdev);
+    let mut pmd = testpmd(&dir, "nfvvu2", &vdev);
     wait_for_path(&sock);
     let net = format!("vhost-user={}", sock.display());
     let mut vm = Running::start(&ping_args(
@@ -207,7 +111,7 @@ fn testpmd_killed_and_restarted_mid_traffic_the_vm_runs_on() {
     vm.wait_for("link down, the VM runs on");
     drop(pmd);
     let _ = std::fs::remove_file(&sock);
-    let pmd = Testpmd::start(&dir, "nfvvu2", &vdev);
+    let pmd = testpmd(&dir, "nfvvu2", &vdev);
     vm.wait_for_within("is back: link up", Duration::from_secs(30));
     let run = vm.finish(Duration::from_secs(90));
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -223,7 +127,7 @@ fn testpmd_killed_and_restarted_mid_traffic_the_vm_runs_on() {
     // the rings' positions came from the guest's used rings
     assert_eq!(dev["positions_from_used"], 2, "{dev}");
     // the restarted testpmd carried the rest of the traffic
-    let (rx, tx) = pmd.finish();
+    let (rx, tx) = forwarded(pmd);
     assert!(rx > 0 && rx == tx, "after the restart: rx {rx} tx {tx}");
 }
 
@@ -247,7 +151,7 @@ fn server_mode_testpmd_connects_to_nfvisor() {
         0o600,
         "the listener is private"
     );
-    let pmd = Testpmd::start(
+    let pmd = testpmd(
         &dir,
         "nfvvu3",
         &format!("net_vhost0,iface={},client=1", sock.display()),
@@ -259,7 +163,7 @@ fn server_mode_testpmd_connects_to_nfvisor() {
         "{}",
         run.stderr
     );
-    let (rx, tx) = pmd.finish();
+    let (rx, tx) = forwarded(pmd);
     assert!(rx >= 100 && rx == tx, "rx {rx} tx {tx}");
     assert!(
         !sock.exists(),
@@ -353,21 +257,22 @@ fn bad_backends_and_sockets_are_refused_clearly() {
 
 /// Live migration of a VM on vhost-user, mid-traffic: the source's
 /// testpmd logs the guest pages it writes (PROTOCOL_F_LOG_SHMFD) and the
-/// migration sends them; the destination attaches to its own testpmd and
-/// the guest's ping goes on there, every frame verified.
+/// migration sends them; the destination attaches to its own testpmd,
+/// which announces the guest's MAC (RARP), and the guest's ping goes on
+/// there, every frame verified.
 #[test]
 fn a_vm_on_vhost_user_migrates_mid_traffic_with_the_backend_s_pages() {
     let _one = serial();
     let dir = scratch("vu-migrate");
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let pmd_a = Testpmd::start(&dir, "nfvvu4", &format!("net_vhost0,iface={}", a.display()));
-    let pmd_b = Testpmd::start(&dir, "nfvvu5", &format!("net_vhost0,iface={}", b.display()));
+    let pmd_a = testpmd(&dir, "nfvvu4", &format!("net_vhost0,iface={}", a.display()));
+    let pmd_b = testpmd(&dir, "nfvvu5", &format!("net_vhost0,iface={}", b.display()));
     wait_for_path(&a);
     wait_for_path(&b);
     let (ctl, inbound) = (dir.join("src.sock"), dir.join("in.sock"));
     let listen = format!("unix:{}", inbound.display());
     let net_b = format!("vhost-user={}", b.display());
-    let mut dst = Running::start(&["receive", "--listen", &listen, "--net", &net_b]);
+    let mut dst = Running::start(&["receive", "--listen", &listen, "--net", &net_b, "--json"]);
     dst.wait_for("waiting for a migration");
     let net_a = format!("vhost-user={}", a.display());
     let mut args = ping_args(
@@ -387,24 +292,73 @@ fn a_vm_on_vhost_user_migrates_mid_traffic_with_the_backend_s_pages() {
     let dev = net0(&src);
     assert!(
         dev["logged_pages"].as_u64().unwrap_or(0) > 0,
-        "the backend's log brought no page: {dev}"
+        "the backend's log brought no page: {dev}\n{}\n{}",
+        r.stdout,
+        src.stderr
     );
     let dst = dst.finish(Duration::from_secs(90));
     assert_eq!(dst.code, 0, "{}", dst.stderr);
     assert!(
-        dst.stdout.contains("R ping frames=4000 bad=0"),
-        "{}\n{}",
-        dst.stdout,
+        dst.stderr.contains("R ping frames=4000 bad=0"),
+        "{}",
+        dst.stderr
+    );
+    // the destination's testpmd was asked to tell the network where the
+    // guest now is (SEND_RARP); its RARP came back to the guest through
+    // macswap, a frame that is not the guest's test frames
+    let moved = net0(&dst);
+    assert_eq!(moved["announces"], 1, "{moved}");
+    assert!(
+        !dst.stderr.contains(" other=0 "),
+        "the RARP did not reach the guest: {}",
         dst.stderr
     );
     eprintln!(
         "vhost-user migration: total {} ms, downtime {} ms, {} pages from the backend's log",
         m["total_ms"], m["downtime_ms"], dev["logged_pages"]
     );
-    let (rx, tx) = pmd_b.finish();
+    let (rx, tx) = forwarded(pmd_b);
     assert!(
         rx > 0 && rx == tx,
         "the destination's testpmd: rx {rx} tx {tx}"
     );
     drop(pmd_a);
+}
+
+/// `bench net --backend vhost-user` measures both paths in one run and
+/// says what testpmd forwarded.
+#[test]
+fn bench_net_vhost_user_measures_both_backends() {
+    let _one = serial();
+    let r = nfvisor(
+        &[
+            "bench",
+            "net",
+            "--backend",
+            "vhost-user",
+            "--frames",
+            "10",
+            "--size",
+            "64",
+            "--json",
+        ],
+        Duration::from_secs(180),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc = json(&r);
+    let results = doc["results"].as_array().unwrap();
+    for backend in ["vhost-user", "tap"] {
+        let row = results
+            .iter()
+            .find(|x| x["backend"] == backend)
+            .unwrap_or_else(|| panic!("no {backend} row: {doc}"));
+        assert_eq!(row["frames"], 10, "{row}");
+        assert!(row["rtt_avg_us"].as_u64().unwrap() > 0, "{row}");
+    }
+    let (rx, tx) = (
+        doc["testpmd"]["rx_packets"].as_u64().unwrap(),
+        doc["testpmd"]["tx_packets"].as_u64().unwrap(),
+    );
+    // two vhost-user runs: 20 warm-up frames, then 20 + 10
+    assert!(rx >= 50 && rx == tx, "testpmd rx {rx} tx {tx}");
 }

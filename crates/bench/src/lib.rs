@@ -7,6 +7,7 @@ pub mod latency;
 pub mod plot;
 pub mod ring_bench;
 pub mod startup;
+pub mod testpmd;
 pub mod zero_scan;
 
 /// Median and spread of a set of samples.

@@ -256,53 +256,72 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
     /// the driver read from the configuration space, which a destination's
     /// NIC must show it again.
     fn state(&self) -> Vec<u8> {
-        let mut s = vec![self.link_up.load(Ordering::Acquire) as u8];
-        s.extend_from_slice(&self.config.mac);
-        s.extend_from_slice(&self.config.mtu.unwrap_or(0).to_le_bytes());
-        s
+        nic_state(
+            self.link_up.load(Ordering::Acquire),
+            &self.config.mac,
+            self.config.mtu,
+        )
     }
 
     fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let [link @ (0 | 1), mac @ .., m0, m1] = state else {
-            return Err(format!(
-                "virtio-net state of {} bytes (9 expected)",
-                state.len()
-            ));
-        };
-        let mac: [u8; 6] = mac
-            .try_into()
-            .map_err(|_| format!("virtio-net state of {} bytes (9 expected)", state.len()))?;
-        let mtu = u16::from_le_bytes([*m0, *m1]);
-        let hex = |m: &[u8; 6]| {
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
-        if mac != self.config.mac {
-            return Err(format!(
-                "the guest's NIC had MAC {}, this one has {}: give it mac={}",
-                hex(&mac),
-                hex(&self.config.mac),
-                hex(&mac)
-            ));
-        }
-        if mtu != self.config.mtu.unwrap_or(0) {
-            return Err(format!(
-                "the guest's NIC had MTU {}, this one {}: give it the same mtu=",
-                if mtu == 0 {
-                    "unset".to_string()
-                } else {
-                    mtu.to_string()
-                },
-                self.config
-                    .mtu
-                    .map_or("unset".to_string(), |m| m.to_string())
-            ));
-        }
-        self.link_up.store(*link == 1, Ordering::Release);
+        let link_up = check_nic_state(state, &self.config.mac, self.config.mtu)?;
+        self.link_up.store(link_up, Ordering::Release);
         Ok(())
     }
+}
+
+/// A NIC's own state in a stream, whatever backs it (TAP or vhost-user,
+/// so a guest moves from one to the other): link, MAC, MTU (0: unset).
+pub fn nic_state(link_up: bool, mac: &[u8; 6], mtu: Option<u16>) -> Vec<u8> {
+    let mut s = vec![link_up as u8];
+    s.extend_from_slice(mac);
+    s.extend_from_slice(&mtu.unwrap_or(0).to_le_bytes());
+    s
+}
+
+/// Checks a saved NIC state against this NIC (the guest knows its MAC and
+/// MTU: they must not change under it); returns the saved link state.
+pub fn check_nic_state(
+    state: &[u8],
+    own_mac: &[u8; 6],
+    own_mtu: Option<u16>,
+) -> Result<bool, String> {
+    let [link @ (0 | 1), mac @ .., m0, m1] = state else {
+        return Err(format!(
+            "virtio-net state of {} bytes (9 expected)",
+            state.len()
+        ));
+    };
+    let mac: [u8; 6] = mac
+        .try_into()
+        .map_err(|_| format!("virtio-net state of {} bytes (9 expected)", state.len()))?;
+    let mtu = u16::from_le_bytes([*m0, *m1]);
+    let hex = |m: &[u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    if mac != *own_mac {
+        return Err(format!(
+            "the guest's NIC had MAC {}, this one has {}: give it mac={}",
+            hex(&mac),
+            hex(own_mac),
+            hex(&mac)
+        ));
+    }
+    if mtu != own_mtu.unwrap_or(0) {
+        return Err(format!(
+            "the guest's NIC had MTU {}, this one {}: give it the same mtu=",
+            if mtu == 0 {
+                "unset".to_string()
+            } else {
+                mtu.to_string()
+            },
+            own_mtu.map_or("unset".to_string(), |m| m.to_string())
+        ));
+    }
+    Ok(*link == 1)
 }
 
 /// Where the worker's frames come from and go: the TAP. A seam for the

@@ -93,6 +93,8 @@ pub struct VhostUserCounters {
     pub failed_requests: AtomicU64,
     /// Queue interrupts relayed through this process (no MSI-X vector).
     pub relayed_interrupts: AtomicU64,
+    /// RARPs the backend was asked to send for a restored guest.
+    pub announces: AtomicU64,
     /// Queue positions taken from the used ring because the backend could
     /// not say (it had gone): transmit chains it had taken but not yet
     /// completed are sent again.
@@ -123,6 +125,8 @@ struct Setup<M> {
     /// Eventfds the backend writes for queues without an irqfd: this
     /// thread raises their interrupt.
     relay: Vec<(u16, EventFd)>,
+    /// Announce this MAC once the rings run (the guest was restored).
+    announce: Option<[u8; 6]>,
 }
 
 enum Command<M> {
@@ -146,6 +150,8 @@ struct Connection {
     /// The backend can log the pages it writes into a shared bitmap
     /// (PROTOCOL_F_LOG_SHMFD): what a migration needs.
     log_shmfd: bool,
+    /// It can broadcast a RARP for the guest (PROTOCOL_F_RARP).
+    rarp: bool,
 }
 
 pub struct VhostUserNet<M> {
@@ -164,6 +170,8 @@ pub struct VhostUserNet<M> {
     _bound: Option<Unbind>,
     /// Pages the backends logged during migrations.
     logged_pages: Arc<AtomicU64>,
+    /// Restored: announce the MAC at the next activation.
+    announce: bool,
     /// The queues while the backend serves them.
     active: Option<Vec<ActiveQueue>>,
     mem: Option<M>,
@@ -360,16 +368,19 @@ fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
         ));
     }
     let protocol = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
-    let mut log_shmfd = false;
+    let (mut log_shmfd, mut rarp) = (false, false);
     if protocol {
         let offered = frontend
             .get_protocol_features()
             .map_err(|e| io_err("GET_PROTOCOL_FEATURES", e))?;
         // REPLY_ACK: every request that changes the backend is answered,
         // so a refusal is seen at the request, not later
-        let wanted =
-            offered & (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::LOG_SHMFD);
+        let wanted = offered
+            & (VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::LOG_SHMFD
+                | VhostUserProtocolFeatures::RARP);
         log_shmfd = wanted.contains(VhostUserProtocolFeatures::LOG_SHMFD);
+        rarp = wanted.contains(VhostUserProtocolFeatures::RARP);
         frontend
             .set_protocol_features(wanted)
             .map_err(|e| io_err("SET_PROTOCOL_FEATURES", e))?;
@@ -380,6 +391,7 @@ fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
         features,
         protocol,
         log_shmfd,
+        rarp,
     })
 }
 
@@ -444,38 +456,75 @@ impl DirtyLog {
     }
 }
 
-/// SET_LOG_BASE with the log's memfd, sent on the socket itself: the
-/// vhost crate waits for a 16-byte answer, but DPDK (as QEMU expects)
-/// answers with an empty one, so the crate's request would wait for ever.
-/// Only the backend thread talks on the socket: the frontend is idle.
-fn set_log_base(conn: &Connection, log: &DirtyLog) -> Result<(), String> {
-    use std::io::Read;
+/// Sends a request on the socket itself, for those the vhost crate's
+/// frontend lacks (SEND_RARP) or gets wrong with DPDK (SET_LOG_BASE: the
+/// crate waits for a 16-byte answer, DPDK answers with an empty one, as
+/// QEMU expects). Only the backend thread talks on the socket, so the
+/// crate's frontend is idle meanwhile.
+fn raw_request(
+    conn: &Connection,
+    request: u32,
+    body: &[u8],
+    fd: Option<i32>,
+) -> Result<(), String> {
+    use std::io::Write;
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-    const SET_LOG_BASE: u32 = 6;
-    let mut msg = Vec::with_capacity(28);
-    msg.extend_from_slice(&SET_LOG_BASE.to_le_bytes());
+    let mut msg = Vec::with_capacity(12 + body.len());
+    msg.extend_from_slice(&request.to_le_bytes());
     msg.extend_from_slice(&1u32.to_le_bytes()); // version 1
-    msg.extend_from_slice(&16u32.to_le_bytes());
-    msg.extend_from_slice(&log.bytes().to_le_bytes()); // mmap_size
-    msg.extend_from_slice(&0u64.to_le_bytes()); // mmap_offset
-    conn.watch
-        .send_with_fd(&msg[..], log.fd())
-        .map_err(|e| io_err("SET_LOG_BASE", e))?;
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    let sent = match fd {
+        Some(fd) => conn
+            .watch
+            .send_with_fd(&msg[..], fd)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None => (&conn.watch).write_all(&msg).map_err(|e| e.to_string()),
+    };
+    sent.map_err(|e| format!("request {request}: {e}"))
+}
+
+/// The answer to `request` sent by `raw_request`: a header, and a body of
+/// whatever size the backend chose (up to 64 bytes), skipped.
+fn raw_answer(conn: &Connection, request: u32) -> Result<(), String> {
+    use std::io::Read;
     let mut hdr = [0u8; 12];
     (&conn.watch)
         .read_exact(&mut hdr)
-        .map_err(|e| io_err("SET_LOG_BASE's answer", e))?;
+        .map_err(|e| format!("the answer to request {request}: {e}"))?;
     let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
-    let (request, flags, size) = (word(0), word(4), word(8));
-    if request != SET_LOG_BASE || flags & 0x4 == 0 || size > 64 {
+    let (answered, flags, size) = (word(0), word(4), word(8));
+    if answered != request || flags & 0x4 == 0 || size > 64 {
         return Err(format!(
-            "SET_LOG_BASE answered with request {request}, flags {flags:#x}, {size} bytes"
+            "request {request} answered as request {answered}, flags {flags:#x}, {size} bytes"
         ));
     }
     let mut body = vec![0u8; size as usize];
     (&conn.watch)
         .read_exact(&mut body)
-        .map_err(|e| io_err("SET_LOG_BASE's answer", e))
+        .map_err(|e| format!("the answer to request {request}: {e}"))
+}
+
+const SET_LOG_BASE: u32 = 6;
+const SEND_RARP: u32 = 19;
+
+/// SET_LOG_BASE: the log's memfd, its size, offset 0.
+fn set_log_base(conn: &Connection, log: &DirtyLog) -> Result<(), String> {
+    let mut body = Vec::with_capacity(16);
+    body.extend_from_slice(&log.bytes().to_le_bytes()); // mmap_size
+    body.extend_from_slice(&0u64.to_le_bytes()); // mmap_offset
+    raw_request(conn, SET_LOG_BASE, &body, Some(log.fd()))
+        .and_then(|_| raw_answer(conn, SET_LOG_BASE))
+        .map_err(|e| io_err("SET_LOG_BASE", e))
+}
+
+/// SEND_RARP: the backend broadcasts a RARP from `mac`, so switches learn
+/// where the guest now is (no answer is asked for).
+fn send_rarp(conn: &Connection, mac: &[u8; 6]) -> Result<(), String> {
+    let mut body = [0u8; 8];
+    body[..6].copy_from_slice(mac);
+    raw_request(conn, SEND_RARP, &body, None).map_err(|e| io_err("SEND_RARP", e))
 }
 
 /// The guest memory table: each region's memfd, its offset and where this
@@ -768,6 +817,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                     return;
                 }
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.announce();
                 tracing::info!(
                     "{}: backend {} is back: link up",
                     self.name,
@@ -802,14 +852,48 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                     set_up(conn, setup, &bases, log)
                 })
         });
-        if let Err(e) = &result {
-            self.counters
-                .failed_requests
-                .fetch_add(1, Ordering::Relaxed);
-            self.lost(e);
+        match &result {
+            Ok(()) => self.announce(),
+            Err(e) => {
+                self.counters
+                    .failed_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                self.lost(e);
+            }
         }
         // the guest runs either way; the link says whether frames flow
         Ok(())
+    }
+
+    /// A restored guest's MAC, announced once its rings run on a backend.
+    fn announce(&mut self) {
+        let Some(conn) = &self.conn else { return };
+        let Some(mac) = self.setup.as_mut().and_then(|s| s.announce.take()) else {
+            return;
+        };
+        if !conn.rarp {
+            devices::limited!(
+                info,
+                "{}: the backend cannot announce the guest's MAC (no PROTOCOL_F_RARP)",
+                self.name
+            );
+            return;
+        }
+        let fd = conn.watch.as_raw_fd();
+        match self
+            .watchdog
+            .guard(fd, "SEND_RARP", || send_rarp(conn, &mac))
+        {
+            Ok(()) => {
+                self.counters.announces.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.counters
+                    .failed_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                self.lost(&e);
+            }
+        }
     }
 
     /// While logging, the log exists once the guest memory is known.
@@ -1084,6 +1168,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
             _watchdog: watchdog,
             _bound: bound,
             logged_pages,
+            announce: false,
             active: None,
             mem: None,
         })
@@ -1183,6 +1268,7 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
             acked,
             rings,
             relay,
+            announce: std::mem::take(&mut self.announce).then_some(self.config.mac),
         };
         self.ask(|tx| Command::Activate(setup, tx))??;
         self.active = Some(queues);
@@ -1221,6 +1307,23 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
         queues
     }
 
+    fn state(&self) -> Vec<u8> {
+        crate::net::nic_state(
+            self.link_up.load(Ordering::Acquire),
+            &self.config.mac,
+            self.config.mtu,
+        )
+    }
+
+    /// A restored guest (migration, snapshot): the link is this host's
+    /// backend's, and the network learns where the MAC now is once the
+    /// rings run (SEND_RARP).
+    fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
+        crate::net::check_nic_state(state, &self.config.mac, self.config.mtu)?;
+        self.announce = true;
+        Ok(())
+    }
+
     fn dirty_log(&mut self, on: bool) -> Result<(), String> {
         self.ask(|tx| Command::Log(on, tx))?
     }
@@ -1253,6 +1356,7 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
                 c.positions_from_used.load(Ordering::Relaxed),
             ),
             ("link_up", self.link_up.load(Ordering::Relaxed) as u64),
+            ("announces", c.announces.load(Ordering::Relaxed)),
             ("logged_pages", self.logged_pages.load(Ordering::Relaxed)),
         ]
     }
