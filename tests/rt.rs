@@ -133,7 +133,15 @@ fn set_hugepages(n: u64) -> u64 {
 #[test]
 fn hugepages_are_used_when_reserved_and_refused_with_the_fix_when_not() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let before = set_hugepages(0);
+    // the pool goes back however the test ends (the vhost-user tests'
+    // testpmd needs it after this)
+    struct Restore(u64);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_hugepages(self.0);
+        }
+    }
+    let _restore = Restore(set_hugepages(0));
     let r = nfvisor(&["run", "--guest", "hello", "--hugepages", "2M"], T);
     assert_eq!(r.code, 71, "{}", r.stderr);
     assert!(
@@ -160,7 +168,19 @@ fn hugepages_are_used_when_reserved_and_refused_with_the_fix_when_not() {
         .iter()
         .any(|s| s["name"] == "hugepages Size2M" && s["applied"] == false));
 
-    set_hugepages(32);
+    // 32 more than are in use (a testpmd's or another run's pages stay
+    // theirs: an absolute 32 could leave none free)
+    let in_use = {
+        let read = |f: &str| -> u64 {
+            std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        read("nr_hugepages") - read("free_hugepages")
+    };
+    set_hugepages(in_use + 32);
     let mut vm = Running::start(&[
         "run",
         "--cmdline",
@@ -185,7 +205,6 @@ fn hugepages_are_used_when_reserved_and_refused_with_the_fix_when_not() {
         read("resv_hugepages"),
     );
     drop(vm);
-    set_hugepages(before);
     assert!(
         total - free + reserved >= 16,
         "16 hugepages for 32 MiB: total {total} free {free} reserved {reserved}"

@@ -57,6 +57,17 @@ impl Testpmd {
     /// vhost-user backend listening at SOCK; `,client=1` connects there),
     /// its files named by `prefix`, its log in `dir`.
     pub fn start(dir: &Path, prefix: &str, vdev: &str) -> Result<Testpmd, TestpmdError> {
+        Testpmd::start_queues(dir, prefix, vdev, 1)
+    }
+
+    /// `start`, with `queues` receive and transmit queues on the port
+    /// (the vdev says `queues=N` too); queue i forwards back to queue i.
+    pub fn start_queues(
+        dir: &Path,
+        prefix: &str,
+        vdev: &str,
+        queues: u16,
+    ) -> Result<Testpmd, TestpmdError> {
         let found = Command::new("sh")
             .args(["-c", "command -v dpdk-testpmd"])
             .output()
@@ -87,6 +98,8 @@ impl Testpmd {
                 // (its default pool, 155 k buffers, takes 340 MiB)
                 "--total-num-mbufs=16384",
             ])
+            .arg(format!("--rxq={queues}"))
+            .arg(format!("--txq={queues}"))
             .stdin(Stdio::piped())
             .stdout(out)
             .stderr(err)

@@ -56,6 +56,12 @@
  *                       frames: testpmd in macswap or io mode, a loop)
  *                       before the next leaves; the one that comes back
  *                       must carry the same seq and a good checksum.
+ *                       pairs=N (1..4): needs MQ and CTRL_VQ; every pair
+ *                       the device has is set up (up to 4), N of them
+ *                       turned on with VQ_PAIRS_SET on the control queue
+ *                       (R ctrl pairs= ack=), frame n goes out and must
+ *                       come back on pair n % N (R ping ... pairs=N
+ *                       pair0=.. at the end of the line).
  *                       resend_ms=M: a frame not back within M ms is
  *                       sent again (resent= counts them; a late twin
  *                       counts as other), until timeout_s.
@@ -116,13 +122,16 @@
 #define FRAME_MAX 1514
 #define BUF_LEN (HDR_LEN + FRAME_MAX) /* 1526, what the spec asks for */
 #define BUF_STRIDE 1536
-#define NBUF (2 * QMAX)
+#define MAXPAIRS 4 /* queue pairs set up at most (mode=ping pairs=) */
+#define NBUF (2 * QMAX * MAXPAIRS)
 #define ETHERTYPE 0x88b5
 
 /* feature bits */
 #define F_MTU 3
 #define F_MAC 5
 #define F_STATUS 16
+#define F_CTRL_VQ 17
+#define F_MQ 22
 #define ACCEPTED ((1UL << F_MTU) | (1UL << F_MAC) | (1UL << F_STATUS) | (1UL << F_VERSION_1))
 
 /* ------------------------------------------------------ interrupts --- */
@@ -165,7 +174,13 @@ static u8 entry0_vector = NET_VECTOR; /* CFG_VECTOR in mode=link */
 
 
 /* ----------------------------------------------------- virtqueues --- */
-static struct vq rxq, txq;
+/* queue pair `cur` is the one every mode drives (pair 0 but in
+ * mode=ping pairs=N, which turns through them); the control queue
+ * (mode=ping pairs=N) sets how many pairs the device uses */
+static struct vq rxqs[MAXPAIRS], txqs[MAXPAIRS], ctrlq;
+static u32 cur, setup_pairs = 1, want_pairs = 1;
+#define rxq (rxqs[cur])
+#define txq (txqs[cur])
 static u8 buffers[NBUF][BUF_STRIDE] __attribute__((aligned(4096)));
 static u32 free_bufs[NBUF], nfree;
 static u64 timeout_cycles;
@@ -477,7 +492,10 @@ static int recv(u64 count) {
 static int ping(u64 count, u64 size, u64 resend_ms) {
     u64 bad = 0, other = 0, resent = 0, rtt_min = ~0UL, rtt_max = 0, rtt_sum = 0;
     u64 resend_cycles = resend_ms * tsc_khz();
+    u64 per_pair[MAXPAIRS] = {0};
     for (u64 n = 0; n < count; n++) {
+        cur = (u32)(n % want_pairs);
+        per_pair[cur]++;
         u64 t0 = rdtsc(), sent_at = t0;
         send_test_frame(n, size);
         for (;;) {
@@ -526,7 +544,8 @@ static int ping(u64 count, u64 size, u64 resend_ms) {
         }
         progress++;
     }
-    drain_tx();
+    for (cur = 0; cur < want_pairs; cur++) drain_tx();
+    cur = 0;
     u64 khz = tsc_khz();
     puts("R ping");
     put_kv("frames", count);
@@ -539,6 +558,15 @@ static int ping(u64 count, u64 size, u64 resend_ms) {
     put_kv("irqs", irqs);
     put_kv("polled", polled);
     put_kicks();
+    if (want_pairs > 1) {
+        put_kv("pairs", want_pairs);
+        for (u32 k = 0; k < want_pairs; k++) {
+            puts(" pair");
+            put_u64(k);
+            putc('=');
+            put_u64(per_pair[k]);
+        }
+    }
     putc('\n');
     return bad ? STATUS_CORRUPT : STATUS_OK;
 }
@@ -558,13 +586,47 @@ static int want_msix, irq_ready, features_ok_stuck, link_mode;
 
 enum { INIT_OK, INIT_FEATURES_REFUSED, INIT_NEEDS_RESET };
 
+/* VIRTIO_NET_CTRL_MQ VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET on the control queue:
+ * a chain of the command (class 4, command 0), the pair count and the
+ * device's one-byte answer (0: done). R ctrl pairs= ack= */
+static struct {
+    u8 hdr[2];
+    u16 pairs;
+    u8 ack;
+} __attribute__((aligned(64))) ctrl_cmd;
+
+static void set_pairs(u32 pairs) {
+    ctrl_cmd.hdr[0] = 4;
+    ctrl_cmd.hdr[1] = 0;
+    ctrl_cmd.pairs = (u16)pairs;
+    ctrl_cmd.ack = 0xff;
+    set_desc(&ctrlq, 0, (u64)&ctrl_cmd.hdr, 2, VIRTQ_DESC_F_NEXT, 1);
+    set_desc(&ctrlq, 1, (u64)&ctrl_cmd.pairs, 2, VIRTQ_DESC_F_NEXT, 2);
+    set_desc(&ctrlq, 2, (u64)&ctrl_cmd.ack, 1, VIRTQ_DESC_F_WRITE, 0);
+    ctrlq.inflight[0] = 1;
+    ctrlq.posted_len[0] = 1;
+    publish(&ctrlq, 0);
+    kick(&ctrlq);
+    u16 d;
+    u32 token, len;
+    while (!next_used(&ctrlq, &d, &token, &len))
+        if (!wait_used(&ctrlq, timeout_cycles)) device_fail("timeout: no answer on the control queue");
+    puts("R ctrl");
+    put_kv("pairs", pairs);
+    put_kv("ack", ctrl_cmd.ack);
+    putc('\n');
+    if (ctrl_cmd.ack != 0) device_fail("the device refused VQ_PAIRS_SET");
+}
+
 /* 3.1.1 from reset to DRIVER_OK, every receive buffer posted with post_rx;
  * prints R negotiated. With bad = BAD_QSIZE3, BAD_RING_OUTSIDE or
  * BAD_UNOFFERED it misbehaves on the way, and returns as soon as the device
  * has answered (features refused, needs reset). */
 static int init_device(int bad, int post_rx) {
     offered = begin_init();
-    features = offered & (ACCEPTED | (want_event_idx ? 1UL << F_EVENT_IDX : 0));
+    u64 mq = want_pairs > 1 ? (1UL << F_MQ) | (1UL << F_CTRL_VQ) : 0;
+    if ((offered & mq) != mq) device_fail("pairs= needs a device that offers MQ and CTRL_VQ");
+    features = offered & (ACCEPTED | mq | (want_event_idx ? 1UL << F_EVENT_IDX : 0));
     event_idx = (features & (1UL << F_EVENT_IDX)) != 0;
     u64 acked = features;
     if (bad == BAD_UNOFFERED) acked |= 1UL << 33; /* ACCESS_PLATFORM, never offered here */
@@ -581,6 +643,12 @@ static int init_device(int bad, int post_rx) {
     if (devcfg.found && devcfg.len < 8 && (features & (1UL << F_STATUS))) device_fail("device config too short for status");
     if (devcfg.found && devcfg.len < 6 && (features & (1UL << F_MAC))) device_fail("device config too short for mac");
     read_config(&link_status, &mtu);
+    setup_pairs = 1;
+    if (mq) {
+        setup_pairs = cfg16(8); /* max_virtqueue_pairs */
+        if (setup_pairs < want_pairs || setup_pairs > MAXPAIRS)
+            device_fail("max_virtqueue_pairs below pairs= or above what this driver sets up");
+    }
 
     /* interrupts: config on entry 0, receiveq 1, transmitq 2 (all on 0
      * when the table is smaller) */
@@ -602,9 +670,13 @@ static int init_device(int bad, int post_rx) {
         mw16(common.addr + C_MSIX, vcfg);
         if (mr16(common.addr + C_MSIX) != vcfg) msix = 0;
     }
-    u16 grx = queue_setup(&rxq, 0, msix ? vrx : NO_VECTOR, bad);
-    u16 gtx = queue_setup(&txq, 1, msix ? vtx : NO_VECTOR, bad);
-    if (msix && (grx != vrx || gtx != vtx)) msix = 0; /* refused: poll */
+    for (cur = 0; cur < setup_pairs; cur++) {
+        u16 grx = queue_setup(&rxq, (u16)(2 * cur), msix ? vrx : NO_VECTOR, bad);
+        u16 gtx = queue_setup(&txq, (u16)(2 * cur + 1), msix ? vtx : NO_VECTOR, bad);
+        if (msix && (grx != vrx || gtx != vtx)) msix = 0; /* refused: poll */
+    }
+    cur = 0;
+    if (mq) queue_setup(&ctrlq, (u16)(2 * setup_pairs), NO_VECTOR, 0);
     msix_on = msix;
     set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
     if (get_status() & (S_NEEDS_RESET | S_FAILED)) {
@@ -616,9 +688,13 @@ static int init_device(int bad, int post_rx) {
     nfree = 0;
     for (u32 b = NBUF; b > 0; b--) give_buf(b - 1);
     if (post_rx) {
-        for (u16 d = 0; d < rxq.size; d++) post(&rxq, d, take_buf(), BUF_LEN, VIRTQ_DESC_F_WRITE);
-        kick(&rxq);
+        for (cur = 0; cur < setup_pairs; cur++) {
+            for (u16 d = 0; d < rxq.size; d++) post(&rxq, d, take_buf(), BUF_LEN, VIRTQ_DESC_F_WRITE);
+            kick(&rxq);
+        }
+        cur = 0;
     }
+    if (mq) set_pairs(want_pairs);
 
     puts("R negotiated features=");
     put_hex(features);
@@ -963,6 +1039,8 @@ int guest_main(void) {
     arg_u64("size", &size);
     arg_u64("timeout_s", &timeout_s);
     arg_u64("resend_ms", &resend_ms);
+    u64 pairs_arg = 1;
+    arg_u64("pairs", &pairs_arg);
     arg_u64("event_idx", &want_event_idx);
     int m_echo = streq(mode, "echo"), m_send = streq(mode, "send"), m_recv = streq(mode, "recv"),
         m_bad = streq(mode, "bad"), m_link = streq(mode, "link"), m_ping = streq(mode, "ping");
@@ -974,6 +1052,9 @@ int guest_main(void) {
     if (m_bad && !bad_case[0]) fail(STATUS_BAD_ARGS, "mode=bad needs case=NAME");
     if (!timeout_s || timeout_s > 3600) fail(STATUS_BAD_ARGS, "timeout_s must be 1..3600");
     if (want_event_idx > 1) fail(STATUS_BAD_ARGS, "event_idx must be 0 or 1");
+    if (!pairs_arg || pairs_arg > MAXPAIRS) fail(STATUS_BAD_ARGS, "pairs must be 1..4");
+    if (pairs_arg > 1 && !m_ping) fail(STATUS_BAD_ARGS, "pairs= is for mode=ping");
+    want_pairs = (u32)pairs_arg;
     timeout_cycles = tsc_khz() * 1000 * timeout_s;
     want_msix = irq[0] == 'm';
     link_mode = m_link;

@@ -21,7 +21,7 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,10 +38,15 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::{ActiveQueue, Interrupt, VirtioDevice, WorkerThread};
 
-/// One receive and one transmit queue (the control queue and more pairs
-/// are not offered yet).
-const QUEUES: usize = 2;
+/// The most queue pairs a NIC takes (`queues=`).
+pub const MAX_PAIRS: u16 = 16;
 const QUEUE_SIZE: u16 = 256;
+/// The longest control command read (class, command, data).
+const CTRL_MAX: usize = 64;
+const CTRL_CLASS_MQ: u8 = 4;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const CTRL_OK: u8 = 0;
+const CTRL_ERR: u8 = 1;
 /// A backend's answer to one request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// Between two connection attempts to a backend that went away.
@@ -78,6 +83,10 @@ pub struct VhostUserNetConfig {
     pub server: bool,
     pub mac: [u8; 6],
     pub mtu: Option<u16>,
+    /// Queue pairs (1: no MQ, no control queue; more: MQ and a control
+    /// queue this process serves, VQ_PAIRS_SET turning the backend's rings
+    /// on and off).
+    pub pairs: u16,
     /// How long start-up waits for the backend.
     pub connect_timeout: Duration,
 }
@@ -127,13 +136,26 @@ struct Setup<M> {
     relay: Vec<(u16, EventFd)>,
     /// Announce this MAC once the rings run (the guest was restored).
     announce: Option<[u8; 6]>,
+    /// The control queue (MQ), served here.
+    ctrl: Option<CtrlQueue>,
+    /// Pairs the guest turned on (VQ_PAIRS_SET; 1 until it does).
+    pairs_on: Arc<AtomicU16>,
+    max_pairs: u16,
+}
+
+/// The control queue as this process serves it.
+struct CtrlQueue {
+    queue: virtio_queue::Queue,
+    kick: EventFd,
+    index: u16,
 }
 
 enum Command<M> {
     Activate(Setup<M>, mpsc::Sender<Result<(), String>>),
     /// Stops the rings: each one's next available index as the backend
-    /// says it (None: the backend could not say).
-    Stop(mpsc::Sender<Vec<Option<u16>>>),
+    /// says it (None: the backend could not say), and the control queue
+    /// as this thread left it.
+    Stop(mpsc::Sender<(Vec<Option<u16>>, Option<virtio_queue::Queue>)>),
     /// Dirty logging on or off (a migration).
     Log(bool, mpsc::Sender<Result<(), String>>),
     /// The pages logged since the last harvest: (first page, 64 bits).
@@ -152,6 +174,8 @@ struct Connection {
     log_shmfd: bool,
     /// It can broadcast a RARP for the guest (PROTOCOL_F_RARP).
     rarp: bool,
+    /// Queue pairs it serves (PROTOCOL_F_MQ's GET_QUEUE_NUM; 1 without).
+    pairs: u64,
 }
 
 pub struct VhostUserNet<M> {
@@ -172,6 +196,11 @@ pub struct VhostUserNet<M> {
     logged_pages: Arc<AtomicU64>,
     /// Restored: announce the MAC at the next activation.
     announce: bool,
+    /// Pairs the guest turned on (shared with the backend thread).
+    pairs_on: Arc<AtomicU16>,
+    /// The receive and transmit queues among `active` (the control queue
+    /// follows them).
+    data_queues: usize,
     /// The queues while the backend serves them.
     active: Option<Vec<ActiveQueue>>,
     mem: Option<M>,
@@ -357,7 +386,7 @@ fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
         .set_write_timeout(Some(REQUEST_DEADLINE))
         .map_err(|e| io_err("socket deadlines", e))?;
     let watch = stream.try_clone().map_err(|e| io_err("socket", e))?;
-    let mut frontend = Frontend::from_stream(stream, QUEUES as u64);
+    let mut frontend = Frontend::from_stream(stream, 2 * MAX_PAIRS as u64);
     frontend.set_owner().map_err(|e| io_err("SET_OWNER", e))?;
     let features = frontend
         .get_features()
@@ -368,7 +397,7 @@ fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
         ));
     }
     let protocol = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
-    let (mut log_shmfd, mut rarp) = (false, false);
+    let (mut log_shmfd, mut rarp, mut pairs) = (false, false, 1);
     if protocol {
         let offered = frontend
             .get_protocol_features()
@@ -378,12 +407,19 @@ fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
         let wanted = offered
             & (VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::LOG_SHMFD
-                | VhostUserProtocolFeatures::RARP);
+                | VhostUserProtocolFeatures::RARP
+                | VhostUserProtocolFeatures::MQ);
         log_shmfd = wanted.contains(VhostUserProtocolFeatures::LOG_SHMFD);
         rarp = wanted.contains(VhostUserProtocolFeatures::RARP);
+        let mq = wanted.contains(VhostUserProtocolFeatures::MQ);
         frontend
             .set_protocol_features(wanted)
             .map_err(|e| io_err("SET_PROTOCOL_FEATURES", e))?;
+        if mq {
+            pairs = frontend
+                .get_queue_num()
+                .map_err(|e| io_err("GET_QUEUE_NUM", e))?;
+        }
     }
     Ok(Connection {
         frontend,
@@ -392,6 +428,7 @@ fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
         protocol,
         log_shmfd,
         rarp,
+        pairs,
     })
 }
 
@@ -628,9 +665,6 @@ fn set_up<M: GuestMemoryBackend>(
     log: Option<&DirtyLog>,
 ) -> Result<(), String> {
     let fe = &conn.frontend;
-    // (the crate's frontend takes &mut for some requests; a clone shares
-    // the one connection)
-    let mut fe_mut = conn.frontend.clone();
     fe.set_features(backend_features(conn, setup, log)?)
         .map_err(|e| io_err("SET_FEATURES", e))?;
     fe.set_mem_table(&memory_table(&setup.mem)?)
@@ -662,14 +696,56 @@ fn set_up<M: GuestMemoryBackend>(
             .map_err(|e| io_err("SET_VRING_KICK", e))?;
     }
     if conn.protocol {
-        // with PROTOCOL_FEATURES the rings start disabled
-        for r in &setup.rings {
-            fe_mut
-                .set_vring_enable(r.index, true)
-                .map_err(|e| io_err("SET_VRING_ENABLE", e))?;
-        }
+        // with PROTOCOL_FEATURES the rings start disabled: those of the
+        // pairs the guest turned on go on
+        enable_pairs(conn, setup)?;
     }
     Ok(())
+}
+
+/// SET_VRING_ENABLE for every ring: on for the pairs the guest turned on.
+fn enable_pairs<M>(conn: &Connection, setup: &Setup<M>) -> Result<(), String> {
+    let on = setup.pairs_on.load(Ordering::Acquire) as usize;
+    // (the crate's frontend takes &mut for this request; a clone shares
+    // the one connection)
+    let mut fe = conn.frontend.clone();
+    for r in &setup.rings {
+        fe.set_vring_enable(r.index, r.index / 2 < on)
+            .map_err(|e| io_err("SET_VRING_ENABLE", e))?;
+    }
+    Ok(())
+}
+
+/// A control command read from a chain: its bytes (class, command,
+/// data) and where its one-byte answer goes.
+fn read_ctrl<M: GuestMemoryBackend>(
+    mem: &M,
+    chain: virtio_queue::DescriptorChain<&M>,
+) -> Result<(Vec<u8>, GuestAddress), String> {
+    use vm_memory::Bytes;
+    let descs = crate::whole_chain(chain).ok_or("a chain cut short")?;
+    let (ack, cmd) = descs.split_last().ok_or("an empty chain")?;
+    if !ack.is_write_only() || ack.len() < 1 {
+        return Err("the chain does not end in a writable byte for the answer".into());
+    }
+    let mut bytes = Vec::new();
+    for d in cmd {
+        if d.is_write_only() {
+            return Err("a writable descriptor before the answer".into());
+        }
+        let len = d.len() as usize;
+        if bytes.len() + len > CTRL_MAX {
+            return Err(format!("a command longer than {CTRL_MAX} bytes"));
+        }
+        let at = bytes.len();
+        bytes.resize(at + len, 0);
+        mem.read_slice(&mut bytes[at..], d.addr())
+            .map_err(|e| format!("reading the command at {:#x}: {e}", d.addr().0))?;
+    }
+    if bytes.len() < 2 {
+        return Err("a command shorter than its class and code".into());
+    }
+    Ok((bytes, ack.addr()))
 }
 
 /// Turns a running backend's logging on (`log`) or off, as a migration
@@ -724,6 +800,7 @@ const T_COMMAND: u64 = 1;
 const T_HANGUP: u64 = 2;
 const T_LISTENER: u64 = 3;
 const T_RETRY: u64 = 4;
+const T_CTRL: u64 = 5;
 const T_RELAY: u64 = 100;
 
 impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
@@ -839,6 +916,9 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
         for (q, e) in &setup.relay {
             self.watch(e.as_raw_fd(), T_RELAY + *q as u64, EventSet::IN)?;
         }
+        if let Some(c) = &setup.ctrl {
+            self.watch(c.kick.as_raw_fd(), T_CTRL, EventSet::IN)?;
+        }
         let bases: Vec<u16> = setup.rings.iter().map(|r| r.base).collect();
         self.setup = Some(setup);
         let result = self.ensure_log().and_then(|_| {
@@ -893,6 +973,97 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                     .fetch_add(1, Ordering::Relaxed);
                 self.lost(&e);
             }
+        }
+    }
+
+    /// Answers the control queue's commands: VQ_PAIRS_SET turns the
+    /// backend's rings on and off; anything else is answered ERR.
+    fn serve_ctrl(&mut self) {
+        loop {
+            let Some(setup) = self.setup.as_mut() else {
+                return;
+            };
+            let Some(ctrl) = setup.ctrl.as_mut() else {
+                return;
+            };
+            let _ = ctrl.kick.read();
+            let (head, parsed) = match crate::pop_chain(&mut ctrl.queue, &setup.mem) {
+                crate::Popped::Chain(c) => (c.head_index(), read_ctrl(&setup.mem, c)),
+                crate::Popped::Empty => return,
+                crate::Popped::Broken(why) => {
+                    devices::limited!(warn, "{}: control queue: {why}", self.name);
+                    return;
+                }
+            };
+            let (answer, ack_at) = match parsed {
+                Ok((cmd, at)) => (self.control_command(&cmd), Some(at)),
+                Err(why) => {
+                    devices::limited!(warn, "{}: control queue: {why}", self.name);
+                    (CTRL_ERR, None)
+                }
+            };
+            let Some(setup) = self.setup.as_mut() else {
+                return;
+            };
+            let Some(ctrl) = setup.ctrl.as_mut() else {
+                return;
+            };
+            let written = ack_at.is_some_and(|at| {
+                use vm_memory::Bytes;
+                setup.mem.write_obj(answer, at).is_ok()
+            });
+            if ctrl
+                .queue
+                .add_used(&setup.mem, head, written as u32)
+                .is_err()
+            {
+                return;
+            }
+            let _ = crate::signal_used(
+                &mut ctrl.queue,
+                &setup.mem,
+                setup.interrupt.as_ref(),
+                ctrl.index,
+            );
+        }
+    }
+
+    /// One control command; its answer.
+    fn control_command(&mut self, cmd: &[u8]) -> u8 {
+        let Some(setup) = &self.setup else {
+            return CTRL_ERR;
+        };
+        let mq = setup.acked & 1 << VIRTIO_NET_F_MQ != 0;
+        match cmd {
+            [CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] if mq => {
+                let n = u16::from_le_bytes([*lo, *hi]);
+                if n == 0 || n > setup.max_pairs {
+                    devices::limited!(
+                        warn,
+                        "{}: VQ_PAIRS_SET {n} refused (1 to {})",
+                        self.name,
+                        setup.max_pairs
+                    );
+                    return CTRL_ERR;
+                }
+                setup.pairs_on.store(n, Ordering::Release);
+                let Some(conn) = &self.conn else {
+                    // the backend gets them when it is back
+                    return CTRL_OK;
+                };
+                let fd = conn.watch.as_raw_fd();
+                let done = self
+                    .watchdog
+                    .guard(fd, "SET_VRING_ENABLE", || enable_pairs(conn, setup));
+                if let Err(e) = done {
+                    self.counters
+                        .failed_requests
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.lost(&e);
+                }
+                CTRL_OK
+            }
+            _ => CTRL_ERR,
         }
     }
 
@@ -960,13 +1131,17 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
         words
     }
 
-    fn stop(&mut self) -> Vec<Option<u16>> {
-        let Some(setup) = self.setup.take() else {
-            return Vec::new();
+    fn stop(&mut self) -> (Vec<Option<u16>>, Option<virtio_queue::Queue>) {
+        let Some(mut setup) = self.setup.take() else {
+            return (Vec::new(), None);
         };
         for (_, e) in &setup.relay {
             self.unwatch(e.as_raw_fd());
         }
+        let ctrl = setup.ctrl.take().map(|c| {
+            self.unwatch(c.kick.as_raw_fd());
+            c.queue
+        });
         let mut failed = None;
         let bases = setup
             .rings
@@ -1005,7 +1180,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
             self.lost(&why);
             self.setup = None;
         }
-        bases
+        (bases, ctrl)
     }
 
     fn run(mut self, stop: EventFd, wake: EventFd) {
@@ -1056,6 +1231,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                         }
                     }
                     T_HANGUP => self.lost("the socket closed"),
+                    T_CTRL => self.serve_ctrl(),
                     T_LISTENER => {
                         let accepted = self.listener.as_ref().map(|l| l.accept());
                         match accepted {
@@ -1125,6 +1301,18 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
         let stream = open_socket(&config.socket, listener.as_ref(), deadline).map_err(at)?;
         let watchdog = StopWatchdog(Watchdog::start(name).map_err(at)?);
         let conn = negotiate(stream, &watchdog.0).map_err(at)?;
+        if config.pairs > 1 && conn.pairs < config.pairs as u64 {
+            return Err(at(format!(
+                "queues={} asked, the backend serves {} queue pair(s){}",
+                config.pairs,
+                conn.pairs,
+                if conn.pairs == 1 {
+                    " (no PROTOCOL_F_MQ, or one pair)"
+                } else {
+                    ""
+                }
+            )));
+        }
         let backend_features = conn.features & PASSED_THROUGH;
         let (commands, rx) = mpsc::channel();
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| at(e.to_string()))?;
@@ -1169,6 +1357,8 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
             _bound: bound,
             logged_pages,
             announce: false,
+            pairs_on: Arc::new(AtomicU16::new(1)),
+            data_queues: 0,
             active: None,
             mem: None,
         })
@@ -1202,14 +1392,20 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
 
     fn features(&self) -> u64 {
         let mut f = self.backend_features | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS;
+        if self.config.pairs > 1 {
+            f |= 1 << VIRTIO_NET_F_MQ | 1 << VIRTIO_NET_F_CTRL_VQ;
+        }
         if self.config.mtu.is_some() {
             f |= 1 << VIRTIO_NET_F_MTU;
         }
         f
     }
 
+    /// rx0, tx0, rx1, tx1, ... and, with more than one pair, the control
+    /// queue.
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE; QUEUES]
+        let pairs = self.config.pairs as usize;
+        vec![QUEUE_SIZE; 2 * pairs + (pairs > 1) as usize]
     }
 
     /// mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
@@ -1222,7 +1418,7 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
             0
         };
         space[6..8].copy_from_slice(&status.to_le_bytes());
-        space[8..10].copy_from_slice(&1u16.to_le_bytes());
+        space[8..10].copy_from_slice(&self.config.pairs.max(1).to_le_bytes());
         space[10..12].copy_from_slice(&self.config.mtu.unwrap_or(1500).to_le_bytes());
         crate::read_config_space(&space, offset, data);
     }
@@ -1234,15 +1430,38 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
         queues: Vec<ActiveQueue>,
         acked: u64,
     ) -> Result<(), String> {
-        if queues.len() != QUEUES {
+        // (2.7 of virtio-net: without MQ, one pair and the control queue
+        // right after it)
+        let mq = acked & 1 << VIRTIO_NET_F_MQ != 0;
+        let ctrl_on = acked & 1 << VIRTIO_NET_F_CTRL_VQ != 0;
+        let data = if mq {
+            2 * self.config.pairs as usize
+        } else {
+            2
+        };
+        if queues.len() != data + ctrl_on as usize {
             return Err(format!(
-                "virtio-net needs its receive and transmit queues enabled ({} enabled)",
+                "virtio-net here needs every queue enabled: {} receive and transmit queues{} ({} enabled)",
+                data,
+                if ctrl_on { " and the control queue" } else { "" },
                 queues.len()
             ));
         }
+        if !mq {
+            self.pairs_on.store(1, Ordering::Release);
+        }
+        let ctrl = match queues.get(data) {
+            Some(aq) if ctrl_on => Some(CtrlQueue {
+                queue: virtio_queue::Queue::try_from(aq.queue.state())
+                    .map_err(|e| format!("the control queue: {e:?}"))?,
+                kick: aq.kick.try_clone().map_err(|e| e.to_string())?,
+                index: data as u16,
+            }),
+            _ => None,
+        };
         let mut rings = Vec::new();
         let mut relay = Vec::new();
-        for (i, aq) in queues.iter().enumerate() {
+        for (i, aq) in queues.iter().enumerate().take(data) {
             let q = &aq.queue;
             let call = interrupt.queue_eventfd(i as u16);
             if call.is_none() {
@@ -1269,9 +1488,13 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
             rings,
             relay,
             announce: std::mem::take(&mut self.announce).then_some(self.config.mac),
+            ctrl,
+            pairs_on: self.pairs_on.clone(),
+            max_pairs: self.config.pairs.max(1),
         };
         self.ask(|tx| Command::Activate(setup, tx))??;
         self.active = Some(queues);
+        self.data_queues = data;
         self.mem = Some(mem);
         Ok(())
     }
@@ -1280,9 +1503,14 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
         let Some(mut queues) = self.active.take() else {
             return Vec::new();
         };
-        let bases = self.ask(Command::Stop).unwrap_or_default();
+        let (bases, ctrl) = self.ask(Command::Stop).unwrap_or_default();
         let mem = self.mem.take();
-        for (i, aq) in queues.iter_mut().enumerate() {
+        let data = std::mem::take(&mut self.data_queues);
+        if let (Some(q), Some(aq)) = (ctrl, queues.get_mut(data)) {
+            // the control queue as the thread that served it left it
+            aq.queue = q;
+        }
+        for (i, aq) in queues.iter_mut().enumerate().take(data) {
             let used = mem
                 .as_ref()
                 .and_then(|m| aq.queue.used_idx(m, Ordering::Acquire).ok())
@@ -1307,19 +1535,36 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
         queues
     }
 
+    /// The NIC's state as a TAP NIC's (so a guest moves between the two),
+    /// and, with more than one pair, the pairs the guest turned on.
     fn state(&self) -> Vec<u8> {
-        crate::net::nic_state(
+        let mut s = crate::net::nic_state(
             self.link_up.load(Ordering::Acquire),
             &self.config.mac,
             self.config.mtu,
-        )
+        );
+        if self.config.pairs > 1 {
+            s.extend_from_slice(&self.pairs_on.load(Ordering::Acquire).to_le_bytes());
+        }
+        s
     }
 
     /// A restored guest (migration, snapshot): the link is this host's
     /// backend's, and the network learns where the MAC now is once the
     /// rings run (SEND_RARP).
     fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
-        crate::net::check_nic_state(state, &self.config.mac, self.config.mtu)?;
+        let (nic, pairs) = match state.len() {
+            11 => (&state[..9], u16::from_le_bytes([state[9], state[10]])),
+            _ => (state, 1),
+        };
+        crate::net::check_nic_state(nic, &self.config.mac, self.config.mtu)?;
+        if pairs == 0 || pairs > self.config.pairs.max(1) {
+            return Err(format!(
+                "the guest had {pairs} queue pairs on, this NIC has {} (queues=)",
+                self.config.pairs.max(1)
+            ));
+        }
+        self.pairs_on.store(pairs, Ordering::Release);
         self.announce = true;
         Ok(())
     }

@@ -39,6 +39,8 @@ pub struct NetSpec {
     pub rx_bw: Option<u64>,
     pub tx_pps: Option<u64>,
     pub tx_bw: Option<u64>,
+    /// Queue pairs (vhost-user only, for now).
+    pub queues: u16,
 }
 
 /// The MTUs a NIC takes.
@@ -50,6 +52,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
     let bad = |why: String| Error::Config(format!("--net {spec:?}: {why}"));
     let (mut tap, mut mac, mut mtu) = (None, None, None);
     let mut server = None;
+    let mut queues = 1u16;
     let mut limits: [Option<u64>; 4] = [None; 4];
     for part in spec.split(',') {
         match part.split_once('=') {
@@ -74,6 +77,14 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
                 return Err(bad(format!(
                     "mode {m:?}: client (connect to the backend) or server (listen for it)"
                 )))
+            }
+            Some(("queues", q)) => {
+                let max = virtio::vhost_user_net::MAX_PAIRS;
+                queues = q
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| (1..=max).contains(n))
+                    .ok_or_else(|| bad(format!("queues {q:?}: queue pairs, 1 to {max}")))?;
             }
             Some(("mac", m)) => mac = Some(virtio::net::parse_mac(m).map_err(bad)?),
             Some(("mtu", m)) => {
@@ -110,7 +121,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
             }
             _ => {
                 return Err(bad(format!(
-                    "unknown part {part:?} (use tap=NAME, fd=N or vhost-user=SOCKET, then mac=, mtu=, rx-pps=, rx-bw=, tx-pps=, tx-bw=, mode= for vhost-user)"
+                    "unknown part {part:?} (use tap=NAME, fd=N or vhost-user=SOCKET, then mac=, mtu=, rx-pps=, rx-bw=, tx-pps=, tx-bw=; mode= and queues= for vhost-user)"
                 )))
             }
         }
@@ -121,6 +132,11 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
         (TapSource::VhostUser { .. }, None) => {}
         (_, Some(_)) => return Err(bad("mode= is for vhost-user=".into())),
         _ => {}
+    }
+    if queues > 1 && !matches!(tap, TapSource::VhostUser { .. }) {
+        return Err(bad(
+            "queues= is for vhost-user NICs (a TAP NIC has one queue pair for now)".into(),
+        ));
     }
     if matches!(tap, TapSource::VhostUser { .. }) && limits.iter().any(Option::is_some) {
         // the frames never pass through this process: the backend (the
@@ -137,6 +153,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
         rx_bw: limits[1],
         tx_pps: limits[2],
         tx_bw: limits[3],
+        queues,
     })
 }
 
@@ -184,6 +201,7 @@ pub fn attach(
                     server: *server,
                     mac,
                     mtu: spec.mtu,
+                    pairs: spec.queues,
                     connect_timeout: VHOST_USER_CONNECT_TIMEOUT,
                 },
             )
@@ -257,6 +275,9 @@ mod tests {
             ("tap=x,mode=server", "mode= is for vhost-user"),
             ("vhost-user=/s,mode=both", "mode \"both\""),
             ("vhost-user=/s,tx-pps=10", "rate limits"),
+            ("tap=x,queues=2", "queues= is for vhost-user"),
+            ("vhost-user=/s,queues=0", "queues \"0\""),
+            ("vhost-user=/s,queues=17", "queues \"17\""),
             ("vhost-user=", "unknown part"),
         ] {
             let e = parse_net(bad).unwrap_err().to_string();
