@@ -119,14 +119,22 @@ fn exits_can_be_disabled_and_halt_polling_set() {
     assert_eq!(doc["guest"]["histograms"][0]["count"], 200);
 }
 
-fn set_hugepages(n: u64) -> u64 {
-    let path = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
-    let before: u64 = std::fs::read_to_string(path)
+/// A 2 MiB hugepage count from sysfs (nr_hugepages, free_hugepages, ...).
+fn hugepages_2m(f: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
         .unwrap()
         .trim()
         .parse()
-        .unwrap();
-    std::fs::write(path, n.to_string()).unwrap();
+        .unwrap()
+}
+
+fn set_hugepages(n: u64) -> u64 {
+    let before = hugepages_2m("nr_hugepages");
+    std::fs::write(
+        "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages",
+        n.to_string(),
+    )
+    .unwrap();
     before
 }
 
@@ -170,17 +178,7 @@ fn hugepages_are_used_when_reserved_and_refused_with_the_fix_when_not() {
 
     // 32 more than are in use (a testpmd's or another run's pages stay
     // theirs: an absolute 32 could leave none free)
-    let in_use = {
-        let read = |f: &str| -> u64 {
-            std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        };
-        read("nr_hugepages") - read("free_hugepages")
-    };
-    set_hugepages(in_use + 32);
+    set_hugepages(hugepages_2m("nr_hugepages") - hugepages_2m("free_hugepages") + 32);
     let mut vm = Running::start(&[
         "run",
         "--cmdline",
@@ -191,13 +189,7 @@ fn hugepages_are_used_when_reserved_and_refused_with_the_fix_when_not() {
         "32M",
     ]);
     vm.wait_for("vCPU 0 runs on host thread");
-    let read = |f: &str| -> u64 {
-        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let read = hugepages_2m;
     // pages in use plus pages reserved for the mapping (faulted in lazily)
     let (total, free, reserved) = (
         read("nr_hugepages"),
