@@ -33,6 +33,9 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("rng", |d| {
         let _ = virtio::fuzzing::rng(&mut Unstructured::new(d));
     }),
+    ("net_ctrl", |d| {
+        let _ = virtio::fuzzing::net_ctrl(&mut Unstructured::new(d));
+    }),
     ("pci", |d| {
         let _ = virtio::fuzzing::pci(&mut Unstructured::new(d));
     }),

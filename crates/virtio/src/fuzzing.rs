@@ -634,6 +634,35 @@ pub fn rng(u: &mut Unstructured) -> arbitrary::Result<()> {
     Ok(())
 }
 
+/// vhost-user-net's control queue (served by the VMM): commands as chains
+/// (a guest's, some bent: no answer byte, writable pieces in the command,
+/// commands too long, addresses outside memory) or raw rings, with MQ or
+/// not and any pair count. Every used entry says at most the one answer
+/// byte, and a pair count taken lies in 1..=max.
+pub fn net_ctrl(u: &mut Unstructured) -> arbitrary::Result<()> {
+    const SIZE: u16 = 64;
+    let ring = Ring::arbitrary(u)?;
+    let (mq, max_pairs): (bool, u8) = Arbitrary::arbitrary(u)?;
+    let max_pairs = u16::from(max_pairs % 17);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+        .expect("memory");
+    let vq = lay_ring(&mem, 0, SIZE, DATA, &ring);
+    let Ok(mut q) = vq.create_queue::<Queue>() else {
+        return Ok(());
+    };
+    let served = crate::vhost_user_net::serve_ctrl_queue(&mem, &mut q, mq, max_pairs);
+    if let Some(n) = served.pairs {
+        assert!(
+            mq && (1..=max_pairs).contains(&n),
+            "pairs {n} of {max_pairs} taken"
+        );
+    }
+    for (id, len) in used(&vq, SIZE) {
+        assert!(len <= 1, "control chain {id}: {len} bytes said written");
+    }
+    Ok(())
+}
+
 /// An access width as a CPU makes one (and some no CPU makes).
 fn width(w: u8) -> usize {
     [1, 2, 4, 8, 1, 2, 4, 0, 3, 5][w as usize % 10]

@@ -774,6 +774,84 @@ fn used_index<M: GuestMemoryBackend>(mem: &M, r: &Ring) -> Option<u16> {
         .ok()
 }
 
+/// What a pass over the control queue did.
+#[derive(Debug)]
+pub struct CtrlServed {
+    /// Commands answered (used entries added).
+    pub answered: u32,
+    /// The last VQ_PAIRS_SET taken (1 to the most pairs).
+    pub pairs: Option<u16>,
+    /// Why commands were answered ERR.
+    pub refused: Vec<String>,
+    /// Err: the ring itself could not be served.
+    pub broken: Result<(), String>,
+}
+
+/// Answers every command posted on the control queue `queue`: with MQ,
+/// VQ_PAIRS_SET of 1 to `max_pairs` is OK (and returned, for the caller to
+/// apply); everything else, and every malformed chain, is answered ERR.
+/// The one parser of guest control commands (the fuzz target's too).
+pub fn serve_ctrl_queue<M: GuestMemoryBackend>(
+    mem: &M,
+    queue: &mut virtio_queue::Queue,
+    mq: bool,
+    max_pairs: u16,
+) -> CtrlServed {
+    use vm_memory::Bytes;
+    let mut served = CtrlServed {
+        answered: 0,
+        pairs: None,
+        refused: Vec::new(),
+        broken: Ok(()),
+    };
+    loop {
+        let (head, parsed) = match crate::pop_chain(queue, mem) {
+            crate::Popped::Chain(c) => (c.head_index(), read_ctrl(mem, c)),
+            crate::Popped::Empty => return served,
+            crate::Popped::Broken(why) => {
+                served.broken = Err(why);
+                return served;
+            }
+        };
+        let (answer, ack_at) = match parsed {
+            Ok((cmd, at)) => {
+                let answer = match cmd.as_slice() {
+                    [CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] if mq => {
+                        let n = u16::from_le_bytes([*lo, *hi]);
+                        if (1..=max_pairs).contains(&n) {
+                            served.pairs = Some(n);
+                            CTRL_OK
+                        } else {
+                            served
+                                .refused
+                                .push(format!("VQ_PAIRS_SET {n} refused (1 to {max_pairs})"));
+                            CTRL_ERR
+                        }
+                    }
+                    [class, command, ..] => {
+                        served
+                            .refused
+                            .push(format!("command {class}.{command} is not served"));
+                        CTRL_ERR
+                    }
+                    _ => CTRL_ERR,
+                };
+                (answer, Some(at))
+            }
+            Err(why) => {
+                served.refused.push(why);
+                (CTRL_ERR, None)
+            }
+        };
+        let written = ack_at.is_some_and(|at| mem.write_obj(answer, at).is_ok());
+        if let Err(e) = queue.add_used(mem, head, written as u32) {
+            served.broken = Err(format!("{e:?}"));
+            return served;
+        }
+        served.answered += 1;
+    }
+}
+
 /// The thread that owns the backend connection.
 struct Backend<M> {
     name: String,
@@ -979,46 +1057,22 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
     /// Answers the control queue's commands: VQ_PAIRS_SET turns the
     /// backend's rings on and off; anything else is answered ERR.
     fn serve_ctrl(&mut self) {
-        loop {
-            let Some(setup) = self.setup.as_mut() else {
-                return;
-            };
-            let Some(ctrl) = setup.ctrl.as_mut() else {
-                return;
-            };
-            let _ = ctrl.kick.read();
-            let (head, parsed) = match crate::pop_chain(&mut ctrl.queue, &setup.mem) {
-                crate::Popped::Chain(c) => (c.head_index(), read_ctrl(&setup.mem, c)),
-                crate::Popped::Empty => return,
-                crate::Popped::Broken(why) => {
-                    devices::limited!(warn, "{}: control queue: {why}", self.name);
-                    return;
-                }
-            };
-            let (answer, ack_at) = match parsed {
-                Ok((cmd, at)) => (self.control_command(&cmd), Some(at)),
-                Err(why) => {
-                    devices::limited!(warn, "{}: control queue: {why}", self.name);
-                    (CTRL_ERR, None)
-                }
-            };
-            let Some(setup) = self.setup.as_mut() else {
-                return;
-            };
-            let Some(ctrl) = setup.ctrl.as_mut() else {
-                return;
-            };
-            let written = ack_at.is_some_and(|at| {
-                use vm_memory::Bytes;
-                setup.mem.write_obj(answer, at).is_ok()
-            });
-            if ctrl
-                .queue
-                .add_used(&setup.mem, head, written as u32)
-                .is_err()
-            {
-                return;
-            }
+        let Some(setup) = self.setup.as_mut() else {
+            return;
+        };
+        let Some(ctrl) = setup.ctrl.as_mut() else {
+            return;
+        };
+        let _ = ctrl.kick.read();
+        let mq = setup.acked & 1 << VIRTIO_NET_F_MQ != 0;
+        let served = serve_ctrl_queue(&setup.mem, &mut ctrl.queue, mq, setup.max_pairs);
+        if let Err(why) = &served.broken {
+            devices::limited!(warn, "{}: control queue: {why}", self.name);
+        }
+        for why in &served.refused {
+            devices::limited!(warn, "{}: control queue: {why}", self.name);
+        }
+        if served.answered > 0 {
             let _ = crate::signal_used(
                 &mut ctrl.queue,
                 &setup.mem,
@@ -1026,44 +1080,24 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                 ctrl.index,
             );
         }
-    }
-
-    /// One control command; its answer.
-    fn control_command(&mut self, cmd: &[u8]) -> u8 {
-        let Some(setup) = &self.setup else {
-            return CTRL_ERR;
+        let Some(n) = served.pairs else {
+            return;
         };
-        let mq = setup.acked & 1 << VIRTIO_NET_F_MQ != 0;
-        match cmd {
-            [CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] if mq => {
-                let n = u16::from_le_bytes([*lo, *hi]);
-                if n == 0 || n > setup.max_pairs {
-                    devices::limited!(
-                        warn,
-                        "{}: VQ_PAIRS_SET {n} refused (1 to {})",
-                        self.name,
-                        setup.max_pairs
-                    );
-                    return CTRL_ERR;
-                }
-                setup.pairs_on.store(n, Ordering::Release);
-                let Some(conn) = &self.conn else {
-                    // the backend gets them when it is back
-                    return CTRL_OK;
-                };
-                let fd = conn.watch.as_raw_fd();
-                let done = self
-                    .watchdog
-                    .guard(fd, "SET_VRING_ENABLE", || enable_pairs(conn, setup));
-                if let Err(e) = done {
-                    self.counters
-                        .failed_requests
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.lost(&e);
-                }
-                CTRL_OK
-            }
-            _ => CTRL_ERR,
+        setup.pairs_on.store(n, Ordering::Release);
+        let Some(conn) = &self.conn else {
+            // the backend gets them when it is back
+            return;
+        };
+        let fd = conn.watch.as_raw_fd();
+        let setup = &*setup;
+        let done = self
+            .watchdog
+            .guard(fd, "SET_VRING_ENABLE", || enable_pairs(conn, setup));
+        if let Err(e) = done {
+            self.counters
+                .failed_requests
+                .fetch_add(1, Ordering::Relaxed);
+            self.lost(&e);
         }
     }
 
@@ -1604,5 +1638,87 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
             ("announces", c.announces.load(Ordering::Relaxed)),
             ("logged_pages", self.logged_pages.load(Ordering::Relaxed)),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    /// Posts one chain of (addr, len, flags) pieces at descriptor `first`.
+    fn post(
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        first: u16,
+        pieces: &[(u64, u32, u16)],
+        slot: u16,
+    ) {
+        for (i, (addr, len, flags)) in pieces.iter().enumerate() {
+            let d = first + i as u16;
+            let last = i + 1 == pieces.len();
+            let f = flags | if last { 0 } else { NEXT };
+            let desc = Descriptor::new(*addr, *len, f, if last { 0 } else { d + 1 });
+            vq.desc_table().store(d, RawDescriptor::from(desc)).unwrap();
+        }
+        vq.avail()
+            .ring()
+            .ref_at(slot as usize)
+            .unwrap()
+            .store(first);
+        vq.avail().idx().store(slot + 1);
+    }
+
+    #[test]
+    fn vq_pairs_set_is_answered_and_bad_commands_get_err() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
+        // VQ_PAIRS_SET 2: class and command, the count, the answer byte
+        mem.write_slice(&[CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET], GuestAddress(0x8000))
+            .unwrap();
+        mem.write_obj(2u16, GuestAddress(0x8010)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(0x8020)).unwrap();
+        post(
+            &vq,
+            0,
+            &[(0x8000, 2, 0), (0x8010, 2, 0), (0x8020, 1, WRITE)],
+            0,
+        );
+        let served = serve_ctrl_queue(&mem, &mut q, true, 4);
+        assert_eq!((served.answered, served.pairs), (1, Some(2)));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8020)).unwrap(), CTRL_OK);
+        // 9 pairs of 4: ERR, nothing taken
+        mem.write_obj(9u16, GuestAddress(0x8010)).unwrap();
+        post(
+            &vq,
+            3,
+            &[(0x8000, 2, 0), (0x8010, 2, 0), (0x8020, 1, WRITE)],
+            1,
+        );
+        let served = serve_ctrl_queue(&mem, &mut q, true, 4);
+        assert_eq!((served.answered, served.pairs), (1, None));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8020)).unwrap(), CTRL_ERR);
+        // without MQ negotiated, and a chain with no answer byte: ERR and
+        // an empty answer, the queue goes on
+        mem.write_obj(2u16, GuestAddress(0x8010)).unwrap();
+        post(
+            &vq,
+            6,
+            &[(0x8000, 2, 0), (0x8010, 2, 0), (0x8020, 1, WRITE)],
+            2,
+        );
+        post(&vq, 9, &[(0x8000, 2, 0), (0x8010, 2, 0)], 3);
+        let served = serve_ctrl_queue(&mem, &mut q, false, 4);
+        assert_eq!((served.answered, served.pairs), (2, None));
+        assert_eq!(served.refused.len(), 2, "{:?}", served.refused);
+        assert!(served.broken.is_ok());
+        assert_eq!(vq.used().idx().load(), 4);
+        let last = vq.used().ring().ref_at(3).unwrap().load();
+        assert_eq!(last.len(), 0, "no answer byte: nothing written");
     }
 }
