@@ -486,6 +486,8 @@ impl Vmm {
         let fd =
             match (fds.len(), &n.tap) {
                 (0, Some(_)) => None,
+                // a vhost-user NIC: its backend's socket, no TAP
+                (0, None) if n.vhost_user || n.vhost_socket.is_some() => None,
                 (0, None) => return Err(err(
                     500,
                     what,

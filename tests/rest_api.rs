@@ -791,3 +791,43 @@ fn the_openapi_document_lists_exactly_the_served_routes() {
     let _ = api.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A vhost-user NIC as Cloud Hypervisor's API describes one (`vhost_user`,
+/// `vhost_socket`, `vhost_mode`), served by DPDK's testpmd: the guest's
+/// pings come back, every one verified.
+#[test]
+fn a_vhost_user_nic_created_through_the_api_reaches_testpmd() {
+    let dir = scratch("api-vhost-user");
+    let g = guests(&dir);
+    let sock = dir.join("pmd.sock");
+    let pmd = bench::testpmd::Testpmd::start(
+        &dir,
+        "nfvapi1",
+        &format!("net_vhost0,iface={}", sock.display()),
+    )
+    .unwrap_or_else(|e| panic!("{e} (.ci/run does this)"));
+    pmd.wait_forwarding().unwrap_or_else(|e| panic!("{e}"));
+    let api = Api::start(&dir, &[]);
+    let body = serde_json::json!({
+        "payload": {"kernel": g.join("net-probe.elf"),
+                    "cmdline": "mode=ping count=50 size=64 timeout_s=20"},
+        "memory": {"size": 33554432},
+        "serial": {"mode": "Tty"},
+        "net": [{"vhost_user": true, "vhost_socket": sock, "vhost_mode": "Client",
+                 "num_queues": 2, "mac": "52:54:00:12:34:56"}],
+    })
+    .to_string();
+    let (code, out) = api.call("PUT", "vm.create", Some(&body));
+    assert_eq!(code, 204, "{out}");
+    let (code, out) = api.call("PUT", "vm.boot", None);
+    assert_eq!(code, 204, "{out}");
+    let t = Instant::now();
+    while api.state() != "Shutdown" {
+        assert!(t.elapsed() < T, "the guest did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, stdout) = api.shutdown();
+    assert!(stdout.contains("R ping frames=50 bad=0"), "{stdout}");
+    let (rx, tx) = pmd.finish().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((rx, tx), (50, 50));
+}

@@ -734,11 +734,9 @@ pub fn disk_spec(d: &DiskConfig) -> Result<String, String> {
 
 /// `--net` for a NIC on `tap`.
 fn net_spec(n: &NetConfig, tap: &TapFrom) -> Result<String, String> {
-    if n.vhost_user || n.vhost_socket.is_some() {
-        return Err("vhost_user: not in nfvisor yet".into());
-    }
-    if n.num_queues.is_some_and(|q| q != 2) {
-        return Err("num_queues: one queue pair (2)".into());
+    let vhost_user = n.vhost_user || n.vhost_socket.is_some();
+    if !vhost_user && n.num_queues.is_some_and(|q| q != 2) {
+        return Err("num_queues: one queue pair (2) on a TAP".into());
     }
 
     if n.host_mac.is_some() {
@@ -750,9 +748,13 @@ fn net_spec(n: &NetConfig, tap: &TapFrom) -> Result<String, String> {
     if n.pci_segment.is_some_and(|s| s != 0) {
         return Err("pci_segment: nfvisor's devices are on segment 0".into());
     }
-    let mut s = match tap {
-        TapFrom::Name(name) => format!("tap={name}"),
-        TapFrom::Fd(fd) => format!("fd={fd}"),
+    let mut s = if vhost_user {
+        vhost_user_spec(n)?
+    } else {
+        match tap {
+            TapFrom::Name(name) => format!("tap={name}"),
+            TapFrom::Fd(fd) => format!("fd={fd}"),
+        }
     };
     if let Some(mac) = &n.mac {
         s.push_str(&format!(",mac={mac}"));
@@ -772,6 +774,41 @@ fn net_spec(n: &NetConfig, tap: &TapFrom) -> Result<String, String> {
         }
     }
     vmm::virtio_net::parse_net(&s).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Cloud Hypervisor's vhost-user net (`vhost_user`, `vhost_socket`,
+/// `vhost_mode` client or server: who connects, as there; `num_queues`
+/// counts queues, two a pair) as nfvisor's `vhost-user=` spec.
+fn vhost_user_spec(n: &NetConfig) -> Result<String, String> {
+    let socket = n
+        .vhost_socket
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .ok_or("vhost_user: vhost_socket (the backend's socket) is needed")?;
+    if socket.contains(',') {
+        return Err(format!("vhost_socket {socket:?}: a path with a comma"));
+    }
+    let mode = match n
+        .vhost_mode
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("client") => "client",
+        Some("server") => "server",
+        Some(m) => return Err(format!("vhost_mode {m:?}: Client or Server")),
+    };
+    let mut s = format!("vhost-user={socket},mode={mode}");
+    if let Some(q) = n.num_queues {
+        if q < 2 || q % 2 != 0 {
+            return Err(format!("num_queues {q}: two a queue pair, at least 2"));
+        }
+        s.push_str(&format!(",queues={}", q / 2));
+    }
+    if n.tap.is_some() {
+        return Err("tap and vhost_user: one or the other".into());
+    }
     Ok(s)
 }
 
@@ -867,6 +904,49 @@ mod tests {
             let ch: ChVmConfig = serde_json::from_value(body).unwrap();
             let e = ch.to_vm_config(&[]).unwrap_err();
             assert!(e.starts_with(field), "{patch}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_vhost_user_nic_maps_to_nfvisor_s_vhost_user_spec() {
+        let spec = |body: &str| {
+            let n: NetConfig = serde_json::from_str(body).unwrap();
+            net_spec(&n, &TapFrom::Name(String::new()))
+        };
+        assert_eq!(
+            spec(
+                r#"{"vhost_user": true, "vhost_socket": "/run/sw/a.sock", "vhost_mode": "Server",
+                     "num_queues": 4, "mac": "52:54:00:00:00:02"}"#
+            )
+            .unwrap(),
+            "vhost-user=/run/sw/a.sock,mode=server,queues=2,mac=52:54:00:00:00:02"
+        );
+        assert_eq!(
+            spec(r#"{"vhost_user": true, "vhost_socket": "/s"}"#).unwrap(),
+            "vhost-user=/s,mode=client"
+        );
+        for (body, why) in [
+            (r#"{"vhost_user": true}"#, "vhost_socket"),
+            (
+                r#"{"vhost_user": true, "vhost_socket": "/s", "vhost_mode": "both"}"#,
+                "vhost_mode",
+            ),
+            (
+                r#"{"vhost_user": true, "vhost_socket": "/s", "num_queues": 3}"#,
+                "num_queues 3",
+            ),
+            (
+                r#"{"vhost_user": true, "vhost_socket": "/s", "tap": "t0"}"#,
+                "tap and vhost_user",
+            ),
+            (
+                r#"{"vhost_user": true, "vhost_socket": "/s",
+                    "rate_limiter_config": {"ops": {"size": 100, "refill_time": 100}}}"#,
+                "rate limits",
+            ),
+        ] {
+            let e = spec(body).unwrap_err();
+            assert!(e.contains(why), "{body}: {e}");
         }
     }
 
