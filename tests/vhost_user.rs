@@ -82,13 +82,22 @@ fn testpmd_reflects_every_frame_and_its_counters_agree() {
     assert_eq!(dev["link_up"], 1, "{dev}");
     assert_eq!(dev["backend_disconnects"], 0, "{dev}");
     assert_eq!(dev["backend_failed_requests"], 0, "{dev}");
-    // no frame passed through nfvisor: its vCPU saw kicks at most as MMIO
-    // writes to the notify area, KVM turned them into eventfd signals
+    // guest memory in 2 MiB hugepages (a hugetlb memfd) is mapped by the
+    // backend the same way
+    let mut args = ping_args(&net, "mode=ping count=100 size=64 timeout_s=20");
+    args.extend(["--hugepages", "2M", "--memory", "32M"]);
+    let run = nfvisor(&args, Duration::from_secs(90));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("R ping frames=100 bad=0 other=0"),
+        "{}",
+        run.stderr
+    );
     let (rx, tx) = forwarded(pmd);
     assert_eq!(
         (rx, tx),
-        (300, 300),
-        "testpmd's counters against the guest's"
+        (400, 400),
+        "testpmd's counters against the guests'"
     );
 }
 
@@ -171,8 +180,10 @@ fn server_mode_testpmd_connects_to_nfvisor() {
     );
 }
 
-/// A backend of our own that answers badly: `features` to GET_FEATURES, or
-/// (None) nothing at all.
+/// A backend of our own that answers badly, or minimally: `features` to
+/// GET_FEATURES, no protocol feature (so no LOG_SHMFD, no MQ), one queue
+/// pair, ring position 0 to GET_VRING_BASE, and no data path at all; or
+/// (None) nothing at all. It serves one connection.
 fn fake_backend(sock: &Path, features: Option<u64>) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(sock).unwrap();
     std::thread::spawn(move || {
@@ -188,17 +199,75 @@ fn fake_backend(sock: &Path, features: Option<u64>) -> std::thread::JoinHandle<(
                 return;
             }
             let Some(f) = features else { continue };
-            // GET_FEATURES (1): a u64 reply, version 1 and the reply flag
-            if request == 1 {
+            // GET_FEATURES (1), GET_PROTOCOL_FEATURES (15), GET_QUEUE_NUM
+            // (17): a u64; GET_VRING_BASE (11): the ring's index and 0
+            let answer: Option<Vec<u8>> = match request {
+                1 => Some(f.to_le_bytes().to_vec()),
+                15 => Some(0u64.to_le_bytes().to_vec()),
+                17 => Some(1u64.to_le_bytes().to_vec()),
+                11 => Some([&body[..4.min(body.len())], &[0u8; 4][..]].concat()),
+                _ => None,
+            };
+            if let Some(a) = answer {
                 let mut reply = Vec::new();
-                reply.extend_from_slice(&1u32.to_le_bytes());
+                reply.extend_from_slice(&request.to_le_bytes());
+                // version 1 and the reply flag
                 reply.extend_from_slice(&5u32.to_le_bytes());
-                reply.extend_from_slice(&8u32.to_le_bytes());
-                reply.extend_from_slice(&f.to_le_bytes());
+                reply.extend_from_slice(&(a.len() as u32).to_le_bytes());
+                reply.extend_from_slice(&a);
                 let _ = s.write_all(&reply);
             }
         }
     })
+}
+
+/// A backend that cannot log the pages it writes (no LOG_SHMFD): a
+/// migration is refused before any page leaves, and the guest runs on.
+#[test]
+fn a_backend_without_dirty_logging_refuses_the_migration() {
+    let dir = scratch("vu-nolog");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    // VERSION_1 and PROTOCOL_FEATURES
+    let features = 1 << 32 | 1 << 30;
+    let fake_a = fake_backend(&a, Some(features));
+    let fake_b = fake_backend(&b, Some(features));
+    let (ctl, inbound) = (dir.join("src.sock"), dir.join("in.sock"));
+    let listen = format!("unix:{}", inbound.display());
+    let net_b = format!("vhost-user={}", b.display());
+    let mut dst = Running::start(&["receive", "--listen", &listen, "--net", &net_b]);
+    dst.wait_for("waiting for a migration");
+    let net_a = format!("vhost-user={}", a.display());
+    let ctl_arg = ctl.to_str().unwrap();
+    let mut src = Running::start(&[
+        "run",
+        "--guest",
+        "net-probe",
+        "--cmdline",
+        "mode=echo count=0",
+        "--net",
+        &net_a,
+        "--control-socket",
+        ctl_arg,
+        "--json",
+    ]);
+    src.wait_for("R negotiated");
+    let r = migrate(ctl_arg, &listen, &[]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot log the guest pages it writes")
+            && r.stderr.contains("the guest runs on here"),
+        "{}",
+        r.stderr
+    );
+    let status = nfvisor(
+        &["status", "--control-socket", ctl_arg, "--json"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    assert_eq!(json(&status)["state"], "running", "{}", status.stdout);
+    drop(src);
+    drop(dst);
+    let _ = (fake_a.join(), fake_b.join());
 }
 
 #[test]
