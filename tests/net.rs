@@ -197,8 +197,9 @@ fn a_nic_migrates_mid_traffic_without_duplicates_or_corruption() {
     drop(dst);
 }
 
-/// Snapshot and restore of a VM with a NIC: the restored guest echoes on
-/// (its queues where they were), on another TAP.
+/// Snapshot and restore of a VM with a NIC: the restored NIC announces
+/// the guest's MAC (RARP) and the guest echoes on (its queues where they
+/// were), on another TAP.
 #[test]
 fn a_vm_with_a_nic_is_snapshotted_and_restored() {
     let ns = Netns::new();
@@ -233,6 +234,20 @@ fn a_vm_with_a_nic_is_snapshotted_and_restored() {
         .args(["--net", "tap=nfvtapb"]);
     let mut restored = Vm::start(restored);
     restored.wait_for("vCPU 0 runs on host thread", T);
+    // the restored NIC announces the guest's MAC on its new TAP (a RARP,
+    // as QEMU sends for a guest without GUEST_ANNOUNCE)
+    let t0 = std::time::Instant::now();
+    let announced = loop {
+        match recv_frame(&sock) {
+            Some(f) if f.len() >= 42 && f[12..14] == [0x80, 0x35] => break Some(f),
+            _ if t0.elapsed() > Duration::from_secs(10) => break None,
+            _ => {}
+        }
+    };
+    let rarp = announced.expect("no RARP from the restored NIC within 10 s");
+    assert_eq!(rarp[..6], [0xff; 6], "to the broadcast address");
+    assert_eq!(rarp[6..12], [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+    assert_eq!(rarp[20..22], [0, 3], "a reverse request");
     until_echoing(&sock, Duration::from_secs(10));
     let there = echo_stream(&sock, 10, Duration::from_millis(30), &mut || {});
     assert!(

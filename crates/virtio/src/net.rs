@@ -58,6 +58,8 @@ pub struct NetCounters {
     /// A frame read from the TAP while no buffer was posted, dropped when
     /// the device stopped (pause, reset).
     pub rx_dropped_at_stop: AtomicU64,
+    /// RARPs sent for a restored or migrated guest's MAC.
+    pub announces: AtomicU64,
 }
 
 /// How a NIC is set up.
@@ -79,6 +81,8 @@ pub struct Net<M> {
     pub counters: Arc<NetCounters>,
     link_up: Arc<AtomicBool>,
     worker: Option<WorkerThread<Vec<ActiveQueue>>>,
+    /// Restored: the worker announces the MAC when it starts.
+    announce: bool,
     _mem: std::marker::PhantomData<M>,
 }
 
@@ -90,6 +94,7 @@ impl<M> Net<M> {
             counters: Arc::default(),
             link_up: Arc::new(AtomicBool::new(true)),
             worker: None,
+            announce: false,
             _mem: std::marker::PhantomData,
         }
     }
@@ -192,6 +197,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             rx_throttled: false,
             tx_throttled: false,
             timer: None,
+            announce: std::mem::take(&mut self.announce).then_some(self.config.mac),
         };
         self.worker = Some(WorkerThread::spawn(
             format!("net-{}", self.tap.name),
@@ -235,6 +241,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             ("rx_throttled", l(&c.rx_throttled)),
             ("tx_throttled", l(&c.tx_throttled)),
             ("rx_dropped_at_stop", l(&c.rx_dropped_at_stop)),
+            ("announces", l(&c.announces)),
             ("link_up", self.link_up.load(Ordering::Relaxed) as u64),
         ]
     }
@@ -266,8 +273,29 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
     fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
         let link_up = check_nic_state(state, &self.config.mac, self.config.mtu)?;
         self.link_up.store(link_up, Ordering::Release);
+        // the guest is somewhere new (a restore, a migration's
+        // destination): the network learns where its MAC now is
+        self.announce = true;
         Ok(())
     }
+}
+
+/// The RARP QEMU sends for a guest that cannot announce itself (no
+/// GUEST_ANNOUNCE), behind an empty virtio-net header: from `mac` to the
+/// broadcast address, "reverse request" for `mac`, so every switch on the
+/// way learns the guest's new port.
+pub fn rarp(mac: &[u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0x80, 0x35]); // ETH_P_RARP
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]); // Ethernet, IPv4, op 3
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(VNET_HDR_LEN + 60, 0);
+    f
 }
 
 /// A NIC's own state in a stream, whatever backs it (TAP or vhost-user,
@@ -372,6 +400,8 @@ struct Worker<M, P = Tap> {
     rx_throttled: bool,
     tx_throttled: bool,
     timer: Option<TimerFd>,
+    /// Restored: announce this MAC (a RARP on the TAP) once running.
+    announce: Option<[u8; 6]>,
 }
 
 const EV_TAP: u64 = 0;
@@ -408,6 +438,11 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
         if !ok {
             tracing::error!("net {}: epoll registration failed", self.tap.port_name());
             return self.into_queues();
+        }
+        if let Some(mac) = self.announce.take() {
+            if self.link_up.load(Ordering::Acquire) && self.tap.write_frame(&rarp(&mac)).is_ok() {
+                self.counters.announces.fetch_add(1, Ordering::Relaxed);
+            }
         }
         // buffers or frames the driver posted while the device was stopped
         // (a kick consumed before a pause, a restored queue)
@@ -758,6 +793,7 @@ pub(crate) fn fuzz_run<M: GuestMemory + Clone + Send + Sync + 'static, P: FrameP
         rx_throttled: false,
         tx_throttled: false,
         timer: None,
+        announce: None,
     };
     for _ in 0..4 {
         w.transmit();
@@ -856,6 +892,7 @@ mod tests {
             rx_throttled: false,
             tx_throttled: false,
             timer: None,
+            announce: None,
         };
         w.transmit();
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
