@@ -45,6 +45,15 @@ pub struct Options {
     /// hugepages).
     #[arg(long, default_value = "tap", value_parser = ["tap", "vhost-user"])]
     pub backend: String,
+    /// echo: round trips and costs per frame; migration: the network
+    /// downtime of a live migration (TAPs on one learning bridge, the host
+    /// probing the guest at half the echo rate it sustains), beside the
+    /// VM downtime.
+    #[arg(long, default_value = "echo", value_parser = ["echo", "migration"])]
+    pub scenario: String,
+    /// With --scenario migration: migrations measured.
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
     #[arg(long)]
     pub json: bool,
 }
@@ -147,6 +156,13 @@ fn packet_socket(ns: &str, dev: &str) -> Result<OwnedFd> {
     .map_err(|_| anyhow::anyhow!("the socket thread panicked"))?
 }
 
+/// One frame from a packet socket into `buf`: its length (negative: none
+/// came within the socket's timeout).
+fn recv(fd: std::os::fd::RawFd, buf: &mut [u8]) -> isize {
+    // SAFETY: the buffer is valid for its length.
+    unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) }
+}
+
 fn frame(seq: u32, size: usize) -> Vec<u8> {
     let mut f = Vec::with_capacity(size);
     f.extend_from_slice(&GUEST_MAC);
@@ -174,15 +190,7 @@ fn echo_of(sock: &OwnedFd, seq: u32, deadline: Instant) -> Option<Duration> {
     let t0 = Instant::now();
     let mut buf = vec![0u8; 2048];
     while Instant::now() < deadline {
-        // SAFETY: the buffer is valid for its length.
-        let n = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-            )
-        };
+        let n = recv(sock.as_raw_fd(), &mut buf);
         if n >= 18
             && buf[0..6] == HOST_MAC
             && buf[12..14] == ETHERTYPE
@@ -340,6 +348,9 @@ pub fn run(o: &Options) -> Result<u8> {
     anyhow::ensure!(o.frames > 0, "--frames must be at least 1");
     for &s in &o.size {
         anyhow::ensure!((60..=1514).contains(&s), "--size {s}: 60 to 1514 bytes");
+    }
+    if o.scenario == "migration" {
+        return run_network_downtime(o);
     }
     if o.backend == "vhost-user" {
         return run_guest_pings(o);
@@ -566,15 +577,7 @@ fn ping_figures(
 fn reflect(sock: OwnedFd, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     let mut buf = vec![0u8; 2048];
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        // SAFETY: the buffer is valid for its length.
-        let n = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-            )
-        };
+        let n = recv(sock.as_raw_fd(), &mut buf);
         // the guest's frames come from its MAC; the reflected ones (seen
         // going out) from the broadcast address it sent them to
         if n >= 14 && buf[6..12] == GUEST_MAC && buf[12..14] == ETHERTYPE {
@@ -684,6 +687,294 @@ fn run_guest_pings(o: &Options) -> Result<u8> {
             println!("TAP / vhost-user at {} B: {r}", r["size"]);
         }
         println!("testpmd forwarded {rx} frames in, {tx} out");
+    }
+    Ok(0)
+}
+
+/// One migration's figures, network and VM.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NetworkDowntime {
+    /// The probe period (half the echo rate measured before).
+    pub probe_period_ms: f64,
+    /// The VM's downtime as the migration reports it.
+    pub vm_downtime_ms: f64,
+    /// The longest gap between two echoes around the hand-over.
+    pub network_downtime_ms: f64,
+    pub network_downtime_periods: f64,
+    /// Probes sent and those never echoed (by sequence number).
+    pub probes: u32,
+    pub lost: u32,
+    pub migration_total_ms: f64,
+    /// Echoes after the migration command returned (the guest answers on
+    /// the destination).
+    pub echoes_after: u32,
+    /// The target: within one probe period and 2 ms of the VM downtime.
+    pub within_target: bool,
+}
+
+/// `--scenario migration`: the guest echoes on a TAP of a learning bridge;
+/// it migrates to a VM on another TAP of the same bridge while the host
+/// probes it; the longest silence is the network downtime.
+fn run_network_downtime(o: &Options) -> Result<u8> {
+    anyhow::ensure!(o.runs > 0, "--runs must be at least 1");
+    let exe = std::env::current_exe().context("locating the nfvisor binary")?;
+    let dir = std::env::temp_dir().join(format!("nfvisor-bench-netmig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ns = Netns::new("nfvbench0")?;
+    ip(&[
+        "-n",
+        &ns.0,
+        "tuntap",
+        "add",
+        "dev",
+        "nfvbench1",
+        "mode",
+        "tap",
+    ])?;
+    // a learning bridge, as a host's: after the hand-over it learns the
+    // guest's new port (from the RARP the destination's NIC sends, or by
+    // flooding once the source's TAP goes down and its entries with it)
+    ip(&["-n", &ns.0, "link", "add", "nfvbr0", "type", "bridge"])?;
+    for t in ["nfvbench0", "nfvbench1"] {
+        ip(&["-n", &ns.0, "link", "set", t, "master", "nfvbr0"])?;
+        ip(&["-n", &ns.0, "link", "set", t, "up"])?;
+    }
+    // the prober: a veth into the bridge
+    ip(&[
+        "-n",
+        &ns.0,
+        "link",
+        "add",
+        "nfvprobe",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "nfvprobe-br",
+    ])?;
+    ip(&[
+        "-n",
+        &ns.0,
+        "link",
+        "set",
+        "nfvprobe-br",
+        "master",
+        "nfvbr0",
+    ])?;
+    for l in ["nfvprobe-br", "nfvprobe", "nfvbr0"] {
+        ip(&["-n", &ns.0, "link", "set", l, "up"])?;
+    }
+    let sock = packet_socket(&ns.0, "nfvprobe")?;
+    let exec = |args: &[&str]| -> Result<Child> {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(&exe)
+            .args(args)
+            .env("NFVISOR_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nfvisor")
+    };
+    let mut results = Vec::new();
+    for run in 0..o.runs {
+        let (ctl, inbound) = (
+            dir.join(format!("src{run}.sock")),
+            dir.join(format!("in{run}.sock")),
+        );
+        let listen = format!("unix:{}", inbound.display());
+        let mut dst = exec(&[
+            "receive",
+            "--listen",
+            &listen,
+            "--net",
+            "tap=nfvbench1,mac=52:54:00:12:34:56",
+        ])?;
+        let mut src = exec(&[
+            "run",
+            "--guest",
+            "net-probe",
+            "--cmdline",
+            "mode=echo count=0",
+            "--net",
+            "tap=nfvbench0,mac=52:54:00:12:34:56",
+            "--control-socket",
+            ctl.to_str().unwrap_or_default(),
+        ])?;
+        let measured = (|| -> Result<NetworkDowntime> {
+            let t0 = Instant::now();
+            while !inbound.exists() || !ctl.exists() {
+                if t0.elapsed() > Duration::from_secs(30) {
+                    bail!("the VMs did not start within 30 s");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // the echo rate: 50 ping-pongs once the guest answers
+            let mut seq = 1_000_000u32;
+            let mut rtts = Vec::new();
+            let t0 = Instant::now();
+            while rtts.len() < 50 {
+                if t0.elapsed() > Duration::from_secs(60) {
+                    bail!("the guest did not echo within 60 s");
+                }
+                send(&sock, &frame(seq, 64));
+                if let Some(d) = echo_of(&sock, seq, Instant::now() + Duration::from_millis(200)) {
+                    rtts.push(d);
+                }
+                seq += 1;
+            }
+            rtts.sort();
+            let period = (rtts[rtts.len() / 2] * 2).max(Duration::from_micros(200));
+            // probes every period from a thread; echoes taken here
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let sender = {
+                let sock = sock.try_clone()?;
+                let stop = stop.clone();
+                std::thread::spawn(move || -> u32 {
+                    let mut n = 0u32;
+                    let start = Instant::now();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        send(&sock, &frame(n, 64));
+                        n += 1;
+                        let next = start + period * n;
+                        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    n
+                })
+            };
+            let echoes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u32, Instant)>::new()));
+            let receiver = {
+                let sock = sock.try_clone()?;
+                let stop = stop.clone();
+                let echoes = echoes.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 2048];
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let n = recv(sock.as_raw_fd(), &mut buf);
+                        if n >= 18 && buf[0..6] == HOST_MAC && buf[12..14] == ETHERTYPE {
+                            let seq = u32::from_le_bytes([buf[14], buf[15], buf[16], buf[17]]);
+                            if seq < 1_000_000 {
+                                echoes
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push((seq, Instant::now()));
+                            }
+                        }
+                    }
+                })
+            };
+            std::thread::sleep(Duration::from_millis(500));
+            let m0 = Instant::now();
+            let out = Command::new(&exe)
+                .args([
+                    "migrate",
+                    "--control-socket",
+                    ctl.to_str().unwrap_or_default(),
+                    "--to",
+                    &listen,
+                    "--json",
+                ])
+                .env("NFVISOR_LOG", "warn")
+                .stdin(Stdio::null())
+                .output()
+                .context("running nfvisor migrate")?;
+            let m1 = Instant::now();
+            std::thread::sleep(Duration::from_millis(700));
+            let end = Instant::now();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let probes = sender.join().unwrap_or(0);
+            let _ = receiver.join();
+            if !out.status.success() {
+                bail!(
+                    "the migration failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let report: serde_json::Value =
+                serde_json::from_slice(&out.stdout).context("migrate --json")?;
+            let m = &report["migration"];
+            let echoes = echoes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut seen = vec![false; probes as usize];
+            for (s, _) in &echoes {
+                if let Some(x) = seen.get_mut(*s as usize) {
+                    *x = true;
+                }
+            }
+            // the longest silence between echoes that spans the migration
+            // command's run (the hand-over lies inside it)
+            let mut times: Vec<Instant> = echoes.iter().map(|(_, t)| *t).collect();
+            times.sort();
+            let echoes_after = times.iter().filter(|t| **t > m1).count() as u32;
+            // (the end stands for an echo: a guest that never echoes again
+            // is a silence that lasts to the end, not no silence)
+            times.push(end);
+            let gap = times
+                .windows(2)
+                .filter(|w| w[1] >= m0 && w[0] <= m1)
+                .map(|w| w[1] - w[0])
+                .max()
+                .unwrap_or_default();
+            let net_ms = gap.as_secs_f64() * 1e3;
+            let period_ms = period.as_secs_f64() * 1e3;
+            let vm_ms = m["downtime_ms"].as_f64().unwrap_or(f64::NAN);
+            Ok(NetworkDowntime {
+                probe_period_ms: period_ms,
+                vm_downtime_ms: vm_ms,
+                network_downtime_ms: net_ms,
+                network_downtime_periods: net_ms / period_ms,
+                probes,
+                lost: seen.iter().filter(|s| !**s).count() as u32,
+                migration_total_ms: m["total_ms"].as_f64().unwrap_or(f64::NAN),
+                echoes_after,
+                within_target: net_ms <= vm_ms + period_ms + 2.0,
+            })
+        })();
+        let _ = src.kill();
+        let _ = dst.kill();
+        let _ = (src.wait(), dst.wait());
+        let _ = std::fs::remove_file(&ctl);
+        let _ = std::fs::remove_file(&inbound);
+        let r = measured?;
+        tracing::info!("run {}: {r:?}", run + 1);
+        results.push(r);
+    }
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
+    let med = |f: fn(&NetworkDowntime) -> f64| {
+        let v: Vec<f64> = results.iter().map(f).collect();
+        bench::Spread::of(&v)
+    };
+    let summary = serde_json::json!({
+        "network_downtime_ms": med(|r| r.network_downtime_ms),
+        "vm_downtime_ms": med(|r| r.vm_downtime_ms),
+        "probe_period_ms": med(|r| r.probe_period_ms),
+        "lost": med(|r| r.lost as f64),
+    });
+    if o.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "runs": results, "median": summary })
+            )?
+        );
+    } else {
+        for (i, r) in results.iter().enumerate() {
+            println!(
+                "run {}: network downtime {:.1} ms ({:.1} probe periods of {:.2} ms), VM downtime {:.2} ms, {} of {} probes lost, migration {:.1} ms{}",
+                i + 1,
+                r.network_downtime_ms,
+                r.network_downtime_periods,
+                r.probe_period_ms,
+                r.vm_downtime_ms,
+                r.lost,
+                r.probes,
+                r.migration_total_ms,
+                if r.within_target { "" } else { " (above the target: VM downtime + one period + 2 ms)" }
+            );
+        }
     }
     Ok(0)
 }

@@ -429,3 +429,30 @@ fn a_transmit_rate_limit_holds_the_guest_s_frames_back() {
         t.elapsed()
     );
 }
+
+/// `bench net --scenario migration`: the guest answers on the destination
+/// after the hand-over (the learning bridge found its new port), and the
+/// network downtime is measured, not a silence to the end.
+#[test]
+fn bench_network_downtime_sees_the_guest_answer_on_the_destination() {
+    let r = nfvisor(
+        &[
+            "bench",
+            "net",
+            "--scenario",
+            "migration",
+            "--runs",
+            "1",
+            "--json",
+        ],
+        Duration::from_secs(180),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc = json(&r);
+    let run = &doc["runs"][0];
+    assert!(run["probes"].as_u64().unwrap() > 100, "{run}");
+    assert!(run["echoes_after"].as_u64().unwrap() > 10, "{run}");
+    let net = run["network_downtime_ms"].as_f64().unwrap();
+    assert!(net > 0.0 && net < 500.0, "{run}");
+    assert!(run["vm_downtime_ms"].as_f64().unwrap() > 0.0, "{run}");
+}

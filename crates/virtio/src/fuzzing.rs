@@ -650,7 +650,9 @@ pub fn net_ctrl(u: &mut Unstructured) -> arbitrary::Result<()> {
     let Ok(mut q) = vq.create_queue::<Queue>() else {
         return Ok(());
     };
-    let served = crate::vhost_user_net::serve_ctrl_queue(&mem, &mut q, mq, max_pairs);
+    let refuse: bool = Arbitrary::arbitrary(u)?;
+    let served =
+        crate::vhost_user_net::serve_ctrl_queue(&mem, &mut q, mq, max_pairs, &mut |_| !refuse);
     if let Some(n) = served.pairs {
         assert!(
             mq && (1..=max_pairs).contains(&n),

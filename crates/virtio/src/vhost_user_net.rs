@@ -158,8 +158,6 @@ enum Command<M> {
     Stop(mpsc::Sender<(Vec<Option<u16>>, Option<virtio_queue::Queue>)>),
     /// Dirty logging on or off (a migration).
     Log(bool, mpsc::Sender<Result<(), String>>),
-    /// The pages logged since the last harvest: (first page, 64 bits).
-    Harvest(mpsc::Sender<Vec<(u64, u64)>>),
 }
 
 /// A negotiated connection to a backend.
@@ -194,6 +192,8 @@ pub struct VhostUserNet<M> {
     _bound: Option<Unbind>,
     /// Pages the backends logged during migrations.
     logged_pages: Arc<AtomicU64>,
+    /// The dirty log during a migration (harvested here directly).
+    log: SharedLog,
     /// Restored: announce the MAC at the next activation.
     announce: bool,
     /// Pairs the guest turned on (shared with the backend thread).
@@ -208,6 +208,55 @@ pub struct VhostUserNet<M> {
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> String {
     format!("{what}: {e}")
+}
+
+/// Connects to the socket at `path` without waiting: a listener whose
+/// backlog is full (a hung backend that accepts nothing) answers EAGAIN,
+/// taken as "not now" (Ok(None)); a blocking connect would wait for ever.
+/// Written by hand: std's connect blocks and has no timeout for UNIX
+/// sockets.
+fn try_connect(path: &std::path::Path) -> std::io::Result<Option<UnixStream>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let flags = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, flags, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the socket path is too long",
+        ));
+    }
+    for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    // SAFETY: addr is a valid sockaddr_un of the length passed.
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    let stream = UnixStream::from(sock);
+    stream.set_nonblocking(false)?;
+    Ok(Some(stream))
 }
 
 /// Connects to `path`, or waits for a backend on `listener`, until
@@ -232,8 +281,8 @@ fn open_socket(
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
                 Err(e) => Err(io_err("accepting the backend", e)),
             },
-            None => match UnixStream::connect(path) {
-                Ok(s) => Ok(Some(s)),
+            None => match try_connect(path) {
+                Ok(s) => Ok(s),
                 // a socket nobody listens on yet: the backend may be
                 // starting beside this VM
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(None),
@@ -415,10 +464,23 @@ fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
         frontend
             .set_protocol_features(wanted)
             .map_err(|e| io_err("SET_PROTOCOL_FEATURES", e))?;
+        if wanted.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // every request from now on is answered: a refusal is seen at
+            // the request, and a migration's logging is on before the
+            // first round reads a page
+            frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+        }
         if mq {
-            pairs = frontend
-                .get_queue_num()
+            // sent by hand: the crate would take the answer (queue pairs,
+            // as DPDK and QEMU read it) as its limit on ring indices
+            let answer = raw_request(&watch, GET_QUEUE_NUM, &[], None)
+                .and_then(|_| raw_answer(&watch, GET_QUEUE_NUM))
                 .map_err(|e| io_err("GET_QUEUE_NUM", e))?;
+            let word: [u8; 8] = answer
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| format!("GET_QUEUE_NUM answered {} bytes", answer.len()))?;
+            pairs = u64::from_le_bytes(word);
         }
     }
     Ok(Connection {
@@ -430,6 +492,16 @@ fn negotiate_unguarded(stream: UnixStream) -> Result<Connection, String> {
         rarp,
         pairs,
     })
+}
+
+/// The dirty log, shared by the backend thread (which makes it and hands
+/// it to backends) and the device (which harvests it without a round trip
+/// to the thread: a harvest that waited for a busy thread and gave up
+/// would lose the pages it then cleared).
+type SharedLog = Arc<std::sync::Mutex<Option<DirtyLog>>>;
+
+fn lock_log(log: &SharedLog) -> std::sync::MutexGuard<'_, Option<DirtyLog>> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The log a backend marks the guest pages it writes in during a
@@ -499,7 +571,7 @@ impl DirtyLog {
 /// QEMU expects). Only the backend thread talks on the socket, so the
 /// crate's frontend is idle meanwhile.
 fn raw_request(
-    conn: &Connection,
+    sock: &UnixStream,
     request: u32,
     body: &[u8],
     fd: Option<i32>,
@@ -512,22 +584,21 @@ fn raw_request(
     msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
     msg.extend_from_slice(body);
     let sent = match fd {
-        Some(fd) => conn
-            .watch
+        Some(fd) => sock
             .send_with_fd(&msg[..], fd)
             .map(|_| ())
             .map_err(|e| e.to_string()),
-        None => (&conn.watch).write_all(&msg).map_err(|e| e.to_string()),
+        None => (&*sock).write_all(&msg).map_err(|e| e.to_string()),
     };
     sent.map_err(|e| format!("request {request}: {e}"))
 }
 
 /// The answer to `request` sent by `raw_request`: a header, and a body of
-/// whatever size the backend chose (up to 64 bytes), skipped.
-fn raw_answer(conn: &Connection, request: u32) -> Result<(), String> {
+/// whatever size the backend chose (up to 64 bytes).
+fn raw_answer(sock: &UnixStream, request: u32) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let mut hdr = [0u8; 12];
-    (&conn.watch)
+    (&*sock)
         .read_exact(&mut hdr)
         .map_err(|e| format!("the answer to request {request}: {e}"))?;
     let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
@@ -538,12 +609,14 @@ fn raw_answer(conn: &Connection, request: u32) -> Result<(), String> {
         ));
     }
     let mut body = vec![0u8; size as usize];
-    (&conn.watch)
+    (&*sock)
         .read_exact(&mut body)
-        .map_err(|e| format!("the answer to request {request}: {e}"))
+        .map_err(|e| format!("the answer to request {request}: {e}"))?;
+    Ok(body)
 }
 
 const SET_LOG_BASE: u32 = 6;
+const GET_QUEUE_NUM: u32 = 17;
 const SEND_RARP: u32 = 19;
 
 /// SET_LOG_BASE: the log's memfd, its size, offset 0.
@@ -551,8 +624,9 @@ fn set_log_base(conn: &Connection, log: &DirtyLog) -> Result<(), String> {
     let mut body = Vec::with_capacity(16);
     body.extend_from_slice(&log.bytes().to_le_bytes()); // mmap_size
     body.extend_from_slice(&0u64.to_le_bytes()); // mmap_offset
-    raw_request(conn, SET_LOG_BASE, &body, Some(log.fd()))
-        .and_then(|_| raw_answer(conn, SET_LOG_BASE))
+    raw_request(&conn.watch, SET_LOG_BASE, &body, Some(log.fd()))
+        .and_then(|_| raw_answer(&conn.watch, SET_LOG_BASE))
+        .map(|_| ())
         .map_err(|e| io_err("SET_LOG_BASE", e))
 }
 
@@ -561,7 +635,7 @@ fn set_log_base(conn: &Connection, log: &DirtyLog) -> Result<(), String> {
 fn send_rarp(conn: &Connection, mac: &[u8; 6]) -> Result<(), String> {
     let mut body = [0u8; 8];
     body[..6].copy_from_slice(mac);
-    raw_request(conn, SEND_RARP, &body, None).map_err(|e| io_err("SEND_RARP", e))
+    raw_request(&conn.watch, SEND_RARP, &body, None).map_err(|e| io_err("SEND_RARP", e))
 }
 
 /// The guest memory table: each region's memfd, its offset and where this
@@ -614,13 +688,16 @@ fn backend_features<M>(
     setup: &Setup<M>,
     log: Option<&DirtyLog>,
 ) -> Result<u64, String> {
-    let missing = setup.acked & !OWN & !conn.features;
+    // the control queue is served here; MQ goes on where the backend
+    // knows it (multiqueue itself is PROTOCOL_F_MQ's)
+    let own = OWN | 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_NET_F_MQ;
+    let missing = setup.acked & !own & !conn.features;
     if missing != 0 {
         return Err(format!(
             "the backend does not offer features {missing:#x} the guest accepted"
         ));
     }
-    let mut features = setup.acked & !OWN;
+    let mut features = setup.acked & !own | setup.acked & conn.features & 1 << VIRTIO_NET_F_MQ;
     if conn.protocol {
         features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     }
@@ -705,11 +782,16 @@ fn set_up<M: GuestMemoryBackend>(
 
 /// SET_VRING_ENABLE for every ring: on for the pairs the guest turned on.
 fn enable_pairs<M>(conn: &Connection, setup: &Setup<M>) -> Result<(), String> {
-    let on = setup.pairs_on.load(Ordering::Acquire) as usize;
+    enable_rings(conn, &setup.rings, setup.pairs_on.load(Ordering::Acquire))
+}
+
+/// SET_VRING_ENABLE for every ring: on for pairs 0..`on`.
+fn enable_rings(conn: &Connection, rings: &[Ring], on: u16) -> Result<(), String> {
+    let on = on as usize;
     // (the crate's frontend takes &mut for this request; a clone shares
     // the one connection)
     let mut fe = conn.frontend.clone();
-    for r in &setup.rings {
+    for r in rings {
         fe.set_vring_enable(r.index, r.index / 2 < on)
             .map_err(|e| io_err("SET_VRING_ENABLE", e))?;
     }
@@ -788,14 +870,17 @@ pub struct CtrlServed {
 }
 
 /// Answers every command posted on the control queue `queue`: with MQ,
-/// VQ_PAIRS_SET of 1 to `max_pairs` is OK (and returned, for the caller to
-/// apply); everything else, and every malformed chain, is answered ERR.
-/// The one parser of guest control commands (the fuzz target's too).
+/// VQ_PAIRS_SET of 1 to `max_pairs` goes to `apply` before it is answered
+/// (OK if it applied, so no receive queue past the count is used once the
+/// driver sees the answer); everything else, and every malformed chain,
+/// is answered ERR. The one parser of guest control commands (the fuzz
+/// target's too).
 pub fn serve_ctrl_queue<M: GuestMemoryBackend>(
     mem: &M,
     queue: &mut virtio_queue::Queue,
     mq: bool,
     max_pairs: u16,
+    apply: &mut dyn FnMut(u16) -> bool,
 ) -> CtrlServed {
     use vm_memory::Bytes;
     let mut served = CtrlServed {
@@ -818,13 +903,18 @@ pub fn serve_ctrl_queue<M: GuestMemoryBackend>(
                 let answer = match cmd.as_slice() {
                     [CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] if mq => {
                         let n = u16::from_le_bytes([*lo, *hi]);
-                        if (1..=max_pairs).contains(&n) {
+                        if !(1..=max_pairs).contains(&n) {
+                            served
+                                .refused
+                                .push(format!("VQ_PAIRS_SET {n} refused (1 to {max_pairs})"));
+                            CTRL_ERR
+                        } else if apply(n) {
                             served.pairs = Some(n);
                             CTRL_OK
                         } else {
                             served
                                 .refused
-                                .push(format!("VQ_PAIRS_SET {n} refused (1 to {max_pairs})"));
+                                .push(format!("VQ_PAIRS_SET {n}: the backend did not take it"));
                             CTRL_ERR
                         }
                     }
@@ -865,12 +955,13 @@ struct Backend<M> {
     epoll: Epoll,
     retry: TimerFd,
     watchdog: Arc<Watchdog>,
+    /// Queue pairs asked (`queues=`): a backend that comes back must
+    /// serve them.
+    pairs: u16,
     /// A migration is on: every backend logs the pages it writes.
     logging: bool,
     /// The log, made once the guest memory is known (first activation).
-    log: Option<DirtyLog>,
-    /// Pages harvested from backends' logs (counted).
-    logged_pages: Arc<AtomicU64>,
+    log: SharedLog,
 }
 
 const T_STOP: u64 = 0;
@@ -949,6 +1040,12 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
         let result = made
             .and_then(|_| negotiate(stream, &self.watchdog))
             .and_then(|conn| {
+                if conn.pairs < self.pairs as u64 {
+                    return Err(format!(
+                        "it serves {} queue pair(s), {} asked",
+                        conn.pairs, self.pairs
+                    ));
+                }
                 if let Some(setup) = &self.setup {
                     let bases: Vec<u16> = setup
                         .rings
@@ -959,7 +1056,8 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                         .positions_from_used
                         .fetch_add(bases.len() as u64, Ordering::Relaxed);
                     let fd = conn.watch.as_raw_fd();
-                    let log = self.log.as_ref().filter(|_| self.logging);
+                    let log = lock_log(&self.log);
+                    let log = log.as_ref().filter(|_| self.logging);
                     self.watchdog
                         .guard(fd, "setting up", || set_up(&conn, setup, &bases, log))?;
                 }
@@ -1004,7 +1102,8 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                 // no backend now: the rings go to it when it is back
                 return Ok(());
             };
-            let log = self.log.as_ref().filter(|_| self.logging);
+            let log = lock_log(&self.log);
+            let log = log.as_ref().filter(|_| self.logging);
             self.watchdog
                 .guard(conn.watch.as_raw_fd(), "setting up", || {
                     set_up(conn, setup, &bases, log)
@@ -1060,12 +1159,43 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
         let Some(setup) = self.setup.as_mut() else {
             return;
         };
-        let Some(ctrl) = setup.ctrl.as_mut() else {
+        let mq = setup.acked & 1 << VIRTIO_NET_F_MQ != 0;
+        let Setup {
+            mem,
+            rings,
+            pairs_on,
+            ctrl,
+            interrupt,
+            max_pairs,
+            ..
+        } = setup;
+        let Some(ctrl) = ctrl.as_mut() else {
             return;
         };
         let _ = ctrl.kick.read();
-        let mq = setup.acked & 1 << VIRTIO_NET_F_MQ != 0;
-        let served = serve_ctrl_queue(&setup.mem, &mut ctrl.queue, mq, setup.max_pairs);
+        let (conn, watchdog) = (&self.conn, &self.watchdog);
+        let mut failed = None;
+        // the backend's rings change before the driver hears OK
+        let mut apply = |n: u16| -> bool {
+            let done = match conn {
+                Some(conn) => watchdog.guard(conn.watch.as_raw_fd(), "SET_VRING_ENABLE", || {
+                    enable_rings(conn, rings, n)
+                }),
+                // the backend gets them when it is back
+                None => Ok(()),
+            };
+            match done {
+                Ok(()) => {
+                    pairs_on.store(n, Ordering::Release);
+                    true
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        };
+        let served = serve_ctrl_queue(mem, &mut ctrl.queue, mq, *max_pairs, &mut apply);
         if let Err(why) = &served.broken {
             devices::limited!(warn, "{}: control queue: {why}", self.name);
         }
@@ -1073,27 +1203,9 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
             devices::limited!(warn, "{}: control queue: {why}", self.name);
         }
         if served.answered > 0 {
-            let _ = crate::signal_used(
-                &mut ctrl.queue,
-                &setup.mem,
-                setup.interrupt.as_ref(),
-                ctrl.index,
-            );
+            let _ = crate::signal_used(&mut ctrl.queue, mem, interrupt.as_ref(), ctrl.index);
         }
-        let Some(n) = served.pairs else {
-            return;
-        };
-        setup.pairs_on.store(n, Ordering::Release);
-        let Some(conn) = &self.conn else {
-            // the backend gets them when it is back
-            return;
-        };
-        let fd = conn.watch.as_raw_fd();
-        let setup = &*setup;
-        let done = self
-            .watchdog
-            .guard(fd, "SET_VRING_ENABLE", || enable_pairs(conn, setup));
-        if let Err(e) = done {
+        if let Some(e) = failed {
             self.counters
                 .failed_requests
                 .fetch_add(1, Ordering::Relaxed);
@@ -1103,7 +1215,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
 
     /// While logging, the log exists once the guest memory is known.
     fn ensure_log(&mut self) -> Result<(), String> {
-        if !self.logging || self.log.is_some() {
+        if !self.logging || lock_log(&self.log).is_some() {
             return Ok(());
         }
         let Some(setup) = &self.setup else {
@@ -1115,7 +1227,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
             .map(|r| (r.start_addr().0 + r.len()).div_ceil(4096))
             .max()
             .unwrap_or(0);
-        self.log = Some(DirtyLog::new(pages)?);
+        *lock_log(&self.log) = Some(DirtyLog::new(pages)?);
         Ok(())
     }
 
@@ -1136,14 +1248,15 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
             let (Some(conn), Some(setup)) = (&self.conn, &self.setup) else {
                 return Ok(());
             };
-            let log = self.log.as_ref().filter(|_| on);
+            let log = lock_log(&self.log);
+            let log = log.as_ref().filter(|_| on);
             self.watchdog
                 .guard(conn.watch.as_raw_fd(), "dirty logging", || {
                     set_logging(conn, setup, log)
                 })
         });
         if !on {
-            self.log = None;
+            *lock_log(&self.log) = None;
         }
         if let Err(e) = &result {
             self.counters
@@ -1151,18 +1264,11 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                 .fetch_add(1, Ordering::Relaxed);
             if on {
                 self.logging = false;
-                self.log = None;
+                *lock_log(&self.log) = None;
             }
             self.lost(e);
         }
         result
-    }
-
-    fn harvest(&mut self) -> Vec<(u64, u64)> {
-        let words = self.log.as_ref().map(DirtyLog::harvest).unwrap_or_default();
-        let pages: u64 = words.iter().map(|(_, b)| b.count_ones() as u64).sum();
-        self.logged_pages.fetch_add(pages, Ordering::Relaxed);
-        words
     }
 
     fn stop(&mut self) -> (Vec<Option<u16>>, Option<virtio_queue::Queue>) {
@@ -1258,9 +1364,6 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                                 Command::Log(on, reply) => {
                                     let _ = reply.send(self.set_log(on));
                                 }
-                                Command::Harvest(reply) => {
-                                    let _ = reply.send(self.harvest());
-                                }
                             }
                         }
                     }
@@ -1283,7 +1386,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                     T_RETRY => {
                         let _ = self.retry.wait();
                         if self.conn.is_none() {
-                            if let Ok(s) = UnixStream::connect(&self.socket) {
+                            if let Ok(Some(s)) = try_connect(&self.socket) {
                                 self.came_back(s);
                             }
                         }
@@ -1353,6 +1456,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
         let link_up = Arc::new(AtomicBool::new(true));
         let counters = Arc::new(VhostUserCounters::default());
         let logged_pages = Arc::new(AtomicU64::new(0));
+        let log = SharedLog::default();
         let mut backend = Backend {
             name: name.to_string(),
             socket: config.socket.clone(),
@@ -1365,9 +1469,9 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
             epoll: Epoll::new().map_err(|e| at(e.to_string()))?,
             retry: TimerFd::new().map_err(|e| at(e.to_string()))?,
             watchdog: watchdog.0.clone(),
+            pairs: config.pairs.max(1),
             logging: false,
-            log: None,
-            logged_pages: logged_pages.clone(),
+            log: log.clone(),
         };
         backend.adopt(conn).map_err(at)?;
         let (stop, worker_stop) = crate::worker_stop_pair()?;
@@ -1390,6 +1494,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VhostUserNet<M> {
             _watchdog: watchdog,
             _bound: bound,
             logged_pages,
+            log,
             announce: false,
             pairs_on: Arc::new(AtomicU16::new(1)),
             data_queues: 0,
@@ -1608,12 +1713,16 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
     }
 
     fn harvest_dirty(&mut self, mark: &mut dyn FnMut(u64, u64)) -> u64 {
-        let words = self.ask(Command::Harvest).unwrap_or_default();
+        let words = lock_log(&self.log)
+            .as_ref()
+            .map(DirtyLog::harvest)
+            .unwrap_or_default();
         let mut pages = 0;
         for (first, bits) in words {
             pages += bits.count_ones() as u64;
             mark(first, bits);
         }
+        self.logged_pages.fetch_add(pages, Ordering::Relaxed);
         pages
     }
 
@@ -1689,7 +1798,7 @@ mod tests {
             &[(0x8000, 2, 0), (0x8010, 2, 0), (0x8020, 1, WRITE)],
             0,
         );
-        let served = serve_ctrl_queue(&mem, &mut q, true, 4);
+        let served = serve_ctrl_queue(&mem, &mut q, true, 4, &mut |_| true);
         assert_eq!((served.answered, served.pairs), (1, Some(2)));
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8020)).unwrap(), CTRL_OK);
         // 9 pairs of 4: ERR, nothing taken
@@ -1700,7 +1809,7 @@ mod tests {
             &[(0x8000, 2, 0), (0x8010, 2, 0), (0x8020, 1, WRITE)],
             1,
         );
-        let served = serve_ctrl_queue(&mem, &mut q, true, 4);
+        let served = serve_ctrl_queue(&mem, &mut q, true, 4, &mut |_| true);
         assert_eq!((served.answered, served.pairs), (1, None));
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8020)).unwrap(), CTRL_ERR);
         // without MQ negotiated, and a chain with no answer byte: ERR and
@@ -1713,7 +1822,7 @@ mod tests {
             2,
         );
         post(&vq, 9, &[(0x8000, 2, 0), (0x8010, 2, 0)], 3);
-        let served = serve_ctrl_queue(&mem, &mut q, false, 4);
+        let served = serve_ctrl_queue(&mem, &mut q, false, 4, &mut |_| true);
         assert_eq!((served.answered, served.pairs), (2, None));
         assert_eq!(served.refused.len(), 2, "{:?}", served.refused);
         assert!(served.broken.is_ok());
