@@ -354,9 +354,9 @@ impl Watchdog {
                 Some((deadline, fd)) => {
                     let now = Instant::now();
                     if now >= deadline {
-                        // SAFETY: shutdown on a descriptor the armed request
-                        // holds open (it disarms before the socket closes);
-                        // it touches no memory.
+                        // SAFETY: shutdown on the duplicate `guard` holds
+                        // open until it has disarmed (under this lock); it
+                        // touches no memory.
                         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
                         st.armed = None;
                         st.fired = true;
@@ -378,9 +378,21 @@ impl Watchdog {
         what: &str,
         request: impl FnOnce() -> Result<T, String>,
     ) -> Result<T, String> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // armed on a duplicate held until disarmed: the request may close
+        // its own descriptor, and a number closed and reused must not be
+        // shut down (shutdown acts on the socket, which both share)
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller holds open;
+        // the result is checked and owned here.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let dup = unsafe { OwnedFd::from_raw_fd(dup) };
         {
             let mut st = self.lock();
-            st.armed = Some((Instant::now() + REQUEST_DEADLINE, fd));
+            st.armed = Some((Instant::now() + REQUEST_DEADLINE, dup.as_raw_fd()));
             st.fired = false;
         }
         self.wake.notify_all();
@@ -388,16 +400,22 @@ impl Watchdog {
         let mut st = self.lock();
         st.armed = None;
         let fired = std::mem::take(&mut st.fired);
-        result.map_err(|e| {
-            if fired {
-                format!(
-                    "{what}: {e}: the backend did not answer within {} s",
-                    REQUEST_DEADLINE.as_secs()
-                )
-            } else {
-                e
-            }
-        })
+        drop(st);
+        drop(dup);
+        let late = || {
+            format!(
+                "the backend did not answer within {} s",
+                REQUEST_DEADLINE.as_secs()
+            )
+        };
+        match result {
+            // answered as the deadline passed: the socket is shut down all
+            // the same, so the answer is not trusted to the next request
+            Ok(_) if fired => Err(format!("{what}: {}", late())),
+            Ok(v) => Ok(v),
+            Err(e) if fired => Err(format!("{what}: {e}: {}", late())),
+            Err(e) => Err(e),
+        }
     }
 
     fn quit(&self) {
@@ -1244,7 +1262,12 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
             }
         }
         self.logging = on;
-        let result = self.ensure_log().and_then(|_| {
+        if let Err(e) = self.ensure_log() {
+            // this host's failure (memory, descriptors), not the backend's
+            self.logging = false;
+            return Err(e);
+        }
+        let result = (|| {
             let (Some(conn), Some(setup)) = (&self.conn, &self.setup) else {
                 return Ok(());
             };
@@ -1254,7 +1277,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                 .guard(conn.watch.as_raw_fd(), "dirty logging", || {
                     set_logging(conn, setup, log)
                 })
-        });
+        })();
         if !on {
             *lock_log(&self.log) = None;
         }
