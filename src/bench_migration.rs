@@ -244,7 +244,45 @@ fn nfvisor_once(
 }
 
 /// Sends one QMP command and returns its "return" (events are skipped).
-fn qmp(
+/// A QMP session on QEMU's socket at `path`, capabilities negotiated.
+pub(crate) fn qmp_session(path: &Path) -> Result<(UnixStream, BufReader<UnixStream>)> {
+    let mut out =
+        UnixStream::connect(path).with_context(|| format!("QMP at {}", path.display()))?;
+    out.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut back = BufReader::new(out.try_clone()?);
+    let mut greeting = String::new();
+    back.read_line(&mut greeting)?;
+    qmp(
+        &mut out,
+        &mut back,
+        serde_json::json!({"execute": "qmp_capabilities"}),
+    )?;
+    Ok((out, back))
+}
+
+/// Polls `query-migrate` until QEMU's migration (started at `from`)
+/// completes: its final state. Err: it failed, or 120 s went by.
+pub(crate) fn qmp_migrated(
+    out: &mut UnixStream,
+    back: &mut BufReader<UnixStream>,
+    from: Instant,
+) -> Result<serde_json::Value> {
+    loop {
+        let q = qmp(out, back, serde_json::json!({"execute": "query-migrate"}))?;
+        match q["status"].as_str() {
+            Some("completed") => return Ok(q),
+            Some("failed") | Some("cancelled") => {
+                bail!("QEMU's migration {}: {q}", q["status"])
+            }
+            _ if from.elapsed() > Duration::from_secs(120) => {
+                bail!("QEMU's migration did not end in 120 s: {q}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+pub(crate) fn qmp(
     out: &mut UnixStream,
     back: &mut BufReader<UnixStream>,
     cmd: serde_json::Value,
@@ -320,15 +358,7 @@ fn qemu_once(
     let result = (|| {
         wait_for(&inbound, &mut dst)?;
         wait_for(&qmp_path, &mut src)?;
-        let mut out = UnixStream::connect(&qmp_path)?;
-        let mut back = BufReader::new(out.try_clone()?);
-        let mut greeting = String::new();
-        back.read_line(&mut greeting)?;
-        qmp(
-            &mut out,
-            &mut back,
-            serde_json::json!({"execute": "qmp_capabilities"}),
-        )?;
+        let (mut out, mut back) = qmp_session(&qmp_path)?;
         qmp(
             &mut out,
             &mut back,
@@ -344,23 +374,7 @@ fn qemu_once(
             &mut back,
             serde_json::json!({"execute": "migrate", "arguments": {"uri": format!("unix:{}", inbound.display())}}),
         )?;
-        let state = loop {
-            let q = qmp(
-                &mut out,
-                &mut back,
-                serde_json::json!({"execute": "query-migrate"}),
-            )?;
-            match q["status"].as_str() {
-                Some("completed") => break q,
-                Some("failed") | Some("cancelled") => {
-                    bail!("QEMU's migration {}: {q}", q["status"])
-                }
-                _ if from.elapsed() > Duration::from_secs(120) => {
-                    bail!("QEMU's migration did not end in 120 s: {q}")
-                }
-                _ => std::thread::sleep(Duration::from_millis(5)),
-            }
-        };
+        let state = qmp_migrated(&mut out, &mut back, from)?;
         let to = Instant::now();
         std::thread::sleep(AFTER);
         Ok(serde_json::json!({

@@ -156,6 +156,26 @@ fn packet_socket(ns: &str, dev: &str) -> Result<OwnedFd> {
     .map_err(|_| anyhow::anyhow!("the socket thread panicked"))?
 }
 
+/// The bundled net-probe written to `dir` (QEMU takes a file), and QEMU
+/// unless --no-qemu (Err: asked for and not installed).
+fn guest_and_qemu(
+    o: &Options,
+    dir: &Path,
+) -> Result<(std::path::PathBuf, Option<std::path::PathBuf>)> {
+    let image = dir.join("net-probe.elf");
+    std::fs::write(
+        &image,
+        guests::find("net-probe")
+            .context("bundled net-probe")?
+            .image,
+    )?;
+    let qemu = (!o.no_qemu).then(|| which("qemu-system-x86_64")).flatten();
+    if !o.no_qemu && qemu.is_none() {
+        bail!("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86), or pass --no-qemu");
+    }
+    Ok((image, qemu))
+}
+
 /// One frame from a packet socket into `buf`: its length (negative: none
 /// came within the socket's timeout).
 fn recv(fd: std::os::fd::RawFd, buf: &mut [u8]) -> isize {
@@ -358,17 +378,7 @@ pub fn run(o: &Options) -> Result<u8> {
     let exe = std::env::current_exe().context("locating the nfvisor binary")?;
     let dir = std::env::temp_dir().join(format!("nfvisor-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let image = dir.join("net-probe.elf");
-    std::fs::write(
-        &image,
-        guests::find("net-probe")
-            .context("bundled net-probe")?
-            .image,
-    )?;
-    let qemu = (!o.no_qemu).then(|| which("qemu-system-x86_64")).flatten();
-    if !o.no_qemu && qemu.is_none() {
-        bail!("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86), or pass --no-qemu");
-    }
+    let (image, qemu) = guest_and_qemu(o, &dir)?;
     let tap = "nfvbench0";
     let ns = Netns::new(tap)?;
     let exec = |program: &std::path::Path| {
@@ -694,6 +704,7 @@ fn run_guest_pings(o: &Options) -> Result<u8> {
 /// One migration's figures, network and VM.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NetworkDowntime {
+    pub vmm: String,
     /// The probe period (half the echo rate measured before).
     pub probe_period_ms: f64,
     /// The VM's downtime as the migration reports it.
@@ -777,182 +788,237 @@ fn run_network_downtime(o: &Options) -> Result<u8> {
             .spawn()
             .context("starting nfvisor")
     };
+    let (image, qemu) = guest_and_qemu(o, &dir)?;
+    let vmms: Vec<&str> = if qemu.is_some() {
+        vec!["nfvisor", "qemu"]
+    } else {
+        vec!["nfvisor"]
+    };
     let mut results = Vec::new();
     for run in 0..o.runs {
-        let (ctl, inbound) = (
-            dir.join(format!("src{run}.sock")),
-            dir.join(format!("in{run}.sock")),
-        );
-        let listen = format!("unix:{}", inbound.display());
-        let mut dst = exec(&[
-            "receive",
-            "--listen",
-            &listen,
-            "--net",
-            "tap=nfvbench1,mac=52:54:00:12:34:56",
-        ])?;
-        let mut src = exec(&[
-            "run",
-            "--guest",
-            "net-probe",
-            "--cmdline",
-            "mode=echo count=0",
-            "--net",
-            "tap=nfvbench0,mac=52:54:00:12:34:56",
-            "--control-socket",
-            ctl.to_str().unwrap_or_default(),
-        ])?;
-        let measured = (|| -> Result<NetworkDowntime> {
-            let t0 = Instant::now();
-            while !inbound.exists() || !ctl.exists() {
-                if t0.elapsed() > Duration::from_secs(30) {
-                    bail!("the VMs did not start within 30 s");
-                }
-                std::thread::sleep(Duration::from_millis(10));
+        for &vmm in &vmms {
+            let (ctl, inbound) = (
+                dir.join(format!("src{run}.sock")),
+                dir.join(format!("in{run}.sock")),
+            );
+            let listen = format!("unix:{}", inbound.display());
+            // each run starts with a bridge that has not learnt the guest yet
+            // (the previous run left it on the destination's port)
+            for t in ["nfvbench0", "nfvbench1"] {
+                let _ = Command::new("bridge")
+                    .args([
+                        "-netns",
+                        &ns.0,
+                        "fdb",
+                        "del",
+                        "52:54:00:12:34:56",
+                        "dev",
+                        t,
+                        "master",
+                    ])
+                    .output();
             }
-            // the echo rate: 50 ping-pongs once the guest answers
-            let mut seq = 1_000_000u32;
-            let mut rtts = Vec::new();
-            let t0 = Instant::now();
-            while rtts.len() < 50 {
-                if t0.elapsed() > Duration::from_secs(60) {
-                    bail!("the guest did not echo within 60 s");
-                }
-                send(&sock, &frame(seq, 64));
-                if let Some(d) = echo_of(&sock, seq, Instant::now() + Duration::from_millis(200)) {
-                    rtts.push(d);
-                }
-                seq += 1;
-            }
-            rtts.sort();
-            let period = (rtts[rtts.len() / 2] * 2).max(Duration::from_micros(200));
-            // probes every period from a thread; echoes taken here
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let sender = {
-                let sock = sock.try_clone()?;
-                let stop = stop.clone();
-                std::thread::spawn(move || -> u32 {
-                    let mut n = 0u32;
-                    let start = Instant::now();
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        send(&sock, &frame(n, 64));
-                        n += 1;
-                        let next = start + period * n;
-                        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(wait);
-                        }
-                    }
-                    n
-                })
-            };
-            let echoes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u32, Instant)>::new()));
-            let receiver = {
-                let sock = sock.try_clone()?;
-                let stop = stop.clone();
-                let echoes = echoes.clone();
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 2048];
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let n = recv(sock.as_raw_fd(), &mut buf);
-                        if n >= 18 && buf[0..6] == HOST_MAC && buf[12..14] == ETHERTYPE {
-                            let seq = u32::from_le_bytes([buf[14], buf[15], buf[16], buf[17]]);
-                            if seq < 1_000_000 {
-                                echoes
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .push((seq, Instant::now()));
-                            }
-                        }
-                    }
-                })
-            };
-            std::thread::sleep(Duration::from_millis(500));
-            let m0 = Instant::now();
-            let out = Command::new(&exe)
-                .args([
-                    "migrate",
+            let (mut src, mut dst) = if vmm == "nfvisor" {
+                let dst = exec(&[
+                    "receive",
+                    "--listen",
+                    &listen,
+                    "--net",
+                    "tap=nfvbench1,mac=52:54:00:12:34:56",
+                ])?;
+                let src = exec(&[
+                    "run",
+                    "--guest",
+                    "net-probe",
+                    "--cmdline",
+                    "mode=echo count=0",
+                    "--net",
+                    "tap=nfvbench0,mac=52:54:00:12:34:56",
                     "--control-socket",
                     ctl.to_str().unwrap_or_default(),
-                    "--to",
-                    &listen,
-                    "--json",
-                ])
-                .env("NFVISOR_LOG", "warn")
-                .stdin(Stdio::null())
-                .output()
-                .context("running nfvisor migrate")?;
-            let m1 = Instant::now();
-            std::thread::sleep(Duration::from_millis(700));
-            let end = Instant::now();
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let probes = sender.join().unwrap_or(0);
-            let _ = receiver.join();
-            if !out.status.success() {
-                bail!(
-                    "the migration failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            let report: serde_json::Value =
-                serde_json::from_slice(&out.stdout).context("migrate --json")?;
-            let m = &report["migration"];
-            let echoes = echoes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let mut seen = vec![false; probes as usize];
-            for (s, _) in &echoes {
-                if let Some(x) = seen.get_mut(*s as usize) {
-                    *x = true;
+                ])?;
+                (src, dst)
+            } else {
+                // QEMU on the same guest and TAPs; it announces the guest
+                // itself after the migration (announce-self's rounds)
+                let q = qemu.as_deref().unwrap_or(Path::new("qemu-system-x86_64"));
+                let start = |tap: &str, last: &[String]| -> Result<Child> {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", &ns.0]).arg(q);
+                    qemu_q35(&mut c, "null")
+                    .arg("-netdev")
+                    .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"))
+                    .args([
+                        "-device",
+                        "virtio-net-pci,disable-legacy=on,romfile=,netdev=n0,mac=52:54:00:12:34:56",
+                    ])
+                    .arg("-kernel")
+                    .arg(&image)
+                    .args(["-append", "mode=echo count=0"])
+                    .args(last)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(dir.join(format!("qemu-{tap}.err")))?)
+                    .spawn()
+                    .context("starting QEMU")
+                };
+                let dst = start("nfvbench1", &["-incoming".into(), listen.clone()])?;
+                let src = start(
+                    "nfvbench0",
+                    &[
+                        "-qmp".into(),
+                        format!("unix:{},server=on,wait=off", ctl.display()),
+                    ],
+                )?;
+                (src, dst)
+            };
+            let measured = (|| -> Result<NetworkDowntime> {
+                let t0 = Instant::now();
+                while !inbound.exists() || !ctl.exists() {
+                    if t0.elapsed() > Duration::from_secs(30) {
+                        bail!("the VMs did not start within 30 s");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-            }
-            // the longest silence between echoes that spans the migration
-            // command's run (the hand-over lies inside it)
-            let mut times: Vec<Instant> = echoes.iter().map(|(_, t)| *t).collect();
-            times.sort();
-            let echoes_after = times.iter().filter(|t| **t > m1).count() as u32;
-            // (the end stands for an echo: a guest that never echoes again
-            // is a silence that lasts to the end, not no silence)
-            times.push(end);
-            let gap = times
-                .windows(2)
-                .filter(|w| w[1] >= m0 && w[0] <= m1)
-                .map(|w| w[1] - w[0])
-                .max()
-                .unwrap_or_default();
-            let net_ms = gap.as_secs_f64() * 1e3;
-            let period_ms = period.as_secs_f64() * 1e3;
-            let vm_ms = m["downtime_ms"].as_f64().unwrap_or(f64::NAN);
-            Ok(NetworkDowntime {
-                probe_period_ms: period_ms,
-                vm_downtime_ms: vm_ms,
-                network_downtime_ms: net_ms,
-                network_downtime_periods: net_ms / period_ms,
-                probes,
-                lost: seen.iter().filter(|s| !**s).count() as u32,
-                migration_total_ms: m["total_ms"].as_f64().unwrap_or(f64::NAN),
-                echoes_after,
-                within_target: net_ms <= vm_ms + period_ms + 2.0,
-            })
-        })();
-        let _ = src.kill();
-        let _ = dst.kill();
-        let _ = (src.wait(), dst.wait());
-        let _ = std::fs::remove_file(&ctl);
-        let _ = std::fs::remove_file(&inbound);
-        let r = measured?;
-        tracing::info!("run {}: {r:?}", run + 1);
-        results.push(r);
+                // the echo rate: 50 ping-pongs once the guest answers
+                let mut seq = 1_000_000u32;
+                let mut rtts = Vec::new();
+                let t0 = Instant::now();
+                while rtts.len() < 50 {
+                    if t0.elapsed() > Duration::from_secs(60) {
+                        bail!("the guest did not echo within 60 s");
+                    }
+                    send(&sock, &frame(seq, 64));
+                    if let Some(d) =
+                        echo_of(&sock, seq, Instant::now() + Duration::from_millis(200))
+                    {
+                        rtts.push(d);
+                    }
+                    seq += 1;
+                }
+                rtts.sort();
+                let period = (rtts[rtts.len() / 2] * 2).max(Duration::from_micros(200));
+                // probes every period from a thread; echoes taken here
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let sender = {
+                    let sock = sock.try_clone()?;
+                    let stop = stop.clone();
+                    std::thread::spawn(move || -> u32 {
+                        let mut n = 0u32;
+                        let start = Instant::now();
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            send(&sock, &frame(n, 64));
+                            n += 1;
+                            let next = start + period * n;
+                            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                                std::thread::sleep(wait);
+                            }
+                        }
+                        n
+                    })
+                };
+                let echoes =
+                    std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u32, Instant)>::new()));
+                let receiver = {
+                    let sock = sock.try_clone()?;
+                    let stop = stop.clone();
+                    let echoes = echoes.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 2048];
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let n = recv(sock.as_raw_fd(), &mut buf);
+                            if n >= 18 && buf[0..6] == HOST_MAC && buf[12..14] == ETHERTYPE {
+                                let seq = u32::from_le_bytes([buf[14], buf[15], buf[16], buf[17]]);
+                                if seq < 1_000_000 {
+                                    echoes
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .push((seq, Instant::now()));
+                                }
+                            }
+                        }
+                    })
+                };
+                std::thread::sleep(Duration::from_millis(500));
+                let m0 = Instant::now();
+                let migrated = if vmm == "qemu" {
+                    qemu_migrate(&ctl, &listen)
+                } else {
+                    nfvisor_migrate(&exe, &ctl, &listen)
+                };
+                let m1 = Instant::now();
+                std::thread::sleep(Duration::from_millis(700));
+                let end = Instant::now();
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let probes = sender.join().unwrap_or(0);
+                let _ = receiver.join();
+                let (vm_ms, total_ms) = migrated?;
+                let echoes = echoes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mut seen = vec![false; probes as usize];
+                for (s, _) in &echoes {
+                    if let Some(x) = seen.get_mut(*s as usize) {
+                        *x = true;
+                    }
+                }
+                // the longest silence between echoes that spans the migration
+                // command's run (the hand-over lies inside it)
+                let mut times: Vec<Instant> = echoes.iter().map(|(_, t)| *t).collect();
+                times.sort();
+                let echoes_after = times.iter().filter(|t| **t > m1).count() as u32;
+                // (the end stands for an echo: a guest that never echoes again
+                // is a silence that lasts to the end, not no silence)
+                times.push(end);
+                let gap = times
+                    .windows(2)
+                    .filter(|w| w[1] >= m0 && w[0] <= m1)
+                    .map(|w| w[1] - w[0])
+                    .max()
+                    .unwrap_or_default();
+                let net_ms = gap.as_secs_f64() * 1e3;
+                let period_ms = period.as_secs_f64() * 1e3;
+
+                Ok(NetworkDowntime {
+                    vmm: vmm.to_string(),
+                    probe_period_ms: period_ms,
+                    vm_downtime_ms: vm_ms,
+                    network_downtime_ms: net_ms,
+                    network_downtime_periods: net_ms / period_ms,
+                    probes,
+                    lost: seen.iter().filter(|s| !**s).count() as u32,
+                    migration_total_ms: total_ms,
+                    echoes_after,
+                    within_target: net_ms <= vm_ms + period_ms + 2.0,
+                })
+            })();
+            let _ = src.kill();
+            let _ = dst.kill();
+            let _ = (src.wait(), dst.wait());
+            let _ = std::fs::remove_file(&ctl);
+            let _ = std::fs::remove_file(&inbound);
+            let r = measured?;
+            tracing::info!("run {} ({vmm}): {r:?}", run + 1);
+            results.push(r);
+        }
     }
     drop(ns);
     let _ = std::fs::remove_dir_all(&dir);
-    let med = |f: fn(&NetworkDowntime) -> f64| {
-        let v: Vec<f64> = results.iter().map(f).collect();
-        bench::Spread::of(&v)
-    };
-    let summary = serde_json::json!({
-        "network_downtime_ms": med(|r| r.network_downtime_ms),
-        "vm_downtime_ms": med(|r| r.vm_downtime_ms),
-        "probe_period_ms": med(|r| r.probe_period_ms),
-        "lost": med(|r| r.lost as f64),
-    });
+    let median: serde_json::Map<String, serde_json::Value> = vmms
+        .iter()
+        .map(|&vmm| {
+            let of = |f: fn(&NetworkDowntime) -> f64| {
+                let v: Vec<f64> = results.iter().filter(|r| r.vmm == vmm).map(f).collect();
+                bench::Spread::of(&v)
+            };
+            let m = serde_json::json!({
+                "network_downtime_ms": of(|r| r.network_downtime_ms),
+                "vm_downtime_ms": of(|r| r.vm_downtime_ms),
+                "probe_period_ms": of(|r| r.probe_period_ms),
+                "lost": of(|r| r.lost as f64),
+            });
+            (vmm.to_string(), m)
+        })
+        .collect();
+    let summary = serde_json::Value::Object(median);
     if o.json {
         println!(
             "{}",
@@ -963,8 +1029,9 @@ fn run_network_downtime(o: &Options) -> Result<u8> {
     } else {
         for (i, r) in results.iter().enumerate() {
             println!(
-                "run {}: network downtime {:.1} ms ({:.1} probe periods of {:.2} ms), VM downtime {:.2} ms, {} of {} probes lost, migration {:.1} ms{}",
-                i + 1,
+                "{} {}: network downtime {:.1} ms ({:.1} probe periods of {:.2} ms), VM downtime {:.2} ms, {} of {} probes lost, migration {:.1} ms{}",
+                r.vmm,
+                i / vmms.len() + 1,
                 r.network_downtime_ms,
                 r.network_downtime_periods,
                 r.probe_period_ms,
@@ -977,4 +1044,54 @@ fn run_network_downtime(o: &Options) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// `nfvisor migrate` of the VM behind `ctl` to `listen`: (VM downtime,
+/// total) in ms.
+fn nfvisor_migrate(exe: &Path, ctl: &Path, listen: &str) -> Result<(f64, f64)> {
+    let out = Command::new(exe)
+        .args(["migrate", "--control-socket"])
+        .arg(ctl)
+        .args(["--to", listen, "--json"])
+        .env("NFVISOR_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .context("running nfvisor migrate")?;
+    if !out.status.success() {
+        bail!(
+            "the migration failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("migrate --json")?;
+    let m = &report["migration"];
+    Ok((
+        m["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+        m["total_ms"].as_f64().unwrap_or(f64::NAN),
+    ))
+}
+
+/// QEMU's migration over QMP at `qmp` to `listen` (bandwidth cap raised):
+/// (VM downtime, total) in ms as QEMU reports them.
+fn qemu_migrate(qmp_path: &Path, listen: &str) -> Result<(f64, f64)> {
+    use crate::bench_migration::{qmp, qmp_migrated, qmp_session};
+    let (mut out, mut back) = qmp_session(qmp_path)?;
+    qmp(
+        &mut out,
+        &mut back,
+        serde_json::json!({"execute": "migrate-set-parameters",
+                           "arguments": {"max-bandwidth": 1u64 << 40}}),
+    )?;
+    let from = Instant::now();
+    qmp(
+        &mut out,
+        &mut back,
+        serde_json::json!({"execute": "migrate", "arguments": {"uri": listen}}),
+    )?;
+    let q = qmp_migrated(&mut out, &mut back, from)?;
+    Ok((
+        q["downtime"].as_f64().unwrap_or(f64::NAN),
+        q["total-time"].as_f64().unwrap_or(f64::NAN),
+    ))
 }
