@@ -35,6 +35,20 @@ fn source_running(dir: &std::path::Path, guest_args: &[&str]) -> (Running, std::
     (vm, sock)
 }
 
+/// A destination listening at `endpoint` that holds the token in `token`,
+/// waiting for a migration.
+fn token_receiver(endpoint: &str, token: &std::path::Path) -> Running {
+    let mut dst = Running::start(&[
+        "receive",
+        "--listen",
+        endpoint,
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    dst.wait_for("waiting for a migration");
+    dst
+}
+
 fn migrate_to(endpoint: &str, name: &str) {
     migrate_to_with(endpoint, name, &[], &[], "ring");
 }
@@ -392,14 +406,7 @@ fn a_receiver_with_a_token_accepts_only_a_source_that_knows_it() {
     std::fs::write(&good, "0123456789abcdef0123456789abcdef\n").unwrap();
     std::fs::write(&bad, "ffffffffffffffffffffffffffffffff\n").unwrap();
     let ep = format!("unix:{}", dir.join("in.sock").display());
-    let mut dst = Running::start(&[
-        "receive",
-        "--listen",
-        &ep,
-        "--token-file",
-        good.to_str().unwrap(),
-    ]);
-    dst.wait_for("waiting for a migration");
+    let dst = token_receiver(&ep, &good);
     let (src, sock) = source(&dir);
     let s = sock.to_str().unwrap();
     let r = nfvisor(&["migrate", "--control-socket", s, "--to", &ep], T);
@@ -952,14 +959,7 @@ fn a_token_holder_refuses_impostors_and_a_path_that_rewrites_a_page() {
 
     // a real destination behind a path that changes a page and fixes the CRC
     let ep = dir.join("in.sock");
-    let mut dst = Running::start(&[
-        "receive",
-        "--listen",
-        &format!("unix:{}", ep.display()),
-        "--token-file",
-        token.to_str().unwrap(),
-    ]);
-    dst.wait_for("waiting for a migration");
+    let dst = token_receiver(&format!("unix:{}", ep.display()), &token);
     let proxy_path = dir.join("proxy.sock");
     let listener = UnixListener::bind(&proxy_path).unwrap();
     let proxy = std::thread::spawn(move || {
@@ -1079,14 +1079,7 @@ fn a_slow_greeter_does_not_keep_a_real_source_out() {
     let token = dir.join("token");
     std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
     let ep = dir.join("in.sock");
-    let mut dst = Running::start(&[
-        "receive",
-        "--listen",
-        &format!("unix:{}", ep.display()),
-        "--token-file",
-        token.to_str().unwrap(),
-    ]);
-    dst.wait_for("waiting for a migration");
+    let dst = token_receiver(&format!("unix:{}", ep.display()), &token);
     let loris_ep = ep.clone();
     let loris = std::thread::spawn(move || {
         let mut s = std::os::unix::net::UnixStream::connect(&loris_ep).unwrap();

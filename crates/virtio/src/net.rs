@@ -151,18 +151,13 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         vec![QUEUE_SIZE, QUEUE_SIZE]
     }
 
-    /// mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut space = [0u8; 12];
-        space[..6].copy_from_slice(&self.config.mac);
-        let status = if self.link_up.load(Ordering::Acquire) {
-            VIRTIO_NET_S_LINK_UP as u16
-        } else {
-            0
-        };
-        space[6..8].copy_from_slice(&status.to_le_bytes());
-        space[8..10].copy_from_slice(&1u16.to_le_bytes());
-        space[10..12].copy_from_slice(&self.config.mtu.unwrap_or(1500).to_le_bytes());
+        let space = nic_config_space(
+            &self.config.mac,
+            self.link_up.load(Ordering::Acquire),
+            1,
+            self.config.mtu,
+        );
         crate::read_config_space(&space, offset, data);
     }
 
@@ -296,6 +291,22 @@ pub fn rarp(mac: &[u8; 6]) -> Vec<u8> {
     f.extend_from_slice(&[0; 4]);
     f.resize(VNET_HDR_LEN + 60, 0);
     f
+}
+
+/// A NIC's configuration space, whatever backs it: mac[6], status u16,
+/// max_virtqueue_pairs u16, mtu u16 (1500 when unset).
+pub fn nic_config_space(mac: &[u8; 6], link_up: bool, pairs: u16, mtu: Option<u16>) -> [u8; 12] {
+    let mut space = [0u8; 12];
+    space[..6].copy_from_slice(mac);
+    let status = if link_up {
+        VIRTIO_NET_S_LINK_UP as u16
+    } else {
+        0
+    };
+    space[6..8].copy_from_slice(&status.to_le_bytes());
+    space[8..10].copy_from_slice(&pairs.to_le_bytes());
+    space[10..12].copy_from_slice(&mtu.unwrap_or(1500).to_le_bytes());
+    space
 }
 
 /// A NIC's own state in a stream, whatever backs it (TAP or vhost-user,

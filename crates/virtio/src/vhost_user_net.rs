@@ -1570,18 +1570,13 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
         vec![QUEUE_SIZE; 2 * pairs + (pairs > 1) as usize]
     }
 
-    /// mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut space = [0u8; 12];
-        space[..6].copy_from_slice(&self.config.mac);
-        let status = if self.link_up.load(Ordering::Acquire) {
-            VIRTIO_NET_S_LINK_UP as u16
-        } else {
-            0
-        };
-        space[6..8].copy_from_slice(&status.to_le_bytes());
-        space[8..10].copy_from_slice(&self.config.pairs.max(1).to_le_bytes());
-        space[10..12].copy_from_slice(&self.config.mtu.unwrap_or(1500).to_le_bytes());
+        let space = crate::net::nic_config_space(
+            &self.config.mac,
+            self.link_up.load(Ordering::Acquire),
+            self.config.pairs.max(1),
+            self.config.mtu,
+        );
         crate::read_config_space(&space, offset, data);
     }
 
