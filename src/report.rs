@@ -112,6 +112,20 @@ pub fn print_text(r: &RunReport, guest: &Result<GuestOutput, ProtocolError>, exi
     for s in r.settings.iter().filter(|s| !s.applied) {
         println!("nfvisor: setting {} NOT applied: {}", s.name, s.detail);
     }
+    for (dev, threads) in &r.device_threads {
+        for t in threads.iter().filter(|t| !t.settings.is_empty()) {
+            println!(
+                "{dev} {} tid {} cpus {:?} {} {}",
+                t.thread, t.tid, t.cpus, t.policy, t.priority
+            );
+            for s in t.settings.iter().filter(|s| !s.applied) {
+                println!(
+                    "nfvisor: setting {dev} {}.{} NOT applied: {}",
+                    t.thread, s.name, s.detail
+                );
+            }
+        }
+    }
     if exit_stats {
         for v in &r.vcpus {
             println!(
@@ -186,6 +200,7 @@ pub fn print_json(
         "exit_code": code,
         "vm": r,
         "vcpu_threads": r.vcpus.iter().map(|v| serde_json::json!({"vcpu": v.id, "tid": v.tid})).collect::<Vec<_>>(),
+        "device_threads": r.device_threads,
         "guest": guest_json,
         "seccomp": {
             "mode": seccomp::mode().to_string(),

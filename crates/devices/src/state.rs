@@ -96,6 +96,12 @@ pub trait Persist {
         Vec::new()
     }
 
+    /// The device's own threads and where they run (the run report shows
+    /// them beside the vCPU threads).
+    fn threads(&self) -> Vec<DeviceThread> {
+        Vec::new()
+    }
+
     /// Why this device cannot be saved or migrated, if it cannot.
     fn unmovable(&self) -> Option<String> {
         None
@@ -128,6 +134,29 @@ pub trait Persist {
     }
 }
 
+/// A device's thread as it found itself after placing itself (a queue
+/// worker pinned to a CPU, at SCHED_FIFO).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceThread {
+    /// The thread's name.
+    pub thread: String,
+    pub tid: i32,
+    /// The CPUs it may run on, read back.
+    pub cpus: Vec<usize>,
+    pub policy: String,
+    pub priority: i32,
+    /// Each setting asked for: applied (what) or not (why).
+    pub settings: Vec<crate::state::ThreadSetting>,
+}
+
+/// One placement setting of a device thread.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ThreadSetting {
+    pub name: String,
+    pub applied: bool,
+    pub detail: String,
+}
+
 /// The device side the VM sees: any [`Persist`] device, as an object.
 pub trait Stateful: Send + Sync {
     fn kind(&self) -> &'static str;
@@ -138,6 +167,7 @@ pub trait Stateful: Send + Sync {
     /// Decodes and validates `blob` without taking it.
     fn check_blob(&self, id: &str, blob: &DeviceBlob) -> Result<(), StateError>;
     fn counters(&self) -> Vec<(&'static str, u64)>;
+    fn threads(&self) -> Vec<DeviceThread>;
     fn unmovable(&self) -> Option<String>;
     fn control(&self, action: &str) -> Result<String, String>;
     fn pause(&self);
@@ -153,6 +183,10 @@ impl<T: Persist + Send + Sync> Stateful for T {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Persist::counters(self)
+    }
+
+    fn threads(&self) -> Vec<DeviceThread> {
+        Persist::threads(self)
     }
 
     fn unmovable(&self) -> Option<String> {

@@ -173,7 +173,56 @@ pub fn thread_sched(tid: i32) -> Result<ThreadSched> {
         .unwrap_or("")
         .trim()
         .to_string();
-    let policy = match policy {
+    let policy = policy_name(policy).to_string();
+    Ok(ThreadSched {
+        policy,
+        priority: param.sched_priority,
+        cpus_allowed,
+    })
+}
+
+/// Where the calling thread runs: policy, priority and allowed CPUs, from
+/// the scheduler's calls alone (no /proc: threads whose seccomp filter
+/// opens no file use it).
+pub fn current_thread_sched() -> Result<CurrentSched> {
+    // SAFETY: sched_getscheduler only reads the calling thread's policy.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    if policy < 0 {
+        return Err(os_error("reading this thread's policy".to_string()));
+    }
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is valid for the write.
+    if unsafe { libc::sched_getparam(0, &mut param) } != 0 {
+        return Err(os_error("reading this thread's priority".to_string()));
+    }
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return Err(os_error("reading this thread's CPUs".to_string()));
+    }
+    let cpus = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads inside `set`; the index is below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect();
+    Ok(CurrentSched {
+        policy: policy_name(policy).to_string(),
+        priority: param.sched_priority,
+        cpus,
+    })
+}
+
+/// The calling thread's scheduling, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentSched {
+    pub policy: String,
+    pub priority: i32,
+    pub cpus: Vec<usize>,
+}
+
+fn policy_name(policy: i32) -> &'static str {
+    match policy {
         libc::SCHED_OTHER => "SCHED_OTHER",
         libc::SCHED_FIFO => "SCHED_FIFO",
         libc::SCHED_RR => "SCHED_RR",
@@ -181,12 +230,6 @@ pub fn thread_sched(tid: i32) -> Result<ThreadSched> {
         libc::SCHED_IDLE => "SCHED_IDLE",
         _ => "other",
     }
-    .to_string();
-    Ok(ThreadSched {
-        policy,
-        priority: param.sched_priority,
-        cpus_allowed,
-    })
 }
 
 /// The CPUs of NUMA node `node`.

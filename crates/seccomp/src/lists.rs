@@ -107,6 +107,13 @@ const DEVICE_WORKER: List = calls!(
     SYS_unlink,
     SYS_memfd_create,
     SYS_ftruncate,
+    // a queue worker placed as `cpus=` and `rt-priority=` say, and read
+    // back
+    SYS_sched_setaffinity,
+    SYS_sched_getaffinity,
+    SYS_sched_setscheduler,
+    SYS_sched_getscheduler,
+    SYS_sched_getparam,
 );
 
 /// A disk's queue worker and its I/O threads: the only role with io_uring,

@@ -544,6 +544,7 @@ pub fn net(u: &mut Unstructured) -> arbitrary::Result<()> {
         rx_bw: limits.map(|(_, b)| b as u64),
         tx_pps: limits.map(|(p, _)| p as u64),
         tx_bw: limits.map(|(_, b)| b as u64),
+        ..Default::default()
     };
     let (rx_frames, tx_frames) = crate::net::fuzz_run(
         mem.clone(),
@@ -651,8 +652,13 @@ pub fn net_ctrl(u: &mut Unstructured) -> arbitrary::Result<()> {
         return Ok(());
     };
     let refuse: bool = Arbitrary::arbitrary(u)?;
-    let served =
-        crate::vhost_user_net::serve_ctrl_queue(&mem, &mut q, mq, max_pairs, &mut |_| !refuse);
+    let offer = crate::net_ctrl::CtrlOffer {
+        mq,
+        max_pairs,
+        announce: u.arbitrary()?,
+        guest_offloads: u.arbitrary()?,
+    };
+    let served = crate::net_ctrl::serve_ctrl_queue(&mem, &mut q, &offer, &mut |_| !refuse);
     if let Some(n) = served.pairs {
         assert!(
             mq && (1..=max_pairs).contains(&n),

@@ -11,6 +11,7 @@ pub mod disk;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod net;
+pub mod net_ctrl;
 pub mod pci;
 pub mod rate_limiter;
 pub mod rng;
@@ -176,8 +177,15 @@ pub trait VirtioDevice<M>: Send {
     /// Stops the device; returns its queues as it left them (positions
     /// included) once nothing will touch the old rings any more.
     fn reset(&mut self) -> Vec<ActiveQueue>;
+    /// The driver reset the device (after `reset` stopped it): what the
+    /// driver set up beyond the queues goes back to its start.
+    fn driver_reset(&mut self) {}
     /// What the device counts.
     fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+    /// The device's own threads and where they run.
+    fn threads(&self) -> Vec<devices::state::DeviceThread> {
         Vec::new()
     }
     /// A device-specific action (virtio-net: link-up, link-down); Ok(true)
@@ -241,6 +249,26 @@ pub fn pop_chain<'a, M: GuestMemory>(
         }
     }
     Popped::Broken("an available index more than a queue ahead of the device".into())
+}
+
+/// The next chain on `queue` for a poll-mode worker: notifications stay
+/// as they are (the worker holds them off itself). An available index
+/// more than a queue ahead of the device is Broken, as in [`pop_chain`].
+pub fn pop_chain_polled<'a, M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &'a M,
+) -> Popped<virtio_queue::DescriptorChain<&'a M>> {
+    use virtio_queue::QueueT;
+    if let Some(chain) = queue.pop_descriptor_chain(mem) {
+        return Popped::Chain(chain);
+    }
+    match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(idx) if idx.0.wrapping_sub(queue.next_avail()) > queue.size() => {
+            Popped::Broken("an available index more than a queue ahead of the device".into())
+        }
+        Ok(_) => Popped::Empty,
+        Err(e) => Popped::Broken(format!("{e:?}")),
+    }
 }
 
 /// A chain's descriptors, or None when it does not end where it should:

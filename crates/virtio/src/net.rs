@@ -1,6 +1,9 @@
-//! virtio-net on a TAP: one receive and one transmit queue, served by a
-//! worker thread that waits (epoll) on the TAP and the two queues' kick
-//! eventfds, so a vCPU never waits on the network. MAC, MTU and STATUS.
+//! virtio-net on a TAP: one or more queue pairs (`queues=`, one TAP queue
+//! each, IFF_MULTI_QUEUE), each served by a worker thread of its own that
+//! waits (epoll) on its TAP queue and its two queues' kick eventfds, or,
+//! in poll mode, busy-polls them as a DPDK PMD does, with the guest's kicks
+//! suppressed. So a vCPU never waits on the network. MAC, MTU, STATUS, the
+//! control queue (VQ_PAIRS_SET, ANNOUNCE_ACK), MQ and GUEST_ANNOUNCE.
 //!
 //! Receive: a frame read from the TAP goes into the next posted chain
 //! (header first, num_buffers = 1); a frame larger than the chain is
@@ -9,20 +12,25 @@
 //! posts one. Transmit: a chain shorter than the header, larger than
 //! 64 KiB + header or holding device-writable descriptors is dropped and
 //! counted; a TAP write error is counted and the queue goes on.
+//!
+//! Pairs the driver has not turned on are detached from the TAP
+//! (TUNSETQUEUE), so the kernel steers no frame to a queue nobody reads.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_ANNOUNCE, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::net_ctrl::{serve_ctrl_queue, CtrlCommand, CtrlOffer, MAX_PAIRS};
 use crate::rate_limiter::RateLimiter;
 use crate::tap::{Tap, VNET_HDR_LEN};
 use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice, WorkerThread};
@@ -30,10 +38,14 @@ use crate::{whole_chain, ActiveQueue, Interrupt, VirtioDevice, WorkerThread};
 const RX: usize = 0;
 const TX: usize = 1;
 const QUEUE_SIZE: u16 = 256;
+const CTRL_QUEUE_SIZE: u16 = 64;
 /// Frames one receive pass takes before it looks at its other events.
 const RX_BUDGET: u32 = 64;
 /// The largest frame either way: 64 KiB of frame after the header.
 const MAX_FRAME: usize = VNET_HDR_LEN + 65536;
+/// Poll mode: passes over the queues between two looks at the worker's
+/// other events (stop, the control queue, a pair turned on or off).
+const POLL_PASSES: u32 = 64;
 
 /// Per-device counters.
 #[derive(Default)]
@@ -58,12 +70,35 @@ pub struct NetCounters {
     /// A frame read from the TAP while no buffer was posted, dropped when
     /// the device stopped (pause, reset).
     pub rx_dropped_at_stop: AtomicU64,
-    /// RARPs sent for a restored or migrated guest's MAC.
+    /// Announces of a restored or migrated guest's MAC: RARPs this device
+    /// sent, or (GUEST_ANNOUNCE) times the guest was asked to announce.
     pub announces: AtomicU64,
+    /// Frames each way per queue pair.
+    pub pair_rx_frames: [AtomicU64; MAX_PAIRS as usize],
+    pub pair_tx_frames: [AtomicU64; MAX_PAIRS as usize],
+    /// Notifications the guest wrote on the receive and transmit queues
+    /// (its kicks, read off the eventfds).
+    pub guest_kicks: AtomicU64,
+    /// Control commands answered, and those answered ERR.
+    pub ctrl_commands: AtomicU64,
+    pub ctrl_refused: AtomicU64,
+    /// TAP queues attached or detached failing (TUNSETQUEUE).
+    pub queue_steering_errors: AtomicU64,
+}
+
+/// Receive and transmit: how the queue workers wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetMode {
+    /// On the TAP and the guest's kicks (epoll).
+    #[default]
+    Event,
+    /// Busy-polling the queues and the TAP, kicks suppressed (needs CPUs
+    /// of their own: `cpus=`).
+    Poll,
 }
 
 /// How a NIC is set up.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct NetConfig {
     pub mac: [u8; 6],
     pub mtu: Option<u16>,
@@ -73,40 +108,112 @@ pub struct NetConfig {
     /// Transmitted frames a second and bytes a second.
     pub tx_pps: Option<u64>,
     pub tx_bw: Option<u64>,
+    /// Queue pairs (one TAP queue each); 0 counts as 1.
+    pub pairs: u16,
+    pub mode: NetMode,
+    /// Host CPUs of the queue workers: pair i's on cpus[i % len].
+    pub cpus: Vec<usize>,
+    /// SCHED_FIFO priority of the queue workers.
+    pub rt_priority: Option<u8>,
+}
+
+impl NetConfig {
+    fn pair_count(&self) -> usize {
+        self.pairs.max(1) as usize
+    }
+}
+
+/// What the device and its workers share.
+struct Shared {
+    link_up: AtomicBool,
+    /// Queue pairs the driver turned on (VQ_PAIRS_SET; 1 without MQ).
+    pairs_on: AtomicU16,
+    /// VIRTIO_NET_S_ANNOUNCE: the guest is asked to announce itself.
+    announce: AtomicBool,
+    /// The workers' placements, by pair.
+    placements: Mutex<Vec<Option<devices::state::DeviceThread>>>,
+}
+
+/// What a worker hands back when it stops: its pair's queues, and the
+/// control queue (pair 0's worker serves it).
+#[derive(Default)]
+struct WorkerEnd {
+    data: Vec<ActiveQueue>,
+    ctrl: Option<ActiveQueue>,
 }
 
 pub struct Net<M> {
-    tap: Arc<Tap>,
+    /// One TAP queue per pair.
+    taps: Vec<Arc<Tap>>,
     config: NetConfig,
     pub counters: Arc<NetCounters>,
-    link_up: Arc<AtomicBool>,
-    worker: Option<WorkerThread<Vec<ActiveQueue>>>,
-    /// Restored: the worker announces the MAC when it starts.
+    shared: Arc<Shared>,
+    workers: Vec<WorkerThread<WorkerEnd>>,
+    /// Restored: the guest (GUEST_ANNOUNCE) or the device announces the
+    /// MAC when the device runs again.
     announce: bool,
     _mem: std::marker::PhantomData<M>,
 }
 
 impl<M> Net<M> {
-    pub fn new(tap: Tap, config: NetConfig) -> Self {
-        Net {
-            tap: Arc::new(tap),
+    /// A NIC on `taps`, one per queue pair (`config.pairs` of them).
+    pub fn new(taps: Vec<Tap>, config: NetConfig) -> Result<Self, String> {
+        if taps.len() != config.pair_count() {
+            return Err(format!(
+                "virtio-net: {} TAP queues for {} queue pairs",
+                taps.len(),
+                config.pair_count()
+            ));
+        }
+        Ok(Net {
+            taps: taps.into_iter().map(Arc::new).collect(),
             config,
             counters: Arc::default(),
-            link_up: Arc::new(AtomicBool::new(true)),
-            worker: None,
+            shared: Arc::new(Shared {
+                link_up: AtomicBool::new(true),
+                pairs_on: AtomicU16::new(1),
+                announce: AtomicBool::new(false),
+                placements: Mutex::new(Vec::new()),
+            }),
+            workers: Vec::new(),
             announce: false,
             _mem: std::marker::PhantomData,
+        })
+    }
+
+    /// Where each queue worker runs (those running now or last).
+    pub fn placements(&self) -> Vec<devices::state::DeviceThread> {
+        self.shared
+            .placements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    fn stop_workers(&mut self) -> Vec<ActiveQueue> {
+        for w in &self.workers {
+            w.signal();
         }
+        let mut data = Vec::new();
+        let mut ctrl = None;
+        for w in self.workers.drain(..) {
+            let end = w.join().unwrap_or_default();
+            data.extend(end.data);
+            ctrl = ctrl.or(end.ctrl);
+        }
+        data.extend(ctrl);
+        data
     }
 }
 
 impl<M> Drop for Net<M> {
-    /// The worker stops with the device: it must not outlive the VM's
+    /// The workers stop with the device: they must not outlive the VM's
     /// memory and TAP.
     fn drop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        let _ = self.stop_workers();
     }
 }
 
@@ -131,6 +238,44 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+/// Counter names per pair (the counters' names are static).
+const PAIR_RX_NAMES: [&str; MAX_PAIRS as usize] = [
+    "pair0_rx_frames",
+    "pair1_rx_frames",
+    "pair2_rx_frames",
+    "pair3_rx_frames",
+    "pair4_rx_frames",
+    "pair5_rx_frames",
+    "pair6_rx_frames",
+    "pair7_rx_frames",
+    "pair8_rx_frames",
+    "pair9_rx_frames",
+    "pair10_rx_frames",
+    "pair11_rx_frames",
+    "pair12_rx_frames",
+    "pair13_rx_frames",
+    "pair14_rx_frames",
+    "pair15_rx_frames",
+];
+const PAIR_TX_NAMES: [&str; MAX_PAIRS as usize] = [
+    "pair0_tx_frames",
+    "pair1_tx_frames",
+    "pair2_tx_frames",
+    "pair3_tx_frames",
+    "pair4_tx_frames",
+    "pair5_tx_frames",
+    "pair6_tx_frames",
+    "pair7_tx_frames",
+    "pair8_tx_frames",
+    "pair9_tx_frames",
+    "pair10_tx_frames",
+    "pair11_tx_frames",
+    "pair12_tx_frames",
+    "pair13_tx_frames",
+    "pair14_tx_frames",
+    "pair15_tx_frames",
+];
+
 impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> {
     fn device_type(&self) -> u16 {
         1
@@ -140,24 +285,35 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         let mut f = crate::F_VERSION_1
             | crate::F_RING_EVENT_IDX
             | 1 << VIRTIO_NET_F_MAC
-            | 1 << VIRTIO_NET_F_STATUS;
+            | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_CTRL_VQ
+            | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE;
         if self.config.mtu.is_some() {
             f |= 1 << VIRTIO_NET_F_MTU;
+        }
+        if self.config.pair_count() > 1 {
+            f |= 1 << VIRTIO_NET_F_MQ;
         }
         f
     }
 
+    /// Every pair's receive and transmit queue, then the control queue.
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE, QUEUE_SIZE]
+        let mut sizes = vec![QUEUE_SIZE; 2 * self.config.pair_count()];
+        sizes.push(CTRL_QUEUE_SIZE);
+        sizes
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let space = nic_config_space(
+        let mut space = nic_config_space(
             &self.config.mac,
-            self.link_up.load(Ordering::Acquire),
-            1,
+            self.shared.link_up.load(Ordering::Acquire),
+            self.config.pair_count() as u16,
             self.config.mtu,
         );
+        if self.shared.announce.load(Ordering::Acquire) {
+            space[6] |= VIRTIO_NET_S_ANNOUNCE as u8;
+        }
         crate::read_config_space(&space, offset, data);
     }
 
@@ -165,55 +321,107 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         &mut self,
         mem: M,
         interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-        _acked: u64,
+        mut queues: Vec<ActiveQueue>,
+        acked: u64,
     ) -> Result<(), String> {
-        if queues.len() != 2 {
+        // (5.1.2 of virtio-net: without MQ, one pair and the control
+        // queue right after it)
+        let mq = acked & 1 << VIRTIO_NET_F_MQ != 0;
+        let ctrl_on = acked & 1 << VIRTIO_NET_F_CTRL_VQ != 0;
+        let pairs = if mq { self.config.pair_count() } else { 1 };
+        if queues.len() != 2 * pairs + ctrl_on as usize {
             return Err(format!(
-                "virtio-net needs its receive and transmit queues enabled ({} enabled)",
+                "virtio-net needs every queue enabled: {} receive and transmit queues{} ({} enabled)",
+                2 * pairs,
+                if ctrl_on { " and the control queue" } else { "" },
                 queues.len()
             ));
         }
-        let (stop, worker_stop) = crate::worker_stop_pair()?;
-        let worker = Worker {
-            mem,
-            link_up: self.link_up.clone(),
-            tap: self.tap.clone(),
-            interrupt,
-            counters: self.counters.clone(),
-            queues: queues.into_iter().map(|q| (q.queue, q.kick)).collect(),
-            stop: worker_stop,
-            pending: None,
-            rx_buf: vec![0; MAX_FRAME],
-            tx_buf: Vec::with_capacity(MAX_FRAME),
-            rx_blocked: false,
-            rx_limit: RateLimiter::new(self.config.rx_pps, self.config.rx_bw),
-            tx_limit: RateLimiter::new(self.config.tx_pps, self.config.tx_bw),
-            rx_throttled: false,
-            tx_throttled: false,
-            timer: None,
-            announce: std::mem::take(&mut self.announce).then_some(self.config.mac),
+        if !mq {
+            self.shared.pairs_on.store(1, Ordering::Release);
+        }
+        let ctrl_queue = if ctrl_on { queues.pop() } else { None };
+        let offer = CtrlOffer {
+            mq,
+            max_pairs: pairs as u16,
+            announce: ctrl_on && acked & 1 << VIRTIO_NET_F_GUEST_ANNOUNCE != 0,
+            guest_offloads: None,
         };
-        self.worker = Some(WorkerThread::spawn(
-            format!("net-{}", self.tap.name),
-            seccomp::Role::DeviceWorker,
-            stop,
-            move || worker.run(),
-        )?);
+        let wakes = (0..pairs)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let wake_clones = wakes
+            .iter()
+            .map(|w| w.try_clone().map_err(|e| format!("eventfd: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut steering = Some(Steering {
+            // every TAP queue: pairs past what this driver set up stay
+            // detached
+            taps: self.taps.clone(),
+            attached: vec![None; self.taps.len()],
+            wakes: wake_clones,
+            ctrl: ctrl_queue.map(|q| (q, 2 * pairs as u16)),
+            offer,
+        });
+        *self
+            .shared
+            .placements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = vec![None; pairs];
+        let mut queues = queues.into_iter();
+        for (pair, wake) in wakes.into_iter().enumerate() {
+            let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+                unreachable!("2 * pairs queues, counted above");
+            };
+            let (stop, worker_stop) = crate::worker_stop_pair()?;
+            let mut worker = Worker::new(
+                pair,
+                mem.clone(),
+                self.taps[pair].clone(),
+                interrupt.clone(),
+                self.counters.clone(),
+                self.shared.clone(),
+                [rx, tx],
+                worker_stop,
+                &self.config,
+            );
+            worker.wake = wake;
+            worker.steering = steering.take();
+            if pair == 0 && std::mem::take(&mut self.announce) {
+                worker.announce = Some(self.config.mac);
+            }
+            let name = if pairs > 1 {
+                format!("net-{}-q{pair}", self.taps[pair].name)
+            } else {
+                format!("net-{}", self.taps[pair].name)
+            };
+            match WorkerThread::spawn(name, seccomp::Role::DeviceWorker, stop, move || {
+                worker.run()
+            }) {
+                Ok(w) => self.workers.push(w),
+                Err(e) => {
+                    let _ = self.stop_workers();
+                    return Err(e);
+                }
+            }
+        }
         Ok(())
     }
 
     fn reset(&mut self) -> Vec<ActiveQueue> {
-        self.worker
-            .take()
-            .and_then(WorkerThread::stop)
-            .unwrap_or_default()
+        self.stop_workers()
+    }
+
+    fn driver_reset(&mut self) {
+        // (5.1.6.5.5: after a reset only the first pair is used)
+        self.shared.pairs_on.store(1, Ordering::Release);
+        self.shared.announce.store(false, Ordering::Release);
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        vec![
+        let mut v = vec![
             ("rx_frames", l(&c.rx_frames)),
             ("rx_bytes", l(&c.rx_bytes)),
             ("rx_dropped_too_big", l(&c.rx_dropped_too_big)),
@@ -237,8 +445,30 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             ("tx_throttled", l(&c.tx_throttled)),
             ("rx_dropped_at_stop", l(&c.rx_dropped_at_stop)),
             ("announces", l(&c.announces)),
-            ("link_up", self.link_up.load(Ordering::Relaxed) as u64),
-        ]
+            ("guest_kicks", l(&c.guest_kicks)),
+            ("ctrl_commands", l(&c.ctrl_commands)),
+            ("ctrl_refused", l(&c.ctrl_refused)),
+            ("queue_steering_errors", l(&c.queue_steering_errors)),
+            (
+                "pairs_on",
+                self.shared.pairs_on.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "link_up",
+                self.shared.link_up.load(Ordering::Relaxed) as u64,
+            ),
+        ];
+        if self.config.pair_count() > 1 {
+            for p in 0..self.config.pair_count() {
+                v.push((PAIR_RX_NAMES[p], l(&c.pair_rx_frames[p])));
+                v.push((PAIR_TX_NAMES[p], l(&c.pair_tx_frames[p])));
+            }
+        }
+        v
+    }
+
+    fn threads(&self) -> Vec<devices::state::DeviceThread> {
+        self.placements()
     }
 
     fn control(&mut self, action: &str) -> Result<bool, String> {
@@ -251,23 +481,30 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
                 ))
             }
         };
-        Ok(self.link_up.swap(up, Ordering::AcqRel) != up)
+        Ok(self.shared.link_up.swap(up, Ordering::AcqRel) != up)
     }
 
-    /// The link (1 byte), the MAC (6) and the MTU (2, 0 for none): what
-    /// the driver read from the configuration space, which a destination's
-    /// NIC must show it again.
+    /// The link, MAC and MTU (9 bytes, [`nic_state`]) and, with more than
+    /// one pair, the pairs the guest turned on.
     fn state(&self) -> Vec<u8> {
-        nic_state(
-            self.link_up.load(Ordering::Acquire),
+        nic_state_with_pairs(
+            self.shared.link_up.load(Ordering::Acquire),
             &self.config.mac,
             self.config.mtu,
+            self.config.pair_count() as u16,
+            self.shared.pairs_on.load(Ordering::Acquire),
         )
     }
 
     fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let link_up = check_nic_state(state, &self.config.mac, self.config.mtu)?;
-        self.link_up.store(link_up, Ordering::Release);
+        let (link_up, pairs_on) = check_nic_state_with_pairs(
+            state,
+            &self.config.mac,
+            self.config.mtu,
+            self.config.pair_count() as u16,
+        )?;
+        self.shared.link_up.store(link_up, Ordering::Release);
+        self.shared.pairs_on.store(pairs_on, Ordering::Release);
         // the guest is somewhere new (a restore, a migration's
         // destination): the network learns where its MAC now is
         self.announce = true;
@@ -316,6 +553,45 @@ pub fn nic_state(link_up: bool, mac: &[u8; 6], mtu: Option<u16>) -> Vec<u8> {
     s.extend_from_slice(mac);
     s.extend_from_slice(&mtu.unwrap_or(0).to_le_bytes());
     s
+}
+
+/// [`nic_state`], and with more than one pair (`pairs`) the pairs the
+/// guest turned on (11 bytes): a 1-pair NIC keeps the 9-byte state, so a
+/// guest moves between TAP and vhost-user NICs.
+pub fn nic_state_with_pairs(
+    link_up: bool,
+    mac: &[u8; 6],
+    mtu: Option<u16>,
+    pairs: u16,
+    pairs_on: u16,
+) -> Vec<u8> {
+    let mut s = nic_state(link_up, mac, mtu);
+    if pairs > 1 {
+        s.extend_from_slice(&pairs_on.to_le_bytes());
+    }
+    s
+}
+
+/// Checks a state [`nic_state_with_pairs`] wrote against this NIC of
+/// `pairs` pairs; returns (link up, pairs on).
+pub fn check_nic_state_with_pairs(
+    state: &[u8],
+    own_mac: &[u8; 6],
+    own_mtu: Option<u16>,
+    pairs: u16,
+) -> Result<(bool, u16), String> {
+    let (nic, on) = match state.len() {
+        11 => (&state[..9], u16::from_le_bytes([state[9], state[10]])),
+        _ => (state, 1),
+    };
+    let link_up = check_nic_state(nic, own_mac, own_mtu)?;
+    if on == 0 || on > pairs.max(1) {
+        return Err(format!(
+            "the guest had {on} queue pairs on, this NIC has {} (queues=)",
+            pairs.max(1)
+        ));
+    }
+    Ok((link_up, on))
 }
 
 /// Checks a saved NIC state against this NIC (the guest knows its MAC and
@@ -374,6 +650,11 @@ pub(crate) trait FramePort: AsRawFd + Send + Sync + 'static {
     fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>>;
     /// One frame (header first).
     fn write_frame(&self, frame: &[u8]) -> std::io::Result<()>;
+    /// Attaches or detaches this queue of a multi-queue port.
+    fn set_queue_attached(&self, attached: bool) -> Result<(), String> {
+        let _ = attached;
+        Ok(())
+    }
 }
 
 impl FramePort for Tap {
@@ -386,16 +667,41 @@ impl FramePort for Tap {
     fn write_frame(&self, frame: &[u8]) -> std::io::Result<()> {
         Tap::write_frame(self, frame)
     }
+    fn set_queue_attached(&self, attached: bool) -> Result<(), String> {
+        if !self.multi_queue {
+            return Ok(());
+        }
+        Tap::set_queue_attached(self, attached).map_err(|e| e.to_string())
+    }
+}
+
+/// Pair 0's worker also keeps the TAP's queue steering and the control
+/// queue: which TAP queues are attached, and the other workers' wake-ups.
+struct Steering<P> {
+    taps: Vec<Arc<P>>,
+    /// Each TAP queue: attached (Some(true)), detached, or not known yet.
+    attached: Vec<Option<bool>>,
+    /// Each pair's worker's wake-up (a pair went on or off).
+    wakes: Vec<EventFd>,
+    /// The control queue and its index.
+    ctrl: Option<(ActiveQueue, u16)>,
+    offer: CtrlOffer,
 }
 
 struct Worker<M, P = Tap> {
+    /// The queue pair this worker serves.
+    pair: usize,
     mem: M,
-    link_up: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     tap: Arc<P>,
     interrupt: Arc<dyn Interrupt>,
     counters: Arc<NetCounters>,
     queues: Vec<(Queue, EventFd)>,
     stop: EventFd,
+    /// Written when this worker's pair goes on or off.
+    wake: EventFd,
+    /// Pair 0's: the TAP queues' steering and the control queue.
+    steering: Option<Steering<P>>,
     /// The length of a frame read from the TAP into `rx_buf` that found
     /// no posted chain yet.
     pending: Option<usize>,
@@ -411,8 +717,16 @@ struct Worker<M, P = Tap> {
     rx_throttled: bool,
     tx_throttled: bool,
     timer: Option<TimerFd>,
-    /// Restored: announce this MAC (a RARP on the TAP) once running.
+    /// Restored: announce this MAC (GUEST_ANNOUNCE, or a RARP on the TAP)
+    /// once running.
     announce: Option<[u8; 6]>,
+    mode: NetMode,
+    /// Poll mode: the available index each queue's avail_event was last
+    /// set behind (kicks suppressed up to there).
+    kicks_held_at: [Option<u16>; 2],
+    /// Where to run: a CPU, a SCHED_FIFO priority.
+    cpu: Option<usize>,
+    rt_priority: Option<u8>,
 }
 
 const EV_TAP: u64 = 0;
@@ -420,9 +734,118 @@ const EV_RX: u64 = 1;
 const EV_TX: u64 = 2;
 const EV_STOP: u64 = 3;
 const EV_TIMER: u64 = 4;
+const EV_WAKE: u64 = 5;
+const EV_CTRL: u64 = 6;
 
 impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> {
-    fn run(mut self) -> Vec<ActiveQueue> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        pair: usize,
+        mem: M,
+        tap: Arc<P>,
+        interrupt: Arc<dyn Interrupt>,
+        counters: Arc<NetCounters>,
+        shared: Arc<Shared>,
+        [rx, tx]: [ActiveQueue; 2],
+        stop: EventFd,
+        config: &NetConfig,
+    ) -> Self {
+        Worker {
+            pair,
+            mem,
+            shared,
+            tap,
+            interrupt,
+            counters,
+            queues: vec![(rx.queue, rx.kick), (tx.queue, tx.kick)],
+            stop,
+            wake: EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd"),
+            steering: None,
+            pending: None,
+            rx_buf: vec![0; MAX_FRAME],
+            tx_buf: Vec::with_capacity(MAX_FRAME),
+            rx_blocked: false,
+            rx_limit: RateLimiter::new(config.rx_pps, config.rx_bw),
+            tx_limit: RateLimiter::new(config.tx_pps, config.tx_bw),
+            rx_throttled: false,
+            tx_throttled: false,
+            timer: None,
+            announce: None,
+            mode: config.mode,
+            kicks_held_at: [None; 2],
+            cpu: (!config.cpus.is_empty()).then(|| config.cpus[pair % config.cpus.len()]),
+            rt_priority: config.rt_priority,
+        }
+    }
+
+    /// This worker's pair is one the driver turned on.
+    fn active(&self) -> bool {
+        self.pair < self.shared.pairs_on.load(Ordering::Acquire) as usize
+    }
+
+    /// The queue index the driver knows queue `q` (RX, TX) of this pair by.
+    fn queue_index(&self, q: usize) -> u16 {
+        (2 * self.pair + q) as u16
+    }
+
+    /// Pins this thread and makes it SCHED_FIFO as asked, then reads back
+    /// where it runs (the run report shows it).
+    fn place(&self) {
+        let mut settings = Vec::new();
+        let mut record = |name: &str, r: Result<String, String>| {
+            if let Err(why) = &r {
+                tracing::warn!(
+                    "net {} pair {}: {name}: {why}",
+                    self.tap.port_name(),
+                    self.pair
+                );
+            }
+            settings.push(devices::state::ThreadSetting {
+                name: name.to_string(),
+                applied: r.is_ok(),
+                detail: r.unwrap_or_else(|e| e),
+            });
+        };
+        if let Some(cpu) = self.cpu {
+            record(
+                "cpu",
+                rt::pin_current_thread(&[cpu])
+                    .map(|()| format!("pinned to CPU {cpu}"))
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        if let Some(p) = self.rt_priority {
+            record(
+                "rt-priority",
+                rt::set_current_thread_fifo(p as i32)
+                    .map(|()| format!("SCHED_FIFO {p}"))
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        let here = rt::current_thread_sched();
+        let placed = devices::state::DeviceThread {
+            thread: std::thread::current().name().unwrap_or("?").to_string(),
+            tid: rt::current_tid(),
+            cpus: here.as_ref().map(|h| h.cpus.clone()).unwrap_or_default(),
+            policy: here
+                .as_ref()
+                .map(|h| h.policy.clone())
+                .unwrap_or_else(|e| format!("unknown ({e})")),
+            priority: here.as_ref().map(|h| h.priority).unwrap_or(0),
+            settings,
+        };
+        let mut all = self
+            .shared
+            .placements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = all.get_mut(self.pair) {
+            *slot = Some(placed);
+        }
+    }
+
+    fn run(mut self) -> WorkerEnd {
+        self.place();
         let epoll = match Epoll::new() {
             Ok(e) => e,
             Err(e) => {
@@ -438,31 +861,55 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
             )
         };
         self.timer = TimerFd::new().ok();
-        let ok = add(self.tap.as_raw_fd(), EV_TAP).is_ok()
-            && add(self.queues[RX].1.as_raw_fd(), EV_RX).is_ok()
+        let poll = self.mode == NetMode::Poll;
+        let mut ok = add(self.queues[RX].1.as_raw_fd(), EV_RX).is_ok()
             && add(self.queues[TX].1.as_raw_fd(), EV_TX).is_ok()
             && add(self.stop.as_raw_fd(), EV_STOP).is_ok()
+            && add(self.wake.as_raw_fd(), EV_WAKE).is_ok()
             && self
                 .timer
                 .as_ref()
                 .is_some_and(|t| add(t.as_raw_fd(), EV_TIMER).is_ok());
+        if let Some((c, _)) = self.steering.as_ref().and_then(|s| s.ctrl.as_ref()) {
+            ok &= add(c.kick.as_raw_fd(), EV_CTRL).is_ok();
+        }
         if !ok {
             tracing::error!("net {}: epoll registration failed", self.tap.port_name());
             return self.into_queues();
         }
+        self.steer();
         if let Some(mac) = self.announce.take() {
-            if self.link_up.load(Ordering::Acquire) && self.tap.write_frame(&rarp(&mac)).is_ok() {
-                self.counters.announces.fetch_add(1, Ordering::Relaxed);
-            }
+            self.announce(mac);
         }
         // buffers or frames the driver posted while the device was stopped
         // (a kick consumed before a pause, a restored queue)
-        self.transmit();
-        self.receive();
-        let mut tap_watched = true;
+        if self.active() {
+            self.transmit();
+            self.receive();
+        }
+        self.serve_ctrl();
+        // (the TAP is watched only in event mode, while frames can be
+        // taken: level-triggered, it would wake this thread in a loop)
+        let mut tap_watched = false;
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let n = match epoll.wait(-1, &mut events) {
+            if !poll {
+                let want = !self.rx_blocked && self.active();
+                if want != tap_watched {
+                    let op = if want {
+                        ControlOperation::Add
+                    } else {
+                        ControlOperation::Delete
+                    };
+                    let _ = epoll.ctl(
+                        op,
+                        self.tap.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, EV_TAP),
+                    );
+                    tap_watched = want;
+                }
+            }
+            let n = match epoll.wait(if poll { 0 } else { -1 }, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -474,15 +921,33 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                 match ev.data() {
                     EV_STOP => return self.into_queues(),
                     EV_TX => {
-                        let _ = self.queues[TX].1.read();
-                        self.transmit();
+                        self.count_kicks(TX);
+                        if self.active() {
+                            self.transmit();
+                        }
                     }
                     EV_RX => {
-                        let _ = self.queues[RX].1.read();
+                        self.count_kicks(RX);
                         self.rx_blocked = false;
-                        self.receive();
+                        if self.active() {
+                            self.receive();
+                        }
                     }
                     EV_TAP => self.receive(),
+                    EV_WAKE => {
+                        let _ = self.wake.read();
+                        self.rx_blocked = false;
+                        if self.active() {
+                            self.transmit();
+                            self.receive();
+                        }
+                    }
+                    EV_CTRL => {
+                        if let Some((c, _)) = self.steering.as_ref().and_then(|s| s.ctrl.as_ref()) {
+                            let _ = c.kick.read();
+                        }
+                        self.serve_ctrl();
+                    }
                     EV_TIMER => {
                         if let Some(t) = self.timer.as_mut() {
                             let _ = t.wait();
@@ -492,41 +957,180 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                             self.rx_throttled = false;
                             self.rx_blocked = false;
                         }
-                        self.transmit();
-                        self.receive();
+                        if self.active() {
+                            self.transmit();
+                            self.receive();
+                        }
                     }
                     _ => {}
                 }
             }
-            // stop listening to the TAP while nothing can be received
-            // (level-triggered: it would wake this thread in a loop)
-            if self.rx_blocked == tap_watched {
-                let op = if self.rx_blocked {
-                    ControlOperation::Delete
-                } else {
-                    ControlOperation::Add
-                };
-                let _ = epoll.ctl(
-                    op,
-                    self.tap.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, EV_TAP),
-                );
-                tap_watched = !self.rx_blocked;
+            if poll && self.active() {
+                // a PMD's loop: the queues and the TAP, over and over, the
+                // other events looked at every POLL_PASSES passes
+                for _ in 0..POLL_PASSES {
+                    self.transmit();
+                    self.receive();
+                    self.hold_kicks();
+                    std::hint::spin_loop();
+                }
+            } else if poll {
+                // an idle pair's poller waits for its pair to come on (what
+                // woke it is left for the next look)
+                let _ = epoll.wait(10, &mut events[..1]);
             }
         }
     }
 
-    fn into_queues(self) -> Vec<ActiveQueue> {
+    /// Adds the guest's notifications on queue `q` to the count (the
+    /// eventfd says how many since the last read).
+    fn count_kicks(&self, q: usize) {
+        if let Ok(n) = self.queues[q].1.read() {
+            self.counters.guest_kicks.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Poll mode: asks the driver not to notify this pair's queues. With
+    /// EVENT_IDX, avail_event goes one behind the next chain to take, so
+    /// no new available index the driver writes crosses it (virtio 1.2,
+    /// 2.7.10); without, the used ring's NO_NOTIFY flag.
+    fn hold_kicks(&mut self) {
+        for q in [RX, TX] {
+            let queue = &mut self.queues[q].0;
+            let next = queue.next_avail();
+            if self.kicks_held_at[q] == Some(next) {
+                continue;
+            }
+            let held = if queue.event_idx_enabled() {
+                let at = queue
+                    .used_ring()
+                    .checked_add(4 + 8 * u64::from(queue.size()));
+                at.is_some_and(|a| {
+                    self.mem
+                        .write_obj(next.wrapping_sub(1).to_le(), GuestAddress(a))
+                        .is_ok()
+                })
+            } else {
+                queue.disable_notification(&self.mem).is_ok()
+            };
+            if held {
+                self.kicks_held_at[q] = Some(next);
+            }
+        }
+    }
+
+    /// Pair 0's worker: the TAP queues of the pairs that are on attached,
+    /// the others detached, and their workers told.
+    fn steer(&mut self) {
+        let on = self.shared.pairs_on.load(Ordering::Acquire) as usize;
+        let Some(s) = self.steering.as_mut() else {
+            return;
+        };
+        for (i, tap) in s.taps.iter().enumerate() {
+            let want = i < on;
+            if s.attached[i] == Some(want) {
+                continue;
+            }
+            match tap.set_queue_attached(want) {
+                Ok(()) => s.attached[i] = Some(want),
+                Err(e) => {
+                    self.counters
+                        .queue_steering_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    devices::limited!(warn, "net {}: queue {i}: {e}", tap.port_name());
+                }
+            }
+            if let Some(w) = s.wakes.get(i) {
+                let _ = w.write(1);
+            }
+        }
+    }
+
+    /// Pair 0's worker: answers the control queue's commands.
+    fn serve_ctrl(&mut self) {
+        let Some(mut s) = self.steering.take() else {
+            return;
+        };
+        if let Some((ctrl, index)) = s.ctrl.as_mut() {
+            let shared = self.shared.clone();
+            let max = s.taps.len() as u16;
+            let mut apply = |c: CtrlCommand| match c {
+                CtrlCommand::Pairs(n) if n <= max => {
+                    shared.pairs_on.store(n, Ordering::Release);
+                    true
+                }
+                CtrlCommand::AnnounceAck => {
+                    shared.announce.store(false, Ordering::Release);
+                    true
+                }
+                _ => false,
+            };
+            let served = serve_ctrl_queue(&self.mem, &mut ctrl.queue, &s.offer, &mut apply);
+            if let Err(why) = &served.broken {
+                self.bad_queue(*index as usize, why);
+            }
+            for why in &served.refused {
+                devices::limited!(warn, "net {}: control queue: {why}", self.tap.port_name());
+            }
+            self.counters
+                .ctrl_commands
+                .fetch_add(served.answered as u64, Ordering::Relaxed);
+            self.counters
+                .ctrl_refused
+                .fetch_add(served.refused.len() as u64, Ordering::Relaxed);
+            if served.answered > 0 {
+                let _ = crate::signal_used(&mut ctrl.queue, &self.mem, &*self.interrupt, *index);
+            }
+            let pairs_changed = served.pairs.is_some();
+            self.steering = Some(s);
+            if pairs_changed {
+                // (the answer is already in the used ring, but the driver
+                // takes no frame on a new pair before it reads it)
+                self.steer();
+            }
+        } else {
+            self.steering = Some(s);
+        }
+    }
+
+    /// A restored guest's MAC: the guest announces itself where it can
+    /// (GUEST_ANNOUNCE: the status bit and a configuration interrupt),
+    /// else this device sends a RARP for it, as QEMU does.
+    fn announce(&mut self, mac: [u8; 6]) {
+        if !self.shared.link_up.load(Ordering::Acquire) {
+            return;
+        }
+        let guest_can = self.steering.as_ref().is_some_and(|s| s.offer.announce);
+        if guest_can {
+            self.shared.announce.store(true, Ordering::Release);
+            self.interrupt.config();
+            self.counters.announces.fetch_add(1, Ordering::Relaxed);
+        } else if self.tap.write_frame(&rarp(&mac)).is_ok() {
+            self.counters.announces.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn into_queues(mut self) -> WorkerEnd {
         if self.pending.is_some() {
             // a frame read but not delivered: lost with the pause
             self.counters
                 .rx_dropped_at_stop
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.queues
-            .into_iter()
-            .map(|(queue, kick)| ActiveQueue { queue, kick })
-            .collect()
+        if self.mode == NetMode::Poll {
+            // kicks the guest wrote while polled (none, if held well)
+            self.count_kicks(RX);
+            self.count_kicks(TX);
+        }
+        let ctrl = self.steering.take().and_then(|s| s.ctrl).map(|(q, _)| q);
+        WorkerEnd {
+            data: self
+                .queues
+                .into_iter()
+                .map(|(queue, kick)| ActiveQueue { queue, kick })
+                .collect(),
+            ctrl,
+        }
     }
 
     /// The timer fires after `wait` (a bucket refilled enough).
@@ -542,14 +1146,15 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
     }
 
     fn notify(&mut self, q: usize) {
-        match crate::signal_used(&mut self.queues[q].0, &self.mem, &*self.interrupt, q as u16) {
+        let index = self.queue_index(q);
+        match crate::signal_used(&mut self.queues[q].0, &self.mem, &*self.interrupt, index) {
             Ok(crate::Signal::Sent) => {
                 self.counters.notifications[q].fetch_add(1, Ordering::Relaxed);
             }
             Ok(crate::Signal::Suppressed) => {
                 self.counters.notifications_suppressed[q].fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => self.bad_queue(q, &e),
+            Err(e) => self.bad_queue(index as usize, &e),
         }
     }
 
@@ -559,6 +1164,20 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                 "net {}: queue {q}: {why} (logged once, counted)",
                 self.tap.port_name()
             );
+        }
+    }
+
+    /// The next chain of queue `q`: in poll mode without turning the
+    /// driver's notifications back on.
+    fn pop<'a>(
+        &mut self,
+        q: usize,
+        mem: &'a M,
+    ) -> crate::Popped<virtio_queue::DescriptorChain<&'a M>> {
+        if self.mode == NetMode::Poll {
+            crate::pop_chain_polled(&mut self.queues[q].0, mem)
+        } else {
+            crate::pop_chain(&mut self.queues[q].0, mem)
         }
     }
 
@@ -595,19 +1214,19 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                     }
                 },
             };
-            if !self.link_up.load(Ordering::Acquire) {
+            if !self.shared.link_up.load(Ordering::Acquire) {
                 self.counters
                     .dropped_link_down
                     .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let mem = self.mem.clone();
-            let chain = match crate::pop_chain(&mut self.queues[RX].0, &mem) {
+            let chain = match self.pop(RX, &mem) {
                 crate::Popped::Chain(c) => c,
                 empty_or_broken => {
                     self.pending = Some(len);
                     if let crate::Popped::Broken(why) = empty_or_broken {
-                        self.bad_queue(RX, &why);
+                        self.bad_queue(self.queue_index(RX).into(), &why);
                     }
                     self.rx_blocked = true;
                     break;
@@ -626,7 +1245,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                 // an index past the table): given back unused, the frame
                 // kept for the next chain
                 self.bad_queue(
-                    RX,
+                    self.queue_index(RX).into(),
                     "a receive chain that does not end (a loop, or longer than the queue)",
                 );
                 self.give_back(RX, head, 0);
@@ -634,7 +1253,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                 continue;
             };
             if descs.iter().any(|d| !d.is_write_only()) {
-                self.bad_queue(RX, "a receive chain holds a device-readable descriptor");
+                self.bad_queue(
+                    self.queue_index(RX).into(),
+                    "a receive chain holds a device-readable descriptor",
+                );
                 self.give_back(RX, head, 0);
                 continue;
             }
@@ -665,11 +1287,15 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                 written += n;
             }
             if written < len {
-                self.bad_queue(RX, "a receive buffer outside guest memory");
+                self.bad_queue(
+                    self.queue_index(RX).into(),
+                    "a receive buffer outside guest memory",
+                );
                 self.give_back(RX, head, 0);
                 continue;
             }
             self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+            self.counters.pair_rx_frames[self.pair].fetch_add(1, Ordering::Relaxed);
             self.counters
                 .rx_bytes
                 .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
@@ -684,7 +1310,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
     /// Puts chain `head` of queue `q` in its used ring, `len` bytes written.
     fn give_back(&mut self, q: usize, head: u16, len: u32) {
         if let Err(e) = self.queues[q].0.add_used(&self.mem, head, len) {
-            self.bad_queue(q, &format!("{e:?}"));
+            self.bad_queue(self.queue_index(q).into(), &format!("{e:?}"));
         }
     }
 
@@ -702,11 +1328,11 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                     break;
                 }
             }
-            let chain = match crate::pop_chain(&mut self.queues[TX].0, &mem) {
+            let chain = match self.pop(TX, &mem) {
                 crate::Popped::Chain(c) => c,
                 crate::Popped::Empty => break,
                 crate::Popped::Broken(why) => {
-                    self.bad_queue(TX, &why);
+                    self.bad_queue(self.queue_index(TX).into(), &why);
                     break;
                 }
             };
@@ -717,7 +1343,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
             let mut ok = descs.is_some();
             if !ok {
                 self.bad_queue(
-                    TX,
+                    self.queue_index(TX).into(),
                     "a transmit chain that does not end (a loop, or longer than the queue)",
                 );
             }
@@ -746,7 +1372,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                 self.counters
                     .tx_dropped_bad_chain
                     .fetch_add(1, Ordering::Relaxed);
-            } else if !self.link_up.load(Ordering::Acquire) {
+            } else if !self.shared.link_up.load(Ordering::Acquire) {
                 self.counters
                     .dropped_link_down
                     .fetch_add(1, Ordering::Relaxed);
@@ -757,6 +1383,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
             } else {
                 self.tx_limit.charge((frame.len() - VNET_HDR_LEN) as u64);
                 self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                self.counters.pair_tx_frames[self.pair].fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .tx_bytes
                     .fetch_add((frame.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
@@ -784,28 +1411,21 @@ pub(crate) fn fuzz_run<M: GuestMemory + Clone + Send + Sync + 'static, P: FrameP
 ) -> (u64, u64) {
     let (interrupt, _, _) = crate::fuzzing::quiet();
     let counters = Arc::new(NetCounters::default());
-    let mut w = Worker {
-        mem,
-        link_up: Arc::new(AtomicBool::new(link_up)),
-        tap: port,
-        interrupt,
-        counters: counters.clone(),
-        queues: vec![
-            (rx, EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")),
-            (tx, EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")),
-        ],
-        stop: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-        pending: None,
-        rx_buf: vec![0; MAX_FRAME],
-        tx_buf: Vec::with_capacity(MAX_FRAME),
-        rx_blocked: false,
-        rx_limit: RateLimiter::new(config.rx_pps, config.rx_bw),
-        tx_limit: RateLimiter::new(config.tx_pps, config.tx_bw),
-        rx_throttled: false,
-        tx_throttled: false,
-        timer: None,
-        announce: None,
+    let q = |queue| ActiveQueue {
+        queue,
+        kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
     };
+    let mut w = Worker::new(
+        0,
+        mem,
+        port,
+        interrupt,
+        counters.clone(),
+        test_shared(link_up),
+        [q(rx), q(tx)],
+        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        config,
+    );
     for _ in 0..4 {
         w.transmit();
         w.receive();
@@ -819,6 +1439,17 @@ pub(crate) fn fuzz_run<M: GuestMemory + Clone + Send + Sync + 'static, P: FrameP
         counters.rx_frames.load(Ordering::Relaxed),
         counters.tx_frames.load(Ordering::Relaxed),
     )
+}
+
+/// A worker's shared state outside a device (the fuzzer's, the tests').
+#[cfg(any(test, feature = "fuzzing"))]
+fn test_shared(link_up: bool) -> Arc<Shared> {
+    Arc::new(Shared {
+        link_up: AtomicBool::new(link_up),
+        pairs_on: AtomicU16::new(1),
+        announce: AtomicBool::new(false),
+        placements: Mutex::new(Vec::new()),
+    })
 }
 
 #[cfg(test)]
@@ -883,28 +1514,26 @@ mod tests {
         let counters = Arc::new(NetCounters::default());
         let interrupt = Arc::new(Counted::default());
         let rx: Queue = Queue::new(16).unwrap();
-        let mut w = Worker {
-            mem: mem.clone(),
-            link_up: Arc::new(AtomicBool::new(true)),
+        let mut w = Worker::new(
+            0,
+            mem.clone(),
             tap,
-            interrupt: interrupt.clone(),
-            counters: counters.clone(),
-            queues: vec![
-                (rx, EventFd::new(0).unwrap()),
-                (queue, EventFd::new(0).unwrap()),
+            interrupt.clone(),
+            counters.clone(),
+            test_shared(true),
+            [
+                ActiveQueue {
+                    queue: rx,
+                    kick: EventFd::new(0).unwrap(),
+                },
+                ActiveQueue {
+                    queue,
+                    kick: EventFd::new(0).unwrap(),
+                },
             ],
-            stop: EventFd::new(0).unwrap(),
-            pending: None,
-            rx_buf: vec![0; MAX_FRAME],
-            tx_buf: Vec::with_capacity(MAX_FRAME),
-            rx_blocked: false,
-            rx_limit: RateLimiter::default(),
-            tx_limit: RateLimiter::default(),
-            rx_throttled: false,
-            tx_throttled: false,
-            timer: None,
-            announce: None,
-        };
+            EventFd::new(0).unwrap(),
+            &NetConfig::default(),
+        );
         w.transmit();
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         assert_eq!(l(&counters.tx_dropped_bad_chain), 4);

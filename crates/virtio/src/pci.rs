@@ -306,6 +306,14 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         self.interrupt.sent.load(Ordering::Relaxed)
     }
 
+    /// The device's own threads.
+    pub fn threads(&self) -> Vec<devices::state::DeviceThread> {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .threads()
+    }
+
     /// The device's counters, and the transport's.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let mut c = self
@@ -359,6 +367,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioPci<M> {
         if c.active {
             self.stop_device(c);
         }
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .driver_reset();
         c.paused = false;
         for q in &mut c.queues {
             q.reset();

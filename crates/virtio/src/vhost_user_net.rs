@@ -38,15 +38,9 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::{ActiveQueue, Interrupt, VirtioDevice, WorkerThread};
 
-/// The most queue pairs a NIC takes (`queues=`).
-pub const MAX_PAIRS: u16 = 16;
+pub use crate::net_ctrl::MAX_PAIRS;
+use crate::net_ctrl::{serve_ctrl_queue, CtrlCommand, CtrlOffer};
 const QUEUE_SIZE: u16 = 256;
-/// The longest control command read (class, command, data).
-const CTRL_MAX: usize = 64;
-const CTRL_CLASS_MQ: u8 = 4;
-const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
-const CTRL_OK: u8 = 0;
-const CTRL_ERR: u8 = 1;
 /// A backend's answer to one request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// Between two connection attempts to a backend that went away.
@@ -816,38 +810,6 @@ fn enable_rings(conn: &Connection, rings: &[Ring], on: u16) -> Result<(), String
     Ok(())
 }
 
-/// A control command read from a chain: its bytes (class, command,
-/// data) and where its one-byte answer goes.
-fn read_ctrl<M: GuestMemoryBackend>(
-    mem: &M,
-    chain: virtio_queue::DescriptorChain<&M>,
-) -> Result<(Vec<u8>, GuestAddress), String> {
-    use vm_memory::Bytes;
-    let descs = crate::whole_chain(chain).ok_or("a chain cut short")?;
-    let (ack, cmd) = descs.split_last().ok_or("an empty chain")?;
-    if !ack.is_write_only() || ack.len() < 1 {
-        return Err("the chain does not end in a writable byte for the answer".into());
-    }
-    let mut bytes = Vec::new();
-    for d in cmd {
-        if d.is_write_only() {
-            return Err("a writable descriptor before the answer".into());
-        }
-        let len = d.len() as usize;
-        if bytes.len() + len > CTRL_MAX {
-            return Err(format!("a command longer than {CTRL_MAX} bytes"));
-        }
-        let at = bytes.len();
-        bytes.resize(at + len, 0);
-        mem.read_slice(&mut bytes[at..], d.addr())
-            .map_err(|e| format!("reading the command at {:#x}: {e}", d.addr().0))?;
-    }
-    if bytes.len() < 2 {
-        return Err("a command shorter than its class and code".into());
-    }
-    Ok((bytes, ack.addr()))
-}
-
 /// Turns a running backend's logging on (`log`) or off, as a migration
 /// starts or ends: the log, LOG_ALL, and the rings' used-ring logging.
 fn set_logging<M: GuestMemoryBackend>(
@@ -872,92 +834,6 @@ fn used_index<M: GuestMemoryBackend>(mem: &M, r: &Ring) -> Option<u16> {
     use vm_memory::Bytes;
     mem.read_obj::<u16>(GuestAddress(r.used.checked_add(2)?))
         .ok()
-}
-
-/// What a pass over the control queue did.
-#[derive(Debug)]
-pub struct CtrlServed {
-    /// Commands answered (used entries added).
-    pub answered: u32,
-    /// The last VQ_PAIRS_SET taken (1 to the most pairs).
-    pub pairs: Option<u16>,
-    /// Why commands were answered ERR.
-    pub refused: Vec<String>,
-    /// Err: the ring itself could not be served.
-    pub broken: Result<(), String>,
-}
-
-/// Answers every command posted on the control queue `queue`: with MQ,
-/// VQ_PAIRS_SET of 1 to `max_pairs` goes to `apply` before it is answered
-/// (OK if it applied, so no receive queue past the count is used once the
-/// driver sees the answer); everything else, and every malformed chain,
-/// is answered ERR. The one parser of guest control commands (the fuzz
-/// target's too).
-pub fn serve_ctrl_queue<M: GuestMemoryBackend>(
-    mem: &M,
-    queue: &mut virtio_queue::Queue,
-    mq: bool,
-    max_pairs: u16,
-    apply: &mut dyn FnMut(u16) -> bool,
-) -> CtrlServed {
-    use vm_memory::Bytes;
-    let mut served = CtrlServed {
-        answered: 0,
-        pairs: None,
-        refused: Vec::new(),
-        broken: Ok(()),
-    };
-    loop {
-        let (head, parsed) = match crate::pop_chain(queue, mem) {
-            crate::Popped::Chain(c) => (c.head_index(), read_ctrl(mem, c)),
-            crate::Popped::Empty => return served,
-            crate::Popped::Broken(why) => {
-                served.broken = Err(why);
-                return served;
-            }
-        };
-        let (answer, ack_at) = match parsed {
-            Ok((cmd, at)) => {
-                let answer = match cmd.as_slice() {
-                    [CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] if mq => {
-                        let n = u16::from_le_bytes([*lo, *hi]);
-                        if !(1..=max_pairs).contains(&n) {
-                            served
-                                .refused
-                                .push(format!("VQ_PAIRS_SET {n} refused (1 to {max_pairs})"));
-                            CTRL_ERR
-                        } else if apply(n) {
-                            served.pairs = Some(n);
-                            CTRL_OK
-                        } else {
-                            served
-                                .refused
-                                .push(format!("VQ_PAIRS_SET {n}: the backend did not take it"));
-                            CTRL_ERR
-                        }
-                    }
-                    [class, command, ..] => {
-                        served
-                            .refused
-                            .push(format!("command {class}.{command} is not served"));
-                        CTRL_ERR
-                    }
-                    _ => CTRL_ERR,
-                };
-                (answer, Some(at))
-            }
-            Err(why) => {
-                served.refused.push(why);
-                (CTRL_ERR, None)
-            }
-        };
-        let written = ack_at.is_some_and(|at| mem.write_obj(answer, at).is_ok());
-        if let Err(e) = queue.add_used(mem, head, written as u32) {
-            served.broken = Err(format!("{e:?}"));
-            return served;
-        }
-        served.answered += 1;
-    }
 }
 
 /// The thread that owns the backend connection.
@@ -1194,7 +1070,10 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
         let (conn, watchdog) = (&self.conn, &self.watchdog);
         let mut failed = None;
         // the backend's rings change before the driver hears OK
-        let mut apply = |n: u16| -> bool {
+        let mut apply = |cmd: CtrlCommand| -> bool {
+            let CtrlCommand::Pairs(n) = cmd else {
+                return false;
+            };
             let done = match conn {
                 Some(conn) => watchdog.guard(conn.watch.as_raw_fd(), "SET_VRING_ENABLE", || {
                     enable_rings(conn, rings, n)
@@ -1213,7 +1092,12 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Backend<M> {
                 }
             }
         };
-        let served = serve_ctrl_queue(mem, &mut ctrl.queue, mq, *max_pairs, &mut apply);
+        let offer = CtrlOffer {
+            mq,
+            max_pairs: *max_pairs,
+            ..CtrlOffer::default()
+        };
+        let served = serve_ctrl_queue(mem, &mut ctrl.queue, &offer, &mut apply);
         if let Err(why) = &served.broken {
             devices::limited!(warn, "{}: control queue: {why}", self.name);
         }
@@ -1695,35 +1579,34 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
     /// The NIC's state as a TAP NIC's (so a guest moves between the two),
     /// and, with more than one pair, the pairs the guest turned on.
     fn state(&self) -> Vec<u8> {
-        let mut s = crate::net::nic_state(
+        crate::net::nic_state_with_pairs(
             self.link_up.load(Ordering::Acquire),
             &self.config.mac,
             self.config.mtu,
-        );
-        if self.config.pairs > 1 {
-            s.extend_from_slice(&self.pairs_on.load(Ordering::Acquire).to_le_bytes());
-        }
-        s
+            self.config.pairs,
+            self.pairs_on.load(Ordering::Acquire),
+        )
     }
 
     /// A restored guest (migration, snapshot): the link is this host's
     /// backend's, and the network learns where the MAC now is once the
     /// rings run (SEND_RARP).
     fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let (nic, pairs) = match state.len() {
-            11 => (&state[..9], u16::from_le_bytes([state[9], state[10]])),
-            _ => (state, 1),
-        };
-        crate::net::check_nic_state(nic, &self.config.mac, self.config.mtu)?;
-        if pairs == 0 || pairs > self.config.pairs.max(1) {
-            return Err(format!(
-                "the guest had {pairs} queue pairs on, this NIC has {} (queues=)",
-                self.config.pairs.max(1)
-            ));
-        }
+        // (the link is this host's backend's)
+        let (_, pairs) = crate::net::check_nic_state_with_pairs(
+            state,
+            &self.config.mac,
+            self.config.mtu,
+            self.config.pairs,
+        )?;
         self.pairs_on.store(pairs, Ordering::Release);
         self.announce = true;
         Ok(())
+    }
+
+    fn driver_reset(&mut self) {
+        // (5.1.6.5.5: after a reset only the first pair is used)
+        self.pairs_on.store(1, Ordering::Release);
     }
 
     fn dirty_log(&mut self, on: bool) -> Result<(), String> {
@@ -1765,87 +1648,5 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
             ("announces", c.announces.load(Ordering::Relaxed)),
             ("logged_pages", self.logged_pages.load(Ordering::Relaxed)),
         ]
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestMemoryMmap};
-
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
-
-    /// Posts one chain of (addr, len, flags) pieces at descriptor `first`.
-    fn post(
-        vq: &MockSplitQueue<GuestMemoryMmap>,
-        first: u16,
-        pieces: &[(u64, u32, u16)],
-        slot: u16,
-    ) {
-        for (i, (addr, len, flags)) in pieces.iter().enumerate() {
-            let d = first + i as u16;
-            let last = i + 1 == pieces.len();
-            let f = flags | if last { 0 } else { NEXT };
-            let desc = Descriptor::new(*addr, *len, f, if last { 0 } else { d + 1 });
-            vq.desc_table().store(d, RawDescriptor::from(desc)).unwrap();
-        }
-        vq.avail()
-            .ring()
-            .ref_at(slot as usize)
-            .unwrap()
-            .store(first);
-        vq.avail().idx().store(slot + 1);
-    }
-
-    #[test]
-    fn vq_pairs_set_is_answered_and_bad_commands_get_err() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
-        // VQ_PAIRS_SET 2: class and command, the count, the answer byte
-        mem.write_slice(&[CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET], GuestAddress(0x8000))
-            .unwrap();
-        mem.write_obj(2u16, GuestAddress(0x8010)).unwrap();
-        mem.write_obj(0xffu8, GuestAddress(0x8020)).unwrap();
-        post(
-            &vq,
-            0,
-            &[(0x8000, 2, 0), (0x8010, 2, 0), (0x8020, 1, WRITE)],
-            0,
-        );
-        let served = serve_ctrl_queue(&mem, &mut q, true, 4, &mut |_| true);
-        assert_eq!((served.answered, served.pairs), (1, Some(2)));
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8020)).unwrap(), CTRL_OK);
-        // 9 pairs of 4: ERR, nothing taken
-        mem.write_obj(9u16, GuestAddress(0x8010)).unwrap();
-        post(
-            &vq,
-            3,
-            &[(0x8000, 2, 0), (0x8010, 2, 0), (0x8020, 1, WRITE)],
-            1,
-        );
-        let served = serve_ctrl_queue(&mem, &mut q, true, 4, &mut |_| true);
-        assert_eq!((served.answered, served.pairs), (1, None));
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8020)).unwrap(), CTRL_ERR);
-        // without MQ negotiated, and a chain with no answer byte: ERR and
-        // an empty answer, the queue goes on
-        mem.write_obj(2u16, GuestAddress(0x8010)).unwrap();
-        post(
-            &vq,
-            6,
-            &[(0x8000, 2, 0), (0x8010, 2, 0), (0x8020, 1, WRITE)],
-            2,
-        );
-        post(&vq, 9, &[(0x8000, 2, 0), (0x8010, 2, 0)], 3);
-        let served = serve_ctrl_queue(&mem, &mut q, false, 4, &mut |_| true);
-        assert_eq!((served.answered, served.pairs), (2, None));
-        assert_eq!(served.refused.len(), 2, "{:?}", served.refused);
-        assert!(served.broken.is_ok());
-        assert_eq!(vq.used().idx().load(), 4);
-        let last = vq.used().ring().ref_at(3).unwrap().load();
-        assert_eq!(last.len(), 0, "no answer byte: nothing written");
     }
 }

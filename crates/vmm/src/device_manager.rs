@@ -193,6 +193,15 @@ impl Devices {
             .collect()
     }
 
+    /// Each device's own threads, by id (devices without any left out).
+    pub fn threads(&self) -> BTreeMap<String, Vec<devices::state::DeviceThread>> {
+        self.by_id
+            .iter()
+            .map(|(id, d)| (id.clone(), d.threads()))
+            .filter(|(_, t)| !t.is_empty())
+            .collect()
+    }
+
     /// Every device stops touching guest memory (the VM pauses).
     pub fn pause(&self) {
         for d in self.by_id.values() {

@@ -18,8 +18,9 @@ use crate::{Error, Result};
 pub enum TapSource {
     /// A TAP by name (opened, or created where this process may).
     Name(String),
-    /// A TAP a parent process opened and handed over.
-    Fd(i32),
+    /// A TAP a parent process opened and handed over: one descriptor per
+    /// queue pair.
+    Fd(Vec<i32>),
     /// A vhost-user backend at this socket: this process connects to it,
     /// or (server) listens there for it.
     VhostUser { socket: PathBuf, server: bool },
@@ -39,31 +40,46 @@ pub struct NetSpec {
     pub rx_bw: Option<u64>,
     pub tx_pps: Option<u64>,
     pub tx_bw: Option<u64>,
-    /// Queue pairs (vhost-user only, for now).
+    /// Queue pairs.
     pub queues: u16,
+    /// TAP NICs: how the queue workers wait (event or poll).
+    pub mode: virtio::net::NetMode,
+    /// TAP NICs: the queue workers' host CPUs, and their SCHED_FIFO
+    /// priority.
+    pub cpus: Vec<usize>,
+    pub rt_priority: Option<u8>,
 }
 
 /// The MTUs a NIC takes.
 pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 68..=9216;
 
-/// Parses `tap=NAME[,mac=52:54:..][,mtu=N]`, `fd=N[,mac=..][,mtu=N]` or
-/// `vhost-user=SOCKET[,mode=client|server][,mac=..][,mtu=N]`.
+/// Parses `tap=NAME[,queues=N][,mode=event|poll][,cpus=L][,rt-priority=P]
+/// [,mac=52:54:..][,mtu=N][,rates]`, `fd=N[:N..][,...]` (one descriptor
+/// per queue pair) or `vhost-user=SOCKET[,mode=client|server][,queues=N]
+/// [,mac=..][,mtu=N]`. CPU lists take `+` where a list would take `,`
+/// (`cpus=2-3+6`).
 pub fn parse_net(spec: &str) -> Result<NetSpec> {
     let bad = |why: String| Error::Config(format!("--net {spec:?}: {why}"));
     let (mut tap, mut mac, mut mtu) = (None, None, None);
-    let mut server = None;
-    let mut queues = 1u16;
+    let mut mode: Option<&str> = None;
+    let mut queues: Option<u16> = None;
+    let mut cpus = Vec::new();
+    let mut rt_priority = None;
     let mut limits: [Option<u64>; 4] = [None; 4];
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("tap", n)) if !n.is_empty() => tap = Some(TapSource::Name(n.to_string())),
             Some(("fd", n)) => {
-                let fd = n
-                    .parse::<i32>()
-                    .ok()
-                    .filter(|&f| f >= 0)
-                    .ok_or_else(|| bad(format!("fd {n:?} is not a descriptor number")))?;
-                tap = Some(TapSource::Fd(fd));
+                let fds = n
+                    .split(':')
+                    .map(|f| {
+                        f.parse::<i32>()
+                            .ok()
+                            .filter(|&f| f >= 0)
+                            .ok_or_else(|| bad(format!("fd {f:?} is not a descriptor number")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                tap = Some(TapSource::Fd(fds));
             }
             Some(("vhost-user", p)) if !p.is_empty() => {
                 tap = Some(TapSource::VhostUser {
@@ -71,20 +87,29 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
                     server: false,
                 })
             }
-            Some(("mode", "client")) => server = Some(false),
-            Some(("mode", "server")) => server = Some(true),
-            Some(("mode", m)) => {
-                return Err(bad(format!(
-                    "mode {m:?}: client (connect to the backend) or server (listen for it)"
-                )))
-            }
+            Some(("mode", m)) => mode = Some(m),
             Some(("queues", q)) => {
-                let max = virtio::vhost_user_net::MAX_PAIRS;
-                queues = q
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|n| (1..=max).contains(n))
-                    .ok_or_else(|| bad(format!("queues {q:?}: queue pairs, 1 to {max}")))?;
+                let max = virtio::net_ctrl::MAX_PAIRS;
+                queues = Some(
+                    q.parse::<u16>()
+                        .ok()
+                        .filter(|n| (1..=max).contains(n))
+                        .ok_or_else(|| bad(format!("queues {q:?}: queue pairs, 1 to {max}")))?,
+                );
+            }
+            Some(("cpus", c)) => {
+                cpus = rt::parse_cpu_list(&c.replace('+', ","))
+                    .map_err(|e| bad(format!("cpus {c:?}: {e}")))?;
+            }
+            Some(("rt-priority", p)) => {
+                rt_priority = Some(
+                    p.parse::<u8>()
+                        .ok()
+                        .filter(|p| (1..=99).contains(p))
+                        .ok_or_else(|| {
+                            bad(format!("rt-priority {p:?}: SCHED_FIFO priorities are 1 to 99"))
+                        })?,
+                );
             }
             Some(("mac", m)) => mac = Some(virtio::net::parse_mac(m).map_err(bad)?),
             Some(("mtu", m)) => {
@@ -121,24 +146,77 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
             }
             _ => {
                 return Err(bad(format!(
-                    "unknown part {part:?} (use tap=NAME, fd=N or vhost-user=SOCKET, then mac=, mtu=, rx-pps=, rx-bw=, tx-pps=, tx-bw=; mode= and queues= for vhost-user)"
+                    "unknown part {part:?} (use tap=NAME, fd=N or vhost-user=SOCKET, then mac=, mtu=, queues=, mode=; for a TAP cpus=, rt-priority=, rx-pps=, rx-bw=, tx-pps=, tx-bw=)"
                 )))
             }
         }
     }
     let mut tap = tap.ok_or_else(|| bad("no tap=NAME, fd=N or vhost-user=SOCKET".into()))?;
-    match (&mut tap, server) {
-        (TapSource::VhostUser { server: s, .. }, Some(m)) => *s = m,
+    let vhost_user = matches!(tap, TapSource::VhostUser { .. });
+    let mut net_mode = virtio::net::NetMode::Event;
+    match (&mut tap, mode) {
+        (TapSource::VhostUser { server: s, .. }, Some(m)) => {
+            *s = match m {
+                "client" => false,
+                "server" => true,
+                m => {
+                    return Err(bad(format!(
+                        "mode {m:?}: client (connect to the backend) or server (listen for it)"
+                    )))
+                }
+            }
+        }
+        (_, Some("event")) => {}
+        (_, Some("poll")) => net_mode = virtio::net::NetMode::Poll,
         (TapSource::VhostUser { .. }, None) => {}
-        (_, Some(_)) => return Err(bad("mode= is for vhost-user=".into())),
-        _ => {}
+        (_, Some(m)) => {
+            return Err(bad(format!(
+                "mode {m:?}: event (the workers wait for frames and kicks) or poll (they busy-poll; needs cpus=); client and server are for vhost-user="
+            )))
+        }
+        (_, None) => {}
     }
-    if queues > 1 && !matches!(tap, TapSource::VhostUser { .. }) {
+    let queues = match (&tap, queues) {
+        (TapSource::Fd(fds), Some(q)) if fds.len() != q as usize => {
+            return Err(bad(format!(
+                "queues={q} with {} descriptors in fd=: one descriptor per queue pair",
+                fds.len()
+            )))
+        }
+        (TapSource::Fd(fds), _) => {
+            let max = virtio::net_ctrl::MAX_PAIRS as usize;
+            if fds.len() > max {
+                return Err(bad(format!(
+                    "{} descriptors in fd=: queue pairs, 1 to {max}",
+                    fds.len()
+                )));
+            }
+            fds.len() as u16
+        }
+        (_, q) => q.unwrap_or(1),
+    };
+    if vhost_user && (!cpus.is_empty() || rt_priority.is_some()) {
         return Err(bad(
-            "queues= is for vhost-user NICs (a TAP NIC has one queue pair for now)".into(),
+            "cpus= and rt-priority= place a TAP NIC's queue workers; a vhost-user NIC's queues run in its backend".into(),
         ));
     }
-    if matches!(tap, TapSource::VhostUser { .. }) && limits.iter().any(Option::is_some) {
+    if net_mode == virtio::net::NetMode::Poll && cpus.is_empty() {
+        return Err(bad(
+            "mode=poll needs cpus=: a busy-polling worker takes a whole CPU, so say which".into(),
+        ));
+    }
+    if rt_priority.is_some() && cpus.is_empty() {
+        return Err(bad(
+            "rt-priority= needs cpus=: a SCHED_FIFO worker must be kept off other CPUs".into(),
+        ));
+    }
+    if limits.iter().any(Option::is_some) && (queues > 1 || net_mode == virtio::net::NetMode::Poll)
+    {
+        return Err(bad(
+            "rate limits (rx-pps, rx-bw, tx-pps, tx-bw) are for one queue pair in event mode (not yet with queues= above 1 or mode=poll)".into(),
+        ));
+    }
+    if vhost_user && limits.iter().any(Option::is_some) {
         // the frames never pass through this process: the backend (the
         // switch) is where a port's rate is limited
         return Err(bad(
@@ -154,6 +232,9 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
         tx_pps: limits[2],
         tx_bw: limits[3],
         queues,
+        mode: net_mode,
+        cpus,
+        rt_priority,
     })
 }
 
@@ -190,9 +271,13 @@ pub fn attach(
             )));
         }
     }
-    let tap = match &spec.tap {
-        TapSource::Name(n) => virtio::tap::Tap::open(n),
-        TapSource::Fd(fd) => virtio::tap::Tap::from_fd(*fd),
+    if !spec.cpus.is_empty() {
+        rt::check_cpus_exist(&spec.cpus)
+            .map_err(|e| Error::Config(format!("--net {name} cpus=: {e}")))?;
+    }
+    let taps = match &spec.tap {
+        TapSource::Name(n) => virtio::tap::Tap::open_queues(n, spec.queues as usize),
+        TapSource::Fd(fds) => virtio::tap::Tap::from_fds(fds),
         TapSource::VhostUser { socket, server } => {
             let net = virtio::vhost_user_net::VhostUserNet::<GuestRam>::new(
                 &name,
@@ -217,9 +302,15 @@ pub fn attach(
         }
     }
     .map_err(|e| Error::Config(format!("--net: {e}")))?;
-    tracing::info!("{name}: TAP {} mac {}", tap.name, mac_text(&mac));
+    tracing::info!(
+        "{name}: TAP {} ({} queue pair(s), {:?} mode) mac {}",
+        taps[0].name,
+        taps.len(),
+        spec.mode,
+        mac_text(&mac)
+    );
     let net: virtio::net::Net<GuestRam> = virtio::net::Net::new(
-        tap,
+        taps,
         virtio::net::NetConfig {
             mac,
             mtu: spec.mtu,
@@ -227,8 +318,13 @@ pub fn attach(
             rx_bw: spec.rx_bw,
             tx_pps: spec.tx_pps,
             tx_bw: spec.tx_bw,
+            pairs: spec.queues,
+            mode: spec.mode,
+            cpus: spec.cpus.clone(),
+            rt_priority: spec.rt_priority,
         },
-    );
+    )
+    .map_err(|e| Error::Config(format!("--net: {e}")))?;
     crate::virtio_pci::attach::<NetKind>(dm, vm, gsi_routes, mem, &name, Box::new(net))?;
     Ok(())
 }
@@ -253,7 +349,14 @@ mod tests {
         );
         assert_eq!(n.tap, TapSource::Name("nfv0".into()));
         assert_eq!(n.mtu, Some(9000));
-        assert_eq!(parse_net("fd=3").unwrap().tap, TapSource::Fd(3));
+        assert_eq!(parse_net("fd=3").unwrap().tap, TapSource::Fd(vec![3]));
+        let q = parse_net("fd=3:4:5:6").unwrap();
+        assert_eq!((q.tap, q.queues), (TapSource::Fd(vec![3, 4, 5, 6]), 4));
+        let p = parse_net("tap=t0,queues=2,mode=poll,cpus=2-3,rt-priority=80").unwrap();
+        assert_eq!(
+            (p.queues, p.mode, p.cpus, p.rt_priority),
+            (2, virtio::net::NetMode::Poll, vec![2, 3], Some(80))
+        );
         assert_eq!(
             parse_net("vhost-user=/run/sw/a.sock,mode=server")
                 .unwrap()
@@ -272,10 +375,19 @@ mod tests {
             ("tap=x,speed=10G", "unknown part"),
             ("tap=x,tx-pps=0", "tx-pps \"0\""),
             ("tap=x,rx-bw=fast", "rx-bw \"fast\""),
-            ("tap=x,mode=server", "mode= is for vhost-user"),
+            ("tap=x,mode=server", "mode \"server\""),
+            ("tap=x,queues=0", "queues \"0\""),
+            ("tap=x,queues=17", "queues \"17\""),
+            ("fd=3:4,queues=3", "one descriptor per queue pair"),
+            ("tap=x,mode=poll", "mode=poll needs cpus="),
+            ("tap=x,rt-priority=80", "rt-priority= needs cpus="),
+            ("tap=x,cpus=1,rt-priority=100", "rt-priority \"100\""),
+            ("tap=x,cpus=zz", "cpus \"zz\""),
+            ("tap=x,queues=2,tx-pps=10", "rate limits"),
+            ("tap=x,mode=poll,cpus=1,tx-pps=10", "rate limits"),
+            ("vhost-user=/s,cpus=1", "cpus= and rt-priority="),
             ("vhost-user=/s,mode=both", "mode \"both\""),
             ("vhost-user=/s,tx-pps=10", "rate limits"),
-            ("tap=x,queues=2", "queues= is for vhost-user"),
             ("vhost-user=/s,queues=0", "queues \"0\""),
             ("vhost-user=/s,queues=17", "queues \"17\""),
             ("vhost-user=", "unknown part"),

@@ -92,6 +92,10 @@ impl<K: VirtioKind> devices::Persist for VirtioFunction<K> {
         self.pci.counters()
     }
 
+    fn threads(&self) -> Vec<devices::state::DeviceThread> {
+        self.pci.threads()
+    }
+
     fn control(&self, action: &str) -> std::result::Result<String, String> {
         self.pci.control(action)
     }

@@ -367,6 +367,9 @@ pub struct RunReport {
     pub irq_bench: Option<crate::irq_bench::IrqBenchResult>,
     /// Each device's counters, by device id.
     pub devices: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The devices' own threads (queue workers) and where they ran, by
+    /// device id.
+    pub device_threads: BTreeMap<String, Vec<devices::state::DeviceThread>>,
     /// Things the user should know about this run (settings a host accepted
     /// but did not honour, ...).
     pub warnings: Vec<String>,
@@ -584,6 +587,18 @@ impl Vm {
             }
         }
 
+        // a NIC's busy or SCHED_FIFO queue worker on a vCPU's CPU would
+        // starve the vCPU (or be starved by it)
+        for (i, n) in spec.net.iter().enumerate() {
+            let exclusive = n.mode == virtio::net::NetMode::Poll || n.rt_priority.is_some();
+            if let (true, Some(vcpu_cpus)) = (exclusive, rt_spec.cpus.as_ref()) {
+                if let Some(c) = n.cpus.iter().find(|c| vcpu_cpus.contains(c)) {
+                    return Err(Error::Config(format!(
+                        "--net net{i} cpus=: CPU {c} is a vCPU's (--cpus {vcpu_cpus:?}); a polling or SCHED_FIFO queue worker needs a CPU of its own"
+                    )));
+                }
+            }
+        }
         let kvm = Kvm::new().map_err(|e| Error::Kvm(format!("opening /dev/kvm: {e}")))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         let kvm_kind = rt::KvmKind::detect();
@@ -1406,6 +1421,7 @@ impl Vm {
             unknown_accesses: io.unknown.count(),
             irq_bench,
             devices: devices.counters(),
+            device_threads: devices.threads(),
             warnings,
             console_bytes: transcript.1,
             console_dropped: console.dropped(),
