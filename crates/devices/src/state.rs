@@ -136,7 +136,7 @@ pub trait Persist {
 
 /// A device's thread as it found itself after placing itself (a queue
 /// worker pinned to a CPU, at SCHED_FIFO).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct DeviceThread {
     /// The thread's name.
     pub thread: String,
@@ -150,7 +150,7 @@ pub struct DeviceThread {
 }
 
 /// One placement setting of a device thread.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ThreadSetting {
     pub name: String,
     pub applied: bool,

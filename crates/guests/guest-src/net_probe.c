@@ -7,8 +7,10 @@
  * the virtio vendor capabilities (common, notify, ISR, device config, PCI
  * cfg access) and the MSI-X capability, then initialises the device as the
  * virtio 1.2 spec (3.1) says: reset, ACKNOWLEDGE, DRIVER, features (only
- * VERSION_1, NET_F_MAC, NET_F_STATUS, NET_F_MTU accepted), FEATURES_OK (read
- * back), queues, MSI-X vectors (read back), DRIVER_OK.
+ * VERSION_1, NET_F_MAC, NET_F_STATUS, NET_F_MTU accepted; MQ and CTRL_VQ
+ * with pairs=N, GUEST_ANNOUNCE with announce=1, CSUM and HOST_TSO4 in
+ * mode=tso, EVENT_IDX with event_idx=1), FEATURES_OK (read back), queues,
+ * MSI-X vectors (read back), DRIVER_OK.
  *
  * Completions come by MSI-X (every vector aimed at this CPU's LAPIC) and are
  * waited for with interrupts open, spinning; the used rings are polled too,
@@ -20,6 +22,32 @@
  *                       unicast frame without NET_F_MAC) back with the MACs
  *                       swapped, zero-copy; others are counted, not echoed.
  *                       count=0: forever. R echo frames= bytes= other=
+ *                       pairs=N (1..4): set up as mode=ping pairs=N; every
+ *                       active pair served, round-robin (after a frame from
+ *                       pair k the next looked at is k + 1; the wait watches
+ *                       every receiveq): a frame from pair k's receiveq goes
+ *                       back on pair k's transmitq, its buffer replaced on
+ *                       pair k. frames= counts all pairs; R echo ... pairs=N
+ *                       pair0=F0 pair1=F1 .. (frames per pair) at the end.
+ *                       announce=1 (echo only): VIRTIO_NET_F_GUEST_ANNOUNCE
+ *                       (21) accepted with CTRL_VQ (17) and STATUS (16) when
+ *                       all three are offered (the control queue set up even
+ *                       with pairs=1, MQ then not acked); else none of them
+ *                       is taken for it and echo goes on (R negotiated
+ *                       announce=0). The configuration vector gets MSI-X
+ *                       entry 0 and CFG_VECTOR of its own (as mode=link);
+ *                       the status (config offset 6, read between two equal
+ *                       config_generation reads) is read at least every 10
+ *                       ms and on each configuration interrupt; with
+ *                       VIRTIO_NET_S_ANNOUNCE (2) set: one RARP from this
+ *                       MAC on pair 0 (to ff:ff:ff:ff:ff:ff, 0x8035, htype
+ *                       1, ptype 0x0800, hlen 6, plen 4, oper 3, sha = tha
+ *                       = MAC, spa = tpa = 0.0.0.0, zero-padded to 60
+ *                       bytes), then VIRTIO_NET_CTRL_ANNOUNCE (3)
+ *                       VIRTIO_NET_CTRL_ANNOUNCE_ACK (0) on the control
+ *                       queue, its one-byte answer waited for:
+ *                       R announce n=K ack=A (K announces so far, A the
+ *                       answer, 0 = VIRTIO_NET_OK); echo goes on.
  *   mode=send count=N size=S   N broadcast frames of S bytes (60..1514),
  *                       ethertype 0x88b5. R send frames= bytes=
  *   mode=recv count=N   take N frames of ethertype 0x88b5 (others are
@@ -57,7 +85,8 @@
  *                       before the next leaves; the one that comes back
  *                       must carry the same seq and a good checksum.
  *                       pairs=N (1..4): needs MQ and CTRL_VQ; every pair
- *                       the device has is set up (up to 4), N of them
+ *                       the device has is set up (up to 4; the control
+ *                       queue is 2 * max_virtqueue_pairs), N of them
  *                       turned on with VQ_PAIRS_SET on the control queue
  *                       (R ctrl pairs= ack=), frame n goes out and must
  *                       come back on pair n % N (R ping ... pairs=N
@@ -82,6 +111,24 @@
  *                       interrupts) late= (those that came with no new
  *                       generation) queue_irqs=, status 0 (1: timeout, no
  *                       change within timeout_s)
+ *   mode=tso size=S mss=M [bad=hdr_len|csum_start]   needs CSUM (0) and
+ *                       HOST_TSO4 (11) (fails without both). One frame of S
+ *                       bytes (60..65549) in one chain (the 12-byte header,
+ *                       then the frame, from a static buffer): to
+ *                       02:00:00:00:00:01 from this MAC, IPv4 10.0.0.2 ->
+ *                       10.0.0.1 (id 1, DF, ttl 64, total length S - 14,
+ *                       header checksum set), TCP 1234 -> 5678, seq 1, ack
+ *                       0, data offset 5, ACK|PSH, window 65535, checksum
+ *                       field = the folded pseudo-header sum (not
+ *                       complemented: CHECKSUM_PARTIAL), payload byte i =
+ *                       (i * 7 + 3) & 0xff. virtio_net_hdr: NEEDS_CSUM,
+ *                       GSO_TCPV4, hdr_len 54, gso_size M, csum_start 34,
+ *                       csum_offset 16, num_buffers 0; bad=hdr_len:
+ *                       hdr_len S + 100, bad=csum_start: csum_start S (both
+ *                       need S <= 65435). Then one 60-byte test frame (seq
+ *                       0, as mode=send). R tso size=S mss=M sent= after=
+ *                       (1: the device completed the TSO chain / the test
+ *                       frame within timeout_s; status 1 unless both)
  *   Frames the guest builds: ethertype 0x88b7 inside bad chains, 0x88b8
  *   good ones sent during the bad part; the host's filler frames are
  *   expected to be 0x88b6.
@@ -101,7 +148,9 @@
  * Result records (echo, send, recv) carry kicks= (notifications written)
  * and kicks_suppressed= (notifications held back, by avail_event or by
  * NO_NOTIFY), totals and per queue (rx_kicks= ... tx_kicks_suppressed=);
- * notifies= and suppressed= are the same totals under their older names.
+ * notifies= and suppressed= are the same totals under their older names;
+ * with pairs=N the rx_ and tx_ counters are summed over the pairs set up,
+ * and the control queue's kicks count in the totals only.
  * A timeout on a queue prints R stall queue=rx|tx with that queue's ring
  * state (see stall()) for both queues before the ERROR line.
  *
@@ -122,20 +171,25 @@
 #define FRAME_MAX 1514
 #define BUF_LEN (HDR_LEN + FRAME_MAX) /* 1526, what the spec asks for */
 #define BUF_STRIDE 1536
-#define MAXPAIRS 4 /* queue pairs set up at most (mode=ping pairs=) */
+#define MAXPAIRS 4 /* queue pairs set up at most (mode=ping|echo pairs=) */
 #define NBUF (2 * QMAX * MAXPAIRS)
 #define ETHERTYPE 0x88b5
 
 /* feature bits */
+#define F_CSUM 0
 #define F_MTU 3
 #define F_MAC 5
 #define F_STATUS 16
+#define F_HOST_TSO4 11
 #define F_CTRL_VQ 17
+#define F_GUEST_ANNOUNCE 21
 #define F_MQ 22
 #define ACCEPTED ((1UL << F_MTU) | (1UL << F_MAC) | (1UL << F_STATUS) | (1UL << F_VERSION_1))
+#define S_ANNOUNCE 2 /* VIRTIO_NET_S_ANNOUNCE in the config status */
 
 /* ------------------------------------------------------ interrupts --- */
-/* mode=link: configuration-change interrupts on CFG_VECTOR, counted apart
+/* mode=link, announce=1: configuration-change interrupts on CFG_VECTOR,
+ * counted apart
  * (entry.S's stubs call ext_irq and timer_irq only; this one saves the
  * same registers: the stack is 16-byte aligned at the call) */
 void cfg_stub(void);
@@ -170,13 +224,14 @@ __asm__(".text\n"
         "    popq %rax\n"
         "    iretq\n");
 
-static u8 entry0_vector = NET_VECTOR; /* CFG_VECTOR in mode=link */
+static u8 entry0_vector = NET_VECTOR; /* CFG_VECTOR in mode=link and with announce=1 */
 
 
 /* ----------------------------------------------------- virtqueues --- */
-/* queue pair `cur` is the one every mode drives (pair 0 but in
- * mode=ping pairs=N, which turns through them); the control queue
- * (mode=ping pairs=N) sets how many pairs the device uses */
+/* queue pair `cur` is the one every mode drives (pair 0 but with
+ * pairs=N, where ping and echo turn through them); the control queue
+ * (pairs=N, announce=1) sets how many pairs the device uses and acks
+ * announces */
 static struct vq rxqs[MAXPAIRS], txqs[MAXPAIRS], ctrlq;
 static u32 cur, setup_pairs = 1, want_pairs = 1;
 #define rxq (rxqs[cur])
@@ -184,7 +239,9 @@ static u32 cur, setup_pairs = 1, want_pairs = 1;
 static u8 buffers[NBUF][BUF_STRIDE] __attribute__((aligned(4096)));
 static u32 free_bufs[NBUF], nfree;
 static u64 timeout_cycles;
-static u64 want_event_idx;
+static u64 want_event_idx, want_announce;
+static int announce_on; /* GUEST_ANNOUNCE (and CTRL_VQ) negotiated */
+static int want_tso;     /* mode=tso: CSUM and HOST_TSO4 needed */
 
 static u32 take_buf(void) {
     if (!nfree) fail(STATUS_FAIL, "out of buffers (a driver bug)");
@@ -252,14 +309,22 @@ static void __attribute__((noreturn)) stall(const char *msg) {
     device_fail(msg);
 }
 
-/* The kick counters of a result record. */
+/* The kick counters of a result record: rx_ and tx_ summed over the
+ * pairs set up (the control queue's count in the totals only). */
 static void put_kicks(void) {
+    u64 rk = 0, rs = 0, tk = 0, ts = 0;
+    for (u32 k = 0; k < setup_pairs; k++) {
+        rk += rxqs[k].kicks;
+        rs += rxqs[k].kicks_suppressed;
+        tk += txqs[k].kicks;
+        ts += txqs[k].kicks_suppressed;
+    }
     put_kv("kicks", notifies);
     put_kv("kicks_suppressed", suppressed);
-    put_kv("rx_kicks", rxq.kicks);
-    put_kv("rx_kicks_suppressed", rxq.kicks_suppressed);
-    put_kv("tx_kicks", txq.kicks);
-    put_kv("tx_kicks_suppressed", txq.kicks_suppressed);
+    put_kv("rx_kicks", rk);
+    put_kv("rx_kicks_suppressed", rs);
+    put_kv("tx_kicks", tk);
+    put_kv("tx_kicks_suppressed", ts);
 }
 
 static u16 free_desc(struct vq *q) {
@@ -268,11 +333,13 @@ static u16 free_desc(struct vq *q) {
     return q->size;
 }
 
-/* Reclaims every completed transmit buffer. */
+/* Reclaims every completed transmit buffer (tokens from NBUF on name
+ * static buffers: mode=tso's frame, never pooled). */
 static void reap_tx(void) {
     u16 d;
     u32 b, len;
-    while (next_used(&txq, &d, &b, &len)) give_buf(b);
+    while (next_used(&txq, &d, &b, &len))
+        if (b < NBUF) give_buf(b);
 }
 
 /* A descriptor on the transmit queue, waiting for one to complete if all
@@ -352,16 +419,182 @@ static void put_mac(const u8 *m) {
     }
 }
 
+/* -------------------------------------------------- control queue --- */
+/* One command on the control queue (virtio 1.2, 5.1.6.5): a chain of the
+ * class/command header, the command's data (when len) and the device's
+ * one-byte answer (0: VIRTIO_NET_OK), always descriptors 0..2, waited for
+ * up to timeout_s; returns the answer. */
+static struct {
+    u8 hdr[2];
+    u8 data[6];
+    u8 ack;
+} __attribute__((aligned(64))) ctrl_cmd;
+
+static u8 ctrl_command(u8 class, u8 command, const u8 *data, u32 len) {
+    if (len > sizeof(ctrl_cmd.data)) fail(STATUS_FAIL, "control command data too long (a driver bug)");
+    ctrl_cmd.hdr[0] = class;
+    ctrl_cmd.hdr[1] = command;
+    for (u32 i = 0; i < len; i++) ctrl_cmd.data[i] = data[i];
+    ctrl_cmd.ack = 0xff;
+    u16 at = 1;
+    set_desc(&ctrlq, 0, (u64)&ctrl_cmd.hdr, 2, VIRTQ_DESC_F_NEXT, 1);
+    if (len) set_desc(&ctrlq, at++, (u64)&ctrl_cmd.data, len, VIRTQ_DESC_F_NEXT, 2);
+    set_desc(&ctrlq, at, (u64)&ctrl_cmd.ack, 1, VIRTQ_DESC_F_WRITE, 0);
+    ctrlq.inflight[0] = 1;
+    ctrlq.posted_len[0] = 1;
+    publish(&ctrlq, 0);
+    kick(&ctrlq);
+    u16 d;
+    u32 token, rlen;
+    while (!next_used(&ctrlq, &d, &token, &rlen))
+        if (!wait_used(&ctrlq, timeout_cycles)) device_fail("timeout: no answer on the control queue");
+    return *(volatile u8 *)&ctrl_cmd.ack;
+}
+
+/* VIRTIO_NET_CTRL_MQ (4) VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (0), the pair
+ * count a little-endian u16. R ctrl pairs= ack= */
+static void set_pairs(u32 pairs) {
+    u8 n[2] = {(u8)pairs, (u8)(pairs >> 8)};
+    u8 ack = ctrl_command(4, 0, n, 2);
+    puts("R ctrl");
+    put_kv("pairs", pairs);
+    put_kv("ack", ack);
+    putc('\n');
+    if (ack != 0) device_fail("the device refused VQ_PAIRS_SET");
+}
+
+/* ------------------------------------------------------ config status --- */
+static u64 link_retries;
+
+/* The link status, read between two equal config_generation reads; *gen
+ * the generation it belongs to. */
+static u16 read_link(u8 *gen) {
+    for (int tries = 0;; tries++) {
+        if (tries == 100) device_fail("config_generation never settles");
+        u8 g = mr8(common.addr + C_GENERATION);
+        u16 s = cfg16(6);
+        if (mr8(common.addr + C_GENERATION) == g) {
+            *gen = g;
+            return s;
+        }
+        link_retries++;
+    }
+}
+
+static u8 generation(void) { return mr8(common.addr + C_GENERATION); }
+
+/* announce=1 (GUEST_ANNOUNCE negotiated): the status is read every 10 ms
+ * and on each configuration interrupt; VIRTIO_NET_S_ANNOUNCE set: one RARP
+ * from this MAC on pair 0, then VIRTIO_NET_CTRL_ANNOUNCE (3)
+ * VIRTIO_NET_CTRL_ANNOUNCE_ACK (0), which clears the bit.
+ * R announce n= ack= */
+static u64 announces, cfg_next, cfg_seen;
+
+static void announce(void) {
+    u32 keep = cur;
+    cur = 0;
+    u16 d = tx_slot();
+    u32 b = take_buf();
+    u8 *p = buffers[b], *f = p + HDR_LEN;
+    clear_hdr(p);
+    for (int i = 0; i < 60; i++) f[i] = 0;
+    static const u8 rarp[] = {0x80, 0x35, 0, 1, 0x08, 0x00, 6, 4, 0, 3}; /* type, htype .. oper */
+    for (int i = 0; i < 6; i++) {
+        f[i] = 0xff;
+        f[6 + i] = mac[i];
+        f[22 + i] = mac[i]; /* sha; spa 0.0.0.0 */
+        f[32 + i] = mac[i]; /* tha; tpa 0.0.0.0 */
+    }
+    for (u32 i = 0; i < sizeof(rarp); i++) f[12 + i] = rarp[i];
+    post(&txq, d, b, HDR_LEN + 60, 0);
+    kick(&txq);
+    cur = keep;
+    u8 ack = ctrl_command(3, 0, 0, 0);
+    announces++;
+    puts("R announce");
+    put_kv("n", announces);
+    put_kv("ack", ack);
+    putc('\n');
+}
+
+/* The status read when 10 ms have passed or a configuration interrupt came
+ * since the last read; an announce made when asked for. */
+static void watch_announce(void) {
+    if (!announce_on) return;
+    u64 now = rdtsc();
+    if (cfg_irqs == cfg_seen && now < cfg_next) return;
+    cfg_seen = cfg_irqs;
+    cfg_next = now + tsc_khz() * 10;
+    u8 gen;
+    if (read_link(&gen) & S_ANNOUNCE) announce();
+}
+
+/* ------------------------------------------------------- mode=echo --- */
+/* Waits until one of the active receive queues has a used element, the
+ * config status watched meanwhile (announce=1): 0 on timeout (never with
+ * timeout 0). */
+static int wait_rx(u64 timeout) {
+    for (u32 k = 0; k < want_pairs; k++) want_next_interrupt(&rxqs[k]);
+    u64 t0 = rdtsc(), seen0 = irqs;
+    for (;;) {
+        for (u32 k = 0; k < want_pairs; k++)
+            if (used_idx(&rxqs[k]) != rxqs[k].last_used) goto found;
+        watch_announce();
+        if (timeout && rdtsc() - t0 > timeout) return 0;
+        u64 seen = irqs, cseen = cfg_irqs, t1 = rdtsc();
+        int any = 0;
+        __asm__ volatile("sti" ::: "memory");
+        while (!any && irqs == seen && cfg_irqs == cseen && rdtsc() - t1 < tsc_khz() * 10) {
+            cpu_relax();
+            for (u32 k = 0; k < want_pairs; k++) any |= used_idx(&rxqs[k]) != rxqs[k].last_used;
+        }
+        __asm__ volatile("cli" ::: "memory");
+    }
+found:
+    if (irqs == seen0 && msix_on) {
+        /* found by polling: the interrupt gets 1 ms (as wait_used) */
+        __asm__ volatile("sti" ::: "memory");
+        for (u64 t1 = rdtsc(); irqs == seen0 && rdtsc() - t1 < tsc_khz();) cpu_relax();
+        __asm__ volatile("cli" ::: "memory");
+        if (irqs == seen0) polled++;
+    }
+    return 1;
+}
+
+/* pairs=N: " pairs=N pair0=.. pair1=.." */
+static void put_pairs(const u64 *per_pair) {
+    if (want_pairs < 2) return;
+    put_kv("pairs", want_pairs);
+    for (u32 k = 0; k < want_pairs; k++) {
+        puts(" pair");
+        put_u64(k);
+        putc('=');
+        put_u64(per_pair[k]);
+    }
+}
+
+/* Every active pair served, round-robin: a frame from pair k's receiveq
+ * goes back on pair k's transmitq, its buffer replaced on pair k. */
 static int echo(u64 count) {
-    u64 frames = 0, bytes = 0, other = 0;
+    u64 frames = 0, bytes = 0, other = 0, per_pair[MAXPAIRS] = {0};
+    u32 next = 0; /* the pair looked at first */
+    cfg_seen = cfg_irqs;
+    cfg_next = 0;
     while (!count || frames < count) {
-        reap_tx();
+        watch_announce();
+        for (cur = 0; cur < want_pairs; cur++) reap_tx();
         u16 d;
-        u32 b, len;
-        if (!next_used(&rxq, &d, &b, &len)) {
-            if (!wait_used(&rxq, count ? timeout_cycles : 0)) stall("timeout: no frame received");
+        u32 b, len, k;
+        for (k = 0; k < want_pairs; k++) {
+            cur = (next + k) % want_pairs;
+            if (next_used(&rxq, &d, &b, &len)) break;
+        }
+        if (k == want_pairs) {
+            cur = next;
+            if (!wait_rx(count ? timeout_cycles : 0)) stall("timeout: no frame received");
             continue;
         }
+        next = (cur + 1) % want_pairs;
         u8 *p = buffers[b];
         u32 flen = len >= HDR_LEN ? len - HDR_LEN : 0;
         u8 *f = p + HDR_LEN;
@@ -386,10 +619,12 @@ static int echo(u64 count) {
         post(&rxq, d, take_buf(), BUF_LEN, VIRTQ_DESC_F_WRITE);
         kick(&rxq);
         frames++;
+        per_pair[cur]++;
         progress++;
         bytes += flen;
     }
-    drain_tx();
+    for (cur = 0; cur < want_pairs; cur++) drain_tx();
+    cur = 0;
     puts("R echo");
     put_kv("frames", frames);
     put_kv("bytes", bytes);
@@ -399,13 +634,14 @@ static int echo(u64 count) {
     put_kv("notifies", notifies);
     put_kv("suppressed", suppressed);
     put_kicks();
+    put_pairs(per_pair);
     putc('\n');
     return STATUS_OK;
 }
 
 /* mode=send and mode=ping: posts test frame n of `size` bytes (to the broadcast
  * address, from this MAC) on the transmit queue. */
-static void send_test_frame(u64 n, u64 size) {
+static u16 send_test_frame(u64 n, u64 size) {
     u16 d = tx_slot();
     u32 b = take_buf();
     u8 *p = buffers[b], *f = p + HDR_LEN;
@@ -422,6 +658,7 @@ static void send_test_frame(u64 n, u64 size) {
     put_le32(f + 18, fnv1a(f + 22, rest));
     post(&txq, d, b, HDR_LEN + (u32)size, 0);
     kick(&txq);
+    return d;
 }
 
 static int send(u64 count, u64 size) {
@@ -558,15 +795,7 @@ static int ping(u64 count, u64 size, u64 resend_ms) {
     put_kv("irqs", irqs);
     put_kv("polled", polled);
     put_kicks();
-    if (want_pairs > 1) {
-        put_kv("pairs", want_pairs);
-        for (u32 k = 0; k < want_pairs; k++) {
-            puts(" pair");
-            put_u64(k);
-            putc('=');
-            put_u64(per_pair[k]);
-        }
-    }
+    put_pairs(per_pair);
     putc('\n');
     return bad ? STATUS_CORRUPT : STATUS_OK;
 }
@@ -581,42 +810,10 @@ static int streq(const char *a, const char *b) {
 
 static u64 offered;
 static u16 nq, link_status, mtu;
-static int want_msix, irq_ready, features_ok_stuck, link_mode;
+static int want_msix, irq_ready, features_ok_stuck;
 
 
 enum { INIT_OK, INIT_FEATURES_REFUSED, INIT_NEEDS_RESET };
-
-/* VIRTIO_NET_CTRL_MQ VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET on the control queue:
- * a chain of the command (class 4, command 0), the pair count and the
- * device's one-byte answer (0: done). R ctrl pairs= ack= */
-static struct {
-    u8 hdr[2];
-    u16 pairs;
-    u8 ack;
-} __attribute__((aligned(64))) ctrl_cmd;
-
-static void set_pairs(u32 pairs) {
-    ctrl_cmd.hdr[0] = 4;
-    ctrl_cmd.hdr[1] = 0;
-    ctrl_cmd.pairs = (u16)pairs;
-    ctrl_cmd.ack = 0xff;
-    set_desc(&ctrlq, 0, (u64)&ctrl_cmd.hdr, 2, VIRTQ_DESC_F_NEXT, 1);
-    set_desc(&ctrlq, 1, (u64)&ctrl_cmd.pairs, 2, VIRTQ_DESC_F_NEXT, 2);
-    set_desc(&ctrlq, 2, (u64)&ctrl_cmd.ack, 1, VIRTQ_DESC_F_WRITE, 0);
-    ctrlq.inflight[0] = 1;
-    ctrlq.posted_len[0] = 1;
-    publish(&ctrlq, 0);
-    kick(&ctrlq);
-    u16 d;
-    u32 token, len;
-    while (!next_used(&ctrlq, &d, &token, &len))
-        if (!wait_used(&ctrlq, timeout_cycles)) device_fail("timeout: no answer on the control queue");
-    puts("R ctrl");
-    put_kv("pairs", pairs);
-    put_kv("ack", ctrl_cmd.ack);
-    putc('\n');
-    if (ctrl_cmd.ack != 0) device_fail("the device refused VQ_PAIRS_SET");
-}
 
 /* 3.1.1 from reset to DRIVER_OK, every receive buffer posted with post_rx;
  * prints R negotiated. With bad = BAD_QSIZE3, BAD_RING_OUTSIDE or
@@ -626,8 +823,18 @@ static int init_device(int bad, int post_rx) {
     offered = begin_init();
     u64 mq = want_pairs > 1 ? (1UL << F_MQ) | (1UL << F_CTRL_VQ) : 0;
     if ((offered & mq) != mq) device_fail("pairs= needs a device that offers MQ and CTRL_VQ");
-    features = offered & (ACCEPTED | mq | (want_event_idx ? 1UL << F_EVENT_IDX : 0));
+    u64 more = mq;
+    /* announce=1: GUEST_ANNOUNCE with CTRL_VQ (and STATUS, where the bit
+     * lives) when all are offered, else none of it */
+    u64 ann = (1UL << F_GUEST_ANNOUNCE) | (1UL << F_CTRL_VQ) | (1UL << F_STATUS);
+    if (want_announce && (offered & ann) == ann) more |= ann;
+    u64 tso = (1UL << F_CSUM) | (1UL << F_HOST_TSO4);
+    if (want_tso && (offered & tso) != tso) device_fail("mode=tso needs a device that offers CSUM and HOST_TSO4");
+    if (want_tso) more |= tso;
+    features = offered & (ACCEPTED | more | (want_event_idx ? 1UL << F_EVENT_IDX : 0));
     event_idx = (features & (1UL << F_EVENT_IDX)) != 0;
+    announce_on = (features & (1UL << F_GUEST_ANNOUNCE)) != 0;
+    int ctrl = (features & (1UL << F_CTRL_VQ)) != 0;
     u64 acked = features;
     if (bad == BAD_UNOFFERED) acked |= 1UL << 33; /* ACCESS_PLATFORM, never offered here */
     features_ok_stuck = write_features(acked);
@@ -642,12 +849,14 @@ static int init_device(int bad, int post_rx) {
     if (devcfg.found && devcfg.len < 12 && (features & (1UL << F_MTU))) device_fail("device config too short for mtu");
     if (devcfg.found && devcfg.len < 8 && (features & (1UL << F_STATUS))) device_fail("device config too short for status");
     if (devcfg.found && devcfg.len < 6 && (features & (1UL << F_MAC))) device_fail("device config too short for mac");
+    if (mq && (!devcfg.found || devcfg.len < 10)) device_fail("device config too short for max_virtqueue_pairs");
     read_config(&link_status, &mtu);
     setup_pairs = 1;
+    u16 max_pairs = 1; /* without MQ the control queue is queue 2 */
     if (mq) {
-        setup_pairs = cfg16(8); /* max_virtqueue_pairs */
-        if (setup_pairs < want_pairs || setup_pairs > MAXPAIRS)
-            device_fail("max_virtqueue_pairs below pairs= or above what this driver sets up");
+        max_pairs = cfg16(8); /* max_virtqueue_pairs */
+        if (max_pairs < want_pairs || max_pairs > 0x8000) device_fail("max_virtqueue_pairs below pairs= or above 0x8000");
+        setup_pairs = max_pairs < MAXPAIRS ? max_pairs : MAXPAIRS; /* the rest stay off */
     }
 
     /* interrupts: config on entry 0, receiveq 1, transmitq 2 (all on 0
@@ -666,7 +875,7 @@ static int init_device(int bad, int post_rx) {
         vcfg = 0;
         vrx = msix_entries < 3 ? 0 : 1;
         vtx = msix_entries < 3 ? 0 : 2;
-        if (link_mode && msix_entries < 3) vrx = vtx = NO_VECTOR; /* entry 0 is config's */
+        if (entry0_vector == CFG_VECTOR && msix_entries < 3) vrx = vtx = NO_VECTOR; /* entry 0 is config's */
         mw16(common.addr + C_MSIX, vcfg);
         if (mr16(common.addr + C_MSIX) != vcfg) msix = 0;
     }
@@ -676,7 +885,10 @@ static int init_device(int bad, int post_rx) {
         if (msix && (grx != vrx || gtx != vtx)) msix = 0; /* refused: poll */
     }
     cur = 0;
-    if (mq) queue_setup(&ctrlq, (u16)(2 * setup_pairs), NO_VECTOR, 0);
+    if (ctrl) {
+        queue_setup(&ctrlq, (u16)(2 * max_pairs), NO_VECTOR, 0);
+        if (ctrlq.size < 4) device_fail("the control queue is smaller than a command's chain");
+    }
     msix_on = msix;
     set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
     if (get_status() & (S_NEEDS_RESET | S_FAILED)) {
@@ -709,6 +921,7 @@ static int init_device(int bad, int post_rx) {
     put_hex(offered);
     put_kv("queues", nq);
     put_kv("event_idx", (u64)event_idx);
+    put_kv("announce", (u64)announce_on);
     putc('\n');
     return INIT_OK;
 }
@@ -950,25 +1163,6 @@ static int bad_mode(const char *name, u64 count) {
 }
 
 /* ------------------------------------------------------ mode=link --- */
-static u64 link_retries;
-
-/* The link status, read between two equal config_generation reads; *gen
- * the generation it belongs to. */
-static u16 read_link(u8 *gen) {
-    for (int tries = 0;; tries++) {
-        if (tries == 100) device_fail("config_generation never settles");
-        u8 g = mr8(common.addr + C_GENERATION);
-        u16 s = cfg16(6);
-        if (mr8(common.addr + C_GENERATION) == g) {
-            *gen = g;
-            return s;
-        }
-        link_retries++;
-    }
-}
-
-static u8 generation(void) { return mr8(common.addr + C_GENERATION); }
-
 /* Waits for count configuration changes (see the top of the file). */
 static int link(u64 count) {
     if (!(features & (1UL << F_STATUS))) device_fail("VIRTIO_NET_F_STATUS not negotiated: no link status");
@@ -1028,9 +1222,103 @@ static int link(u64 count) {
     return STATUS_OK;
 }
 
+/* ------------------------------------------------------- mode=tso --- */
+#define TSO_MAX (65535 + 14) /* an IPv4 packet of 65535 bytes, framed */
+#define TSO_TOKEN NBUF       /* the static frame's token (reap_tx skips it) */
+static u8 tso_hdr[HDR_LEN] __attribute__((aligned(64)));
+static u8 tso_frame[TSO_MAX] __attribute__((aligned(4096)));
+
+static void put_be16(u8 *p, u32 v) {
+    p[0] = (u8)(v >> 8);
+    p[1] = (u8)v;
+}
+static void put_le16(u8 *p, u32 v) {
+    p[0] = (u8)v;
+    p[1] = (u8)(v >> 8);
+}
+
+/* The one's-complement sum of n bytes as big-endian words, folded. */
+static u16 sum16(u64 sum, const u8 *p, u32 n) {
+    for (u32 i = 0; i + 1 < n; i += 2) sum += (u32)p[i] << 8 | p[i + 1];
+    if (n & 1) sum += (u32)p[n - 1] << 8;
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    return (u16)sum;
+}
+
+/* Waits (up to timeout_s) for the transmit chain at head to complete,
+ * reclaiming whatever else completes: 1 if it did. */
+static int tx_done(u16 head) {
+    u64 t0 = rdtsc();
+    for (;;) {
+        reap_tx();
+        if (!txq.inflight[head]) return 1;
+        u64 spent = rdtsc() - t0;
+        if (spent >= timeout_cycles) return 0;
+        wait_used(&txq, timeout_cycles - spent);
+    }
+}
+
+/* One Ethernet + IPv4 + TCP frame of size bytes, header and frame in one
+ * chain of two descriptors, for the device to segment by mss (see the top
+ * of the file), bad as asked; then one 60-byte test frame (seq 0). */
+static int tso(u64 size, u64 mss, int bad) {
+    u8 *f = tso_frame;
+    static const u8 dst[6] = {0x02, 0, 0, 0, 0, 0x01};
+    u32 ip_len = (u32)size - 14, tcp_len = ip_len - 20;
+    for (int i = 0; i < 6; i++) {
+        f[i] = dst[i];
+        f[6 + i] = mac[i];
+    }
+    put_be16(f + 12, 0x0800);
+    u8 *ip = f + 14, *tcp = f + 34;
+    /* id 1, DF, ttl 64, TCP, 10.0.0.2 -> 10.0.0.1 */
+    static const u8 ip_fixed[] = {0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1};
+    for (u32 i = 0; i < sizeof(ip_fixed); i++) ip[i] = ip_fixed[i];
+    put_be16(ip + 2, ip_len);
+    put_be16(ip + 10, (u16)~sum16(0, ip, 20));
+    static const u8 tcp_fixed[] = {0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0};
+    for (u32 i = 0; i < sizeof(tcp_fixed); i++) tcp[i] = tcp_fixed[i]; /* 1234 -> 5678, seq 1, ACK|PSH */
+    for (u32 i = 0; i < tcp_len - 20; i++) tcp[20 + i] = (u8)(i * 7 + 3);
+    /* CHECKSUM_PARTIAL (virtio 1.2, 5.1.6.2; Linux's tcp_v4_send_check):
+     * the field holds the folded pseudo-header sum (addresses, protocol,
+     * TCP length), not complemented; the device sums from csum_start and
+     * stores the complement at csum_start + csum_offset */
+    u8 pseudo[12] = {10, 0, 0, 2, 10, 0, 0, 1, 0, 6, (u8)(tcp_len >> 8), (u8)tcp_len};
+    put_be16(tcp + 16, sum16(0, pseudo, 12));
+    /* virtio_net_hdr_v1: NEEDS_CSUM, GSO_TCPV4, hdr_len, gso_size,
+     * csum_start, csum_offset, num_buffers 0 */
+    clear_hdr(tso_hdr);
+    tso_hdr[0] = 1;
+    tso_hdr[1] = 1;
+    put_le16(tso_hdr + 2, bad == 1 ? (u32)size + 100 : 54);
+    put_le16(tso_hdr + 4, (u32)mss);
+    put_le16(tso_hdr + 6, bad == 2 ? (u32)size : 34);
+    put_le16(tso_hdr + 8, 16);
+    u16 d = tx_slot(); /* and a second free descriptor */
+    txq.inflight[d] = 1; /* held while the second is looked for */
+    u16 e = free_desc(&txq);
+    txq.inflight[d] = 0;
+    if (e == txq.size) fail(STATUS_FAIL, "no second free transmit descriptor (a driver bug)");
+    set_desc(&txq, d, (u64)tso_hdr, HDR_LEN, VIRTQ_DESC_F_NEXT, e);
+    set_desc(&txq, e, (u64)tso_frame, (u32)size, 0, 0);
+    txq.inflight[d] = TSO_TOKEN + 1;
+    txq.posted_len[d] = ~0u;
+    publish(&txq, d);
+    kick(&txq);
+    int sent = tx_done(d);
+    int after = tx_done(send_test_frame(0, 60));
+    puts("R tso");
+    put_kv("size", size);
+    put_kv("mss", mss);
+    put_kv("sent", (u64)sent);
+    put_kv("after", (u64)after);
+    putc('\n');
+    return sent && after ? STATUS_OK : STATUS_FAIL;
+}
+
 int guest_main(void) {
-    char mode[8] = "echo", irq[8] = "msix", bad_case[16] = "";
-    u64 count = 10, size = 60, timeout_s = 30, resend_ms = 0;
+    char mode[8] = "echo", irq[8] = "msix", bad_case[16] = "", tso_bad[16] = "";
+    u64 count = 10, size = 60, timeout_s = 30, resend_ms = 0, mss = 0;
     header("net-probe");
     arg_str("mode", mode, sizeof(mode));
     arg_str("irq", irq, sizeof(irq));
@@ -1042,10 +1330,13 @@ int guest_main(void) {
     u64 pairs_arg = 1;
     arg_u64("pairs", &pairs_arg);
     arg_u64("event_idx", &want_event_idx);
+    arg_u64("announce", &want_announce);
+    arg_u64("mss", &mss);
+    arg_str("bad", tso_bad, sizeof(tso_bad));
     int m_echo = streq(mode, "echo"), m_send = streq(mode, "send"), m_recv = streq(mode, "recv"),
-        m_bad = streq(mode, "bad"), m_link = streq(mode, "link"), m_ping = streq(mode, "ping");
-    if (!m_echo && !m_send && !m_recv && !m_bad && !m_link && !m_ping)
-        fail(STATUS_BAD_ARGS, "mode must be echo, send, recv, ping, bad or link");
+        m_bad = streq(mode, "bad"), m_link = streq(mode, "link"), m_ping = streq(mode, "ping"), m_tso = streq(mode, "tso");
+    if (!m_echo && !m_send && !m_recv && !m_bad && !m_link && !m_ping && !m_tso)
+        fail(STATUS_BAD_ARGS, "mode must be echo, send, recv, ping, bad, link or tso");
     if (!streq(irq, "msix") && !streq(irq, "poll")) fail(STATUS_BAD_ARGS, "irq must be msix or poll");
     if ((m_send || m_ping) && (size < 60 || size > FRAME_MAX)) fail(STATUS_BAD_ARGS, "size must be 60..1514");
     if (!count && (m_send || m_recv || m_link || m_ping)) fail(STATUS_BAD_ARGS, "count=0 (forever) is for mode=echo and mode=bad");
@@ -1053,12 +1344,23 @@ int guest_main(void) {
     if (!timeout_s || timeout_s > 3600) fail(STATUS_BAD_ARGS, "timeout_s must be 1..3600");
     if (want_event_idx > 1) fail(STATUS_BAD_ARGS, "event_idx must be 0 or 1");
     if (!pairs_arg || pairs_arg > MAXPAIRS) fail(STATUS_BAD_ARGS, "pairs must be 1..4");
-    if (pairs_arg > 1 && !m_ping) fail(STATUS_BAD_ARGS, "pairs= is for mode=ping");
+    if (pairs_arg > 1 && !m_ping && !m_echo) fail(STATUS_BAD_ARGS, "pairs= is for mode=ping and mode=echo");
+    if (want_announce > 1) fail(STATUS_BAD_ARGS, "announce must be 0 or 1");
+    if (want_announce && !m_echo) fail(STATUS_BAD_ARGS, "announce=1 is for mode=echo");
+    int tso_bad_case = !tso_bad[0] ? 0 : streq(tso_bad, "hdr_len") ? 1 : streq(tso_bad, "csum_start") ? 2 : -1;
+    if (tso_bad_case < 0) fail(STATUS_BAD_ARGS, "bad must be hdr_len or csum_start");
+    if (m_tso) {
+        if (size < 60 || size > TSO_MAX) fail(STATUS_BAD_ARGS, "size must be 60..65549 for mode=tso");
+        if (!mss || mss > 0xffff) fail(STATUS_BAD_ARGS, "mode=tso needs mss=1..65535");
+        if (tso_bad_case && size + 100 > 0xffff) fail(STATUS_BAD_ARGS, "bad= needs size <= 65435 (the bad value must fit in 16 bits)");
+    } else if (tso_bad_case || mss) {
+        fail(STATUS_BAD_ARGS, "mss= and bad= are for mode=tso");
+    }
+    want_tso = m_tso;
     want_pairs = (u32)pairs_arg;
     timeout_cycles = tsc_khz() * 1000 * timeout_s;
     want_msix = irq[0] == 'm';
-    link_mode = m_link;
-    if (m_link) entry0_vector = CFG_VECTOR;
+    if (m_link || want_announce) entry0_vector = CFG_VECTOR;
 
     if (!find_device(VENDOR_DEVICE)) fail(STATUS_FAIL, "no modern virtio-net device (1af4:1041) on PCI bus 0");
     read_bars();
@@ -1071,6 +1373,7 @@ int guest_main(void) {
     if (m_send) return send(count, size);
     if (m_link) return link(count);
     if (m_ping) return ping(count, size, resend_ms);
+    if (m_tso) return tso(size, mss, tso_bad_case);
     return recv(count);
 }
 

@@ -259,6 +259,9 @@ pub struct Status {
     pub exits: Vec<VcpuExits>,
     /// Each device's counters, by device id.
     pub devices: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The devices' own threads (queue workers) and where they run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub device_threads: BTreeMap<String, Vec<devices::state::DeviceThread>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationInFlight>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -360,6 +363,7 @@ pub fn status(h: &VmHandle) -> Status {
         uptime_ms: h.started.elapsed().as_millis() as u64,
         exits,
         devices: h.devices.counters(),
+        device_threads: h.devices.threads(),
         migration: migrating.map(|(to, progress)| MigrationInFlight { to, progress }),
         migrated_to: migrated,
         last_failed_migration: failed,
