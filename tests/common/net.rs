@@ -50,6 +50,20 @@ impl Netns {
         self.ip(&["link", "set", dev, "up"]);
     }
 
+    /// A multi-queue TAP device `dev` in the namespace, up, without IPv6
+    /// (no router or neighbour solicitations among the test's frames).
+    pub fn add_mq_tap(&self, dev: &str) {
+        self.ip(&["tuntap", "add", "dev", dev, "mode", "tap", "multi_queue"]);
+        let out = self
+            .exec("sysctl")
+            .arg("-qw")
+            .arg(format!("net.ipv6.conf.{dev}.disable_ipv6=1"))
+            .output()
+            .expect("sysctl");
+        assert!(out.status.success(), "{out:?}");
+        self.ip(&["link", "set", dev, "up"]);
+    }
+
     /// A bridge `br` over `taps`, in hub mode (no learning: every frame
     /// floods every port, so a guest that moves from one TAP to another is
     /// reached at once) and promiscuous (a packet socket on it sees every
@@ -340,6 +354,11 @@ impl Vm {
         self.seen.join("\n")
     }
 
+    /// The process's id (under `ip netns exec`, which execs it: the VM's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The first line containing `needle`, waited for up to `limit`.
     pub fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
@@ -566,6 +585,21 @@ pub fn echo_stream(
 /// with `append` on TAP in `ns`: q35, modern-only virtio-net-pci (no
 /// legacy, no option ROM), userspace virtio (vhost=off).
 pub fn qemu_net_probe(ns: &Netns, qemu: &str, dir: &std::path::Path, append: &str) -> Command {
+    qemu_net_probe_on(ns, qemu, dir, append, TAP, "", "")
+}
+
+/// [`qemu_net_probe`] on TAP `tap`, with more of QEMU's options for the
+/// netdev (`netdev_extra`, e.g. ",queues=4") and the device
+/// (`device_extra`, e.g. ",mq=on,vectors=10").
+pub fn qemu_net_probe_on(
+    ns: &Netns,
+    qemu: &str,
+    dir: &std::path::Path,
+    append: &str,
+    tap: &str,
+    netdev_extra: &str,
+    device_extra: &str,
+) -> Command {
     let mut vm = ns.exec(qemu);
     vm.args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
         .args(["-M", "q35", "-nodefaults", "-nographic", "-no-reboot"])
@@ -573,12 +607,12 @@ pub fn qemu_net_probe(ns: &Netns, qemu: &str, dir: &std::path::Path, append: &st
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
         .arg("-netdev")
         .arg(format!(
-            "tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"
+            "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off{netdev_extra}"
         ))
-        .args([
-            "-device",
-            "virtio-net-pci,disable-legacy=on,romfile=,netdev=n0,mac=52:54:00:12:34:56",
-        ])
+        .arg("-device")
+        .arg(format!(
+            "virtio-net-pci,disable-legacy=on,romfile=,netdev=n0,mac=52:54:00:12:34:56{device_extra}"
+        ))
         .arg("-kernel")
         .arg(dir.join("net-probe.elf"))
         .arg("-append")

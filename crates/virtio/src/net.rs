@@ -132,6 +132,10 @@ struct Shared {
     announce: AtomicBool,
     /// The workers' placements, by pair.
     placements: Mutex<Vec<Option<devices::state::DeviceThread>>>,
+    /// Each TAP queue attached to its TAP (TUNSETQUEUE) or not: they are
+    /// opened attached, and the kernel keeps the state across the
+    /// device's stops.
+    attached: Mutex<Vec<bool>>,
 }
 
 /// What a worker hands back when it stops: its pair's queues, and the
@@ -165,6 +169,7 @@ impl<M> Net<M> {
                 config.pair_count()
             ));
         }
+        let queues = taps.len();
         Ok(Net {
             taps: taps.into_iter().map(Arc::new).collect(),
             config,
@@ -174,6 +179,7 @@ impl<M> Net<M> {
                 pairs_on: AtomicU16::new(1),
                 announce: AtomicBool::new(false),
                 placements: Mutex::new(Vec::new()),
+                attached: Mutex::new(vec![true; queues]),
             }),
             workers: Vec::new(),
             announce: false,
@@ -358,7 +364,6 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             // every TAP queue: pairs past what this driver set up stay
             // detached
             taps: self.taps.clone(),
-            attached: vec![None; self.taps.len()],
             wakes: wake_clones,
             ctrl: ctrl_queue.map(|q| (q, 2 * pairs as u16)),
             offer,
@@ -679,8 +684,6 @@ impl FramePort for Tap {
 /// queue: which TAP queues are attached, and the other workers' wake-ups.
 struct Steering<P> {
     taps: Vec<Arc<P>>,
-    /// Each TAP queue: attached (Some(true)), detached, or not known yet.
-    attached: Vec<Option<bool>>,
     /// Each pair's worker's wake-up (a pair went on or off).
     wakes: Vec<EventFd>,
     /// The control queue and its index.
@@ -1026,13 +1029,18 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
         let Some(s) = self.steering.as_mut() else {
             return;
         };
+        let mut attached = self
+            .shared
+            .attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for (i, tap) in s.taps.iter().enumerate() {
             let want = i < on;
-            if s.attached[i] == Some(want) {
+            if attached.get(i) != Some(&!want) {
                 continue;
             }
             match tap.set_queue_attached(want) {
-                Ok(()) => s.attached[i] = Some(want),
+                Ok(()) => attached[i] = want,
                 Err(e) => {
                     self.counters
                         .queue_steering_errors
@@ -1040,9 +1048,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                     devices::limited!(warn, "net {}: queue {i}: {e}", tap.port_name());
                 }
             }
-            if let Some(w) = s.wakes.get(i) {
-                let _ = w.write(1);
-            }
+        }
+        // every worker looks again whether its pair is on
+        for w in s.wakes.iter().skip(1) {
+            let _ = w.write(1);
         }
     }
 
@@ -1449,6 +1458,7 @@ fn test_shared(link_up: bool) -> Arc<Shared> {
         pairs_on: AtomicU16::new(1),
         announce: AtomicBool::new(false),
         placements: Mutex::new(Vec::new()),
+        attached: Mutex::new(vec![true]),
     })
 }
 
