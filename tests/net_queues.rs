@@ -68,7 +68,7 @@ fn udp_echoes(sock: &OwnedFd, count: u32, flows: u16, limit: Duration) -> Vec<u3
         std::thread::sleep(Duration::from_millis(2));
     }
     let deadline = Instant::now() + limit;
-    while back.iter().any(|&n| n == 0) && Instant::now() < deadline {
+    while back.contains(&0) && Instant::now() < deadline {
         let Some(f) = recv_frame(sock) else { continue };
         if f.len() < 46 || f[12..14] != [0x08, 0x00] || f[0..6] != HOST_MAC {
             continue;
