@@ -176,7 +176,7 @@ pub fn packet_socket(ns: &Netns, dev: &str) -> OwnedFd {
 /// Runs `f` on a thread that entered `ns` (membership is per thread; a
 /// socket or TAP descriptor made there stays in the namespace, and serves
 /// any thread afterwards).
-fn in_namespace<T: Send + 'static>(
+pub fn in_namespace<T: Send + 'static>(
     ns: &Netns,
     what: &str,
     f: impl FnOnce() -> Result<T, String> + Send + 'static,

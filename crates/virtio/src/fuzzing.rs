@@ -511,6 +511,17 @@ pub fn net(u: &mut Unstructured) -> arbitrary::Result<()> {
     let tx = Ring::arbitrary(u)?;
     let frames = Vec::<HostFrame>::arbitrary(u)?;
     let (link_up, event_idx, limits): (bool, bool, Option<(u8, u16)>) = Arbitrary::arbitrary(u)?;
+    // the offloads and mergeable buffers a driver may have accepted
+    // (dependencies kept, as activation checks them)
+    let acked = {
+        use crate::net::*;
+        let mut a = u64::arbitrary(u)?
+            & (F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_USO | F_GUEST_CSUM | F_MRG_RXBUF);
+        if a & F_CSUM == 0 {
+            a &= !(F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_USO);
+        }
+        a
+    };
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
         .expect("memory");
     let rxq = lay_ring(&mem, 0, SIZE, RX_DATA, &rx);
@@ -527,7 +538,7 @@ pub fn net(u: &mut Unstructured) -> arbitrary::Result<()> {
     if host.set_nonblocking(true).is_err() || device.set_nonblocking(true).is_err() {
         return Ok(());
     }
-    const MAX_FRAME: usize = crate::tap::VNET_HDR_LEN + 65536;
+    const MAX_FRAME: usize = crate::net::MAX_FRAME;
     for f in frames.iter().take(16) {
         let len = if f.huge {
             MAX_FRAME + f.len as usize % 64
@@ -552,10 +563,18 @@ pub fn net(u: &mut Unstructured) -> arbitrary::Result<()> {
         Arc::new(Datagrams(device)),
         link_up,
         &config,
+        acked,
     );
     NET_RX.fetch_add(rx_frames, Ordering::Relaxed);
     NET_TX.fetch_add(tx_frames, Ordering::Relaxed);
-    // what the host got: whole frames, header first, no offloads claimed
+    // what the host got: whole frames, header first, offloads claimed
+    // only as negotiated and checked
+    let host_offloads = acked
+        & (crate::net::F_CSUM
+            | crate::net::F_HOST_TSO4
+            | crate::net::F_HOST_TSO6
+            | crate::net::F_HOST_USO)
+        != 0;
     let mut buf = vec![0u8; MAX_FRAME + 64];
     let mut sent = 0u64;
     while let Ok(n) = host.recv(&mut buf) {
@@ -563,10 +582,19 @@ pub fn net(u: &mut Unstructured) -> arbitrary::Result<()> {
             (crate::tap::VNET_HDR_LEN..=MAX_FRAME).contains(&n),
             "a {n}-byte frame reached the host"
         );
-        assert!(
-            buf[..10].iter().all(|&b| b == 0),
-            "a frame reached the host with offload flags the guest set"
-        );
+        if host_offloads {
+            let checked =
+                crate::net::check_tx_header(&buf[..10], n - crate::tap::VNET_HDR_LEN, acked);
+            assert!(
+                checked.is_ok(),
+                "a bad offload header reached the host: {checked:?}"
+            );
+        } else {
+            assert!(
+                buf[..10].iter().all(|&b| b == 0),
+                "a frame reached the host with offload flags the guest set"
+            );
+        }
         sent += 1;
     }
     assert_eq!(sent, tx_frames, "frames counted as sent reached the host");

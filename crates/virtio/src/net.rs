@@ -10,8 +10,14 @@
 //! dropped and counted, never truncated, and the chain stays for the next;
 //! with no chain posted the worker stops reading the TAP until the driver
 //! posts one. Transmit: a chain shorter than the header, larger than
-//! 64 KiB + header or holding device-writable descriptors is dropped and
+//! [`MAX_FRAME`] or holding device-writable descriptors is dropped and
 //! counted; a TAP write error is counted and the queue goes on.
+//!
+//! Offloads (`offload=`): the guest's checksum and segmentation headers go
+//! to the TAP once checked ([`check_tx_header`]); the TAP hands the guest
+//! unfinished frames only as far as the guest said it takes them
+//! (TUNSETOFFLOAD from its GUEST_* features and GUEST_OFFLOADS_SET). With
+//! MRG_RXBUF a frame spans as many receive chains as it needs.
 //!
 //! Pairs the driver has not turned on are detached from the TAP
 //! (TUNSETQUEUE), so the kernel steers no frame to a queue nobody reads.
@@ -41,8 +47,32 @@ const QUEUE_SIZE: u16 = 256;
 const CTRL_QUEUE_SIZE: u16 = 64;
 /// Frames one receive pass takes before it looks at its other events.
 const RX_BUDGET: u32 = 64;
-/// The largest frame either way: 64 KiB of frame after the header.
-const MAX_FRAME: usize = VNET_HDR_LEN + 65536;
+/// The largest frame either way, header included: the largest IPv4 or
+/// IPv6 packet (64 KiB less a byte: a GSO frame's) behind an Ethernet
+/// header with a VLAN tag.
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 18 + 65535;
+/// Offload feature bits (virtio 1.2, 5.1.3).
+pub const F_CSUM: u64 = 1 << 0;
+pub const F_GUEST_CSUM: u64 = 1 << 1;
+pub const F_CTRL_GUEST_OFFLOADS: u64 = 1 << 2;
+pub const F_GUEST_TSO4: u64 = 1 << 7;
+pub const F_GUEST_TSO6: u64 = 1 << 8;
+pub const F_HOST_TSO4: u64 = 1 << 11;
+pub const F_HOST_TSO6: u64 = 1 << 12;
+pub const F_MRG_RXBUF: u64 = 1 << 15;
+pub const F_GUEST_USO4: u64 = 1 << 54;
+pub const F_GUEST_USO6: u64 = 1 << 55;
+pub const F_HOST_USO: u64 = 1 << 56;
+/// The guest-receive offloads (what GUEST_OFFLOADS_SET may turn on and off).
+const GUEST_OFFLOADS: u64 =
+    F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_USO4 | F_GUEST_USO6;
+/// virtio_net_hdr flags and GSO types (5.1.6).
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_UDP_L4: u8 = 5;
+
 /// Poll mode: passes over the queues between two looks at the worker's
 /// other events (stop, the control queue, a pair turned on or off).
 const POLL_PASSES: u32 = 64;
@@ -84,6 +114,12 @@ pub struct NetCounters {
     pub ctrl_refused: AtomicU64,
     /// TAP queues attached or detached failing (TUNSETQUEUE).
     pub queue_steering_errors: AtomicU64,
+    /// Guest frames whose offload header was bad (dropped).
+    pub tx_dropped_bad_offload: AtomicU64,
+    /// Frames received into more than one buffer (MRG_RXBUF).
+    pub rx_merged: AtomicU64,
+    /// TUNSETOFFLOAD failing (the guest then gets finished frames).
+    pub offload_errors: AtomicU64,
 }
 
 /// Receive and transmit: how the queue workers wait.
@@ -95,6 +131,166 @@ pub enum NetMode {
     /// Busy-polling the queues and the TAP, kicks suppressed (needs CPUs
     /// of their own: `cpus=`).
     Poll,
+}
+
+/// The offloads a NIC offers (`offload=csum+tso4+tso6+uso`): each both
+/// ways, the host's (the guest hands over partial checksums and GSO
+/// frames) and the guest's (it takes them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Offloads {
+    pub csum: bool,
+    pub tso4: bool,
+    pub tso6: bool,
+    pub uso: bool,
+}
+
+impl Offloads {
+    /// Parses `csum+tso4+tso6+uso` (any subset; `none`): TSO and USO need
+    /// csum (5.1.3.1: no segmentation without checksum offload).
+    pub fn parse(list: &str) -> Result<Offloads, String> {
+        let mut o = Offloads::default();
+        for name in list.split('+') {
+            match name {
+                "none" => {}
+                "csum" => o.csum = true,
+                "tso4" => o.tso4 = true,
+                "tso6" => o.tso6 = true,
+                "uso" => o.uso = true,
+                "ufo" => {
+                    return Err(
+                        "offload \"ufo\": UDP fragmentation offload is gone from Linux; uso (UDP segmentation) is offered instead".into(),
+                    )
+                }
+                other => {
+                    return Err(format!(
+                        "offload {other:?}: csum, tso4, tso6 or uso (joined with +)"
+                    ))
+                }
+            }
+        }
+        if (o.tso4 || o.tso6 || o.uso) && !o.csum {
+            return Err(format!(
+                "offload {list:?}: tso4, tso6 and uso need csum (segmentation needs checksum offload)"
+            ));
+        }
+        Ok(o)
+    }
+
+    /// The feature bits these offloads offer.
+    pub fn features(&self) -> u64 {
+        let mut f = 0;
+        if self.csum {
+            f |= F_CSUM | F_GUEST_CSUM | F_CTRL_GUEST_OFFLOADS;
+        }
+        if self.tso4 {
+            f |= F_HOST_TSO4 | F_GUEST_TSO4;
+        }
+        if self.tso6 {
+            f |= F_HOST_TSO6 | F_GUEST_TSO6;
+        }
+        if self.uso {
+            f |= F_HOST_USO | F_GUEST_USO4 | F_GUEST_USO6;
+        }
+        f
+    }
+}
+
+/// Checks that the features a driver accepted keep the specification's
+/// dependencies (5.1.3.1): each segmentation offload with its checksum
+/// offload, GUEST_OFFLOADS control with the control queue.
+pub fn check_offload_features(acked: u64) -> Result<(), String> {
+    let needs = [
+        (F_HOST_TSO4, F_CSUM, "HOST_TSO4 without CSUM"),
+        (F_HOST_TSO6, F_CSUM, "HOST_TSO6 without CSUM"),
+        (F_HOST_USO, F_CSUM, "HOST_USO without CSUM"),
+        (F_GUEST_TSO4, F_GUEST_CSUM, "GUEST_TSO4 without GUEST_CSUM"),
+        (F_GUEST_TSO6, F_GUEST_CSUM, "GUEST_TSO6 without GUEST_CSUM"),
+        (F_GUEST_USO4, F_GUEST_CSUM, "GUEST_USO4 without GUEST_CSUM"),
+        (F_GUEST_USO6, F_GUEST_CSUM, "GUEST_USO6 without GUEST_CSUM"),
+        (
+            F_CTRL_GUEST_OFFLOADS,
+            1 << VIRTIO_NET_F_CTRL_VQ,
+            "CTRL_GUEST_OFFLOADS without CTRL_VQ",
+        ),
+    ];
+    for (f, needed, what) in needs {
+        if acked & f != 0 && acked & needed == 0 {
+            return Err(format!("the driver accepted {what} (5.1.3.1)"));
+        }
+    }
+    Ok(())
+}
+
+/// TUNSETOFFLOAD's flags for the guest-receive offloads `guest` (feature
+/// bits): what the TAP may hand over unfinished.
+pub fn tun_offloads(guest: u64) -> u32 {
+    use crate::tap::*;
+    if guest & F_GUEST_CSUM == 0 {
+        return 0;
+    }
+    let mut t = TUN_F_CSUM;
+    for (f, flag) in [
+        (F_GUEST_TSO4, TUN_F_TSO4),
+        (F_GUEST_TSO6, TUN_F_TSO6),
+        (F_GUEST_USO4, TUN_F_USO4),
+        (F_GUEST_USO6, TUN_F_USO6),
+    ] {
+        if guest & f != 0 {
+            t |= flag;
+        }
+    }
+    t
+}
+
+/// Checks the virtio_net_hdr of a frame the guest sends (`hdr`, the first
+/// 10 bytes; `frame_len`, the bytes after the 12-byte header) against the
+/// offloads negotiated (`acked`): the TAP would take a bad one, or build
+/// a broken frame from it.
+pub fn check_tx_header(hdr: &[u8], frame_len: usize, acked: u64) -> Result<(), String> {
+    let [flags, gso_type, h0, h1, s0, s1, c0, c1, o0, o1, ..] = *hdr else {
+        return Err("a header shorter than 10 bytes".into());
+    };
+    let hdr_len = u16::from_le_bytes([h0, h1]) as usize;
+    let gso_size = u16::from_le_bytes([s0, s1]);
+    let csum_start = u16::from_le_bytes([c0, c1]) as usize;
+    let csum_offset = u16::from_le_bytes([o0, o1]) as usize;
+    if flags & !HDR_F_NEEDS_CSUM != 0 {
+        return Err(format!("flags {flags:#x} (only NEEDS_CSUM goes out)"));
+    }
+    if flags & HDR_F_NEEDS_CSUM != 0 {
+        if acked & F_CSUM == 0 {
+            return Err("NEEDS_CSUM without CSUM negotiated".into());
+        }
+        if csum_start + csum_offset + 2 > frame_len {
+            return Err(format!(
+                "csum_start {csum_start} + csum_offset {csum_offset} past the frame's {frame_len} bytes"
+            ));
+        }
+    }
+    let needed = match gso_type {
+        GSO_NONE => return Ok(()),
+        GSO_TCPV4 => F_HOST_TSO4,
+        GSO_TCPV6 => F_HOST_TSO6,
+        GSO_UDP_L4 => F_HOST_USO,
+        t => return Err(format!("gso_type {t:#x} (TCPV4, TCPV6 or UDP_L4)")),
+    };
+    if acked & needed == 0 {
+        return Err(format!(
+            "gso_type {gso_type} without its feature negotiated"
+        ));
+    }
+    if flags & HDR_F_NEEDS_CSUM == 0 {
+        return Err("a GSO frame without NEEDS_CSUM".into());
+    }
+    if gso_size == 0 {
+        return Err("a GSO frame with gso_size 0".into());
+    }
+    if hdr_len > frame_len || hdr_len < csum_start {
+        return Err(format!(
+            "hdr_len {hdr_len} outside the frame's headers ({frame_len} bytes, csum_start {csum_start})"
+        ));
+    }
+    Ok(())
 }
 
 /// How a NIC is set up.
@@ -115,6 +311,9 @@ pub struct NetConfig {
     pub cpus: Vec<usize>,
     /// SCHED_FIFO priority of the queue workers.
     pub rt_priority: Option<u8>,
+    pub offloads: Offloads,
+    /// Mergeable receive buffers: a frame may span several chains.
+    pub mrg_rxbuf: bool,
 }
 
 impl NetConfig {
@@ -136,6 +335,9 @@ struct Shared {
     /// opened attached, and the kernel keeps the state across the
     /// device's stops.
     attached: Mutex<Vec<bool>>,
+    /// The guest-receive offloads on now (feature bits; GUEST_OFFLOADS_SET
+    /// changes them), and whether the TAP has them.
+    guest_offloads: AtomicU64,
 }
 
 /// What a worker hands back when it stops: its pair's queues, and the
@@ -180,6 +382,7 @@ impl<M> Net<M> {
                 announce: AtomicBool::new(false),
                 placements: Mutex::new(Vec::new()),
                 attached: Mutex::new(vec![true; queues]),
+                guest_offloads: AtomicU64::new(0),
             }),
             workers: Vec::new(),
             announce: false,
@@ -300,7 +503,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         if self.config.pair_count() > 1 {
             f |= 1 << VIRTIO_NET_F_MQ;
         }
-        f
+        if self.config.mrg_rxbuf {
+            f |= F_MRG_RXBUF;
+        }
+        f | self.config.offloads.features()
     }
 
     /// Every pair's receive and transmit queue, then the control queue.
@@ -332,9 +538,14 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
     ) -> Result<(), String> {
         // (5.1.2 of virtio-net: without MQ, one pair and the control
         // queue right after it)
+        check_offload_features(acked)?;
         let mq = acked & 1 << VIRTIO_NET_F_MQ != 0;
         let ctrl_on = acked & 1 << VIRTIO_NET_F_CTRL_VQ != 0;
         let pairs = if mq { self.config.pair_count() } else { 1 };
+        // (5.1.6.5.6.1: after a reset, the offloads negotiated are on)
+        self.shared
+            .guest_offloads
+            .store(acked & GUEST_OFFLOADS, Ordering::Release);
         if queues.len() != 2 * pairs + ctrl_on as usize {
             return Err(format!(
                 "virtio-net needs every queue enabled: {} receive and transmit queues{} ({} enabled)",
@@ -351,7 +562,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             mq,
             max_pairs: pairs as u16,
             announce: ctrl_on && acked & 1 << VIRTIO_NET_F_GUEST_ANNOUNCE != 0,
-            guest_offloads: None,
+            guest_offloads: (ctrl_on && acked & F_CTRL_GUEST_OFFLOADS != 0)
+                .then_some(acked & GUEST_OFFLOADS),
         };
         let wakes = (0..pairs)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}")))
@@ -391,6 +603,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
                 &self.config,
             );
             worker.wake = wake;
+            worker.acked = acked;
             worker.steering = steering.take();
             if pair == 0 && std::mem::take(&mut self.announce) {
                 worker.announce = Some(self.config.mac);
@@ -454,6 +667,13 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             ("ctrl_commands", l(&c.ctrl_commands)),
             ("ctrl_refused", l(&c.ctrl_refused)),
             ("queue_steering_errors", l(&c.queue_steering_errors)),
+            ("tx_dropped_bad_offload", l(&c.tx_dropped_bad_offload)),
+            ("rx_merged", l(&c.rx_merged)),
+            ("offload_errors", l(&c.offload_errors)),
+            (
+                "guest_offloads",
+                self.shared.guest_offloads.load(Ordering::Relaxed),
+            ),
             (
                 "pairs_on",
                 self.shared.pairs_on.load(Ordering::Relaxed) as u64,
@@ -660,6 +880,11 @@ pub(crate) trait FramePort: AsRawFd + Send + Sync + 'static {
         let _ = attached;
         Ok(())
     }
+    /// The offloads the guest takes (TUN_F_* flags).
+    fn set_offloads(&self, flags: u32) -> Result<(), String> {
+        let _ = flags;
+        Ok(())
+    }
 }
 
 impl FramePort for Tap {
@@ -678,6 +903,19 @@ impl FramePort for Tap {
         }
         Tap::set_queue_attached(self, attached).map_err(|e| e.to_string())
     }
+    fn set_offloads(&self, flags: u32) -> Result<(), String> {
+        Tap::set_offloads(self, flags).map_err(|e| e.to_string())
+    }
+}
+
+/// What became of a frame offered to the receive queue.
+enum Delivery {
+    Done,
+    /// Too few buffers posted: the frame waits for more.
+    NoBuffer,
+    /// A broken chain was given back: the frame waits for the next.
+    Retry,
+    Dropped,
 }
 
 /// Pair 0's worker also keeps the TAP's queue steering and the control
@@ -730,6 +968,8 @@ struct Worker<M, P = Tap> {
     /// Where to run: a CPU, a SCHED_FIFO priority.
     cpu: Option<usize>,
     rt_priority: Option<u8>,
+    /// The features the driver accepted.
+    acked: u64,
 }
 
 const EV_TAP: u64 = 0;
@@ -778,6 +1018,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
             kicks_held_at: [None; 2],
             cpu: (!config.cpus.is_empty()).then(|| config.cpus[pair % config.cpus.len()]),
             rt_priority: config.rt_priority,
+            acked: 0,
         }
     }
 
@@ -1053,6 +1294,18 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
         for w in s.wakes.iter().skip(1) {
             let _ = w.write(1);
         }
+        drop(attached);
+        self.apply_offloads();
+    }
+
+    /// Pair 0's worker: the TAP takes the guest-receive offloads on now
+    /// (TUNSETOFFLOAD; one call covers every queue of the TAP).
+    fn apply_offloads(&self) {
+        let on = self.shared.guest_offloads.load(Ordering::Acquire);
+        if let Err(e) = self.tap.set_offloads(tun_offloads(on)) {
+            self.counters.offload_errors.fetch_add(1, Ordering::Relaxed);
+            devices::limited!(warn, "net {}: {e}", self.tap.port_name());
+        }
     }
 
     /// Pair 0's worker: answers the control queue's commands.
@@ -1070,6 +1323,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                 }
                 CtrlCommand::AnnounceAck => {
                     shared.announce.store(false, Ordering::Release);
+                    true
+                }
+                CtrlCommand::GuestOffloads(bits) => {
+                    shared.guest_offloads.store(bits, Ordering::Release);
                     true
                 }
                 _ => false,
@@ -1090,7 +1347,11 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
             if served.answered > 0 {
                 let _ = crate::signal_used(&mut ctrl.queue, &self.mem, &*self.interrupt, *index);
             }
-            let pairs_changed = served.pairs.is_some();
+            let pairs_changed = served.pairs.is_some()
+                || served
+                    .taken
+                    .iter()
+                    .any(|c| matches!(c, CtrlCommand::GuestOffloads(_)));
             self.steering = Some(s);
             if pairs_changed {
                 // (the answer is already in the used ring, but the driver
@@ -1230,90 +1491,139 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                 continue;
             }
             let mem = self.mem.clone();
-            let chain = match self.pop(RX, &mem) {
-                crate::Popped::Chain(c) => c,
-                empty_or_broken => {
+            let frame = &mut buf[..len];
+            if self.acked & F_GUEST_CSUM == 0 {
+                // no receive offloads negotiated: flags and GSO fields
+                // zero (the TAP may set DATA_VALID)
+                frame[..10].fill(0);
+            }
+            match self.deliver(&mem, frame) {
+                Delivery::Done => {
+                    delivered = true;
+                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.counters.pair_rx_frames[self.pair].fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .rx_bytes
+                        .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                }
+                Delivery::NoBuffer => {
                     self.pending = Some(len);
-                    if let crate::Popped::Broken(why) = empty_or_broken {
-                        self.bad_queue(self.queue_index(RX).into(), &why);
-                    }
                     self.rx_blocked = true;
                     break;
                 }
-            };
-            let head = chain.head_index();
-            let frame = &mut buf[..len];
-            // no offloads negotiated: flags and GSO fields zero (the TAP may
-            // set DATA_VALID); num_buffers = 1: one chain per frame (no
-            // MRG_RXBUF)
-            frame[..10].fill(0);
-            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            delivered = true;
-            let Some(descs) = whole_chain(chain) else {
-                // a chain that does not end (a loop, longer than the queue,
-                // an index past the table): given back unused, the frame
-                // kept for the next chain
-                self.bad_queue(
-                    self.queue_index(RX).into(),
-                    "a receive chain that does not end (a loop, or longer than the queue)",
-                );
-                self.give_back(RX, head, 0);
-                self.pending = Some(len);
-                continue;
-            };
-            if descs.iter().any(|d| !d.is_write_only()) {
-                self.bad_queue(
-                    self.queue_index(RX).into(),
-                    "a receive chain holds a device-readable descriptor",
-                );
-                self.give_back(RX, head, 0);
-                continue;
-            }
-            let room = descs
-                .iter()
-                .fold(0usize, |r, d| r.saturating_add(d.len() as usize));
-            if room < len {
-                // the frame is dropped; the chain is given back used empty
-                // (the driver reposts it)
-                self.counters
-                    .rx_dropped_too_big
-                    .fetch_add(1, Ordering::Relaxed);
-                self.give_back(RX, head, 0);
-                continue;
-            }
-            let mut written = 0usize;
-            for d in &descs {
-                if written == len {
-                    break;
+                Delivery::Retry => {
+                    delivered = true;
+                    self.pending = Some(len);
                 }
-                let n = (d.len() as usize).min(len - written);
-                if mem
-                    .write_slice(&frame[written..written + n], d.addr())
-                    .is_err()
-                {
-                    break;
-                }
-                written += n;
+                Delivery::Dropped => delivered = true,
             }
-            if written < len {
-                self.bad_queue(
-                    self.queue_index(RX).into(),
-                    "a receive buffer outside guest memory",
-                );
-                self.give_back(RX, head, 0);
-                continue;
-            }
-            self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-            self.counters.pair_rx_frames[self.pair].fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .rx_bytes
-                .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-            self.give_back(RX, head, written as u32);
         }
         self.rx_buf = buf;
         if delivered {
             self.notify(RX);
         }
+    }
+
+    /// Puts `frame` (header first) into the receive queue's next chain, or
+    /// with MRG_RXBUF into as many chains as it takes (num_buffers says
+    /// how many). Chains taken while too few are posted go back to the
+    /// ring untouched.
+    fn deliver(&mut self, mem: &M, frame: &mut [u8]) -> Delivery {
+        let rx: usize = self.queue_index(RX).into();
+        let mrg = self.acked & F_MRG_RXBUF != 0;
+        let start = self.queues[RX].0.next_avail();
+        let mut chains: Vec<(u16, Vec<virtio_queue::desc::split::Descriptor>)> = Vec::new();
+        let mut room = 0usize;
+        while room < frame.len() {
+            let chain = match self.pop(RX, mem) {
+                crate::Popped::Chain(c) => c,
+                empty_or_broken => {
+                    if let crate::Popped::Broken(why) = empty_or_broken {
+                        self.bad_queue(rx, &why);
+                    }
+                    self.queues[RX].0.set_next_avail(start);
+                    return Delivery::NoBuffer;
+                }
+            };
+            let head = chain.head_index();
+            let Some(descs) = whole_chain(chain) else {
+                // a chain that does not end (a loop, longer than the queue,
+                // an index past the table): given back unused, the frame
+                // kept for the next chain
+                self.bad_queue(
+                    rx,
+                    "a receive chain that does not end (a loop, or longer than the queue)",
+                );
+                self.give_back_unused(&chains, head);
+                return Delivery::Retry;
+            };
+            if descs.iter().any(|d| !d.is_write_only()) {
+                self.bad_queue(rx, "a receive chain holds a device-readable descriptor");
+                self.give_back_unused(&chains, head);
+                return Delivery::Dropped;
+            }
+            let this = descs
+                .iter()
+                .fold(0usize, |r, d| r.saturating_add(d.len() as usize));
+            if chains.is_empty() && mrg && this < VNET_HDR_LEN {
+                self.bad_queue(rx, "a mergeable receive buffer shorter than the header");
+                self.give_back_unused(&chains, head);
+                return Delivery::Dropped;
+            }
+            room = room.saturating_add(this);
+            chains.push((head, descs));
+            if !mrg && room < frame.len() {
+                // the frame is dropped; the chain is given back used empty
+                // (the driver reposts it)
+                self.counters
+                    .rx_dropped_too_big
+                    .fetch_add(1, Ordering::Relaxed);
+                let (head, _) = chains.pop().expect("one chain");
+                self.give_back_unused(&chains, head);
+                return Delivery::Dropped;
+            }
+        }
+        frame[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
+        let mut at = 0usize;
+        let mut failed = false;
+        for (head, descs) in &chains {
+            let mut written = 0usize;
+            for d in descs {
+                if at == frame.len() || failed {
+                    break;
+                }
+                let n = (d.len() as usize).min(frame.len() - at);
+                if mem.write_slice(&frame[at..at + n], d.addr()).is_err() {
+                    // the rest of the frame goes nowhere: what was written
+                    // is said, the chains after it go back empty
+                    self.bad_queue(rx, "a receive buffer outside guest memory");
+                    failed = true;
+                    break;
+                }
+                written += n;
+                at += n;
+            }
+            self.give_back(RX, *head, if failed { 0 } else { written as u32 });
+        }
+        if failed {
+            return Delivery::Dropped;
+        }
+        if chains.len() > 1 {
+            self.counters.rx_merged.fetch_add(1, Ordering::Relaxed);
+        }
+        Delivery::Done
+    }
+
+    /// Gives the chains of `taken` and `head` back used and empty.
+    fn give_back_unused(
+        &mut self,
+        taken: &[(u16, Vec<virtio_queue::desc::split::Descriptor>)],
+        head: u16,
+    ) {
+        for &(h, _) in taken {
+            self.give_back(RX, h, 0);
+        }
+        self.give_back(RX, head, 0);
     }
 
     /// Puts chain `head` of queue `q` in its used ring, `len` bytes written.
@@ -1373,11 +1683,36 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                     }
                 }
             }
+            let mut bad_offload = false;
             if ok && frame.len() >= VNET_HDR_LEN {
-                // no offloads negotiated: the host gets a plain frame
-                frame[..10].fill(0);
+                if self.acked & (F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_USO) != 0 {
+                    // the header goes to the TAP as the guest wrote it,
+                    // once checked (num_buffers is the receive side's)
+                    if let Err(why) =
+                        check_tx_header(&frame[..10], frame.len() - VNET_HDR_LEN, self.acked)
+                    {
+                        bad_offload = true;
+                        if self
+                            .counters
+                            .tx_dropped_bad_offload
+                            .fetch_add(1, Ordering::Relaxed)
+                            == 0
+                        {
+                            tracing::warn!(
+                                "net {}: a transmitted frame's header: {why} (dropped; logged once, counted)",
+                                self.tap.port_name()
+                            );
+                        }
+                    }
+                    frame[10..12].fill(0);
+                } else {
+                    // no offloads negotiated: the host gets a plain frame
+                    frame[..10].fill(0);
+                }
             }
-            if !ok || frame.len() < VNET_HDR_LEN {
+            if bad_offload {
+                // (counted above)
+            } else if !ok || frame.len() < VNET_HDR_LEN {
                 self.counters
                     .tx_dropped_bad_chain
                     .fetch_add(1, Ordering::Relaxed);
@@ -1417,6 +1752,7 @@ pub(crate) fn fuzz_run<M: GuestMemory + Clone + Send + Sync + 'static, P: FrameP
     port: Arc<P>,
     link_up: bool,
     config: &NetConfig,
+    acked: u64,
 ) -> (u64, u64) {
     let (interrupt, _, _) = crate::fuzzing::quiet();
     let counters = Arc::new(NetCounters::default());
@@ -1435,6 +1771,7 @@ pub(crate) fn fuzz_run<M: GuestMemory + Clone + Send + Sync + 'static, P: FrameP
         EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
         config,
     );
+    w.acked = acked;
     for _ in 0..4 {
         w.transmit();
         w.receive();
@@ -1459,6 +1796,7 @@ fn test_shared(link_up: bool) -> Arc<Shared> {
         announce: AtomicBool::new(false),
         placements: Mutex::new(Vec::new()),
         attached: Mutex::new(vec![true]),
+        guest_offloads: AtomicU64::new(0),
     })
 }
 
@@ -1554,6 +1892,144 @@ mod tests {
         assert_eq!(
             l(&interrupt.0) + l(&counters.notifications_suppressed[TX]),
             1
+        );
+    }
+
+    /// A port that is never read or written (deliver and the header checks
+    /// need none).
+    struct NoPort(std::fs::File);
+
+    impl AsRawFd for NoPort {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+
+    impl FramePort for NoPort {
+        fn port_name(&self) -> &str {
+            "none"
+        }
+        fn read_frame(&self, _: &mut [u8]) -> std::io::Result<Option<usize>> {
+            Ok(None)
+        }
+        fn write_frame(&self, _: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// MRG_RXBUF: a frame spans as many chains as it needs, num_buffers
+    /// says how many, the bytes run on from chain to chain; with too few
+    /// chains posted the frame waits and the chains taken go back to the
+    /// ring untouched, for the next frame.
+    #[test]
+    fn a_mergeable_frame_spans_chains_and_too_few_wait() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let write = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        let bufs: Vec<RawDescriptor> = (0..4)
+            .map(|i| {
+                RawDescriptor::from(SplitDescriptor::new(0x10_0000 + i * 0x1000, 1000, write, 0))
+            })
+            .collect();
+        vq.add_desc_chains(&bufs, 0).unwrap();
+        let rx: Queue = vq.create_queue().unwrap();
+        let counters = Arc::new(NetCounters::default());
+        let mut w = Worker::new(
+            0,
+            mem.clone(),
+            Arc::new(NoPort(std::fs::File::open("/dev/null").unwrap())),
+            Arc::new(Counted::default()),
+            counters.clone(),
+            test_shared(true),
+            [
+                ActiveQueue {
+                    queue: rx,
+                    kick: EventFd::new(0).unwrap(),
+                },
+                ActiveQueue {
+                    queue: Queue::new(16).unwrap(),
+                    kick: EventFd::new(0).unwrap(),
+                },
+            ],
+            EventFd::new(0).unwrap(),
+            &NetConfig::default(),
+        );
+        w.acked = F_MRG_RXBUF;
+        let mut frame: Vec<u8> = (0..VNET_HDR_LEN + 2500).map(|i| i as u8).collect();
+        frame[..VNET_HDR_LEN].fill(0);
+        assert!(matches!(
+            w.deliver(&mem, &mut frame.clone()),
+            Delivery::Done
+        ));
+        assert_eq!(vq.used().idx().load(), 3);
+        let lens: Vec<u32> = (0..3)
+            .map(|i| vq.used().ring().ref_at(i).unwrap().load().len())
+            .collect();
+        assert_eq!(lens, [1000, 1000, 512]);
+        let mut got = vec![0u8; frame.len()];
+        for (i, chunk) in got.chunks_mut(1000).enumerate() {
+            mem.read_slice(chunk, GuestAddress(0x10_0000 + i as u64 * 0x1000))
+                .unwrap();
+        }
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+        assert_eq!(got[VNET_HDR_LEN..], frame[VNET_HDR_LEN..]);
+        // one chain left, a frame needing two: it waits, the chain stays
+        let mut big = vec![0u8; VNET_HDR_LEN + 1500];
+        assert!(matches!(w.deliver(&mem, &mut big), Delivery::NoBuffer));
+        assert_eq!(vq.used().idx().load(), 3);
+        let mut small = vec![7u8; VNET_HDR_LEN + 100];
+        assert!(matches!(w.deliver(&mem, &mut small), Delivery::Done));
+        assert_eq!(vq.used().idx().load(), 4);
+        assert_eq!(vq.used().ring().ref_at(3).unwrap().load().len(), 112);
+        assert_eq!(counters.rx_merged.load(Ordering::Relaxed), 1);
+    }
+
+    /// The guest's offload headers: what each negotiated feature allows,
+    /// and the bad ones named.
+    #[test]
+    fn transmit_headers_are_checked_against_the_offloads_negotiated() {
+        let hdr = |flags: u8, gso: u8, hdr_len: u16, size: u16, start: u16, off: u16| {
+            let mut h = vec![flags, gso];
+            for v in [hdr_len, size, start, off] {
+                h.extend_from_slice(&v.to_le_bytes());
+            }
+            h
+        };
+        let all = F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_USO;
+        assert!(check_tx_header(&hdr(0, 0, 0, 0, 0, 0), 60, 0).is_ok());
+        assert!(check_tx_header(&hdr(1, 0, 0, 0, 34, 16), 60, F_CSUM).is_ok());
+        assert!(check_tx_header(&hdr(1, 1, 54, 1448, 34, 16), 9000, all).is_ok());
+        for (h, len, acked, why) in [
+            (hdr(1, 0, 0, 0, 34, 16), 60, 0, "without CSUM"),
+            (hdr(1, 0, 0, 0, 50, 16), 60, F_CSUM, "past the frame"),
+            (
+                hdr(1, 1, 54, 1448, 34, 16),
+                9000,
+                F_CSUM,
+                "without its feature",
+            ),
+            (hdr(1, 3, 54, 1448, 34, 16), 9000, all, "gso_type 0x3"),
+            (hdr(0, 1, 54, 1448, 34, 16), 9000, all, "without NEEDS_CSUM"),
+            (hdr(1, 1, 54, 0, 34, 16), 9000, all, "gso_size 0"),
+            (hdr(1, 1, 9100, 1448, 34, 16), 9000, all, "hdr_len 9100"),
+            (hdr(2, 0, 0, 0, 0, 0), 60, all, "flags 0x2"),
+            (hdr(1, 0x81, 54, 1448, 34, 16), 9000, all, "gso_type 0x81"),
+        ] {
+            let e = check_tx_header(&h, len, acked).unwrap_err();
+            assert!(e.contains(why), "{h:?}: {e}");
+        }
+        assert_eq!(tun_offloads(F_GUEST_TSO4), 0, "no TSO without GUEST_CSUM");
+        assert_eq!(
+            tun_offloads(F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_USO6),
+            crate::tap::TUN_F_CSUM | crate::tap::TUN_F_TSO4 | crate::tap::TUN_F_USO6
+        );
+        assert!(check_offload_features(F_HOST_TSO4).is_err());
+        assert!(check_offload_features(F_CSUM | F_HOST_TSO4).is_ok());
+        assert!(Offloads::parse("tso4").is_err());
+        assert_eq!(
+            Offloads::parse("csum+tso6").unwrap().features(),
+            F_CSUM | F_GUEST_CSUM | F_CTRL_GUEST_OFFLOADS | F_HOST_TSO6 | F_GUEST_TSO6
         );
     }
 

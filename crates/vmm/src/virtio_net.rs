@@ -48,13 +48,17 @@ pub struct NetSpec {
     /// priority.
     pub cpus: Vec<usize>,
     pub rt_priority: Option<u8>,
+    /// TAP NICs: the offloads offered, and mergeable receive buffers.
+    pub offloads: virtio::net::Offloads,
+    pub mrg_rxbuf: bool,
 }
 
 /// The MTUs a NIC takes.
 pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 68..=9216;
 
 /// Parses `tap=NAME[,queues=N][,mode=event|poll][,cpus=L][,rt-priority=P]
-/// [,mac=52:54:..][,mtu=N][,rates]`, `fd=N[:N..][,...]` (one descriptor
+/// [,offload=csum+tso4+tso6+uso][,mrg-rxbuf=on][,mac=52:54:..][,mtu=N]
+/// [,rates]`, `fd=N[:N..][,...]` (one descriptor
 /// per queue pair) or `vhost-user=SOCKET[,mode=client|server][,queues=N]
 /// [,mac=..][,mtu=N]`. CPU lists take `+` where a list would take `,`
 /// (`cpus=2-3+6`).
@@ -65,6 +69,8 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
     let mut queues: Option<u16> = None;
     let mut cpus = Vec::new();
     let mut rt_priority = None;
+    let mut offloads = None;
+    let mut mrg_rxbuf = None;
     let mut limits: [Option<u64>; 4] = [None; 4];
     for part in spec.split(',') {
         match part.split_once('=') {
@@ -96,6 +102,16 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
                         .filter(|n| (1..=max).contains(n))
                         .ok_or_else(|| bad(format!("queues {q:?}: queue pairs, 1 to {max}")))?,
                 );
+            }
+            Some(("offload", o)) => {
+                offloads = Some(virtio::net::Offloads::parse(o).map_err(bad)?);
+            }
+            Some(("mrg-rxbuf", m)) => {
+                mrg_rxbuf = Some(match m {
+                    "on" => true,
+                    "off" => false,
+                    m => return Err(bad(format!("mrg-rxbuf {m:?}: on or off"))),
+                });
             }
             Some(("cpus", c)) => {
                 cpus = rt::parse_cpu_list(&c.replace('+', ","))
@@ -146,7 +162,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
             }
             _ => {
                 return Err(bad(format!(
-                    "unknown part {part:?} (use tap=NAME, fd=N or vhost-user=SOCKET, then mac=, mtu=, queues=, mode=; for a TAP cpus=, rt-priority=, rx-pps=, rx-bw=, tx-pps=, tx-bw=)"
+                    "unknown part {part:?} (use tap=NAME, fd=N or vhost-user=SOCKET, then mac=, mtu=, queues=, mode=; for a TAP cpus=, rt-priority=, offload=, mrg-rxbuf=, rx-pps=, rx-bw=, tx-pps=, tx-bw=)"
                 )))
             }
         }
@@ -195,6 +211,11 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
         }
         (_, q) => q.unwrap_or(1),
     };
+    if vhost_user && (offloads.is_some() || mrg_rxbuf.is_some()) {
+        return Err(bad(
+            "offload= and mrg-rxbuf= are for TAP NICs: a vhost-user NIC's features are its backend's".into(),
+        ));
+    }
     if vhost_user && (!cpus.is_empty() || rt_priority.is_some()) {
         return Err(bad(
             "cpus= and rt-priority= place a TAP NIC's queue workers; a vhost-user NIC's queues run in its backend".into(),
@@ -235,6 +256,8 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
         mode: net_mode,
         cpus,
         rt_priority,
+        offloads: offloads.unwrap_or_default(),
+        mrg_rxbuf: mrg_rxbuf.unwrap_or(false),
     })
 }
 
@@ -322,6 +345,8 @@ pub fn attach(
             mode: spec.mode,
             cpus: spec.cpus.clone(),
             rt_priority: spec.rt_priority,
+            offloads: spec.offloads,
+            mrg_rxbuf: spec.mrg_rxbuf,
         },
     )
     .map_err(|e| Error::Config(format!("--net: {e}")))?;
@@ -386,6 +411,11 @@ mod tests {
             ("tap=x,queues=2,tx-pps=10", "rate limits"),
             ("tap=x,mode=poll,cpus=1,tx-pps=10", "rate limits"),
             ("vhost-user=/s,cpus=1", "cpus= and rt-priority="),
+            ("tap=x,offload=tso4", "need csum"),
+            ("tap=x,offload=csum+ufo", "UDP fragmentation"),
+            ("tap=x,offload=gro", "offload \"gro\""),
+            ("tap=x,mrg-rxbuf=yes", "mrg-rxbuf \"yes\""),
+            ("vhost-user=/s,offload=csum", "offload= and mrg-rxbuf="),
             ("vhost-user=/s,mode=both", "mode \"both\""),
             ("vhost-user=/s,tx-pps=10", "rate limits"),
             ("vhost-user=/s,queues=0", "queues \"0\""),
