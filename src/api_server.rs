@@ -160,8 +160,9 @@ struct Created {
     ch: ChVmConfig,
     /// A VM from `run`'s flags (used instead of `ch`).
     flags: Option<vmm::VmConfig>,
-    /// Each NIC's TAP descriptor from vm.add-net (None: by name).
-    tap_fds: Vec<Option<OwnedFd>>,
+    /// Each NIC's TAP descriptors from vm.add-net, one per queue pair
+    /// (none: by name).
+    tap_fds: Vec<Vec<OwnedFd>>,
 }
 
 /// A booted VM.
@@ -297,12 +298,13 @@ impl Created {
             None => {
                 let nets = self.ch.net.as_deref().unwrap_or_default();
                 let mut taps = Vec::new();
-                for (n, fd) in nets.iter().zip(&self.tap_fds) {
-                    taps.push(match fd {
-                        // the NIC works on its own duplicate: this one
-                        // stays here (a reboot takes it again)
-                        Some(fd) => TapFrom::Fd(fd.as_raw_fd()),
-                        None => TapFrom::Name(n.tap.clone().unwrap_or_default()),
+                for (n, fds) in nets.iter().zip(&self.tap_fds) {
+                    taps.push(if fds.is_empty() {
+                        TapFrom::Name(n.tap.clone().unwrap_or_default())
+                    } else {
+                        // the NIC works on its own duplicates: these stay
+                        // here (a reboot takes them again)
+                        TapFrom::Fds(fds.iter().map(|f| f.as_raw_fd()).collect())
                     });
                 }
                 let (c, console) = self.ch.to_vm_config(&taps).map_err(fail)?;
@@ -412,7 +414,7 @@ impl Vmm {
         self.stage = Stage::Created(Created {
             ch,
             flags: None,
-            tap_fds: (0..n).map(|_| None).collect(),
+            tap_fds: (0..n).map(|_| Vec::new()).collect(),
         });
         Ok(Ok2::NoContent)
     }
@@ -483,38 +485,39 @@ impl Vmm {
         let what = "The network device could not be added";
         let mut n: NetConfig = parse(body)?;
         let c = self.created_for_add(what)?;
-        let fd =
-            match (fds.len(), &n.tap) {
-                (0, Some(_)) => None,
-                // a vhost-user NIC: its backend's socket, no TAP
-                (0, None) if n.vhost_user || n.vhost_socket.is_some() => None,
-                (0, None) => return Err(err(
+        match (fds.len(), &n.tap) {
+            (0, Some(_)) => {}
+            // a vhost-user NIC: its backend's socket, no TAP
+            (0, None) if n.vhost_user || n.vhost_socket.is_some() => {}
+            (0, None) => {
+                return Err(err(
                     500,
                     what,
-                    "no TAP: send its descriptor with the request (SCM_RIGHTS) or name it (tap)",
-                )),
-                (1, _) => {
-                    let fd = fds.remove(0);
-                    // a TAP with a virtio-net header, as the NIC needs it
-                    // (checked on a duplicate the check closes)
-                    virtio::tap::Tap::from_fd(fd.as_raw_fd())
-                        .map_err(|e| err(500, what, e.to_string()))?;
-                    Some(fd)
-                }
-                (k, _) => {
-                    return Err(err(
-                        500,
-                        what,
-                        format!(
-                            "{k} descriptors: nfvisor's NIC has one queue pair, one TAP descriptor"
-                        ),
-                    ))
-                }
-            };
+                    "no TAP: send its descriptors with the request (SCM_RIGHTS, one per queue pair) or name it (tap)",
+                ))
+            }
+            (k, _) if k > virtio::net_ctrl::MAX_PAIRS as usize => {
+                return Err(err(
+                    500,
+                    what,
+                    format!(
+                        "{k} descriptors: one per queue pair, at most {}",
+                        virtio::net_ctrl::MAX_PAIRS
+                    ),
+                ))
+            }
+            _ => {
+                // TAPs with a virtio-net header, queues of one TAP, as the
+                // NIC needs them (checked on duplicates the check closes)
+                let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                virtio::tap::Tap::from_fds(&raw).map_err(|e| err(500, what, e.to_string()))?;
+            }
+        }
         n.fds = None;
-        let taps = [match &fd {
-            Some(f) => TapFrom::Fd(f.as_raw_fd()),
-            None => TapFrom::Name(n.tap.clone().unwrap_or_default()),
+        let taps = [if fds.is_empty() {
+            TapFrom::Name(n.tap.clone().unwrap_or_default())
+        } else {
+            TapFrom::Fds(fds.iter().map(|f| f.as_raw_fd()).collect())
         }];
         let probe = ChVmConfig {
             net: Some(vec![n.clone()]),
@@ -525,7 +528,7 @@ impl Vmm {
         let nets = c.ch.net.get_or_insert_with(Vec::new);
         n.id.get_or_insert_with(|| format!("_net{}", nets.len()));
         nets.push(n);
-        c.tap_fds.push(fd);
+        c.tap_fds.push(std::mem::take(&mut fds));
         Ok(Ok2::NoContent)
     }
 

@@ -54,6 +54,19 @@ pub struct Options {
     /// With --scenario migration: migrations measured.
     #[arg(long, default_value_t = 3)]
     pub runs: u32,
+    /// Queue pairs (tap echo: a multi-queue TAP, the guest echoing on
+    /// every pair; the host's frames are then IPv4/UDP over 64 flows, so
+    /// the kernel spreads them). 1 to 4.
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// event: nfvisor's queue workers wait for frames and kicks; poll:
+    /// they busy-poll, each on a CPU of its own (--poll-cpus), the vCPU on
+    /// CPU 0. QEMU has no poll mode: its figures are event mode.
+    #[arg(long, default_value = "event", value_parser = ["event", "poll"])]
+    pub mode: String,
+    /// With --mode poll: the pollers' CPUs (a list, `+` between items).
+    #[arg(long, default_value = "1")]
+    pub poll_cpus: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -78,11 +91,25 @@ struct Netns(String);
 
 impl Netns {
     fn new(tap: &str) -> Result<Netns> {
+        Self::with_tap(tap, false)
+    }
+
+    /// A namespace with TAP `tap` (multi_queue: one queue per pair),
+    /// without IPv6 (no solicitations among the frames measured).
+    fn with_tap(tap: &str, multi_queue: bool) -> Result<Netns> {
         let name = format!("nfv-bench-net-{}", std::process::id());
         let _ = ip(&["netns", "del", &name]);
         ip(&["netns", "add", &name])?;
         let ns = Netns(name);
-        ip(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+        let mut add = vec!["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"];
+        if multi_queue {
+            add.push("multi_queue");
+        }
+        ip(&add)?;
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "sysctl", "-qw"])
+            .arg(format!("net.ipv6.conf.{tap}.disable_ipv6=1"))
+            .status();
         ip(&["-n", &ns.0, "link", "set", tap, "up"])?;
         Ok(ns)
     }
@@ -193,6 +220,39 @@ fn frame(seq: u32, size: usize) -> Vec<u8> {
     f
 }
 
+/// Where a frame of [`frame`] or [`flow_frame`] carries its seq.
+const SEQ_AT: usize = 14;
+const FLOW_SEQ_AT: usize = 42;
+
+/// An IPv4/UDP frame of `size` bytes (60 and up), flow seq % 64 (the UDP
+/// source port), `seq` first in the payload: a multi-queue TAP spreads
+/// such frames over its queues by flow.
+fn flow_frame(seq: u32, size: usize) -> Vec<u8> {
+    let size = size.max(60);
+    let mut f = Vec::with_capacity(size);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&HOST_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let ip_len = (size - 14) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&ip_len.to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+    let sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&(1000 + (seq % 64) as u16).to_be_bytes());
+    f.extend_from_slice(&2000u16.to_be_bytes());
+    f.extend_from_slice(&(ip_len - 20).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&seq.to_le_bytes());
+    f.resize(size, 0x5a);
+    f
+}
+
 fn send(sock: &OwnedFd, f: &[u8]) {
     // SAFETY: the buffer is valid for its length.
     unsafe {
@@ -211,10 +271,14 @@ fn echo_of(sock: &OwnedFd, seq: u32, deadline: Instant) -> Option<Duration> {
     let mut buf = vec![0u8; 2048];
     while Instant::now() < deadline {
         let n = recv(sock.as_raw_fd(), &mut buf);
-        if n >= 18
+        let at = match buf[12..14] {
+            [0x08, 0x00] => FLOW_SEQ_AT,
+            _ => SEQ_AT,
+        };
+        if n >= at as isize + 4
             && buf[0..6] == HOST_MAC
-            && buf[12..14] == ETHERTYPE
-            && buf[14..18] == seq.to_le_bytes()
+            && (buf[12..14] == ETHERTYPE || at == FLOW_SEQ_AT)
+            && buf[at..at + 4] == seq.to_le_bytes()
         {
             return Some(t0.elapsed());
         }
@@ -281,6 +345,9 @@ enum Vmm {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Figures {
     pub vmm: String,
+    /// event or poll; queue pairs.
+    pub mode: String,
+    pub queues: u16,
     pub size: usize,
     pub frames: u32,
     pub lost: u32,
@@ -290,14 +357,24 @@ pub struct Figures {
     pub vmm_cpu_us_per_frame: f64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_one(
     vmm: &str,
+    mode: &str,
+    queues: u16,
     mut cmd: Command,
     ask: &Vmm,
     ns: &str,
     size: usize,
     frames: u32,
 ) -> Result<Figures> {
+    let frame = |seq, size| {
+        if queues > 1 {
+            flow_frame(seq, size)
+        } else {
+            frame(seq, size)
+        }
+    };
     let sock = packet_socket(ns, "nfvbench0")?;
     let mut child: Child = cmd
         .stdin(Stdio::null())
@@ -347,6 +424,8 @@ fn run_one(
 
         Ok(Figures {
             vmm: vmm.to_string(),
+            mode: mode.to_string(),
+            queues,
             size,
             frames,
             lost,
@@ -375,12 +454,34 @@ pub fn run(o: &Options) -> Result<u8> {
     if o.backend == "vhost-user" {
         return run_guest_pings(o);
     }
+    anyhow::ensure!(
+        (1..=4).contains(&o.queues),
+        "--queues {}: 1 to 4 pairs (what net-probe sets up)",
+        o.queues
+    );
+    let poll = o.mode == "poll";
+    if poll {
+        let cpus = rt::parse_cpu_list(&o.poll_cpus.replace('+', ","))
+            .with_context(|| format!("--poll-cpus {:?}", o.poll_cpus))?;
+        anyhow::ensure!(
+            !cpus.contains(&0),
+            "--poll-cpus {:?}: CPU 0 is the vCPU's",
+            o.poll_cpus
+        );
+        rt::check_cpus_exist(&cpus).with_context(|| format!("--poll-cpus {:?}", o.poll_cpus))?;
+    }
     let exe = std::env::current_exe().context("locating the nfvisor binary")?;
     let dir = std::env::temp_dir().join(format!("nfvisor-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (image, qemu) = guest_and_qemu(o, &dir)?;
     let tap = "nfvbench0";
-    let ns = Netns::new(tap)?;
+    let ns = Netns::with_tap(tap, o.queues > 1)?;
+    let pairs = o.queues;
+    let guest_cmdline = if pairs > 1 {
+        format!("mode=echo count=0 pairs={pairs}")
+    } else {
+        "mode=echo count=0".to_string()
+    };
     let exec = |program: &std::path::Path| {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &ns.0]).arg(program);
@@ -390,14 +491,26 @@ pub fn run(o: &Options) -> Result<u8> {
     for &size in &o.size {
         let ctl = dir.join("ctl.sock");
         let mut c = exec(&exe);
-        c.args(["run", "--guest", "net-probe", "--net"])
-            .arg(format!("tap={tap},mac=52:54:00:12:34:56"))
+        let mut net = format!("tap={tap},mac=52:54:00:12:34:56,queues={pairs}");
+        if poll {
+            net.push_str(&format!(",mode=poll,cpus={}", o.poll_cpus));
+            c.args(["run", "--cpus", "0"]);
+        } else {
+            c.arg("run");
+        }
+        c.args(["--guest", "net-probe", "--net"])
+            .arg(net)
             .arg("--control-socket")
             .arg(&ctl)
-            .args(["--cmdline", "mode=echo count=0"]);
-        tracing::info!("nfvisor, {size}-byte frames");
+            .args(["--cmdline", &guest_cmdline]);
+        tracing::info!(
+            "nfvisor, {size}-byte frames, {pairs} pair(s), {} mode",
+            o.mode
+        );
         results.push(run_one(
             "nfvisor",
+            &o.mode,
+            pairs,
             c,
             &Vmm::Nfvisor(ctl),
             &ns.0,
@@ -412,17 +525,36 @@ pub fn run(o: &Options) -> Result<u8> {
             qemu_q35(&mut c, "null")
                 .arg("-netdev")
                 .arg(format!(
-                    "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
+                    "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off{}",
+                    if pairs > 1 {
+                        format!(",queues={pairs}")
+                    } else {
+                        String::new()
+                    }
                 ))
-                .args([
-                    "-device",
-                    "virtio-net-pci,disable-legacy=on,romfile=,netdev=n0,mac=52:54:00:12:34:56",
-                ])
+                .arg("-device")
+                .arg(format!(
+                    "virtio-net-pci,disable-legacy=on,romfile=,netdev=n0,mac=52:54:00:12:34:56{}",
+                    if pairs > 1 {
+                        format!(",mq=on,vectors={}", 2 * pairs + 2)
+                    } else {
+                        String::new()
+                    }
+                ))
                 .arg("-kernel")
                 .arg(&image)
-                .args(["-append", "mode=echo count=0"]);
-            tracing::info!("QEMU, {size}-byte frames");
-            results.push(run_one("qemu", c, &Vmm::Qemu(qmp), &ns.0, size, o.frames)?);
+                .args(["-append", &guest_cmdline]);
+            tracing::info!("QEMU, {size}-byte frames, {pairs} pair(s), event mode");
+            results.push(run_one(
+                "qemu",
+                "event",
+                pairs,
+                c,
+                &Vmm::Qemu(qmp),
+                &ns.0,
+                size,
+                o.frames,
+            )?);
         }
     }
     drop(ns);
@@ -454,8 +586,10 @@ pub fn run(o: &Options) -> Result<u8> {
     } else {
         for r in &results {
             println!(
-                "{:<8} {:>5} B: {} frames ({} lost), rtt p50 {:.0} us p99 {:.0} us, {} exits/frame, VMM CPU {:.1} us/frame",
+                "{:<8} {} mode, {} pair(s), {:>5} B: {} frames ({} lost), rtt p50 {:.0} us p99 {:.0} us, {} exits/frame, VMM CPU {:.1} us/frame",
                 r.vmm,
+                r.mode,
+                r.queues,
                 r.size,
                 r.frames,
                 r.lost,

@@ -1007,9 +1007,9 @@ pub fn map(
         notes.push(format!(
             "hw:vif_multiqueue_enabled={on}: {}",
             if on {
-                "not yet: nfvisor's virtio-net NICs have one queue pair"
+                "a NIC's queue pairs are the port's: give each --net queues=N (Nova gives one pair per vCPU, nfvisor takes up to 16; a TAP made multi_queue)"
             } else {
-                "nfvisor's virtio-net NICs have one queue pair"
+                "each NIC has one queue pair unless its --net says queues="
             }
         ));
     }

@@ -602,3 +602,39 @@ fn a_guest_without_guest_csum_gets_full_checksums() {
     }
     assert_eq!(checked, 10, "echoes of the host's datagrams ({neg})");
 }
+
+/// `nfvisor bench net --queues 2`: the guest echoes on both pairs, every
+/// ping-pong comes back, the figures carry the pair count.
+#[test]
+fn bench_net_measures_queue_pairs() {
+    let _serial = serial();
+    let r = nfvisor(
+        &[
+            "bench",
+            "net",
+            "--frames",
+            "20",
+            "--size",
+            "64",
+            "--queues",
+            "2",
+            "--no-qemu",
+            "--json",
+        ],
+        Duration::from_secs(180),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = json(&r);
+    let res = &v["results"][0];
+    assert_eq!(
+        (&res["vmm"], &res["queues"], &res["mode"], &res["lost"]),
+        (
+            &serde_json::json!("nfvisor"),
+            &serde_json::json!(2),
+            &serde_json::json!("event"),
+            &serde_json::json!(0)
+        ),
+        "{v}"
+    );
+    assert!(res["rtt_p50_us"].as_f64().unwrap() > 0.0, "{v}");
+}

@@ -199,26 +199,44 @@ pub fn in_namespace<T: Send + 'static>(
 /// A descriptor of the TAP `dev` in `ns`, opened as an orchestrator (Kata)
 /// opens it to hand it to a VMM: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
 pub fn tap_fd(ns: &Netns, dev: &str) -> OwnedFd {
+    open_tap(ns, dev, 1, false).remove(0)
+}
+
+/// `n` descriptors of the multi-queue TAP `dev` in `ns` (one per queue
+/// pair), as Kata opens them for a VMM: IFF_MULTI_QUEUE as well.
+pub fn tap_fds_mq(ns: &Netns, dev: &str, n: usize) -> Vec<OwnedFd> {
+    open_tap(ns, dev, n, true)
+}
+
+fn open_tap(ns: &Netns, dev: &str, n: usize, multi_queue: bool) -> Vec<OwnedFd> {
     let name = dev.to_string();
     in_namespace(ns, &format!("opening TAP {dev}"), move || {
-        // SAFETY: open(2) of a fixed path; the result is checked below.
-        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let tap = unsafe { OwnedFd::from_raw_fd(fd) };
-        // struct ifreq: the name, then the flags
-        let mut req = [0u8; 40];
-        req[..name.len()].copy_from_slice(name.as_bytes());
-        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | 0x4000/* IFF_VNET_HDR */) as u16;
-        req[16..18].copy_from_slice(&flags.to_ne_bytes());
-        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-        // SAFETY: TUNSETIFF reads and writes the 40-byte ifreq we own.
-        if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) } != 0 {
-            return Err(format!("TUNSETIFF: {}", std::io::Error::last_os_error()));
-        }
-        Ok(tap)
+        (0..n)
+            .map(|_| {
+                // SAFETY: open(2) of a fixed path; the result is checked.
+                let fd =
+                    unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+                if fd < 0 {
+                    return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()));
+                }
+                // SAFETY: fd is a fresh descriptor that nothing else owns.
+                let tap = unsafe { OwnedFd::from_raw_fd(fd) };
+                // struct ifreq: the name, then the flags
+                let mut req = [0u8; 40];
+                req[..name.len()].copy_from_slice(name.as_bytes());
+                let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | 0x4000 /* IFF_VNET_HDR */;
+                if multi_queue {
+                    flags |= 0x0100; /* IFF_MULTI_QUEUE */
+                }
+                req[16..18].copy_from_slice(&(flags as u16).to_ne_bytes());
+                const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+                // SAFETY: TUNSETIFF reads and writes the 40-byte ifreq we own.
+                if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) } != 0 {
+                    return Err(format!("TUNSETIFF: {}", std::io::Error::last_os_error()));
+                }
+                Ok(tap)
+            })
+            .collect()
     })
 }
 

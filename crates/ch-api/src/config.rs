@@ -362,8 +362,8 @@ pub type Refusal = String;
 /// What a NIC gets its TAP from once the API has it.
 pub enum TapFrom {
     Name(String),
-    /// A descriptor number, open in this process.
-    Fd(i32),
+    /// Descriptor numbers open in this process, one per queue pair.
+    Fds(Vec<i32>),
 }
 
 /// How the console goes, from `serial` (None: nowhere).
@@ -735,9 +735,7 @@ pub fn disk_spec(d: &DiskConfig) -> Result<String, String> {
 /// `--net` for a NIC on `tap`.
 fn net_spec(n: &NetConfig, tap: &TapFrom) -> Result<String, String> {
     let vhost_user = n.vhost_user || n.vhost_socket.is_some();
-    if !vhost_user && n.num_queues.is_some_and(|q| q != 2) {
-        return Err("num_queues: one queue pair (2) on a TAP".into());
-    }
+    let pairs = queue_pairs(n)?;
 
     if n.host_mac.is_some() {
         return Err("host_mac: the TAP's MAC is whoever made it's".into());
@@ -751,10 +749,28 @@ fn net_spec(n: &NetConfig, tap: &TapFrom) -> Result<String, String> {
     let mut s = if vhost_user {
         vhost_user_spec(n)?
     } else {
-        match tap {
+        let mut s = match tap {
             TapFrom::Name(name) => format!("tap={name}"),
-            TapFrom::Fd(fd) => format!("fd={fd}"),
+            TapFrom::Fds(fds) => format!(
+                "fd={}",
+                fds.iter()
+                    .map(|f| f.to_string())
+                    .collect::<Vec<_>>()
+                    .join(":")
+            ),
+        };
+        if let Some(p) = pairs {
+            s.push_str(&format!(",queues={p}"));
         }
+        // Cloud Hypervisor's offloads: csum both ways, TSO for IPv4 and
+        // IPv6 (UFO is gone from Linux: not offered, the flag ignored)
+        match (n.offload_csum == Some(true), n.offload_tso == Some(true)) {
+            (true, true) => s.push_str(",offload=csum+tso4+tso6"),
+            (true, false) => s.push_str(",offload=csum"),
+            (false, true) => return Err("offload_tso needs offload_csum".into()),
+            (false, false) => {}
+        }
+        s
     };
     if let Some(mac) = &n.mac {
         s.push_str(&format!(",mac={mac}"));
@@ -775,6 +791,16 @@ fn net_spec(n: &NetConfig, tap: &TapFrom) -> Result<String, String> {
     }
     vmm::virtio_net::parse_net(&s).map_err(|e| e.to_string())?;
     Ok(s)
+}
+
+/// The queue pairs a NIC asks for: `num_queues` counts queues, two a
+/// pair, as Cloud Hypervisor's does.
+fn queue_pairs(n: &NetConfig) -> Result<Option<u16>, String> {
+    match n.num_queues {
+        None => Ok(None),
+        Some(q) if q >= 2 && q % 2 == 0 => Ok(Some(q / 2)),
+        Some(q) => Err(format!("num_queues {q}: two a queue pair, at least 2")),
+    }
 }
 
 /// Cloud Hypervisor's vhost-user net (`vhost_user`, `vhost_socket`,
@@ -800,11 +826,8 @@ fn vhost_user_spec(n: &NetConfig) -> Result<String, String> {
         Some(m) => return Err(format!("vhost_mode {m:?}: Client or Server")),
     };
     let mut s = format!("vhost-user={socket},mode={mode}");
-    if let Some(q) = n.num_queues {
-        if q < 2 || q % 2 != 0 {
-            return Err(format!("num_queues {q}: two a queue pair, at least 2"));
-        }
-        s.push_str(&format!(",queues={}", q / 2));
+    if let Some(p) = queue_pairs(n)? {
+        s.push_str(&format!(",queues={p}"));
     }
     if n.tap.is_some() {
         return Err("tap and vhost_user: one or the other".into());
@@ -948,6 +971,25 @@ mod tests {
             let e = spec(body).unwrap_err();
             assert!(e.contains(why), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn kata_s_queues_descriptors_and_offloads_become_the_nic_s() {
+        let n: NetConfig = serde_json::from_str(
+            r#"{"num_queues": 4, "offload_csum": true, "offload_tso": true, "offload_ufo": true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            net_spec(&n, &TapFrom::Fds(vec![7, 8])).unwrap(),
+            "fd=7:8,queues=2,offload=csum+tso4+tso6"
+        );
+        let n: NetConfig = serde_json::from_str(r#"{"offload_tso": true}"#).unwrap();
+        let e = net_spec(&n, &TapFrom::Name("t0".into())).unwrap_err();
+        assert!(e.contains("offload_tso needs offload_csum"), "{e}");
+        // two descriptors for three pairs: the one parser refuses it
+        let n: NetConfig = serde_json::from_str(r#"{"num_queues": 6}"#).unwrap();
+        let e = net_spec(&n, &TapFrom::Fds(vec![7, 8])).unwrap_err();
+        assert!(e.contains("one descriptor per queue pair"), "{e}");
     }
 
     #[test]
