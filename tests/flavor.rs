@@ -111,7 +111,7 @@ fn a_realtime_flavor_becomes_a_config_file() {
         "# 1     3         cpu_dedicated_set  80",
         "# VMM threads (housekeeping): 6",
         "# kept idle (SMT siblings): 18-22",
-        "hw:vif_multiqueue_enabled=true: not yet",
+        "hw:vif_multiqueue_enabled=true: a NIC's queue pairs are the port's",
         "hw:pmu=false: the guest sees KVM's CPUID PMU leaf",
         "# ignored (not hw: keys): aggregate_instance_extra_specs:pinned='true', quota:cpu_quota='10000'",
     ] {

@@ -221,7 +221,8 @@ fn a_polling_worker_runs_fifo_on_its_cpu_and_the_guest_does_not_kick() {
     }
     let _serial = serial();
     let ns = Netns::new();
-    ns.add_tap(TAP);
+    // (a TAP made multi_queue, taken as one queue: queues=1 opens it so)
+    ns.add_mq_tap(TAP);
     let dir = scratch("net-poll");
     let ctl = dir.join("vm.sock");
     let sock = packet_socket(&ns, TAP);

@@ -461,6 +461,9 @@ struct HostFrame {
     /// Larger than the largest frame (64 KiB after the header).
     huge: bool,
     byte: u8,
+    /// The header's flags and GSO bytes as the frame's other bytes (any
+    /// offload claim), or clear (what a TAP without offloads writes).
+    raw_header: bool,
 }
 
 /// What the fuzz target puts in the TAP's place (see
@@ -545,8 +548,13 @@ pub fn net(u: &mut Unstructured) -> arbitrary::Result<()> {
         } else {
             f.len as usize
         };
+        let mut frame = vec![f.byte; len];
+        if !f.raw_header {
+            let n = frame.len().min(10);
+            frame[..n].fill(0);
+        }
         // (a full socket refuses the rest, as a TAP's queue would drop them)
-        let _ = host.send(&vec![f.byte; len]);
+        let _ = host.send(&frame);
     }
     let config = crate::net::NetConfig {
         mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],

@@ -47,6 +47,8 @@ const QUEUE_SIZE: u16 = 256;
 const CTRL_QUEUE_SIZE: u16 = 64;
 /// Frames one receive pass takes before it looks at its other events.
 const RX_BUDGET: u32 = 64;
+/// Chains one transmit pass takes before it looks at its other events.
+const TX_BUDGET: u32 = 256;
 /// The largest frame either way, header included: the largest IPv4 or
 /// IPv6 packet (64 KiB less a byte: a GSO frame's) behind an Ethernet
 /// header with a VLAN tag.
@@ -120,6 +122,13 @@ pub struct NetCounters {
     pub rx_merged: AtomicU64,
     /// TUNSETOFFLOAD failing (the guest then gets finished frames).
     pub offload_errors: AtomicU64,
+    /// A TAP queue that polled as an error (detached, or the TAP gone).
+    pub tap_errors: AtomicU64,
+    /// Frames the TAP handed over unfinished (a partial checksum, GSO)
+    /// beyond the offloads the guest has on now: dropped.
+    pub rx_dropped_unfinished: AtomicU64,
+    /// Transmit passes cut at their budget (the rest in the next pass).
+    pub tx_budget_spent: AtomicU64,
 }
 
 /// Receive and transmit: how the queue workers wait.
@@ -212,6 +221,16 @@ pub fn check_offload_features(acked: u64) -> Result<(), String> {
             1 << VIRTIO_NET_F_CTRL_VQ,
             "CTRL_GUEST_OFFLOADS without CTRL_VQ",
         ),
+        (
+            1 << VIRTIO_NET_F_MQ,
+            1 << VIRTIO_NET_F_CTRL_VQ,
+            "MQ without CTRL_VQ",
+        ),
+        (
+            1 << VIRTIO_NET_F_GUEST_ANNOUNCE,
+            1 << VIRTIO_NET_F_CTRL_VQ,
+            "GUEST_ANNOUNCE without CTRL_VQ",
+        ),
     ];
     for (f, needed, what) in needs {
         if acked & f != 0 && acked & needed == 0 {
@@ -229,17 +248,39 @@ pub fn tun_offloads(guest: u64) -> u32 {
         return 0;
     }
     let mut t = TUN_F_CSUM;
-    for (f, flag) in [
-        (F_GUEST_TSO4, TUN_F_TSO4),
-        (F_GUEST_TSO6, TUN_F_TSO6),
-        (F_GUEST_USO4, TUN_F_USO4),
-        (F_GUEST_USO6, TUN_F_USO6),
-    ] {
+    for (f, flag) in [(F_GUEST_TSO4, TUN_F_TSO4), (F_GUEST_TSO6, TUN_F_TSO6)] {
         if guest & f != 0 {
             t |= flag;
         }
     }
+    // (tun takes USO for both IP versions or not at all)
+    if guest & (F_GUEST_USO4 | F_GUEST_USO6) == F_GUEST_USO4 | F_GUEST_USO6 {
+        t |= TUN_F_USO4 | TUN_F_USO6;
+    }
     t
+}
+
+/// Whether a frame the TAP hands over (header first) needs no more than
+/// the guest-receive offloads `on` (feature bits) to be taken.
+fn finished_enough(frame: &[u8], on: u64) -> bool {
+    let needs = match frame.get(1).copied().unwrap_or(GSO_NONE) & 0x7f {
+        GSO_NONE => 0,
+        GSO_TCPV4 => F_GUEST_TSO4,
+        GSO_TCPV6 => F_GUEST_TSO6,
+        GSO_UDP_L4 => F_GUEST_USO4 | F_GUEST_USO6,
+        _ => return false,
+    };
+    let csum = if frame.first().is_some_and(|f| f & HDR_F_NEEDS_CSUM != 0) {
+        F_GUEST_CSUM
+    } else {
+        0
+    };
+    let needs = needs | csum;
+    // (USO: either IP version's bit will do, tun sets both or none)
+    needs == 0
+        || (needs & !(F_GUEST_USO4 | F_GUEST_USO6) & !on == 0
+            && (needs & (F_GUEST_USO4 | F_GUEST_USO6) == 0
+                || on & (F_GUEST_USO4 | F_GUEST_USO6) != 0))
 }
 
 /// Checks the virtio_net_hdr of a frame the guest sends (`hdr`, the first
@@ -254,9 +295,8 @@ pub fn check_tx_header(hdr: &[u8], frame_len: usize, acked: u64) -> Result<(), S
     let gso_size = u16::from_le_bytes([s0, s1]);
     let csum_start = u16::from_le_bytes([c0, c1]) as usize;
     let csum_offset = u16::from_le_bytes([o0, o1]) as usize;
-    if flags & !HDR_F_NEEDS_CSUM != 0 {
-        return Err(format!("flags {flags:#x} (only NEEDS_CSUM goes out)"));
-    }
+    // (flag bits other than NEEDS_CSUM mean nothing going out: the caller
+    // clears them, as 5.1.6.2 has a device ignore what it does not know)
     if flags & HDR_F_NEEDS_CSUM != 0 {
         if acked & F_CSUM == 0 {
             return Err("NEEDS_CSUM without CSUM negotiated".into());
@@ -285,9 +325,11 @@ pub fn check_tx_header(hdr: &[u8], frame_len: usize, acked: u64) -> Result<(), S
     if gso_size == 0 {
         return Err("a GSO frame with gso_size 0".into());
     }
-    if hdr_len > frame_len || hdr_len < csum_start {
+    // (hdr_len is a hint without HDRLEN: the TAP raises a short one to the
+    // checksum's end itself; one past the frame is wrong)
+    if hdr_len > frame_len {
         return Err(format!(
-            "hdr_len {hdr_len} outside the frame's headers ({frame_len} bytes, csum_start {csum_start})"
+            "hdr_len {hdr_len} past the frame's {frame_len} bytes"
         ));
     }
     Ok(())
@@ -336,8 +378,11 @@ struct Shared {
     /// device's stops.
     attached: Mutex<Vec<bool>>,
     /// The guest-receive offloads on now (feature bits; GUEST_OFFLOADS_SET
-    /// changes them), and whether the TAP has them.
+    /// changes them).
     guest_offloads: AtomicU64,
+    /// A restored guest's MAC still to be announced (the link was down):
+    /// announced when it comes up.
+    announce_pending: AtomicBool,
 }
 
 /// What a worker hands back when it stops: its pair's queues, and the
@@ -355,9 +400,16 @@ pub struct Net<M> {
     pub counters: Arc<NetCounters>,
     shared: Arc<Shared>,
     workers: Vec<WorkerThread<WorkerEnd>>,
+    /// Pair 0's worker's wake-up (a link that comes up with an announce
+    /// pending).
+    wake0: Option<EventFd>,
     /// Restored: the guest (GUEST_ANNOUNCE) or the device announces the
     /// MAC when the device runs again.
     announce: bool,
+    /// The driver set the device up afresh (a reset, or new): its
+    /// negotiated offloads are all on at the next activation; a resume or
+    /// a restore keeps what GUEST_OFFLOADS_SET left.
+    offloads_fresh: bool,
     _mem: std::marker::PhantomData<M>,
 }
 
@@ -383,9 +435,12 @@ impl<M> Net<M> {
                 placements: Mutex::new(Vec::new()),
                 attached: Mutex::new(vec![true; queues]),
                 guest_offloads: AtomicU64::new(0),
+                announce_pending: AtomicBool::new(false),
             }),
             workers: Vec::new(),
+            wake0: None,
             announce: false,
+            offloads_fresh: true,
             _mem: std::marker::PhantomData,
         })
     }
@@ -408,10 +463,22 @@ impl<M> Net<M> {
         }
         let mut data = Vec::new();
         let mut ctrl = None;
+        let mut lost = false;
         for w in self.workers.drain(..) {
-            let end = w.join().unwrap_or_default();
-            data.extend(end.data);
-            ctrl = ctrl.or(end.ctrl);
+            match w.join() {
+                Some(end) => {
+                    data.extend(end.data);
+                    ctrl = ctrl.or(end.ctrl);
+                }
+                None => lost = true,
+            }
+        }
+        self.wake0 = None;
+        if lost {
+            // a worker that ended badly took its queues: none are handed
+            // back, so the transport keeps its own (and asks for a reset)
+            // rather than taking the others in the wrong places
+            return Vec::new();
         }
         data.extend(ctrl);
         data
@@ -542,10 +609,13 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         let mq = acked & 1 << VIRTIO_NET_F_MQ != 0;
         let ctrl_on = acked & 1 << VIRTIO_NET_F_CTRL_VQ != 0;
         let pairs = if mq { self.config.pair_count() } else { 1 };
-        // (5.1.6.5.6.1: after a reset, the offloads negotiated are on)
-        self.shared
-            .guest_offloads
-            .store(acked & GUEST_OFFLOADS, Ordering::Release);
+        // (5.1.6.5.6.1: after a reset, the offloads negotiated are on; a
+        // resume keeps what the driver set since)
+        if std::mem::take(&mut self.offloads_fresh) {
+            self.shared
+                .guest_offloads
+                .store(acked & GUEST_OFFLOADS, Ordering::Release);
+        }
         if queues.len() != 2 * pairs + ctrl_on as usize {
             return Err(format!(
                 "virtio-net needs every queue enabled: {} receive and transmit queues{} ({} enabled)",
@@ -585,12 +655,19 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             .placements
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = vec![None; pairs];
+        self.wake0 = wakes.first().and_then(|w| w.try_clone().ok());
         let mut queues = queues.into_iter();
         for (pair, wake) in wakes.into_iter().enumerate() {
             let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
                 unreachable!("2 * pairs queues, counted above");
             };
-            let (stop, worker_stop) = crate::worker_stop_pair()?;
+            let (stop, worker_stop) = match crate::worker_stop_pair() {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = self.stop_workers();
+                    return Err(e);
+                }
+            };
             let mut worker = Worker::new(
                 pair,
                 mem.clone(),
@@ -599,10 +676,9 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
                 self.counters.clone(),
                 self.shared.clone(),
                 [rx, tx],
-                worker_stop,
+                [worker_stop, wake],
                 &self.config,
             );
-            worker.wake = wake;
             worker.acked = acked;
             worker.steering = steering.take();
             if pair == 0 && std::mem::take(&mut self.announce) {
@@ -634,6 +710,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         // (5.1.6.5.5: after a reset only the first pair is used)
         self.shared.pairs_on.store(1, Ordering::Release);
         self.shared.announce.store(false, Ordering::Release);
+        self.shared.guest_offloads.store(0, Ordering::Release);
+        self.offloads_fresh = true;
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -670,6 +748,9 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
             ("tx_dropped_bad_offload", l(&c.tx_dropped_bad_offload)),
             ("rx_merged", l(&c.rx_merged)),
             ("offload_errors", l(&c.offload_errors)),
+            ("tap_errors", l(&c.tap_errors)),
+            ("rx_dropped_unfinished", l(&c.rx_dropped_unfinished)),
+            ("tx_budget_spent", l(&c.tx_budget_spent)),
             (
                 "guest_offloads",
                 self.shared.guest_offloads.load(Ordering::Relaxed),
@@ -706,30 +787,44 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
                 ))
             }
         };
-        Ok(self.shared.link_up.swap(up, Ordering::AcqRel) != up)
+        let changed = self.shared.link_up.swap(up, Ordering::AcqRel) != up;
+        if up && self.shared.announce_pending.load(Ordering::Acquire) {
+            if let Some(w) = &self.wake0 {
+                let _ = w.write(1);
+            }
+        }
+        Ok(changed)
     }
 
     /// The link, MAC and MTU (9 bytes, [`nic_state`]) and, with more than
     /// one pair, the pairs the guest turned on.
     fn state(&self) -> Vec<u8> {
+        let offered = self.config.offloads.features();
         nic_state_with_pairs(
             self.shared.link_up.load(Ordering::Acquire),
             &self.config.mac,
             self.config.mtu,
             self.config.pair_count() as u16,
             self.shared.pairs_on.load(Ordering::Acquire),
+            (offered != 0).then(|| self.shared.guest_offloads.load(Ordering::Acquire)),
         )
     }
 
     fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let (link_up, pairs_on) = check_nic_state_with_pairs(
+        let (link_up, pairs_on, offloads) = check_nic_state_with_pairs(
             state,
             &self.config.mac,
             self.config.mtu,
             self.config.pair_count() as u16,
+            self.config.offloads.features(),
         )?;
         self.shared.link_up.store(link_up, Ordering::Release);
         self.shared.pairs_on.store(pairs_on, Ordering::Release);
+        if let Some(o) = offloads {
+            // what the guest had on travels; no fresh set at activation
+            self.shared.guest_offloads.store(o, Ordering::Release);
+            self.offloads_fresh = false;
+        }
         // the guest is somewhere new (a restore, a migration's
         // destination): the network learns where its MAC now is
         self.announce = true;
@@ -781,42 +876,66 @@ pub fn nic_state(link_up: bool, mac: &[u8; 6], mtu: Option<u16>) -> Vec<u8> {
 }
 
 /// [`nic_state`], and with more than one pair (`pairs`) the pairs the
-/// guest turned on (11 bytes): a 1-pair NIC keeps the 9-byte state, so a
-/// guest moves between TAP and vhost-user NICs.
+/// guest turned on (11 bytes), and with offloads offered the
+/// guest-receive offloads on (19 bytes): a 1-pair NIC without offloads
+/// keeps the 9-byte state, so a guest moves between TAP and vhost-user
+/// NICs.
 pub fn nic_state_with_pairs(
     link_up: bool,
     mac: &[u8; 6],
     mtu: Option<u16>,
     pairs: u16,
     pairs_on: u16,
+    guest_offloads: Option<u64>,
 ) -> Vec<u8> {
     let mut s = nic_state(link_up, mac, mtu);
-    if pairs > 1 {
+    if pairs > 1 || guest_offloads.is_some() {
         s.extend_from_slice(&pairs_on.to_le_bytes());
+    }
+    if let Some(o) = guest_offloads {
+        s.extend_from_slice(&o.to_le_bytes());
     }
     s
 }
 
 /// Checks a state [`nic_state_with_pairs`] wrote against this NIC of
-/// `pairs` pairs; returns (link up, pairs on).
+/// `pairs` pairs offering the guest-receive offloads `offered` (feature
+/// bits); returns (link up, pairs on, the guest-receive offloads on, if
+/// the state says).
 pub fn check_nic_state_with_pairs(
     state: &[u8],
     own_mac: &[u8; 6],
     own_mtu: Option<u16>,
     pairs: u16,
-) -> Result<(bool, u16), String> {
-    let (nic, on) = match state.len() {
-        11 => (&state[..9], u16::from_le_bytes([state[9], state[10]])),
-        _ => (state, 1),
+    offered: u64,
+) -> Result<(bool, u16, Option<u64>), String> {
+    let (nic, on, offloads) = match state.len() {
+        11 => (&state[..9], u16::from_le_bytes([state[9], state[10]]), None),
+        19 => (
+            &state[..9],
+            u16::from_le_bytes([state[9], state[10]]),
+            Some(u64::from_le_bytes(
+                state[11..19].try_into().expect("8 bytes"),
+            )),
+        ),
+        _ => (state, 1, None),
     };
     let link_up = check_nic_state(nic, own_mac, own_mtu)?;
+    if let Some(o) = offloads {
+        if o & !(offered & GUEST_OFFLOADS) != 0 {
+            return Err(format!(
+                "the guest had receive offloads {o:#x} on, this NIC offers {:#x} (offload=)",
+                offered & GUEST_OFFLOADS
+            ));
+        }
+    }
     if on == 0 || on > pairs.max(1) {
         return Err(format!(
             "the guest had {on} queue pairs on, this NIC has {} (queues=)",
             pairs.max(1)
         ));
     }
-    Ok((link_up, on))
+    Ok((link_up, on, offloads))
 }
 
 /// Checks a saved NIC state against this NIC (the guest knows its MAC and
@@ -990,7 +1109,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
         counters: Arc<NetCounters>,
         shared: Arc<Shared>,
         [rx, tx]: [ActiveQueue; 2],
-        stop: EventFd,
+        [stop, wake]: [EventFd; 2],
         config: &NetConfig,
     ) -> Self {
         Worker {
@@ -1002,7 +1121,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
             counters,
             queues: vec![(rx.queue, rx.kick), (tx.queue, tx.kick)],
             stop,
-            wake: EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd"),
+            wake,
             steering: None,
             pending: None,
             rx_buf: vec![0; MAX_FRAME],
@@ -1025,6 +1144,18 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
     /// This worker's pair is one the driver turned on.
     fn active(&self) -> bool {
         self.pair < self.shared.pairs_on.load(Ordering::Acquire) as usize
+    }
+
+    /// This worker's TAP queue is attached (a detached one polls as an
+    /// error and reads nothing).
+    fn attached(&self) -> bool {
+        self.shared
+            .attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(self.pair)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// The queue index the driver knows queue `q` (RX, TX) of this pair by.
@@ -1125,6 +1256,9 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
         if let Some(mac) = self.announce.take() {
             self.announce(mac);
         }
+        // (EPOLLERR on the TAP queue: detached, or the TAP deleted; not
+        // watched again until the next wake-up)
+        let mut tap_failed = false;
         // buffers or frames the driver posted while the device was stopped
         // (a kick consumed before a pause, a restored queue)
         if self.active() {
@@ -1138,7 +1272,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             if !poll {
-                let want = !self.rx_blocked && self.active();
+                let want = !self.rx_blocked && !tap_failed && self.active() && self.attached();
                 if want != tap_watched {
                     let op = if want {
                         ControlOperation::Add
@@ -1165,10 +1299,11 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                 match ev.data() {
                     EV_STOP => return self.into_queues(),
                     EV_TX => {
+                        // (a pair turned off still completes what was
+                        // posted: its frames fail on the detached queue,
+                        // counted, and the driver gets its buffers back)
                         self.count_kicks(TX);
-                        if self.active() {
-                            self.transmit();
-                        }
+                        self.transmit();
                     }
                     EV_RX => {
                         self.count_kicks(RX);
@@ -1177,12 +1312,26 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                             self.receive();
                         }
                     }
-                    EV_TAP => self.receive(),
+                    EV_TAP
+                        if ev
+                            .event_set()
+                            .intersects(EventSet::ERROR | EventSet::HANG_UP) =>
+                    {
+                        if !tap_failed {
+                            self.counters.tap_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tap_failed = true;
+                    }
+                    EV_TAP if self.active() => self.receive(),
                     EV_WAKE => {
                         let _ = self.wake.read();
                         self.rx_blocked = false;
+                        tap_failed = false;
+                        if let Some(mac) = self.announce.take() {
+                            self.announce(mac);
+                        }
+                        self.transmit();
                         if self.active() {
-                            self.transmit();
                             self.receive();
                         }
                     }
@@ -1302,9 +1451,28 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
     /// (TUNSETOFFLOAD; one call covers every queue of the TAP).
     fn apply_offloads(&self) {
         let on = self.shared.guest_offloads.load(Ordering::Acquire);
-        if let Err(e) = self.tap.set_offloads(tun_offloads(on)) {
-            self.counters.offload_errors.fetch_add(1, Ordering::Relaxed);
-            devices::limited!(warn, "net {}: {e}", self.tap.port_name());
+        // (a kernel without USO refuses the whole set: then without USO,
+        // then none, so the TAP never keeps more than the guest takes)
+        let wanted = tun_offloads(on);
+        for flags in [
+            wanted,
+            wanted & !(crate::tap::TUN_F_USO4 | crate::tap::TUN_F_USO6),
+            0,
+        ] {
+            match self.tap.set_offloads(flags) {
+                Ok(()) => {
+                    if flags != wanted {
+                        self.shared
+                            .guest_offloads
+                            .store(on & !(F_GUEST_USO4 | F_GUEST_USO6), Ordering::Release);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.counters.offload_errors.fetch_add(1, Ordering::Relaxed);
+                    devices::limited!(warn, "net {}: {e}", self.tap.port_name());
+                }
+            }
         }
     }
 
@@ -1368,8 +1536,12 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
     /// else this device sends a RARP for it, as QEMU does.
     fn announce(&mut self, mac: [u8; 6]) {
         if !self.shared.link_up.load(Ordering::Acquire) {
+            // once the link is up again
+            self.shared.announce_pending.store(true, Ordering::Release);
+            self.announce = Some(mac);
             return;
         }
+        self.shared.announce_pending.store(false, Ordering::Release);
         let guest_can = self.steering.as_ref().is_some_and(|s| s.offer.announce);
         if guest_can {
             self.shared.announce.store(true, Ordering::Release);
@@ -1492,6 +1664,15 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
             }
             let mem = self.mem.clone();
             let frame = &mut buf[..len];
+            if !finished_enough(frame, self.shared.guest_offloads.load(Ordering::Acquire)) {
+                // the TAP still had offloads the guest has turned off (a
+                // reset, GUEST_OFFLOADS_SET not yet applied): the frame
+                // cannot be finished here
+                self.counters
+                    .rx_dropped_unfinished
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if self.acked & F_GUEST_CSUM == 0 {
                 // no receive offloads negotiated: flags and GSO fields
                 // zero (the TAP may set DATA_VALID)
@@ -1637,7 +1818,18 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
     fn transmit(&mut self) {
         let mem = self.mem.clone();
         let mut done = false;
+        let mut budget = TX_BUDGET;
         while !self.tx_throttled {
+            if budget == 0 {
+                // a driver refilling as fast as this thread sends must not
+                // keep it from its other events: the rest in the next pass
+                self.counters
+                    .tx_budget_spent
+                    .fetch_add(1, Ordering::Relaxed);
+                let _ = self.wake.write(1);
+                break;
+            }
+            budget -= 1;
             if self.tx_limit.is_limited() {
                 if let Err(wait) = self.tx_limit.may_go() {
                     // the chains wait in the ring until the bucket refills
@@ -1688,6 +1880,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                 if self.acked & (F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_USO) != 0 {
                     // the header goes to the TAP as the guest wrote it,
                     // once checked (num_buffers is the receive side's)
+                    frame[0] &= HDR_F_NEEDS_CSUM;
                     if let Err(why) =
                         check_tx_header(&frame[..10], frame.len() - VNET_HDR_LEN, self.acked)
                     {
@@ -1768,7 +1961,10 @@ pub(crate) fn fuzz_run<M: GuestMemory + Clone + Send + Sync + 'static, P: FrameP
         counters.clone(),
         test_shared(link_up),
         [q(rx), q(tx)],
-        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        [
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        ],
         config,
     );
     w.acked = acked;
@@ -1797,6 +1993,7 @@ fn test_shared(link_up: bool) -> Arc<Shared> {
         placements: Mutex::new(Vec::new()),
         attached: Mutex::new(vec![true]),
         guest_offloads: AtomicU64::new(0),
+        announce_pending: AtomicBool::new(false),
     })
 }
 
@@ -1879,7 +2076,7 @@ mod tests {
                     kick: EventFd::new(0).unwrap(),
                 },
             ],
-            EventFd::new(0).unwrap(),
+            [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()],
             &NetConfig::default(),
         );
         w.transmit();
@@ -1952,7 +2149,7 @@ mod tests {
                     kick: EventFd::new(0).unwrap(),
                 },
             ],
-            EventFd::new(0).unwrap(),
+            [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()],
             &NetConfig::default(),
         );
         w.acked = F_MRG_RXBUF;
@@ -2000,6 +2197,8 @@ mod tests {
         assert!(check_tx_header(&hdr(0, 0, 0, 0, 0, 0), 60, 0).is_ok());
         assert!(check_tx_header(&hdr(1, 0, 0, 0, 34, 16), 60, F_CSUM).is_ok());
         assert!(check_tx_header(&hdr(1, 1, 54, 1448, 34, 16), 9000, all).is_ok());
+        // a short hdr_len is a hint the TAP raises, not an error
+        assert!(check_tx_header(&hdr(1, 1, 0, 1448, 34, 16), 9000, all).is_ok());
         for (h, len, acked, why) in [
             (hdr(1, 0, 0, 0, 34, 16), 60, 0, "without CSUM"),
             (hdr(1, 0, 0, 0, 50, 16), 60, F_CSUM, "past the frame"),
@@ -2013,7 +2212,6 @@ mod tests {
             (hdr(0, 1, 54, 1448, 34, 16), 9000, all, "without NEEDS_CSUM"),
             (hdr(1, 1, 54, 0, 34, 16), 9000, all, "gso_size 0"),
             (hdr(1, 1, 9100, 1448, 34, 16), 9000, all, "hdr_len 9100"),
-            (hdr(2, 0, 0, 0, 0, 0), 60, all, "flags 0x2"),
             (hdr(1, 0x81, 54, 1448, 34, 16), 9000, all, "gso_type 0x81"),
         ] {
             let e = check_tx_header(&h, len, acked).unwrap_err();
@@ -2022,7 +2220,32 @@ mod tests {
         assert_eq!(tun_offloads(F_GUEST_TSO4), 0, "no TSO without GUEST_CSUM");
         assert_eq!(
             tun_offloads(F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_USO6),
-            crate::tap::TUN_F_CSUM | crate::tap::TUN_F_TSO4 | crate::tap::TUN_F_USO6
+            crate::tap::TUN_F_CSUM | crate::tap::TUN_F_TSO4,
+            "tun takes USO for both IP versions or not at all"
+        );
+        assert_eq!(
+            tun_offloads(F_GUEST_CSUM | F_GUEST_USO4 | F_GUEST_USO6),
+            crate::tap::TUN_F_CSUM | crate::tap::TUN_F_USO4 | crate::tap::TUN_F_USO6
+        );
+        // what the TAP hands over, against what the guest has on
+        let frame = |flags: u8, gso: u8| {
+            let mut f = vec![0u8; 60];
+            f[0] = flags;
+            f[1] = gso;
+            f
+        };
+        assert!(finished_enough(&frame(0, 0), 0));
+        assert!(!finished_enough(&frame(1, 0), 0), "a partial checksum");
+        assert!(finished_enough(&frame(1, 0), F_GUEST_CSUM));
+        assert!(!finished_enough(&frame(1, 1), F_GUEST_CSUM), "TSO4 off");
+        assert!(finished_enough(&frame(1, 1), F_GUEST_CSUM | F_GUEST_TSO4));
+        assert!(finished_enough(
+            &frame(1, 5),
+            F_GUEST_CSUM | F_GUEST_USO4 | F_GUEST_USO6
+        ));
+        assert!(
+            !finished_enough(&frame(1, 9), u64::MAX),
+            "an unknown GSO type"
         );
         assert!(check_offload_features(F_HOST_TSO4).is_err());
         assert!(check_offload_features(F_CSUM | F_HOST_TSO4).is_ok());

@@ -75,7 +75,14 @@ fn ioctl_with<T>(fd: RawFd, req: libc::c_ulong, arg: *const T) -> io::Result<()>
 impl Tap {
     /// Opens (or creates, where this process may) the TAP `name`.
     pub fn open(name: &str) -> Result<Tap, TapError> {
-        Self::open_one(name, false)
+        match Self::open_one(name, false) {
+            // a TAP made multi_queue takes only multi-queue opens: one
+            // queue of it then
+            Err(TapError::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                Self::open_one(name, true)
+            }
+            r => r,
+        }
     }
 
     /// `queues` descriptors of the TAP `name`, one per queue pair: with

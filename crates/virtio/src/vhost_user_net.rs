@@ -1585,6 +1585,7 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
             self.config.mtu,
             self.config.pairs,
             self.pairs_on.load(Ordering::Acquire),
+            None,
         )
     }
 
@@ -1593,11 +1594,12 @@ impl<M: GuestMemoryBackend + Clone + Send + Sync + 'static> VirtioDevice<M> for 
     /// rings run (SEND_RARP).
     fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
         // (the link is this host's backend's)
-        let (_, pairs) = crate::net::check_nic_state_with_pairs(
+        let (_, pairs, _) = crate::net::check_nic_state_with_pairs(
             state,
             &self.config.mac,
             self.config.mtu,
             self.config.pairs,
+            0,
         )?;
         self.pairs_on.store(pairs, Ordering::Release);
         self.announce = true;

@@ -226,6 +226,28 @@ pub fn parse_net(spec: &str) -> Result<NetSpec> {
             "mode=poll needs cpus=: a busy-polling worker takes a whole CPU, so say which".into(),
         ));
     }
+    if (net_mode == virtio::net::NetMode::Poll || rt_priority.is_some())
+        && !cpus.is_empty()
+        && cpus.len() < queues as usize
+    {
+        // two busy or FIFO workers of one priority on a CPU: the second
+        // never runs
+        return Err(bad(format!(
+            "{} CPU(s) in cpus= for {queues} queue pairs: a polling or SCHED_FIFO worker needs a CPU of its own, one per pair",
+            cpus.len()
+        )));
+    }
+    if let TapSource::Fd(fds) = &tap {
+        if let Some(d) = fds
+            .iter()
+            .enumerate()
+            .find_map(|(i, f)| fds[..i].contains(f).then_some(f))
+        {
+            return Err(bad(format!(
+                "fd {d} twice in fd=: one descriptor per queue pair"
+            )));
+        }
+    }
     if rt_priority.is_some() && cpus.is_empty() {
         return Err(bad(
             "rt-priority= needs cpus=: a SCHED_FIFO worker must be kept off other CPUs".into(),
@@ -325,6 +347,17 @@ pub fn attach(
         }
     }
     .map_err(|e| Error::Config(format!("--net: {e}")))?;
+    if spec.offloads.uso {
+        use virtio::tap::{TUN_F_CSUM, TUN_F_USO4, TUN_F_USO6};
+        let probe = taps[0]
+            .set_offloads(TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6)
+            .and_then(|()| taps[0].set_offloads(0));
+        if let Err(e) = probe {
+            return Err(Error::Config(format!(
+                "--net {name} offload=uso: this host's TAP cannot take UDP segmentation offload (Linux 6.2 and later): {e}"
+            )));
+        }
+    }
     tracing::info!(
         "{name}: TAP {} ({} queue pair(s), {:?} mode) mac {}",
         taps[0].name,
@@ -411,6 +444,11 @@ mod tests {
             ("tap=x,queues=2,tx-pps=10", "rate limits"),
             ("tap=x,mode=poll,cpus=1,tx-pps=10", "rate limits"),
             ("vhost-user=/s,cpus=1", "cpus= and rt-priority="),
+            (
+                "tap=x,queues=2,mode=poll,cpus=1",
+                "1 CPU(s) in cpus= for 2 queue pairs",
+            ),
+            ("fd=3:4:3", "fd 3 twice"),
             ("tap=x,offload=tso4", "need csum"),
             ("tap=x,offload=csum+ufo", "UDP fragmentation"),
             ("tap=x,offload=gro", "offload \"gro\""),

@@ -589,8 +589,19 @@ impl Vm {
 
         // a NIC's busy or SCHED_FIFO queue worker on a vCPU's CPU would
         // starve the vCPU (or be starved by it)
+        let mut taken: Vec<(usize, usize)> = Vec::new();
         for (i, n) in spec.net.iter().enumerate() {
             let exclusive = n.mode == virtio::net::NetMode::Poll || n.rt_priority.is_some();
+            if exclusive {
+                for &c in &n.cpus {
+                    if let Some((other, _)) = taken.iter().find(|(_, t)| *t == c) {
+                        return Err(Error::Config(format!(
+                            "--net net{i} cpus=: CPU {c} already runs net{other}'s polling or SCHED_FIFO worker; each needs a CPU of its own"
+                        )));
+                    }
+                    taken.push((i, c));
+                }
+            }
             if let (true, Some(vcpu_cpus)) = (exclusive, rt_spec.cpus.as_ref()) {
                 if let Some(c) = n.cpus.iter().find(|c| vcpu_cpus.contains(c)) {
                     return Err(Error::Config(format!(
