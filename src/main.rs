@@ -58,9 +58,12 @@ enum Command {
     IvshmemServer {
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
-        /// The shared memory: a name in /dev/shm or a path.
+        /// The shared memory: a name in /dev/shm or a path (as QEMU's
+        /// ivshmem-server's -m). Without it, a memfd sealed against
+        /// shrinking and growing: no process can pull the pages out from
+        /// under the peers' mappings, and nothing is left behind.
         #[arg(long)]
-        shm: String,
+        shm: Option<String>,
         #[arg(long, default_value = "4M")]
         size: String,
         #[arg(long, default_value_t = 1)]
@@ -432,25 +435,34 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 "--size {size}: a power of two, at least 4 KiB"
             );
             anyhow::ensure!((1..=8).contains(&vectors), "--vectors {vectors}: 1 to 8");
-            let path = if shm.contains('/') {
-                PathBuf::from(&shm)
-            } else {
-                PathBuf::from("/dev/shm").join(&shm)
+            let (file, what) = match &shm {
+                Some(shm) => {
+                    let path = if shm.contains('/') {
+                        PathBuf::from(shm)
+                    } else {
+                        PathBuf::from("/dev/shm").join(shm)
+                    };
+                    let file = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .mode(0o600)
+                        .open(&path)
+                        .with_context(|| format!("--shm {}", path.display()))?;
+                    file.set_len(size)
+                        .with_context(|| format!("--shm {}", path.display()))?;
+                    (file, path.display().to_string())
+                }
+                None => (
+                    devices::ivshmem_proto::sealed_region(size)
+                        .context("the region (a sealed memfd)")?,
+                    "a sealed memfd".to_string(),
+                ),
             };
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("--shm {}", path.display()))?;
-            file.set_len(size)
-                .with_context(|| format!("--shm {}", path.display()))?;
             tracing::info!(
-                "ivshmem-server on {}: {} ({} KiB), {vectors} vector(s)",
+                "ivshmem-server on {}: {what} ({} KiB), {vectors} vector(s)",
                 socket.display(),
-                path.display(),
                 size >> 10
             );
             let stop = std::sync::atomic::AtomicBool::new(false);

@@ -457,6 +457,38 @@ fn doorbells_ring_the_peer_with_no_userspace_exit() {
     assert_eq!(exits["mmio_by_device"]["ivshmem-regs"]["count"], 1);
 }
 
+/// A server without --shm hands out a memfd sealed against shrinking
+/// (nothing can pull the pages from under a peer's mapping): both VMs see
+/// it sealed and ring each other through it; a named /dev/shm region is
+/// not sealed, and the VMs say so.
+#[test]
+fn a_server_without_a_name_hands_out_a_sealed_region() {
+    let dir = scratch("ivs-sealed");
+    let sock = dir.join("ivs.sock");
+    let mut s = Running::start(&[
+        "ivshmem-server",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--size",
+        "1M",
+    ]);
+    let line = s.wait_for("ivshmem-server on");
+    assert!(line.contains("a sealed memfd"), "{line}");
+    wait_for_path(&sock);
+    let (db, da) = wait_and_ring_on(
+        sock.to_str().unwrap(),
+        "mode=wait count=5",
+        "mode=ring peer=0 count=5",
+    );
+    assert_eq!(field(&db, "received").as_deref(), Some("5"));
+    for d in [&db, &da] {
+        assert_eq!(d["vm"]["devices"]["ivshmem0"]["region_sealed"], 1, "{d}");
+    }
+    drop(s);
+    let (db, _) = wait_and_ring("unsealed", "mode=wait count=1", "mode=ring peer=0 count=1");
+    assert_eq!(db["vm"]["devices"]["ivshmem0"]["region_sealed"], 0, "{db}");
+}
+
 #[test]
 fn a_missing_server_or_bad_vectors_are_refused_and_a_dying_server_leaves_the_vm_running() {
     let r = nfvisor(

@@ -699,12 +699,13 @@ fn a_destination_failing_before_ready_leaves_the_guest_running_here() {
     }
 }
 
-/// A destination that stops reading (without closing) in the first round
-/// or the stop-and-copy: the source gives up after its `--io-timeout`,
-/// the guest runs on here, and the destination ran nothing.
+/// A destination that stops reading (without closing) at the connection
+/// (before it says PREPARED), in the first round or in the stop-and-copy:
+/// the source gives up after its `--io-timeout`, the guest runs on here,
+/// and the destination ran nothing.
 #[test]
 fn a_destination_stalling_before_ready_leaves_the_guest_running_here() {
-    for phase in ["first-round", "stop-and-copy"] {
+    for phase in ["connect", "first-round", "stop-and-copy"] {
         let what = format!("{phase}:stall");
         let (r, dst, src, _) = migrate_into_fault_with(&what, &["--io-timeout", "2"]);
         assert!(
@@ -738,6 +739,23 @@ fn a_destination_failing_after_ready_never_runs_the_guest() {
             resume_paused(&r, &sock);
         }
         ran_here_only(&dst, src, action);
+    }
+}
+
+/// A destination that stalls after READY (it never reads GO) or after GO
+/// (it never answers RUNNING): the source cannot tell whether GO arrived,
+/// stays paused after its `--io-timeout` and says so; the destination,
+/// stalled, never runs the guest; resumed by the operator, the guest
+/// finishes here.
+#[test]
+fn a_destination_stalling_after_ready_or_go_leaves_the_source_paused_and_saying_why() {
+    for phase in ["after-ready", "after-go"] {
+        let what = format!("{phase}:stall");
+        let (r, dst, src, sock) = migrate_into_fault_with(&what, &["--io-timeout", "2"]);
+        if !r.stderr.contains("runs on here") {
+            resume_paused(&r, &sock);
+        }
+        ran_here_only(&dst, src, &what);
     }
 }
 
@@ -1071,8 +1089,8 @@ fn a_destination_that_stops_reading_fails_the_migration_in_time() {
 }
 
 /// A peer that connects first and drips its answer a byte at a time holds
-/// the receiver for the greeting's deadline (5 s) at most: a real source
-/// behind it migrates.
+/// only its own greeting (on a thread of its own, refused at its 5 s
+/// deadline): a real source behind it is greeted and migrates meanwhile.
 #[test]
 fn a_slow_greeter_does_not_keep_a_real_source_out() {
     let dir = scratch("mig-loris");
@@ -1118,9 +1136,11 @@ fn a_slow_greeter_does_not_keep_a_real_source_out() {
     assert!(out.stdout.contains("guest migrated to"), "{}", out.stdout);
     let d = dst.finish(T);
     assert_eq!(d.code, 0, "{}", d.stderr);
+    let greeted = d.stderr.find("a source connected and greeted");
+    let refused = d.stderr.find("did not answer the challenge within");
     assert!(
-        d.stderr.contains("did not answer the challenge within"),
-        "{}",
+        matches!((greeted, refused), (Some(g), Some(r)) if g < r),
+        "the real source was greeted before the slow one was refused:\n{}",
         d.stderr
     );
     // the guest checks its memory every pass, here as before

@@ -65,6 +65,39 @@ const SETUP_DEADLINE: Duration = Duration::from_secs(1);
 
 /// `nfvisor ivshmem-server`: hands out the shared memory and every peer's
 /// doorbell eventfds until `stop` is set.
+/// A region of `size` bytes as a memfd sealed against shrinking, growing
+/// and further sealing: a peer that gets it can write the pages, never
+/// take them away from under another peer's mapping.
+pub fn sealed_region(size: u64) -> io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated name; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"nfvisor-ivshmem".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on our own memfd; no memory is passed.
+    if unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::F_ADD_SEALS,
+            seals,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 pub fn serve(
     socket: &Path,
     shm: &std::fs::File,

@@ -119,6 +119,7 @@ impl devices::Persist for IvshmemDevice {
                 "doorbell_writes",
                 self.device.doorbell_writes.load(Ordering::Relaxed),
             ),
+            ("region_sealed", self.region.sealed as u64),
         ]
     }
 

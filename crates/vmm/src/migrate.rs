@@ -108,8 +108,10 @@ pub struct MigrateOptions {
     /// thread of its own; the first also carries the state.
     pub connections: usize,
     /// How long one write of the stream may wait for the destination to
-    /// read: a destination that stops reading fails the migration (and,
-    /// before GO, the guest runs on here) instead of holding it paused.
+    /// read, and each answer (PREPARED, its VM created; SYNCED; READY;
+    /// RUNNING) may take: a destination that stops reading fails the
+    /// migration (and, before GO, the guest runs on here) instead of
+    /// holding it paused.
     pub io_timeout: Duration,
 }
 
@@ -423,7 +425,9 @@ pub fn migrate(
         ws.push(extra);
     }
     // the destination creates its VM first: that stays out of the downtime
-    let _ = back.get_ref().set_timeout(Some(Duration::from_secs(30)));
+    // (within the io-timeout too: a destination that stalls here must not
+    // hold the migration for longer than any other read)
+    let _ = back.get_ref().set_timeout(Some(opts.io_timeout));
     // what saving and restoring the state cost on the destination's fresh
     // VM (older destinations do not say)
     let state_round_trip = match next_line(&mut back) {

@@ -54,14 +54,27 @@ impl Listener {
     }
 
     /// One connection that proves it knows the token (others are refused
-    /// and waited past); with a deadline, none by then is an error.
+    /// and waited past); with a deadline, none by then is an error. Each
+    /// greeting runs on a thread of its own (at most MAX_GREETINGS at once),
+    /// so a peer that drips its answer holds only its own thread, never
+    /// the listener: a real source behind it is greeted meanwhile.
     fn accept(
         &self,
         listen: &str,
         token: Option<&[u8]>,
         deadline: Option<Instant>,
+        greetings: &Greetings,
     ) -> Result<(Box<dyn Link>, Option<migration::StreamKey>)> {
         loop {
+            match greetings.done.1.try_recv() {
+                Ok(Ok(greeted)) => {
+                    tracing::info!("{listen}: a source connected and greeted");
+                    return Ok(greeted);
+                }
+                // (said by its greeter)
+                Ok(Err(_)) => continue,
+                Err(_) => {}
+            }
             let accepted: std::io::Result<Box<dyn Link>> = match self {
                 Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
                     // guest memory goes to whoever connects: this user or
@@ -82,7 +95,7 @@ impl Listener {
                     Ok(Box::new(s) as Box<dyn Link>)
                 }),
             };
-            let mut link = match accepted {
+            let link = match accepted {
                 Ok(link) => link,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| Instant::now() > d) {
@@ -95,10 +108,60 @@ impl Listener {
                 }
                 Err(e) => return Err(Error::Device(format!("accepting on {listen}: {e}"))),
             };
-            match crate::migrate::greet(link.as_mut(), token) {
-                Ok(key) => return Ok((link, key)),
-                Err(e) => tracing::warn!("{e}; waiting for another connection"),
+            if greetings.in_flight.load(Ordering::Acquire) >= MAX_GREETINGS {
+                devices::limited!(
+                    warn,
+                    "{listen}: {MAX_GREETINGS} greetings in flight: a connection refused"
+                );
+                continue;
             }
+            greetings.in_flight.fetch_add(1, Ordering::AcqRel);
+            let (done, in_flight) = (greetings.done.0.clone(), greetings.in_flight.clone());
+            let token = token.map(<[u8]>::to_vec);
+            let greeter = seccomp::spawn(
+                "migration greeting".to_string(),
+                seccomp::Role::Vmm,
+                move || {
+                    let mut link = link;
+                    let greeted = crate::migrate::greet(link.as_mut(), token.as_deref())
+                        .map(|key| (link, key));
+                    if let Err(e) = &greeted {
+                        tracing::warn!("{e}; waiting for another connection");
+                    }
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                    // (no one listening: the migration is under way or
+                    // over, and this connection is dropped)
+                    let _ = done.lock().unwrap_or_else(|e| e.into_inner()).send(greeted);
+                },
+            );
+            if let Err(e) = greeter {
+                greetings.in_flight.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!("{listen}: greeting a connection: {e}");
+            }
+        }
+    }
+}
+
+/// Greetings at most in flight at once on a listener.
+const MAX_GREETINGS: usize = 8;
+
+/// The greetings a listener has under way, across its accepts (a
+/// source's next connection may be greeted while its first is taken).
+struct Greetings {
+    #[allow(clippy::type_complexity)]
+    done: (
+        Arc<Mutex<std::sync::mpsc::Sender<Result<(Box<dyn Link>, Option<migration::StreamKey>)>>>>,
+        std::sync::mpsc::Receiver<Result<(Box<dyn Link>, Option<migration::StreamKey>)>>,
+    ),
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Greetings {
+    fn new() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        Greetings {
+            done: (Arc::new(Mutex::new(tx)), rx),
+            in_flight: Arc::default(),
         }
     }
 }
@@ -134,7 +197,9 @@ pub fn receive(
         );
     }
     tracing::info!("waiting for a migration on {listen}");
-    let (link, key) = listener.accept(listen, token, None)?;
+    listener.set_nonblocking().map_err(link_err(listen))?;
+    let greetings = Greetings::new();
+    let (link, key) = listener.accept(listen, token, None, &greetings)?;
     link.set_timeout(Some(io_timeout))
         .map_err(link_err(listen))?;
     fault::set_link(link.raw_fd());
@@ -149,18 +214,16 @@ pub fn receive(
         // (a source opens them right after the first, before it sends
         // anything else: seconds are plenty, even across a WAN)
         let deadline = Instant::now() + Duration::from_secs(5);
-        listener.set_nonblocking().map_err(link_err(listen))?;
         for _ in 1..cfg.connections.clamp(1, 16) {
             // (an accepted socket does not inherit O_NONBLOCK on Linux)
-            let (extra, extra_key) =
-                listener
-                    .accept(listen, token, Some(deadline))
-                    .map_err(|e| {
-                        Error::Device(format!(
-                            "{e} (it announced {} connections)",
-                            cfg.connections
-                        ))
-                    })?;
+            let (extra, extra_key) = listener
+                .accept(listen, token, Some(deadline), &greetings)
+                .map_err(|e| {
+                    Error::Device(format!(
+                        "{e} (it announced {} connections)",
+                        cfg.connections
+                    ))
+                })?;
             extra
                 .set_timeout(Some(io_timeout))
                 .map_err(link_err(listen))?;

@@ -53,7 +53,18 @@ pub struct SharedRegion {
     slot: u32,
     /// The backing file's (device, inode): the same pair is the same region.
     identity: (u64, u64),
+    /// The region cannot shrink under the guest (a memfd sealed with
+    /// F_SEAL_SHRINK, as `nfvisor ivshmem-server` without --shm makes it):
+    /// a file that can is a SIGBUS waiting for whoever shrinks it.
+    pub sealed: bool,
     mapping: Mutex<Mapping>,
+}
+
+/// A file's seals (F_GET_SEALS; 0 for a file that takes none).
+fn seals(file: &std::fs::File) -> i32 {
+    // SAFETY: F_GET_SEALS reads the file's seals; no memory is passed.
+    let s = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    s.max(0)
 }
 
 fn identity(file: &std::fs::File) -> (u64, u64) {
@@ -101,7 +112,7 @@ impl SharedRegion {
             .map_err(|e| Error::Device(format!("ivshmem server {what}: {e}")))?
             .len();
         check_size(size, &format!("ivshmem server {what}: its region"))?;
-        Self::map(
+        let region = Self::map(
             &file,
             IvshmemSpec {
                 size,
@@ -109,7 +120,13 @@ impl SharedRegion {
             },
             slot,
             &format!("the region of {what}"),
-        )
+        )?;
+        if !region.sealed {
+            tracing::info!(
+                "ivshmem server {what}: its region can shrink (not a sealed memfd): a peer that shrinks it stops this VM"
+            );
+        }
+        Ok(region)
     }
 
     /// Maps `spec.size` bytes of `file` shared (read-only for a read-only
@@ -142,6 +159,7 @@ impl SharedRegion {
             ptr: ptr as *mut u8,
             slot,
             identity: identity(file),
+            sealed: seals(file) & libc::F_SEAL_SHRINK != 0,
             mapping: Mutex::new(Mapping {
                 bar: None,
                 open: true,
