@@ -53,6 +53,12 @@ enum Command {
         #[arg(long)]
         exit_stats: bool,
     },
+    /// A polling L2 learning switch whose ports are vhost-user backends
+    /// (VMs' vhost-user NICs, DPDK's virtio-user): one socket per port in
+    /// --socket-dir, or NAME=client:PATH to connect to a frontend.
+    /// Runs until SIGINT/SIGTERM (or --duration-s), then prints each
+    /// port's counters and the MAC table.
+    Switch(SwitchArgs),
     /// Serve ivshmem peers (QEMU's ivshmem-server protocol): the shared
     /// memory and every peer's doorbell eventfds.
     IvshmemServer {
@@ -423,6 +429,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             exit_stats,
         } => run(&args, json, exit_stats),
         Command::Bench { what } => bench_cmd(what),
+        Command::Switch(args) => run_switch(&args),
         Command::IvshmemServer {
             socket,
             shm,
@@ -1086,6 +1093,141 @@ fn guests_cmd(action: GuestsAction) -> Result<u8> {
                     .with_context(|| format!("writing {}", path.display()))?;
                 println!("{}", path.display());
             }
+        }
+    }
+    Ok(0)
+}
+
+#[derive(clap::Args, Debug)]
+struct SwitchArgs {
+    /// Where each server port's socket goes (`<dir>/<name>.sock`).
+    #[arg(long, value_name = "DIR")]
+    socket_dir: PathBuf,
+    /// The ports: NAME[,NAME=client:PATH]...
+    #[arg(long)]
+    ports: String,
+    /// The polling thread's CPU (one PMD for now).
+    #[arg(long)]
+    cpus: Option<String>,
+    /// SCHED_FIFO priority of the polling thread (needs --cpus).
+    #[arg(long)]
+    rt_priority: Option<u8>,
+    /// How long a learnt MAC address is kept without a frame from it.
+    #[arg(long, default_value_t = 300)]
+    ageing_s: u64,
+    /// Stop after this many seconds (0: at SIGINT or SIGTERM).
+    #[arg(long, default_value_t = 0)]
+    duration_s: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+static SWITCH_STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn switch_signal(_: libc::c_int) {
+    SWITCH_STOP.store(true, std::sync::atomic::Ordering::Release);
+}
+
+fn run_switch(a: &SwitchArgs) -> Result<u8> {
+    let ports = switch::parse_ports(&a.ports)?;
+    let cpu = match &a.cpus {
+        None => None,
+        Some(list) => {
+            let cpus = rt::parse_cpu_list(&list.replace('+', ","))
+                .with_context(|| format!("--cpus {list:?}"))?;
+            anyhow::ensure!(
+                cpus.len() == 1,
+                "--cpus {list:?}: one CPU (the switch runs one polling thread for now)"
+            );
+            Some(cpus[0])
+        }
+    };
+    if let Some(p) = a.rt_priority {
+        anyhow::ensure!((1..=99).contains(&p), "--rt-priority {p}: 1 to 99");
+        anyhow::ensure!(
+            cpu.is_some(),
+            "--rt-priority needs --cpus: a SCHED_FIFO poller must be kept to its own CPU"
+        );
+    }
+    let mut sw = switch::Switch::start(switch::SwitchConfig {
+        socket_dir: a.socket_dir.clone(),
+        ports,
+        cpu,
+        rt_priority: a.rt_priority,
+        ageing: std::time::Duration::from_secs(a.ageing_s.max(1)),
+    })?;
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, switch_signal as *const () as usize);
+        libc::signal(libc::SIGTERM, switch_signal as *const () as usize);
+    }
+    for p in &sw.ports {
+        tracing::info!("switch port {}: {}", p.name, p.socket.display());
+    }
+    eprintln!("nfvisor switch: {} ports, serving", sw.ports.len());
+    let t0 = std::time::Instant::now();
+    while !SWITCH_STOP.load(std::sync::atomic::Ordering::Acquire)
+        && (a.duration_s == 0 || t0.elapsed().as_secs() < a.duration_s)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    sw.stop();
+    let fdb = sw
+        .fdb
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entries(sw.ageing);
+    let placement = sw
+        .placement
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if a.json {
+        let ports: serde_json::Map<String, serde_json::Value> = sw
+            .ports
+            .iter()
+            .map(|p| {
+                let c: serde_json::Map<String, serde_json::Value> = switch::port_counters(p)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.into()))
+                    .collect();
+                (p.name.clone(), c.into())
+            })
+            .collect();
+        let fdb: Vec<serde_json::Value> = fdb
+            .iter()
+            .map(|(m, p, age)| {
+                serde_json::json!({"mac": switch::mac_text(m), "port": sw.ports[*p].name, "age_s": age})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "ports": ports, "fdb": fdb, "pmd": placement,
+                "seconds": t0.elapsed().as_secs_f64(),
+            }))?
+        );
+    } else {
+        for p in &sw.ports {
+            let c = switch::port_counters(p)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            println!("port {}: {c}", p.name);
+        }
+        for (m, p, age) in &fdb {
+            println!(
+                "fdb {} port {} age {age:.1} s",
+                switch::mac_text(m),
+                sw.ports[*p].name
+            );
+        }
+        if let Some(pl) = placement {
+            println!(
+                "pmd tid {} cpus {:?} {} {}",
+                pl.tid, pl.cpus, pl.policy, pl.priority
+            );
         }
     }
     Ok(0)

@@ -68,6 +68,29 @@ impl Testpmd {
         vdev: &str,
         queues: u16,
     ) -> Result<Testpmd, TestpmdError> {
+        Testpmd::start_with(
+            dir,
+            prefix,
+            &[vdev.to_string()],
+            &[
+                "--forward-mode=macswap".to_string(),
+                "--port-topology=loop".to_string(),
+                format!("--rxq={queues}"),
+                format!("--txq={queues}"),
+            ],
+        )
+    }
+
+    /// testpmd with the ports `vdevs` (for DPDK's virtio-user frontend,
+    /// `net_virtio_user0,path=SOCK[,server=1][,mac=..]`) and the
+    /// forwarding arguments `forwarding` (mode, topology, queues), its
+    /// files named by `prefix`, its log in `dir`.
+    pub fn start_with(
+        dir: &Path,
+        prefix: &str,
+        vdevs: &[String],
+        forwarding: &[String],
+    ) -> Result<Testpmd, TestpmdError> {
         let found = Command::new("sh")
             .args(["-c", "command -v dpdk-testpmd"])
             .output()
@@ -84,22 +107,28 @@ impl Testpmd {
         let out = std::fs::File::create(&log).map_err(TestpmdError::Start)?;
         let err = out.try_clone().map_err(TestpmdError::Start)?;
         let mb = (HUGEPAGES_EACH * 2).to_string();
+        let mut cmd = Command::new("stdbuf");
         // line-buffered: its log says when it forwards (wait_forwarding)
-        let child = Command::new("stdbuf")
-            .args(["-oL", "dpdk-testpmd"])
+        cmd.args(["-oL", "dpdk-testpmd"])
             .args(["--no-pci", "--single-file-segments", "-m", &mb])
-            .args(["--file-prefix", prefix, "-l", "0-1", "--vdev", vdev, "--"])
+            .args(["--file-prefix", prefix, "-l", "0-1"]);
+        if vdevs.iter().any(|v| v.starts_with("net_virtio_user")) {
+            // (a virtio-user port hands its peer virtual addresses)
+            cmd.arg("--iova-mode=va");
+        }
+        for v in vdevs {
+            cmd.args(["--vdev", v]);
+        }
+        let child = cmd
+            .arg("--")
             .args([
                 "--nb-cores=1",
-                "--forward-mode=macswap",
-                "--port-topology=loop",
                 // (else it waits up to 9 s for a link no VM has brought up yet)
                 "--disable-link-check",
                 // (its default pool, 155 k buffers, takes 340 MiB)
                 "--total-num-mbufs=16384",
             ])
-            .arg(format!("--rxq={queues}"))
-            .arg(format!("--txq={queues}"))
+            .args(forwarding)
             .stdin(Stdio::piped())
             .stdout(out)
             .stderr(err)
@@ -130,7 +159,12 @@ impl Testpmd {
 
     /// Ends testpmd as its user does (Enter) and returns port 0's forward
     /// statistics: (RX-packets, TX-packets).
-    pub fn finish(mut self) -> Result<(u64, u64), TestpmdError> {
+    pub fn finish(self) -> Result<(u64, u64), TestpmdError> {
+        Ok(self.finish_ports(1)?[0])
+    }
+
+    /// `finish`, with the statistics of ports 0 to `ports` - 1.
+    pub fn finish_ports(mut self, ports: usize) -> Result<Vec<(u64, u64)>, TestpmdError> {
         if let Some(mut stdin) = self.child.stdin.take() {
             let _ = stdin.write_all(b"\n");
         }
@@ -142,14 +176,16 @@ impl Testpmd {
             std::thread::sleep(Duration::from_millis(50));
         }
         let log = self.log();
-        let stat = |key: &'static str| -> Result<u64, TestpmdError> {
-            log.find("Forward statistics for port 0")
+        let stat = |port: usize, key: &'static str| -> Result<u64, TestpmdError> {
+            log.find(&format!("Forward statistics for port {port} "))
                 .and_then(|at| log[at..].split_once(key))
                 .and_then(|(_, rest)| rest.split_whitespace().next())
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| TestpmdError::NoStatistics(key, log.clone()))
         };
-        Ok((stat("RX-packets:")?, stat("TX-packets:")?))
+        (0..ports)
+            .map(|p| Ok((stat(p, "RX-packets:")?, stat(p, "TX-packets:")?)))
+            .collect()
     }
 
     /// Kills testpmd (a backend that dies).

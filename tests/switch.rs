@@ -1,0 +1,210 @@
+//! `nfvisor switch`: the polling L2 switch whose ports are vhost-user
+//! backends. Someone else's frontend first: DPDK's testpmd with two
+//! virtio-user ports forwarding to each other through the switch (MAC
+//! mode, each port's peer the other's MAC), the counters of both sides
+//! agreeing and the MAC table learnt; then two nfvisor VMs (vhost-user
+//! NICs, the bundled net-probe) exchanging verified frames through it;
+//! then the bad settings.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// The vhost-user tests' lock (testpmd's hugepages, its file prefixes).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn switch(dir: &Path, ports: &str, seconds: u64) -> Running {
+    let mut s = Running::start(&[
+        "switch",
+        "--socket-dir",
+        dir.to_str().unwrap(),
+        "--ports",
+        ports,
+        "--duration-s",
+        &seconds.to_string(),
+        "--json",
+    ]);
+    s.wait_for("ports, serving");
+    s
+}
+
+#[test]
+fn testpmd_forwards_through_the_switch_and_both_sides_count_alike() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("switch-tp");
+    let sw = switch(&dir, "a,b", 0);
+    let vdev = |i: u32, port: &str, mac: &str| {
+        format!(
+            "net_virtio_user{i},path={},mac={mac}",
+            dir.join(format!("{port}.sock")).display()
+        )
+    };
+    let tp = bench::testpmd::Testpmd::start_with(
+        &dir,
+        "nfv-switch-tp",
+        &[
+            vdev(0, "a", "02:00:00:00:00:0a"),
+            vdev(1, "b", "02:00:00:00:00:0b"),
+        ],
+        &[
+            "--forward-mode=mac".into(),
+            "--eth-peer=0,02:00:00:00:00:0b".into(),
+            "--eth-peer=1,02:00:00:00:00:0a".into(),
+            "--tx-first".into(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    tp.wait_forwarding().unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(2));
+    let log = tp.log();
+    let stats = tp.finish_ports(2).unwrap_or_else(|e| panic!("{e}\n{log}"));
+    // SIGTERM: the switch stops, then says what it counted
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
+    let out = sw.finish(Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let doc = json(&out);
+    let port = |p: &str, k: &str| doc["ports"][p][k].as_u64().unwrap();
+    // each side counts what the other counts, but for the bursts in the
+    // rings when testpmd stopped (at most two of 32 either way)
+    for (i, p) in ["a", "b"].iter().enumerate() {
+        let (received, sent) = stats[i];
+        let (put, taken) = (port(p, "tx_frames"), port(p, "rx_frames"));
+        assert!(
+            received <= put && put - received <= 64,
+            "port {p}: the switch put {put} frames there, testpmd received {received}\n{doc}"
+        );
+        assert!(
+            taken <= sent && sent - taken <= 64,
+            "port {p}: testpmd sent {sent}, the switch took {taken}\n{doc}"
+        );
+    }
+    assert!(stats[0].0 > 1000, "frames loop for seconds: {stats:?}");
+    // flooded only until both MACs were learnt, and the table says where
+    assert!(port("a", "flooded") + port("b", "flooded") <= 64, "{doc}");
+    let fdb = doc["fdb"].as_array().unwrap();
+    for (mac, p) in [("02:00:00:00:00:0a", "a"), ("02:00:00:00:00:0b", "b")] {
+        assert!(
+            fdb.iter().any(|e| e["mac"] == mac && e["port"] == p),
+            "{mac} on {p}: {doc}"
+        );
+    }
+}
+
+/// Two nfvisor VMs on the switch (vhost-user NICs, net-probe): 200
+/// frames from one to the other, each verified by the guest; then the
+/// receiving VM goes and a new one takes its port (a new frontend on the
+/// same socket) and frames flow again; the sockets are the user's alone.
+#[test]
+fn two_vms_exchange_frames_through_the_switch() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("switch-vms");
+    let sw = switch(&dir, "vm1,vm2", 0);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("vm1.sock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let net = |p: &str, mac: &str| {
+        format!(
+            "vhost-user={},mac={mac}",
+            dir.join(format!("{p}.sock")).display()
+        )
+    };
+    for round in 0..2 {
+        let mut recv = Running::start(&[
+            "run",
+            "--guest",
+            "net-probe",
+            "--net",
+            &net("vm1", "52:54:00:00:00:01"),
+            "--cmdline",
+            "mode=recv count=200",
+        ]);
+        // (the guest's console is stdout: its vCPU's start, then time for
+        // the driver to post its buffers; the sender sends twice what the
+        // receiver takes)
+        recv.wait_for("runs on host thread");
+        std::thread::sleep(Duration::from_secs(2));
+        let send = nfvisor(
+            &[
+                "run",
+                "--guest",
+                "net-probe",
+                "--net",
+                &net("vm2", "52:54:00:00:00:02"),
+                "--cmdline",
+                "mode=send count=400 size=300",
+            ],
+            T,
+        );
+        assert_eq!(send.code, 0, "round {round}: {}", send.stderr);
+        let got = recv.finish(T);
+        assert_eq!(got.code, 0, "round {round}: {}", got.stderr);
+        assert!(
+            got.stdout.contains("R recv frames=200 bad=0"),
+            "round {round}: {}",
+            got.stdout
+        );
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
+    let out = sw.finish(T);
+    let doc = json(&out);
+    assert_eq!(doc["ports"]["vm1"]["connects"], 2, "{doc}");
+    assert!(
+        doc["ports"]["vm1"]["tx_frames"].as_u64().unwrap() >= 400,
+        "{doc}"
+    );
+}
+
+#[test]
+fn bad_switch_settings_are_refused_by_name() {
+    let dir = scratch("switch-bad");
+    let d = dir.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--socket-dir", "/nonexistent/sw", "--ports", "a,b"],
+            "not a directory",
+        ),
+        (
+            vec!["--socket-dir", d, "--ports", "a,a"],
+            "port \"a\" twice",
+        ),
+        (
+            vec!["--socket-dir", d, "--ports", "a"],
+            "two ports at least",
+        ),
+        (
+            vec!["--socket-dir", d, "--ports", "a,b", "--cpus", "4096"],
+            "4096",
+        ),
+        (
+            vec!["--socket-dir", d, "--ports", "a,b", "--cpus", "0-1"],
+            "one CPU",
+        ),
+        (
+            vec!["--socket-dir", d, "--ports", "a,b", "--rt-priority", "50"],
+            "needs --cpus",
+        ),
+    ] {
+        let mut all = vec!["switch"];
+        all.extend(args.iter().copied());
+        let r = nfvisor(&all, T);
+        assert_ne!(r.code, 0, "{all:?}");
+        assert!(
+            r.stderr.contains(needle),
+            "{all:?}: expected {needle:?}:\n{}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    }
+}
