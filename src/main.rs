@@ -5,6 +5,7 @@ mod bench_blk;
 mod bench_doorbell;
 mod bench_migration;
 mod bench_net;
+mod bench_switch;
 mod bench_vmm;
 mod config;
 mod flavor;
@@ -282,6 +283,9 @@ enum BenchCmd {
     /// virtio-net: the net-probe echo guest under nfvisor and QEMU on a
     /// TAP: VMM CPU and exits per frame, ping-pong round trip.
     Net(bench_net::Options),
+    /// DPDK's PVP loop (testpmd, two virtio-user ports) through nfvisor's
+    /// switch beside testpmd's own vhost PMD in io-forward mode.
+    Switch(bench_switch::Options),
     /// The inter-VM packet ring between two processes pinned to two CPUs
     /// over shared memory: Mpps at batch 1/8/32 beside the streaming limit.
     Ivshmem {
@@ -712,6 +716,7 @@ fn bench_cmd(what: BenchCmd) -> Result<u8> {
             }
         }
         BenchCmd::Net(o) => return bench_net::run(&o),
+        BenchCmd::Switch(o) => return bench_switch::run(&o),
         BenchCmd::Blk(o) => return bench_blk::run(&o),
         BenchCmd::Migration(o) => {
             anyhow::ensure!(o.runs > 0, "--runs must be at least 1");

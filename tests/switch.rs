@@ -47,6 +47,7 @@ fn testpmd_forwards_through_the_switch_and_both_sides_count_alike() {
     let tp = bench::testpmd::Testpmd::start_with(
         &dir,
         "nfv-switch-tp",
+        &[],
         &[
             vdev(0, "a", "02:00:00:00:00:0a"),
             vdev(1, "b", "02:00:00:00:00:0b"),

@@ -71,6 +71,7 @@ impl Testpmd {
         Testpmd::start_with(
             dir,
             prefix,
+            &[],
             &[vdev.to_string()],
             &[
                 "--forward-mode=macswap".to_string(),
@@ -82,12 +83,14 @@ impl Testpmd {
     }
 
     /// testpmd with the ports `vdevs` (for DPDK's virtio-user frontend,
-    /// `net_virtio_user0,path=SOCK[,server=1][,mac=..]`) and the
-    /// forwarding arguments `forwarding` (mode, topology, queues), its
+    /// `net_virtio_user0,path=SOCK[,server=1][,mac=..]`), more EAL
+    /// arguments `eal` (e.g. `--main-lcore 1`: it forwards on CPU 0) and
+    /// the forwarding arguments `forwarding` (mode, topology, queues), its
     /// files named by `prefix`, its log in `dir`.
     pub fn start_with(
         dir: &Path,
         prefix: &str,
+        eal: &[String],
         vdevs: &[String],
         forwarding: &[String],
     ) -> Result<Testpmd, TestpmdError> {
@@ -116,6 +119,7 @@ impl Testpmd {
             // (a virtio-user port hands its peer virtual addresses)
             cmd.arg("--iova-mode=va");
         }
+        cmd.args(eal);
         for v in vdevs {
             cmd.args(["--vdev", v]);
         }

@@ -759,6 +759,10 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
                 "pairs_on",
                 self.shared.pairs_on.load(Ordering::Relaxed) as u64,
             ),
+            // frames for the guest the TAP dropped, its queue full (the
+            // worker held back by a rate limit or a slow guest): the
+            // kernel's count, not ours
+            ("tap_dropped", tap_dropped(&self.taps[0].name)),
             (
                 "link_up",
                 self.shared.link_up.load(Ordering::Relaxed) as u64,
@@ -830,6 +834,15 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static> VirtioDevice<M> for Net<M> 
         self.announce = true;
         Ok(())
     }
+}
+
+/// Frames the kernel dropped on their way into TAP `name` (its queues
+/// full), from its statistics (0 when they cannot be read).
+fn tap_dropped(name: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/statistics/tx_dropped"))
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The RARP QEMU sends for a guest that cannot announce itself (no
