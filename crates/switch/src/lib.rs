@@ -131,6 +131,8 @@ pub struct Port {
     mem: Mem,
     /// The port's vrings while a frontend is connected (the PMD's view).
     vrings: Mutex<Option<Vec<Vring>>>,
+    /// Moves whenever `vrings` changes: the PMD takes them again.
+    generation: AtomicU64,
     pub counters: PortCounters,
 }
 
@@ -210,6 +212,7 @@ impl VhostUserBackendMut for PortBackend {
         if device_event == GRAB_EVENT {
             let _ = self.grab.read();
             *self.port.vrings.lock().unwrap_or_else(|e| e.into_inner()) = Some(vrings.to_vec());
+            self.port.generation.fetch_add(1, Ordering::AcqRel);
         }
         // kicks: the PMD polls; nothing to do here
         Ok(())
@@ -310,6 +313,7 @@ impl Switch {
                 client: spec.client.is_some(),
                 mem,
                 vrings: Mutex::new(None),
+                generation: AtomicU64::new(0),
                 counters: PortCounters::default(),
             });
             serve_port(port.clone(), stop.clone())?;
@@ -411,6 +415,12 @@ fn serve_port(port: Arc<Port>, stop: Arc<AtomicBool>) -> Result<(), SwitchError>
                     tracing::debug!("port {}: {e}", port.name);
                 }
                 *port.vrings.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                port.generation.fetch_add(1, Ordering::AcqRel);
+                // the frontend's memory goes with it (its hugepages are
+                // freed only when no one maps them any more)
+                if let Ok(m) = port.mem.lock() {
+                    m.replace(GuestMemoryMmap::new());
+                }
                 if port.client {
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -469,15 +479,18 @@ fn one_connection(
 fn pmd(ports: &[Arc<Port>], fdb: &Mutex<Fdb>, stop: &AtomicBool, ageing: Duration) {
     let mut buf = vec![0u8; HDR + MAX_FRAME];
     let mut rings: Vec<Option<Vec<Vring>>> = vec![None; ports.len()];
-    let mut pass = 0u64;
+    let mut seen = vec![u64::MAX; ports.len()];
+    // the receive rings a burst put frames in: told once, after the burst
+    let mut delivered = vec![false; ports.len()];
     while !stop.load(Ordering::Acquire) {
         // the vrings change only when a frontend comes or goes
-        if pass.is_multiple_of(1024) {
-            for (r, p) in rings.iter_mut().zip(ports) {
+        for ((r, p), g) in rings.iter_mut().zip(ports).zip(seen.iter_mut()) {
+            let now = p.generation.load(Ordering::Acquire);
+            if now != *g {
+                *g = now;
                 *r = p.rings();
             }
         }
-        pass += 1;
         let mut moved = false;
         for (src, port) in ports.iter().enumerate() {
             let Some(vr) = &rings[src] else { continue };
@@ -522,12 +535,12 @@ fn pmd(ports: &[Arc<Port>], fdb: &Mutex<Fdb>, stop: &AtomicBool, ageing: Duratio
                 };
                 match out {
                     Some(d) if d == src => {}
-                    Some(d) => deliver(&ports[d], rings[d].as_deref(), frame),
+                    Some(d) => delivered[d] |= deliver(&ports[d], rings[d].as_deref(), frame),
                     None => {
                         port.counters.flooded.fetch_add(1, Ordering::Relaxed);
                         for (d, p) in ports.iter().enumerate() {
                             if d != src {
-                                deliver(p, rings[d].as_deref(), frame);
+                                delivered[d] |= deliver(p, rings[d].as_deref(), frame);
                             }
                         }
                     }
@@ -536,6 +549,15 @@ fn pmd(ports: &[Arc<Port>], fdb: &Mutex<Fdb>, stop: &AtomicBool, ageing: Duratio
             if taken > 0 {
                 moved = true;
                 notify(tx);
+                // (one notification a burst for each ring that got frames:
+                // an eventfd write per frame would cost more than the frame)
+                for (d, got) in delivered.iter_mut().enumerate() {
+                    if std::mem::take(got) {
+                        if let Some(r) = &rings[d] {
+                            notify(&r[0]);
+                        }
+                    }
+                }
             }
         }
         if !moved {
@@ -582,21 +604,22 @@ where
     Ok(len)
 }
 
-/// Puts `frame` (behind a zero virtio-net header) in `port`'s receive ring.
-fn deliver(port: &Port, rings: Option<&[Vring]>, frame: &[u8]) {
+/// Puts `frame` (behind a zero virtio-net header) in `port`'s receive
+/// ring; whether it used a buffer there (the caller notifies the ring).
+fn deliver(port: &Port, rings: Option<&[Vring]>, frame: &[u8]) -> bool {
     let Some(rx) = rings.map(|r| &r[0]) else {
         port.counters.drop_no_buffer.fetch_add(1, Ordering::Relaxed);
-        return;
+        return false;
     };
     let mem = port.mem.memory();
     let mut state = rx.get_mut();
     if !state.is_enabled() || !state.get_queue().ready() {
         port.counters.drop_no_buffer.fetch_add(1, Ordering::Relaxed);
-        return;
+        return false;
     }
     let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
         port.counters.drop_no_buffer.fetch_add(1, Ordering::Relaxed);
-        return;
+        return false;
     };
     let head = chain.head_index();
     let mut hdr = [0u8; HDR];
@@ -647,8 +670,7 @@ fn deliver(port: &Port, rings: Option<&[Vring]>, frame: &[u8]) {
             .tx_bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
     }
-    drop(state);
-    notify(rx);
+    true
 }
 
 /// Signals a ring's used entries where the driver wants to hear of them.
