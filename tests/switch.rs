@@ -167,6 +167,100 @@ fn two_vms_exchange_frames_through_the_switch() {
     );
 }
 
+/// A hostile frontend on one port (garbage instead of vhost-user
+/// messages, then a header that claims more than it sends, then a
+/// message too short for its request) loses that connection only: the
+/// port takes the next frontend, and two VMs on the other ports exchange
+/// verified frames meanwhile.
+#[test]
+fn a_hostile_frontend_loses_its_port_only() {
+    use std::io::Write;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("switch-hostile");
+    let sw = switch(&dir, "vm1,vm2,bad", 0);
+    let bad = dir.join("bad.sock");
+    let hostile = std::thread::spawn(move || {
+        let junk: [&[u8]; 3] = [
+            b"GET / HTTP/1.1\r\n\r\n garbage garbage garbage",
+            // GET_FEATURES (1), version 1, a size of 4096 and no payload
+            &[1, 0, 0, 0, 1, 0, 0, 0, 0, 16, 0, 0],
+            // SET_VRING_NUM (8) with a 2-byte payload (it needs 8)
+            &[8, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0xff, 0xff],
+        ];
+        for j in junk {
+            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&bad) {
+                let _ = s.write_all(j);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    });
+    let net = |p: &str, mac: &str| {
+        format!(
+            "vhost-user={},mac={mac}",
+            dir.join(format!("{p}.sock")).display()
+        )
+    };
+    let mut recv = Running::start(&[
+        "run",
+        "--guest",
+        "net-probe",
+        "--net",
+        &net("vm1", "52:54:00:00:00:01"),
+        "--cmdline",
+        "mode=recv count=200",
+    ]);
+    recv.wait_for("runs on host thread");
+    std::thread::sleep(Duration::from_secs(2));
+    let send = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "net-probe",
+            "--net",
+            &net("vm2", "52:54:00:00:00:02"),
+            "--cmdline",
+            "mode=send count=400 size=300",
+        ],
+        T,
+    );
+    assert_eq!(send.code, 0, "{}", send.stderr);
+    let got = recv.finish(T);
+    assert!(
+        got.stdout.contains("R recv frames=200 bad=0"),
+        "{}",
+        got.stdout
+    );
+    hostile.join().unwrap();
+    // the port that was attacked still takes a real frontend
+    let probe = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "net-probe",
+            "--net",
+            &net("bad", "52:54:00:00:00:03"),
+            "--cmdline",
+            "mode=recv count=1 timeout_s=1",
+        ],
+        T,
+    );
+    assert!(
+        probe.stdout.contains("R negotiated"),
+        "a frontend after the hostile ones: {}\n{}",
+        probe.stdout,
+        probe.stderr
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
+    let out = sw.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let doc = json(&out);
+    assert!(
+        doc["ports"]["bad"]["connects"].as_u64().unwrap() >= 1,
+        "{doc}"
+    );
+}
+
 #[test]
 fn bad_switch_settings_are_refused_by_name() {
     let dir = scratch("switch-bad");

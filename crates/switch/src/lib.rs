@@ -502,6 +502,12 @@ fn pmd(ports: &[Arc<Port>], fdb: &Mutex<Fdb>, stop: &AtomicBool, ageing: Duratio
                 if !state.is_enabled() || !state.get_queue().ready() {
                     break;
                 }
+                if taken == 0 {
+                    // this thread polls: the frontend need not kick (each
+                    // kick would wake the crate's epoll thread, which
+                    // takes CPU time from the pollers on a shared core)
+                    let _ = state.disable_notification();
+                }
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
                     break;
                 };
