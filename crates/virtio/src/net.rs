@@ -49,6 +49,10 @@ const CTRL_QUEUE_SIZE: u16 = 64;
 const RX_BUDGET: u32 = 64;
 /// Chains one transmit pass takes before it looks at its other events.
 const TX_BUDGET: u32 = 256;
+/// RARPs sent after the first for a restored guest that cannot announce
+/// itself, the first 50 ms after it, each gap twice the last.
+const RARP_ROUNDS: u32 = 3;
+const RARP_FIRST_GAP: std::time::Duration = std::time::Duration::from_millis(50);
 /// The largest frame either way, header included: the largest IPv4 or
 /// IPv6 packet (64 KiB less a byte: a GSO frame's) behind an Ethernet
 /// header with a VLAN tag.
@@ -1083,6 +1087,9 @@ struct Worker<M, P = Tap> {
     tx_buf: Vec<u8>,
     /// No chain posted: the TAP is not read until the driver posts one.
     rx_blocked: bool,
+    /// The device's RARP rounds still to send after a restore: the MAC and
+    /// how many.
+    rarp_rounds: Option<([u8; 6], u32)>,
     /// The rate limits each way, and whether one holds its way back now
     /// (until the timer fires).
     rx_limit: RateLimiter,
@@ -1140,6 +1147,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: Vec::with_capacity(MAX_FRAME),
             rx_blocked: false,
+            rarp_rounds: None,
             rx_limit: RateLimiter::new(config.rx_pps, config.rx_bw),
             tx_limit: RateLimiter::new(config.tx_pps, config.tx_bw),
             rx_throttled: false,
@@ -1363,6 +1371,7 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
                             self.rx_throttled = false;
                             self.rx_blocked = false;
                         }
+                        self.rarp_round();
                         if self.active() {
                             self.transmit();
                             self.receive();
@@ -1562,6 +1571,27 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
             self.counters.announces.fetch_add(1, Ordering::Relaxed);
         } else if self.tap.write_frame(&rarp(&mac)).is_ok() {
             self.counters.announces.fetch_add(1, Ordering::Relaxed);
+            // and again, as QEMU's announce rounds do: a switch port that
+            // was not forwarding yet (a bridge just given the TAP) gets
+            // the next one
+            self.rarp_rounds = Some((mac, RARP_ROUNDS));
+            self.arm(RARP_FIRST_GAP);
+        }
+    }
+
+    /// The announce's next RARP round, when the timer fired.
+    fn rarp_round(&mut self) {
+        let Some((mac, left)) = self.rarp_rounds.take() else {
+            return;
+        };
+        if left == 0 || !self.shared.link_up.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = self.tap.write_frame(&rarp(&mac));
+        if left > 1 {
+            self.rarp_rounds = Some((mac, left - 1));
+            // (50, 150 and 350 ms after the first)
+            self.arm(RARP_FIRST_GAP * (1 << (RARP_ROUNDS - left + 1)));
         }
     }
 
