@@ -51,7 +51,7 @@ const RX_BUDGET: u32 = 64;
 const TX_BUDGET: u32 = 256;
 /// RARPs sent after the first for a restored guest that cannot announce
 /// itself, the first 50 ms after it, each gap twice the last.
-const RARP_ROUNDS: u32 = 3;
+const RARP_ROUNDS: u32 = 5;
 const RARP_FIRST_GAP: std::time::Duration = std::time::Duration::from_millis(50);
 /// The largest frame either way, header included: the largest IPv4 or
 /// IPv6 packet (64 KiB less a byte: a GSO frame's) behind an Ethernet
@@ -1590,7 +1590,8 @@ impl<M: GuestMemory + Clone + Send + Sync + 'static, P: FramePort> Worker<M, P> 
         let _ = self.tap.write_frame(&rarp(&mac));
         if left > 1 {
             self.rarp_rounds = Some((mac, left - 1));
-            // (50, 150 and 350 ms after the first)
+            // (50, 150, 350, 750 and 1550 ms after the first: past the
+            // second a new bridge port may take to see the TAP's carrier)
             self.arm(RARP_FIRST_GAP * (1 << (RARP_ROUNDS - left + 1)));
         }
     }
