@@ -33,6 +33,52 @@ fn switch(dir: &Path, ports: &str, seconds: u64) -> Running {
     s
 }
 
+/// A VM on port `from` sends 400 verified frames; one on port `to`,
+/// started first, must take 200 of them intact (the sender sends twice
+/// what the receiver takes: the receiver's driver may post its buffers
+/// after the first frames went). `what` names the exchange in failures.
+fn exchange(dir: &Path, to: &str, from: &str, what: &str) {
+    let net = |p: &str, mac: &str| {
+        format!(
+            "vhost-user={},mac={mac}",
+            dir.join(format!("{p}.sock")).display()
+        )
+    };
+    let mut recv = Running::start(&[
+        "run",
+        "--guest",
+        "net-probe",
+        "--net",
+        &net(to, "52:54:00:00:00:01"),
+        "--cmdline",
+        "mode=recv count=200",
+    ]);
+    // (the guest's console is stdout: its vCPU's start, then time for the
+    // driver to post its buffers)
+    recv.wait_for("runs on host thread");
+    std::thread::sleep(Duration::from_secs(2));
+    let send = nfvisor(
+        &[
+            "run",
+            "--guest",
+            "net-probe",
+            "--net",
+            &net(from, "52:54:00:00:00:02"),
+            "--cmdline",
+            "mode=send count=400 size=300",
+        ],
+        T,
+    );
+    assert_eq!(send.code, 0, "{what}: {}", send.stderr);
+    let got = recv.finish(T);
+    assert_eq!(got.code, 0, "{what}: {}", got.stderr);
+    assert!(
+        got.stdout.contains("R recv frames=200 bad=0"),
+        "{what}: {}",
+        got.stdout
+    );
+}
+
 #[test]
 fn testpmd_forwards_through_the_switch_and_both_sides_count_alike() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -114,47 +160,8 @@ fn two_vms_exchange_frames_through_the_switch() {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    let net = |p: &str, mac: &str| {
-        format!(
-            "vhost-user={},mac={mac}",
-            dir.join(format!("{p}.sock")).display()
-        )
-    };
     for round in 0..2 {
-        let mut recv = Running::start(&[
-            "run",
-            "--guest",
-            "net-probe",
-            "--net",
-            &net("vm1", "52:54:00:00:00:01"),
-            "--cmdline",
-            "mode=recv count=200",
-        ]);
-        // (the guest's console is stdout: its vCPU's start, then time for
-        // the driver to post its buffers; the sender sends twice what the
-        // receiver takes)
-        recv.wait_for("runs on host thread");
-        std::thread::sleep(Duration::from_secs(2));
-        let send = nfvisor(
-            &[
-                "run",
-                "--guest",
-                "net-probe",
-                "--net",
-                &net("vm2", "52:54:00:00:00:02"),
-                "--cmdline",
-                "mode=send count=400 size=300",
-            ],
-            T,
-        );
-        assert_eq!(send.code, 0, "round {round}: {}", send.stderr);
-        let got = recv.finish(T);
-        assert_eq!(got.code, 0, "round {round}: {}", got.stderr);
-        assert!(
-            got.stdout.contains("R recv frames=200 bad=0"),
-            "round {round}: {}",
-            got.stdout
-        );
+        exchange(&dir, "vm1", "vm2", &format!("round {round}"));
     }
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
@@ -194,51 +201,20 @@ fn a_hostile_frontend_loses_its_port_only() {
             }
         }
     });
-    let net = |p: &str, mac: &str| {
-        format!(
-            "vhost-user={},mac={mac}",
-            dir.join(format!("{p}.sock")).display()
-        )
-    };
-    let mut recv = Running::start(&[
-        "run",
-        "--guest",
-        "net-probe",
-        "--net",
-        &net("vm1", "52:54:00:00:00:01"),
-        "--cmdline",
-        "mode=recv count=200",
-    ]);
-    recv.wait_for("runs on host thread");
-    std::thread::sleep(Duration::from_secs(2));
-    let send = nfvisor(
-        &[
-            "run",
-            "--guest",
-            "net-probe",
-            "--net",
-            &net("vm2", "52:54:00:00:00:02"),
-            "--cmdline",
-            "mode=send count=400 size=300",
-        ],
-        T,
-    );
-    assert_eq!(send.code, 0, "{}", send.stderr);
-    let got = recv.finish(T);
-    assert!(
-        got.stdout.contains("R recv frames=200 bad=0"),
-        "{}",
-        got.stdout
-    );
+    exchange(&dir, "vm1", "vm2", "beside the hostile frontend");
     hostile.join().unwrap();
     // the port that was attacked still takes a real frontend
+    let bad_net = format!(
+        "vhost-user={},mac=52:54:00:00:00:03",
+        dir.join("bad.sock").display()
+    );
     let probe = nfvisor(
         &[
             "run",
             "--guest",
             "net-probe",
             "--net",
-            &net("bad", "52:54:00:00:00:03"),
+            &bad_net,
             "--cmdline",
             "mode=recv count=1 timeout_s=1",
         ],

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -149,7 +149,6 @@ impl Port {
 /// offloads.
 struct PortBackend {
     port: Arc<Port>,
-    event_idx: bool,
     /// The PMD's hand-over event (read once it fired).
     grab: EventFd,
 }
@@ -175,9 +174,8 @@ impl VhostUserBackendMut for PortBackend {
         VhostUserProtocolFeatures::REPLY_ACK
     }
 
-    fn set_event_idx(&mut self, enabled: bool) {
-        self.event_idx = enabled;
-    }
+    /// (EVENT_IDX is not offered: nothing to set)
+    fn set_event_idx(&mut self, _enabled: bool) {}
 
     /// Each vring thread's exit event (without one the crate cannot stop
     /// its threads, and the daemon's end would wait for them for ever).
@@ -441,7 +439,6 @@ fn one_connection(
     let grab = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
     let backend = Arc::new(std::sync::RwLock::new(PortBackend {
         port: port.clone(),
-        event_idx: false,
         grab: grab.try_clone().map_err(|e| e.to_string())?,
     }));
     let mut daemon = VhostUserDaemon::new(port.name.clone(), backend, port.mem.clone())
@@ -709,11 +706,6 @@ pub fn mac_text(m: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-/// The socket of port `name` in `dir`.
-pub fn port_socket(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("{name}.sock"))
 }
 
 #[cfg(test)]
