@@ -98,7 +98,7 @@ pub fn run(o: &Options) -> Result<u8> {
         let mut sw = switch::Switch::start(switch::SwitchConfig {
             socket_dir: sw_dir.clone(),
             ports: switch::parse_ports("a,b")?,
-            cpu: Some(0),
+            cpus: vec![0],
             rt_priority: None,
             ageing: Duration::from_secs(300),
         })?;

@@ -60,6 +60,9 @@ enum Command {
     /// Runs until SIGINT/SIGTERM (or --duration-s), then prints each
     /// port's counters and the MAC table.
     Switch(SwitchArgs),
+    /// Asks a running switch (its --control-socket): ports, fdb, stats,
+    /// add-port, del-port.
+    SwitchCtl(SwitchCtlArgs),
     /// Serve ivshmem peers (QEMU's ivshmem-server protocol): the shared
     /// memory and every peer's doorbell eventfds.
     IvshmemServer {
@@ -434,6 +437,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
         } => run(&args, json, exit_stats),
         Command::Bench { what } => bench_cmd(what),
         Command::Switch(args) => run_switch(&args),
+        Command::SwitchCtl(args) => run_switch_ctl(&args),
         Command::IvshmemServer {
             socket,
             shm,
@@ -1108,23 +1112,55 @@ struct SwitchArgs {
     /// Where each server port's socket goes (`<dir>/<name>.sock`).
     #[arg(long, value_name = "DIR")]
     socket_dir: PathBuf,
-    /// The ports: NAME[,NAME=client:PATH]...
+    /// The ports: NAME[,NAME=client:PATH][,NAME=tap:DEVICE]...
     #[arg(long)]
     ports: String,
-    /// The polling thread's CPU (one PMD for now).
+    /// A TAP port to the host's stack (named after the device).
+    #[arg(long, value_name = "DEVICE")]
+    tap: Vec<String>,
+    /// The PMDs' CPUs: one polling thread per CPU, ports shared out.
     #[arg(long)]
     cpus: Option<String>,
-    /// SCHED_FIFO priority of the polling thread (needs --cpus).
+    /// SCHED_FIFO priority of the polling threads (needs --cpus).
     #[arg(long)]
     rt_priority: Option<u8>,
     /// How long a learnt MAC address is kept without a frame from it.
     #[arg(long, default_value_t = 300)]
     ageing_s: u64,
+    /// A socket that takes `switch-ctl` requests (ports, fdb, stats,
+    /// add-port, del-port).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
     /// Stop after this many seconds (0: at SIGINT or SIGTERM).
     #[arg(long, default_value_t = 0)]
     duration_s: u64,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct SwitchCtlArgs {
+    /// The switch's --control-socket.
+    #[arg(long, value_name = "PATH")]
+    control_socket: PathBuf,
+    #[command(subcommand)]
+    what: SwitchCtlCmd,
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum SwitchCtlCmd {
+    /// Each port: kind, socket, PMD, whether a frontend is connected.
+    Ports,
+    /// The MAC table.
+    Fdb,
+    /// Every port's counters, the table, the PMDs' placement.
+    Stats,
+    /// Adds a port: NAME, NAME=client:PATH or NAME=tap:DEVICE.
+    AddPort { port: String },
+    /// Removes a port (its frontend is cut off).
+    DelPort { name: String },
 }
 
 static SWITCH_STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -1134,106 +1170,154 @@ extern "C" fn switch_signal(_: libc::c_int) {
 }
 
 fn run_switch(a: &SwitchArgs) -> Result<u8> {
-    let ports = switch::parse_ports(&a.ports)?;
-    let cpu = match &a.cpus {
-        None => None,
-        Some(list) => {
-            let cpus = rt::parse_cpu_list(&list.replace('+', ","))
-                .with_context(|| format!("--cpus {list:?}"))?;
-            anyhow::ensure!(
-                cpus.len() == 1,
-                "--cpus {list:?}: one CPU (the switch runs one polling thread for now)"
-            );
-            Some(cpus[0])
-        }
+    let mut ports = switch::parse_ports(&a.ports)?;
+    for t in &a.tap {
+        let spec = switch::parse_port(&format!("{t}=tap:{t}"))
+            .map_err(|e| anyhow::anyhow!("--tap {t:?}: {e}"))?;
+        anyhow::ensure!(
+            !ports.iter().any(|p| p.name == spec.name),
+            "--tap {t:?}: a port of that name is in --ports"
+        );
+        ports.push(spec);
+    }
+    let cpus = match &a.cpus {
+        None => Vec::new(),
+        Some(list) => rt::parse_cpu_list(&list.replace('+', ","))
+            .with_context(|| format!("--cpus {list:?}"))?,
     };
     if let Some(p) = a.rt_priority {
         anyhow::ensure!((1..=99).contains(&p), "--rt-priority {p}: 1 to 99");
-        anyhow::ensure!(
-            cpu.is_some(),
-            "--rt-priority needs --cpus: a SCHED_FIFO poller must be kept to its own CPU"
-        );
     }
     let mut sw = switch::Switch::start(switch::SwitchConfig {
         socket_dir: a.socket_dir.clone(),
         ports,
-        cpu,
+        cpus,
         rt_priority: a.rt_priority,
         ageing: std::time::Duration::from_secs(a.ageing_s.max(1)),
     })?;
+    if let Some(path) = &a.control_socket {
+        switch::control::serve(sw.state.clone(), path)?;
+    }
     // SAFETY: the handler only stores to an atomic (async-signal-safe).
     unsafe {
         libc::signal(libc::SIGINT, switch_signal as *const () as usize);
         libc::signal(libc::SIGTERM, switch_signal as *const () as usize);
     }
-    for p in &sw.ports {
-        tracing::info!("switch port {}: {}", p.name, p.socket.display());
+    let ports = sw.state.ports();
+    for (_, p) in &ports {
+        tracing::info!(
+            "switch port {} ({}): {}",
+            p.name,
+            switch::kind_text(&p.kind),
+            p.socket
+                .as_ref()
+                .map(|s| s.display().to_string())
+                .unwrap_or_default()
+        );
     }
-    eprintln!("nfvisor switch: {} ports, serving", sw.ports.len());
+    eprintln!("nfvisor switch: {} ports, serving", ports.len());
     let t0 = std::time::Instant::now();
     while !SWITCH_STOP.load(std::sync::atomic::Ordering::Acquire)
         && (a.duration_s == 0 || t0.elapsed().as_secs() < a.duration_s)
     {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // the report before the ports end (their counters stay)
+    let mut report = sw.state.report();
     sw.stop();
-    let fdb = sw
-        .fdb
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entries(sw.ageing);
-    let placement = sw
-        .placement
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    if let Some(path) = &a.control_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    report["seconds"] = t0.elapsed().as_secs_f64().into();
     if a.json {
-        let ports: serde_json::Map<String, serde_json::Value> = sw
-            .ports
-            .iter()
-            .map(|p| {
-                let c: serde_json::Map<String, serde_json::Value> = switch::port_counters(p)
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v.into()))
-                    .collect();
-                (p.name.clone(), c.into())
-            })
-            .collect();
-        let fdb: Vec<serde_json::Value> = fdb
-            .iter()
-            .map(|(m, p, age)| {
-                serde_json::json!({"mac": switch::mac_text(m), "port": sw.ports[*p].name, "age_s": age})
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "ports": ports, "fdb": fdb, "pmd": placement,
-                "seconds": t0.elapsed().as_secs_f64(),
-            }))?
-        );
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        for p in &sw.ports {
-            let c = switch::port_counters(p)
-                .into_iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            println!("port {}: {c}", p.name);
+        print!("{}", switch_text(&report));
+    }
+    Ok(0)
+}
+
+/// A switch report (or part of one) as plain text.
+fn switch_text(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    if let Some(ports) = v["ports"].as_object() {
+        for (name, c) in ports {
+            let c = c
+                .as_object()
+                .map(|c| {
+                    c.iter()
+                        .map(|(k, v)| {
+                            format!(
+                                "{k}={}",
+                                v.as_str().map(String::from).unwrap_or(v.to_string())
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            out += &format!("port {name}: {c}\n");
         }
-        for (m, p, age) in &fdb {
-            println!(
-                "fdb {} port {} age {age:.1} s",
-                switch::mac_text(m),
-                sw.ports[*p].name
-            );
+    }
+    let fdb = v["fdb"].as_array().or(v
+        .as_array()
+        .filter(|a| a.iter().all(|e| e.get("mac").is_some())));
+    for e in fdb.into_iter().flatten() {
+        out += &format!(
+            "fdb {} port {} age {:.1} s\n",
+            e["mac"].as_str().unwrap_or(""),
+            e["port"].as_str().unwrap_or(""),
+            e["age_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    for p in v["pmds"].as_array().into_iter().flatten() {
+        out += &format!(
+            "pmd {} tid {} cpus {} {} {}\n",
+            p["index"],
+            p["tid"],
+            p["cpus"],
+            p["policy"].as_str().unwrap_or(""),
+            p["priority"]
+        );
+    }
+    out
+}
+
+fn run_switch_ctl(a: &SwitchCtlArgs) -> Result<u8> {
+    use switch::Request;
+    let req = match &a.what {
+        SwitchCtlCmd::Ports => Request::Ports,
+        SwitchCtlCmd::Fdb => Request::Fdb,
+        SwitchCtlCmd::Stats => Request::Stats,
+        SwitchCtlCmd::AddPort { port } => Request::AddPort { port: port.clone() },
+        SwitchCtlCmd::DelPort { name } => Request::DelPort { name: name.clone() },
+    };
+    let v =
+        switch::control::request(&a.control_socket, &req).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    match &a.what {
+        SwitchCtlCmd::Ports => {
+            for p in v.as_array().into_iter().flatten() {
+                println!(
+                    "{} {} pmd {} {} {}",
+                    p["name"].as_str().unwrap_or(""),
+                    p["kind"].as_str().unwrap_or(""),
+                    p["pmd"],
+                    if p["connected"] == true {
+                        "connected"
+                    } else {
+                        "waiting"
+                    },
+                    p["socket"].as_str().unwrap_or("")
+                );
+            }
         }
-        if let Some(pl) = placement {
-            println!(
-                "pmd tid {} cpus {:?} {} {}",
-                pl.tid, pl.cpus, pl.policy, pl.priority
-            );
-        }
+        SwitchCtlCmd::Fdb | SwitchCtlCmd::Stats => print!("{}", switch_text(&v)),
+        SwitchCtlCmd::AddPort { port } => println!("added {port}"),
+        SwitchCtlCmd::DelPort { name } => println!("removed {name}"),
     }
     Ok(0)
 }

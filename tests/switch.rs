@@ -259,8 +259,12 @@ fn bad_switch_settings_are_refused_by_name() {
             "4096",
         ),
         (
-            vec!["--socket-dir", d, "--ports", "a,b", "--cpus", "0-1"],
-            "one CPU",
+            vec!["--socket-dir", d, "--ports", "a,b", "--cpus", "0,0"],
+            "listed twice",
+        ),
+        (
+            vec!["--socket-dir", d, "--ports", "a,b=tap:"],
+            "NAME=tap:DEVICE",
         ),
         (
             vec!["--socket-dir", d, "--ports", "a,b", "--rt-priority", "50"],

@@ -497,6 +497,14 @@ impl<M> Drop for Net<M> {
     }
 }
 
+/// "52:54:00:12:34:56".
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// Parses "52:54:00:12:34:56".
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = s.split(':').collect();

@@ -387,12 +387,7 @@ pub fn attach(
     Ok(())
 }
 
-fn mac_text(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+use virtio::net::mac_text;
 
 #[cfg(test)]
 mod tests {

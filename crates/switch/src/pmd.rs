@@ -1,0 +1,660 @@
+//! The PMDs: busy-polling threads, each taking its ports' transmitted
+//! frames in bursts of up to [`BURST`] and putting each in the receive
+//! ring of the port the MAC table names (or of every other port).
+//!
+//! One copy per frame and destination: from the source ring's buffer
+//! straight into the destination ring's buffer. A burst costs one lock of
+//! the source ring to take its chains, one of the table, one of each
+//! destination ring, and one to give the chains back. The `vhost-user-
+//! backend` crate's epoll threads only run the protocol: its kick-driven
+//! model would wake a thread per notification, which a polling switch must
+//! not wait for (and the transmit rings it polls carry NO_NOTIFY).
+
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use vhost_user_backend::VringT;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::VolatileSlice;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap,
+};
+
+use crate::fdb::Fdb;
+use crate::port::{Port, Vring};
+
+/// Frames taken from one port before the PMD looks at the next.
+pub const BURST: usize = 32;
+/// The virtio-net header every frame carries (VERSION_1).
+pub(crate) const HDR: usize = 12;
+/// The largest frame taken (no segmentation offloads are offered).
+pub const MAX_FRAME: usize = 9216 + 18;
+/// The header put before each delivered frame: no offloads, one buffer.
+const RX_HEADER: [u8; HDR] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+/// VRING_AVAIL_F_NO_INTERRUPT: the driver polls its used ring.
+const NO_INTERRUPT: u16 = 1;
+
+type GuestMem = GuestMemoryMmap<crate::dirty_log::DirtyLog>;
+
+/// What the PMDs share with the switch's control side.
+pub(crate) struct Shared {
+    /// Port slots: a removed port leaves a hole (the table's entries name
+    /// slots), filled by the next port added.
+    pub ports: RwLock<Vec<Option<Arc<Port>>>>,
+    /// Moves whenever `ports` changes: each PMD takes the table again.
+    pub table_generation: AtomicU64,
+    pub fdb: Mutex<Fdb>,
+    pub ageing: Duration,
+    /// Frames (from any port) whose source address the table saw move
+    /// to another port: a migrated VM's announce.
+    pub moves: AtomicU64,
+}
+
+/// A PMD's view of one port.
+struct View {
+    port: Arc<Port>,
+    generation: u64,
+    rings: Option<Vec<Vring>>,
+    /// NO_NOTIFY is set on both rings.
+    quiet: bool,
+}
+
+/// Why a chain was not forwarded.
+#[derive(Clone, Copy, PartialEq)]
+enum Verdict {
+    Ok,
+    /// Malformed: a buffer the driver may not hand over (write-only on
+    /// transmit, outside its memory), or a chain that does not end.
+    Bad,
+    /// Shorter than a header and an Ethernet header.
+    Runt,
+    TooBig,
+}
+
+/// A taken frame: its chain's head and segments, where it goes.
+struct Taken {
+    head: u16,
+    segs: Range<usize>,
+    /// Frame bytes (past the header).
+    len: usize,
+    verdict: Verdict,
+    out: Out,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Out {
+    Nowhere,
+    One(usize),
+    Flood,
+}
+
+/// The frame bytes a delivery copies from.
+enum Source<'a> {
+    /// A source ring's buffers (the header first).
+    Ring {
+        mem: &'a GuestMem,
+        segs: &'a [(u64, u32)],
+    },
+    /// A frame read from a TAP (no header).
+    Buf(&'a [u8]),
+}
+
+/// A PMD's reused buffers.
+struct Scratch {
+    segs: Vec<(u64, u32)>,
+    frames: Vec<Taken>,
+    /// Frames read from a TAP (header first), and their lengths.
+    tap_bufs: Vec<Vec<u8>>,
+    tap_lens: Vec<usize>,
+    /// Per destination slot: frames and bytes put, drops.
+    put: Vec<(u64, u64, u64, u64)>,
+}
+
+/// A PMD: the ports whose `pmd` is `index`, over and over, until `stop`.
+pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
+    let mut views: Vec<Option<View>> = Vec::new();
+    let mut table_generation = u64::MAX;
+    let mut s = Scratch {
+        segs: Vec::with_capacity(BURST * 4),
+        frames: Vec::with_capacity(BURST),
+        tap_bufs: (0..BURST).map(|_| vec![0u8; HDR + MAX_FRAME]).collect(),
+        tap_lens: Vec::with_capacity(BURST),
+        put: Vec::new(),
+    };
+    while !stop.load(Ordering::Acquire) {
+        let g = shared.table_generation.load(Ordering::Acquire);
+        if g != table_generation {
+            table_generation = g;
+            let table = shared.ports.read().unwrap_or_else(|e| e.into_inner());
+            let mut old = std::mem::take(&mut views);
+            views = table
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let p = p.as_ref()?;
+                    match old.get_mut(i).and_then(Option::take) {
+                        Some(v) if Arc::ptr_eq(&v.port, p) => Some(v),
+                        _ => Some(View {
+                            port: p.clone(),
+                            generation: u64::MAX,
+                            rings: None,
+                            quiet: false,
+                        }),
+                    }
+                })
+                .collect();
+        }
+        // the vrings change only when a frontend comes or goes
+        for v in views.iter_mut().flatten() {
+            let now = v.port.generation.load(Ordering::Acquire);
+            if now != v.generation {
+                v.generation = now;
+                v.rings = v.port.rings();
+                v.quiet = false;
+            }
+            if !v.quiet {
+                v.quiet = v.rings.as_deref().is_some_and(quiet);
+            }
+        }
+        let mut moved = false;
+        for src in 0..views.len() {
+            if views[src].as_ref().is_some_and(|v| v.port.pmd == index) {
+                moved |= burst(src, &mut views, shared, &mut s) > 0;
+            }
+        }
+        if !moved {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Sets NO_NOTIFY on both rings once they are ready: the PMDs poll, so
+/// the frontend need not kick, whether it sends or posts receive buffers
+/// (each kick would wake the crate's epoll thread, which takes the ring's
+/// lock and CPU time from the pollers).
+fn quiet(rings: &[Vring]) -> bool {
+    rings.iter().all(|r| {
+        let mut st = r.get_mut();
+        st.is_enabled() && st.get_queue().ready() && st.disable_notification().is_ok()
+    })
+}
+
+/// One burst from port `src`: the frames it took.
+fn burst(src: usize, views: &mut [Option<View>], shared: &Shared, s: &mut Scratch) -> usize {
+    s.frames.clear();
+    s.segs.clear();
+    let Some(view) = views[src].as_ref() else {
+        return 0;
+    };
+    let port = view.port.clone();
+    if port.tap.is_some() {
+        return tap_burst(src, &port, views, shared, s);
+    }
+    let Some(tx) = view.rings.as_ref().map(|r| r[1].clone()) else {
+        return 0;
+    };
+    let smem = port.mem.memory();
+    {
+        let mut st = tx.get_mut();
+        if !st.is_enabled() || !st.get_queue().ready() {
+            return 0;
+        }
+        let q = st.get_queue_mut();
+        while s.frames.len() < BURST {
+            let Some(chain) = q.pop_descriptor_chain(&*smem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let first = s.segs.len();
+            let mut len = 0usize;
+            let mut verdict = Verdict::Ok;
+            let mut ends = false;
+            for d in chain {
+                ends = !d.has_next();
+                if d.is_write_only() {
+                    verdict = Verdict::Bad;
+                    break;
+                }
+                len += d.len() as usize;
+                if len > HDR + MAX_FRAME {
+                    verdict = Verdict::TooBig;
+                    break;
+                }
+                s.segs.push((d.addr().raw_value(), d.len()));
+            }
+            if verdict == Verdict::Ok && !ends {
+                // cut short: a loop, a bad index, longer than the ring
+                verdict = Verdict::Bad;
+            }
+            if verdict == Verdict::Ok && len < HDR + 14 {
+                verdict = Verdict::Runt;
+            }
+            s.frames.push(Taken {
+                head,
+                segs: first..s.segs.len(),
+                len: len.saturating_sub(HDR),
+                verdict,
+                out: Out::Nowhere,
+            });
+        }
+    }
+    let taken = s.frames.len();
+    if taken == 0 {
+        return 0;
+    }
+    // where each frame goes: the addresses first (read from the ring), the
+    // table once for the burst
+    let mut macs = [[0u8; 12]; BURST];
+    for (f, m) in s.frames.iter_mut().zip(macs.iter_mut()) {
+        if f.verdict == Verdict::Ok {
+            let src = Source::Ring {
+                mem: &smem,
+                segs: &s.segs[f.segs.clone()],
+            };
+            if copy_frame(&src, 0, VolatileSlice::from(&mut m[..])).is_err() {
+                f.verdict = Verdict::Bad;
+            }
+        }
+    }
+    route(src, &mut s.frames, &macs, shared, &port);
+    deliver_all(src, views, s, |f, segs| Source::Ring {
+        mem: &smem,
+        segs: &segs[f.segs.clone()],
+    });
+    // the chains go back (empty) once every copy out of them is done
+    {
+        let mut st = tx.get_mut();
+        for f in &s.frames {
+            let _ = st.get_queue_mut().add_used(&*smem, f.head, 0);
+        }
+        if wants_interrupt(st.get_queue(), &smem) {
+            let _ = st.signal_used_queue();
+        }
+    }
+    count_source(&port, &s.frames);
+    taken
+}
+
+/// One burst read from a TAP port.
+fn tap_burst(
+    src: usize,
+    port: &Arc<Port>,
+    views: &mut [Option<View>],
+    shared: &Shared,
+    s: &mut Scratch,
+) -> usize {
+    let tap = port.tap.as_ref().expect("a TAP port");
+    s.tap_lens.clear();
+    while s.tap_lens.len() < BURST {
+        match tap.read_frame(&mut s.tap_bufs[s.tap_lens.len()]) {
+            Ok(Some(n)) => s.tap_lens.push(n),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!("port {}: reading the TAP: {e}", port.name);
+                break;
+            }
+        }
+    }
+    let mut macs = [[0u8; 12]; BURST];
+    for (i, &n) in s.tap_lens.iter().enumerate() {
+        let verdict = match n {
+            n if n < HDR + 14 => Verdict::Runt,
+            n if n >= HDR + MAX_FRAME => Verdict::TooBig,
+            _ => Verdict::Ok,
+        };
+        if verdict == Verdict::Ok {
+            macs[i].copy_from_slice(&s.tap_bufs[i][HDR..HDR + 12]);
+        }
+        s.frames.push(Taken {
+            head: 0,
+            segs: i..i,
+            len: n.saturating_sub(HDR),
+            verdict,
+            out: Out::Nowhere,
+        });
+    }
+    let taken = s.frames.len();
+    if taken == 0 {
+        return 0;
+    }
+    route(src, &mut s.frames, &macs, shared, port);
+    let bufs = std::mem::take(&mut s.tap_bufs);
+    deliver_all(src, views, s, |f, _| {
+        Source::Buf(&bufs[f.segs.start][HDR..HDR + f.len])
+    });
+    s.tap_bufs = bufs;
+    count_source(port, &s.frames);
+    taken
+}
+
+/// Learns each good frame's source, and looks its destination up: under
+/// one lock of the table for the burst.
+fn route(src: usize, frames: &mut [Taken], macs: &[[u8; 12]; BURST], shared: &Shared, port: &Port) {
+    let now = Instant::now();
+    let mut fdb = shared.fdb.lock().unwrap_or_else(|e| e.into_inner());
+    let mut flooded = 0;
+    let mut moved = 0;
+    for (f, m) in frames.iter_mut().zip(macs) {
+        if f.verdict != Verdict::Ok {
+            continue;
+        }
+        let dst: [u8; 6] = m[..6].try_into().expect("6 bytes");
+        let from: [u8; 6] = m[6..].try_into().expect("6 bytes");
+        if fdb.learn(from, src, now) {
+            moved += 1;
+        }
+        f.out = match fdb.lookup(&dst, now, shared.ageing) {
+            // (back where it came from: the frontend's own business)
+            Some(d) if d == src => Out::Nowhere,
+            Some(d) => Out::One(d),
+            None => {
+                flooded += 1;
+                Out::Flood
+            }
+        };
+    }
+    drop(fdb);
+    if flooded > 0 {
+        port.counters.flooded.fetch_add(flooded, Ordering::Relaxed);
+    }
+    if moved > 0 {
+        shared.moves.fetch_add(moved, Ordering::Relaxed);
+    }
+}
+
+/// Puts the burst's frames in their destinations: each destination ring
+/// locked once, its frames in the order taken.
+fn deliver_all<'a, F>(src: usize, views: &[Option<View>], s: &'a mut Scratch, source: F)
+where
+    F: Fn(&Taken, &'a [(u64, u32)]) -> Source<'a>,
+{
+    let (frames, segs, put) = (&s.frames, &s.segs[..], &mut s.put);
+    put.clear();
+    put.resize(views.len(), (0, 0, 0, 0));
+    for (d, view) in views.iter().enumerate() {
+        let Some(view) = view else { continue };
+        if d == src {
+            continue;
+        }
+        let mut mine = frames
+            .iter()
+            .filter(|f| f.out == Out::One(d) || f.out == Out::Flood)
+            .peekable();
+        if mine.peek().is_none() {
+            continue;
+        }
+        let tally = &mut put[d];
+        if let Some(tap) = &view.port.tap {
+            for f in mine {
+                match write_tap(tap, &source(f, segs), f.len) {
+                    Ok(()) => {
+                        tally.0 += 1;
+                        tally.1 += f.len as u64;
+                    }
+                    Err(_) => tally.2 += 1,
+                }
+            }
+        } else {
+            deliver_ring(view, mine, |f| source(f, segs), tally);
+        }
+        let c = &view.port.counters;
+        let (frames_put, bytes, no_buffer, bad_buffer) = *tally;
+        for (a, n) in [
+            (&c.tx_frames, frames_put),
+            (&c.tx_bytes, bytes),
+            (&c.drop_no_buffer, no_buffer),
+            (&c.drop_bad_buffer, bad_buffer),
+        ] {
+            if n > 0 {
+                a.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Frames into one port's receive ring, under one lock of it; the ring
+/// is notified once, if its driver wants to hear.
+fn deliver_ring<'a, 'f, I, F>(view: &View, frames: I, source: F, tally: &mut (u64, u64, u64, u64))
+where
+    I: Iterator<Item = &'f Taken>,
+    F: Fn(&'f Taken) -> Source<'a>,
+{
+    let Some(rx) = view.rings.as_ref().map(|r| &r[0]) else {
+        tally.2 += frames.count() as u64;
+        return;
+    };
+    let dmem = view.port.mem.memory();
+    let mut st = rx.get_mut();
+    if !st.is_enabled() || !st.get_queue().ready() {
+        tally.2 += frames.count() as u64;
+        return;
+    }
+    let mut used = 0;
+    let mut hostile = false;
+    for f in frames {
+        let q = st.get_queue_mut();
+        let Some(chain) = q.pop_descriptor_chain(&*dmem) else {
+            tally.2 += 1;
+            continue;
+        };
+        let head = chain.head_index();
+        let filled = fill_rx(&dmem, chain, &source(f), f.len);
+        let written = match filled {
+            Ok(n) => {
+                tally.0 += 1;
+                tally.1 += f.len as u64;
+                n
+            }
+            Err(bad) => {
+                tally.3 += 1;
+                hostile |= bad;
+                0
+            }
+        };
+        let _ = st.get_queue_mut().add_used(&*dmem, head, written);
+        used += 1;
+    }
+    if used > 0 && wants_interrupt(st.get_queue(), &dmem) {
+        let _ = st.signal_used_queue();
+    }
+    drop(st);
+    if hostile {
+        cut_off(
+            &view.port,
+            "a receive buffer outside its memory or not writable",
+        );
+    }
+}
+
+/// Writes the header and the frame into a receive chain: the bytes
+/// written, or Err(true) for a hostile chain (a buffer not writable or
+/// outside the frontend's memory), Err(false) for one too small.
+fn fill_rx<M>(
+    dmem: &GuestMem,
+    chain: virtio_queue::DescriptorChain<M>,
+    src: &Source,
+    len: usize,
+) -> Result<u32, bool>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let total = HDR + len;
+    let mut at = 0usize;
+    for d in chain {
+        if at == total {
+            break;
+        }
+        if !d.is_write_only() {
+            return Err(true);
+        }
+        let n = (d.len() as usize).min(total - at);
+        let slice = dmem.get_slice(d.addr(), n).map_err(|_| true)?;
+        let mut off = 0;
+        if at < HDR {
+            off = (HDR - at).min(n);
+            slice
+                .subslice(0, off)
+                .map_err(|_| true)?
+                .copy_from(&RX_HEADER[at..at + off]);
+        }
+        if off < n {
+            let part = slice.subslice(off, n - off).map_err(|_| true)?;
+            copy_frame(src, at + off - HDR, part).map_err(|_| true)?;
+        }
+        at += n;
+    }
+    if at < total {
+        return Err(false);
+    }
+    Ok(total as u32)
+}
+
+/// Copies the frame's bytes from `at` (past the header) into `dst`, all
+/// of it.
+fn copy_frame<B: vm_memory::bitmap::BitmapSlice>(
+    src: &Source,
+    at: usize,
+    dst: VolatileSlice<B>,
+) -> Result<(), ()> {
+    let want = dst.len();
+    match src {
+        Source::Buf(frame) => {
+            let bytes = frame.get(at..at + want).ok_or(())?;
+            dst.copy_from(bytes);
+            Ok(())
+        }
+        Source::Ring { mem, segs } => {
+            let mut skip = HDR + at;
+            let mut done = 0;
+            for &(addr, len) in segs.iter() {
+                let len = len as usize;
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                let k = (len - skip).min(want - done);
+                let from = mem
+                    .get_slice(GuestAddress(addr).unchecked_add(skip as u64), k)
+                    .map_err(|_| ())?;
+                from.copy_to_volatile_slice(dst.subslice(done, k).map_err(|_| ())?);
+                done += k;
+                skip = 0;
+                if done == want {
+                    return Ok(());
+                }
+            }
+            match done == want {
+                true => Ok(()),
+                false => Err(()),
+            }
+        }
+    }
+}
+
+/// A frame to a TAP: a plain header, then the frame, in one writev.
+fn write_tap(tap: &virtio::tap::Tap, src: &Source, len: usize) -> Result<(), ()> {
+    let mut iov: [libc::iovec; 17] = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 17];
+    iov[0] = libc::iovec {
+        iov_base: RX_HEADER.as_ptr() as *mut libc::c_void,
+        iov_len: HDR,
+    };
+    let mut n = 1;
+    match src {
+        Source::Buf(frame) => {
+            iov[1] = libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len().min(len),
+            };
+            n = 2;
+        }
+        Source::Ring { mem, segs } => {
+            let mut skip = HDR;
+            for &(addr, l) in segs.iter() {
+                let l = l as usize;
+                if skip >= l {
+                    skip -= l;
+                    continue;
+                }
+                if n == iov.len() {
+                    return Err(());
+                }
+                let s = mem
+                    .get_slice(GuestAddress(addr).unchecked_add(skip as u64), l - skip)
+                    .map_err(|_| ())?;
+                iov[n] = libc::iovec {
+                    iov_base: s.ptr_guard().as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                };
+                n += 1;
+                skip = 0;
+            }
+        }
+    }
+    // SAFETY: each iovec points at memory that lives through the call (a
+    // constant, the PMD's buffer, or guest memory whose mapping the
+    // caller's memory guard keeps); writev only reads it.
+    let r = unsafe { libc::writev(tap.as_raw_fd(), iov.as_ptr(), n as i32) };
+    match r < 0 {
+        true => Err(()),
+        false => Ok(()),
+    }
+}
+
+/// Whether the driver wants an interrupt for new used entries (it sets
+/// NO_INTERRUPT when it polls: DPDK's virtio PMD does). The `virtio-queue`
+/// crate ignores that flag without EVENT_IDX; an eventfd write per burst
+/// costs more than the burst.
+fn wants_interrupt(q: &Queue, mem: &GuestMem) -> bool {
+    fence(Ordering::SeqCst);
+    mem.load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
+        .map(|flags| flags & NO_INTERRUPT == 0)
+        .unwrap_or(true)
+}
+
+/// The source port's counters for a burst; a hostile chain cuts its
+/// frontend off.
+fn count_source(port: &Port, frames: &[Taken]) {
+    let c = &port.counters;
+    let (mut ok, mut bytes, mut bad, mut runt, mut big) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    for f in frames {
+        match f.verdict {
+            Verdict::Ok => {
+                ok += 1;
+                bytes += f.len as u64;
+            }
+            Verdict::Bad => bad += 1,
+            Verdict::Runt => runt += 1,
+            Verdict::TooBig => big += 1,
+        }
+    }
+    c.rx_frames.fetch_add(ok, Ordering::Relaxed);
+    c.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    if bad + runt > 0 {
+        c.drop_bad_chain.fetch_add(bad + runt, Ordering::Relaxed);
+    }
+    if big > 0 {
+        c.drop_too_big.fetch_add(big, Ordering::Relaxed);
+    }
+    if bad > 0 {
+        cut_off(
+            port,
+            "a transmit chain that is malformed or outside its memory",
+        );
+    }
+}
+
+/// Cuts a hostile frontend's connection: counted, logged once a port.
+fn cut_off(port: &Port, why: &str) {
+    port.counters.cut_off.fetch_add(1, Ordering::Relaxed);
+    if !port.cut_logged.swap(true, Ordering::Relaxed) {
+        tracing::warn!("port {}: {why}: its frontend is cut off", port.name);
+    }
+    port.cut();
+}
