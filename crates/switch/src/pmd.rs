@@ -260,7 +260,7 @@ fn burst(src: usize, views: &mut [Option<View>], shared: &Shared, s: &mut Scratc
         }
     }
     route(src, &mut s.frames, &macs, shared, &port);
-    deliver_all(src, views, s, |f, segs| Source::Ring {
+    let cut = deliver_all(src, views, s, |f, segs| Source::Ring {
         mem: &smem,
         segs: &segs[f.segs.clone()],
     });
@@ -274,7 +274,14 @@ fn burst(src: usize, views: &mut [Option<View>], shared: &Shared, s: &mut Scratc
             let _ = st.signal_used_queue();
         }
     }
-    count_source(&port, &s.frames);
+    let hostile = count_source(&port, &s.frames);
+    // (a cut frontend's rings are not polled again: its next connection
+    // brings new ones)
+    for d in cut.into_iter().chain(hostile.then_some(src)) {
+        if let Some(v) = views[d].as_mut() {
+            v.rings = None;
+        }
+    }
     taken
 }
 
@@ -322,11 +329,16 @@ fn tap_burst(
     }
     route(src, &mut s.frames, &macs, shared, port);
     let bufs = std::mem::take(&mut s.tap_bufs);
-    deliver_all(src, views, s, |f, _| {
+    let cut = deliver_all(src, views, s, |f, _| {
         Source::Buf(&bufs[f.segs.start][HDR..HDR + f.len])
     });
     s.tap_bufs = bufs;
     count_source(port, &s.frames);
+    for d in cut {
+        if let Some(v) = views[d].as_mut() {
+            v.rings = None;
+        }
+    }
     taken
 }
 
@@ -366,14 +378,21 @@ fn route(src: usize, frames: &mut [Taken], macs: &[[u8; 12]; BURST], shared: &Sh
 }
 
 /// Puts the burst's frames in their destinations: each destination ring
-/// locked once, its frames in the order taken.
-fn deliver_all<'a, F>(src: usize, views: &[Option<View>], s: &'a mut Scratch, source: F)
+/// locked once, its frames in the order taken. The destinations whose
+/// frontends were cut off (hostile receive buffers).
+fn deliver_all<'a, F>(
+    src: usize,
+    views: &[Option<View>],
+    s: &'a mut Scratch,
+    source: F,
+) -> Vec<usize>
 where
     F: Fn(&Taken, &'a [(u64, u32)]) -> Source<'a>,
 {
     let (frames, segs, put) = (&s.frames, &s.segs[..], &mut s.put);
     put.clear();
     put.resize(views.len(), (0, 0, 0, 0));
+    let mut cut = Vec::new();
     for (d, view) in views.iter().enumerate() {
         let Some(view) = view else { continue };
         if d == src {
@@ -387,6 +406,7 @@ where
             continue;
         }
         let tally = &mut put[d];
+        let mut hostile = false;
         if let Some(tap) = &view.port.tap {
             for f in mine {
                 match write_tap(tap, &source(f, segs), f.len) {
@@ -398,7 +418,7 @@ where
                 }
             }
         } else {
-            deliver_ring(view, mine, |f| source(f, segs), tally);
+            hostile = deliver_ring(view, mine, |f| source(f, segs), tally);
         }
         let c = &view.port.counters;
         let (frames_put, bytes, no_buffer, bad_buffer) = *tally;
@@ -412,25 +432,39 @@ where
                 a.fetch_add(n, Ordering::Relaxed);
             }
         }
+        if hostile {
+            cut_off(
+                &view.port,
+                "a receive buffer outside its memory or not writable",
+            );
+            cut.push(d);
+        }
     }
+    cut
 }
 
 /// Frames into one port's receive ring, under one lock of it; the ring
-/// is notified once, if its driver wants to hear.
-fn deliver_ring<'a, 'f, I, F>(view: &View, frames: I, source: F, tally: &mut (u64, u64, u64, u64))
+/// is notified once, if its driver wants to hear. Whether a buffer was
+/// hostile.
+fn deliver_ring<'a, 'f, I, F>(
+    view: &View,
+    frames: I,
+    source: F,
+    tally: &mut (u64, u64, u64, u64),
+) -> bool
 where
     I: Iterator<Item = &'f Taken>,
     F: Fn(&'f Taken) -> Source<'a>,
 {
     let Some(rx) = view.rings.as_ref().map(|r| &r[0]) else {
         tally.2 += frames.count() as u64;
-        return;
+        return false;
     };
     let dmem = view.port.mem.memory();
     let mut st = rx.get_mut();
     if !st.is_enabled() || !st.get_queue().ready() {
         tally.2 += frames.count() as u64;
-        return;
+        return false;
     }
     let mut used = 0;
     let mut hostile = false;
@@ -460,13 +494,7 @@ where
     if used > 0 && wants_interrupt(st.get_queue(), &dmem) {
         let _ = st.signal_used_queue();
     }
-    drop(st);
-    if hostile {
-        cut_off(
-            &view.port,
-            "a receive buffer outside its memory or not writable",
-        );
-    }
+    hostile
 }
 
 /// Writes the header and the frame into a receive chain: the bytes
@@ -619,8 +647,8 @@ fn wants_interrupt(q: &Queue, mem: &GuestMem) -> bool {
 }
 
 /// The source port's counters for a burst; a hostile chain cuts its
-/// frontend off.
-fn count_source(port: &Port, frames: &[Taken]) {
+/// frontend off (whether it did).
+fn count_source(port: &Port, frames: &[Taken]) -> bool {
     let c = &port.counters;
     let (mut ok, mut bytes, mut bad, mut runt, mut big) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for f in frames {
@@ -648,6 +676,7 @@ fn count_source(port: &Port, frames: &[Taken]) {
             "a transmit chain that is malformed or outside its memory",
         );
     }
+    bad > 0
 }
 
 /// Cuts a hostile frontend's connection: counted, logged once a port.
