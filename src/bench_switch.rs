@@ -1,13 +1,15 @@
 //! `nfvisor bench switch`: DPDK's "PVP with virtio-user" loop through
-//! nfvisor's switch, beside the same loop through testpmd's own vhost PMD
-//! in io-forward mode (DPDK's vhost library doing no switching: the
-//! limit), in the same run, on the same two CPUs. The frontend is testpmd
-//! with two virtio-user ports in `mac` forwarding, each port's peer the
-//! other's MAC (so the switch learns both ends), one burst sent first.
-//! Frames a second each way: what the frontend received, over the time it
-//! forwarded. OVS-DPDK is not run (not installed here).
+//! nfvisor's switch, beside the same loop through (a) testpmd's own vhost
+//! PMD in io-forward mode (DPDK's vhost library doing no switching: the
+//! limit) and (b) OVS-DPDK (NORMAL action, two dpdkvhostuserclient
+//! ports), in the same run, on the same two CPUs: each switch polls on
+//! CPU 0, the frontend forwards on CPU 1. The frontend is testpmd with two
+//! virtio-user ports in `mac` forwarding, each port's peer the other's MAC
+//! (so a learning switch learns both ends), one burst sent first. Frames a
+//! second each way: what the frontend received, over the time it
+//! forwarded; each side's busy-poll fraction says which side saturates.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -18,12 +20,16 @@ pub struct Options {
     /// Seconds each loop forwards.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Frame size (bytes, testpmd's --txpkts).
-    #[arg(long, default_value_t = 64)]
-    pub size: u16,
+    /// Frame sizes (bytes, testpmd's --txpkts), comma-separated.
+    #[arg(long, default_value = "64")]
+    pub sizes: String,
     /// Runs of each loop, alternating.
     #[arg(long, default_value_t = 3)]
     pub runs: u32,
+    /// Baselines: testpmd (its vhost PMD, io-forward), ovs (OVS-DPDK);
+    /// one not installed is skipped, and said so.
+    #[arg(long, default_value = "testpmd,ovs")]
+    pub peers: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -32,17 +38,31 @@ pub struct Options {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LoopFigures {
     pub through: String,
+    pub size: u16,
     pub run: u32,
     pub seconds: f64,
     /// Frames a second each way (the frontend's two ports' receive counts).
     pub mpps: [f64; 2],
+    /// The frontend's forwarding core: the fraction of its time spent on
+    /// bursts that carried frames (testpmd's --record-core-cycles).
+    pub frontend_busy: Option<f64>,
+    /// The switch's PMD: the fraction of its polling rounds that moved
+    /// frames (nfvisor's switch only).
+    pub switch_busy: Option<f64>,
 }
 
-fn frontend(dir: &Path, run: u32, a: &Path, b: &Path, size: u16, server: bool) -> Result<Testpmd> {
+fn frontend(
+    dir: &Path,
+    name: &str,
+    a: &Path,
+    b: &Path,
+    size: u16,
+    server: bool,
+) -> Result<Testpmd> {
     let s = if server { ",server=1" } else { "" };
     Testpmd::start_with(
         dir,
-        &format!("nfv-bench-sw-fe{run}"),
+        name,
         &[],
         &[
             format!(
@@ -59,27 +79,55 @@ fn frontend(dir: &Path, run: u32, a: &Path, b: &Path, size: u16, server: bool) -
             "--eth-peer=0,02:00:00:00:00:0b".into(),
             "--eth-peer=1,02:00:00:00:00:0a".into(),
             "--tx-first".into(),
+            "--record-core-cycles".into(),
             format!("--txpkts={size}"),
         ],
     )
     .map_err(|e| anyhow!("the virtio-user frontend: {e}"))
 }
 
-/// Runs the frontend's loop for `seconds` once it forwards: frames a
-/// second each way.
-fn measure(fe: Testpmd, seconds: u64) -> Result<(f64, [f64; 2])> {
+/// What one loop measured: the seconds, frames a second each way, the
+/// frontend's busy fraction, and what the caller read at the start and
+/// the end of the window.
+type Measured<T> = (f64, [f64; 2], Option<f64>, [T; 2]);
+
+/// Runs the frontend's loop for `seconds` once it forwards (`during` is
+/// called at the start and the end of the window).
+fn measure<T>(fe: Testpmd, seconds: u64, mut during: impl FnMut() -> T) -> Result<Measured<T>> {
     fe.wait_forwarding().map_err(|e| anyhow!("{e}"))?;
     let t0 = Instant::now();
+    let first = during();
     std::thread::sleep(Duration::from_secs(seconds));
+    let last = during();
+    let log_path = fe.log_path();
     let stats = fe.finish_ports(2).map_err(|e| anyhow!("{e}"))?;
     let secs = t0.elapsed().as_secs_f64();
+    let log = std::fs::read_to_string(log_path).unwrap_or_default();
     Ok((
         secs,
         [
             stats[0].0 as f64 / secs / 1e6,
             stats[1].0 as f64 / secs / 1e6,
         ],
+        busy_fraction(&log, secs),
+        [first, last],
     ))
+}
+
+/// testpmd's "(total cycles=N / ...) at M MHz": the cycles it spent on
+/// bursts with frames, over the cycles in `secs`.
+fn busy_fraction(log: &str, secs: f64) -> Option<f64> {
+    let at = log.rfind("total cycles=")?;
+    let rest = &log[at + "total cycles=".len()..];
+    let cycles: f64 = rest.split_whitespace().next()?.parse().ok()?;
+    let mhz: f64 = rest
+        .split(" at ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((cycles / (mhz * 1e6 * secs)).min(1.0))
 }
 
 pub fn run(o: &Options) -> Result<u8> {
@@ -87,104 +135,224 @@ pub fn run(o: &Options) -> Result<u8> {
         o.seconds > 0 && o.runs > 0,
         "--seconds and --runs: at least 1"
     );
+    let sizes: Vec<u16> = o
+        .sizes
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|n| (64..=9000).contains(n))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--sizes {:?}: {s:?} is not a frame size (64 to 9000)",
+                        o.sizes
+                    )
+                })
+        })
+        .collect::<Result<_>>()?;
+    let mut peers = Vec::new();
+    for p in o.peers.split(',').filter(|p| !p.is_empty()) {
+        anyhow::ensure!(
+            matches!(p, "testpmd" | "ovs"),
+            "--peers {:?}: {p:?} is not one of testpmd, ovs",
+            o.peers
+        );
+        peers.push(p);
+    }
     let dir = std::env::temp_dir().join(format!("nfvisor-bench-switch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut results = Vec::new();
-    for run in 0..o.runs {
-        // nfvisor's switch, its PMD on CPU 0 (testpmd forwards on CPU 1)
-        let sw_dir = dir.join(format!("sw{run}"));
-        std::fs::create_dir_all(&sw_dir)?;
-        let mut sw = switch::Switch::start(switch::SwitchConfig {
-            socket_dir: sw_dir.clone(),
-            ports: switch::parse_ports("a,b")?,
-            cpus: vec![0],
-            rt_priority: None,
-            ageing: Duration::from_secs(300),
-        })?;
-        let fe = frontend(
-            &dir,
-            run,
-            &sw_dir.join("a.sock"),
-            &sw_dir.join("b.sock"),
-            o.size,
-            false,
-        )?;
-        let (secs, mpps) = measure(fe, o.seconds).context("through nfvisor's switch")?;
-        sw.stop();
-        results.push(LoopFigures {
-            through: "nfvisor-switch".into(),
-            run,
-            seconds: secs,
-            mpps,
-        });
-        // testpmd's vhost PMD in io-forward mode, forwarding on CPU 0
-        let vh_dir = dir.join(format!("vh{run}"));
-        std::fs::create_dir_all(&vh_dir)?;
-        let (a, b) = (vh_dir.join("a.sock"), vh_dir.join("b.sock"));
-        let mut vhost = Testpmd::start_with(
-            &dir,
-            &format!("nfv-bench-sw-vh{run}"),
-            &["--main-lcore".into(), "1".into()],
-            &[
-                format!("net_vhost0,iface={},queues=1", a.display()),
-                format!("net_vhost1,iface={},queues=1", b.display()),
-            ],
-            &["--forward-mode=io".into()],
-        )
-        .map_err(|e| anyhow!("testpmd's vhost PMD: {e}"))?;
-        // (its sockets, then the frontend connects to them)
-        let t0 = Instant::now();
-        while !(a.exists() && b.exists()) {
-            anyhow::ensure!(
-                t0.elapsed() < Duration::from_secs(30),
-                "testpmd's vhost sockets did not appear"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+    let mut skipped = serde_json::Map::new();
+    for &size in &sizes {
+        for run in 0..o.runs {
+            let tag = format!("{size}-{run}");
+            results.push(through_switch(&dir, &tag, size, o.seconds, run)?);
+            if peers.contains(&"testpmd") {
+                results.push(through_testpmd(&dir, &tag, size, o.seconds, run)?);
+            }
+            if peers.contains(&"ovs") && !skipped.contains_key("ovs") {
+                match through_ovs(&dir, &tag, size, o.seconds, run) {
+                    Ok(r) => results.push(r),
+                    Err(e)
+                        if e.downcast_ref::<bench::ovs::OvsError>()
+                            .is_some_and(|e| matches!(e, bench::ovs::OvsError::Missing)) =>
+                    {
+                        skipped.insert("ovs".into(), e.to_string().into());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
-        let fe = frontend(&dir, run + 100, &a, &b, o.size, false)?;
-        let measured = measure(fe, o.seconds).context("through testpmd's vhost PMD");
-        vhost.kill();
-        let (secs, mpps) = measured?;
-        results.push(LoopFigures {
-            through: "testpmd-vhost-io".into(),
-            run,
-            seconds: secs,
-            mpps,
-        });
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let median = |through: &str| {
+    let median = |through: &str, size: u16| {
         let mut v: Vec<f64> = results
             .iter()
-            .filter(|r| r.through == through)
+            .filter(|r| r.through == through && r.size == size)
             .map(|r| (r.mpps[0] + r.mpps[1]) / 2.0)
             .collect();
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied()
     };
-    let (sw, vh) = (median("nfvisor-switch"), median("testpmd-vhost-io"));
+    let mut summary = Vec::new();
+    for &size in &sizes {
+        let sw = median("nfvisor-switch", size).unwrap_or(0.0);
+        let vh = median("testpmd-vhost-io", size);
+        let ovs = median("ovs-dpdk", size);
+        summary.push(serde_json::json!({
+            "size": size,
+            "median_mpps_each_way": {"nfvisor-switch": sw, "testpmd-vhost-io": vh, "ovs-dpdk": ovs},
+            "switch_over_vhost_io": vh.map(|v| sw / v.max(1e-12)),
+            "switch_over_ovs": ovs.map(|v| sw / v.max(1e-12)),
+        }));
+    }
     if o.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "size": o.size,
                 "results": results,
-                "median_mpps_each_way": {"nfvisor-switch": sw, "testpmd-vhost-io": vh},
-                "switch_over_vhost_io": sw / vh.max(1e-12),
+                "summary": summary,
+                "skipped": skipped,
             }))?
         );
     } else {
+        let pct = |f: Option<f64>| {
+            f.map(|f| format!("{:.0}%", f * 100.0))
+                .unwrap_or("-".into())
+        };
         for r in &results {
             println!(
-                "{:<18} run {}: {:.3} / {:.3} Mpps each way over {:.1} s",
-                r.through, r.run, r.mpps[0], r.mpps[1], r.seconds
+                "{:<18} {:>5} B run {}: {:.3} / {:.3} Mpps each way over {:.1} s (busy: frontend {}, switch {})",
+                r.through, r.size, r.run, r.mpps[0], r.mpps[1], r.seconds,
+                pct(r.frontend_busy), pct(r.switch_busy)
             );
         }
-        println!(
-            "median each way: nfvisor switch {sw:.3} Mpps, testpmd vhost io-forward {vh:.3} Mpps (x{:.2})",
-            sw / vh.max(1e-12)
-        );
+        for s in &summary {
+            println!(
+                "median each way, {} B: {}",
+                s["size"], s["median_mpps_each_way"]
+            );
+        }
+        for (peer, why) in &skipped {
+            println!("{peer}: skipped: {}", why.as_str().unwrap_or(""));
+        }
     }
     Ok(0)
+}
+
+/// nfvisor's switch, its PMD on CPU 0 (testpmd forwards on CPU 1).
+fn through_switch(dir: &Path, tag: &str, size: u16, seconds: u64, run: u32) -> Result<LoopFigures> {
+    let sw_dir = dir.join(format!("sw{tag}"));
+    std::fs::create_dir_all(&sw_dir)?;
+    let mut sw = switch::Switch::start(switch::SwitchConfig {
+        socket_dir: sw_dir.clone(),
+        ports: switch::parse_ports("a,b")?,
+        cpus: vec![0],
+        rt_priority: None,
+        ageing: Duration::from_secs(300),
+    })?;
+    let fe = frontend(
+        dir,
+        &format!("nfv-bench-sw-fe{tag}"),
+        &sw_dir.join("a.sock"),
+        &sw_dir.join("b.sock"),
+        size,
+        false,
+    )?;
+    let state = sw.state.clone();
+    let (secs, mpps, fe_busy, rounds) =
+        measure(fe, seconds, || state.pmd_rounds()[0]).context("through nfvisor's switch")?;
+    sw.stop();
+    let (r, b) = (rounds[1].0 - rounds[0].0, rounds[1].1 - rounds[0].1);
+    Ok(LoopFigures {
+        through: "nfvisor-switch".into(),
+        size,
+        run,
+        seconds: secs,
+        mpps,
+        frontend_busy: fe_busy,
+        switch_busy: (r > 0).then(|| b as f64 / r as f64),
+    })
+}
+
+/// testpmd's vhost PMD in io-forward mode, forwarding on CPU 0.
+fn through_testpmd(
+    dir: &Path,
+    tag: &str,
+    size: u16,
+    seconds: u64,
+    run: u32,
+) -> Result<LoopFigures> {
+    let vh_dir = dir.join(format!("vh{tag}"));
+    std::fs::create_dir_all(&vh_dir)?;
+    let (a, b) = (vh_dir.join("a.sock"), vh_dir.join("b.sock"));
+    let mut vhost = Testpmd::start_with(
+        dir,
+        &format!("nfv-bench-sw-vh{tag}"),
+        &["--main-lcore".into(), "1".into()],
+        &[
+            format!("net_vhost0,iface={},queues=1", a.display()),
+            format!("net_vhost1,iface={},queues=1", b.display()),
+        ],
+        &["--forward-mode=io".into()],
+    )
+    .map_err(|e| anyhow!("testpmd's vhost PMD: {e}"))?;
+    // (its sockets, then the frontend connects to them)
+    wait_paths(&[a.clone(), b.clone()], "testpmd's vhost sockets")?;
+    let fe = frontend(dir, &format!("nfv-bench-sw-fv{tag}"), &a, &b, size, false)?;
+    let measured = measure(fe, seconds, || ()).context("through testpmd's vhost PMD");
+    vhost.kill();
+    let (secs, mpps, fe_busy, _) = measured?;
+    Ok(LoopFigures {
+        through: "testpmd-vhost-io".into(),
+        size,
+        run,
+        seconds: secs,
+        mpps,
+        frontend_busy: fe_busy,
+        switch_busy: None,
+    })
+}
+
+/// OVS-DPDK, its PMD on CPU 0; the frontend's ports are the servers.
+fn through_ovs(dir: &Path, tag: &str, size: u16, seconds: u64, run: u32) -> Result<LoopFigures> {
+    let ovs_dir = dir.join(format!("ovs{tag}"));
+    std::fs::create_dir_all(&ovs_dir)?;
+    let (a, b) = (ovs_dir.join("a.sock"), ovs_dir.join("b.sock"));
+    // (server mode: the frontend waits for OVS to connect)
+    let fe = frontend(dir, &format!("nfv-bench-sw-fo{tag}"), &a, &b, size, true)?;
+    // (it makes its second socket once the first is connected)
+    wait_paths(
+        std::slice::from_ref(&a),
+        "the frontend's first server socket",
+    )?;
+    let ovs = bench::ovs::Ovs::start(&ovs_dir, &format!("nfv-bench-ovs{tag}"), 0, 1, &[a, b])?;
+    let measured = measure(fe, seconds, || ()).context("through OVS-DPDK");
+    let fdb = ovs.fdb();
+    drop(ovs);
+    let (secs, mpps, fe_busy, _) = measured?;
+    tracing::debug!("OVS-DPDK's MAC table: {fdb}");
+    Ok(LoopFigures {
+        through: "ovs-dpdk".into(),
+        size,
+        run,
+        seconds: secs,
+        mpps,
+        frontend_busy: fe_busy,
+        switch_busy: None,
+    })
+}
+
+fn wait_paths(paths: &[PathBuf], what: &str) -> Result<()> {
+    let t0 = Instant::now();
+    while !paths.iter().all(|p| p.exists()) {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what} did not appear"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }

@@ -4,6 +4,7 @@
 
 pub mod exits;
 pub mod latency;
+pub mod ovs;
 pub mod plot;
 pub mod ring_bench;
 pub mod startup;

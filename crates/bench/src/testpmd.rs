@@ -157,6 +157,11 @@ impl Testpmd {
         Ok(())
     }
 
+    /// Where its log is (it stays after `finish`).
+    pub fn log_path(&self) -> std::path::PathBuf {
+        self.log.clone()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -128,6 +128,9 @@ impl Switch {
                 fdb: Mutex::new(Fdb::default()),
                 ageing: config.ageing,
                 moves: AtomicU64::new(0),
+                rounds: (0..pmds)
+                    .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
+                    .collect(),
             }),
             stop: stop.clone(),
             socket_dir: dir.clone(),
@@ -222,6 +225,16 @@ impl SwitchState {
             .entries(self.shared.ageing)
             .into_iter()
             .map(|(m, slot, age)| (m, name(slot), age))
+            .collect()
+    }
+
+    /// Each PMD's polling rounds so far, and those that moved frames
+    /// (the busy-poll fraction, between two readings).
+    pub fn pmd_rounds(&self) -> Vec<(u64, u64)> {
+        self.shared
+            .rounds
+            .iter()
+            .map(|(r, b)| (r.load(Ordering::Relaxed), b.load(Ordering::Relaxed)))
             .collect()
     }
 
@@ -324,6 +337,9 @@ impl SwitchState {
             }).collect::<Vec<_>>(),
             "fdb_moves": self.fdb_moves(),
             "pmds": self.placements(),
+            "pmd_rounds": self.pmd_rounds().iter().map(|(r, b)| {
+                serde_json::json!({"rounds": r, "busy": b})
+            }).collect::<Vec<_>>(),
         })
     }
 }

@@ -51,7 +51,13 @@ pub(crate) struct Shared {
     /// Frames (from any port) whose source address the table saw move
     /// to another port: a migrated VM's announce.
     pub moves: AtomicU64,
+    /// Per PMD: its polling rounds, and those that moved frames (the
+    /// busy-poll fraction), published every [`PUBLISH_EVERY`] rounds.
+    pub rounds: Vec<(AtomicU64, AtomicU64)>,
 }
+
+/// Rounds between two publications of a PMD's round counts.
+const PUBLISH_EVERY: u64 = 4096;
 
 /// A PMD's view of one port.
 struct View {
@@ -124,7 +130,15 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
         tap_lens: Vec::with_capacity(BURST),
         put: Vec::new(),
     };
+    let (mut rounds, mut busy) = (0u64, 0u64);
     while !stop.load(Ordering::Acquire) {
+        rounds += 1;
+        if rounds % PUBLISH_EVERY == 0 {
+            if let Some((r, b)) = shared.rounds.get(index) {
+                r.store(rounds, Ordering::Relaxed);
+                b.store(busy, Ordering::Relaxed);
+            }
+        }
         let g = shared.table_generation.load(Ordering::Acquire);
         if g != table_generation {
             table_generation = g;
@@ -165,7 +179,9 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
                 moved |= burst(src, &mut views, shared, &mut s) > 0;
             }
         }
-        if !moved {
+        if moved {
+            busy += 1;
+        } else {
             std::hint::spin_loop();
         }
     }
