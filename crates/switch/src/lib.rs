@@ -17,6 +17,7 @@ pub mod dirty_log;
 pub mod fdb;
 pub mod pmd;
 pub mod port;
+pub mod ring;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

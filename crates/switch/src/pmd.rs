@@ -10,21 +10,21 @@
 //! model would wake a thread per notification, which a polling switch must
 //! not wait for (and the transmit rings it polls carry NO_NOTIFY).
 
+use std::cell::Cell;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::VringT;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::VolatileSlice;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::fdb::Fdb;
 use crate::port::{Port, Vring};
+use crate::ring::Mapped;
 
 /// Frames taken from one port before the PMD looks at the next.
 pub const BURST: usize = 32;
@@ -34,8 +34,6 @@ pub(crate) const HDR: usize = 12;
 pub const MAX_FRAME: usize = 9216 + 18;
 /// The header put before each delivered frame: no offloads, one buffer.
 const RX_HEADER: [u8; HDR] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
-/// VRING_AVAIL_F_NO_INTERRUPT: the driver polls its used ring.
-const NO_INTERRUPT: u16 = 1;
 
 type GuestMem = GuestMemoryMmap<crate::dirty_log::DirtyLog>;
 
@@ -51,8 +49,9 @@ pub(crate) struct Shared {
     /// Frames (from any port) whose source address the table saw move
     /// to another port: a migrated VM's announce.
     pub moves: AtomicU64,
-    /// Per PMD: its polling rounds, and those that moved frames (the
-    /// busy-poll fraction), published every [`PUBLISH_EVERY`] rounds.
+    /// Per PMD: nanoseconds it polled, and of those the rounds that
+    /// moved frames took (the busy-poll fraction), published every
+    /// [`PUBLISH_EVERY`] rounds.
     pub rounds: Vec<(AtomicU64, AtomicU64)>,
 }
 
@@ -64,8 +63,11 @@ struct View {
     port: Arc<Port>,
     generation: u64,
     rings: Option<Vec<Vring>>,
-    /// NO_NOTIFY is set on both rings.
-    quiet: bool,
+    /// The receive and transmit rings, mapped (NO_NOTIFY set on both).
+    maps: [Option<Mapped>; 2],
+    /// The mappings are to be made (again): the rings are new, not ready
+    /// yet, or moved.
+    stale: Cell<bool>,
 }
 
 /// Why a chain was not forwarded.
@@ -130,15 +132,17 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
         tap_lens: Vec::with_capacity(BURST),
         put: Vec::new(),
     };
-    let (mut rounds, mut busy) = (0u64, 0u64);
+    let (mut rounds, mut busy_ns) = (0u64, 0u64);
+    let started = Instant::now();
     while !stop.load(Ordering::Acquire) {
         rounds += 1;
         if rounds % PUBLISH_EVERY == 0 {
             if let Some((r, b)) = shared.rounds.get(index) {
-                r.store(rounds, Ordering::Relaxed);
-                b.store(busy, Ordering::Relaxed);
+                r.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                b.store(busy_ns, Ordering::Relaxed);
             }
         }
+        let round = Instant::now();
         let g = shared.table_generation.load(Ordering::Acquire);
         if g != table_generation {
             table_generation = g;
@@ -155,7 +159,8 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
                             port: p.clone(),
                             generation: u64::MAX,
                             rings: None,
-                            quiet: false,
+                            maps: [None, None],
+                            stale: Cell::new(true),
                         }),
                     }
                 })
@@ -167,10 +172,12 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
             if now != v.generation {
                 v.generation = now;
                 v.rings = v.port.rings();
-                v.quiet = false;
+                v.maps = [None, None];
+                v.stale.set(true);
             }
-            if !v.quiet {
-                v.quiet = v.rings.as_deref().is_some_and(quiet);
+            if v.stale.get() && v.rings.is_some() {
+                let fresh = map_rings(&v.port, v.rings.as_deref().unwrap_or(&[]), &mut v.maps);
+                v.stale.set(!fresh);
             }
         }
         let mut moved = false;
@@ -180,22 +187,41 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
             }
         }
         if moved {
-            busy += 1;
+            busy_ns += round.elapsed().as_nanos() as u64;
         } else {
             std::hint::spin_loop();
         }
     }
 }
 
-/// Sets NO_NOTIFY on both rings once they are ready: the PMDs poll, so
-/// the frontend need not kick, whether it sends or posts receive buffers
-/// (each kick would wake the crate's epoll thread, which takes the ring's
-/// lock and CPU time from the pollers).
-fn quiet(rings: &[Vring]) -> bool {
-    rings.iter().all(|r| {
-        let mut st = r.get_mut();
-        st.is_enabled() && st.get_queue().ready() && st.disable_notification().is_ok()
-    })
+/// Maps both rings once they are ready, and sets NO_NOTIFY on them: the
+/// PMDs poll, so the frontend need not kick, whether it sends or posts
+/// receive buffers (each kick would wake the crate's epoll thread, which
+/// takes the ring's lock and CPU time from the pollers). Whether both are
+/// mapped.
+fn map_rings(port: &Port, rings: &[Vring], maps: &mut [Option<Mapped>; 2]) -> bool {
+    let mem = port.mem.memory();
+    for (r, map) in rings.iter().zip(maps.iter_mut()) {
+        let st = r.get_mut();
+        if !st.is_enabled() || !st.get_queue().ready() {
+            return false;
+        }
+        if map.as_ref().is_some_and(|m| m.is_of(st.get_queue(), &mem)) {
+            continue;
+        }
+        match Mapped::new(st.get_queue(), &mem) {
+            Ok(m) => {
+                m.quiet();
+                *map = Some(m);
+            }
+            Err(e) => {
+                // (not served until its rings are in its memory)
+                tracing::debug!("port {}: its rings: {e:?}", port.name);
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// One burst from port `src`: the frames it took.
@@ -209,40 +235,52 @@ fn burst(src: usize, views: &mut [Option<View>], shared: &Shared, s: &mut Scratc
     if port.tap.is_some() {
         return tap_burst(src, &port, views, shared, s);
     }
-    let Some(tx) = view.rings.as_ref().map(|r| r[1].clone()) else {
+    let (Some(tx), Some(ring)) = (view.rings.as_ref().map(|r| &r[1]), view.maps[1].as_ref()) else {
         return 0;
     };
+    if view.stale.get() {
+        return 0;
+    }
     let smem = port.mem.memory();
+    let mut hostile_ring = None;
     {
         let mut st = tx.get_mut();
-        if !st.is_enabled() || !st.get_queue().ready() {
+        if !st.is_enabled() || !st.get_queue().ready() || !ring.is_of(st.get_queue(), &smem) {
+            view.stale.set(true);
             return 0;
         }
         let q = st.get_queue_mut();
-        while s.frames.len() < BURST {
-            let Some(chain) = q.pop_descriptor_chain(&*smem) else {
-                break;
+        let mut next = q.next_avail();
+        let pending = match ring.pending(next) {
+            Ok(n) => n,
+            Err(e) => {
+                hostile_ring = Some(e);
+                0
+            }
+        };
+        for _ in 0..pending.min(BURST as u16) {
+            let head = match ring.avail_head(next) {
+                Ok(h) => h,
+                Err(e) => {
+                    hostile_ring = Some(e);
+                    break;
+                }
             };
-            let head = chain.head_index();
+            next = next.wrapping_add(1);
             let first = s.segs.len();
             let mut len = 0usize;
             let mut verdict = Verdict::Ok;
-            let mut ends = false;
-            for d in chain {
-                ends = !d.has_next();
-                if d.is_write_only() {
-                    verdict = Verdict::Bad;
-                    break;
-                }
-                len += d.len() as usize;
+            let segs = &mut s.segs;
+            let walked = ring.walk(head, false, |d| {
+                len += d.len as usize;
                 if len > HDR + MAX_FRAME {
                     verdict = Verdict::TooBig;
-                    break;
+                    return false;
                 }
-                s.segs.push((d.addr().raw_value(), d.len()));
-            }
-            if verdict == Verdict::Ok && !ends {
-                // cut short: a loop, a bad index, longer than the ring
+                segs.push((d.addr, d.len));
+                true
+            });
+            if walked.is_err() {
                 verdict = Verdict::Bad;
             }
             if verdict == Verdict::Ok && len < HDR + 14 {
@@ -256,9 +294,19 @@ fn burst(src: usize, views: &mut [Option<View>], shared: &Shared, s: &mut Scratc
                 out: Out::Nowhere,
             });
         }
+        q.set_next_avail(next);
+    }
+    if let Some(e) = hostile_ring {
+        // (its frames taken so far still go back below)
+        cut_off(&port, &format!("its transmit ring: {e:?}"));
     }
     let taken = s.frames.len();
     if taken == 0 {
+        if hostile_ring.is_some() {
+            if let Some(v) = views[src].as_mut() {
+                v.rings = None;
+            }
+        }
         return 0;
     }
     // where each frame goes: the addresses first (read from the ring), the
@@ -283,14 +331,21 @@ fn burst(src: usize, views: &mut [Option<View>], shared: &Shared, s: &mut Scratc
     // the chains go back (empty) once every copy out of them is done
     {
         let mut st = tx.get_mut();
-        for f in &s.frames {
-            let _ = st.get_queue_mut().add_used(&*smem, f.head, 0);
-        }
-        if wants_interrupt(st.get_queue(), &smem) {
-            let _ = st.signal_used_queue();
+        if ring.is_of(st.get_queue(), &smem) {
+            let q = st.get_queue_mut();
+            let mut used = q.next_used();
+            for f in &s.frames {
+                ring.put_used(used, f.head, 0);
+                used = used.wrapping_add(1);
+            }
+            ring.publish_used(used);
+            q.set_next_used(used);
+            if ring.wants_interrupt() {
+                let _ = st.signal_used_queue();
+            }
         }
     }
-    let hostile = count_source(&port, &s.frames);
+    let hostile = count_source(&port, &s.frames) || hostile_ring.is_some();
     // (a cut frontend's rings are not polled again: its next connection
     // brings new ones)
     for d in cut.into_iter().chain(hostile.then_some(src)) {
@@ -472,27 +527,50 @@ where
     I: Iterator<Item = &'f Taken>,
     F: Fn(&'f Taken) -> Source<'a>,
 {
-    let Some(rx) = view.rings.as_ref().map(|r| &r[0]) else {
+    let (Some(rx), Some(ring)) = (view.rings.as_ref().map(|r| &r[0]), view.maps[0].as_ref()) else {
         tally.2 += frames.count() as u64;
         return false;
     };
-    let dmem = view.port.mem.memory();
-    let mut st = rx.get_mut();
-    if !st.is_enabled() || !st.get_queue().ready() {
+    if view.stale.get() {
         tally.2 += frames.count() as u64;
         return false;
     }
-    let mut used = 0;
+    let dmem = view.port.mem.memory();
+    let mut st = rx.get_mut();
+    if !st.is_enabled() || !st.get_queue().ready() || !ring.is_of(st.get_queue(), &dmem) {
+        view.stale.set(true);
+        tally.2 += frames.count() as u64;
+        return false;
+    }
+    let q = st.get_queue_mut();
+    let (mut next, mut used) = (q.next_avail(), q.next_used());
+    let mut waiting = 0u16;
     let mut hostile = false;
     for f in frames {
-        let q = st.get_queue_mut();
-        let Some(chain) = q.pop_descriptor_chain(&*dmem) else {
+        if waiting == 0 {
+            // (the driver may have posted more since)
+            match ring.pending(next) {
+                Ok(n) => waiting = n,
+                Err(_) => {
+                    hostile = true;
+                    break;
+                }
+            }
+        }
+        if waiting == 0 {
             tally.2 += 1;
             continue;
+        }
+        let head = match ring.avail_head(next) {
+            Ok(h) => h,
+            Err(_) => {
+                hostile = true;
+                break;
+            }
         };
-        let head = chain.head_index();
-        let filled = fill_rx(&dmem, chain, &source(f), f.len);
-        let written = match filled {
+        next = next.wrapping_add(1);
+        waiting -= 1;
+        let written = match fill_rx(&dmem, ring, head, &source(f), f.len) {
             Ok(n) => {
                 tally.0 += 1;
                 tally.1 += f.len as u64;
@@ -504,52 +582,69 @@ where
                 0
             }
         };
-        let _ = st.get_queue_mut().add_used(&*dmem, head, written);
-        used += 1;
+        ring.put_used(used, head, written);
+        used = used.wrapping_add(1);
     }
-    if used > 0 && wants_interrupt(st.get_queue(), &dmem) {
-        let _ = st.signal_used_queue();
+    if used != q.next_used() {
+        ring.publish_used(used);
+        q.set_next_avail(next);
+        q.set_next_used(used);
+        if ring.wants_interrupt() {
+            let _ = st.signal_used_queue();
+        }
     }
     hostile
 }
 
-/// Writes the header and the frame into a receive chain: the bytes
-/// written, or Err(true) for a hostile chain (a buffer not writable or
-/// outside the frontend's memory), Err(false) for one too small.
-fn fill_rx<M>(
+/// Writes the header and the frame into the receive chain at `head`: the
+/// bytes written, or Err(true) for a hostile chain (a buffer not writable
+/// or outside the frontend's memory, a malformed chain), Err(false) for
+/// one too small.
+fn fill_rx(
     dmem: &GuestMem,
-    chain: virtio_queue::DescriptorChain<M>,
+    ring: &Mapped,
+    head: u16,
     src: &Source,
     len: usize,
-) -> Result<u32, bool>
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
+) -> Result<u32, bool> {
     let total = HDR + len;
     let mut at = 0usize;
-    for d in chain {
+    let mut bad = false;
+    let walked = ring.walk(head, true, |d| {
         if at == total {
-            break;
+            return false;
         }
-        if !d.is_write_only() {
-            return Err(true);
-        }
-        let n = (d.len() as usize).min(total - at);
-        let slice = dmem.get_slice(d.addr(), n).map_err(|_| true)?;
+        let n = (d.len as usize).min(total - at);
+        let Ok(slice) = dmem.get_slice(GuestAddress(d.addr), n) else {
+            bad = true;
+            return false;
+        };
         let mut off = 0;
         if at < HDR {
             off = (HDR - at).min(n);
-            slice
-                .subslice(0, off)
-                .map_err(|_| true)?
-                .copy_from(&RX_HEADER[at..at + off]);
+            match slice.subslice(0, off) {
+                Ok(h) => h.copy_from(&RX_HEADER[at..at + off]),
+                Err(_) => {
+                    bad = true;
+                    return false;
+                }
+            }
         }
         if off < n {
-            let part = slice.subslice(off, n - off).map_err(|_| true)?;
-            copy_frame(src, at + off - HDR, part).map_err(|_| true)?;
+            let copied = slice
+                .subslice(off, n - off)
+                .map_err(|_| ())
+                .and_then(|part| copy_frame(src, at + off - HDR, part));
+            if copied.is_err() {
+                bad = true;
+                return false;
+            }
         }
         at += n;
+        true
+    });
+    if walked.is_err() || bad {
+        return Err(true);
     }
     if at < total {
         return Err(false);
@@ -649,17 +744,6 @@ fn write_tap(tap: &virtio::tap::Tap, src: &Source, len: usize) -> Result<(), ()>
         true => Err(()),
         false => Ok(()),
     }
-}
-
-/// Whether the driver wants an interrupt for new used entries (it sets
-/// NO_INTERRUPT when it polls: DPDK's virtio PMD does). The `virtio-queue`
-/// crate ignores that flag without EVENT_IDX; an eventfd write per burst
-/// costs more than the burst.
-fn wants_interrupt(q: &Queue, mem: &GuestMem) -> bool {
-    fence(Ordering::SeqCst);
-    mem.load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
-        .map(|flags| flags & NO_INTERRUPT == 0)
-        .unwrap_or(true)
 }
 
 /// The source port's counters for a burst; a hostile chain cuts its
