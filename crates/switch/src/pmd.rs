@@ -420,24 +420,38 @@ fn route(src: usize, frames: &mut [Taken], macs: &[[u8; 12]; BURST], shared: &Sh
     let mut fdb = shared.fdb.lock().unwrap_or_else(|e| e.into_inner());
     let mut flooded = 0;
     let mut moved = 0;
+    // (a burst's frames mostly share their addresses: each source is
+    // learnt and each destination looked up once per run of equal ones)
+    let mut last_from: Option<[u8; 6]> = None;
+    let mut last_dst: Option<([u8; 6], Out)> = None;
     for (f, m) in frames.iter_mut().zip(macs) {
         if f.verdict != Verdict::Ok {
             continue;
         }
         let dst: [u8; 6] = m[..6].try_into().expect("6 bytes");
         let from: [u8; 6] = m[6..].try_into().expect("6 bytes");
-        if fdb.learn(from, src, now) {
-            moved += 1;
+        if last_from != Some(from) {
+            if fdb.learn(from, src, now) {
+                moved += 1;
+            }
+            last_from = Some(from);
         }
-        f.out = match fdb.lookup(&dst, now, shared.ageing) {
-            // (back where it came from: the frontend's own business)
-            Some(d) if d == src => Out::Nowhere,
-            Some(d) => Out::One(d),
-            None => {
-                flooded += 1;
-                Out::Flood
+        f.out = match last_dst {
+            Some((d, out)) if d == dst => out,
+            _ => {
+                let out = match fdb.lookup(&dst, now, shared.ageing) {
+                    // (back where it came from: the frontend's own business)
+                    Some(d) if d == src => Out::Nowhere,
+                    Some(d) => Out::One(d),
+                    None => Out::Flood,
+                };
+                last_dst = Some((dst, out));
+                out
             }
         };
+        if f.out == Out::Flood {
+            flooded += 1;
+        }
     }
     drop(fdb);
     if flooded > 0 {
