@@ -499,3 +499,122 @@ fn client_ports_connect_to_testpmd_servers_and_again_after_a_restart() {
         assert_eq!(rounds[1]["ports"][p]["connects"], 1, "{}\n{log}", rounds[1]);
     }
 }
+
+/// A VM on the switch migrates from one port to another mid-traffic: its
+/// pings, reflected by testpmd (macswap) on a third port, go on from the
+/// new port, every one answered and verified, and the switch's MAC table
+/// followed the VM to the new port. (The migration hands the switch a
+/// dirty log, LOG_SHMFD; whether a page lands in it depends on a ping
+/// reply arriving in the few milliseconds the migration takes here, so
+/// the log's pages are checked in tests/switch_hostile.rs, with a
+/// frontend of the test's own.)
+#[test]
+fn a_vm_migrating_between_ports_is_followed_by_the_mac_table() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("switch-migrate");
+    let sw_ctl = dir.join("sw.sock");
+    let sw_ctl_s = sw_ctl.to_str().unwrap().to_string();
+    let mut sw = Running::start(&[
+        "switch",
+        "--socket-dir",
+        dir.to_str().unwrap(),
+        "--ports",
+        "vm1,vm2,peer",
+        "--control-socket",
+        &sw_ctl_s,
+        "--json",
+    ]);
+    sw.wait_for("ports, serving");
+    let tp = bench::testpmd::Testpmd::start_with(
+        &dir,
+        "nfv-switch-migrate",
+        &[],
+        &[format!(
+            "net_virtio_user0,path={},mac=02:00:00:00:00:0e",
+            dir.join("peer.sock").display()
+        )],
+        &["--forward-mode=macswap".into()],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    tp.wait_forwarding().unwrap_or_else(|e| panic!("{e}"));
+    let (ctl, inbound) = (dir.join("src.sock"), dir.join("in.sock"));
+    let listen = format!("unix:{}", inbound.display());
+    let net = |p: &str| format!("vhost-user={}", dir.join(format!("{p}.sock")).display());
+    let mut dst = Running::start(&[
+        "receive",
+        "--listen",
+        &listen,
+        "--net",
+        &net("vm2"),
+        "--json",
+    ]);
+    dst.wait_for("waiting for a migration");
+    let ctl_arg = ctl.to_str().unwrap();
+    let mut src = Running::start(&[
+        "run",
+        "--guest",
+        "net-probe",
+        "--cmdline",
+        "mode=ping count=2000 size=64 timeout_s=30 resend_ms=100",
+        "--net",
+        &net("vm1"),
+        "--control-socket",
+        ctl_arg,
+        "--json",
+    ]);
+    src.wait_for("R negotiated");
+    // the pings flowing (testpmd's replies reaching the VM) when the
+    // migration runs: the switch writes into the VM's memory meanwhile
+    let t0 = std::time::Instant::now();
+    loop {
+        let stats = switch::control::request(&sw_ctl, &switch::Request::Stats)
+            .unwrap_or_else(|e| panic!("{e}"));
+        if stats["ports"]["vm1"]["tx_frames"].as_u64().unwrap_or(0) >= 200 {
+            break;
+        }
+        assert!(t0.elapsed() < T, "no pings through the switch: {stats}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = migrate(ctl_arg, &listen, &["--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let src = src.finish(Duration::from_secs(60));
+    let dst = dst.finish(Duration::from_secs(90));
+    let _ = tp.finish();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
+    let out = sw.finish(T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let doc = json(&out);
+    assert_eq!(src.code, 0, "{}", src.stderr);
+    assert_eq!(dst.code, 0, "{}", dst.stderr);
+    assert!(
+        dst.stderr.contains("R ping frames=2000 bad=0"),
+        "{}\n{doc}",
+        dst.stderr
+    );
+    assert!(
+        out.stderr.contains("handed its dirty log over"),
+        "the migration did not log through the switch: {}",
+        out.stderr
+    );
+    let guest: Vec<&serde_json::Value> = doc["fdb"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["port"] == "vm2")
+        .collect();
+    assert_eq!(guest.len(), 1, "the guest's MAC on vm2: {doc}");
+    assert!(
+        !doc["fdb"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["port"] == "vm1"),
+        "{doc}"
+    );
+    assert!(doc["fdb_moves"].as_u64().unwrap() >= 1, "{doc}");
+    assert!(
+        doc["ports"]["vm2"]["tx_frames"].as_u64().unwrap() > 0,
+        "{doc}"
+    );
+}

@@ -55,6 +55,9 @@ impl BitmapReplace for DirtyLog {
     fn replace(&self, bitmap: AtomicBitmapMmap) {
         self.region.replace(bitmap);
         self.on.store(true, Ordering::Release);
+        tracing::info!(
+            "a frontend handed its dirty log over: its pages the switch writes are logged"
+        );
     }
 }
 
