@@ -302,6 +302,8 @@ fn switch_ctl_adds_and_removes_ports_at_run_time() {
         "a,b",
         "--control-socket",
         &ctl_s,
+        "--cpus",
+        "0-1",
         "--json",
     ]);
     sw.wait_for("ports, serving");
@@ -318,6 +320,22 @@ fn switch_ctl_adds_and_removes_ports_at_run_time() {
         .map(|p| p["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["a", "b"], "{ports}");
+    // two PMDs (one per CPU), pinned, the ports shared out between them
+    let pmds: Vec<u64> = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pmd"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pmds, [0, 1], "{ports}");
+    let stats = json(&ask(&["stats", "--json"]));
+    let placed: Vec<String> = stats["pmds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["cpus"].to_string())
+        .collect();
+    assert_eq!(placed, ["[0]", "[1]"], "{stats}");
     let added = ask(&["add-port", "c"]);
     assert_eq!(added.code, 0, "{}", added.stderr);
     assert!(dir.join("c.sock").exists());

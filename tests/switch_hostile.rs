@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 use common::*;
@@ -40,6 +40,10 @@ const TX: usize = 1;
 const F_VERSION_1: u64 = 1 << 32;
 /// VHOST_USER_F_PROTOCOL_FEATURES.
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VHOST_F_LOG_ALL: the frontend migrates; the backend logs its writes.
+const F_LOG_ALL: u64 = 1 << 26;
+/// The dirty log's page: one bit for each (guest-physical).
+const PAGE: u64 = 4096;
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 /// The virtio-net header before each frame (VERSION_1).
@@ -84,22 +88,28 @@ fn frame(dst: [u8; 6], src: [u8; 6], seq: u32) -> Vec<u8> {
 struct Memfd {
     file: File,
     ptr: *mut u8,
+    len: usize,
 }
 
 impl Memfd {
     fn new() -> Memfd {
+        Memfd::sized(c"nfv-hostile", MEM)
+    }
+
+    /// A memfd of `len` bytes (a multiple of the page size), mapped.
+    fn sized(name: &std::ffi::CStr, len: usize) -> Memfd {
         // SAFETY: the name is a NUL-terminated string memfd_create only reads.
-        let fd = unsafe { libc::memfd_create(c"nfv-hostile".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
         // SAFETY: fd was just created and nothing else owns it.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(MEM as u64).expect("sizing the memfd");
+        file.set_len(len as u64).expect("sizing the memfd");
         // SAFETY: a fresh shared mapping of the whole memfd, at an address
         // the kernel chooses; the result is checked below.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                MEM,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
@@ -114,17 +124,21 @@ impl Memfd {
         Memfd {
             file,
             ptr: ptr as *mut u8,
+            len,
         }
     }
 
     /// Where this process maps guest-physical `gpa`.
     fn host(&self, gpa: u64) -> u64 {
-        assert!(gpa < MEM as u64);
+        assert!(gpa < self.len as u64);
         self.ptr as u64 + gpa
     }
 
     fn write(&self, gpa: u64, bytes: &[u8]) {
-        assert!(gpa as usize + bytes.len() <= MEM, "{gpa:#x} is not ours");
+        assert!(
+            gpa as usize + bytes.len() <= self.len,
+            "{gpa:#x} is not ours"
+        );
         // SAFETY: the destination lies inside the mapping (checked above),
         // which lives as long as self; the switch reads it only once the
         // available index published it.
@@ -134,7 +148,7 @@ impl Memfd {
     }
 
     fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        assert!(gpa as usize + len <= MEM, "{gpa:#x} is not ours");
+        assert!(gpa as usize + len <= self.len, "{gpa:#x} is not ours");
         (0..len)
             // SAFETY: each byte lies inside the mapping (checked above);
             // volatile, as the other process writes there.
@@ -144,7 +158,7 @@ impl Memfd {
 
     /// The ring index at `gpa` (the available or used ring's `idx`).
     fn index(&self, gpa: u64) -> &AtomicU16 {
-        assert!(gpa as usize + 2 <= MEM && gpa.is_multiple_of(2));
+        assert!(gpa as usize + 2 <= self.len && gpa.is_multiple_of(2));
         // SAFETY: the u16 lies inside the mapping and is aligned (checked
         // above); the mapping lives as long as the reference's self; both
         // processes access it only atomically.
@@ -155,7 +169,7 @@ impl Memfd {
 impl Drop for Memfd {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, which nothing uses after this.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, MEM) };
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
     }
 }
 
@@ -175,6 +189,12 @@ struct Guest {
 
 impl Guest {
     fn connect(sock: &Path) -> Guest {
+        Guest::connect_with(sock, VhostUserProtocolFeatures::empty())
+    }
+
+    /// A frontend that also negotiates the protocol features `extra`
+    /// (each of which the switch must offer).
+    fn connect_with(sock: &Path, extra: VhostUserProtocolFeatures) -> Guest {
         let what = sock.display();
         let stream = UnixStream::connect(sock).unwrap_or_else(|e| panic!("{what}: {e}"));
         let watch = stream.try_clone().unwrap();
@@ -184,8 +204,12 @@ impl Guest {
         let wanted = F_VERSION_1 | F_PROTOCOL_FEATURES;
         assert_eq!(offered & wanted, wanted, "features {offered:#x}");
         let protocol = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-        assert!(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
-        fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+        let protocol_wanted = VhostUserProtocolFeatures::REPLY_ACK | extra;
+        assert!(
+            protocol.contains(protocol_wanted),
+            "protocol features {protocol:?}"
+        );
+        fe.set_protocol_features(protocol_wanted)
             .expect("SET_PROTOCOL_FEATURES");
         // every request from here on is answered once the switch did it
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -296,6 +320,24 @@ impl Guest {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Waits (10 s at most) until the switch maps both rings (and polls
+    /// them): it sets NO_NOTIFY in each used ring's flags. Then 50 ms more,
+    /// for the other PMDs, which map them in their next round.
+    fn wait_polled(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let flags = |q: usize| self.mem.index(used(q)).load(Ordering::Acquire);
+        while flags(RX) != 1 || flags(TX) != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the switch did not map the rings within 10 s (used flags {} and {})",
+                flags(RX),
+                flags(TX)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 
     /// Waits (10 s at most) for the switch to end the connection: the
@@ -637,4 +679,162 @@ fn bad_receive_buffers_cut_the_frontend_off() {
         "{}",
         mine[0]
     );
+}
+
+/// The pages whose bits are set in a dirty log over the frontend's
+/// memory (bit p of byte p / 8: guest-physical page p).
+fn dirty_pages(log: &Memfd) -> Vec<u64> {
+    let bytes = log.read(0, MEM / PAGE as usize / 8);
+    (0..MEM as u64 / PAGE)
+        .filter(|&p| bytes[(p / 8) as usize] & (1 << (p % 8)) != 0)
+        .collect()
+}
+
+/// The pages the bytes `at..at + len` lie on.
+fn pages(at: u64, len: usize) -> std::ops::RangeInclusive<u64> {
+    at / PAGE..=(at + len as u64 - 1) / PAGE
+}
+
+/// A migrating frontend of the test's own on port `logged` (LOG_SHMFD,
+/// VHOST_F_LOG_ALL) hands its dirty log over once the switch polls its
+/// rings; port src's broadcast frames then land in its receive buffers
+/// (on pages 100 to 104, one across a page boundary), and the log has
+/// the bits of exactly the pages the switch wrote: those buffers' and the
+/// used ring's (not the descriptor table's, the available ring's, the
+/// transmit ring's or a posted buffer still unfilled). The frames arrive
+/// intact. The frontend clears its log (a migration round) and the next
+/// frame's pages are logged again. A new connection without a log on the
+/// port receives frames too, and the old log stays clear.
+#[test]
+fn a_frontend_s_dirty_log_gets_the_pages_the_switch_writes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("switch-hostile-log");
+    let (sw, ctl) = switch(&dir, "src,logged");
+    let mut src = Guest::connect(&dir.join("src.sock"));
+    let from = [0x02, 0, 0, 0, 0, 0x01];
+    let len = HDR + 60;
+    // a delivered frame: (no offloads; num_buffers 1) then the frame
+    let delivered = |seq: u32| {
+        let mut f = frame([0xff; 6], from, seq);
+        f[..HDR].copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        f
+    };
+    let sock = dir.join("logged.sock");
+    let mut g = Guest::connect_with(&sock, VhostUserProtocolFeatures::LOG_SHMFD);
+    let offered = g.frontend.get_features().expect("GET_FEATURES");
+    assert_ne!(offered & F_LOG_ALL, 0, "features {offered:#x}: no LOG_ALL");
+    // receive buffers: pages 100, 101 (its second half), 102, one across
+    // pages 103 and 104, and one on page 110 no frame reaches at first
+    let bufs = [
+        100 * PAGE,
+        101 * PAGE + 0x800,
+        102 * PAGE,
+        104 * PAGE - 32,
+        110 * PAGE,
+    ];
+    let chains: Vec<_> = bufs.iter().map(|&a| (a, 2048, DESC_F_WRITE, 0)).collect();
+    g.post(RX, &chains);
+    g.wait_polled("port logged");
+
+    // the migration starts: the log (a bit a page of the 2 MiB: 64
+    // bytes, a page of memfd), then LOG_ALL (QEMU's order)
+    let log = Memfd::sized(c"nfv-dirty-log", PAGE as usize);
+    g.frontend
+        .set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: PAGE,
+                mmap_offset: 0,
+                mmap_handle: log.file.as_raw_fd(),
+            }),
+        )
+        .expect("SET_LOG_BASE");
+    g.frontend
+        .set_features(F_VERSION_1 | F_PROTOCOL_FEATURES | F_LOG_ALL)
+        .expect("SET_FEATURES with LOG_ALL");
+    assert_eq!(
+        dirty_pages(&log),
+        [0u64; 0],
+        "pages logged before any frame"
+    );
+
+    for seq in 0..4 {
+        src.send(&frame([0xff; 6], from, seq));
+    }
+    g.wait_used(RX, 4, "four frames to port logged");
+    src.wait_used(TX, 4, "port src's frames");
+    wait_stats(&ctl, "four frames to port logged", |d| {
+        counter(d, "logged", "tx_frames") == 4
+    });
+    for (i, &at) in bufs[..4].iter().enumerate() {
+        assert_eq!(g.used_entry(RX, i as u16), (i as u32, len as u32));
+        assert_eq!(
+            g.mem.read(at, len),
+            delivered(i as u32),
+            "frame {i} at {at:#x}"
+        );
+    }
+    assert_eq!(g.mem.read(bufs[4], len), vec![0; len], "a buffer unfilled");
+    let used_page = used(RX) / PAGE;
+    let mut want: Vec<u64> = bufs[..4].iter().flat_map(|&a| pages(a, len)).collect();
+    want.push(used_page);
+    want.sort();
+    assert_eq!(want, [2, 100, 101, 102, 103, 104]);
+    let got = dirty_pages(&log);
+    assert_eq!(
+        got,
+        want,
+        "the pages logged (the descriptor table's is {}, the available ring's {}, the transmit \
+         ring's {}..={})",
+        desc_table(RX) / PAGE,
+        avail(RX) / PAGE,
+        desc_table(TX) / PAGE,
+        used(TX) / PAGE
+    );
+
+    // a migration round: the frontend clears its log (nothing in flight);
+    // the next frame's pages (the buffer on page 110, the used ring) are
+    // logged again
+    log.write(0, &vec![0; MEM / PAGE as usize / 8]);
+    src.send(&frame([0xff; 6], from, 4));
+    g.wait_used(RX, 5, "a fifth frame to port logged");
+    assert_eq!(g.used_entry(RX, 4), (4, len as u32));
+    assert_eq!(g.mem.read(bufs[4], len), delivered(4), "frame 4");
+    assert_eq!(
+        dirty_pages(&log),
+        [used_page, 110],
+        "the pages logged again"
+    );
+    g.frontend
+        .get_features()
+        .expect("the migrating frontend keeps its connection");
+
+    // the migration done, the frontend goes; the next one on the port
+    // hands no log over: it receives frames, and the old log stays clear
+    drop(g);
+    log.write(0, &vec![0; MEM / PAGE as usize / 8]);
+    let mut g = Guest::connect(&sock);
+    g.post(RX, &[(bufs[0], 2048, DESC_F_WRITE, 0)]);
+    g.wait_polled("port logged, a frontend without a log");
+    src.send(&frame([0xff; 6], from, 5));
+    g.wait_used(RX, 1, "a frame to a frontend without a log");
+    assert_eq!(g.used_entry(RX, 0), (0, len as u32));
+    assert_eq!(g.mem.read(bufs[0], len), delivered(5), "frame 5");
+    src.wait_used(TX, 6, "port src's frames");
+    assert_eq!(dirty_pages(&log), [0u64; 0], "the old log written to");
+    g.frontend
+        .get_features()
+        .expect("the frontend without a log keeps its connection");
+    drop(g);
+
+    let (doc, _) = stop(sw);
+    let port = |p: &str, k: &str| counter(&doc, p, k);
+    assert_eq!(port("logged", "tx_frames"), 6, "{doc}");
+    assert_eq!(port("logged", "drop_no_buffer"), 0, "{doc}");
+    assert_eq!(port("logged", "connects"), 2, "{doc}");
+    assert_eq!(port("src", "rx_frames"), 6, "{doc}");
+    for p in ["src", "logged"] {
+        assert_eq!(port(p, "cut_off"), 0, "{doc}");
+        assert_eq!(port(p, "drop_bad_buffer"), 0, "{doc}");
+    }
 }

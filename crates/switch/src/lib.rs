@@ -167,6 +167,11 @@ impl Switch {
                 }
             }
         }
+        // (placed before the switch says it serves: its report is whole)
+        let t0 = std::time::Instant::now();
+        while state.placements().len() < pmds && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Ok(Switch { state, threads })
     }
 
