@@ -263,7 +263,7 @@ fn through_switch(dir: &Path, tag: &str, size: u16, seconds: u64, run: u32) -> R
     )?;
     let state = sw.state.clone();
     let (secs, mpps, fe_busy, rounds) =
-        measure(fe, seconds, || state.pmd_rounds()[0]).context("through nfvisor's switch")?;
+        measure(fe, seconds, || state.pmd_time()[0]).context("through nfvisor's switch")?;
     sw.stop();
     let (r, b) = (rounds[1].0 - rounds[0].0, rounds[1].1 - rounds[0].1);
     Ok(LoopFigures {

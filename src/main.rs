@@ -418,7 +418,10 @@ fn error_code(e: &anyhow::Error) -> u8 {
 fn sandbox(command: &Command, mode: seccomp::Mode) -> Result<()> {
     if !matches!(
         command,
-        Command::Run { .. } | Command::Restore { .. } | Command::Receive { .. }
+        Command::Run { .. }
+            | Command::Restore { .. }
+            | Command::Receive { .. }
+            | Command::Switch(_)
     ) {
         return Ok(());
     }

@@ -132,6 +132,13 @@ fn testpmd_forwards_through_the_switch_and_both_sides_count_alike() {
         );
     }
     assert!(stats[0].0 > 1000, "frames loop for seconds: {stats:?}");
+    // every thread under its filter: the main thread, the PMD, both
+    // ports' protocol threads (and the crate's threads under them)
+    assert_eq!(doc["seccomp"]["mode"], "on", "{doc}");
+    assert!(
+        doc["seccomp"]["filtered_threads"].as_u64().unwrap() >= 4,
+        "{doc}"
+    );
     // flooded only until both MACs were learnt, and the table says where
     assert!(port("a", "flooded") + port("b", "flooded") <= 64, "{doc}");
     let fdb = doc["fdb"].as_array().unwrap();

@@ -87,16 +87,25 @@ pub enum Role {
     /// Copies the serial console, injects timed interrupts: sleeps,
     /// reads, writes, KVM's interrupt ioctls.
     Helper,
+    /// A switch PMD: polls rings in memory the frontends share, writes
+    /// their eventfds and TAPs, cuts a hostile frontend's socket.
+    SwitchPmd,
+    /// A switch port's vhost-user protocol and the threads the
+    /// `vhost-user-backend` crate starts for it: its socket (messages and
+    /// the descriptors they carry), the frontend's memory mapped, epoll.
+    SwitchPort,
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 8] = [
         Role::Vmm,
         Role::Vcpu,
         Role::DeviceWorker,
         Role::BlockWorker,
         Role::Metrics,
         Role::Helper,
+        Role::SwitchPmd,
+        Role::SwitchPort,
     ];
 
     pub fn name(self) -> &'static str {
@@ -107,6 +116,8 @@ impl Role {
             Role::BlockWorker => "block-worker",
             Role::Metrics => "metrics",
             Role::Helper => "helper",
+            Role::SwitchPmd => "switch-pmd",
+            Role::SwitchPort => "switch-port",
         }
     }
 }
@@ -257,8 +268,9 @@ fn filter_with(role: Role, mismatch: SeccompAction) -> Result<BpfProgram, Error>
         rules.insert(n.call, chain);
     }
     // clone: threads only, and only for the VMM role (the others start
-    // threads through the spawner)
-    if role != Role::Vmm {
+    // threads through the spawner) and a switch port's (the crate it runs
+    // starts its own)
+    if !matches!(role, Role::Vmm | Role::SwitchPort) {
         let f = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch()).map_err(build)?;
         return BpfProgram::try_from(f).map_err(build);
     }

@@ -153,6 +153,31 @@ const METRICS: List = calls!(
 /// interrupt ioctl, their own real-time placement.
 const HELPER: List = calls!(SYS_ioctl, SYS_sched_setscheduler, SYS_sched_setaffinity);
 
+/// A switch PMD: rings in memory it polls, eventfds and TAPs it writes
+/// (in BASE); the socket of a frontend it cuts off.
+const SWITCH_PMD: List = calls!(SYS_shutdown);
+
+/// A switch port's protocol thread and the `vhost-user-backend` crate's
+/// threads under it: the port's socket (accept or connect, messages with
+/// descriptors, shutdown), epoll and eventfds, the threads it starts and
+/// names.
+const SWITCH_PORT: List = calls!(
+    SYS_socket,
+    SYS_connect,
+    SYS_accept4,
+    SYS_shutdown,
+    SYS_recvmsg,
+    SYS_sendmsg,
+    SYS_getsockopt,
+    SYS_setsockopt,
+    SYS_epoll_create1,
+    SYS_epoll_ctl,
+    SYS_eventfd2,
+    SYS_prctl,
+    SYS_set_robust_list,
+    SYS_rseq,
+);
+
 /// The VMM's own threads: building and restoring VMs, files, sockets,
 /// migration, memory policy, real-time placement, starting threads and
 /// installing their filters. No exec, no process, no mount, no ptrace, no
@@ -271,12 +296,16 @@ pub fn allowed(role: Role) -> Vec<(libc::c_long, &'static str)> {
             BLOCK_WORKER,
             METRICS,
             HELPER,
+            SWITCH_PMD,
+            SWITCH_PORT,
         ],
         Role::Vcpu => &[VCPU],
         Role::DeviceWorker => &[QUEUE_WORKER, DEVICE_WORKER],
         Role::BlockWorker => &[QUEUE_WORKER, BLOCK_WORKER],
         Role::Metrics => &[METRICS],
         Role::Helper => &[HELPER],
+        Role::SwitchPmd => &[SWITCH_PMD],
+        Role::SwitchPort => &[SWITCH_PORT],
     };
     let mut all: Vec<_> = std::iter::once(BASE)
         .chain(own.iter().copied())
@@ -327,6 +356,14 @@ pub fn narrowed(role: Role) -> Vec<Narrowed> {
         ],
         Role::BlockWorker => vec![ioctl(&[BLOCK_DEVICE_IOCTLS << 8, TUN_AND_FIO_IOCTLS << 8])],
         Role::Metrics => vec![ioctl(&[TUN_AND_FIO_IOCTLS << 8])],
+        Role::SwitchPmd => vec![],
+        // a client port connects over UNIX sockets only
+        Role::SwitchPort => vec![Narrowed {
+            call: libc::SYS_socket,
+            arg: 0,
+            mask: u32::MAX as u64,
+            values: &[libc::AF_UNIX as u64],
+        }],
     }
 }
 
@@ -338,7 +375,10 @@ pub fn narrowed(role: Role) -> Vec<Narrowed> {
 /// (glibc's malloc then simply keeps its heap).
 pub fn answered(role: Role) -> Vec<(libc::c_long, i32)> {
     let mut v = vec![(libc::SYS_clone3, libc::ENOSYS)];
-    if matches!(role, Role::DeviceWorker | Role::BlockWorker | Role::Helper) {
+    if matches!(
+        role,
+        Role::DeviceWorker | Role::BlockWorker | Role::Helper | Role::SwitchPmd | Role::SwitchPort
+    ) {
         v.push((libc::SYS_openat, libc::EACCES));
     }
     v
@@ -354,6 +394,8 @@ pub fn syscall_name(nr: i64) -> Option<&'static str> {
         BLOCK_WORKER,
         METRICS,
         HELPER,
+        SWITCH_PMD,
+        SWITCH_PORT,
     ]
     .iter()
     .flat_map(|l| l.iter())

@@ -155,6 +155,11 @@ impl Switch {
                 .spawn(move || {
                     let placed = place(index, cpu, prio);
                     st.placements.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(placed);
+                    // (placed first: the filter has no scheduler calls)
+                    if let Err(e) = seccomp::enter(seccomp::Role::SwitchPmd) {
+                        tracing::error!("PMD {index}: {e}: it does not poll");
+                        return;
+                    }
                     pmd::run(index, &st.shared, &st.stop)
                 })
                 .map_err(|e| SwitchError::Cpus(format!("starting PMD {index}: {e}")));
@@ -234,9 +239,10 @@ impl SwitchState {
             .collect()
     }
 
-    /// Each PMD's polling rounds so far, and those that moved frames
-    /// (the busy-poll fraction, between two readings).
-    pub fn pmd_rounds(&self) -> Vec<(u64, u64)> {
+    /// Each PMD's polling time so far and the part of it spent in rounds
+    /// that moved frames, in nanoseconds (the busy-poll fraction, between
+    /// two readings).
+    pub fn pmd_time(&self) -> Vec<(u64, u64)> {
         self.shared
             .rounds
             .iter()
@@ -343,8 +349,12 @@ impl SwitchState {
             }).collect::<Vec<_>>(),
             "fdb_moves": self.fdb_moves(),
             "pmds": self.placements(),
-            "pmd_rounds": self.pmd_rounds().iter().map(|(r, b)| {
-                serde_json::json!({"rounds": r, "busy": b})
+            "seccomp": {
+                "mode": seccomp::mode().to_string(),
+                "filtered_threads": seccomp::filtered_threads(),
+            },
+            "pmd_time": self.pmd_time().iter().map(|(ns, busy)| {
+                serde_json::json!({"polled_ns": ns, "busy_ns": busy})
             }).collect::<Vec<_>>(),
         })
     }

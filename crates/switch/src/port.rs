@@ -340,6 +340,10 @@ fn protocol_thread(
     mut listener: Option<vhost::vhost_user::Listener>,
     stop: Arc<AtomicBool>,
 ) {
+    if let Err(e) = seccomp::enter(seccomp::Role::SwitchPort) {
+        tracing::error!("port {}: {e}: it serves no frontend", port.name);
+        return;
+    }
     let gone = || stop.load(Ordering::Acquire) || port.removed.load(Ordering::Acquire);
     while !gone() {
         if let Err(e) = one_connection(&port, listener.as_mut(), &gone) {
