@@ -48,6 +48,12 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("ivshmem", |d| {
         let _ = ivshmem::ivshmem(&mut Unstructured::new(d));
     }),
+    ("switch_ring", |d| {
+        let _ = switch::fuzzing::ring(&mut Unstructured::new(d));
+    }),
+    ("switch_control", |d| {
+        let _ = switch::fuzzing::control(&mut Unstructured::new(d));
+    }),
 ];
 
 mod ivshmem;

@@ -21,6 +21,8 @@ fn depth() -> u64 {
         &f::PCI_ACTIVATED,
         &fuzzer::DEPTH[0],
         &fuzzer::DEPTH[1],
+        &switch::fuzzing::RINGS_MAPPED,
+        &switch::fuzzing::CHAINS_WALKED,
     ]
     .iter()
     .map(|c| c.load(Relaxed))
@@ -163,6 +165,10 @@ fn main() {
             "depth": [
                 fuzzer::DEPTH[0].load(std::sync::atomic::Ordering::Relaxed),
                 fuzzer::DEPTH[1].load(std::sync::atomic::Ordering::Relaxed),
+            ],
+            "switch_rings_mapped_chains_walked": [
+                switch::fuzzing::RINGS_MAPPED.load(std::sync::atomic::Ordering::Relaxed),
+                switch::fuzzing::CHAINS_WALKED.load(std::sync::atomic::Ordering::Relaxed),
             ],
         })
     );

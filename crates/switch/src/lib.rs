@@ -15,6 +15,8 @@
 pub mod control;
 pub mod dirty_log;
 pub mod fdb;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod pmd;
 pub mod port;
 pub mod ring;
