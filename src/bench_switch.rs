@@ -46,8 +46,8 @@ pub struct LoopFigures {
     /// The frontend's forwarding core: the fraction of its time spent on
     /// bursts that carried frames (testpmd's --record-core-cycles).
     pub frontend_busy: Option<f64>,
-    /// The switch's PMD: the fraction of its polling rounds that moved
-    /// frames (nfvisor's switch only).
+    /// The switch's PMD: the fraction of its polling time spent in rounds
+    /// that moved frames (nfvisor's switch only).
     pub switch_busy: Option<f64>,
 }
 

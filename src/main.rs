@@ -1191,12 +1191,17 @@ fn run_switch(a: &SwitchArgs) -> Result<u8> {
     if let Some(p) = a.rt_priority {
         anyhow::ensure!((1..=99).contains(&p), "--rt-priority {p}: 1 to 99");
     }
+    anyhow::ensure!(
+        (1..=86400).contains(&a.ageing_s),
+        "--ageing-s {}: 1 to 86400 seconds",
+        a.ageing_s
+    );
     let mut sw = switch::Switch::start(switch::SwitchConfig {
         socket_dir: a.socket_dir.clone(),
         ports,
         cpus,
         rt_priority: a.rt_priority,
-        ageing: std::time::Duration::from_secs(a.ageing_s.max(1)),
+        ageing: std::time::Duration::from_secs(a.ageing_s),
     })?;
     if let Some(path) = &a.control_socket {
         switch::control::serve(sw.state.clone(), path)?;

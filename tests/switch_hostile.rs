@@ -838,3 +838,113 @@ fn a_frontend_s_dirty_log_gets_the_pages_the_switch_writes() {
         assert_eq!(port(p, "drop_bad_buffer"), 0, "{doc}");
     }
 }
+
+/// A frame whose first buffer is sound but whose second lies outside its
+/// sender's memory (the addresses and the broadcast destination read
+/// fine): its sender is cut off, never the port it was flooded to, which
+/// takes the next frame intact.
+#[test]
+fn a_frame_with_a_buffer_outside_memory_cuts_its_sender_not_its_receivers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("switch-hostile-seg");
+    let (sw, ctl) = switch(&dir, "bad,dst");
+    let mut dst = Guest::connect(&dir.join("dst.sock"));
+    dst.post(
+        RX,
+        &[
+            (buf(RX, 0), 2048, DESC_F_WRITE, 0),
+            (buf(RX, 1), 2048, DESC_F_WRITE, 0),
+        ],
+    );
+    dst.wait_polled("port dst");
+    let mut bad = Guest::connect(&dir.join("bad.sock"));
+    bad.wait_polled("port bad");
+    // descriptor 1: the frame's tail, far outside memory
+    let mut tail = [0u8; 16];
+    tail[0..8].copy_from_slice(&NOWHERE.to_le_bytes());
+    tail[8..12].copy_from_slice(&46u32.to_le_bytes());
+    bad.mem.write(desc_table(TX) + 16, &tail);
+    // descriptor 0 (chained to 1): the header and the Ethernet header
+    let f = frame([0xff; 6], [0x02, 0, 0, 0, 0, 0x0b], 0);
+    bad.mem.write(buf(TX, 0), &f[..HDR + 14]);
+    bad.post(TX, &[(buf(TX, 0), (HDR + 14) as u32, DESC_F_NEXT, 1)]);
+    bad.wait_used(TX, 1, "the bad frame's chain");
+    bad.wait_cut("a frame with a buffer outside memory");
+    wait_stats(&ctl, "the sender cut off", |d| {
+        counter(d, "bad", "cut_off") == 1 && counter(d, "bad", "drop_bad_chain") == 1
+    });
+    // nothing reached port dst, which keeps its connection and takes the
+    // next frame (from a well-behaved frontend on the port) intact
+    assert_eq!(dst.used(RX), 0);
+    dst.frontend
+        .get_features()
+        .expect("port dst keeps its connection");
+    let mut good = Guest::connect(&dir.join("bad.sock"));
+    good.wait_polled("port bad again");
+    let f = frame([0xff; 6], [0x02, 0, 0, 0, 0, 0x0c], 1);
+    good.send(&f);
+    dst.wait_used(RX, 1, "the good frame");
+    let len = f.len();
+    assert_eq!(dst.used_entry(RX, 0), (0, len as u32));
+    assert_eq!(dst.mem.read(buf(RX, 0), len)[HDR..], f[HDR..]);
+    drop((good, dst));
+    let (doc, stderr) = stop(sw);
+    assert_eq!(counter(&doc, "dst", "cut_off"), 0, "{doc}");
+    assert_eq!(counter(&doc, "dst", "drop_bad_buffer"), 0, "{doc}");
+    assert_eq!(counter(&doc, "dst", "tx_frames"), 1, "{doc}");
+    assert_eq!(counter(&doc, "bad", "cut_off"), 1, "{doc}");
+    let (mine, all) = cut_lines(&stderr, "bad");
+    assert_eq!((mine.len(), all), (1, 1), "only port bad, once:\n{stderr}");
+    assert!(mine[0].contains("transmit chain"), "{}", mine[0]);
+}
+
+/// A memory table whose region runs past the end of its file (a frontend
+/// that would have the switch's first touch there raise SIGBUS and end
+/// every port with it) is refused and its frontend cut off; the switch
+/// serves on, and a sound frontend on the port afterwards.
+#[test]
+fn a_memory_region_past_its_file_s_end_is_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("switch-hostile-short");
+    let (sw, ctl) = switch(&dir, "bad,other");
+    let sock = dir.join("bad.sock");
+    let stream = UnixStream::connect(&sock).unwrap();
+    let mut fe = Frontend::from_stream(stream, 2);
+    fe.set_owner().expect("SET_OWNER");
+    let wanted = F_VERSION_1 | F_PROTOCOL_FEATURES;
+    fe.get_features().expect("GET_FEATURES");
+    fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+        .expect("SET_PROTOCOL_FEATURES");
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe.set_features(wanted).expect("SET_FEATURES");
+    // a file of 1 MiB said to hold 2 MiB
+    let short = Memfd::sized(c"nfv-short", MEM / 2);
+    let refused = fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM as u64,
+        userspace_addr: short.host(0),
+        mmap_offset: 0,
+        mmap_handle: short.file.as_raw_fd(),
+    }]);
+    assert!(refused.is_err(), "a region past its file's end was taken");
+    wait_stats(&ctl, "the frontend cut off", |d| {
+        counter(d, "bad", "connects") == 1 && !d["ports"]["bad"].is_null()
+    });
+    // the next request finds the connection gone
+    let t0 = Instant::now();
+    while fe.get_features().is_ok() {
+        assert!(t0.elapsed() < T, "the connection was not cut");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // a sound frontend on the port after it
+    let good = Guest::connect(&sock);
+    good.wait_polled("a sound frontend after the short one");
+    drop(good);
+    let (doc, stderr) = stop(sw);
+    assert_eq!(counter(&doc, "bad", "connects"), 2, "{doc}");
+    assert!(
+        stderr.contains("past its file") || stderr.contains("a memory region of"),
+        "{stderr}"
+    );
+}

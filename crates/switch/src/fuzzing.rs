@@ -29,8 +29,11 @@ enum RingOp {
 /// full of arbitrary bytes, then read and written as the PMD does: no
 /// panic, every index checked, no chain longer than the ring.
 pub fn ring(u: &mut Unstructured) -> arbitrary::Result<()> {
+    // (a frontend chooses its regions' guest bases: an odd one maps
+    // aligned guest addresses to misaligned host ones)
+    let base = [0u64, 1, 3, 0x1001][u.int_in_range(0..=3usize)?];
     let mem: GuestMemoryMmap<crate::dirty_log::DirtyLog> =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("memory");
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(base), MEM_SIZE as usize)]).expect("memory");
     let atomic = GuestMemoryAtomic::new(mem);
     let guard = atomic.memory();
     let size: u16 = 1 << (u.int_in_range(0..=10u16)?);

@@ -110,8 +110,9 @@ impl Switch {
             ));
         }
         if config.ports.len() < 2 {
+            let names: Vec<&str> = config.ports.iter().map(|p| p.name.as_str()).collect();
             return Err(SwitchError::Ports(
-                String::new(),
+                names.join(","),
                 "a switch needs two ports at least".into(),
             ));
         }
@@ -134,6 +135,8 @@ impl Switch {
                 rounds: (0..pmds)
                     .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
                     .collect(),
+                seen: (0..pmds).map(|_| AtomicU64::new(0)).collect(),
+                alive: (0..pmds).map(|_| AtomicBool::new(false)).collect(),
             }),
             stop: stop.clone(),
             socket_dir: dir.clone(),
@@ -148,10 +151,12 @@ impl Switch {
             }
         }
         let mut threads = Vec::new();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         for index in 0..pmds {
             let st = state.clone();
             let cpu = config.cpus.get(index).copied();
             let prio = config.rt_priority;
+            let started = started_tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("switch-pmd{index}"))
                 .spawn(move || {
@@ -159,9 +164,20 @@ impl Switch {
                     st.placements.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(placed);
                     // (placed first: the filter has no scheduler calls)
                     if let Err(e) = seccomp::enter(seccomp::Role::SwitchPmd) {
-                        tracing::error!("PMD {index}: {e}: it does not poll");
+                        let _ = started.send(Err(format!("PMD {index}: {e}")));
                         return;
                     }
+                    // (marked dead however it ends, a panic included)
+                    struct Alive<'a>(&'a AtomicBool);
+                    impl Drop for Alive<'_> {
+                        fn drop(&mut self) {
+                            self.0.store(false, Ordering::Release);
+                        }
+                    }
+                    let alive = &st.shared.alive[index];
+                    alive.store(true, Ordering::Release);
+                    let _alive = Alive(alive);
+                    let _ = started.send(Ok(()));
                     pmd::run(index, &st.shared, &st.stop)
                 })
                 .map_err(|e| SwitchError::Cpus(format!("starting PMD {index}: {e}")));
@@ -174,12 +190,24 @@ impl Switch {
                 }
             }
         }
-        // (placed before the switch says it serves: its report is whole)
-        let t0 = std::time::Instant::now();
-        while state.placements().len() < pmds && t0.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(1));
+        // every PMD placed and under its filter before the switch says it
+        // serves (its report is whole; one that cannot start is an error)
+        drop(started_tx);
+        let mut sw = Switch { state, threads };
+        for _ in 0..pmds {
+            match started_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    sw.stop();
+                    return Err(SwitchError::Cpus(e));
+                }
+                Err(_) => {
+                    sw.stop();
+                    return Err(SwitchError::Cpus("a PMD did not start within 10 s".into()));
+                }
+            }
         }
-        Ok(Switch { state, threads })
+        Ok(sw)
     }
 
     /// Stops the PMDs and the ports.
@@ -231,11 +259,15 @@ impl SwitchState {
                 .map(|p| p.name.clone())
                 .unwrap_or_default()
         };
-        self.shared
+        // (copied out under the lock the PMDs take each burst; aged,
+        // sorted and named outside it)
+        let snapshot = self
+            .shared
             .fdb
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entries(self.shared.ageing)
+            .snapshot();
+        fdb::live(snapshot, self.shared.ageing)
             .into_iter()
             .map(|(m, slot, age)| (m, name(slot), age))
             .collect()
@@ -283,7 +315,17 @@ impl SwitchState {
         for (_, p) in &live {
             load[p.pmd] += 1;
         }
-        let pmd = (0..self.pmds).min_by_key(|&i| load[i]).unwrap_or(0);
+        // (a PMD that ended polls nothing: not given ports; before the
+        // PMDs start, all are candidates)
+        let alive: Vec<usize> = (0..self.pmds)
+            .filter(|&i| self.shared.alive[i].load(Ordering::Acquire))
+            .collect();
+        let candidates = if alive.is_empty() {
+            (0..self.pmds).collect()
+        } else {
+            alive
+        };
+        let pmd = candidates.into_iter().min_by_key(|&i| load[i]).unwrap_or(0);
         let port = Port::start(spec, &self.socket_dir, pmd, self.stop.clone())?;
         {
             let mut table = self.shared.ports.write().unwrap_or_else(|e| e.into_inner());
@@ -300,20 +342,34 @@ impl SwitchState {
     /// what the table learnt on it is forgotten.
     pub fn del_port(&self, name: &str) -> Result<(), SwitchError> {
         let _one = self.changing.lock().unwrap_or_else(|e| e.into_inner());
-        let port = {
+        let (slot, port) = {
             let mut table = self.shared.ports.write().unwrap_or_else(|e| e.into_inner());
             let slot = table
                 .iter()
                 .position(|p| p.as_ref().is_some_and(|p| p.name == name))
                 .ok_or_else(|| SwitchError::Port(name.to_string(), "no such port".into()))?;
-            self.shared
-                .fdb
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .forget_port(slot);
-            table[slot].take().expect("the slot found")
+            (slot, table[slot].take().expect("the slot found"))
         };
-        self.shared.table_generation.fetch_add(1, Ordering::AcqRel);
+        let generation = self.shared.table_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        // every live PMD past its last burst with the port (so none learns
+        // an address on its slot again, touches its memory, or holds its
+        // TAP) before what was learnt there is forgotten and the port ends
+        let t0 = std::time::Instant::now();
+        while (0..self.pmds).any(|i| {
+            self.shared.alive[i].load(Ordering::Acquire)
+                && self.shared.seen[i].load(Ordering::Acquire) < generation
+        }) {
+            if t0.elapsed() > Duration::from_secs(2) {
+                tracing::warn!("del-port {name}: a PMD did not take the new port table within 2 s");
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        self.shared
+            .fdb
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget_port(slot);
         port.remove();
         Ok(())
     }

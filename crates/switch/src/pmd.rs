@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::VolatileSlice;
-use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::fdb::Fdb;
+use crate::fdb::{Fdb, Learnt};
 use crate::port::{Port, Vring};
 use crate::ring::Mapped;
 
@@ -53,6 +53,12 @@ pub(crate) struct Shared {
     /// moved frames took (the busy-poll fraction), published every
     /// [`PUBLISH_EVERY`] rounds.
     pub rounds: Vec<(AtomicU64, AtomicU64)>,
+    /// Per PMD: the table generation it works with (no view of a port
+    /// removed before it).
+    pub seen: Vec<AtomicU64>,
+    /// Per PMD: whether it polls (it started under its filter and has not
+    /// ended).
+    pub alive: Vec<AtomicBool>,
 }
 
 /// Rounds between two publications of a PMD's round counts.
@@ -75,7 +81,8 @@ struct View {
 enum Verdict {
     Ok,
     /// Malformed: a buffer the driver may not hand over (write-only on
-    /// transmit, outside its memory), or a chain that does not end.
+    /// transmit, outside its memory: every buffer is checked as the chain
+    /// is taken), or a chain that does not end.
     Bad,
     /// Shorter than a header and an Ethernet header.
     Runt,
@@ -165,6 +172,11 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
                     }
                 })
                 .collect();
+            drop(table);
+            // (views of a removed port are gone: del-port waits for this)
+            if let Some(seen) = shared.seen.get(index) {
+                seen.store(g, Ordering::Release);
+            }
         }
         // the vrings change only when a frontend comes or goes
         for v in views.iter_mut().flatten() {
@@ -176,8 +188,11 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
                 v.stale.set(true);
             }
             if v.stale.get() && v.rings.is_some() {
-                let fresh = map_rings(&v.port, v.rings.as_deref().unwrap_or(&[]), &mut v.maps);
-                v.stale.set(!fresh);
+                match map_rings(&v.port, v.rings.as_deref().unwrap_or(&[]), &mut v.maps) {
+                    Some(fresh) => v.stale.set(!fresh),
+                    // (cut off: its rings are not looked at again)
+                    None => v.rings = None,
+                }
             }
         }
         let mut moved = false;
@@ -198,13 +213,13 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
 /// PMDs poll, so the frontend need not kick, whether it sends or posts
 /// receive buffers (each kick would wake the crate's epoll thread, which
 /// takes the ring's lock and CPU time from the pollers). Whether both are
-/// mapped.
-fn map_rings(port: &Port, rings: &[Vring], maps: &mut [Option<Mapped>; 2]) -> bool {
+/// mapped; None when the frontend was cut off for them.
+fn map_rings(port: &Port, rings: &[Vring], maps: &mut [Option<Mapped>; 2]) -> Option<bool> {
     let mem = port.mem.memory();
     for (r, map) in rings.iter().zip(maps.iter_mut()) {
         let st = r.get_mut();
         if !st.is_enabled() || !st.get_queue().ready() {
-            return false;
+            return Some(false);
         }
         if map.as_ref().is_some_and(|m| m.is_of(st.get_queue(), &mem)) {
             continue;
@@ -215,13 +230,15 @@ fn map_rings(port: &Port, rings: &[Vring], maps: &mut [Option<Mapped>; 2]) -> bo
                 *map = Some(m);
             }
             Err(e) => {
-                // (not served until its rings are in its memory)
-                tracing::debug!("port {}: its rings: {e:?}", port.name);
-                return false;
+                // a ready ring comes after its memory table: one outside
+                // it (or misaligned) is the frontend's doing
+                drop(st);
+                cut_off(port, &format!("a ring it made ready: {e:?}"));
+                return None;
             }
         }
     }
-    true
+    Some(true)
 }
 
 /// One burst from port `src`: the frames it took.
@@ -242,109 +259,117 @@ fn burst(src: usize, views: &mut [Option<View>], shared: &Shared, s: &mut Scratc
         return 0;
     }
     let smem = port.mem.memory();
+    // The transmit ring stays locked from taking its chains to giving them
+    // back: a GET_VRING_BASE, SET_MEM_TABLE or SET_VRING_ADDR waits for the
+    // burst rather than seeing chains taken and never used. (No deadlock:
+    // only this PMD takes this ring's lock besides the port's protocol
+    // thread, which takes one vring lock at a time, and receive rings are
+    // taken only under a transmit ring's, never the other way.)
+    let mut st = tx.get_mut();
+    if !st.is_enabled() || !st.get_queue().ready() || !ring.is_of(st.get_queue(), &smem) {
+        view.stale.set(true);
+        return 0;
+    }
     let mut hostile_ring = None;
-    {
-        let mut st = tx.get_mut();
-        if !st.is_enabled() || !st.get_queue().ready() || !ring.is_of(st.get_queue(), &smem) {
-            view.stale.set(true);
-            return 0;
+    let q = st.get_queue_mut();
+    let mut next = q.next_avail();
+    let pending = match ring.pending(next) {
+        Ok(n) => n,
+        Err(e) => {
+            hostile_ring = Some(e);
+            0
         }
-        let q = st.get_queue_mut();
-        let mut next = q.next_avail();
-        let pending = match ring.pending(next) {
-            Ok(n) => n,
+    };
+    for _ in 0..pending.min(BURST as u16) {
+        let head = match ring.avail_head(next) {
+            Ok(h) => h,
             Err(e) => {
                 hostile_ring = Some(e);
-                0
+                break;
             }
         };
-        for _ in 0..pending.min(BURST as u16) {
-            let head = match ring.avail_head(next) {
-                Ok(h) => h,
-                Err(e) => {
-                    hostile_ring = Some(e);
-                    break;
-                }
-            };
-            next = next.wrapping_add(1);
-            let first = s.segs.len();
-            let mut len = 0usize;
-            let mut verdict = Verdict::Ok;
-            let segs = &mut s.segs;
-            let walked = ring.walk(head, false, |d| {
-                len += d.len as usize;
-                if len > HDR + MAX_FRAME {
-                    verdict = Verdict::TooBig;
-                    return false;
-                }
-                segs.push((d.addr, d.len));
-                true
-            });
-            if walked.is_err() {
+        next = next.wrapping_add(1);
+        let first = s.segs.len();
+        let mut len = 0usize;
+        let mut verdict = Verdict::Ok;
+        let segs = &mut s.segs;
+        let walked = ring.walk(head, false, |d| {
+            len += d.len as usize;
+            if len > HDR + MAX_FRAME {
+                verdict = Verdict::TooBig;
+                return false;
+            }
+            // every buffer in the sender's memory before anything is read
+            // from it (held mapped by `smem` until the copies are done)
+            if smem
+                .get_slice(GuestAddress(d.addr), d.len as usize)
+                .is_err()
+            {
                 verdict = Verdict::Bad;
+                return false;
             }
-            if verdict == Verdict::Ok && len < HDR + 14 {
-                verdict = Verdict::Runt;
-            }
-            s.frames.push(Taken {
-                head,
-                segs: first..s.segs.len(),
-                len: len.saturating_sub(HDR),
-                verdict,
-                out: Out::Nowhere,
-            });
+            segs.push((d.addr, d.len));
+            true
+        });
+        if walked.is_err() {
+            verdict = Verdict::Bad;
         }
-        q.set_next_avail(next);
+        if verdict == Verdict::Ok && len < HDR + 14 {
+            verdict = Verdict::Runt;
+        }
+        s.frames.push(Taken {
+            head,
+            segs: first..s.segs.len(),
+            len: len.saturating_sub(HDR),
+            verdict,
+            out: Out::Nowhere,
+        });
     }
+    q.set_next_avail(next);
     if let Some(e) = hostile_ring {
         // (its frames taken so far still go back below)
         cut_off(&port, &format!("its transmit ring: {e:?}"));
     }
     let taken = s.frames.len();
-    if taken == 0 {
-        if hostile_ring.is_some() {
-            if let Some(v) = views[src].as_mut() {
-                v.rings = None;
+    if taken > 0 {
+        // where each frame goes: the addresses first (read once, from the
+        // ring), the table once for the burst
+        let mut macs = [[0u8; 12]; BURST];
+        for (f, m) in s.frames.iter_mut().zip(macs.iter_mut()) {
+            if f.verdict == Verdict::Ok {
+                let src = Source::Ring {
+                    mem: &smem,
+                    segs: &s.segs[f.segs.clone()],
+                };
+                if copy_frame(&src, 0, VolatileSlice::from(&mut m[..])).is_err() {
+                    f.verdict = Verdict::Bad;
+                }
             }
         }
-        return 0;
+        route(src, &mut s.frames, &macs, shared, &port);
     }
-    // where each frame goes: the addresses first (read from the ring), the
-    // table once for the burst
-    let mut macs = [[0u8; 12]; BURST];
-    for (f, m) in s.frames.iter_mut().zip(macs.iter_mut()) {
-        if f.verdict == Verdict::Ok {
-            let src = Source::Ring {
-                mem: &smem,
-                segs: &s.segs[f.segs.clone()],
-            };
-            if copy_frame(&src, 0, VolatileSlice::from(&mut m[..])).is_err() {
-                f.verdict = Verdict::Bad;
-            }
-        }
-    }
-    route(src, &mut s.frames, &macs, shared, &port);
-    let cut = deliver_all(src, views, s, |f, segs| Source::Ring {
-        mem: &smem,
-        segs: &segs[f.segs.clone()],
-    });
+    let cut = match taken {
+        0 => Vec::new(),
+        _ => deliver_all(src, views, s, |f, segs| Source::Ring {
+            mem: &smem,
+            segs: &segs[f.segs.clone()],
+        }),
+    };
     // the chains go back (empty) once every copy out of them is done
-    {
-        let mut st = tx.get_mut();
-        if ring.is_of(st.get_queue(), &smem) {
-            let q = st.get_queue_mut();
-            let mut used = q.next_used();
-            for f in &s.frames {
-                ring.put_used(used, f.head, 0);
-                used = used.wrapping_add(1);
-            }
-            ring.publish_used(used);
-            q.set_next_used(used);
-            if ring.wants_interrupt() {
-                let _ = st.signal_used_queue();
-            }
+    if taken > 0 {
+        let q = st.get_queue_mut();
+        let mut used = q.next_used();
+        for f in &s.frames {
+            ring.put_used(used, f.head, 0);
+            used = used.wrapping_add(1);
+        }
+        ring.publish_used(used);
+        q.set_next_used(used);
+        if ring.wants_interrupt() {
+            let _ = st.signal_used_queue();
         }
     }
+    drop(st);
     let hostile = count_source(&port, &s.frames) || hostile_ring.is_some();
     // (a cut frontend's rings are not polled again: its next connection
     // brings new ones)
@@ -420,6 +445,7 @@ fn route(src: usize, frames: &mut [Taken], macs: &[[u8; 12]; BURST], shared: &Sh
     let mut fdb = shared.fdb.lock().unwrap_or_else(|e| e.into_inner());
     let mut flooded = 0;
     let mut moved = 0;
+    let (mut refused, mut link_local) = (0, 0);
     // (a burst's frames mostly share their addresses: each source is
     // learnt and each destination looked up once per run of equal ones)
     let mut last_from: Option<[u8; 6]> = None;
@@ -431,10 +457,19 @@ fn route(src: usize, frames: &mut [Taken], macs: &[[u8; 12]; BURST], shared: &Sh
         let dst: [u8; 6] = m[..6].try_into().expect("6 bytes");
         let from: [u8; 6] = m[6..].try_into().expect("6 bytes");
         if last_from != Some(from) {
-            if fdb.learn(from, src, now) {
-                moved += 1;
+            match fdb.learn(from, src, now, shared.ageing) {
+                Learnt::Moved => moved += 1,
+                Learnt::Refused => refused += 1,
+                Learnt::Same | Learnt::New => {}
             }
             last_from = Some(from);
+        }
+        // IEEE 802.1D: a bridge does not forward link-local control frames
+        // (01:80:c2:00:00:0x: pause, STP, LACP, EAPOL)
+        if dst[..5] == [0x01, 0x80, 0xc2, 0x00, 0x00] && dst[5] & 0xf0 == 0 {
+            f.out = Out::Nowhere;
+            link_local += 1;
+            continue;
         }
         f.out = match last_dst {
             Some((d, out)) if d == dst => out,
@@ -454,8 +489,14 @@ fn route(src: usize, frames: &mut [Taken], macs: &[[u8; 12]; BURST], shared: &Sh
         }
     }
     drop(fdb);
-    if flooded > 0 {
-        port.counters.flooded.fetch_add(flooded, Ordering::Relaxed);
+    for (c, n) in [
+        (&port.counters.flooded, flooded),
+        (&port.counters.learn_refused, refused),
+        (&port.counters.drop_link_local, link_local),
+    ] {
+        if n > 0 {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
     }
     if moved > 0 {
         shared.moves.fetch_add(moved, Ordering::Relaxed);
@@ -590,9 +631,9 @@ where
                 tally.1 += f.len as u64;
                 n
             }
-            Err(bad) => {
+            Err(e) => {
                 tally.3 += 1;
-                hostile |= bad;
+                hostile |= matches!(e, FillError::Hostile);
                 0
             }
         };
@@ -610,27 +651,37 @@ where
     hostile
 }
 
+/// Why a frame did not go into a receive chain.
+enum FillError {
+    /// The receiving frontend's chain is malformed, not writable, or
+    /// outside its memory: it is cut off.
+    Hostile,
+    /// Its buffers are too small for the frame.
+    TooSmall,
+    /// The frame could not be read from its source (never expected: the
+    /// source's buffers are checked when its chain is taken).
+    Source,
+}
+
 /// Writes the header and the frame into the receive chain at `head`: the
-/// bytes written, or Err(true) for a hostile chain (a buffer not writable
-/// or outside the frontend's memory, a malformed chain), Err(false) for
-/// one too small.
+/// bytes written.
 fn fill_rx(
     dmem: &GuestMem,
     ring: &Mapped,
     head: u16,
     src: &Source,
     len: usize,
-) -> Result<u32, bool> {
+) -> Result<u32, FillError> {
     let total = HDR + len;
     let mut at = 0usize;
-    let mut bad = false;
+    let mut fault = None;
     let walked = ring.walk(head, true, |d| {
         if at == total {
             return false;
         }
         let n = (d.len as usize).min(total - at);
         let Ok(slice) = dmem.get_slice(GuestAddress(d.addr), n) else {
-            bad = true;
+            fault = Some(FillError::Hostile);
             return false;
         };
         let mut off = 0;
@@ -639,29 +690,32 @@ fn fill_rx(
             match slice.subslice(0, off) {
                 Ok(h) => h.copy_from(&RX_HEADER[at..at + off]),
                 Err(_) => {
-                    bad = true;
+                    fault = Some(FillError::Hostile);
                     return false;
                 }
             }
         }
         if off < n {
-            let copied = slice
-                .subslice(off, n - off)
-                .map_err(|_| ())
-                .and_then(|part| copy_frame(src, at + off - HDR, part));
-            if copied.is_err() {
-                bad = true;
+            let Ok(part) = slice.subslice(off, n - off) else {
+                fault = Some(FillError::Hostile);
+                return false;
+            };
+            if copy_frame(src, at + off - HDR, part).is_err() {
+                fault = Some(FillError::Source);
                 return false;
             }
         }
         at += n;
         true
     });
-    if walked.is_err() || bad {
-        return Err(true);
+    if walked.is_err() {
+        return Err(FillError::Hostile);
+    }
+    if let Some(f) = fault {
+        return Err(f);
     }
     if at < total {
-        return Err(false);
+        return Err(FillError::TooSmall);
     }
     Ok(total as u32)
 }
@@ -690,9 +744,10 @@ fn copy_frame<B: vm_memory::bitmap::BitmapSlice>(
                     continue;
                 }
                 let k = (len - skip).min(want - done);
-                let from = mem
-                    .get_slice(GuestAddress(addr).unchecked_add(skip as u64), k)
-                    .map_err(|_| ())?;
+                let from = addr
+                    .checked_add(skip as u64)
+                    .and_then(|a| mem.get_slice(GuestAddress(a), k).ok())
+                    .ok_or(())?;
                 from.copy_to_volatile_slice(dst.subslice(done, k).map_err(|_| ())?);
                 done += k;
                 skip = 0;
@@ -738,9 +793,10 @@ fn write_tap(tap: &virtio::tap::Tap, src: &Source, len: usize) -> Result<(), ()>
                 if n == iov.len() {
                     return Err(());
                 }
-                let s = mem
-                    .get_slice(GuestAddress(addr).unchecked_add(skip as u64), l - skip)
-                    .map_err(|_| ())?;
+                let s = addr
+                    .checked_add(skip as u64)
+                    .and_then(|a| mem.get_slice(GuestAddress(a), l - skip).ok())
+                    .ok_or(())?;
                 iov[n] = libc::iovec {
                     iov_base: s.ptr_guard().as_ptr() as *mut libc::c_void,
                     iov_len: s.len(),

@@ -107,6 +107,11 @@ pub struct PortCounters {
     pub drop_too_big: AtomicU64,
     /// Frames from this port flooded (unknown or group destination).
     pub flooded: AtomicU64,
+    /// Frames from this port whose source the MAC table did not learn (the
+    /// port's share of it full).
+    pub learn_refused: AtomicU64,
+    /// Link-local control frames from this port, not forwarded.
+    pub drop_link_local: AtomicU64,
     /// Times a frontend connected.
     pub connects: AtomicU64,
     /// Times the switch cut this port's frontend off (bad descriptors).
@@ -127,6 +132,8 @@ impl PortCounters {
             ("drop_bad_chain", l(&self.drop_bad_chain)),
             ("drop_too_big", l(&self.drop_too_big)),
             ("flooded", l(&self.flooded)),
+            ("learn_refused", l(&self.learn_refused)),
+            ("drop_link_local", l(&self.drop_link_local)),
             ("connects", l(&self.connects)),
             ("cut_off", l(&self.cut_off)),
         ]
@@ -155,6 +162,8 @@ pub struct Port {
     removed: AtomicBool,
     /// Set once a cut-off was logged (logged once per port).
     pub(crate) cut_logged: AtomicBool,
+    /// A frontend is connected (from its connection's start to its end).
+    connected: AtomicBool,
     pub counters: PortCounters,
 }
 
@@ -197,6 +206,7 @@ impl Port {
             shutdown: Mutex::new(None),
             removed: AtomicBool::new(false),
             cut_logged: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
             counters: PortCounters::default(),
         });
         let listener = match &port.kind {
@@ -221,12 +231,7 @@ impl Port {
 
     /// Whether a frontend is connected (a TAP port always is).
     pub fn connected(&self) -> bool {
-        self.tap.is_some()
-            || self
-                .vrings
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
+        self.tap.is_some() || self.connected.load(Ordering::Acquire)
     }
 
     pub(crate) fn rings(&self) -> Option<Vec<Vring>> {
@@ -310,8 +315,37 @@ impl VhostUserBackendMut for PortBackend {
         .ok()
     }
 
-    fn update_memory(&mut self, _mem: Mem) -> std::io::Result<()> {
-        // (the daemon updates the atomic the port holds a clone of)
+    /// The daemon has put the frontend's new memory table in the atomic
+    /// the port shares. Each region's file must hold what it maps: a
+    /// frontend handing a file shorter than its region would have the
+    /// PMD's first touch past its end raise SIGBUS and end the switch with
+    /// every port on it. A table that fails is taken back and the
+    /// frontend cut off. (A file shrunk later, or a hugetlbfs file whose
+    /// pool runs dry, still could: that check is the kernel's, not ours.)
+    fn update_memory(&mut self, mem: Mem) -> std::io::Result<()> {
+        use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+        let table = mem.memory();
+        for region in table.iter() {
+            let Some(fo) = std::ops::Deref::deref(region).file_offset() else {
+                continue;
+            };
+            let have = fo.file().metadata()?.len();
+            let need = fo.start().checked_add(region.len());
+            if need.is_none_or(|need| have < need) {
+                if let Ok(m) = self.port.mem.lock() {
+                    m.replace(GuestMemoryMmap::new());
+                }
+                self.port.cut();
+                tracing::warn!(
+                    "port {}: a memory region of {} bytes at offset {} of a file of {have} bytes: \
+                     its frontend is cut off",
+                    self.port.name,
+                    region.len(),
+                    fo.start()
+                );
+                return Err(std::io::Error::other("a memory region past its file's end"));
+            }
+        }
         Ok(())
     }
 
@@ -402,9 +436,11 @@ fn one_connection(
         daemon.request_shutdown();
     } else {
         port.counters.connects.fetch_add(1, Ordering::Relaxed);
+        port.connected.store(true, Ordering::Release);
     }
     // (until the frontend goes, or the switch cuts it)
     let ended = daemon.wait().map_err(|e| format!("{e:?}"));
+    port.connected.store(false, Ordering::Release);
     // the daemon's vring threads end with it
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();

@@ -8,8 +8,9 @@
 //! queue's state (its addresses, size, readiness, next indexes) stays
 //! the `vhost-user-backend` crate's, read and written back under the
 //! vring's lock once per burst, so GET_VRING_BASE and a new connection
-//! see what the PMD did. Every index and address the frontend writes is
-//! checked before it is used.
+//! see what the PMD did. Every index the frontend writes is checked here
+//! before it is used; the buffer addresses in its descriptors are checked
+//! by the PMD as it takes a chain (pmd.rs).
 
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
@@ -26,6 +27,10 @@ const DESC_SIZE: usize = 16;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
+/// The most descriptors a chain may have: a frame without offloads needs
+/// one or two; a longer chain only costs the PMD (and every port it
+/// serves) a lookup and a copy per descriptor.
+pub(crate) const MAX_CHAIN: u16 = 64;
 /// VRING_USED_F_NO_NOTIFY: the PMD polls; the driver need not kick.
 const NO_NOTIFY: u16 = 1;
 /// VRING_AVAIL_F_NO_INTERRUPT: the driver polls its used ring.
@@ -90,7 +95,13 @@ impl Mapped {
             let s = mem
                 .get_slice(GuestAddress(gpa), len)
                 .map_err(|_| RingError::Unmapped)?;
-            Ok(s.ptr_guard_mut().as_ptr())
+            let host = s.ptr_guard_mut().as_ptr();
+            // (a region's guest base is the frontend's choice: an aligned
+            // guest address may still map to a misaligned host one)
+            if !(host as u64).is_multiple_of(align) {
+                return Err(RingError::Unmapped);
+            }
+            Ok(host)
         };
         let desc = area(q.desc_table(), DESC_SIZE * n, 16)?;
         let avail = area(q.avail_ring(), 6 + 2 * n, 2)?;
@@ -133,7 +144,7 @@ impl Mapped {
 
     /// The driver's available index.
     pub(crate) fn avail_idx(&self) -> u16 {
-        self.u16_at(self.avail, 2).load(Ordering::Acquire)
+        u16::from_le(self.u16_at(self.avail, 2).load(Ordering::Acquire))
     }
 
     /// The head at available slot `next` (its index checked).
@@ -174,7 +185,8 @@ impl Mapped {
     }
 
     /// Walks the chain at `head`, handing each descriptor to `each`; every
-    /// descriptor must be write-only (`writable`) or read-only (not).
+    /// descriptor must be write-only (`writable`) or read-only (not), and
+    /// the chain at most [`MAX_CHAIN`] long.
     pub(crate) fn walk(
         &self,
         head: u16,
@@ -182,7 +194,7 @@ impl Mapped {
         mut each: impl FnMut(&Desc) -> bool,
     ) -> Result<(), RingError> {
         let mut i = head;
-        for _ in 0..self.size {
+        for _ in 0..self.size.min(MAX_CHAIN) {
             let d = self.desc(i);
             if d.flags & F_INDIRECT != 0 || (d.flags & F_WRITE != 0) != writable {
                 return Err(RingError::Chain);
@@ -198,7 +210,7 @@ impl Mapped {
             }
             i = d.next;
         }
-        // longer than the ring: a loop
+        // longer than the ring (a loop) or than MAX_CHAIN
         Err(RingError::Chain)
     }
 
