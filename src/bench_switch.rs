@@ -30,6 +30,9 @@ pub struct Options {
     /// one not installed is skipped, and said so.
     #[arg(long, default_value = "testpmd,ovs")]
     pub peers: String,
+    /// Round trips timed for latency, per frame size and path (0: none).
+    #[arg(long, default_value_t = 20000)]
+    pub latency_count: u32,
     #[arg(long)]
     pub json: bool,
 }
@@ -114,6 +117,157 @@ fn measure<T>(fe: Testpmd, seconds: u64, mut during: impl FnMut() -> T) -> Resul
     ))
 }
 
+/// Round-trip times through one path, one frame in flight: a frontend of
+/// the bench's own on each port, the first sends, the second sends each
+/// frame back as it arrives.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LatencyFigures {
+    pub through: String,
+    pub size: u16,
+    pub round_trips: u64,
+    /// Frames that did not come back within 100 ms (dropped).
+    pub lost: u64,
+    pub rtt_us_p50: f64,
+    pub rtt_us_p99: f64,
+    pub rtt_us_p999: f64,
+    pub rtt_us_max: f64,
+}
+
+/// Times `count` round trips between frontends on `a` and `b` (after a
+/// few untimed ones that let a learning switch learn both addresses), the
+/// timing thread on `cpu`.
+fn round_trips(
+    through: &str,
+    a: &Path,
+    b: &Path,
+    size: u16,
+    count: u32,
+    cpu: usize,
+) -> Result<LatencyFigures> {
+    use bench::vhost_frontend::{Frontend, HDR};
+    let _ = rt::pin_current_thread(&[cpu]);
+    let mut fa = Frontend::connect(a).map_err(|e| anyhow!("{e}"))?;
+    let mut fb = Frontend::connect(b).map_err(|e| anyhow!("{e}"))?;
+    let frame = |dst: u8, src: u8| {
+        let mut f = vec![0u8; HDR + size as usize];
+        f[HDR..HDR + 6].copy_from_slice(&[0x02, 0, 0, 0, 0, dst]);
+        f[HDR + 6..HDR + 12].copy_from_slice(&[0x02, 0, 0, 0, 0, src]);
+        f[HDR + 12..HDR + 14].copy_from_slice(&0x88b5u16.to_be_bytes());
+        f
+    };
+    let (to_b, to_a) = (frame(0x0b, 0x0a), frame(0x0a, 0x0b));
+    let wait = |f: &mut Frontend| {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(100) {
+            if f.poll().is_some() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
+    };
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("a histogram");
+    let mut lost = 0u64;
+    // (untimed: both addresses learnt, the rings mapped)
+    let warm = 200u32;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 0..warm + count {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "latency through {through}: {count} round trips took over 60 s"
+        );
+        let t0 = Instant::now();
+        if !fa.send(&to_b) || !wait(&mut fb) || !fb.send(&to_a) || !wait(&mut fa) {
+            if i >= warm {
+                lost += 1;
+            }
+            // (whatever is still in flight arrives or is gone by now)
+            while fa.poll().is_some() || fb.poll().is_some() {}
+            continue;
+        }
+        if i >= warm {
+            let _ = hist.record(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    anyhow::ensure!(
+        !hist.is_empty(),
+        "latency through {through}: no frame came back ({lost} lost)"
+    );
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(LatencyFigures {
+        through: through.into(),
+        size,
+        round_trips: hist.len(),
+        lost,
+        rtt_us_p50: us(0.5),
+        rtt_us_p99: us(0.99),
+        rtt_us_p999: us(0.999),
+        rtt_us_max: hist.max() as f64 / 1000.0,
+    })
+}
+
+/// Latency through nfvisor's switch (PMD on CPU 0, the frontends on 1).
+fn latency_switch(dir: &Path, size: u16, count: u32) -> Result<LatencyFigures> {
+    let (mut sw, sw_dir) = start_switch(dir, &format!("l{size}"))?;
+    let r = round_trips(
+        "nfvisor-switch",
+        &sw_dir.join("a.sock"),
+        &sw_dir.join("b.sock"),
+        size,
+        count,
+        1,
+    );
+    sw.stop();
+    r
+}
+
+/// Latency through testpmd's vhost PMD in io-forward mode (forwarding on
+/// CPU 0, the frontends on 1).
+fn latency_testpmd(dir: &Path, size: u16, count: u32) -> Result<LatencyFigures> {
+    let (mut vhost, a, b) = vhost_io(dir, &format!("l{size}"))?;
+    let waited = vhost.wait_forwarding().map_err(|e| anyhow!("{e}"));
+    let r = waited.and_then(|()| round_trips("testpmd-vhost-io", &a, &b, size, count, 1));
+    vhost.kill();
+    r
+}
+
+/// nfvisor's switch with ports a and b, its PMD on CPU 0: (the switch,
+/// its socket directory).
+fn start_switch(dir: &Path, tag: &str) -> Result<(switch::Switch, PathBuf)> {
+    let sw_dir = dir.join(format!("sw{tag}"));
+    std::fs::create_dir_all(&sw_dir)?;
+    let sw = switch::Switch::start(switch::SwitchConfig {
+        socket_dir: sw_dir.clone(),
+        ports: switch::parse_ports("a,b")?,
+        cpus: vec![0],
+        rt_priority: None,
+        ageing: Duration::from_secs(300),
+    })?;
+    Ok((sw, sw_dir))
+}
+
+/// testpmd with two vhost ports in io-forward mode, forwarding on CPU 0,
+/// its sockets there: (testpmd, socket a, socket b).
+fn vhost_io(dir: &Path, tag: &str) -> Result<(Testpmd, PathBuf, PathBuf)> {
+    let vh_dir = dir.join(format!("vh{tag}"));
+    std::fs::create_dir_all(&vh_dir)?;
+    let (a, b) = (vh_dir.join("a.sock"), vh_dir.join("b.sock"));
+    let vhost = Testpmd::start_with(
+        dir,
+        &format!("nfv-bench-sw-vh{tag}"),
+        &["--main-lcore".into(), "1".into()],
+        &[
+            format!("net_vhost0,iface={},queues=1", a.display()),
+            format!("net_vhost1,iface={},queues=1", b.display()),
+        ],
+        &["--forward-mode=io".into()],
+    )
+    .map_err(|e| anyhow!("testpmd's vhost PMD: {e}"))?;
+    // (its sockets, then a frontend connects to them)
+    wait_paths(&[a.clone(), b.clone()], "testpmd's vhost sockets")?;
+    Ok((vhost, a, b))
+}
+
 /// testpmd's "(total cycles=N / ...) at M MHz": the cycles it spent on
 /// bursts with frames, over the cycles in `secs`.
 fn busy_fraction(log: &str, secs: f64) -> Option<f64> {
@@ -164,8 +318,21 @@ pub fn run(o: &Options) -> Result<u8> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut results = Vec::new();
+    let mut latencies = Vec::new();
     let mut skipped = serde_json::Map::new();
+    if o.latency_count > 0 {
+        skipped.insert(
+            "ovs-latency".into(),
+            "OVS-DPDK's ports are vhost-user clients; the bench's latency frontend connects, it does not listen".into(),
+        );
+    }
     for &size in &sizes {
+        if o.latency_count > 0 {
+            latencies.push(latency_switch(&dir, size, o.latency_count)?);
+            if peers.contains(&"testpmd") {
+                latencies.push(latency_testpmd(&dir, size, o.latency_count)?);
+            }
+        }
         for run in 0..o.runs {
             let tag = format!("{size}-{run}");
             results.push(through_switch(&dir, &tag, size, o.seconds, run)?);
@@ -213,6 +380,7 @@ pub fn run(o: &Options) -> Result<u8> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "results": results,
+                "latency": latencies,
                 "summary": summary,
                 "skipped": skipped,
             }))?
@@ -235,6 +403,13 @@ pub fn run(o: &Options) -> Result<u8> {
                 s["size"], s["median_mpps_each_way"]
             );
         }
+        for l in &latencies {
+            println!(
+                "{:<18} {:>5} B round trip: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us ({} timed, {} lost)",
+                l.through, l.size, l.rtt_us_p50, l.rtt_us_p99, l.rtt_us_p999, l.rtt_us_max,
+                l.round_trips, l.lost
+            );
+        }
         for (peer, why) in &skipped {
             println!("{peer}: skipped: {}", why.as_str().unwrap_or(""));
         }
@@ -244,15 +419,7 @@ pub fn run(o: &Options) -> Result<u8> {
 
 /// nfvisor's switch, its PMD on CPU 0 (testpmd forwards on CPU 1).
 fn through_switch(dir: &Path, tag: &str, size: u16, seconds: u64, run: u32) -> Result<LoopFigures> {
-    let sw_dir = dir.join(format!("sw{tag}"));
-    std::fs::create_dir_all(&sw_dir)?;
-    let mut sw = switch::Switch::start(switch::SwitchConfig {
-        socket_dir: sw_dir.clone(),
-        ports: switch::parse_ports("a,b")?,
-        cpus: vec![0],
-        rt_priority: None,
-        ageing: Duration::from_secs(300),
-    })?;
+    let (mut sw, sw_dir) = start_switch(dir, tag)?;
     let fe = frontend(
         dir,
         &format!("nfv-bench-sw-fe{tag}"),
@@ -285,22 +452,7 @@ fn through_testpmd(
     seconds: u64,
     run: u32,
 ) -> Result<LoopFigures> {
-    let vh_dir = dir.join(format!("vh{tag}"));
-    std::fs::create_dir_all(&vh_dir)?;
-    let (a, b) = (vh_dir.join("a.sock"), vh_dir.join("b.sock"));
-    let mut vhost = Testpmd::start_with(
-        dir,
-        &format!("nfv-bench-sw-vh{tag}"),
-        &["--main-lcore".into(), "1".into()],
-        &[
-            format!("net_vhost0,iface={},queues=1", a.display()),
-            format!("net_vhost1,iface={},queues=1", b.display()),
-        ],
-        &["--forward-mode=io".into()],
-    )
-    .map_err(|e| anyhow!("testpmd's vhost PMD: {e}"))?;
-    // (its sockets, then the frontend connects to them)
-    wait_paths(&[a.clone(), b.clone()], "testpmd's vhost sockets")?;
+    let (mut vhost, a, b) = vhost_io(dir, tag)?;
     let fe = frontend(dir, &format!("nfv-bench-sw-fv{tag}"), &a, &b, size, false)?;
     let measured = measure(fe, seconds, || ()).context("through testpmd's vhost PMD");
     vhost.kill();

@@ -24,6 +24,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
+use bench::vhost_frontend::{avail, buf, desc_table, used};
 use common::*;
 
 const T: Duration = Duration::from_secs(30);
@@ -52,24 +53,6 @@ const HDR: usize = 12;
 const NOWHERE: u64 = 0x4000_0000_0000;
 /// What the switch logs when it cuts a frontend off.
 const CUT: &str = "its frontend is cut off";
-
-/// Ring `q`'s descriptor table, available and used rings (guest-physical).
-fn desc_table(q: usize) -> u64 {
-    q as u64 * 0x1_0000
-}
-
-fn avail(q: usize) -> u64 {
-    desc_table(q) + 0x1000
-}
-
-fn used(q: usize) -> u64 {
-    desc_table(q) + 0x2000
-}
-
-/// Ring `q`'s buffer for slot `slot` (2 KiB each, the upper MiB).
-fn buf(q: usize, slot: u16) -> u64 {
-    0x10_0000 + q as u64 * 0x8_0000 + slot as u64 * 2048
-}
 
 /// A 60-byte Ethernet frame (`seq` in its payload), virtio-net header
 /// first.

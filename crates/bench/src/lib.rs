@@ -9,6 +9,7 @@ pub mod plot;
 pub mod ring_bench;
 pub mod startup;
 pub mod testpmd;
+pub mod vhost_frontend;
 pub mod zero_scan;
 
 /// Median and spread of a set of samples.
