@@ -24,7 +24,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemory
 
 use crate::fdb::{Fdb, Learnt};
 use crate::port::{Port, Vring};
-use crate::ring::Mapped;
+use crate::ring::{Mapped, RingError};
 
 /// Frames taken from one port before the PMD looks at the next.
 pub const BURST: usize = 32;
@@ -74,6 +74,9 @@ struct View {
     /// The mappings are to be made (again): the rings are new, not ready
     /// yet, or moved.
     stale: Cell<bool>,
+    /// Since when its ready rings could not be mapped (a frontend whose
+    /// rings stay outside its memory for 100 ms is cut off).
+    unmapped_since: Option<Instant>,
 }
 
 /// Why a chain was not forwarded.
@@ -168,6 +171,7 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
                             rings: None,
                             maps: [None, None],
                             stale: Cell::new(true),
+                            unmapped_since: None,
                         }),
                     }
                 })
@@ -189,9 +193,22 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
             }
             if v.stale.get() && v.rings.is_some() {
                 match map_rings(&v.port, v.rings.as_deref().unwrap_or(&[]), &mut v.maps) {
-                    Some(fresh) => v.stale.set(!fresh),
-                    // (cut off: its rings are not looked at again)
-                    None => v.rings = None,
+                    Ok(fresh) => {
+                        v.stale.set(!fresh);
+                        v.unmapped_since = None;
+                    }
+                    // (a ready ring comes after its memory table; a
+                    // moment's grace for a frontend changing both)
+                    Err(e) => match v.unmapped_since {
+                        None => v.unmapped_since = Some(Instant::now()),
+                        Some(t) if t.elapsed() > Duration::from_millis(100) => {
+                            cut_off(&v.port, &format!("a ring it made ready: {e:?}"));
+                            // (cut off: its rings are not looked at again)
+                            v.rings = None;
+                            v.unmapped_since = None;
+                        }
+                        Some(_) => {}
+                    },
                 }
             }
         }
@@ -213,13 +230,17 @@ pub(crate) fn run(index: usize, shared: &Shared, stop: &AtomicBool) {
 /// PMDs poll, so the frontend need not kick, whether it sends or posts
 /// receive buffers (each kick would wake the crate's epoll thread, which
 /// takes the ring's lock and CPU time from the pollers). Whether both are
-/// mapped; None when the frontend was cut off for them.
-fn map_rings(port: &Port, rings: &[Vring], maps: &mut [Option<Mapped>; 2]) -> Option<bool> {
+/// mapped, or why a ready one cannot be.
+fn map_rings(
+    port: &Port,
+    rings: &[Vring],
+    maps: &mut [Option<Mapped>; 2],
+) -> Result<bool, RingError> {
     let mem = port.mem.memory();
     for (r, map) in rings.iter().zip(maps.iter_mut()) {
         let st = r.get_mut();
         if !st.is_enabled() || !st.get_queue().ready() {
-            return Some(false);
+            return Ok(false);
         }
         if map.as_ref().is_some_and(|m| m.is_of(st.get_queue(), &mem)) {
             continue;
@@ -229,16 +250,10 @@ fn map_rings(port: &Port, rings: &[Vring], maps: &mut [Option<Mapped>; 2]) -> Op
                 m.quiet();
                 *map = Some(m);
             }
-            Err(e) => {
-                // a ready ring comes after its memory table: one outside
-                // it (or misaligned) is the frontend's doing
-                drop(st);
-                cut_off(port, &format!("a ring it made ready: {e:?}"));
-                return None;
-            }
+            Err(e) => return Err(e),
         }
     }
-    Some(true)
+    Ok(true)
 }
 
 /// One burst from port `src`: the frames it took.

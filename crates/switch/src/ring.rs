@@ -48,8 +48,11 @@ pub(crate) struct Desc {
 /// Why a ring or a chain cannot be used: the frontend broke the rules.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum RingError {
-    /// An area outside the frontend's memory, or misaligned.
-    Unmapped,
+    /// A ring size that is not a power of two (or 0).
+    Size(u16),
+    /// An area (at this guest address, this long) outside the frontend's
+    /// memory, or not aligned (in the guest or in this process).
+    Unmapped(&'static str, u64, usize),
     /// The available index ran more than a ring ahead.
     AvailIndex,
     /// A head or next index past the ring, a chain longer than the ring,
@@ -85,30 +88,31 @@ impl Mapped {
     pub(crate) fn new(q: &Queue, mem: &Guard) -> Result<Mapped, RingError> {
         let size = q.size();
         if size == 0 || !size.is_power_of_two() {
-            return Err(RingError::Unmapped);
+            return Err(RingError::Size(size));
         }
         let n = size as usize;
-        let area = |gpa: u64, len: usize, align: u64| -> Result<*mut u8, RingError> {
+        let area = |what: &'static str, gpa: u64, len: usize, align: u64| {
+            let unmapped = RingError::Unmapped(what, gpa, len);
             if !gpa.is_multiple_of(align) {
-                return Err(RingError::Unmapped);
+                return Err(unmapped);
             }
             let s = mem
                 .get_slice(GuestAddress(gpa), len)
-                .map_err(|_| RingError::Unmapped)?;
+                .map_err(|_| unmapped)?;
             let host = s.ptr_guard_mut().as_ptr();
             // (a region's guest base is the frontend's choice: an aligned
             // guest address may still map to a misaligned host one)
             if !(host as u64).is_multiple_of(align) {
-                return Err(RingError::Unmapped);
+                return Err(unmapped);
             }
             Ok(host)
         };
-        let desc = area(q.desc_table(), DESC_SIZE * n, 16)?;
-        let avail = area(q.avail_ring(), 6 + 2 * n, 2)?;
-        let used = area(q.used_ring(), 6 + 8 * n, 4)?;
+        let desc = area("descriptor table", q.desc_table(), DESC_SIZE * n, 16)?;
+        let avail = area("available ring", q.avail_ring(), 6 + 2 * n, 2)?;
+        let used = area("used ring", q.used_ring(), 6 + 8 * n, 4)?;
         let (region, offset) = mem
             .to_region_addr(GuestAddress(q.used_ring()))
-            .ok_or(RingError::Unmapped)?;
+            .ok_or(RingError::Unmapped("used ring", q.used_ring(), 6 + 8 * n))?;
         Ok(Mapped {
             mem: mem.clone(),
             desc_gpa: q.desc_table(),
