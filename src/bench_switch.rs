@@ -144,10 +144,22 @@ fn round_trips(
     count: u32,
     cpu: usize,
 ) -> Result<LatencyFigures> {
-    use bench::vhost_frontend::{Frontend, HDR};
+    use bench::vhost_frontend::Frontend;
     let _ = rt::pin_current_thread(&[cpu]);
-    let mut fa = Frontend::connect(a).map_err(|e| anyhow!("{e}"))?;
-    let mut fb = Frontend::connect(b).map_err(|e| anyhow!("{e}"))?;
+    let fa = Frontend::connect(a).map_err(|e| anyhow!("{e}"))?;
+    let fb = Frontend::connect(b).map_err(|e| anyhow!("{e}"))?;
+    time_round_trips(through, fa, fb, size, count)
+}
+
+/// Times `count` round trips between two set-up frontends.
+fn time_round_trips(
+    through: &str,
+    mut fa: bench::vhost_frontend::Frontend,
+    mut fb: bench::vhost_frontend::Frontend,
+    size: u16,
+    count: u32,
+) -> Result<LatencyFigures> {
+    use bench::vhost_frontend::{Frontend, HDR};
     let frame = |dst: u8, src: u8| {
         let mut f = vec![0u8; HDR + size as usize];
         f[HDR..HDR + 6].copy_from_slice(&[0x02, 0, 0, 0, 0, dst]);
@@ -218,6 +230,32 @@ fn latency_switch(dir: &Path, size: u16, count: u32) -> Result<LatencyFigures> {
         1,
     );
     sw.stop();
+    r
+}
+
+/// Latency through OVS-DPDK (its PMD on CPU 0): the frontends listen,
+/// its dpdkvhostuserclient ports connect to them.
+fn latency_ovs(dir: &Path, size: u16, count: u32) -> Result<LatencyFigures> {
+    use bench::vhost_frontend::Frontend;
+    let ovs_dir = dir.join(format!("lovs{size}"));
+    std::fs::create_dir_all(&ovs_dir)?;
+    let (a, b) = (ovs_dir.join("a.sock"), ovs_dir.join("b.sock"));
+    let la = std::os::unix::net::UnixListener::bind(&a).with_context(|| a.display().to_string())?;
+    let lb = std::os::unix::net::UnixListener::bind(&b).with_context(|| b.display().to_string())?;
+    let ovs = bench::ovs::Ovs::start(
+        &ovs_dir,
+        &format!("nfv-bench-lovs{size}"),
+        0,
+        1,
+        &[a.clone(), b.clone()],
+    )?;
+    let limit = Duration::from_secs(30);
+    let _ = rt::pin_current_thread(&[1]);
+    let r = Frontend::accept(&la, &a, limit)
+        .and_then(|fa| Ok((fa, Frontend::accept(&lb, &b, limit)?)))
+        .map_err(|e| anyhow!("{e}"))
+        .and_then(|(fa, fb)| time_round_trips("ovs-dpdk", fa, fb, size, count));
+    drop(ovs);
     r
 }
 
@@ -320,17 +358,23 @@ pub fn run(o: &Options) -> Result<u8> {
     let mut results = Vec::new();
     let mut latencies = Vec::new();
     let mut skipped = serde_json::Map::new();
-    if o.latency_count > 0 {
-        skipped.insert(
-            "ovs-latency".into(),
-            "OVS-DPDK's ports are vhost-user clients; the bench's latency frontend connects, it does not listen".into(),
-        );
-    }
     for &size in &sizes {
         if o.latency_count > 0 {
             latencies.push(latency_switch(&dir, size, o.latency_count)?);
             if peers.contains(&"testpmd") {
                 latencies.push(latency_testpmd(&dir, size, o.latency_count)?);
+            }
+            if peers.contains(&"ovs") && !skipped.contains_key("ovs") {
+                match latency_ovs(&dir, size, o.latency_count) {
+                    Ok(l) => latencies.push(l),
+                    Err(e)
+                        if e.downcast_ref::<bench::ovs::OvsError>()
+                            .is_some_and(|e| matches!(e, bench::ovs::OvsError::Missing)) =>
+                    {
+                        skipped.insert("ovs".into(), e.to_string().into());
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         for run in 0..o.runs {

@@ -149,8 +149,45 @@ pub struct Frontend {
 impl Frontend {
     /// Connects to the backend at `sock` and sets both rings up.
     pub fn connect(sock: &Path) -> Result<Frontend, String> {
+        let fe = VuFrontend::connect(sock, 2)
+            .map_err(|e| format!("{}: connecting: {e}", sock.display()))?;
+        Frontend::set_up(fe, sock)
+    }
+
+    /// Waits (up to `limit`) for a backend that connects to `listener`
+    /// (OVS's dpdkvhostuserclient ports), then sets both rings up.
+    pub fn accept(
+        listener: &std::os::unix::net::UnixListener,
+        sock: &Path,
+        limit: std::time::Duration,
+    ) -> Result<Frontend, String> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("{}: {e}", sock.display()))?;
+        let t0 = std::time::Instant::now();
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if t0.elapsed() > limit {
+                        return Err(format!(
+                            "{}: no backend connected within {limit:?}",
+                            sock.display()
+                        ));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(format!("{}: accept: {e}", sock.display())),
+            }
+        };
+        stream
+            .set_nonblocking(false)
+            .map_err(|e| format!("{}: {e}", sock.display()))?;
+        Frontend::set_up(VuFrontend::from_stream(stream, 2), sock)
+    }
+
+    fn set_up(mut fe: VuFrontend, sock: &Path) -> Result<Frontend, String> {
         let at = |what: &str, e: vhost::Error| format!("{}: {what}: {e}", sock.display());
-        let mut fe = VuFrontend::connect(sock, 2).map_err(|e| at("connecting", e))?;
         fe.set_owner().map_err(|e| at("SET_OWNER", e))?;
         let offered = fe.get_features().map_err(|e| at("GET_FEATURES", e))?;
         let wanted = F_VERSION_1 | F_PROTOCOL_FEATURES;
