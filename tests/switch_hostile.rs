@@ -931,3 +931,45 @@ fn a_memory_region_past_its_file_s_end_is_refused() {
         "{stderr}"
     );
 }
+
+/// A ring of more than the switch's 1024 entries (the 32768 and
+/// more), of none, or at a queue index the device lacks: each request
+/// is refused, and the other ports keep forwarding.
+#[test]
+fn impossible_rings_are_refused_and_the_other_ports_forward() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("switch-hostile-rings");
+    let (sw, _ctl) = switch(&dir, "bad,a,b");
+    let stream = UnixStream::connect(dir.join("bad.sock")).unwrap();
+    let mut fe = Frontend::from_stream(stream, 2);
+    fe.set_owner().expect("SET_OWNER");
+    fe.get_features().expect("GET_FEATURES");
+    fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+        .expect("SET_PROTOCOL_FEATURES");
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe.set_features(F_VERSION_1 | F_PROTOCOL_FEATURES)
+        .expect("SET_FEATURES");
+    for (queue, num) in [(0usize, 32768u16), (0, 65535), (1, 0)] {
+        assert!(
+            fe.set_vring_num(queue, num).is_err(),
+            "a ring of {num} entries on queue {queue} was taken"
+        );
+    }
+    // (a queue index the device lacks: the request's own check, or the
+    // switch's; either way refused)
+    assert!(fe.set_vring_num(7, 256).is_err(), "queue 7 was taken");
+    // two sound frontends on the other ports exchange a frame meanwhile
+    let mut a = Guest::connect(&dir.join("a.sock"));
+    let mut b = Guest::connect(&dir.join("b.sock"));
+    b.post(RX, &[(buf(RX, 0), 2048, DESC_F_WRITE, 0)]);
+    a.wait_polled("port a");
+    b.wait_polled("port b");
+    let f = frame([0xff; 6], [0x02, 0, 0, 0, 0, 0x0a], 7);
+    a.send(&f);
+    b.wait_used(RX, 1, "a frame from port a");
+    assert_eq!(b.mem.read(buf(RX, 0), f.len())[HDR..], f[HDR..]);
+    drop((a, b, fe));
+    let (doc, _) = stop(sw);
+    assert_eq!(counter(&doc, "b", "tx_frames"), 1, "{doc}");
+}
