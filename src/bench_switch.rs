@@ -62,29 +62,13 @@ fn frontend(
     size: u16,
     server: bool,
 ) -> Result<Testpmd> {
-    let s = if server { ",server=1" } else { "" };
-    Testpmd::start_with(
+    Testpmd::virtio_user_mac_loop(
         dir,
         name,
-        &[],
-        &[
-            format!(
-                "net_virtio_user0,path={}{s},mac=02:00:00:00:00:0a",
-                a.display()
-            ),
-            format!(
-                "net_virtio_user1,path={}{s},mac=02:00:00:00:00:0b",
-                b.display()
-            ),
-        ],
-        &[
-            "--forward-mode=mac".into(),
-            "--eth-peer=0,02:00:00:00:00:0b".into(),
-            "--eth-peer=1,02:00:00:00:00:0a".into(),
-            "--tx-first".into(),
-            "--record-core-cycles".into(),
-            format!("--txpkts={size}"),
-        ],
+        a,
+        b,
+        server,
+        &["--record-core-cycles".into(), format!("--txpkts={size}")],
     )
     .map_err(|e| anyhow!("the virtio-user frontend: {e}"))
 }
@@ -364,17 +348,10 @@ pub fn run(o: &Options) -> Result<u8> {
             if peers.contains(&"testpmd") {
                 latencies.push(latency_testpmd(&dir, size, o.latency_count)?);
             }
-            if peers.contains(&"ovs") && !skipped.contains_key("ovs") {
-                match latency_ovs(&dir, size, o.latency_count) {
-                    Ok(l) => latencies.push(l),
-                    Err(e)
-                        if e.downcast_ref::<bench::ovs::OvsError>()
-                            .is_some_and(|e| matches!(e, bench::ovs::OvsError::Missing)) =>
-                    {
-                        skipped.insert("ovs".into(), e.to_string().into());
-                    }
-                    Err(e) => return Err(e),
-                }
+            if peers.contains(&"ovs") {
+                latencies.extend(unless_missing(&mut skipped, || {
+                    latency_ovs(&dir, size, o.latency_count)
+                })?);
             }
         }
         for run in 0..o.runs {
@@ -383,17 +360,10 @@ pub fn run(o: &Options) -> Result<u8> {
             if peers.contains(&"testpmd") {
                 results.push(through_testpmd(&dir, &tag, size, o.seconds, run)?);
             }
-            if peers.contains(&"ovs") && !skipped.contains_key("ovs") {
-                match through_ovs(&dir, &tag, size, o.seconds, run) {
-                    Ok(r) => results.push(r),
-                    Err(e)
-                        if e.downcast_ref::<bench::ovs::OvsError>()
-                            .is_some_and(|e| matches!(e, bench::ovs::OvsError::Missing)) =>
-                    {
-                        skipped.insert("ovs".into(), e.to_string().into());
-                    }
-                    Err(e) => return Err(e),
-                }
+            if peers.contains(&"ovs") {
+                results.extend(unless_missing(&mut skipped, || {
+                    through_ovs(&dir, &tag, size, o.seconds, run)
+                })?);
             }
         }
     }
@@ -459,6 +429,28 @@ pub fn run(o: &Options) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// An OVS-DPDK measurement, unless OVS-DPDK is not installed: then none,
+/// and `skipped` says why (once; it is not tried again).
+fn unless_missing<T>(
+    skipped: &mut serde_json::Map<String, serde_json::Value>,
+    measure: impl FnOnce() -> Result<T>,
+) -> Result<Option<T>> {
+    if skipped.contains_key("ovs") {
+        return Ok(None);
+    }
+    match measure() {
+        Ok(r) => Ok(Some(r)),
+        Err(e)
+            if e.downcast_ref::<bench::ovs::OvsError>()
+                .is_some_and(|e| matches!(e, bench::ovs::OvsError::Missing)) =>
+        {
+            skipped.insert("ovs".into(), e.to_string().into());
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// nfvisor's switch, its PMD on CPU 0 (testpmd forwards on CPU 1).

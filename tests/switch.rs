@@ -84,26 +84,13 @@ fn testpmd_forwards_through_the_switch_and_both_sides_count_alike() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("switch-tp");
     let sw = switch(&dir, "a,b", 0);
-    let vdev = |i: u32, port: &str, mac: &str| {
-        format!(
-            "net_virtio_user{i},path={},mac={mac}",
-            dir.join(format!("{port}.sock")).display()
-        )
-    };
-    let tp = bench::testpmd::Testpmd::start_with(
+    let tp = bench::testpmd::Testpmd::virtio_user_mac_loop(
         &dir,
         "nfv-switch-tp",
+        &dir.join("a.sock"),
+        &dir.join("b.sock"),
+        false,
         &[],
-        &[
-            vdev(0, "a", "02:00:00:00:00:0a"),
-            vdev(1, "b", "02:00:00:00:00:0b"),
-        ],
-        &[
-            "--forward-mode=mac".into(),
-            "--eth-peer=0,02:00:00:00:00:0b".into(),
-            "--eth-peer=1,02:00:00:00:00:0a".into(),
-            "--tx-first".into(),
-        ],
     )
     .unwrap_or_else(|e| panic!("{e}"));
     tp.wait_forwarding().unwrap_or_else(|e| panic!("{e}"));
@@ -111,11 +98,7 @@ fn testpmd_forwards_through_the_switch_and_both_sides_count_alike() {
     let log = tp.log();
     let stats = tp.finish_ports(2).unwrap_or_else(|e| panic!("{e}\n{log}"));
     // SIGTERM: the switch stops, then says what it counted
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
-    let out = sw.finish(Duration::from_secs(30));
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let doc = json(&out);
+    let (doc, _) = stop_switch(sw);
     let port = |p: &str, k: &str| doc["ports"][p][k].as_u64().unwrap();
     // each side counts what the other counts, but for the bursts in the
     // rings when testpmd stopped (at most two of 32 either way)
@@ -233,11 +216,7 @@ fn a_hostile_frontend_loses_its_port_only() {
         probe.stdout,
         probe.stderr
     );
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
-    let out = sw.finish(T);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let doc = json(&out);
+    let (doc, _) = stop_switch(sw);
     assert!(
         doc["ports"]["bad"]["connects"].as_u64().unwrap() >= 1,
         "{doc}"
@@ -391,10 +370,7 @@ fn switch_ctl_adds_and_removes_ports_at_run_time() {
     );
     // the same name again: a fresh port
     assert_eq!(ask(&["add-port", "c"]).code, 0);
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
-    let out = sw.finish(T);
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    stop_switch(sw);
     assert!(!ctl.exists(), "the control socket goes with the switch");
 }
 
@@ -454,11 +430,7 @@ fn a_tap_port_joins_the_host_stack_and_learnt_addresses_are_not_flooded() {
         send_frame(&sock, &test_frame(vm_mac, host, seq, 100));
     }
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
-    let out = sw.finish(T);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let doc = json(&out);
+    let (doc, _) = stop_switch(sw);
     let c = |p: &str, k: &str| doc["ports"][p][k].as_u64().unwrap();
     assert_eq!(c("swtap0", "rx_frames"), 20, "{doc}");
     assert_eq!(c("swtap0", "flooded"), 0, "{doc}");
@@ -505,11 +477,7 @@ fn client_ports_connect_to_testpmd_servers_and_again_after_a_restart() {
     for round in 0..2 {
         let sw = switch(&dir, &ports, 0);
         std::thread::sleep(Duration::from_secs(if round == 0 { 4 } else { 2 }));
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
-        let out = sw.finish(T);
-        assert_eq!(out.code, 0, "{}", out.stderr);
-        rounds.push(json(&out));
+        rounds.push(stop_switch(sw).0);
     }
     let log = tp.log();
     let _ = tp.finish_ports(2);
@@ -605,11 +573,7 @@ fn a_vm_migrating_between_ports_is_followed_by_the_mac_table() {
     let src = src.finish(Duration::from_secs(60));
     let dst = dst.finish(Duration::from_secs(90));
     let _ = tp.finish();
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
-    let out = sw.finish(T);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let doc = json(&out);
+    let (doc, log) = stop_switch(sw);
     assert_eq!(src.code, 0, "{}", src.stderr);
     assert_eq!(dst.code, 0, "{}", dst.stderr);
     assert!(
@@ -618,9 +582,8 @@ fn a_vm_migrating_between_ports_is_followed_by_the_mac_table() {
         dst.stderr
     );
     assert!(
-        out.stderr.contains("handed its dirty log over"),
-        "the migration did not log through the switch: {}",
-        out.stderr
+        log.contains("handed its dirty log over"),
+        "the migration did not log through the switch: {log}"
     );
     let guest: Vec<&serde_json::Value> = doc["fdb"]
         .as_array()

@@ -12,7 +12,7 @@ mod common;
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -24,7 +24,9 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
-use bench::vhost_frontend::{avail, buf, desc_table, used};
+use bench::vhost_frontend::{
+    avail, buf, desc_table, used, F_PROTOCOL_FEATURES, F_VERSION_1, MEM, QSIZE, RX, TX,
+};
 use common::*;
 
 const T: Duration = Duration::from_secs(30);
@@ -33,14 +35,6 @@ const T: Duration = Duration::from_secs(30);
 /// switch takes.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// The memory the test's frontend shares: guest-physical 0..MEM.
-const MEM: usize = 2 << 20;
-const QSIZE: u16 = 256;
-const RX: usize = 0;
-const TX: usize = 1;
-const F_VERSION_1: u64 = 1 << 32;
-/// VHOST_USER_F_PROTOCOL_FEATURES.
-const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// VHOST_F_LOG_ALL: the frontend migrates; the backend logs its writes.
 const F_LOG_ALL: u64 = 1 << 26;
 /// The dirty log's page: one bit for each (guest-physical).
@@ -81,34 +75,9 @@ impl Memfd {
 
     /// A memfd of `len` bytes (a multiple of the page size), mapped.
     fn sized(name: &std::ffi::CStr, len: usize) -> Memfd {
-        // SAFETY: the name is a NUL-terminated string memfd_create only reads.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: fd was just created and nothing else owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(len as u64).expect("sizing the memfd");
-        // SAFETY: a fresh shared mapping of the whole memfd, at an address
-        // the kernel chooses; the result is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert!(
-            ptr != libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        Memfd {
-            file,
-            ptr: ptr as *mut u8,
-            len,
-        }
+        let (file, ptr) =
+            bench::vhost_frontend::shared_memfd(name, len).unwrap_or_else(|e| panic!("{e}"));
+        Memfd { file, ptr, len }
     }
 
     /// Where this process maps guest-physical `gpa`.
@@ -397,15 +366,6 @@ fn wait_stats(ctl: &Path, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
     }
 }
 
-/// The switch ends (SIGTERM) and says what it counted; its log.
-fn stop(sw: Running) -> (serde_json::Value, String) {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
-    let out = sw.finish(T);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    (json(&out), out.stderr)
-}
-
 /// The log's cut-off lines: those of port `port`, and all of them.
 fn cut_lines(log: &str, port: &str) -> (Vec<String>, usize) {
     let all: Vec<&str> = log.lines().filter(|l| l.contains(CUT)).collect();
@@ -431,26 +391,13 @@ fn bad_transmit_chains_cut_the_frontend_off_while_the_other_ports_forward() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("switch-hostile-tx");
     let (sw, ctl) = switch(&dir, "a,b,bad");
-    let vdev = |i: u32, port: &str, mac: &str| {
-        format!(
-            "net_virtio_user{i},path={},mac={mac}",
-            dir.join(format!("{port}.sock")).display()
-        )
-    };
-    let tp = bench::testpmd::Testpmd::start_with(
+    let tp = bench::testpmd::Testpmd::virtio_user_mac_loop(
         &dir,
         "nfv-switch-hostile",
+        &dir.join("a.sock"),
+        &dir.join("b.sock"),
+        false,
         &[],
-        &[
-            vdev(0, "a", "02:00:00:00:00:0a"),
-            vdev(1, "b", "02:00:00:00:00:0b"),
-        ],
-        &[
-            "--forward-mode=mac".into(),
-            "--eth-peer=0,02:00:00:00:00:0b".into(),
-            "--eth-peer=1,02:00:00:00:00:0a".into(),
-            "--tx-first".into(),
-        ],
     )
     .unwrap_or_else(|e| panic!("{e}"));
     tp.wait_forwarding().unwrap_or_else(|e| panic!("{e}"));
@@ -512,7 +459,7 @@ fn bad_transmit_chains_cut_the_frontend_off_while_the_other_ports_forward() {
 
     let log = tp.log();
     let pmd = tp.finish_ports(2).unwrap_or_else(|e| panic!("{e}\n{log}"));
-    let (doc, stderr) = stop(sw);
+    let (doc, stderr) = stop_switch(sw);
     let port = |p: &str, k: &str| counter(&doc, p, k);
     assert_eq!(port("bad", "cut_off"), 2, "{doc}");
     assert_eq!(port("bad", "drop_bad_chain"), 3, "{doc}");
@@ -645,7 +592,7 @@ fn bad_receive_buffers_cut_the_frontend_off() {
     src.wait_used(TX, sent, "port src's frames");
     drop(g);
 
-    let (doc, stderr) = stop(sw);
+    let (doc, stderr) = stop_switch(sw);
     let port = |p: &str, k: &str| counter(&doc, p, k);
     assert_eq!(port("bad", "cut_off"), 2, "{doc}");
     assert_eq!(port("bad", "drop_bad_buffer"), 2, "{doc}");
@@ -810,7 +757,7 @@ fn a_frontend_s_dirty_log_gets_the_pages_the_switch_writes() {
         .expect("the frontend without a log keeps its connection");
     drop(g);
 
-    let (doc, _) = stop(sw);
+    let (doc, _) = stop_switch(sw);
     let port = |p: &str, k: &str| counter(&doc, p, k);
     assert_eq!(port("logged", "tx_frames"), 6, "{doc}");
     assert_eq!(port("logged", "drop_no_buffer"), 0, "{doc}");
@@ -871,7 +818,7 @@ fn a_frame_with_a_buffer_outside_memory_cuts_its_sender_not_its_receivers() {
     assert_eq!(dst.used_entry(RX, 0), (0, len as u32));
     assert_eq!(dst.mem.read(buf(RX, 0), len)[HDR..], f[HDR..]);
     drop((good, dst));
-    let (doc, stderr) = stop(sw);
+    let (doc, stderr) = stop_switch(sw);
     assert_eq!(counter(&doc, "dst", "cut_off"), 0, "{doc}");
     assert_eq!(counter(&doc, "dst", "drop_bad_buffer"), 0, "{doc}");
     assert_eq!(counter(&doc, "dst", "tx_frames"), 1, "{doc}");
@@ -924,7 +871,7 @@ fn a_memory_region_past_its_file_s_end_is_refused() {
     let good = Guest::connect(&sock);
     good.wait_polled("a sound frontend after the short one");
     drop(good);
-    let (doc, stderr) = stop(sw);
+    let (doc, stderr) = stop_switch(sw);
     assert_eq!(counter(&doc, "bad", "connects"), 2, "{doc}");
     assert!(
         stderr.contains("past its file") || stderr.contains("a memory region of"),
@@ -970,6 +917,6 @@ fn impossible_rings_are_refused_and_the_other_ports_forward() {
     b.wait_used(RX, 1, "a frame from port a");
     assert_eq!(b.mem.read(buf(RX, 0), f.len())[HDR..], f[HDR..]);
     drop((a, b, fe));
-    let (doc, _) = stop(sw);
+    let (doc, _) = stop_switch(sw);
     assert_eq!(counter(&doc, "b", "tx_frames"), 1, "{doc}");
 }

@@ -10,6 +10,16 @@ use std::time::Duration;
 
 pub mod net;
 
+/// Stops an `nfvisor switch` as its user does (SIGTERM): it must exit 0;
+/// its JSON report and its log.
+pub fn stop_switch(sw: Running) -> (serde_json::Value, String) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(sw.pid() as i32, libc::SIGTERM) };
+    let out = sw.finish(Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    (json(&out), out.stderr)
+}
+
 pub const NFVISOR: &str = env!("CARGO_BIN_EXE_nfvisor");
 
 pub struct Run {

@@ -145,6 +145,45 @@ impl Testpmd {
         })
     }
 
+    /// DPDK's "PVP with virtio-user" frontend: two virtio-user ports on
+    /// the vhost-user sockets `a` and `b` (listening there with `server`),
+    /// MACs 02:00:00:00:00:0a and :0b, in `mac` forwarding with each
+    /// port's peer the other's MAC (a learning switch learns both ends),
+    /// one burst sent first; `extra` forwarding arguments after.
+    pub fn virtio_user_mac_loop(
+        dir: &Path,
+        prefix: &str,
+        a: &Path,
+        b: &Path,
+        server: bool,
+        extra: &[String],
+    ) -> Result<Testpmd, TestpmdError> {
+        let s = if server { ",server=1" } else { "" };
+        let mut forwarding: Vec<String> = vec![
+            "--forward-mode=mac".into(),
+            "--eth-peer=0,02:00:00:00:00:0b".into(),
+            "--eth-peer=1,02:00:00:00:00:0a".into(),
+            "--tx-first".into(),
+        ];
+        forwarding.extend_from_slice(extra);
+        Testpmd::start_with(
+            dir,
+            prefix,
+            &[],
+            &[
+                format!(
+                    "net_virtio_user0,path={}{s},mac=02:00:00:00:00:0a",
+                    a.display()
+                ),
+                format!(
+                    "net_virtio_user1,path={}{s},mac=02:00:00:00:00:0b",
+                    b.display()
+                ),
+            ],
+            &forwarding,
+        )
+    }
+
     /// Waits until testpmd forwards (frames sent before are dropped).
     pub fn wait_forwarding(&self) -> Result<(), TestpmdError> {
         let t0 = Instant::now();

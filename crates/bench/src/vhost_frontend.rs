@@ -15,13 +15,16 @@ use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
-/// The memory shared: guest-physical 0..MEM.
-const MEM: usize = 2 << 20;
-const QSIZE: u16 = 256;
-const RX: usize = 0;
-const TX: usize = 1;
-const F_VERSION_1: u64 = 1 << 32;
-const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// The memory shared: guest-physical 0..MEM (the layout below, which the
+/// switch's hostile-frontend tests use too).
+pub const MEM: usize = 2 << 20;
+pub const QSIZE: u16 = 256;
+/// The receive and transmit queues' indexes.
+pub const RX: usize = 0;
+pub const TX: usize = 1;
+pub const F_VERSION_1: u64 = 1 << 32;
+/// VHOST_USER_F_PROTOCOL_FEATURES.
+pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const DESC_F_WRITE: u16 = 2;
 /// VRING_USED_F_NO_NOTIFY: the backend polls; no kick needed.
 const NO_NOTIFY: u16 = 1;
@@ -50,6 +53,36 @@ pub fn buf(q: usize, slot: u16) -> u64 {
     0x10_0000 + q as u64 * 0x8_0000 + slot as u64 * BUF
 }
 
+/// A memfd of `len` bytes, mapped shared here (the memory a frontend
+/// hands a vhost-user backend); the mapping is the caller's to unmap.
+pub fn shared_memfd(name: &std::ffi::CStr, len: usize) -> Result<(std::fs::File, *mut u8), String> {
+    // SAFETY: a NUL-terminated name memfd_create only reads.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just created and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len as u64)
+        .map_err(|e| format!("sizing the memfd: {e}"))?;
+    // SAFETY: a fresh shared mapping of the whole memfd at an address the
+    // kernel chooses; checked below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    Ok((file, ptr as *mut u8))
+}
+
 /// A memfd mapped here and shared with the backend.
 struct Shared {
     file: std::fs::File,
@@ -58,34 +91,8 @@ struct Shared {
 
 impl Shared {
     fn new() -> Result<Shared, String> {
-        // SAFETY: a NUL-terminated name memfd_create only reads.
-        let fd = unsafe { libc::memfd_create(c"nfv-bench-frontend".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd was just created and nothing else owns it.
-        let file = unsafe { std::fs::File::from_raw_fd(fd) };
-        file.set_len(MEM as u64)
-            .map_err(|e| format!("sizing the memfd: {e}"))?;
-        // SAFETY: a fresh shared mapping of the whole memfd at an address
-        // the kernel chooses; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-        }
-        Ok(Shared {
-            file,
-            ptr: ptr as *mut u8,
-        })
+        let (file, ptr) = shared_memfd(c"nfv-bench-frontend", MEM)?;
+        Ok(Shared { file, ptr })
     }
 
     /// This process's address of guest-physical `gpa` (every caller's

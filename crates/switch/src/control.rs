@@ -61,7 +61,7 @@ impl SwitchState {
                     })
                     .collect(),
             ),
-            Request::Fdb => self.report()["fdb"].clone(),
+            Request::Fdb => self.fdb_json(),
             Request::Stats => self.report(),
             Request::AddPort { port } => {
                 let spec = parse_port(port).map_err(|e| SwitchError::Port(port.clone(), e))?;

@@ -380,6 +380,14 @@ impl SwitchState {
         }
     }
 
+    /// The MAC table as JSON: [{mac, port, age_s}].
+    pub fn fdb_json(&self) -> serde_json::Value {
+        self.fdb()
+            .iter()
+            .map(|(m, p, age)| serde_json::json!({"mac": mac_text(m), "port": p, "age_s": age}))
+            .collect()
+    }
+
     /// The counters, the table and the PMDs as one JSON document.
     pub fn report(&self) -> serde_json::Value {
         let ports: serde_json::Map<String, serde_json::Value> = self
@@ -402,9 +410,7 @@ impl SwitchState {
             .collect();
         serde_json::json!({
             "ports": ports,
-            "fdb": self.fdb().iter().map(|(m, p, age)| {
-                serde_json::json!({"mac": mac_text(m), "port": p, "age_s": age})
-            }).collect::<Vec<_>>(),
+            "fdb": self.fdb_json(),
             "fdb_moves": self.fdb_moves(),
             "pmds": self.placements(),
             "seccomp": {
